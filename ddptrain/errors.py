@@ -1,0 +1,48 @@
+"""Errors the user can fix, and the exit statuses ddptrain promises.
+
+A ``UserError`` is printed as one line, without a traceback, and ends the
+program with ``EXIT_USAGE``. Anything else is a bug or a fault and is reported
+with its traceback (and, under MPI, aborts every rank).
+"""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1      # an unexpected error (a bug, a dead rank, a numerical fault)
+EXIT_USAGE = 2        # bad input: options, data file, checkpoint
+EXIT_PREEMPTED = 3    # stopped by a signal after writing a checkpoint; resume with --resume auto
+
+
+class UserError(Exception):
+    """Bad input, reported as a single line naming the file or option and the problem."""
+
+    exit_status = EXIT_USAGE
+
+
+class DataError(UserError):
+    """The data file is missing, unreadable or not a valid ddptrain MNIST file."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, corrupt, or does not fit the model or data."""
+
+
+class NumericalError(Exception):
+    """A NaN or Inf in the loss or the gradients."""
+
+    exit_status = EXIT_FAILURE
+
+
+class same_on_every_rank:
+    """Context manager: UserErrors raised inside are met identically by every rank.
+
+    Use it around deterministic checks of inputs all ranks share (options,
+    the data file's header, a checkpoint). The error is then printed once, by
+    rank 0, and every rank exits with its status; no MPI abort is needed.
+    """
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if isinstance(error, UserError):
+            error.all_ranks = True
+        return False

@@ -1,0 +1,71 @@
+"""SGD with momentum, Nesterov momentum and weight decay, apart from the layers.
+
+The optimiser sees the model as two flat arrays, ``params`` and ``grads``,
+and updates every parameter with a few in-place vector operations. It follows
+PyTorch's ``torch.optim.SGD`` exactly (dampening 0), so results are comparable:
+
+    g = grad + weight_decay * param
+    buf = g                       on the first step
+    buf = momentum * buf + g      afterwards
+    g = g + momentum * buf        with Nesterov, else  g = buf
+    param -= lr * g
+
+Weight decay applies to every parameter, biases included, as in PyTorch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class SGD:
+    def __init__(self, momentum=0.0, weight_decay=0.0, nesterov=False):
+        if momentum < 0 or weight_decay < 0:
+            raise ValueError("momentum and weight decay must be non-negative")
+        if nesterov and momentum == 0:
+            raise ValueError("Nesterov momentum needs momentum > 0")
+        self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
+        self.nesterov = bool(nesterov)
+        self.steps = 0
+        self._velocity = None   # the momentum buffer, created on the first step
+        self._scratch = None
+
+    def step(self, params, grads, lr):
+        """Update ``params`` in place. ``grads`` is left unchanged."""
+        if self._scratch is None or self._scratch.shape != grads.shape or self._scratch.dtype != grads.dtype:
+            self._scratch = np.empty_like(grads)
+        g = self._scratch
+        np.copyto(g, grads)
+        if self.weight_decay:
+            g += params * g.dtype.type(self.weight_decay)
+        if self.momentum:
+            if self._velocity is None:
+                self._velocity = g.copy()
+            else:
+                self._velocity *= self._velocity.dtype.type(self.momentum)
+                self._velocity += g
+            if self.nesterov:
+                g += self._velocity * g.dtype.type(self.momentum)
+            else:
+                np.copyto(g, self._velocity)
+        g *= g.dtype.type(lr)
+        params -= g
+        self.steps += 1
+
+    def state_dict(self):
+        return {
+            "momentum": self.momentum,
+            "weight_decay": self.weight_decay,
+            "nesterov": self.nesterov,
+            "steps": self.steps,
+            "velocity": None if self._velocity is None else self._velocity.copy(),
+        }
+
+    def load_state_dict(self, state):
+        self.momentum = float(state["momentum"])
+        self.weight_decay = float(state["weight_decay"])
+        self.nesterov = bool(state["nesterov"])
+        self.steps = int(state["steps"])
+        velocity = state.get("velocity")
+        self._velocity = None if velocity is None else np.array(velocity, copy=True)

@@ -1,0 +1,298 @@
+"""The HDF5 data file: writing, validation (inspect) and shard reads (read_rows)."""
+
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from ddptrain import data
+from ddptrain.errors import DataError
+from ddptrain.sampler import owned_blocks
+
+H, W = 4, 5          # small images: any (N, H, W) uint8 is accepted
+N_TRAIN, N_TEST = 50, 20
+
+
+def make_split(n, seed):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, H, W), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+    return images, labels
+
+
+@pytest.fixture
+def splits():
+    return make_split(N_TRAIN, 1) + make_split(N_TEST, 2)
+
+
+@pytest.fixture
+def data_file(tmp_path, splits):
+    path = tmp_path / "mnist.h5"
+    data.write_dataset(path, *splits, attrs={"source": "test"})
+    return path
+
+
+def assert_data_error(path, fragment):
+    """inspect(path) raises a one-line DataError that names the file and contains ``fragment``."""
+    with pytest.raises(DataError) as caught:
+        data.inspect(path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: ")
+    assert fragment in message
+    return message
+
+
+def edit(path, change):
+    """Apply ``change(h5py.File)`` to the file in place."""
+    with h5py.File(path, "a") as f:
+        change(f)
+
+
+def replace_dataset(name, value):
+    def change(f):
+        del f[name]
+        f[name] = value
+    return change
+
+
+# ---------------------------------------------------------------- write_dataset
+
+
+def test_inspect_describes_a_written_file(data_file):
+    info = data.inspect(data_file)
+    assert (info.path, info.n_train, info.n_test) == (str(data_file), N_TRAIN, N_TEST)
+    assert (info.n_features, info.n_classes) == (H * W, 10)
+
+
+def test_write_dataset_stores_format_and_given_attributes(data_file):
+    attrs = data.inspect(data_file).attrs
+    assert attrs["format"] == "ddptrain-mnist"
+    assert attrs["format_version"] == 1
+    assert attrs["source"] == "test"
+
+
+def test_write_dataset_stores_the_arrays_unchanged(data_file, splits):
+    train_images, train_labels, test_images, test_labels = splits
+    with h5py.File(data_file, "r") as f:
+        np.testing.assert_array_equal(f["train/images"][()], train_images)
+        np.testing.assert_array_equal(f["train/labels"][()], train_labels)
+        np.testing.assert_array_equal(f["test/images"][()], test_images)
+        np.testing.assert_array_equal(f["test/labels"][()], test_labels)
+        assert f["train/labels"].dtype == np.uint8
+
+
+def test_write_dataset_chunks_images_by_whole_rows_uncompressed(tmp_path):
+    path = tmp_path / "big.h5"
+    big_images, big_labels = make_split(2000, 3)
+    data.write_dataset(path, big_images, big_labels, *make_split(10, 4))
+    with h5py.File(path, "r") as f:
+        assert f["train/images"].chunks == (1024, H, W)
+        assert f["test/images"].chunks == (10, H, W)
+        assert f["train/images"].compression is None
+
+
+def test_write_dataset_replaces_an_existing_file_leaving_no_temporary(data_file, splits):
+    data.write_dataset(data_file, *splits, attrs={"source": "second"})
+    assert data.inspect(data_file).attrs["source"] == "second"
+    assert os.listdir(data_file.parent) == [data_file.name]
+
+
+def test_write_dataset_that_fails_keeps_the_old_file_and_no_temporary(data_file, splits):
+    with pytest.raises(TypeError):
+        data.write_dataset(data_file, *splits, attrs={"unstorable": object()})
+    assert data.inspect(data_file).attrs["source"] == "test"
+    assert os.listdir(data_file.parent) == [data_file.name]
+
+
+def test_write_dataset_creates_missing_folders(tmp_path, splits):
+    path = tmp_path / "a" / "b" / "mnist.h5"
+    data.write_dataset(path, *splits)
+    assert data.inspect(path).n_train == N_TRAIN
+
+
+def test_write_dataset_refuses_float_images(tmp_path, splits):
+    train_images, *rest = splits
+    with pytest.raises(ValueError, match="uint8"):
+        data.write_dataset(tmp_path / "x.h5", train_images.astype(np.float32), *rest)
+
+
+# ---------------------------------------------------------------- inspect: what it refuses
+
+
+def test_inspect_rejects_a_missing_file(tmp_path):
+    assert_data_error(tmp_path / "absent.h5", "no such file")
+
+
+def test_inspect_rejects_a_folder(tmp_path):
+    assert_data_error(tmp_path, "is a folder")
+
+
+def test_inspect_rejects_a_file_that_is_not_hdf5(tmp_path):
+    path = tmp_path / "text.h5"
+    path.write_text("not hdf5\n")
+    assert_data_error(path, "not an HDF5 file")
+
+
+def test_inspect_rejects_a_truncated_file(data_file):
+    size = data_file.stat().st_size
+    with open(data_file, "r+b") as f:
+        f.truncate(size - 100)
+    assert_data_error(data_file, "truncated")
+
+
+def test_inspect_rejects_images_whose_chunks_were_never_written(data_file):
+    def unwritten(f):
+        del f["train/images"]
+        f.create_dataset("train/images", shape=(N_TRAIN, H, W), dtype=np.uint8, chunks=(10, H, W))
+    edit(data_file, unwritten)
+    assert_data_error(data_file, "'train/images' is incomplete")
+
+
+def test_inspect_rejects_a_missing_dataset(data_file):
+    edit(data_file, lambda f: f.__delitem__("train/labels"))
+    assert_data_error(data_file, "dataset 'train/labels' is missing")
+
+
+def test_inspect_rejects_a_missing_group(data_file):
+    edit(data_file, lambda f: f.__delitem__("test"))
+    assert_data_error(data_file, "dataset 'test/images' is missing")
+
+
+def test_inspect_rejects_a_group_in_place_of_a_dataset(data_file):
+    def group_instead(f):
+        del f["test/labels"]
+        f.create_group("test/labels")
+    edit(data_file, group_instead)
+    assert_data_error(data_file, "'test/labels' is a Group, not a dataset")
+
+
+def test_inspect_rejects_images_that_are_not_uint8(data_file):
+    edit(data_file, replace_dataset("train/images", np.zeros((N_TRAIN, H, W), np.float32)))
+    assert_data_error(data_file, "'train/images' must be 3-D uint8")
+
+
+def test_inspect_rejects_images_that_are_not_3d(data_file):
+    edit(data_file, replace_dataset("test/images", np.zeros((N_TEST, H * W), np.uint8)))
+    assert_data_error(data_file, "'test/images' must be 3-D uint8")
+
+
+def test_inspect_rejects_labels_that_are_not_1d(data_file):
+    edit(data_file, replace_dataset("train/labels", np.zeros((N_TRAIN, 1), np.uint8)))
+    assert_data_error(data_file, "'train/labels' must be 1-D integers")
+
+
+def test_inspect_rejects_float_labels(data_file):
+    edit(data_file, replace_dataset("train/labels", np.zeros(N_TRAIN, np.float64)))
+    assert_data_error(data_file, "'train/labels' must be 1-D integers")
+
+
+def test_inspect_rejects_images_and_labels_of_different_lengths(data_file):
+    edit(data_file, replace_dataset("train/labels", np.zeros(N_TRAIN - 1, np.uint8)))
+    assert_data_error(data_file, f"'train/images' has {N_TRAIN} rows but 'train/labels' has {N_TRAIN - 1}")
+
+
+def test_inspect_rejects_labels_out_of_range(data_file):
+    labels = np.zeros(N_TEST, np.uint8)
+    labels[7] = 12
+    edit(data_file, replace_dataset("test/labels", labels))
+    assert_data_error(data_file, "label 12 in 'test/labels' is outside 0..9")
+
+
+def test_inspect_rejects_negative_labels(data_file):
+    labels = np.zeros(N_TRAIN, np.int8)
+    labels[-1] = -1
+    edit(data_file, replace_dataset("train/labels", labels))
+    assert_data_error(data_file, "label -1 in 'train/labels' is outside 0..9")
+
+
+def test_inspect_rejects_train_and_test_images_of_different_shapes(data_file):
+    edit(data_file, replace_dataset("test/images", np.zeros((N_TEST, H, W + 1), np.uint8)))
+    assert_data_error(data_file, f"train images are {H}x{W} but test images are {H}x{W + 1}")
+
+
+def test_inspect_rejects_an_empty_split(data_file):
+    edit(data_file, replace_dataset("test/images", np.zeros((0, H, W), np.uint8)))
+    edit(data_file, replace_dataset("test/labels", np.zeros(0, np.uint8)))
+    assert_data_error(data_file, "the 'test' split is empty")
+
+
+def test_inspect_rejects_another_format(data_file):
+    edit(data_file, lambda f: f.attrs.__setitem__("format", "something-else"))
+    assert_data_error(data_file, "format is 'something-else'")
+
+
+def test_inspect_rejects_a_newer_format_version(data_file):
+    edit(data_file, lambda f: f.attrs.__setitem__("format_version", 2))
+    assert_data_error(data_file, "format_version 2 is not supported")
+
+
+def test_inspect_accepts_a_file_without_format_attributes(data_file):
+    def strip(f):
+        del f.attrs["format"]
+        del f.attrs["format_version"]
+    edit(data_file, strip)
+    assert data.inspect(data_file).n_train == N_TRAIN
+
+
+# ---------------------------------------------------------------- read_rows
+
+
+def test_read_rows_returns_the_blocks_in_the_given_order(data_file, splits):
+    train_images, train_labels = splits[:2]
+    blocks = [(40, 50), (0, 3), (17, 18)]
+    x, y = data.read_rows(data_file, "train", blocks)
+    rows = np.r_[40:50, 0:3, 17:18]
+    np.testing.assert_array_equal(y, train_labels[rows])
+    np.testing.assert_array_equal(x, train_images[rows].reshape(len(rows), H * W) / np.float32(255))
+
+
+def test_read_rows_returns_c_contiguous_float32_in_unit_interval_and_int64_labels(data_file):
+    x, y = data.read_rows(data_file, "test", [(0, N_TEST)])
+    assert x.shape == (N_TEST, H * W) and x.dtype == np.float32 and x.flags.c_contiguous
+    assert y.shape == (N_TEST,) and y.dtype == np.int64
+    assert 0.0 <= x.min() and x.max() <= 1.0
+
+
+def test_read_rows_honours_the_requested_dtype(data_file, splits):
+    test_images = splits[2]
+    x, _ = data.read_rows(data_file, "test", [(5, 9)], dtype=np.float64)
+    assert x.dtype == np.float64
+    np.testing.assert_array_equal(x, test_images[5:9].reshape(4, H * W) / 255.0)
+
+
+def test_read_rows_of_every_rank_together_cover_the_split_once(data_file, splits):
+    train_labels = splits[1]
+    world_size, n_shards = 3, 6
+    labels = [data.read_rows(data_file, "train", owned_blocks(N_TRAIN, rank, world_size, n_shards))[1]
+              for rank in range(world_size)]
+    assert sum(len(part) for part in labels) == N_TRAIN
+    # Rank r owns shards r, r+P, ...: rank 0's first block is the first shard.
+    first_shard_size = owned_blocks(N_TRAIN, 0, world_size, n_shards)[0][1]
+    np.testing.assert_array_equal(labels[0][:first_shard_size], train_labels[:first_shard_size])
+
+
+def test_read_rows_of_no_blocks_is_empty(data_file):
+    x, y = data.read_rows(data_file, "train", [])
+    assert x.shape == (0, H * W) and y.shape == (0,)
+
+
+def test_read_rows_rejects_blocks_outside_the_split(data_file):
+    with pytest.raises(DataError, match=rf"rows 15:{N_TEST + 1} are outside 'test/images' \({N_TEST} rows\)"):
+        data.read_rows(data_file, "test", [(15, N_TEST + 1)])
+
+
+def test_read_rows_of_a_missing_file_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        data.read_rows(tmp_path / "absent.h5", "train", [(0, 1)])
+
+
+def test_read_rows_turns_read_failures_into_a_data_error_naming_the_file(data_file, monkeypatch):
+    def failing_read(*args, **kwargs):
+        raise OSError("Can't synchronously read data (wrong B-tree signature)")
+    monkeypatch.setattr(h5py.Dataset, "read_direct", failing_read)
+    with pytest.raises(DataError) as caught:
+        data.read_rows(data_file, "train", [(0, 10)])
+    assert str(caught.value).startswith(f"{data_file}: cannot read 'train' rows")
+    assert "wrong B-tree signature" in str(caught.value)
