@@ -1,0 +1,22 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))   # the test helpers: synthetic, launch, gradcheck
+
+from synthetic import make_dataset  # noqa: E402
+
+
+def pytest_ignore_collect(collection_path, config):
+    # tests/mpi runs under mpiexec (see test_mpi.py, which launches it with
+    # 2, 3 and 4 ranks); a plain pytest run does not collect it directly.
+    if collection_path.name == "mpi" and not config.getoption("with_mpi", default=False):
+        return True
+    return None
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """A 240 + 60 row data set of 8x8 images (fits the model spec '64-16-10')."""
+    return make_dataset(tmp_path_factory.mktemp("data") / "small.h5")
