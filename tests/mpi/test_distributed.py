@@ -1,0 +1,177 @@
+"""P ranks reproduce one process. Run under mpiexec: ``mpiexec -n P python -m pytest --with-mpi tests/mpi``.
+
+Every test holds for any number of ranks; tests/test_mpi.py runs this file
+with 2, 3 and 4. Each test computes its single-process reference itself, in
+the same process, with ``SerialComm``.
+"""
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ddptrain import checkpoint, data
+from ddptrain.comm import MPIComm, SerialComm
+from ddptrain.config import Config
+from ddptrain.losses import SoftmaxCrossEntropy
+from ddptrain.nn import Sequential
+from ddptrain.optim import SGD
+from ddptrain.rank0 import RankZero
+from ddptrain.runner import run_training
+from ddptrain.sampler import owned_blocks
+from ddptrain.train import ReplicaDivergence, Split, Trainer, evaluate
+from synthetic import make_dataset, model_spec
+
+pytestmark = pytest.mark.mpi(min_size=2)
+
+
+@pytest.fixture(scope="module")
+def comm():
+    return MPIComm()
+
+
+@pytest.fixture(scope="module")
+def shared_dir(comm):
+    """A temporary folder that every rank sees: rank 0 names it, the others are told."""
+    path = tempfile.mkdtemp(prefix="ddptrain-mpi-") if comm.rank == 0 else None
+    return Path(comm.bcast(path))
+
+
+@pytest.fixture(scope="module")
+def dataset(comm, shared_dir):
+    if comm.rank == 0:
+        make_dataset(shared_dir / "data.h5", n_train=240, n_test=60)
+    comm.barrier()
+    return str(shared_dir / "data.h5")
+
+
+def relative_error(a, b):
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def uneven_split(n_rows, ranks):
+    """Row ranges of sizes proportional to 1, 2, ..., P: deliberately uneven local batches."""
+    weights = np.arange(1, ranks + 1)
+    edges = np.concatenate([[0], np.cumsum(weights)]) * n_rows // weights.sum()
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def gradient(model, x, y, normaliser):
+    loss_fn = SoftmaxCrossEntropy()
+    loss_fn.forward(model.forward(x), y, normaliser)
+    model.backward(loss_fn.backward())
+    return model.grads.copy()
+
+
+def global_batch(seed=7, n=37, features=20, classes=5):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, features)), rng.integers(0, classes, n)
+
+
+def test_allreduced_gradient_equals_the_single_process_gradient_on_uneven_shares(comm):
+    x, y = global_batch()
+    model = Sequential.from_spec("20-16-12-5", dtype=np.float64, seed=1)
+    reference = gradient(model, x, y, normaliser=len(x))
+
+    start, stop = uneven_split(len(x), comm.size)[comm.rank]
+    local = gradient(model, x[start:stop], y[start:stop], normaliser=len(x))   # the GLOBAL count
+    comm.allreduce_(local)
+
+    assert relative_error(local, reference) < 1e-10
+
+
+def test_mean_of_local_means_does_not_give_the_global_gradient(comm):
+    """The wrong scaling the test above guards against: it is off by far more than rounding."""
+    x, y = global_batch()
+    model = Sequential.from_spec("20-16-12-5", dtype=np.float64, seed=1)
+    reference = gradient(model, x, y, normaliser=len(x))
+
+    start, stop = uneven_split(len(x), comm.size)[comm.rank]
+    local_mean = gradient(model, x[start:stop], y[start:stop], normaliser=stop - start)
+    mean_of_means = comm.allreduce_(local_mean) / comm.size
+
+    assert relative_error(mean_of_means, reference) > 1e-2
+
+
+def train_and_load(comm, config):
+    run_training(config, comm, quiet=True)
+    final = checkpoint.newest_valid(Path(config.run_dir) / "checkpoints")
+    metrics = [json.loads(line) for line in (Path(config.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return np.concatenate([final.params[name].ravel() for name in sorted(final.params)]), metrics
+
+
+@pytest.mark.parametrize("dtype,epochs,tolerance", [("float64", 2, 1e-9), ("float32", 1, 1e-5)])
+def test_training_on_p_ranks_gives_the_parameters_of_one_process(comm, shared_dir, dataset, dtype, epochs,
+                                                                  tolerance):
+    # Batch 29 does not divide by 2, 3 or 4: the ranks' shares differ every step,
+    # and the last batch of each epoch (8 samples) is short.
+    config = Config(data=dataset, model=model_spec(), dtype=dtype, epochs=epochs, batch_size=29, lr=0.2,
+                    momentum=0.9, weight_decay=1e-3, log_every=1000, threads=1)
+    distributed, distributed_metrics = train_and_load(
+        comm, Config(**{**config.to_dict(), "run_dir": str(shared_dir / f"p{comm.size}-{dtype}")}))
+
+    # The single-process reference, trained by every rank on its own.
+    serial_dir = shared_dir / f"serial-{dtype}-rank{comm.rank}"
+    single, single_metrics = train_and_load(SerialComm(), Config(**{**config.to_dict(), "run_dir": str(serial_dir)}))
+
+    assert relative_error(distributed, single) < tolerance
+    for mine, theirs in zip(distributed_metrics, single_metrics):
+        # Training and test metrics are exact global sums, not averages of averages.
+        assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=tolerance)
+        assert mine["train_accuracy"] == theirs["train_accuracy"]
+        assert mine["test_loss"] == pytest.approx(theirs["test_loss"], rel=tolerance)
+        assert mine["test_accuracy"] == theirs["test_accuracy"]
+
+
+def test_evaluation_over_ranks_equals_one_process_evaluating_everything(comm, dataset):
+    model = Sequential.from_spec(model_spec(), dtype=np.float64, seed=3)
+    info = data.inspect(dataset)
+    lo, hi = info.n_test * comm.rank // comm.size, info.n_test * (comm.rank + 1) // comm.size
+    mine = evaluate(model, comm, Split(*data.read_rows(dataset, "test", [(lo, hi)], np.float64)), 10)
+    whole = evaluate(model, SerialComm(), Split(*data.read_rows(dataset, "test", [(0, info.n_test)], np.float64)), 10)
+    assert mine.loss == pytest.approx(whole.loss, rel=1e-12)
+    assert mine.accuracy == whole.accuracy
+    assert np.array_equal(mine.confusion, whole.confusion)
+
+
+def test_each_rank_reads_only_its_own_shard_and_together_they_read_every_row(comm, shared_dir, dataset,
+                                                                             monkeypatch):
+    reads = []
+    real_read_rows = data.read_rows
+
+    def recording_read_rows(path, split, blocks, dtype=np.float32):
+        reads.append((split, list(blocks)))
+        return real_read_rows(path, split, blocks, dtype)
+
+    monkeypatch.setattr(data, "read_rows", recording_read_rows)
+    run_training(Config(data=dataset, model=model_spec(), epochs=1, batch_size=24, threads=1, log_every=1000,
+                        run_dir=str(shared_dir / f"reads-p{comm.size}")), comm, quiet=True)
+
+    train_blocks = [block for split, blocks in reads if split == "train" for block in blocks]
+    assert train_blocks == owned_blocks(240, comm.rank, comm.size)
+    rows = np.concatenate(comm.allgather(np.concatenate([np.arange(a, b) for a, b in train_blocks])))
+    assert np.array_equal(np.sort(rows), np.arange(240))   # disjoint, and every row read once
+
+
+def test_only_rank_0_writes_metrics_and_checkpoints(comm, shared_dir, dataset):
+    run_dir = shared_dir / f"writes-p{comm.size}"
+    run_training(Config(data=dataset, model=model_spec(), epochs=2, batch_size=24, threads=1, log_every=1000,
+                        run_dir=str(run_dir)), comm, quiet=True)
+    comm.barrier()
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]   # once per epoch, not once per rank
+    assert checkpoint.newest_valid(run_dir / "checkpoints").state["epoch"] == 2
+
+
+def test_diverged_replicas_are_detected_on_every_rank(comm, tmp_path):
+    model = Sequential.from_spec("4-3-2", dtype=np.float64, seed=0)
+    split = Split(np.zeros((24, 4)), np.zeros(24, dtype=np.int64))
+    trainer = Trainer(Config(model="4-3-2", batch_size=comm.size), comm, model, SGD(), split, split, 24, 2,
+                      RankZero(comm, tmp_path))
+    trainer.check_replicas()   # identical: no error
+    if comm.rank == comm.size - 1:
+        model.params[0] += 1e-12   # one bit-level difference on one rank
+    with pytest.raises(ReplicaDivergence, match="parameters differ across ranks"):
+        trainer.check_replicas()
