@@ -4,7 +4,9 @@ A checkpoint holds the parameters, the optimiser state, where training stands
 (epoch, global step, step within the epoch and the running training sums of
 the unfinished epoch), the full configuration and the metrics so far. Since
 the batches and the learning rate are pure functions of (seed, epoch, step),
-that position *is* the sampler and RNG state: nothing else is random.
+that position *is* the sampler and RNG state: nothing else is random (the
+shuffles are drawn from ``default_rng([seed, epoch, shard])``, the initial
+parameters from ``default_rng(seed)``; the seed is in the configuration).
 
 Writing goes to a temporary file in the same folder, which is flushed and
 fsynced and then renamed over the target: a reader sees the old file or the
@@ -18,7 +20,8 @@ Layout::
     /params/<name>          one dataset per parameter ("0.weight", ...)
     /optimizer/velocity     the momentum buffer (absent before the first step)
     attrs: format, format_version, model, dtype, sha256,
-           state (JSON: epoch, step, step_in_epoch, train sums),
+           state (JSON: epoch, step, step_in_epoch, train_sums, n_train,
+                  best_accuracy, world_size),
            optimizer (JSON: momentum, weight_decay, nesterov, steps),
            config (JSON), metrics (JSON list of per-epoch records)
 """
@@ -39,7 +42,8 @@ from .errors import CheckpointError
 
 FORMAT = "ddptrain-checkpoint"
 FORMAT_VERSION = 1
-STEP_NAME = re.compile(r"^step-(\d{8})\.h5$")
+STEP_NAME = re.compile(r"^step-(\d{8,})\.h5$")
+TEMPORARY_NAME = re.compile(r"^\..+\.h5\.tmp-\d+$")
 
 
 @dataclass
@@ -80,6 +84,14 @@ def _fsync_path(path, directory=False):
         os.close(fd)
 
 
+def _fsync_folder(path):
+    """Make a rename durable; best effort, as some file systems cannot fsync a folder."""
+    try:
+        _fsync_path(path, directory=True)
+    except OSError:
+        pass
+
+
 def save(path, ckpt: Checkpoint, fail_after_write=None):
     """Write ``ckpt`` to ``path`` atomically. Raises OSError on failure, leaving ``path`` as it was.
 
@@ -111,7 +123,7 @@ def save(path, ckpt: Checkpoint, fail_after_write=None):
         if fail_after_write is not None:
             fail_after_write()
         os.replace(tmp, path)
-        _fsync_path(path.parent, directory=True)
+        _fsync_folder(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -137,7 +149,7 @@ def load(path):
             stored = _text(f.attrs.get("sha256", ""))
     except CheckpointError:
         raise
-    except (OSError, KeyError, ValueError) as error:
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError) as error:
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({_short(error)})") from None
     if _digest(params, velocity, attrs) != stored:
         raise CheckpointError(f"{path}: checksum mismatch, the checkpoint is corrupt")
@@ -167,17 +179,32 @@ def step_checkpoints(checkpoint_dir):
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def newest_valid(checkpoint_dir, warn=print):
-    """The newest checkpoint in the folder that loads and verifies, skipping corrupt ones with a warning."""
+def newest_valid(checkpoint_dir, warn=print, set_aside=False):
+    """The newest checkpoint in the folder that loads and verifies, skipping corrupt ones with a warning.
+
+    With ``set_aside``, a corrupt one is renamed ``<name>.corrupt``: kept for
+    inspection, but no longer taken for the newest when pruning.
+    """
     for path in step_checkpoints(checkpoint_dir):
         try:
             return load(path)
         except CheckpointError as error:
+            if set_aside:
+                aside = path.with_name(path.name + ".corrupt")
+                try:
+                    os.replace(path, aside)
+                    warn(f"warning: skipping {error} (renamed to {aside.name})")
+                    continue
+                except OSError:
+                    pass
             warn(f"warning: skipping {error}")
     return None
 
 
 def prune(checkpoint_dir, keep):
-    """Delete all but the ``keep`` newest step checkpoints."""
+    """Delete all but the ``keep`` newest step checkpoints, and temporary files left by a killed writer."""
     for path in step_checkpoints(checkpoint_dir)[keep:]:
         path.unlink(missing_ok=True)
+    for name in os.listdir(checkpoint_dir):
+        if TEMPORARY_NAME.match(name) and not name.endswith(f".tmp-{os.getpid()}"):
+            (Path(checkpoint_dir) / name).unlink(missing_ok=True)

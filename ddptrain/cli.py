@@ -1,4 +1,4 @@
-"""Command line: ``python -m ddptrain [train] [options]`` and ``python -m ddptrain prepare``.
+"""Command line: ``python -m ddptrain [train|evaluate|prepare|plot|info] [options]``.
 
 Exit statuses (see ``errors``): 0 success, 1 unexpected failure, 2 bad input,
 3 stopped by a signal after writing a checkpoint.
@@ -17,10 +17,10 @@ import os
 import sys
 import traceback
 
-from .config import DTYPES, SCHEDULES, Config
+from .config import DTYPES, LR_SCALINGS, SCHEDULES, Config, load_toml
 from .errors import EXIT_FAILURE, UserError, same_on_every_rank
 
-COMMANDS = ("train", "prepare")
+COMMANDS = ("train", "evaluate", "prepare", "plot", "info")
 
 
 def _launcher_rank():
@@ -44,76 +44,112 @@ class _Parser(argparse.ArgumentParser):
         raise failure
 
 
-def _add_train_arguments(parser):
-    defaults = Config()
-    group = parser.add_argument_group("data and model")
-    group.add_argument("--data", metavar="PATH", help="HDF5 data file (default: MNIST prepared in the cache, "
-                       "downloaded and converted on first use)")
-    group.add_argument("--model", metavar="SPEC", default=defaults.model,
-                       help="layer sizes of the MLP, input first (default: %(default)s)")
-    group.add_argument("--dtype", choices=DTYPES, default=defaults.dtype, help="default: %(default)s")
+def _option(group, name, help, **kwargs):
+    """An option whose default comes from Config (or a --config file), shown in --help."""
+    field = name.lstrip("-").replace("-", "_")
+    default = getattr(Config(), field)
+    shown = "" if kwargs.get("action") == "store_true" else f" (default: {default})"
+    group.add_argument(name, help=help.replace("%", "%%") + shown, default=argparse.SUPPRESS, **kwargs)
 
-    group = parser.add_argument_group("optimisation")
-    group.add_argument("--epochs", type=int, default=defaults.epochs, metavar="N", help="default: %(default)s")
-    group.add_argument("--batch-size", type=int, default=defaults.batch_size, metavar="N",
-                       help="GLOBAL batch size in samples, shared by all ranks (default: %(default)s)")
-    group.add_argument("--lr", type=float, default=defaults.lr, metavar="X",
-                       help="peak learning rate (default: %(default)s)")
-    group.add_argument("--lr-schedule", choices=SCHEDULES, default=defaults.lr_schedule,
-                       help="after warmup (default: %(default)s)")
-    group.add_argument("--warmup-epochs", type=float, default=defaults.warmup_epochs, metavar="E",
-                       help="linear warmup length in epochs (default: %(default)s)")
-    group.add_argument("--momentum", type=float, default=defaults.momentum, metavar="X",
-                       help="default: %(default)s")
-    group.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
-    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay, metavar="X",
-                       help="L2 penalty on all parameters (default: %(default)s)")
-    group.add_argument("--seed", type=int, default=defaults.seed, metavar="N",
-                       help="fixes initial parameters and batch order (default: %(default)s)")
-    group.add_argument("--drop-last", action="store_true", help="drop the last, shorter batch of each epoch")
-    group.add_argument("--virtual-shards", type=int, default=defaults.virtual_shards, metavar="V",
-                       help="the training rows are cut into V blocks; the number of ranks must divide V; "
-                            "keep V fixed to get the same batches on any number of ranks (default: %(default)s)")
+
+def _add_train_arguments(parser):
+    parser.add_argument("--config", metavar="FILE.toml",
+                        help="read options from a TOML file (keys as the long options, e.g. batch-size = 256); "
+                             "options given on the command line override it")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the options, the data file, the model and the number of ranks, then exit")
+    group = parser.add_argument_group("data and model")
+    _option(group, "--data", "HDF5 data file; default: MNIST prepared in the cache (fetched on first use)",
+            metavar="PATH")
+    _option(group, "--model", "layer sizes of the MLP, input first", metavar="SPEC")
+    _option(group, "--dtype", "floating-point type of parameters and data", choices=DTYPES)
+
+    group = parser.add_argument_group("optimisation (the same for any number of ranks)")
+    _option(group, "--epochs", "passes over the training set", type=int, metavar="N")
+    _option(group, "--batch-size", "GLOBAL batch in samples per step, shared by all ranks", type=int, metavar="N")
+    _option(group, "--lr", "peak learning rate", type=float, metavar="X")
+    _option(group, "--lr-schedule", "after warmup: constant, cosine decay to 0, or step decay",
+            choices=SCHEDULES)
+    _option(group, "--warmup-epochs", "linear warmup from 0, in epochs (may be fractional)", type=float,
+            metavar="E")
+    _option(group, "--step-size", "epochs between decays of the step schedule", type=int, metavar="E")
+    _option(group, "--step-gamma", "factor of each step decay", type=float, metavar="X")
+    _option(group, "--lr-scaling", "linear: peak lr = lr * batch-size / reference-batch (Goyal et al. 2017)",
+            choices=LR_SCALINGS)
+    _option(group, "--reference-batch", "the batch size --lr is meant for, with --lr-scaling linear",
+            type=int, metavar="N")
+    _option(group, "--momentum", "SGD momentum", type=float, metavar="X")
+    _option(group, "--nesterov", "Nesterov momentum", action="store_true")
+    _option(group, "--weight-decay", "L2 penalty on all parameters", type=float, metavar="X")
+    _option(group, "--seed", "fixes the initial parameters and the order of the batches", type=int, metavar="N")
+    _option(group, "--drop-last", "drop the last, shorter batch of each epoch", action="store_true")
+    _option(group, "--virtual-shards", "the training rows are cut into V blocks and the number of ranks must "
+            "divide V; keep V fixed to get the same batches on any number of ranks", type=int, metavar="V")
 
     group = parser.add_argument_group("outputs, checkpoints and resuming")
-    group.add_argument("--run-dir", metavar="DIR",
-                       help="where metrics.jsonl, config.json and checkpoints/ go "
-                            "(default: runs/slurm-<job id> under SLURM, else runs/run-<date-time>)")
-    group.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, metavar="STEPS",
-                       help="also checkpoint every STEPS steps; 0: only at the end of each epoch "
-                            "(default: %(default)s)")
-    group.add_argument("--keep", type=int, default=defaults.keep, metavar="K",
-                       help="keep the K newest checkpoints, plus best.h5 (default: %(default)s)")
-    group.add_argument("--resume", metavar="auto|PATH",
-                       help="'auto': the newest valid checkpoint in the run folder, if any; or a checkpoint file")
-    group.add_argument("--log-every", type=int, default=defaults.log_every, metavar="STEPS",
-                       help="steps between progress lines (default: %(default)s)")
-    group.add_argument("--quiet", action="store_true", help="print only the start-up and per-epoch lines")
+    _option(group, "--run-dir", "folder for config.json, metrics.jsonl and checkpoints/; default: "
+            "runs/slurm-<job id> under SLURM, else runs/run-<date-time>", metavar="DIR")
+    _option(group, "--checkpoint-every", "also checkpoint every STEPS steps; 0: at the end of each epoch only",
+            type=int, metavar="STEPS")
+    _option(group, "--keep", "keep the K newest checkpoints (plus best.h5)", type=int, metavar="K")
+    _option(group, "--resume", "'auto': the newest valid checkpoint in the run folder, if any; or a "
+            "checkpoint file", metavar="auto|PATH")
+    _option(group, "--log-every", "steps between progress lines (when the output is not a terminal)",
+            type=int, metavar="STEPS")
+    _option(group, "--metrics-every", "also append a record to metrics.jsonl every STEPS steps; 0: per epoch only",
+            type=int, metavar="STEPS")
+    group.add_argument("--quiet", action="store_true", help="print only the start-up lines, one line per epoch "
+                       "and errors")
 
-    group = parser.add_argument_group("parallelism and checks")
-    group.add_argument("--threads", type=int, default=defaults.threads, metavar="N",
-                       help="BLAS threads per rank; 0: the node's cores divided by its ranks (default: %(default)s)")
-    group.add_argument("--check-every", type=int, default=defaults.check_every, metavar="STEPS",
-                       help="steps between checks that all ranks hold identical parameters (default: %(default)s)")
-    group.add_argument("--eval-batch", type=int, default=defaults.eval_batch, metavar="N",
-                       help="rows per forward pass during evaluation (default: %(default)s)")
+    group = parser.add_argument_group("parallelism and debugging")
+    _option(group, "--threads", "BLAS threads per rank; 0: the cores a rank may use, divided by the ranks "
+            "sharing them", type=int, metavar="N")
+    _option(group, "--check-every", "steps between checks that all ranks hold identical parameters", type=int,
+            metavar="STEPS")
+    _option(group, "--eval-batch", "rows per forward pass during evaluation", type=int, metavar="N")
+    _option(group, "--simulate-ranks", "run P ranks as threads of one process, without MPI (same batches "
+            "and parameters as mpirun -n P): debug the distributed logic with pdb", type=int, metavar="P")
+    _option(group, "--debug", "float64; check the allreduced gradient against finite differences of the "
+            "global-batch loss at the first step; NaN/Inf checks after every layer; replica check every step",
+            action="store_true")
 
 
 def build_parser():
     parser = _Parser(prog="ddptrain", description="Data-parallel training of a numpy MLP on MNIST in HDF5. "
-                     "Run as `python -m ddptrain` (one process) or `mpirun -n 4 python -m ddptrain`.")
+                     "Run as `python -m ddptrain` (one process) or `mpirun -n 4 python -m ddptrain`; the "
+                     "command 'train' is the default.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    _add_train_arguments(commands.add_parser("train", help="train (the default command)",
-                                             description="Train; every option below may be given without "
-                                                         "the word 'train'."))
+    _add_train_arguments(commands.add_parser(
+        "train", help="train (the default command)",
+        description="Train; the options may be given without the word 'train'. The batch size is the GLOBAL "
+                    "batch: with P ranks each rank trains on about batch-size/P samples per step."))
+    evaluate = commands.add_parser("evaluate", help="test loss, accuracy, per-class accuracy and confusion "
+                                   "matrix of a checkpoint")
+    evaluate.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint file (.h5)")
+    evaluate.add_argument("--data", metavar="PATH", help="data file (default: the one the checkpoint was "
+                          "trained on, else the cached MNIST)")
+    evaluate.add_argument("--eval-batch", type=int, default=2000, metavar="N",
+                          help="rows per forward pass (default: 2000)")
     from . import mnist
     mnist.add_arguments(commands.add_parser("prepare", help="convert MNIST IDX files to the HDF5 data file"))
+    plot = commands.add_parser("plot", help="PNG curves of train and test loss and test accuracy of a run")
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (holding metrics.jsonl)")
+    plot.add_argument("--output", metavar="FILE.png", help="default: RUN_DIR/curves.png")
+    info = commands.add_parser("info", help="versions, MPI library and world size, BLAS threads, the data file")
+    info.add_argument("--data", metavar="PATH", help="data file to describe (default: the cached MNIST, if any)")
     return parser
 
 
 def config_from_args(args):
-    names = {f for f in Config.__dataclass_fields__} - {"extra"}
-    return Config(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+    """Config defaults, overridden by the --config file, overridden by the options given."""
+    values = load_toml(args.config) if getattr(args, "config", None) else {}
+    given = {name: value for name, value in vars(args).items() if name in Config.__dataclass_fields__}
+    values.update(given)
+    if values.get("debug") and "dtype" not in values:
+        values["dtype"] = "float64"      # --debug means float64 unless float32 is asked for (and refused)
+    if values.get("debug"):
+        values.setdefault("check_every", 1)
+    return Config(**values)
 
 
 def parse(argv):
@@ -130,12 +166,30 @@ def main(argv=None):
         if args.command == "prepare":
             from . import mnist
             return mnist.run(args)
-        from .comm import world
+        if args.command == "plot":
+            from . import plot
+            return plot.run(args)
+        from .comm import launched_by_mpi, world
+        if args.command == "info":
+            from . import commands
+            return commands.info(args, world())
+        if args.command == "evaluate":
+            from . import commands
+            comm = world()
+            return commands.evaluate(args, comm)
         from .runner import run_training
-        comm = world()
         with same_on_every_rank():
             config = config_from_args(args).validated()
-        return run_training(config, comm, quiet=args.quiet)
+        if config.simulate_ranks:
+            if launched_by_mpi():
+                raise UserError("--simulate-ranks runs the ranks as threads of one process: start it without "
+                                "mpirun/srun")
+            from .simulate import run_simulated
+            return run_simulated(config.simulate_ranks,
+                                 lambda rank_comm: run_training(config, rank_comm, quiet=args.quiet,
+                                                                dry_run=args.dry_run))
+        comm = world()
+        return run_training(config, comm, quiet=args.quiet, dry_run=args.dry_run)
     except UserError as error:
         return _fail(str(error), error, comm)
     except SystemExit:
@@ -151,7 +205,7 @@ def _fail(message, error, comm, details=None):
     every_rank_failed = size == 1 or getattr(error, "all_ranks", False)
     if every_rank_failed:
         if rank == 0:
-            if details and status == EXIT_FAILURE:
+            if details and status == EXIT_FAILURE and getattr(error, "show_traceback", True):
                 sys.stderr.write(details)
             print(f"ddptrain: error: {message}", file=sys.stderr, flush=True)
         return status

@@ -16,6 +16,8 @@ import sys
 
 import numpy as np
 
+from .errors import UserError
+
 # Variables that MPI launchers (mpiexec/mpirun of MPICH, Open MPI, Intel MPI,
 # and srun with PMI-2 or PMIx) set in the environment of the ranks they start.
 _LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
@@ -24,6 +26,51 @@ _LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "OMPI_COMM
 
 def launched_by_mpi(environ=os.environ):
     return any(name in environ for name in _LAUNCHER_VARIABLES)
+
+
+# Set by mpirun/mpiexec (Hydra of MPICH and Intel MPI, Open MPI) in its ranks. Inside a
+# SLURM allocation mpirun starts its proxies with srun, so its ranks also carry the SLURM
+# step variables, of a step with one task per node: those say nothing about the ranks.
+_MPIRUN_VARIABLES = ("MPI_LOCALNRANKS", "HYDI_CONTROL_FD", "OMPI_COMM_WORLD_SIZE")
+
+
+def srun_task(environ=os.environ):
+    """``(task id, number of tasks)`` if srun itself started this process as a task of a step, else None."""
+    if "SLURM_STEP_ID" not in environ or any(name in environ for name in _MPIRUN_VARIABLES):
+        return None
+    procid = environ.get("SLURM_PROCID", "")
+    ntasks = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS", "")
+    if not (procid.isdigit() and ntasks.isdigit()):
+        return None
+    return int(procid), int(ntasks)
+
+
+_SRUN_ADVICE = ("give srun the process-management interface of your MPI library: `srun --mpi=pmi2` for "
+                "MPICH (the PyPI wheel) or Intel MPI, `srun --mpi=pmix` for Open MPI (`srun --mpi=list` "
+                "shows what this cluster offers), or start the ranks with mpirun inside the allocation")
+
+
+def check_srun_world(comm, task):
+    """Under srun, refuse a world that is not the step's tasks (raises the same UserError on every rank).
+
+    The common mistake: srun without a PMI that the MPI library understands
+    starts N processes that are N separate worlds of size 1, each of which
+    would train the whole model alone and write the same run folder.
+    """
+    if task is None:
+        return
+    procid, ntasks = task
+    if comm.size == 1 and ntasks > 1:
+        how = ("MPI was started" if isinstance(comm, MPIComm) else
+               "no MPI launcher variables (PMI_RANK, PMIX_RANK) are set, so ddptrain would run")
+        raise UserError(f"srun started {ntasks} tasks (this is task {procid}), but {how} as {ntasks} separate "
+                        f"worlds of size 1 instead of one world of {ntasks} ranks: {_SRUN_ADVICE}")
+    claims = comm.allgather((comm.rank, procid, ntasks))   # DDP: every rank reaches the same verdict
+    wrong = [(r, p, n) for r, p, n in claims if (p, n) != (r, comm.size)]
+    if wrong:
+        r, p, n = wrong[0]
+        raise UserError(f"srun says this step has {n} tasks and MPI rank {r} is task {p}, but the MPI world has "
+                        f"{comm.size} ranks: the ranks do not match the SLURM tasks; {_SRUN_ADVICE}")
 
 
 class SerialComm:
@@ -118,8 +165,88 @@ def world(use_mpi=None):
 
     Under an MPI launcher (mpirun, mpiexec, srun) it is the MPI world; a plain
     ``python -m ddptrain`` gets ``SerialComm`` without initialising MPI at all.
-    ``use_mpi`` forces either choice.
+    ``use_mpi`` forces either choice. Under srun, the world must be the step's
+    tasks (a UserError says how to launch otherwise).
     """
     if use_mpi is None:
         use_mpi = launched_by_mpi()
-    return MPIComm() if use_mpi else SerialComm()
+    comm = MPIComm() if use_mpi else SerialComm()
+    check_srun_world(comm, srun_task())   # under srun: the MPI world must be the step's tasks
+    return comm
+
+
+class _ThreadHub:
+    """What the simulated ranks share: a barrier and one slot per rank."""
+
+    def __init__(self, size):
+        import threading
+        self.size = size
+        self.barrier = threading.Barrier(size)
+        self.slots = [None] * size
+
+
+class ThreadComm:
+    """Rank ``rank`` of ``size`` simulated ranks: threads of one process (``--simulate-ranks``).
+
+    The same training code runs in every thread, on that rank's shard, and
+    the collectives below exchange data through shared memory. Sums are taken
+    in rank order, so a simulated run is deterministic; it equals an MPI run
+    up to the order of floating-point additions. Use it to step through the
+    distributed logic with pdb, without MPI. If one thread fails, ``abort``
+    breaks the barrier so that no other thread waits forever.
+    """
+
+    library = "simulated (threads of one process)"
+
+    def __init__(self, hub, rank):
+        self._hub, self.rank, self.size = hub, rank, hub.size
+        self.local_size = hub.size
+
+    @classmethod
+    def create(cls, size):
+        hub = _ThreadHub(size)
+        return [cls(hub, rank) for rank in range(size)]
+
+    def _exchange(self, value):
+        """Every rank's ``value``, in rank order."""
+        hub = self._hub
+        hub.slots[self.rank] = value
+        hub.barrier.wait()
+        values = list(hub.slots)
+        hub.barrier.wait()   # nobody overwrites a slot before everyone has read them all
+        return values
+
+    def allreduce_(self, array):
+        values = self._exchange(array.copy())
+        total = values[0].copy()
+        for value in values[1:]:
+            total += value
+        array[...] = total
+        return array
+
+    def allreduce(self, value):
+        values = self._exchange(np.array(value, copy=True) if isinstance(value, np.ndarray) else value)
+        total = values[0].copy() if isinstance(values[0], np.ndarray) else values[0]
+        for v in values[1:]:
+            total = total + v
+        return total
+
+    def any(self, flag):
+        return any(self._exchange(bool(flag)))
+
+    def bcast(self, obj, root=0):
+        return self._exchange(obj)[root]
+
+    def bcast_(self, array, root=0):
+        array[...] = self._exchange(array.copy())[root]
+        return array
+
+    def allgather(self, obj):
+        return self._exchange(obj)
+
+    def barrier(self):
+        self._hub.barrier.wait()
+
+    def abort(self, status):
+        self._hub.barrier.abort()
+        raise SystemExit(status)

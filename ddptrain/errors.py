@@ -26,9 +26,15 @@ class CheckpointError(UserError):
 
 
 class NumericalError(Exception):
-    """A NaN or Inf in the loss or the gradients."""
+    """A NaN or Inf in the loss or the gradients.
+
+    Decided on values every rank holds after the Allreduce, so every rank
+    raises it at the same step: it is printed once, as one line.
+    """
 
     exit_status = EXIT_FAILURE
+    all_ranks = True
+    show_traceback = False
 
 
 class same_on_every_rank:

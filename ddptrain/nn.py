@@ -231,9 +231,15 @@ class Sequential:
     def n_outputs(self):
         return next(layer.n_out for layer in reversed(self.layers) if isinstance(layer, Linear))
 
+    # Called as observer("forward" | "backward", index, layer, array) after every
+    # layer when set; --debug uses it to name the layer where a NaN appears.
+    observer = None
+
     def forward(self, x):
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             x = layer.forward(x)
+            if self.observer is not None:
+                self.observer("forward", i, layer, x)
         return x
 
     def backward(self, dout, need_input_grad=False):
@@ -243,4 +249,6 @@ class Sequential:
         """
         for i in range(len(self.layers) - 1, -1, -1):
             dout = self.layers[i].backward(dout, need_input_grad=need_input_grad or i > 0)
+            if self.observer is not None:
+                self.observer("backward", i, self.layers[i], dout)
         return dout

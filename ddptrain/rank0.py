@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import checkpoint as ckpt_io
 from .errors import CheckpointError, UserError
+from .progress import Progress
 
 
 def run_on_rank0(comm, work, error_type=UserError, describe="failed"):
@@ -41,20 +42,29 @@ def run_on_rank0(comm, work, error_type=UserError, describe="failed"):
 
 
 class RankZero:
-    def __init__(self, comm, run_dir, quiet=False):
+    def __init__(self, comm, run_dir, quiet=False, log_every=100):
         self.comm = comm
         self.is_rank0 = comm.rank == 0
         self.run_dir = Path(run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.quiet = quiet
+        self._progress = Progress(log_every, quiet=quiet) if self.is_rank0 else None
+        self.checkpoint_fault = None   # tests: step -> a callable that fails a checkpoint write, or None
 
     def print(self, message, always=False):
         """Print on rank 0 only (``always``: even with --quiet)."""
         if self.is_rank0 and (always or not self.quiet):
+            self._progress.clear()
             print(message, flush=True)
+
+    def progress(self, **step):
+        """After every step: a progress bar on a terminal, a line every --log-every steps otherwise."""
+        if self.is_rank0:
+            self._progress.update(**step)
 
     def warn(self, message):
         if self.is_rank0:
+            self._progress.clear()
             print(message, file=sys.stderr, flush=True)
 
     def _on_rank0(self, work, error_type, describe):
@@ -72,9 +82,30 @@ class RankZero:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
         self._on_rank0(work, UserError, f"cannot append to {self.run_dir / 'metrics.jsonl'}")
 
+    def restart_metrics(self, step, records):
+        """On resume from the checkpoint of ``step``: metrics.jsonl keeps the records up to that step
+        (the steps after it run again and record themselves once more); a new run folder starts
+        with the checkpoint's per-epoch ``records``."""
+        def work():
+            path = self.run_dir / "metrics.jsonl"
+            if path.exists():
+                kept = [line for line in path.read_text().splitlines() if _recorded_by(line, step)]
+            else:
+                kept = [json.dumps(record, sort_keys=True) for record in records]
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
+        self._on_rank0(work, UserError, f"cannot write {self.run_dir / 'metrics.jsonl'}")
+
     def save_checkpoint(self, make_checkpoint, step, keep, is_best=False, fail_after_write=None):
-        """Write ``step-<step>.h5`` (and ``best.h5`` when ``is_best``), keeping the ``keep`` newest."""
+        """Write ``step-<step>.h5`` (and ``best.h5`` when ``is_best``), keeping the ``keep`` newest.
+
+        A failed write leaves every earlier checkpoint as it was and stops every
+        rank with the same CheckpointError.
+        """
         path = ckpt_io.step_path(self.checkpoint_dir, step)
+        if fail_after_write is None and self.checkpoint_fault is not None and self.is_rank0:
+            fail_after_write = self.checkpoint_fault(step)
 
         def work():
             checkpoint = make_checkpoint()
@@ -84,3 +115,11 @@ class RankZero:
             ckpt_io.prune(self.checkpoint_dir, keep)
         self._on_rank0(work, CheckpointError, f"could not write checkpoint {path} (the previous ones are intact)")
         return path
+
+
+def _recorded_by(line, step):
+    """Whether a metrics.jsonl line is a whole record of a step up to ``step`` (a cut-off last line is not)."""
+    try:
+        return json.loads(line).get("step", 0) <= step
+    except (ValueError, AttributeError):
+        return False

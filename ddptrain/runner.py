@@ -6,6 +6,7 @@ which rows they read; what only rank 0 does goes through ``rank0``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
@@ -13,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, checkpoint as ckpt_io, data, sampler
+from . import __version__, checkpoint as ckpt_io, data, faults, sampler
 from .errors import EXIT_OK, EXIT_PREEMPTED, CheckpointError, UserError, same_on_every_rank
 from .nn import Sequential
 from .optim import SGD
 from .rank0 import RankZero, run_on_rank0
+from .schedule import peak_learning_rate
 from .train import Split, StopRequest, Trainer
 
 
@@ -49,26 +51,79 @@ def resolve_data_path(comm, config, rank0_print):
     return run_on_rank0(comm, lambda: str(mnist.ensure_default_dataset(log=rank0_print)))
 
 
-def default_run_dir():
-    job = os.environ.get("SLURM_JOB_ID")
+def default_run_dir(environ=os.environ):
+    """runs/slurm-<job id> in a SLURM job (runs/slurm-<array job id>_<task id> in a job array,
+    as sbatch's %A_%a), else runs/run-<date-time>. A requeued job keeps its id, hence its folder."""
+    job = environ.get("SLURM_JOB_ID")
     if job:
-        array_task = os.environ.get("SLURM_ARRAY_TASK_ID")
-        return f"runs/slurm-{job}" + (f"-{array_task}" if array_task else "")
+        array_job, array_task = environ.get("SLURM_ARRAY_JOB_ID"), environ.get("SLURM_ARRAY_TASK_ID")
+        return f"runs/slurm-{array_job}_{array_task}" if array_job and array_task else f"runs/slurm-{job}"
     return time.strftime("runs/run-%Y%m%d-%H%M%S")
 
 
-def check_fits(checkpoint, model, n_train):
-    """Refuse a checkpoint from another model or another data set."""
+def slurm_restart_count(environ=os.environ):
+    """How many times SLURM has requeued this job (SLURM_RESTART_COUNT); 0 outside SLURM."""
+    value = environ.get("SLURM_RESTART_COUNT", "").strip()
+    return int(value) if value.isdigit() else 0
+
+
+def resume_if_requeued(comm, config, checkpoint_dir, environ=os.environ):
+    """A requeued SLURM job (SLURM_RESTART_COUNT > 0) continues from its newest checkpoint by itself.
+
+    Its run folder is named after the job id, which a requeue keeps, so
+    ``--resume auto`` finds what the previous run wrote. A ``--resume PATH``
+    given at submission applies only until the job has checkpoints of its own.
+    """
+    if not slurm_restart_count(environ) or config.resume == "auto":
+        return config
+    has_own = run_on_rank0(comm, lambda: bool(ckpt_io.step_checkpoints(checkpoint_dir)))
+    return config if config.resume and not has_own else dataclasses.replace(config, resume="auto")
+
+
+def describe_slurm(comm, environ=os.environ):
+    """One line about the SLURM job this run is part of, or None outside SLURM."""
+    job = environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
+        job += f" (array {environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']})"
+    restarts = slurm_restart_count(environ)
+    line = f"SLURM job {job}" + (f", restart {restarts} (resuming automatically)" if restarts else "")
+    allocated = environ.get("SLURM_NTASKS", "")
+    if comm.size == 1 and allocated.isdigit() and int(allocated) > 1:
+        line += (f"; warning: the job has {allocated} tasks but ddptrain runs as one process: "
+                 f"start it with srun or mpirun to use them")
+    return line
+
+
+# Options that fix the parameters' layout or the sequence of global batches: resuming with
+# another value would not continue the run the checkpoint belongs to.
+MUST_MATCH_ON_RESUME = ("batch_size", "seed", "virtual_shards", "drop_last")
+
+
+def check_fits(checkpoint, model, n_train, config=None):
+    """Refuse a checkpoint from another model, data set or batch sequence."""
     where = checkpoint.path
     if checkpoint.model != model.spec:
         raise CheckpointError(f"{where}: checkpoint is for model {checkpoint.model}, not {model.spec}")
+    if checkpoint.dtype != str(model.dtype):
+        raise CheckpointError(f"{where}: checkpoint holds {checkpoint.dtype} parameters, not {model.dtype} "
+                              f"(--dtype {checkpoint.dtype})")
     expected = dict(model.named_params())
+    if set(checkpoint.params) != set(expected):
+        raise CheckpointError(f"{where}: its parameters do not fit model {model.spec}")
     for name, array in checkpoint.params.items():
-        if name not in expected or expected[name].shape != array.shape:
+        if expected[name].shape != array.shape:
             raise CheckpointError(f"{where}: parameter {name} does not fit model {model.spec}")
     if checkpoint.state.get("n_train") != n_train:
         raise CheckpointError(f"{where}: checkpoint was trained on {checkpoint.state.get('n_train')} rows, "
                               f"this data file has {n_train}")
+    for name in MUST_MATCH_ON_RESUME if config is not None else ():
+        saved, given = checkpoint.config.get(name), getattr(config, name)
+        if saved != given:
+            option = "--" + name.replace("_", "-")
+            raise CheckpointError(f"{where}: checkpoint was trained with {option} {saved}, not {given}; "
+                                  f"resume with {option} {saved}")
 
 
 def find_checkpoint(config, checkpoint_dir, warn):
@@ -76,11 +131,23 @@ def find_checkpoint(config, checkpoint_dir, warn):
     if not config.resume:
         return None
     if config.resume == "auto":
-        found = ckpt_io.newest_valid(checkpoint_dir, warn=warn)
+        found = ckpt_io.newest_valid(checkpoint_dir, warn=warn, set_aside=True)
+        if found is None:
+            warn(f"--resume auto: no valid checkpoint in {checkpoint_dir}; starting from the beginning")
         return found.path if found else None
     if not Path(config.resume).is_file():
         raise CheckpointError(f"{config.resume}: no such checkpoint")
     return config.resume
+
+
+def load_checkpoint(config, checkpoint_dir, model, n_train, warn):
+    """Rank 0: the verified checkpoint to resume from (fitting this run), or None to start fresh."""
+    path = find_checkpoint(config, checkpoint_dir, warn)
+    if path is None:
+        return None
+    checkpoint = ckpt_io.load(path)
+    check_fits(checkpoint, model, n_train, config)
+    return checkpoint
 
 
 def describe_split(n_train, n_test, comm, config):
@@ -95,12 +162,15 @@ def describe_split(n_train, n_test, comm, config):
             f"{' (at most)' if config.batch_size % comm.size else ''} per rank")
 
 
-def run_training(config, comm, quiet=False, fault_hook=None):
-    """Train on every rank. Returns the exit status (0, or EXIT_PREEMPTED after a signal)."""
+def run_training(config, comm, quiet=False, fault_hook=None, dry_run=False):
+    """Train on every rank. Returns the exit status (0, or EXIT_PREEMPTED after a signal).
+
+    ``dry_run``: check everything (options, data, model, ranks), print the start-up lines, write nothing.
+    """
     started = time.perf_counter()
     threads, thread_line = configure_blas_threads(comm, config.threads)
     run_dir = comm.bcast(config.run_dir or default_run_dir())   # DDP: rank 0's name, everywhere
-    rank0 = RankZero(comm, run_dir, quiet=quiet)
+    rank0 = RankZero(comm, run_dir, quiet=quiet, log_every=config.log_every)
 
     data_path = resolve_data_path(comm, config, rank0.print)
     model = Sequential.from_spec(config.model, dtype=config.dtype, seed=config.seed)
@@ -112,14 +182,29 @@ def run_training(config, comm, quiet=False, fault_hook=None):
         sampler.check_layout(info.n_train, config.batch_size, comm.size, config.virtual_shards)
     comm.bcast_(model.params)   # DDP: every replica starts from rank 0's parameters
 
-    rank0.prepare_run_dir(config.to_dict())
-    resume_path = run_on_rank0(comm, lambda: find_checkpoint(config, rank0.checkpoint_dir, rank0.warn))
-
+    config = resume_if_requeued(comm, config, rank0.checkpoint_dir)   # SLURM requeue: --resume auto
     rank0.print(f"ddptrain {__version__}: {comm.size} rank{'s' if comm.size > 1 else ''} ({comm.library}); "
                 f"{thread_line}", always=True)
     rank0.print(f"model {model.spec} ({model.params.size:,} parameters, {config.dtype}); data {data_path}; "
                 f"run folder {run_dir}", always=True)
     rank0.print(describe_split(info.n_train, info.n_test, comm, config), always=True)
+    rank0.print(f"peak learning rate {peak_learning_rate(config):.4g} ({config.lr_schedule}"
+                f"{f', {config.warmup_epochs:g} warmup epochs' if config.warmup_epochs else ''}"
+                f"{', linear scaling rule' if config.lr_scaling == 'linear' else ''}); "
+                f"configuration: {config.to_json()}", always=True)
+    slurm_line = describe_slurm(comm)
+    if slurm_line:
+        rank0.print(slurm_line, always=True)
+    if dry_run:
+        rank0.print(f"dry run: the options, the data file, the model and the {comm.size} rank(s) check out; "
+                    f"nothing was trained or written", always=True)
+        return EXIT_OK
+
+    rank0.prepare_run_dir(config.to_dict())
+    # DDP: rank 0 reads and verifies the checkpoint and broadcasts it, so that every rank
+    # resumes from the same bytes or every rank stops with the same error.
+    checkpoint = run_on_rank0(comm, lambda: load_checkpoint(config, rank0.checkpoint_dir, model, info.n_train,
+                                                            rank0.warn))
 
     blocks = sampler.owned_blocks(info.n_train, comm.rank, comm.size, config.virtual_shards)
     train = Split(*data.read_rows(data_path, "train", blocks, dtype=config.dtype))
@@ -129,13 +214,19 @@ def run_training(config, comm, quiet=False, fault_hook=None):
     optimizer = SGD(momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov)
     trainer = Trainer(config, comm, model, optimizer, train, test, info.n_train, info.n_classes, rank0,
                       fault_hook=fault_hook)
-    if resume_path:
-        with same_on_every_rank():
-            checkpoint = ckpt_io.load(resume_path)
-            check_fits(checkpoint, model, info.n_train)
+    with same_on_every_rank():
+        injected = faults.Faults.from_environment(comm.rank)   # tests only: DDPTRAIN_TEST_FAULT
+    if injected is not None:
+        injected.attach(trainer, rank0)
+    if checkpoint is not None:
         trainer.restore(checkpoint)
-        rank0.print(f"resumed from {resume_path}: epoch {trainer.position.epoch + 1}, "
-                    f"step {trainer.position.step}", always=True)
+        rank0.restart_metrics(trainer.position.step, checkpoint.metrics)
+        written_by = checkpoint.state.get("world_size", comm.size)
+        rank0.print(f"resumed from {checkpoint.path}: epoch {trainer.position.epoch + 1}, "
+                    f"step {trainer.position.step}"
+                    + (f" (written by {written_by} ranks, resumed on {comm.size}: the same batches, equal "
+                       f"to an uninterrupted run up to rounding)" if written_by != comm.size else ""),
+                    always=True)
     rank0.print(f"set-up took {time.perf_counter() - started:.2f} s")
 
     stop = trainer.stop.install()

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .checkpoint import Checkpoint
+from .debug import FiniteChecker, check_gradient
 from .errors import NumericalError
 from .losses import SoftmaxCrossEntropy
 from .sampler import epoch_plan, steps_per_epoch
@@ -67,19 +69,27 @@ def count_correct(logits, labels):
     return int(np.count_nonzero(logits.argmax(axis=1) == labels))
 
 
-def train_step(model, loss_fn, optimizer, comm, x, y, global_count, lr):
-    """One SGD step on this rank's part ``(x, y)`` of a global batch of ``global_count`` samples.
+def compute_gradient(model, loss_fn, comm, x, y, global_count):
+    """Fill ``model.grads`` with the gradient of the mean loss over the global batch.
 
-    The loss is normalised by the global count, so this rank's gradient is its
-    share of the gradient of the global mean loss; summing the shares over the
-    ranks gives exactly that gradient, however unevenly the batch was split.
-    Returns this rank's share of the loss and its number of correct predictions.
+    ``(x, y)`` is this rank's part of a global batch of ``global_count``
+    samples. The loss is normalised by the global count, so this rank's
+    gradient is its share of the gradient of the global mean loss; summing the
+    shares over the ranks gives exactly that gradient, however unevenly the
+    batch was split. Returns this rank's share of the loss and its number of
+    correct predictions.
     """
     logits = model.forward(x)
     loss_share = loss_fn.forward(logits, y, normaliser=global_count)
     correct = count_correct(logits, y)
     model.backward(loss_fn.backward())
     comm.allreduce_(model.grads)   # DDP: sum of the shares = gradient of the global mean
+    return loss_share, correct
+
+
+def train_step(model, loss_fn, optimizer, comm, x, y, global_count, lr):
+    """One SGD step: the global-batch gradient (``compute_gradient``), then the update."""
+    loss_share, correct = compute_gradient(model, loss_fn, comm, x, y, global_count)
     optimizer.step(model.params, model.grads, lr)
     return loss_share, correct
 
@@ -126,6 +136,8 @@ class StopRequest:
         self._previous = {}
 
     def install(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self   # a simulated rank (a thread): signals reach rank 0, in the main thread
         for name in self.SIGNALS:
             number = getattr(signal, name, None)
             if number is not None:
@@ -133,7 +145,16 @@ class StopRequest:
         return self
 
     def uninstall(self):
+        """Restore the previous handlers, unless a stop was requested.
+
+        After a stop the process is on its way out: the signals are ignored
+        from then on, so that a second one during the shutdown (a second
+        Ctrl-C, a repeated SIGTERM, also while MPI finalises after Python has
+        reset its own handlers) cannot kill a rank that already checkpointed.
+        """
         for number, handler in self._previous.items():
+            if self.requested:
+                handler = signal.SIG_IGN
             signal.signal(number, handler)
         self._previous.clear()
 
@@ -168,6 +189,10 @@ class Trainer:
         max_rows = -(-config.batch_size // comm.size)
         self._x_batch = np.empty((max_rows, train.x.shape[1]), dtype=train.x.dtype)
         self.stopped_by = None
+        # --debug: NaN/Inf checks after every layer, and a finite-difference check at the first step.
+        self.finite_checker = FiniteChecker() if config.debug else None
+        model.observer = self.finite_checker
+        self.gradient_checked = False
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -186,8 +211,11 @@ class Trainer:
         config, comm, pos = self.config, self.comm, self.position
         plan = epoch_plan(self.n_train, config.batch_size, comm.rank, comm.size, config.seed, epoch,
                           config.virtual_shards, config.drop_last)
-        sums = np.array(pos.train_sums if comm.rank == 0 else [0.0, 0.0, 0.0])  # DDP: global sums live on rank 0
-        window_start, window_samples = time.perf_counter(), 0
+        # Global sums of the epoch so far, the same on every rank: added up step by step from
+        # each step's global totals, so a resumed epoch adds exactly what an uninterrupted one does.
+        sums = np.array(pos.train_sums, dtype=np.float64)
+        totals = np.zeros(4)   # this step's loss sum, correct predictions, samples, ranks signalled
+        loop_started, steps_done, samples_done = time.perf_counter(), 0, 0
         for t in range(pos.step_in_epoch, plan.n_steps):
             if self.fault_hook is not None:
                 self.fault_hook(pos.step)
@@ -196,39 +224,47 @@ class Trainer:
             y = self.train.y[rows]
             global_count = int(plan.global_counts[t])
             lr = learning_rate(config, pos.step, self.steps_per_epoch)
-            loss_share, correct = train_step(self.model, self.loss_fn, self.optimizer, comm, x, y,
-                                             global_count, lr)
-            if not gradients_are_finite(self.model.grads):
-                raise NumericalError(f"NaN or Inf in the gradients at step {pos.step} (epoch {epoch + 1}, "
-                                     f"learning rate {lr:.4g}); the last checkpoint is kept")
-            sums += (loss_share * global_count, correct, len(rows))
-            window_samples += global_count
+            if self.finite_checker is not None:
+                self.finite_checker.step = pos.step
+            loss_share, correct = compute_gradient(self.model, self.loss_fn, comm, x, y, global_count)
+            if config.debug and not self.gradient_checked:
+                self._check_gradient(x, y, global_count)
+            self.optimizer.step(self.model.params, self.model.grads, lr)
+            totals[:] = (loss_share * global_count, correct, len(rows), self.stop.requested)
+            comm.allreduce_(totals)   # DDP: global totals, and whether a signal reached any rank
+            if not (np.isfinite(totals[0]) and gradients_are_finite(self.model.grads)):
+                raise NumericalError(f"NaN or Inf in the loss or gradients at step {pos.step} "
+                                     f"(epoch {epoch + 1}, learning rate {lr:.4g}); training stopped, "
+                                     f"the last checkpoint is kept")
+            sums += totals[:3]
+            steps_done, samples_done = steps_done + 1, samples_done + global_count
             pos.step += 1
             pos.step_in_epoch = t + 1
             if pos.step % config.check_every == 0:
                 self.check_replicas()
-            if pos.step % config.log_every == 0 or t + 1 == plan.n_steps:
-                window_start, window_samples = self._log_progress(epoch, plan.n_steps, sums, lr,
-                                                                  window_start, window_samples)
-            stop = comm.any(self.stop.requested)   # DDP: a signal may reach only some ranks
+            self._report_progress(epoch, plan.n_steps, sums, lr, time.perf_counter() - loop_started,
+                                  steps_done, samples_done)
+            if config.metrics_every and pos.step % config.metrics_every == 0:
+                self.rank0.append_metrics({"kind": "step", "epoch": epoch + 1, "step": pos.step, "lr": lr,
+                                           "train_loss": sums[0] / sums[2], "train_accuracy": sums[1] / sums[2]})
+            stop = totals[3] > 0   # DDP: agreed by every rank, though a signal may reach only some
             if stop or (config.checkpoint_every and pos.step % config.checkpoint_every == 0
                         and t + 1 < plan.n_steps):
-                pos.train_sums = comm.allreduce(sums).tolist()   # DDP
+                pos.train_sums = sums.tolist()
                 self.save_checkpoint()
             if stop:
                 self.stopped_by = self.stop.signal_name or "a signal on another rank"
                 return False
-        pos.train_sums = comm.allreduce(sums).tolist()   # DDP: exact global sums
+        pos.train_sums = sums.tolist()
         return True
 
-    def _log_progress(self, epoch, n_steps, sums, lr, window_start, window_samples):
-        loss_sum, correct, seen = self.comm.allreduce(sums)   # DDP: global running sums
-        now = time.perf_counter()
-        rate = window_samples / max(now - window_start, 1e-9)
-        self.rank0.print(f"epoch {epoch + 1}/{self.config.epochs}  step {self.position.step_in_epoch}/{n_steps}  "
-                         f"loss {loss_sum / seen:.4f}  acc {100 * correct / seen:.2f}%  lr {lr:.4g}  "
-                         f"{rate:,.0f} samples/s")
-        return now, 0
+    def _report_progress(self, epoch, n_steps, sums, lr, elapsed, steps_done, samples_done):
+        loss_sum, correct, seen = sums   # global sums over the epoch so far
+        self.rank0.progress(epoch=epoch + 1, epochs=self.config.epochs, step_in_epoch=self.position.step_in_epoch,
+                            steps_in_epoch=n_steps, global_step=self.position.step,
+                            total_steps=self.config.epochs * self.steps_per_epoch, loss=loss_sum / seen,
+                            accuracy=correct / seen, lr=lr, samples_per_second=samples_done / max(elapsed, 1e-9),
+                            seconds_per_step=elapsed / steps_done)
 
     def _end_epoch(self, epoch, evaluation, seconds):
         loss_sum, correct, seen = self.position.train_sums
@@ -248,6 +284,15 @@ class Trainer:
         self.best_accuracy = max(self.best_accuracy, evaluation.accuracy)
         self.save_checkpoint(is_best=is_best)
 
+    def _check_gradient(self, x, y, global_count):
+        checked = check_gradient(self.model, self.loss_fn, self.comm, x, y, global_count, self.position.step,
+                                 seed=self.config.seed)
+        self.gradient_checked = True
+        worst = max(abs(b - n) / max(abs(b), abs(n), 1e-9) for _, _, b, n in checked)
+        self.rank0.print(f"debug: at step {self.position.step} the allreduced gradient agrees with finite "
+                         f"differences of the global-batch loss on {len(checked)} coordinates "
+                         f"(worst relative error {worst:.1e})", always=True)
+
     # -- replicas and checkpoints ----------------------------------------------------------
 
     def check_replicas(self):
@@ -266,7 +311,7 @@ class Trainer:
             velocity=velocity, optimizer=optimizer_state,
             state={"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "step": pos.step,
                    "train_sums": [float(s) for s in pos.train_sums], "n_train": self.n_train,
-                   "best_accuracy": self.best_accuracy},
+                   "best_accuracy": self.best_accuracy, "world_size": self.comm.size},
             config=self.config.to_dict(), metrics=list(self.metrics),
             model=self.model.spec, dtype=str(self.model.dtype))
 

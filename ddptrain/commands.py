@@ -1,0 +1,122 @@
+"""The ``evaluate`` and ``info`` commands.
+
+``evaluate`` runs on any number of ranks, like training: each rank evaluates
+its block of the test set and rank 0 prints the totals.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, checkpoint as ckpt_io, data
+from .errors import EXIT_OK, UserError, same_on_every_rank
+from .nn import Sequential
+from .rank0 import run_on_rank0
+from .runner import configure_blas_threads
+from .train import Split, evaluate as evaluate_split
+
+
+def _data_for(checkpoint, given):
+    """--data, else the file the checkpoint was trained on, else the cached MNIST."""
+    if given:
+        return given
+    trained_on = checkpoint.config.get("data")
+    if trained_on and Path(trained_on).is_file():
+        return trained_on
+    from . import mnist
+    return str(mnist.ensure_default_dataset())
+
+
+def format_confusion(confusion):
+    """The confusion matrix as text: rows are true classes, columns predicted ones."""
+    n = len(confusion)
+    width = max(5, len(str(confusion.max())) + 1)
+    lines = ["true\\pred" + "".join(f"{c:>{width}}" for c in range(n))]
+    lines += [f"{r:>9}" + "".join(f"{v:>{width}}" for v in row) for r, row in enumerate(confusion)]
+    return "\n".join(lines)
+
+
+def evaluate(args, comm):
+    """Test loss, accuracy, per-class accuracy and confusion matrix of a checkpoint."""
+    configure_blas_threads(comm)
+    with same_on_every_rank():
+        checkpoint = ckpt_io.load(args.checkpoint)
+        path = run_on_rank0(comm, lambda: _data_for(checkpoint, args.data))
+        info = data.inspect(path)
+        model = Sequential.from_spec(checkpoint.model, dtype=checkpoint.dtype)
+        if model.n_inputs != info.n_features or model.n_outputs != info.n_classes:
+            raise UserError(f"{args.checkpoint}: model {checkpoint.model} does not fit {path} "
+                            f"({info.n_features} pixels, {info.n_classes} classes)")
+        if args.eval_batch < 1:
+            raise UserError(f"--eval-batch must be positive, got {args.eval_batch}")
+    for name, array in model.named_params():
+        array[...] = checkpoint.params[name]
+    lo, hi = info.n_test * comm.rank // comm.size, info.n_test * (comm.rank + 1) // comm.size
+    test = Split(*data.read_rows(path, "test", [(lo, hi)], dtype=checkpoint.dtype))
+    result = evaluate_split(model, comm, test, info.n_classes, args.eval_batch)
+    if comm.rank == 0:
+        step = checkpoint.state.get("step")
+        print(f"checkpoint {args.checkpoint} (model {checkpoint.model}, step {step}) on {path}, "
+              f"{info.n_test:,} test rows, {comm.size} rank(s)")
+        print(f"test loss {result.loss:.4f}  test accuracy {100 * result.accuracy:.2f}%")
+        print("per-class accuracy: " + "  ".join(f"{c}: {100 * a:.1f}%"
+                                                for c, a in enumerate(result.per_class_accuracy)))
+        print("confusion matrix (rows: true class, columns: predicted class):")
+        print(format_confusion(result.confusion))
+    return EXIT_OK
+
+
+def _version(module_name):
+    try:
+        module = __import__(module_name)
+        return getattr(module, "__version__", "installed")
+    except ImportError:
+        return "not installed"
+
+
+def info(args, comm):
+    """Versions, MPI library and world size, BLAS and its threads, the data file's summary."""
+    threads, thread_line = configure_blas_threads(comm)
+    if comm.rank != 0:
+        return EXIT_OK
+    from threadpoolctl import threadpool_info
+    lines = [
+        f"ddptrain     {__version__}",
+        f"python       {platform.python_version()} ({sys.executable})",
+        f"numpy        {np.__version__}",
+        f"h5py         {_version('h5py')} (HDF5 {_hdf5_version()})",
+        f"mpi4py       {_version('mpi4py')}",
+        f"MPI          {comm.library}; world size {comm.size}",
+        f"threads      {thread_line}",
+    ]
+    for lib in threadpool_info():
+        lines.append(f"BLAS         {lib.get('internal_api')} {lib.get('version')} "
+                     f"({lib.get('architecture', '?')}, {lib.get('threading_layer', '?')}), "
+                     f"{lib.get('num_threads')} threads now")
+    lines.append(f"matplotlib   {_version('matplotlib')} (for `ddptrain plot`)")
+    lines.append(_data_line(args.data))
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def _hdf5_version():
+    import h5py
+    return h5py.version.hdf5_version
+
+
+def _data_line(given):
+    from . import mnist
+    path = given or str(mnist.default_data_path())
+    try:
+        summary = data.inspect(path)
+    except UserError as error:
+        if not given:
+            return f"data         none prepared yet at {path} (`python -m ddptrain prepare` makes it)"
+        return f"data         {error}"
+    source = summary.attrs.get("source", "unknown source")
+    return (f"data         {path}: {summary.n_train:,} training and {summary.n_test:,} test images of "
+            f"{summary.n_features} pixels, {summary.n_classes} classes; source {source}")

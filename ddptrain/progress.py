@@ -1,0 +1,59 @@
+"""Training progress on rank 0: a live bar on a terminal, plain periodic lines elsewhere.
+
+SLURM output files and CI logs are not terminals: there a line every
+``--log-every`` steps is what a reader wants, not a bar redrawn with ``\\r``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+def format_seconds(seconds):
+    seconds = int(round(seconds))
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+class Progress:
+    """``update`` is called after every step; it draws or prints only when it is time to."""
+
+    BAR_WIDTH = 24
+    REDRAW_SECONDS = 0.1
+
+    def __init__(self, log_every, stream=None, interactive=None, quiet=False):
+        self.stream = stream or sys.stdout
+        self.interactive = self.stream.isatty() if interactive is None else interactive
+        self.log_every, self.quiet = log_every, quiet
+        self._drawn = False
+        self._last_draw = 0.0
+
+    def update(self, epoch, epochs, step_in_epoch, steps_in_epoch, global_step, total_steps, loss, accuracy,
+               lr, samples_per_second, seconds_per_step):
+        if self.quiet:
+            return
+        last_of_epoch = step_in_epoch == steps_in_epoch
+        eta = format_seconds((total_steps - global_step) * seconds_per_step)
+        stats = (f"loss {loss:.4f}  acc {100 * accuracy:.2f}%  lr {lr:.4g}  "
+                 f"{samples_per_second:,.0f} samples/s  {eta} left")
+        if self.interactive:
+            now = time.perf_counter()
+            if now - self._last_draw < self.REDRAW_SECONDS and not last_of_epoch:
+                return
+            done = int(self.BAR_WIDTH * step_in_epoch / steps_in_epoch)
+            bar = "#" * done + "." * (self.BAR_WIDTH - done)
+            self.stream.write(f"\r\033[Kepoch {epoch}/{epochs} [{bar}] {step_in_epoch}/{steps_in_epoch}  {stats}")
+            self.stream.flush()
+            self._drawn, self._last_draw = True, now
+        elif global_step % self.log_every == 0 or last_of_epoch:
+            print(f"epoch {epoch}/{epochs}  step {step_in_epoch}/{steps_in_epoch}  {stats}",
+                  file=self.stream, flush=True)
+
+    def clear(self):
+        """Erase the bar before another line is printed."""
+        if self._drawn:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self._drawn = False
