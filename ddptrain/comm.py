@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -71,6 +72,9 @@ def check_srun_world(comm, task):
         r, p, n = wrong[0]
         raise UserError(f"srun says this step has {n} tasks and MPI rank {r} is task {p}, but the MPI world has "
                         f"{comm.size} ranks: the ranks do not match the SLURM tasks; {_SRUN_ADVICE}")
+
+
+ABORT_GRACE_SECONDS = 0.5
 
 
 class SerialComm:
@@ -157,6 +161,9 @@ class MPIComm:
         # collective that will never complete.
         sys.stdout.flush()
         sys.stderr.flush()
+        # Give the launcher a moment to pass on what this rank just printed: Hydra
+        # (mpiexec of MPICH) can drop output still in transit when it ends the job.
+        time.sleep(ABORT_GRACE_SECONDS)
         self._comm.Abort(status)
 
 

@@ -1,0 +1,339 @@
+"""Preemption, crashes, numerical faults and bad input (issue 4, points 3 to 6): the job always
+ends within seconds, with a documented status, a clear message, and its checkpoints intact.
+
+Runs go through ``python -m ddptrain`` (under mpiexec where ranks matter). Faults that cannot be
+provoked from outside are injected with the test-only DDPTRAIN_TEST_FAULT (ddptrain/faults.py).
+Training that must last long enough to be signalled sleeps DELAY seconds before each step.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+import launch
+from ddptrain import checkpoint as ckpt_io
+from ddptrain.errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE
+from synthetic import make_dataset, model_spec
+from test_checkpoint import flip_a_byte_of
+
+DELAY = 0.05          # seconds per step in the runs that get signalled: 30 steps per epoch, 1.5 s
+SECONDS_TO_STOP = 10  # what "within seconds" means here; measured: well under 1 s
+
+
+def args(data, run_dir, *extra):
+    return ["--data", data, "--model", model_spec(), "--batch-size", "16", "--epochs", "3", "--threads", "1",
+            "--quiet", "--run-dir", run_dir, *extra]
+
+
+def slow_args(data, run_dir):
+    """Two epochs of 30 steps, a checkpoint every 5 steps: the first one shows that training is under way."""
+    return args(data, run_dir, "--batch-size", "8", "--epochs", "2", "--checkpoint-every", "5", "--keep", "100")
+
+
+@pytest.fixture
+def background():
+    """Start ddptrain in the background; whatever is still running at the end is killed."""
+    started = []
+
+    def start(arguments, ranks=None, fault=None):
+        env = {"DDPTRAIN_TEST_FAULT": ",".join(filter(None, [f"delay:seconds={DELAY}", fault]))}
+        proc = launch.start(arguments, ranks=ranks, env=env)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def wait_for(path, proc, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if proc.poll() is not None:
+            pytest.fail(f"ddptrain ended early with {proc.returncode}: {proc.communicate()[1]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{path} did not appear within {timeout} s")
+        time.sleep(0.02)
+
+
+def rank_pids(launcher_pid, ranks, timeout=30):
+    """{rank: pid} of the ranks under an mpiexec, found in /proc (PMI_RANK in their environment)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = {}
+        for pid in descendants(launcher_pid):
+            try:
+                environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            for item in environ:
+                if item.startswith(b"PMI_RANK="):
+                    found[int(item[len(b"PMI_RANK="):])] = pid
+        if len(found) == ranks or time.monotonic() > deadline:
+            assert len(found) == ranks, f"found the ranks {found}"
+            return found
+        time.sleep(0.05)
+
+
+def descendants(pid):
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def finish(proc, since):
+    """Wait for ``proc``; returns (stdout, stderr, seconds since ``since``)."""
+    out, err = proc.communicate(timeout=60)
+    return out, err, time.monotonic() - since
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------- 3. preemption
+
+
+def test_a_signal_to_one_rank_mid_epoch_stops_every_rank_with_a_checkpoint_and_status_3(small_data, tmp_path,
+                                                                                       background):
+    proc = background(slow_args(small_data, tmp_path / "run"), ranks=3)
+    wait_for(ckpt_io.step_path(tmp_path / "run" / "checkpoints", 5), proc)
+    os.kill(rank_pids(proc.pid, 3)[1], signal.SIGUSR1)
+    signalled = time.monotonic()
+    out, err, seconds = finish(proc, signalled)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert seconds < SECONDS_TO_STOP
+    newest = ckpt_io.newest_valid(tmp_path / "run" / "checkpoints")
+    step = newest.state["step"]
+    assert f"stopped by a signal on another rank at step {step}; checkpoint written" in out
+    assert newest.state["epoch"] == 0 and 5 < newest.state["step_in_epoch"] < 30     # mid-epoch
+    assert "error" not in err
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_sigterm_or_ctrl_c_to_mpiexec_stops_the_job_with_a_checkpoint_and_status_3(small_data, tmp_path,
+                                                                                  background, name):
+    proc = background(slow_args(small_data, tmp_path / "run"), ranks=2)
+    wait_for(ckpt_io.step_path(tmp_path / "run" / "checkpoints", 5), proc)
+    os.kill(proc.pid, getattr(signal, name))          # mpiexec passes it on to every rank
+    out, err, seconds = finish(proc, time.monotonic())
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert seconds < SECONDS_TO_STOP
+    step = ckpt_io.newest_valid(tmp_path / "run" / "checkpoints").state["step"]
+    assert f"stopped by {name} at step {step}; checkpoint written; resume with --resume auto" in out
+
+
+def test_a_single_process_stops_on_sigterm_with_a_checkpoint_and_status_3(small_data, tmp_path, background):
+    proc = background(slow_args(small_data, tmp_path / "run"))
+    wait_for(ckpt_io.step_path(tmp_path / "run" / "checkpoints", 5), proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err, seconds = finish(proc, time.monotonic())
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert seconds < SECONDS_TO_STOP
+    step = ckpt_io.newest_valid(tmp_path / "run" / "checkpoints").state["step"]
+    assert f"stopped by SIGTERM at step {step}" in out
+
+
+def test_more_signals_during_the_shutdown_neither_hang_nor_change_the_status(small_data, tmp_path, background):
+    proc = background(slow_args(small_data, tmp_path / "run"), ranks=2)
+    wait_for(ckpt_io.step_path(tmp_path / "run" / "checkpoints", 5), proc)
+    pids = rank_pids(proc.pid, 2).values()
+    started = time.monotonic()
+    while proc.poll() is None and time.monotonic() - started < SECONDS_TO_STOP:
+        for pid in pids:                                # SIGTERM to every rank every few ms until it ends
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.003)
+    out, err, seconds = finish(proc, started)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert seconds < SECONDS_TO_STOP
+    assert ckpt_io.newest_valid(tmp_path / "run" / "checkpoints") is not None
+
+
+# ---------------------------------------------------------------- 4. no hangs
+
+
+@pytest.mark.parametrize("runner", [[], ["-m", "mpi4py"]], ids=["python -m ddptrain", "python -m mpi4py -m ddptrain"])
+def test_an_exception_on_rank_1_of_3_ends_the_job_within_seconds_naming_the_rank_once(small_data, tmp_path,
+                                                                                       runner):
+    command = [launch.mpiexec(), "-n", "3", sys.executable, *runner, "-m", "ddptrain",
+               *map(str, args(small_data, tmp_path / "run"))]
+    started = time.monotonic()
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=launch.ROOT,
+                          env=launch.clean_env({"DDPTRAIN_TEST_FAULT": "raise:rank=1:step=3"}))
+    seconds = time.monotonic() - started
+    assert proc.returncode == EXIT_FAILURE, proc.stderr
+    assert seconds < 20                                 # start-up included; measured: about 1 s
+    assert proc.stderr.count("ddptrain: error on rank 1 of 3: InjectedFault: injected") == 1
+    assert proc.stderr.count("ddptrain: error") == 1   # the ranks left waiting print nothing
+    assert "[rank 1] Traceback" in proc.stderr
+
+
+def test_a_rank_killed_by_sigkill_ends_the_job(small_data, tmp_path, background):
+    proc = background(slow_args(small_data, tmp_path / "run"), ranks=3)
+    wait_for(ckpt_io.step_path(tmp_path / "run" / "checkpoints", 5), proc)
+    os.kill(rank_pids(proc.pid, 3)[1], signal.SIGKILL)
+    out, err, seconds = finish(proc, time.monotonic())
+    assert proc.returncode == signal.SIGKILL            # mpiexec (Hydra) kills the other ranks, exits 9
+    assert "BAD TERMINATION" in out + err and "signal 9" in out + err
+    assert seconds < SECONDS_TO_STOP
+    assert ckpt_io.newest_valid(tmp_path / "run" / "checkpoints").state["step"] >= 5
+
+
+# ---------------------------------------------------------------- 5. numerical faults
+
+
+def test_a_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(small_data, tmp_path):
+    proc = launch.run(args(small_data, tmp_path / "run"), ranks=2, timeout=60,
+                      env={"DDPTRAIN_TEST_FAULT": "nan:step=20:rank=1"})
+    assert proc.returncode == EXIT_FAILURE
+    [line] = error_lines(proc.stderr)
+    assert line.startswith("ddptrain: error: NumericalError: NaN or Inf in the loss or gradients at step 20 ")
+    assert "the last checkpoint is kept" in line
+    folder = tmp_path / "run" / "checkpoints"
+    assert sorted(os.listdir(folder)) == ["best.h5", "step-00000015.h5"]
+    last_good = ckpt_io.newest_valid(folder)            # what --resume auto would take
+    assert last_good.state["step"] == 15 and all(np.isfinite(a).all() for a in last_good.params.values())
+
+
+# ---------------------------------------------------------------- 6. bad input, and a failed write
+
+
+def test_a_failed_checkpoint_write_stops_every_rank_and_keeps_the_previous_checkpoint(small_data, tmp_path):
+    proc = launch.run(args(small_data, tmp_path / "run"), ranks=2, timeout=60,
+                      env={"DDPTRAIN_TEST_FAULT": "checkpoint-write:step=30"})   # full disk, before the rename
+    assert proc.returncode == EXIT_USAGE
+    [line] = error_lines(proc.stderr)
+    folder = tmp_path / "run" / "checkpoints"
+    assert line == (f"ddptrain: error: could not write checkpoint {folder / 'step-00000030.h5'} (the previous "
+                    f"ones are intact): No space left on device (injected by DDPTRAIN_TEST_FAULT)")
+    assert sorted(os.listdir(folder)) == ["best.h5", "step-00000015.h5"]     # no temporary file either
+    assert ckpt_io.load(folder / "step-00000015.h5").state["step"] == 15     # checksum verified
+    assert ckpt_io.load(folder / "best.h5").state["step"] == 15
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A data file, and the epoch-1 checkpoints of a 64-16-10 and of a 64-8-10 model trained on it."""
+    folder = tmp_path_factory.mktemp("trained")
+    data = make_dataset(folder / "data.h5")
+    for model in ("64-16-10", "64-8-10"):
+        proc = launch.run(args(data, folder / model, "--epochs", "1", "--model", model), timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    return folder
+
+
+def bad_data(tmp_path, change):
+    path = shutil.copy(make_dataset(tmp_path / "good.h5"), tmp_path / "bad.h5")
+    change(path)
+    return path
+
+
+def edit(change):
+    def apply(path):
+        with h5py.File(path, "a") as f:
+            change(f)
+    return apply
+
+
+def replace(name, value):
+    def change(f):
+        del f[name]
+        f[name] = value
+    return edit(change)
+
+
+def truncate(path):
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def garbage(path):
+    with open(path, "wb") as f:
+        f.write(os.urandom(4096))
+
+
+def copy_checkpoint(trained, tmp_path, model="64-16-10", change=None):
+    path = shutil.copy(trained / model / "checkpoints" / "step-00000015.h5", tmp_path / "given.h5")
+    if change:
+        change(path)
+    return path
+
+
+def labels_with(value):
+    labels = np.zeros(60, np.uint8)
+    labels[7] = value
+    return labels
+
+
+# (what is wrong, extra arguments given tmp_path and the trained fixture, what the one line says)
+BAD_INPUTS = [
+    ("data file missing", lambda t, r: ["--data", t / "absent.h5"], "absent.h5: no such file"),
+    ("data file corrupt", lambda t, r: ["--data", bad_data(t, garbage)], "bad.h5: not an HDF5 file"),
+    ("data file truncated", lambda t, r: ["--data", bad_data(t, truncate)], "truncated"),
+    ("dataset missing", lambda t, r: ["--data", bad_data(t, edit(lambda f: f.__delitem__("test/labels")))],
+     "bad.h5: dataset 'test/labels' is missing"),
+    ("images of the wrong shape", lambda t, r: ["--data", bad_data(t, replace("train/images",
+                                                                               np.zeros((240, 64), np.uint8)))],
+     "bad.h5: 'train/images' must be 3-D uint8 (N, H, W), found 2-D uint8 of shape (240, 64)"),
+    ("label out of range", lambda t, r: ["--data", bad_data(t, replace("test/labels", labels_with(10)))],
+     "bad.h5: label 10 in 'test/labels' is outside 0..9"),
+    ("checkpoint corrupt", lambda t, r: ["--resume", copy_checkpoint(r, t, change=flip_a_byte_of)],
+     "given.h5: checksum mismatch, the checkpoint is corrupt"),
+    ("checkpoint truncated", lambda t, r: ["--resume", copy_checkpoint(r, t, change=truncate)],
+     "given.h5: unreadable or truncated checkpoint"),
+    ("checkpoint of another model", lambda t, r: ["--resume", copy_checkpoint(r, t, model="64-8-10")],
+     "given.h5: checkpoint is for model 64-8-10, not 64-16-10"),
+    ("checkpoint missing", lambda t, r: ["--resume", t / "absent.h5"], "absent.h5: no such checkpoint"),
+    ("checkpoint is not one", lambda t, r: ["--resume", r / "data.h5"], "data.h5: not a ddptrain checkpoint"),
+    ("run folder unwritable", lambda t, r: ["--run-dir", shutil.copy(r / "data.h5", t / "a-file") / "run"],
+     "cannot write to the run folder"),
+    ("negative batch size", lambda t, r: ["--batch-size", "-16"], "--batch-size must be positive, got -16"),
+    ("unknown model spec", lambda t, r: ["--model", "64-x-10"], "--model '64-x-10': expected layer sizes"),
+    ("model that does not fit the data", lambda t, r: ["--model", "784-16-10"],
+     "--model 784-16-10 does not fit"),
+    ("keep zero checkpoints", lambda t, r: ["--keep", "0"], "--keep must be positive, got 0"),
+    ("negative checkpoint cadence", lambda t, r: ["--checkpoint-every", "-5"],
+     "--checkpoint-every must not be negative, got -5"),
+]
+
+
+@pytest.mark.parametrize("make_args, message", [case[1:] for case in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_refused_with_one_line_and_status_2(trained, tmp_path, make_args, message):
+    extra = make_args(tmp_path, trained)
+    given = [p for p in extra if os.path.isfile(str(p))]
+    before = {str(p): open(p, "rb").read() for p in given}
+    proc = launch.run(args(trained / "data.h5", tmp_path / "run", *extra), timeout=60)
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    [line] = error_lines(proc.stderr)
+    assert line.startswith("ddptrain: error: ") and message in line
+    assert {p: open(p, "rb").read() for p in before} == before      # nothing given is changed or removed
+
+
+def test_a_global_batch_smaller_than_the_ranks_is_refused_once_with_status_2(small_data, tmp_path):
+    proc = launch.run(args(small_data, tmp_path / "run", "--batch-size", "2"), ranks=3, timeout=60)
+    assert proc.returncode == EXIT_USAGE
+    assert error_lines(proc.stderr) == ["ddptrain: error: --batch-size 2 is smaller than the number of ranks (3): "
+                                        "every rank needs at least one sample per step"]
