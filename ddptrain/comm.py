@@ -93,10 +93,6 @@ class SerialComm:
         """Sum a Python number (or numpy array, as a copy) over all ranks."""
         return value
 
-    def any(self, flag):
-        """True on every rank if ``flag`` is true on any rank."""
-        return bool(flag)
-
     def bcast(self, obj, root=0):
         """Rank ``root``'s (picklable) ``obj``, on every rank."""
         return obj
@@ -139,9 +135,6 @@ class MPIComm:
             out = np.array(value, copy=True)
             return self.allreduce_(out)
         return self._comm.allreduce(value, op=self._MPI.SUM)
-
-    def any(self, flag):
-        return bool(self._comm.allreduce(bool(flag), op=self._MPI.LOR))
 
     def bcast(self, obj, root=0):
         return self._comm.bcast(obj, root=root)
@@ -237,9 +230,6 @@ class ThreadComm:
         for v in values[1:]:
             total = total + v
         return total
-
-    def any(self, flag):
-        return any(self._exchange(bool(flag)))
 
     def bcast(self, obj, root=0):
         return self._exchange(obj)[root]

@@ -199,11 +199,12 @@ class Trainer:
     def fit(self):
         """Train until the last epoch ends or a stop is requested. Returns the signal name or None."""
         for epoch in range(self.position.epoch, self.config.epochs):
-            started = time.perf_counter()
+            # A resumed epoch was partly trained before: its speed counts only what this run trained.
+            started, seen_before = time.perf_counter(), self.position.train_sums[2]
             if not self._run_epoch(epoch):
                 return self.stopped_by
             evaluation = evaluate(self.model, self.comm, self.test, self.n_classes, self.config.eval_batch)
-            self._end_epoch(epoch, evaluation, time.perf_counter() - started)
+            self._end_epoch(epoch, evaluation, time.perf_counter() - started, seen_before)
         self.check_replicas()
         return None
 
@@ -220,7 +221,9 @@ class Trainer:
             if self.fault_hook is not None:
                 self.fault_hook(pos.step)
             rows = plan.local_batch(t)
-            x = np.take(self.train.x, rows, axis=0, out=self._x_batch[:len(rows)])
+            # mode="clip": with the default mode="raise", np.take fills a temporary and then
+            # copies it into `out` (to stay safe on a bad index); the rows are valid by construction.
+            x = np.take(self.train.x, rows, axis=0, out=self._x_batch[:len(rows)], mode="clip")
             y = self.train.y[rows]
             global_count = int(plan.global_counts[t])
             lr = learning_rate(config, pos.step, self.steps_per_epoch)
@@ -266,13 +269,13 @@ class Trainer:
                             accuracy=correct / seen, lr=lr, samples_per_second=samples_done / max(elapsed, 1e-9),
                             seconds_per_step=elapsed / steps_done)
 
-    def _end_epoch(self, epoch, evaluation, seconds):
+    def _end_epoch(self, epoch, evaluation, seconds, seen_before=0):
         loss_sum, correct, seen = self.position.train_sums
         record = {
             "epoch": epoch + 1, "step": self.position.step,
             "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
             "test_loss": evaluation.loss, "test_accuracy": evaluation.accuracy,
-            "seconds": seconds, "samples_per_second": seen / seconds,
+            "seconds": seconds, "samples_per_second": (seen - seen_before) / seconds,
         }
         self.metrics.append(record)
         self.rank0.print(f"epoch {epoch + 1}/{self.config.epochs} done: train loss {record['train_loss']:.4f}  "
