@@ -167,6 +167,16 @@ def run_training(config, comm, quiet=False, fault_hook=None, dry_run=False):
 
     ``dry_run``: check everything (options, data, model, ranks), print the start-up lines, write nothing.
     """
+    # From the very start: a SIGUSR1 that SLURM sends while the ranks are still setting up
+    # is remembered, and the run stops (with a checkpoint) after its first step.
+    stop = StopRequest().install()
+    try:
+        return _set_up_and_train(config, comm, stop, quiet, fault_hook, dry_run)
+    finally:
+        stop.uninstall()
+
+
+def _set_up_and_train(config, comm, stop, quiet, fault_hook, dry_run):
     started = time.perf_counter()
     threads, thread_line = configure_blas_threads(comm, config.threads)
     run_dir = comm.bcast(config.run_dir or default_run_dir())   # DDP: rank 0's name, everywhere
@@ -213,7 +223,7 @@ def run_training(config, comm, quiet=False, fault_hook=None, dry_run=False):
 
     optimizer = SGD(momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov)
     trainer = Trainer(config, comm, model, optimizer, train, test, info.n_train, info.n_classes, rank0,
-                      fault_hook=fault_hook)
+                      stop=stop, fault_hook=fault_hook)
     with same_on_every_rank():
         injected = faults.Faults.from_environment(comm.rank)   # tests only: DDPTRAIN_TEST_FAULT
     if injected is not None:
@@ -229,11 +239,7 @@ def run_training(config, comm, quiet=False, fault_hook=None, dry_run=False):
                     always=True)
     rank0.print(f"set-up took {time.perf_counter() - started:.2f} s")
 
-    stop = trainer.stop.install()
-    try:
-        stopped_by = trainer.fit()
-    finally:
-        stop.uninstall()
+    stopped_by = trainer.fit()
     if stopped_by:
         rank0.print(f"stopped by {stopped_by} at step {trainer.position.step}; checkpoint written; "
                     f"resume with --resume auto --run-dir {run_dir}", always=True)
