@@ -14,7 +14,9 @@ Two things exist for speed and are worth knowing before reading on:
 * Layers write their outputs into buffers they own and reuse on the next
   call (grown only when a larger batch arrives). The array returned by
   ``forward`` or ``backward`` is therefore valid until the next call of the
-  same method: copy it if you need to keep it.
+  same method: copy it if you need to keep it. In the MLPs of
+  ``Sequential.from_spec`` each ReLU works in place on the arrays the Linear
+  layer before it returned (see ``ReLU``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,15 @@ class _Buffers:
             array = np.empty((n_rows, n_cols), dtype=dtype)
             self._arrays[name] = array
         return array[:n_rows]
+
+    def constant(self, value, n, dtype):
+        """A vector of ``n`` copies of ``value``, made once and kept (it must not be written to)."""
+        name = ("constant", value)
+        array = self._arrays.get(name)
+        if array is None or array.shape[0] < n or array.dtype != dtype:
+            array = np.full(n, value, dtype=dtype)
+            self._arrays[name] = array
+        return array[:n]
 
 
 class Layer:
@@ -100,7 +111,9 @@ class Linear(Layer):
         # dL/dW = x^T dout and dL/db = sum over the batch of dout: sums over
         # samples, so whatever normalisation the loss applied carries through.
         np.matmul(self._x.T, dout, out=self.grads["weight"])
-        np.sum(dout, axis=0, out=self.grads["bias"])
+        # The column sums of dout as a product with a vector of ones: BLAS
+        # does it about twice as fast as np.sum(dout, axis=0).
+        np.matmul(self._buffers.constant(1, dout.shape[0], dout.dtype), dout, out=self.grads["bias"])
         if not need_input_grad:
             # The first layer's input is the data: skipping dx saves a third
             # of that layer's (the largest) matrix products.
@@ -110,20 +123,33 @@ class Linear(Layer):
 
 
 class ReLU(Layer):
-    """``y = max(x, 0)``; the gradient passes where the output is positive."""
+    """``y = max(x, 0)``; the gradient passes where the output is positive.
 
-    def __init__(self):
+    With ``inplace=True`` the forward overwrites its input and the backward
+    its incoming gradient, instead of writing into buffers of its own: two
+    fewer activation-sized arrays to stream through the cache each step. Only
+    for a caller that no longer needs either array, as in an MLP where the
+    ReLU follows a Linear layer (whose backward needs neither its output nor
+    the gradient it returned); ``Sequential.from_spec`` builds them so.
+    """
+
+    def __init__(self, inplace=False):
         super().__init__()
+        self.inplace = inplace
         self._out = None
 
     def forward(self, x):
-        out = self._buffers.rows("out", x.shape[0], x.shape[1], x.dtype)
-        self._out = np.maximum(x, 0, out=out)
+        out = x if self.inplace else self._buffers.rows("out", x.shape[0], x.shape[1], x.dtype)
+        # Against a row of zeros, not the scalar 0: numpy's vectorised loop for
+        # maximum wants two arrays, and with a scalar operand it takes a loop
+        # about 2.5x slower (numpy 2.4, float32). The row broadcasts over the batch.
+        self._out = np.maximum(x, self._buffers.constant(0, x.shape[1], x.dtype), out=out)
         return out
 
     def backward(self, dout, need_input_grad=True):
-        dx = self._buffers.rows("dx", dout.shape[0], dout.shape[1], dout.dtype)
-        return np.multiply(dout, self._out > 0, out=dx)
+        dx = dout if self.inplace else self._buffers.rows("dx", dout.shape[0], dout.shape[1], dout.dtype)
+        passes = np.greater(self._out, 0, out=self._buffers.rows("mask", *self._out.shape, bool))
+        return np.multiply(dout, passes, out=dx)
 
 
 class Softmax(Layer):
@@ -210,7 +236,7 @@ class Sequential:
             last = k == len(sizes) - 2
             layers.append(Linear(n_in, n_out, init="glorot" if last else "he"))
             if not last:
-                layers.append(ReLU())
+                layers.append(ReLU(inplace=True))   # after a Linear: see ReLU
         model = cls(layers, dtype=dtype, seed=seed)
         model.spec = "-".join(map(str, sizes))
         return model

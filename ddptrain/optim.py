@@ -32,25 +32,33 @@ class SGD:
         self._scratch = None
 
     def step(self, params, grads, lr):
-        """Update ``params`` in place. ``grads`` is left unchanged."""
+        """Update ``params`` in place. ``grads`` is left unchanged.
+
+        Every operation writes into an existing array (the velocity or one
+        scratch array): the common case (momentum, no weight decay, no
+        Nesterov) is four passes over the parameters and allocates nothing,
+        which matters when the whole step takes a few milliseconds.
+        """
         if self._scratch is None or self._scratch.shape != grads.shape or self._scratch.dtype != grads.dtype:
             self._scratch = np.empty_like(grads)
-        g = self._scratch
-        np.copyto(g, grads)
-        if self.weight_decay:
-            g += params * g.dtype.type(self.weight_decay)
-        if self.momentum:
+        scratch, cast = self._scratch, grads.dtype.type
+        g = grads
+        if self.weight_decay:   # g = grads + weight_decay * params
+            g = np.multiply(params, cast(self.weight_decay), out=scratch)
+            g += grads
+        if not self.momentum:
+            params -= np.multiply(g, cast(lr), out=scratch)
+        else:
             if self._velocity is None:
                 self._velocity = g.copy()
             else:
-                self._velocity *= self._velocity.dtype.type(self.momentum)
+                self._velocity *= cast(self.momentum)
                 self._velocity += g
-            if self.nesterov:
-                g += self._velocity * g.dtype.type(self.momentum)
+            if self.nesterov:   # params -= lr * (g + momentum * velocity), in two passes without a temporary
+                params -= np.multiply(g, cast(lr), out=scratch)
+                params -= np.multiply(self._velocity, cast(lr * self.momentum), out=scratch)
             else:
-                np.copyto(g, self._velocity)
-        g *= g.dtype.type(lr)
-        params -= g
+                params -= np.multiply(self._velocity, cast(lr), out=scratch)
         self.steps += 1
 
     def state_dict(self):

@@ -1,0 +1,791 @@
+#!/usr/bin/env python3
+"""Training throughput of ddptrain against PyTorch on the same CPU, and against the machine's GEMM limit.
+
+One run measures, on the same model (default MLP 784-512-256-10, float32),
+the same global batch sizes and the same thread budget (default: every core
+this process may run on):
+
+  ddptrain, 1 process        train_step with SerialComm, the budget as BLAS threads
+  ddptrain, P ranks (MPI)    mpiexec -n P: train_step with the real MPIComm; BLAS threads per
+                             rank chosen by ddptrain.runner.configure_blas_threads
+  ddptrain, P ranks, no allreduce   the same ranks with the Allreduce skipped (a diagnostic:
+                             what communication costs; its parameters drift apart)
+  PyTorch, 1 process         an idiomatic loop: nn.Sequential, CrossEntropyLoss, SGD momentum 0.9,
+                             torch.set_num_threads(budget)
+  PyTorch DDP (gloo), P processes   the same loop wrapped in DistributedDataParallel, launched by
+                             mpiexec, env:// rendezvous on 127.0.0.1, budget/P threads each
+
+Every row runs in fresh processes, on real MNIST batches (``--data``; default:
+ddptrain's own data file, prepared on first use) or random data of MNIST's
+shape (``--data random``). Each rank holds its shard in memory as float32,
+as ``python -m ddptrain`` does, and a ddptrain step is what the inner loop of
+``Trainer._run_epoch`` does: gather this rank's rows of the global batch
+chosen by ddptrain's sampler, ``train_step`` (forward, loss, backward,
+Allreduce, SGD update), the Allreduce of the step's loss and accuracy sums
+and the finite check of the gradients (not the progress line, the periodic
+replica check or the evaluation: the time-to-accuracy runs include those). PyTorch gathers
+the same rows by tensor indexing. Warmup steps are excluded. The rows are run in ``--rounds`` rounds,
+interleaved, with ``--repeats`` timed repetitions per launch: the table shows
+the median and the range over all of them.
+
+The GEMM limit is measured here too: the matrix products of one training step
+(forward, weight gradients, input gradients but the first layer's) at a large
+batch, in one process with every thread, and in P single-thread processes
+running at the same time; the larger is the machine's limit.
+
+Also reported: the fraction of step time spent in the gradient Allreduce
+(timed around ``comm.allreduce_`` inside the step), where a ddptrain step's
+time goes (matrix products, Allreduce, SGD update, ...), peak memory per rank
+(ru_maxrss), the time to load a rank's shard from HDF5, to evaluate the test
+set and to write a checkpoint, each against the time of one epoch, and the
+wall time of ``mpiexec -n P python -m ddptrain`` until it reports 98% test
+accuracy (scripts/time_to_accuracy.py).
+
+PyTorch is an optional benchmark dependency, never needed by ddptrain:
+
+    .venv/bin/pip install torch==2.13.0      # on the project's machines: a local CPU build, no download
+
+Without it the PyTorch rows are skipped (the output says so) and the ddptrain
+rows still run. OpenBLAS reads OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE from the
+environment; the header shows their values and the kernel that runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))   # time_to_accuracy.py, beside this file
+
+import time_to_accuracy  # noqa: E402
+
+TORCH_INSTALL = "pip install torch==2.13.0"
+RANDOM = "random"
+
+
+# ------------------------------------------------------------------------------------------ shared
+
+
+def layer_sizes(spec):
+    return [int(s) for s in spec.split("-")]
+
+
+def flops_per_sample(spec):
+    """FLOPs of one training step per sample: forward, weight gradients, input gradients but the first."""
+    sizes = layer_sizes(spec)
+    pairs = list(zip(sizes[:-1], sizes[1:]))
+    return sum(3 * 2 * a * b for a, b in pairs) - 2 * pairs[0][0] * pairs[0][1]
+
+
+def max_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+
+
+def blas_description():
+    from threadpoolctl import threadpool_info
+    blas = next((lib for lib in threadpool_info() if lib.get("user_api") == "blas"), {})
+    return (f"{blas.get('internal_api', 'unknown BLAS')} {blas.get('version', '')} "
+            f"kernel {blas.get('architecture', '?')}, {blas.get('num_threads', '?')} threads").strip()
+
+
+def launcher_rank_size():
+    for rank, size in (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")):
+        if rank in os.environ:
+            return int(os.environ[rank]), int(os.environ[size])
+    return 0, 1
+
+
+def load_shard(data, rank, size, split, blocks_fn):
+    """This rank's rows of ``split`` as float32 (x) and int64 (y), as ``python -m ddptrain`` reads them."""
+    from ddptrain import data as ddata
+    if data == RANDOM:
+        n = 60000 if split == "train" else 10000
+        lo, hi = n * rank // size, n * (rank + 1) // size
+        rng = np.random.default_rng([rank, split == "train"])
+        return rng.random((hi - lo, 784), dtype=np.float32), rng.integers(0, 10, hi - lo), n
+    info = ddata.inspect(data)
+    n = info.n_train if split == "train" else info.n_test
+    x, y = ddata.read_rows(data, split, blocks_fn(n), dtype=np.float32)
+    return x, y, n
+
+
+def train_blocks(rank, size):
+    from ddptrain import sampler
+    return lambda n: sampler.owned_blocks(n, rank, size)
+
+
+def test_blocks(rank, size):
+    return lambda n: [(n * rank // size, n * (rank + 1) // size)]
+
+
+class Plan:
+    """The rows of every step of one epoch for this rank (ddptrain's sampler), cycled; full batches only."""
+
+    def __init__(self, n_train, batch, rank, size, epoch=0):
+        from ddptrain.sampler import epoch_plan
+        self.plan = epoch_plan(n_train, batch, rank, size, seed=0, epoch=epoch, drop_last=True)
+        self.global_count = batch
+
+    def rows(self, step):
+        return self.plan.local_batch(step % self.plan.n_steps)
+
+
+def summarise(rates):
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "all": rates}
+
+
+# ------------------------------------------------------------------------------------------ workers
+
+
+class TimedComm:
+    """A communicator whose ``allreduce_`` is timed (and, for the diagnostic row, skipped)."""
+
+    def __init__(self, comm, skip=False):
+        self._comm, self.skip, self.seconds, self.profile = comm, skip, 0.0, None
+
+    def __getattr__(self, name):
+        return getattr(self._comm, name)
+
+    def allreduce_(self, array):
+        if self.profile:
+            self.profile.lap("other")   # nothing runs between the backward and here
+        started = time.perf_counter()
+        if not self.skip:
+            self._comm.allreduce_(array)
+        self.seconds += time.perf_counter() - started
+        if self.profile:
+            self.profile.lap("gradient Allreduce")
+        return array
+
+
+class StepProfile:
+    """Where a step's time goes, from laps at layer boundaries (``Sequential.observer``) and around the loss.
+
+    Matrix products are the Linear layers (their bias add and bias gradient included);
+    everything else is memory-bound numpy work or communication.
+    """
+
+    def __init__(self):
+        self.seconds, self.steps, self._mark = {}, 0, 0.0
+
+    def start(self):
+        self._mark = time.perf_counter()
+
+    def lap(self, name):
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._mark
+        self._mark = now
+
+    def observer(self, direction, index, layer, array):
+        from ddptrain.nn import Linear
+        self.lap("matrix products (Linear, bias included)" if isinstance(layer, Linear) else type(layer).__name__)
+
+    def per_step_ms(self):
+        return {name: 1e3 * seconds / self.steps for name, seconds in self.seconds.items()}
+
+
+class TimedLoss:
+    """The loss, with a lap after its forward (and the accuracy count) and after its backward."""
+
+    def __init__(self, loss, profile):
+        self._loss, self._profile = loss, profile
+
+    def forward(self, *args, **kwargs):
+        value = self._loss.forward(*args, **kwargs)
+        self._profile.lap("loss and accuracy")
+        return value
+
+    def backward(self):
+        value = self._loss.backward()
+        self._profile.lap("loss and accuracy")   # count_correct ran just before
+        return value
+
+
+def worker_ddptrain(args):
+    """ddptrain: train_step on this rank's share of each global batch. Rank 0 writes the results."""
+    from ddptrain.comm import world
+    from ddptrain.losses import SoftmaxCrossEntropy
+    from ddptrain.nn import Sequential
+    from ddptrain.optim import SGD
+    from ddptrain.runner import configure_blas_threads
+    from ddptrain.train import gradients_are_finite, train_step
+
+    comm = world()
+    threads, thread_line = configure_blas_threads(comm, args.threads_per_rank)
+    started = time.perf_counter()
+    train_x, train_y, n_train = load_shard(args.data, comm.rank, comm.size, "train",
+                                           train_blocks(comm.rank, comm.size))
+    test_x, test_y, _ = load_shard(args.data, comm.rank, comm.size, "test", test_blocks(comm.rank, comm.size))
+    load_seconds = comm.allreduce(time.perf_counter() - started) / comm.size   # DDP: mean over ranks
+
+    model = Sequential.from_spec(args.model, dtype=np.float32, seed=0)
+    loss_fn, optimizer = SoftmaxCrossEntropy(), SGD(momentum=0.9)
+    timed = TimedComm(comm, skip=args.no_allreduce)
+    plan = Plan(n_train, args.batch, comm.rank, comm.size)
+    x_batch = np.empty((-(-args.batch // comm.size), train_x.shape[1]), dtype=np.float32)
+    totals = np.zeros(4)
+
+    def run(first, steps, profile=None):
+        loss = loss_fn if profile is None else TimedLoss(loss_fn, profile)
+        for step in range(first, first + steps):
+            if profile:
+                profile.start()
+            rows = plan.rows(step)
+            x = np.take(train_x, rows, axis=0, out=x_batch[:len(rows)], mode="clip")   # as Trainer._run_epoch
+            y = train_y[rows]
+            if profile:
+                profile.lap("gathering the batch")
+            loss_share, correct = train_step(model, loss, optimizer, timed, x, y, plan.global_count, args.lr)
+            if profile:
+                profile.lap("SGD update")
+            # As Trainer._run_epoch after every step: the global loss and accuracy sums (a
+            # 4-number Allreduce) and the check that the gradients are finite.
+            totals[:] = (loss_share * plan.global_count, correct, len(rows), 0)
+            comm.allreduce_(totals)
+            if not (np.isfinite(totals[0]) and gradients_are_finite(model.grads)):
+                raise FloatingPointError("the benchmark diverged: lower --lr")
+            if profile:
+                profile.lap("step totals and finite check")
+                profile.steps += 1
+        return first + steps
+
+    step = run(0, args.warmup)
+    rates, allreduce_fractions = [], []
+    for _ in range(args.repeats):
+        comm.barrier()
+        timed.seconds = 0.0
+        began = time.perf_counter()
+        step = run(step, args.steps)
+        comm.barrier()
+        elapsed = time.perf_counter() - began
+        rates.append(args.steps * args.batch / elapsed)
+        allreduce_fractions.append(comm.allreduce(timed.seconds / elapsed) / comm.size)
+
+    # Then a few steps with laps between the phases (not timed above: the laps cost a little).
+    profile = StepProfile()
+    if hasattr(model, "observer"):
+        model.observer, timed.profile = profile.observer, profile
+        comm.barrier()
+        step = run(step, max(5, args.steps // 2), profile)
+        model.observer, timed.profile = None, None
+
+    result = {"rates": rates, "allreduce_fraction": allreduce_fractions, "threads": threads,
+              "profile_ms": profile.per_step_ms() if profile.steps else None,
+              "thread_line": thread_line, "blas": blas_description(), "library": comm.library,
+              "load_seconds": load_seconds, "n_train": n_train, "n_params": int(model.params.size),
+              "load_what": "making random shards" if args.data == RANDOM else "loading the shards from HDF5"}
+    if comm.size > 1 and not args.no_allreduce:
+        result["allreduce_alone_ms"] = time_allreduce(lambda: comm.allreduce_(model.grads), comm.barrier)
+    if args.end_to_end:
+        result.update(end_to_end(args, comm, model, optimizer, test_x, test_y, n_train))
+    rss = comm.allgather(max_rss_mib())   # DDP
+    result["max_rss_mib"] = rss
+    if comm.rank == 0:
+        Path(args.out).write_text(json.dumps(result))
+
+
+def time_allreduce(allreduce, barrier, calls=30):
+    """Median milliseconds of one allreduce of the whole gradient, on its own."""
+    for _ in range(5):
+        allreduce()
+    times = []
+    for _ in range(calls):
+        barrier()
+        began = time.perf_counter()
+        allreduce()
+        times.append(time.perf_counter() - began)
+    return 1e3 * statistics.median(times)
+
+
+def end_to_end(args, comm, model, optimizer, test_x, test_y, n_train):
+    """Seconds to evaluate the test set and to write one checkpoint, with ddptrain's own code."""
+    from ddptrain.config import Config
+    from ddptrain.rank0 import RankZero
+    from ddptrain.train import Split, Trainer, evaluate
+
+    test = Split(test_x, test_y)
+    evaluate(model, comm, test, model.n_outputs)   # warm
+    comm.barrier()
+    began = time.perf_counter()
+    evaluate(model, comm, test, model.n_outputs)
+    eval_seconds = time.perf_counter() - began
+
+    run_dir = comm.bcast(tempfile.mkdtemp(prefix="ddptrain-bench-") if comm.rank == 0 else None)
+    config = Config(model=args.model, batch_size=args.batch, run_dir=run_dir)
+    rank0 = RankZero(comm, run_dir, quiet=True)
+    rank0.prepare_run_dir(config.to_dict())
+    trainer = Trainer(config, comm, model, optimizer, Split(test_x[:1], test_y[:1]), test, n_train,
+                      model.n_outputs, rank0)
+    times = []
+    for _ in range(3):
+        comm.barrier()
+        began = time.perf_counter()
+        trainer.save_checkpoint(is_best=True)   # step-<n>.h5 and best.h5, as at the end of an epoch
+        times.append(time.perf_counter() - began)
+        trainer.position.step += 1
+    if comm.rank == 0:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return {"eval_seconds": eval_seconds, "checkpoint_seconds": statistics.median(times)}
+
+
+def worker_torch(args):
+    """PyTorch: the idiomatic loop, in one process or as one DDP (gloo) process of several."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    rank, size = launcher_rank_size()
+    torch.set_num_threads(args.threads_per_rank)
+    if size > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
+        dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=size)
+    train_x, train_y, n_train = load_shard(args.data, rank, size, "train", train_blocks(rank, size))
+    x_all, y_all = torch.from_numpy(train_x), torch.from_numpy(train_y)
+
+    sizes = layer_sizes(args.model)
+    layers = []
+    for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if k < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    torch.manual_seed(0)
+    model = nn.Sequential(*layers)
+    if size > 1:
+        model = nn.parallel.DistributedDataParallel(model)
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    plan = Plan(n_train, args.batch, rank, size)
+    index = [torch.from_numpy(plan.rows(s)) for s in range(plan.plan.n_steps)]
+
+    def run(first, steps):
+        for step in range(first, first + steps):
+            rows = index[step % len(index)]
+            x, y = x_all[rows], y_all[rows]
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(x), y)
+            loss.backward()
+            optimizer.step()
+        return first + steps
+
+    barrier = dist.barrier if size > 1 else (lambda: None)
+    step = run(0, args.warmup)
+    rates = []
+    for _ in range(args.repeats):
+        barrier()
+        began = time.perf_counter()
+        step = run(step, args.steps)
+        barrier()
+        rates.append(args.steps * args.batch / (time.perf_counter() - began))
+    result = {"rates": rates, "threads": torch.get_num_threads(),
+              "library": f"torch {torch.__version__}" + (" DDP gloo" if size > 1 else "")}
+    rss = [max_rss_mib()]
+    if size > 1:
+        flat = torch.zeros(sum(p.numel() for p in model.parameters()))
+        result["allreduce_alone_ms"] = time_allreduce(lambda: dist.all_reduce(flat), dist.barrier)
+        gathered = [None] * size
+        dist.all_gather_object(gathered, rss[0])
+        rss = gathered
+    result["max_rss_mib"] = rss
+    if rank == 0:
+        Path(args.out).write_text(json.dumps(result))
+    if size > 1:
+        # Skip gloo's teardown: it sometimes aborts at exit ("terminate called without an
+        # active exception") after everything is measured and written.
+        dist.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def worker_gemm(args):
+    """GFLOP/s of one step's matrix products at a large batch, with ``threads_per_rank`` BLAS threads."""
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=args.threads_per_rank, user_api="blas")
+    rank, size = launcher_rank_size()
+    comm = None
+    if size > 1:
+        from ddptrain.comm import MPIComm
+        comm = MPIComm()
+    rng = np.random.default_rng(rank)
+    batch, sizes = args.batch, layer_sizes(args.model)
+    products = []   # (a, b, out): every product of a training step, as train_step computes them
+    for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        x = rng.random((batch, n_in), dtype=np.float32)
+        w = rng.random((n_in, n_out), dtype=np.float32)
+        dout = rng.random((batch, n_out), dtype=np.float32)
+        products.append((x, w, np.empty((batch, n_out), np.float32)))          # forward
+        products.append((x.T, dout, np.empty((n_in, n_out), np.float32)))     # weight gradient
+        if k > 0:
+            products.append((dout, w.T, np.empty((batch, n_in), np.float32)))  # input gradient
+
+    def one_step():
+        for a, b, out in products:
+            np.matmul(a, b, out=out)
+
+    for _ in range(3):
+        one_step()
+    flops = flops_per_sample(args.model) * batch
+    rates = []
+    for _ in range(args.repeats):
+        if comm is not None:
+            comm.barrier()
+        began = time.perf_counter()
+        for _ in range(args.steps):
+            one_step()
+        rates.append(flops * args.steps / (time.perf_counter() - began))
+    rate = statistics.median(rates)
+    total = comm.allreduce(rate) if comm is not None else rate   # P processes at once: their sum
+    if rank == 0:
+        Path(args.out).write_text(json.dumps({"flops": total, "per_process": rate, "blas": blas_description()}))
+
+
+# ------------------------------------------------------------------------------------------ launching
+
+
+def mpiexec():
+    return time_to_accuracy.mpiexec()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(kind, ranks, threads_per_rank, batch, steps, warmup, repeats, opts, extra=()):
+    """Run one worker (under mpiexec when ranks > 1) in fresh processes; returns its JSON result."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    try:
+        argv = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--out", out,
+                "--batch", str(batch), "--threads-per-rank", str(threads_per_rank), "--model", opts.model,
+                "--data", str(opts.data), "--steps", str(steps), "--warmup", str(warmup),
+                "--repeats", str(repeats), "--lr", str(opts.lr), *extra]
+        if ranks > 1:
+            argv = [mpiexec(), "-n", str(ranks), *argv]
+        proc = subprocess.run(argv, capture_output=True, text=True, env=time_to_accuracy.clean_env(),
+                              cwd=ROOT, timeout=900)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{shlex.join(argv)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}"
+                               f"{proc.stderr[-3000:]}")
+        return json.loads(Path(out).read_text())
+    finally:
+        Path(out).unlink(missing_ok=True)
+
+
+def torch_available():
+    try:
+        import importlib.util
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def torch_version():
+    proc = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
+                          capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def fmt_rate(summary):
+    return f"{summary['median']:>9,.0f} ({summary['min']:,.0f}-{summary['max']:,.0f})"
+
+
+def machine_lines(opts, torch_ver):
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or "unknown CPU"
+    flags = ""
+    try:
+        text = open("/proc/cpuinfo").read()
+        have = [f for f in ("avx2", "fma", "avx512f") if f" {f}" in text]
+        flags = f" ({', '.join(have)})" if have else ""
+    except OSError:
+        pass
+    env = ", ".join(f"{name}={os.environ[name]!r}" if name in os.environ else f"{name} unset"
+                    for name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"))
+    return [
+        f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; host {socket.gethostname()}",
+        f"machine: {cpu}{flags}, {opts.cores} cores available to this process, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+        f"python {platform.python_version()}, numpy {np.__version__}; environment: {env}",
+        f"PyTorch: {torch_ver}" if torch_ver else
+        "PyTorch: rows skipped (--no-torch)" if opts.no_torch and torch_available() else
+        f"PyTorch: not installed, PyTorch rows skipped (optional: {TORCH_INSTALL})",
+    ]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="HDF5 data file, or 'random' for random data of MNIST's shape "
+                                       "(default: ddptrain's MNIST in the cache, prepared if missing)")
+    parser.add_argument("--model", default="784-512-256-10")
+    parser.add_argument("--batch-sizes", default="128,512", help="global batch sizes (default: %(default)s)")
+    parser.add_argument("--ranks", type=int, default=2, help="MPI ranks / DDP processes (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="thread budget, shared by the ranks (default: every core this process may use)")
+    parser.add_argument("--rounds", type=int, default=3, help="launches per row, interleaved (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per launch (default: %(default)s)")
+    parser.add_argument("--samples", type=int, default=61440,
+                        help="samples per timed repetition (default: %(default)s, about one epoch)")
+    parser.add_argument("--lr", type=float, default=0.01, help="learning rate of the timed steps")
+    parser.add_argument("--tta-repeats", type=int, default=3, help="runs of the time-to-accuracy command")
+    parser.add_argument("--tta-args", default=time_to_accuracy.DEFAULT_OPTIONS,
+                        help="options of the time-to-accuracy run (default: %(default)r)")
+    parser.add_argument("--no-tta", action="store_true", help="skip the time-to-accuracy runs")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
+    parser.add_argument("--json", metavar="PATH", help="also write every measurement to PATH")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny settings, to check that the benchmark runs (numbers meaningless)")
+    # Internal: one measurement in this process (started by the benchmark itself).
+    parser.add_argument("--worker", choices=("ddptrain", "torch", "gemm"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--threads-per-rank", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--no-allreduce", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--end-to-end", action="store_true", help=argparse.SUPPRESS)
+    opts = parser.parse_args(argv)
+
+    if opts.worker:
+        {"ddptrain": worker_ddptrain, "torch": worker_torch, "gemm": worker_gemm}[opts.worker](opts)
+        return 0
+    return run_benchmark(opts)
+
+
+def run_benchmark(opts):
+    if opts.quick:
+        opts.rounds, opts.repeats, opts.samples, opts.no_tta, opts.batch_sizes = 1, 2, 256, True, "32"
+    batches = [int(b) for b in opts.batch_sizes.split(",")]
+    opts.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    budget, ranks = opts.threads or opts.cores, opts.ranks
+    per_rank = max(1, budget // ranks)
+    if opts.data is None:
+        from ddptrain.mnist import ensure_default_dataset
+        opts.data = str(ensure_default_dataset())
+    elif opts.data != RANDOM:
+        opts.data = str(Path(opts.data).resolve())   # the workers run in the repository root
+    torch_ver = None if opts.no_torch or not torch_available() else torch_version()
+    use_torch = torch_ver is not None
+
+    for line in machine_lines(opts, torch_ver):
+        print(line, flush=True)
+    data_note = "random data of MNIST's shape" if opts.data == RANDOM else f"real batches of {opts.data}"
+    print(f"model {opts.model}, float32, {flops_per_sample(opts.model) / 1e6:.2f} MFLOP per sample per step; "
+          f"{data_note}; thread budget {budget}; {opts.rounds} rounds x {opts.repeats} repetitions of "
+          f"{opts.samples:,} samples per row, after warmup", flush=True)
+
+    # The machine's GEMM limit: one process with every thread, and `ranks` single-thread processes at
+    # once (the larger is the limit), measured in every round like the rows, so that both see the
+    # machine in the same state; the table uses the median over the rounds.
+    gemm_batch, gemm_steps, gemm_repeats = (256, 2, 3) if opts.quick else (4096, 6, 5)
+    per_sample = flops_per_sample(opts.model)
+    gemm_rounds = []
+
+    def measure_gemm():
+        def gemm(processes, threads):
+            return launch("gemm", processes, threads, gemm_batch, gemm_steps, 0, gemm_repeats, opts)
+        all_threads, one_core = gemm(1, budget), gemm(1, 1)
+        at_once = gemm(ranks, per_rank) if ranks > 1 else all_threads
+        gemm_rounds.append({"all_threads": all_threads, "one_core": one_core, "ranks": at_once,
+                            "limit": max(all_threads["flops"], at_once["flops"])})
+        print(f"  GEMM limit: {all_threads['flops'] / 1e9:.0f} GFLOP/s in 1 process x {budget} threads, "
+              f"{at_once['flops'] / 1e9:.0f} in {ranks} processes x {per_rank} thread at once, "
+              f"{one_core['flops'] / 1e9:.0f} on one core alone", flush=True)
+
+    # (key, label, worker, processes, threads per process, extra worker arguments). ddptrain's rows
+    # pass 0 threads unless --threads is given: ddptrain.runner.configure_blas_threads chooses, as in a run.
+    rows = [("ddp1", f"ddptrain, 1 process x {budget} threads", "ddptrain", 1, opts.threads, ()),
+            ("ddpP", f"ddptrain, {ranks} MPI ranks x {per_rank} thread", "ddptrain", ranks,
+             per_rank if opts.threads else 0, ("--end-to-end",)),
+            ("ddpP0", "  same ranks, no allreduce (diagnostic)", "ddptrain", ranks,
+             per_rank if opts.threads else 0, ("--no-allreduce",))]
+    if use_torch:
+        rows += [("torch1", f"PyTorch, 1 process x {budget} threads", "torch", 1, budget, ()),
+                 ("torchP", f"PyTorch DDP gloo, {ranks} x {per_rank} thread", "torch", ranks, per_rank, ())]
+
+    results = {}
+    for round_ in range(opts.rounds):
+        measure_gemm()
+        for batch in batches:
+            for key, label, kind, n, threads, extra in rows:
+                if kind == "torch" and n > 1:
+                    extra += ("--port", str(free_port()))
+                if round_ > 0:   # the end-to-end timings once per batch size are enough
+                    extra = tuple(e for e in extra if e != "--end-to-end")
+                print(f"  round {round_ + 1}/{opts.rounds}, batch {batch}: {label.strip()} ...", end="",
+                      flush=True)
+                steps = max(4, opts.samples // batch)
+                warmup = 3 if opts.quick else max(20, 4096 // batch)
+                result = launch(kind, n, threads, batch, steps, warmup, opts.repeats, opts, extra)
+                print(f" {statistics.median(result['rates']):,.0f} samples/s", flush=True)
+                entry = results.setdefault((key, batch), {"label": label, "rates": [], "runs": []})
+                entry["rates"] += result["rates"]
+                entry["runs"].append(result)
+
+    def median_of(key):
+        return statistics.median([g[key]["flops"] if key != "limit" else g["limit"] for g in gemm_rounds])
+
+    limit = median_of("limit")
+    print(f"\nGEMM limit ({gemm_rounds[0]['all_threads']['blas'].rsplit(',', 1)[0]}; the step's products at "
+          f"batch {gemm_batch}; median of {len(gemm_rounds)} rounds): {median_of('all_threads') / 1e9:.0f} GFLOP/s "
+          f"in 1 process x {budget} threads, {median_of('ranks') / 1e9:.0f} in {ranks} processes x {per_rank} "
+          f"thread at once, {median_of('one_core') / 1e9:.0f} on one core alone; machine limit "
+          f"{limit / 1e9:.0f} GFLOP/s = {limit / per_sample:,.0f} samples/s "
+          f"({median_of('one_core') / per_sample:,.0f} on one core)")
+    table, notes = report(results, rows, batches, limit, per_sample, ranks, use_torch)
+    print()
+    print("\n".join(table))
+    print()
+    print("\n".join(notes), flush=True)
+
+    tta = None
+    if not opts.no_tta and opts.data != RANDOM:
+        print(f"\ntime to 98% test accuracy, {ranks} ranks, {opts.tta_repeats} runs of the command line ...",
+              flush=True)
+        tta = time_to_accuracy.measure(opts.data, ranks, 98.0, opts.tta_args, opts.tta_repeats)
+        for i, run in enumerate(tta["runs"], 1):
+            epochs = ", ".join(f"{e['accuracy']:.2f}% at {e['at_seconds']:.2f} s" for e in run["epochs"])
+            rates = ", ".join(f"{m['samples_per_second']:,.0f}" for m in run["metrics"])
+            reached = "not reached" if run["seconds_to_target"] is None else f"{run['seconds_to_target']:.2f} s"
+            print(f"  run {i}: 98% {reached} (whole run {run['total_seconds']:.2f} s); test accuracy per epoch: "
+                  f"{epochs}; epoch rates incl. evaluation: {rates} samples/s")
+        print(f"  `{tta['command']}`")
+        print(f"time to 98% test accuracy: "
+              + ("not reached in every run" if tta["median_seconds"] is None
+                 else f"{tta['median_seconds']:.2f} s (median of {opts.tta_repeats})"))
+    elif not opts.no_tta:
+        print("\ntime to 98% test accuracy: skipped (random data)")
+
+    print()
+    print("\n".join(check_targets(results, batches, limit, per_sample, tta, use_torch)))
+    if opts.json:
+        Path(opts.json).write_text(json.dumps({
+            "gemm": {"rounds": gemm_rounds, "limit_flops": limit},
+            "rows": {f"{k}@{b}": v for (k, b), v in results.items()}, "time_to_accuracy": tta,
+        }, indent=1, default=str))
+    return 0
+
+
+def report(results, rows, batches, limit, per_sample, ranks, use_torch):
+    """The table (one line per row and batch size) and the notes under it."""
+    header = (f"{'global batch':>12}  {'':<38} {'samples/s: median (min-max)':>29}  {'vs PyTorch':>10}  "
+              f"{'allreduce':>9}  {'of GEMM limit':>13}  {'peak RSS/rank':>13}")
+    table = [header, "-" * len(header)]
+    partner = {"ddp1": "torch1", "ddpP": "torchP"}
+    for batch in batches:
+        for key, label, *_ in rows:
+            entry = results.get((key, batch))
+            if entry is None:
+                continue
+            s = entry["summary"] = summarise(entry["rates"])
+            other = results.get((partner.get(key), batch))
+            ratio = f"{s['median'] / statistics.median(other['rates']):.2f}x" if other else ""
+            fractions = [f for run in entry["runs"] for f in run.get("allreduce_fraction", [])]
+            allreduce = f"{100 * statistics.median(fractions):.0f}%" if fractions and key == "ddpP" else ""
+            rss = max(max(run["max_rss_mib"]) for run in entry["runs"])
+            table.append(f"{batch:>12}  {label:<38} {fmt_rate(s):>29}  {ratio:>10}  {allreduce:>9}  "
+                         f"{100 * s['median'] * per_sample / limit:>12.0f}%  {rss:>9,.0f} MiB")
+        table.append("")
+
+    def runs(key):
+        return [run for batch in batches for run in results.get((key, batch), {}).get("runs", [])]
+
+    notes = []
+    if runs("ddp1"):
+        notes.append(f"ddptrain, 1 process: {runs('ddp1')[0]['thread_line']}; {runs('ddp1')[0]['blas']}")
+    if runs("ddpP"):
+        first = runs("ddpP")[0]
+        notes.append(f"ddptrain, {ranks} ranks: {' '.join(first['library'].split())}; {first['thread_line']}")
+        alone = [run["allreduce_alone_ms"] for run in runs("ddpP") if "allreduce_alone_ms" in run]
+        if alone:
+            notes.append(f"  the Allreduce of the whole gradient ({first['n_params']:,} float32, "
+                         f"{4 * first['n_params'] / 1e6:.1f} MB) on its own: {statistics.median(alone):.2f} ms")
+    alone = [run["allreduce_alone_ms"] for run in runs("torchP") if "allreduce_alone_ms" in run]
+    if alone:
+        notes.append(f"  gloo's all_reduce of the same gradient on its own: {statistics.median(alone):.2f} ms "
+                     f"(DDP overlaps it with the backward, so no share of the step is shown)")
+    notes += ["'allreduce': time inside comm.allreduce_ (waiting for the slower rank included) / step time.",
+              "'of GEMM limit': samples/s x FLOPs per sample / the machine limit above.",
+              "'peak RSS/rank': ru_maxrss, the largest over ranks and launches (the float32 shard included)."]
+    for batch in batches:
+        for key, label in (("ddp1", "1 process"), ("ddpP", f"{ranks} ranks")):
+            entry = results.get((key, batch))
+            profile = entry and entry["runs"][0].get("profile_ms")
+            if profile:
+                total = sum(profile.values())
+                parts = ", ".join(f"{name} {ms:.2f} ({100 * ms / total:.0f}%)"
+                                  for name, ms in sorted(profile.items(), key=lambda item: -item[1]) if ms >= 0.005)
+                notes.append(f"step of ddptrain, {label}, batch {batch} (rank 0, ms): {parts}")
+    for batch in batches:
+        entry = results.get(("ddpP", batch))
+        run = entry["runs"][0] if entry else {}
+        if run.get("eval_seconds") is not None:
+            epoch = run["n_train"] / entry["summary"]["median"]
+            notes.append(
+                f"end to end, {ranks} ranks, batch {batch}: one epoch of training takes {epoch:.2f} s; "
+                f"{run['load_what']} {run['load_seconds']:.3f} s ({100 * run['load_seconds'] / epoch:.1f}% of an "
+                f"epoch, once per run); each epoch, evaluating the test set {run['eval_seconds']:.3f} s "
+                f"({100 * run['eval_seconds'] / epoch:.1f}%) and writing a checkpoint (step and best) "
+                f"{run['checkpoint_seconds']:.3f} s ({100 * run['checkpoint_seconds'] / epoch:.1f}%)")
+    return table, notes
+
+
+def check_targets(results, batches, limit, per_sample, tta, use_torch):
+    lines = ["targets (issue 7):"]
+
+    def median(key, batch):
+        entry = results.get((key, batch))
+        return statistics.median(entry["rates"]) if entry else None
+
+    def verdict(ok):
+        return "MET " if ok else "MISSED"
+
+    for batch, need in ((512, 1.2), (128, 1.3)):
+        a, b = median("ddp1", batch), median("torch1", batch)
+        if a and b:
+            lines.append(f"  [{verdict(a / b >= need)}] ddptrain 1 process >= {need}x PyTorch 1 process at batch "
+                         f"{batch}: {a / b:.2f}x")
+    for batch in (128, 512):
+        a, b = median("ddpP", batch), median("torchP", batch)
+        if a and b:
+            lines.append(f"  [{verdict(a / b >= 1.6)}] ddptrain MPI >= 1.6x PyTorch DDP at batch {batch}: {a / b:.2f}x")
+    a = median("ddpP", 512)
+    if a:
+        fraction = a * per_sample / limit
+        lines.append(f"  [{verdict(fraction >= 0.75)}] ddptrain MPI at batch 512 >= 75% of the GEMM limit: "
+                     f"{100 * fraction:.0f}%")
+    if tta is not None:
+        seconds = tta["median_seconds"]
+        lines.append(f"  [{verdict(seconds is not None and seconds < 8)}] time to 98% test accuracy < 8 s: "
+                     + ("not reached" if seconds is None else f"{seconds:.2f} s"))
+    if not use_torch:
+        lines.append(f"  (the PyTorch comparisons need PyTorch: {TORCH_INSTALL})")
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""scripts/benchmark.py runs end to end on tiny settings (a smoke test: no timing is checked)."""
+
+import importlib.util
+import subprocess
+import sys
+
+import launch
+from synthetic import model_spec
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def test_the_benchmark_runs_on_tiny_settings_and_prints_its_table(small_data, tmp_path):
+    argv = [sys.executable, "scripts/benchmark.py", "--quick", "--data", small_data, "--model", model_spec(),
+            "--json", tmp_path / "bench.json"]
+    if not HAS_TORCH:
+        argv.append("--no-torch")
+    proc = subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=300, cwd=launch.ROOT,
+                          env=launch.clean_env())
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    out = proc.stdout
+    assert "GEMM limit" in out and "samples/s: median (min-max)" in out
+    assert "ddptrain, 1 process" in out and "ddptrain, 2 MPI ranks" in out
+    assert "end to end, 2 ranks" in out and "targets (issue 7):" in out
+    if HAS_TORCH:
+        assert "PyTorch DDP gloo" in out
+    else:
+        assert "PyTorch rows skipped" in out and "pip install torch==2.13.0" in out
+    assert (tmp_path / "bench.json").stat().st_size > 0
+
+
+def test_the_benchmark_help_says_how_to_get_pytorch():
+    proc = subprocess.run([sys.executable, "scripts/benchmark.py", "--help"], capture_output=True, text=True,
+                          timeout=60, cwd=launch.ROOT)
+    assert proc.returncode == 0
+    assert "pip install torch==2.13.0" in proc.stdout
