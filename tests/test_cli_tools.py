@@ -2,6 +2,8 @@
 
 import io
 import json
+import os
+import pty
 import subprocess
 import sys
 
@@ -227,3 +229,25 @@ def test_config_file_values_are_type_checked_in_process(tmp_path):
     config_file = tmp_path / "run.toml"
     config_file.write_text("nesterov = 1\n")
     assert cli.main(["--config", str(config_file), "--dry-run"]) == 2
+
+
+def test_on_a_real_terminal_training_shows_a_progress_bar(small_data, tmp_path):
+    """stdout is a pseudo-terminal, as when a user runs ddptrain in a shell."""
+    main, secondary = pty.openpty()
+    proc = subprocess.Popen(launch.command(["--data", small_data, *SMALL, "--epochs", "1",
+                                            "--run-dir", tmp_path / "run"]),
+                            stdout=secondary, stderr=subprocess.PIPE, env=launch.clean_env(), cwd=launch.ROOT)
+    os.close(secondary)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:   # the terminal closed: the process ended
+            break
+        if not chunk:
+            break
+        output += chunk
+    assert proc.wait(timeout=60) == 0
+    text = output.decode()
+    assert "\r\x1b[Kepoch 1/1 [" in text and "] 8/8  loss" in text and "left" in text
+    assert "epoch 1/1  step" not in text   # no plain log lines on a terminal

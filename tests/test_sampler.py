@@ -88,3 +88,17 @@ def test_shards_are_contiguous_blocks_that_cover_the_rows():
 def test_impossible_layouts_are_refused_with_a_clear_message(kwargs, message):
     with pytest.raises(UserError, match=message):
         epoch_plan(rank=0, seed=0, epoch=0, **kwargs)
+
+
+@pytest.mark.parametrize("ranks", range(1, 9))
+def test_with_840_virtual_shards_every_rank_count_from_1_to_8_gets_the_same_global_batches(ranks):
+    """840 = lcm(1..8): --virtual-shards 840 lets 5 and 7 ranks train the same batches as 1."""
+    n, batch, shards = 5000, 250, 840
+    expected = global_batches(n, batch, seed=3, epoch=1, n_shards=shards)
+    per_rank = [epoch_plan(n, batch, r, ranks, 3, 1, n_shards=shards) for r in range(ranks)]
+    for step, global_batch in enumerate(expected):
+        union = np.concatenate([p.global_rows[p.step_bounds[step]:p.step_bounds[step + 1]] for p in per_rank])
+        assert np.array_equal(np.sort(union), global_batch)
+    owned = [np.concatenate([np.arange(a, b) for a, b in owned_blocks(n, r, ranks, shards)]) for r in range(ranks)]
+    assert all(np.isin(p.global_rows, mine).all() for p, mine in zip(per_rank, owned))
+    assert np.array_equal(np.sort(np.concatenate([p.global_rows for p in per_rank])), np.arange(n))
