@@ -38,6 +38,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .durable import fsync_file, fsync_folder
 from .errors import CheckpointError
 
 FORMAT = "ddptrain-checkpoint"
@@ -76,22 +77,6 @@ def _digest(params, velocity, attrs):
     return h.hexdigest()
 
 
-def _fsync_path(path, directory=False):
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_folder(path):
-    """Make a rename durable; best effort, as some file systems cannot fsync a folder."""
-    try:
-        _fsync_path(path, directory=True)
-    except OSError:
-        pass
-
-
 def save(path, ckpt: Checkpoint, fail_after_write=None):
     """Write ``ckpt`` to ``path`` atomically. Raises OSError on failure, leaving ``path`` as it was.
 
@@ -119,11 +104,11 @@ def save(path, ckpt: Checkpoint, fail_after_write=None):
             f.attrs.update(attrs)
             f.attrs["sha256"] = digest
             f.flush()
-        _fsync_path(tmp)
+        fsync_file(tmp)
         if fail_after_write is not None:
             fail_after_write()
         os.replace(tmp, path)
-        _fsync_folder(path.parent)
+        fsync_folder(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()

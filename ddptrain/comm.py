@@ -77,6 +77,24 @@ def check_srun_world(comm, task):
 ABORT_GRACE_SECONDS = 0.5
 
 
+def find_mpiexec():
+    """The mpiexec beside this interpreter (the PyPI mpich wheel puts it there), else the one on PATH."""
+    import shutil
+    from pathlib import Path
+    beside = Path(sys.executable).parent / "mpiexec"
+    found = str(beside) if beside.exists() else shutil.which("mpiexec")
+    if found is None:
+        raise RuntimeError("no mpiexec: install the 'mpich' extra (pip install -e '.[mpich]') or a system MPI")
+    return found
+
+
+def environ_without_launcher(environ=os.environ):
+    """A copy of the environment without the MPI and SLURM variables of whatever started this process,
+    for starting a new, independent ddptrain job from within one (tests, benchmarks)."""
+    return {name: value for name, value in environ.items()
+            if not name.startswith(("PMI_", "PMIX_", "OMPI_", "HYDI_", "MPI_LOCAL", "SLURM_"))}
+
+
 class SerialComm:
     """One process: rank 0 of a world of size 1."""
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
+from .durable import fsync_file, fsync_folder
 from .errors import DataError
 
 FORMAT = "ddptrain-mnist"
@@ -296,12 +297,12 @@ def write_dataset(path, train_images, train_labels, test_images, test_labels, at
                 f.attrs[name] = value
             for split, (images, labels) in splits.items():
                 _write_split(f, split, images, labels)
-        _fsync_file(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         _remove_if_exists(tmp)
         raise
-    _fsync_folder(folder)
+    fsync_folder(folder)
 
 
 def _checked_split(split, images, labels):
@@ -333,25 +334,3 @@ def _remove_if_exists(path):
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _fsync_file(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_folder(folder):
-    """Make the rename itself durable (not possible everywhere: best effort)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

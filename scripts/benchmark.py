@@ -674,7 +674,7 @@ def run_benchmark(opts):
             print(f"  run {i}: 98% {reached} (whole run {run['total_seconds']:.2f} s); test accuracy per epoch: "
                   f"{epochs}; epoch rates incl. evaluation: {rates} samples/s")
         print(f"  `{tta['command']}`")
-        print(f"time to 98% test accuracy: "
+        print("time to 98% test accuracy: "
               + ("not reached in every run" if tta["median_seconds"] is None
                  else f"{tta['median_seconds']:.2f} s (median of {opts.tta_repeats})"))
     elif not opts.no_tta:

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -38,18 +36,14 @@ EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+) done:.*test accuracy ([0-9.]+)%")
 
 
 def mpiexec():
-    """The mpiexec beside this interpreter (the PyPI mpich wheel), else the one on PATH."""
-    beside = Path(sys.executable).parent / "mpiexec"
-    found = str(beside) if beside.exists() else shutil.which("mpiexec")
-    if found is None:
-        raise RuntimeError("no mpiexec: install the 'mpich' extra (pip install -e '.[mpich]') or a system MPI")
-    return found
+    from ddptrain.comm import find_mpiexec
+    return find_mpiexec()
 
 
 def clean_env():
     """This environment without any MPI or SLURM context inherited from a launcher."""
-    return {name: value for name, value in os.environ.items()
-            if not name.startswith(("PMI_", "PMIX_", "OMPI_", "HYDI_", "MPI_LOCAL", "SLURM_"))}
+    from ddptrain.comm import environ_without_launcher
+    return environ_without_launcher()
 
 
 def command(data, ranks, train_args):

@@ -1,21 +1,16 @@
 """Running ddptrain as a user would: ``python -m ddptrain`` or ``mpiexec -n P python -m ddptrain``."""
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from ddptrain.comm import environ_without_launcher, find_mpiexec
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def mpiexec():
-    """The mpiexec beside this interpreter (the PyPI mpich wheel), else the one on PATH."""
-    beside = Path(sys.executable).parent / "mpiexec"
-    found = str(beside) if beside.exists() else shutil.which("mpiexec")
-    if found is None:
-        raise RuntimeError("no mpiexec: install the 'mpich' extra (pip install -e '.[mpich]') or a system MPI")
-    return found
+    return find_mpiexec()
 
 
 def command(args, ranks=None):
@@ -25,13 +20,8 @@ def command(args, ranks=None):
 
 
 def clean_env(extra=None):
-    env = dict(os.environ)
     # A test must not inherit an MPI or SLURM context from whatever started pytest.
-    for name in list(env):
-        if name.startswith(("PMI_", "PMIX_", "OMPI_", "HYDI_", "MPI_LOCAL", "SLURM_")):
-            del env[name]
-    env.update(extra or {})
-    return env
+    return {**environ_without_launcher(), **(extra or {})}
 
 
 def run(args, ranks=None, timeout=120, env=None, cwd=None):

@@ -349,7 +349,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, long_data, tmp_
     assert f"SLURM job {job}, restart 1 (resuming automatically)" in text, report(out)
     resumed = re.search(rf"resumed from runs/slurm-{job}/checkpoints/step-(\d+)\.h5", text)
     assert resumed and 0 < int(resumed.group(1)) < LONG_EPOCHS * 1500, report(out)
-    assert text.count(f"finished: test accuracy") == 1
+    assert text.count("finished: test accuracy") == 1
     assert sorted(os.listdir(tmp_path)) == ["runs", f"slurm-{job}.out"]   # one output file for both runs
     run_dir = tmp_path / "runs" / f"slurm-{job}"
     assert metrics_epochs(run_dir) == list(range(1, LONG_EPOCHS + 1))
