@@ -35,19 +35,23 @@ class Progress:
         if self.quiet:
             return
         last_of_epoch = step_in_epoch == steps_in_epoch
+        now = time.perf_counter()
+        # Decide first, format after: this runs after every step.
+        if self.interactive:
+            if now - self._last_draw < self.REDRAW_SECONDS and not last_of_epoch:
+                return
+        elif global_step % self.log_every and not last_of_epoch:
+            return
         eta = format_seconds((total_steps - global_step) * seconds_per_step)
         stats = (f"loss {loss:.4f}  acc {100 * accuracy:.2f}%  lr {lr:.4g}  "
                  f"{samples_per_second:,.0f} samples/s  {eta} left")
         if self.interactive:
-            now = time.perf_counter()
-            if now - self._last_draw < self.REDRAW_SECONDS and not last_of_epoch:
-                return
             done = int(self.BAR_WIDTH * step_in_epoch / steps_in_epoch)
             bar = "#" * done + "." * (self.BAR_WIDTH - done)
             self.stream.write(f"\r\033[Kepoch {epoch}/{epochs} [{bar}] {step_in_epoch}/{steps_in_epoch}  {stats}")
             self.stream.flush()
             self._drawn, self._last_draw = True, now
-        elif global_step % self.log_every == 0 or last_of_epoch:
+        else:
             print(f"epoch {epoch}/{epochs}  step {step_in_epoch}/{steps_in_epoch}  {stats}",
                   file=self.stream, flush=True)
 
