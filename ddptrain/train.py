@@ -232,13 +232,14 @@ class Trainer:
             loss_share, correct = compute_gradient(self.model, self.loss_fn, comm, x, y, global_count)
             if config.debug and not self.gradient_checked:
                 self._check_gradient(x, y, global_count)
-            self.optimizer.step(self.model.params, self.model.grads, lr)
             totals[:] = (loss_share * global_count, correct, len(rows), self.stop.requested)
             comm.allreduce_(totals)   # DDP: global totals, and whether a signal reached any rank
+            # Checked before the update, so the parameters in memory stay the last good ones.
             if not (np.isfinite(totals[0]) and gradients_are_finite(self.model.grads)):
                 raise NumericalError(f"NaN or Inf in the loss or gradients at step {pos.step} "
                                      f"(epoch {epoch + 1}, learning rate {lr:.4g}); training stopped, "
                                      f"the last checkpoint is kept")
+            self.optimizer.step(self.model.params, self.model.grads, lr)
             sums += totals[:3]
             steps_done, samples_done = steps_done + 1, samples_done + global_count
             pos.step += 1
