@@ -131,10 +131,11 @@ def test_a_signal_to_one_rank_mid_epoch_stops_every_rank_with_a_checkpoint_and_s
     assert "error" not in err
 
 
-@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
-def test_sigterm_or_ctrl_c_to_mpiexec_stops_the_job_with_a_checkpoint_and_status_3(small_data, tmp_path,
-                                                                                  background, name):
-    proc = background(slow_args(small_data, tmp_path / "run"), ranks=2)
+@pytest.mark.parametrize("ranks, name", [(2, "SIGTERM"), (2, "SIGINT"), (None, "SIGTERM")],
+                         ids=["mpiexec-SIGTERM", "mpiexec-ctrl-c", "single-process-SIGTERM"])
+def test_sigterm_or_ctrl_c_stops_the_job_with_a_checkpoint_and_status_3(small_data, tmp_path, background,
+                                                                        ranks, name):
+    proc = background(slow_args(small_data, tmp_path / "run"), ranks=ranks)
     wait_for(ckpt_io.step_path(tmp_path / "run" / "checkpoints", 5), proc)
     os.kill(proc.pid, getattr(signal, name))          # mpiexec passes it on to every rank
     out, err, seconds = finish(proc, time.monotonic())
@@ -142,17 +143,6 @@ def test_sigterm_or_ctrl_c_to_mpiexec_stops_the_job_with_a_checkpoint_and_status
     assert seconds < SECONDS_TO_STOP
     step = ckpt_io.newest_valid(tmp_path / "run" / "checkpoints").state["step"]
     assert f"stopped by {name} at step {step}; checkpoint written; resume with --resume auto" in out
-
-
-def test_a_single_process_stops_on_sigterm_with_a_checkpoint_and_status_3(small_data, tmp_path, background):
-    proc = background(slow_args(small_data, tmp_path / "run"))
-    wait_for(ckpt_io.step_path(tmp_path / "run" / "checkpoints", 5), proc)
-    proc.send_signal(signal.SIGTERM)
-    out, err, seconds = finish(proc, time.monotonic())
-    assert proc.returncode == EXIT_PREEMPTED, err
-    assert seconds < SECONDS_TO_STOP
-    step = ckpt_io.newest_valid(tmp_path / "run" / "checkpoints").state["step"]
-    assert f"stopped by SIGTERM at step {step}" in out
 
 
 def test_more_signals_during_the_shutdown_neither_hang_nor_change_the_status(small_data, tmp_path, background):
