@@ -128,8 +128,8 @@ def build_parser():
     evaluate.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint file (.h5)")
     evaluate.add_argument("--data", metavar="PATH", help="data file (default: the one the checkpoint was "
                           "trained on, else the cached MNIST)")
-    evaluate.add_argument("--eval-batch", type=int, default=2000, metavar="N",
-                          help="rows per forward pass (default: 2000)")
+    evaluate.add_argument("--eval-batch", type=int, default=Config().eval_batch, metavar="N",
+                          help="rows per forward pass (default: %(default)s)")
     from . import mnist
     mnist.add_arguments(commands.add_parser("prepare", help="convert MNIST IDX files to the HDF5 data file"))
     plot = commands.add_parser("plot", help="PNG curves of train and test loss and test accuracy of a run")

@@ -17,6 +17,7 @@ from .errors import EXIT_OK, UserError, same_on_every_rank
 from .nn import Sequential
 from .rank0 import run_on_rank0
 from .runner import configure_blas_threads
+from .sampler import evaluation_block
 from .train import Split, evaluate as evaluate_split
 
 
@@ -53,10 +54,9 @@ def evaluate(args, comm):
                             f"({info.n_features} pixels, {info.n_classes} classes)")
         if args.eval_batch < 1:
             raise UserError(f"--eval-batch must be positive, got {args.eval_batch}")
-    for name, array in model.named_params():
-        array[...] = checkpoint.params[name]
-    lo, hi = info.n_test * comm.rank // comm.size, info.n_test * (comm.rank + 1) // comm.size
-    test = Split(*data.read_rows(path, "test", [(lo, hi)], dtype=checkpoint.dtype))
+    model.load_params(checkpoint.params)
+    test_rows = evaluation_block(info.n_test, comm.rank, comm.size)
+    test = Split(*data.read_rows(path, "test", [test_rows], dtype=checkpoint.dtype))
     result = evaluate_split(model, comm, test, info.n_classes, args.eval_batch)
     if comm.rank == 0:
         step = checkpoint.state.get("step")

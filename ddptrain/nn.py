@@ -249,6 +249,11 @@ class Sequential:
         return [(f"{i}.{name}", array) for i, layer in enumerate(self.layers)
                 for name, array in layer.grads.items()]
 
+    def load_params(self, named):
+        """Copy parameters in from a ``{"0.weight": array, ...}`` mapping (a checkpoint's)."""
+        for name, array in self.named_params():
+            array[...] = named[name]
+
     @property
     def n_inputs(self):
         return self.layers[0].n_in

@@ -162,7 +162,7 @@ def describe_split(n_train, n_test, comm, config):
             f"{' (at most)' if config.batch_size % comm.size else ''} per rank")
 
 
-def run_training(config, comm, quiet=False, fault_hook=None, dry_run=False):
+def run_training(config, comm, quiet=False, dry_run=False):
     """Train on every rank. Returns the exit status (0, or EXIT_PREEMPTED after a signal).
 
     ``dry_run``: check everything (options, data, model, ranks), print the start-up lines, write nothing.
@@ -171,12 +171,12 @@ def run_training(config, comm, quiet=False, fault_hook=None, dry_run=False):
     # is remembered, and the run stops (with a checkpoint) after its first step.
     stop = StopRequest().install()
     try:
-        return _set_up_and_train(config, comm, stop, quiet, fault_hook, dry_run)
+        return _set_up_and_train(config, comm, stop, quiet, dry_run)
     finally:
         stop.uninstall()
 
 
-def _set_up_and_train(config, comm, stop, quiet, fault_hook, dry_run):
+def _set_up_and_train(config, comm, stop, quiet, dry_run):
     started = time.perf_counter()
     threads, thread_line = configure_blas_threads(comm, config.threads)
     run_dir = comm.bcast(config.run_dir or default_run_dir())   # DDP: rank 0's name, everywhere
@@ -218,12 +218,12 @@ def _set_up_and_train(config, comm, stop, quiet, fault_hook, dry_run):
 
     blocks = sampler.owned_blocks(info.n_train, comm.rank, comm.size, config.virtual_shards)
     train = Split(*data.read_rows(data_path, "train", blocks, dtype=config.dtype))
-    test_lo, test_hi = (info.n_test * comm.rank // comm.size, info.n_test * (comm.rank + 1) // comm.size)
-    test = Split(*data.read_rows(data_path, "test", [(test_lo, test_hi)], dtype=config.dtype))
+    test_rows = sampler.evaluation_block(info.n_test, comm.rank, comm.size)
+    test = Split(*data.read_rows(data_path, "test", [test_rows], dtype=config.dtype))
 
     optimizer = SGD(momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov)
     trainer = Trainer(config, comm, model, optimizer, train, test, info.n_train, info.n_classes, rank0,
-                      stop=stop, fault_hook=fault_hook)
+                      stop=stop)
     with same_on_every_rank():
         injected = faults.Faults.from_environment(comm.rank)   # tests only: DDPTRAIN_TEST_FAULT
     if injected is not None:

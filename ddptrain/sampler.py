@@ -80,6 +80,11 @@ def owned_blocks(n, rank, world_size, n_shards=DEFAULT_VIRTUAL_SHARDS):
     return [(int(bounds[v]), int(bounds[v + 1])) for v in owned_shards(rank, world_size, n_shards)]
 
 
+def evaluation_block(n, rank, world_size):
+    """The contiguous ``(start, stop)`` rows of an evaluation split that rank ``rank`` evaluates."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
 def shard_permutation(shard_size, seed, epoch, shard):
     """The order of one shard's rows in one epoch: a pure function of its arguments."""
     rng = np.random.default_rng([seed, epoch, shard])

@@ -179,7 +179,7 @@ class Trainer:
         self.train, self.test, self.n_train, self.n_classes = train, test, n_train, n_classes
         self.rank0 = rank0
         self.stop = stop or StopRequest()
-        self.fault_hook = fault_hook          # tests: called with the step number before each step
+        self.fault_hook = fault_hook   # tests: called with the step number before each step (faults.py)
         self.loss_fn = SoftmaxCrossEntropy()
         self.steps_per_epoch = steps_per_epoch(n_train, config.batch_size, config.drop_last)
         self.position = Position()
@@ -324,8 +324,7 @@ class Trainer:
 
     def restore(self, checkpoint):
         """Continue from ``checkpoint`` (already checked to fit this model and data)."""
-        for name, array in self.model.named_params():
-            array[...] = checkpoint.params[name]
+        self.model.load_params(checkpoint.params)
         self.optimizer.load_state_dict({**checkpoint.optimizer, "velocity": checkpoint.velocity})
         state = checkpoint.state
         self.position = Position(epoch=state["epoch"], step_in_epoch=state["step_in_epoch"],

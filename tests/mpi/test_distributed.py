@@ -20,7 +20,7 @@ from ddptrain.nn import Sequential
 from ddptrain.optim import SGD
 from ddptrain.rank0 import RankZero
 from ddptrain.runner import run_training
-from ddptrain.sampler import owned_blocks
+from ddptrain.sampler import evaluation_block, owned_blocks
 from ddptrain.train import ReplicaDivergence, Split, Trainer, evaluate
 from synthetic import make_dataset, model_spec
 
@@ -128,8 +128,8 @@ def test_training_on_p_ranks_gives_the_parameters_of_one_process(comm, shared_di
 def test_evaluation_over_ranks_equals_one_process_evaluating_everything(comm, dataset):
     model = Sequential.from_spec(model_spec(), dtype=np.float64, seed=3)
     info = data.inspect(dataset)
-    lo, hi = info.n_test * comm.rank // comm.size, info.n_test * (comm.rank + 1) // comm.size
-    mine = evaluate(model, comm, Split(*data.read_rows(dataset, "test", [(lo, hi)], np.float64)), 10)
+    rows = evaluation_block(info.n_test, comm.rank, comm.size)
+    mine = evaluate(model, comm, Split(*data.read_rows(dataset, "test", [rows], np.float64)), 10)
     whole = evaluate(model, SerialComm(), Split(*data.read_rows(dataset, "test", [(0, info.n_test)], np.float64)), 10)
     assert mine.loss == pytest.approx(whole.loss, rel=1e-12)
     assert mine.accuracy == whole.accuracy
