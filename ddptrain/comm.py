@@ -243,9 +243,11 @@ class ThreadComm:
         return array
 
     def allreduce(self, value):
-        values = self._exchange(np.array(value, copy=True) if isinstance(value, np.ndarray) else value)
-        total = values[0].copy() if isinstance(values[0], np.ndarray) else values[0]
-        for v in values[1:]:
+        if isinstance(value, np.ndarray):
+            return self.allreduce_(value.copy())
+        values = self._exchange(value)
+        total = values[0]
+        for v in values[1:]:   # in rank order: deterministic
             total = total + v
         return total
 
@@ -262,6 +264,10 @@ class ThreadComm:
     def barrier(self):
         self._hub.barrier.wait()
 
-    def abort(self, status):
+    def break_collectives(self):
+        """Wake every rank waiting in a collective (with BrokenBarrierError): one of them failed."""
         self._hub.barrier.abort()
+
+    def abort(self, status):
+        self.break_collectives()
         raise SystemExit(status)

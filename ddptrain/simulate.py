@@ -29,7 +29,7 @@ def run_simulated(size, rank_main):
             return rank_main(comm)
         except BaseException as error:      # noqa: BLE001 - re-raised in the main thread below
             errors[comm.rank] = error
-            comm._hub.barrier.abort()       # wake every rank waiting in a collective
+            comm.break_collectives()        # wake every rank waiting in a collective
             return None
 
     threads = [threading.Thread(target=run_rank, args=(comm,), name=f"rank {comm.rank}", daemon=True)
