@@ -1,34 +1,49 @@
-"""Checkpoints in HDF5 that cannot be half-written, verified when read.
+"""Checkpoints in HDF5 that cannot be half-written, and whose bytes are verified before HDF5 reads them.
 
-A checkpoint holds the parameters, the optimiser state, where training stands
-(epoch, global step, step within the epoch and the running training sums of
-the unfinished epoch), the full configuration and the metrics so far. Since
-the batches and the learning rate are pure functions of (seed, epoch, step),
-that position *is* the sampler and RNG state: nothing else is random (the
-shuffles are drawn from ``default_rng([seed, epoch, shard])``, the initial
-parameters from ``default_rng(seed)``; the seed is in the configuration).
+A checkpoint holds the parameters and buffers of the model, the optimiser's
+state, where training stands (epoch, global step, step within the epoch and
+the running training sums of the unfinished epoch), the full configuration,
+the description of the model and the metrics so far. Since the batches and
+the learning rate are pure functions of (seed, epoch, step), that position
+*is* the sampler and RNG state: nothing else is random (the shuffles are
+drawn from ``default_rng([seed, epoch, shard])``, the initial parameters from
+``default_rng(seed)``; the seed is in the configuration).
 
-Writing goes to a temporary file in the same folder, which is flushed and
-fsynced and then renamed over the target: a reader sees the old file or the
-new one, never a mix. A SHA-256 of the contents is stored in the file and
-checked on load, so a truncated or corrupted file is refused.
+**Verified before parsed.** The file begins with a 512-byte header, in
+HDF5's *user block* (space HDF5 reserves at the start of a file and never
+reads), holding the SHA-256 and the length of everything after it. ``load``
+reads the whole file, checks the header, the length and the digest, and only
+then lets HDF5 parse the bytes it verified, from memory. A flipped bit
+anywhere, in the data or in HDF5's own metadata, is refused before HDF5
+sees it: no damaged file can make h5py hang, crash or return wrong values.
+The file is still an ordinary HDF5 file for h5py, h5dump or HDFView.
 
-Only rank 0 calls ``save``; every rank may call ``load``.
+**Never half-written.** Writing goes to a temporary file in the same
+folder, which is sealed (the header), fsynced and renamed over the target:
+a reader sees the old file or the new one, never a mix.
 
-Layout::
+Only rank 0 calls ``save``; any rank may call ``load``.
 
-    /params/<name>          one dataset per parameter ("0.weight", ...)
-    /optimizer/velocity     the momentum buffer (absent before the first step)
-    attrs: format, format_version, model, dtype, sha256,
-           state (JSON: epoch, step, step_in_epoch, train_sums, n_train,
-                  best_accuracy, world_size),
-           optimizer (JSON: momentum, weight_decay, nesterov, steps),
+Layout (format 2)::
+
+    bytes 0-511              "ddptrain checkpoint\\nformat 2\\nsha256 <hex>\\nbytes <n>\\n", zero-padded
+    /params/<name>           one dataset per parameter ("linear1.weight", ...)
+    /buffers/<name>          one dataset per buffer (non-trained state such as running statistics)
+    /optimizer/<name>        one dataset per array of the optimiser's state_dict ("velocity", ...)
+    attrs: format, format_version, dtype, model_summary,
+           model (JSON: the layers' names, types and arguments),
+           optimizer (JSON: the optimiser's type and the rest of its state_dict, e.g. steps),
+           state (JSON: epoch, step, step_in_epoch, train_sums, n_train, best_accuracy, world_size),
            config (JSON), metrics (JSON list of per-epoch records)
+
+Format 1 (ddptrain 0.1) had no header: its files cannot be verified before
+they are parsed, and are refused with a line that says so.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -42,20 +57,25 @@ from .durable import fsync_file, fsync_folder
 from .errors import CheckpointError
 
 FORMAT = "ddptrain-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+HEADER_SIZE = 512                  # HDF5 user blocks are 512 bytes or a larger power of two
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_HEADER = re.compile(rb"ddptrain checkpoint\nformat (\d{1,3})\nsha256 ([0-9a-f]{64})\nbytes (\d{1,15})\n\0*")
 STEP_NAME = re.compile(r"^step-(\d{8,})\.h5$")
 TEMPORARY_NAME = re.compile(r"^\..+\.h5\.tmp-\d+$")
+ARRAY_GROUPS = ("params", "buffers", "optimizer")
 
 
 @dataclass
 class Checkpoint:
     params: dict          # name -> ndarray
-    velocity: np.ndarray | None
-    optimizer: dict       # momentum, weight_decay, nesterov, steps
-    state: dict           # epoch, step, step_in_epoch, train sums
+    buffers: dict         # name -> ndarray
+    optimizer: dict       # the optimiser's state_dict (arrays and JSON values) and its "type"
+    state: dict           # epoch, step, step_in_epoch, train sums, ...
     config: dict
     metrics: list
-    model: str
+    model: list           # Sequential.describe()
+    model_summary: str    # for messages: "784-512-256-10"
     dtype: str
     path: str = ""
 
@@ -64,49 +84,32 @@ def step_path(checkpoint_dir, step):
     return Path(checkpoint_dir) / f"step-{step:08d}.h5"
 
 
-def _digest(params, velocity, attrs):
-    """SHA-256 over every array's bytes and the JSON attributes, in a fixed order."""
-    h = hashlib.sha256()
-    for name in sorted(params):
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(params[name]).tobytes())
-    if velocity is not None:
-        h.update(b"velocity")
-        h.update(np.ascontiguousarray(velocity).tobytes())
-    h.update(json.dumps(attrs, sort_keys=True).encode())
-    return h.hexdigest()
+# ---------------------------------------------------------------- writing
 
 
-def save(path, ckpt: Checkpoint, fail_after_write=None):
-    """Write ``ckpt`` to ``path`` atomically. Raises OSError on failure, leaving ``path`` as it was.
-
-    ``fail_after_write`` is a test hook: a callable run after the temporary
-    file is written and before it is renamed, to simulate a crash there.
-    """
+def save(path, ckpt: Checkpoint):
+    """Write ``ckpt`` to ``path`` atomically. Raises OSError on failure, leaving ``path`` as it was."""
     path = Path(path)
+    optimizer_arrays = {k: v for k, v in ckpt.optimizer.items() if isinstance(v, np.ndarray)}
+    optimizer_values = {k: v for k, v in ckpt.optimizer.items() if not isinstance(v, np.ndarray)}
     attrs = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "model": ckpt.model, "dtype": ckpt.dtype,
+        "format": FORMAT, "format_version": FORMAT_VERSION, "dtype": ckpt.dtype,
+        "model_summary": ckpt.model_summary, "model": json.dumps(ckpt.model),
+        "optimizer": json.dumps(optimizer_values, sort_keys=True),
         "state": json.dumps(ckpt.state, sort_keys=True),
-        "optimizer": json.dumps(ckpt.optimizer, sort_keys=True),
         "config": json.dumps(ckpt.config, sort_keys=True),
         "metrics": json.dumps(ckpt.metrics, sort_keys=True),
     }
-    digest = _digest(ckpt.params, ckpt.velocity, attrs)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with h5py.File(tmp, "w") as f:
-            group = f.create_group("params")
-            for name, array in ckpt.params.items():
-                group.create_dataset(name, data=array)
-            optimizer = f.create_group("optimizer")
-            if ckpt.velocity is not None:
-                optimizer.create_dataset("velocity", data=ckpt.velocity)
+        with h5py.File(tmp, "w", userblock_size=HEADER_SIZE) as f:
+            for group, arrays in zip(ARRAY_GROUPS, (ckpt.params, ckpt.buffers, optimizer_arrays)):
+                created = f.create_group(group)
+                for name, array in arrays.items():
+                    created.create_dataset(name, data=array)
             f.attrs.update(attrs)
-            f.attrs["sha256"] = digest
-            f.flush()
+        _seal(tmp)
         fsync_file(tmp)
-        if fail_after_write is not None:
-            fail_after_write()
         os.replace(tmp, path)
         fsync_folder(path.parent)
     finally:
@@ -114,45 +117,96 @@ def save(path, ckpt: Checkpoint, fail_after_write=None):
             tmp.unlink()
 
 
-def load(path):
-    """Read and verify a checkpoint. Raises CheckpointError naming the file and the problem."""
+def _seal(path):
+    """Write the header: the SHA-256 and the length of everything after it."""
+    digest, length = hashlib.sha256(), 0
+    with open(path, "r+b") as f:
+        f.seek(HEADER_SIZE)
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            length += len(chunk)
+        header = f"ddptrain checkpoint\nformat {FORMAT_VERSION}\nsha256 {digest.hexdigest()}\nbytes {length}\n"
+        f.seek(0)
+        f.write(header.encode().ljust(HEADER_SIZE, b"\0"))
+
+
+# ---------------------------------------------------------------- reading
+
+
+def verified_bytes(path):
+    """The whole file, once its header, length and SHA-256 check out; CheckpointError otherwise."""
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file():   # also refuses a FIFO or a device, which could block a read forever
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != FORMAT:
+        with open(path, "rb") as f:
+            header = f.read(HEADER_SIZE)
+            stored, length = _parse_header(path, header)
+            size = os.fstat(f.fileno()).st_size
+            if size != HEADER_SIZE + length:   # checked before reading: a wrong file may be huge
+                raise CheckpointError(f"{path}: truncated or extended checkpoint: {size} bytes, its header "
+                                      f"says {HEADER_SIZE + length}")
+            data = header + f.read(length)
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({error.strerror or error})") from None
+    if len(data) != HEADER_SIZE + length:   # it changed while being read
+        raise CheckpointError(f"{path}: truncated checkpoint: {len(data)} bytes, its header says "
+                              f"{HEADER_SIZE + length}")
+    if hashlib.sha256(memoryview(data)[HEADER_SIZE:]).hexdigest() != stored:
+        raise CheckpointError(f"{path}: checksum mismatch, the checkpoint is corrupt")
+    return data
+
+
+def _parse_header(path, header):
+    """``(sha256, length of the rest)`` from the first 512 bytes, or a CheckpointError."""
+    match = _HEADER.fullmatch(header)
+    if match is None:
+        if header.startswith(HDF5_SIGNATURE):
+            raise CheckpointError(f"{path}: not a ddptrain checkpoint: an HDF5 file without the verified header "
+                                  f"of format {FORMAT_VERSION} (checkpoints of ddptrain 0.1, format 1, cannot be "
+                                  f"checked before they are read and are not loaded)")
+        raise CheckpointError(f"{path}: not a ddptrain checkpoint (no ddptrain header)")
+    version = int(match.group(1))
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {version}, but this ddptrain reads format "
+                              f"{FORMAT_VERSION} only")
+    return match.group(2).decode(), int(match.group(3))
+
+
+def load(path):
+    """Read and verify a checkpoint. Raises CheckpointError naming the file and the problem."""
+    data = verified_bytes(path)
+    try:
+        with h5py.File(io.BytesIO(data), "r") as f:
+            if _text(f.attrs.get("format")) != FORMAT:
                 raise CheckpointError(f"{path}: not a ddptrain checkpoint")
-            if int(f.attrs.get("format_version", -1)) != FORMAT_VERSION:
-                raise CheckpointError(f"{path}: checkpoint format version {f.attrs.get('format_version')} "
-                                      f"is not the supported {FORMAT_VERSION}")
-            params = {name: f["params"][name][()] for name in f["params"]}
-            velocity = f["optimizer"]["velocity"][()] if "velocity" in f["optimizer"] else None
+            arrays = {group: {name: f[group][name][()] for name in f[group]} for group in ARRAY_GROUPS}
             attrs = {key: _text(f.attrs[key]) for key in
-                     ("format", "model", "dtype", "state", "optimizer", "config", "metrics")}
-            attrs["format_version"] = int(f.attrs["format_version"])
-            stored = _text(f.attrs.get("sha256", ""))
+                     ("dtype", "model_summary", "model", "optimizer", "state", "config", "metrics")}
     except CheckpointError:
         raise
     except (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError) as error:
-        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({_short(error)})") from None
-    if _digest(params, velocity, attrs) != stored:
-        raise CheckpointError(f"{path}: checksum mismatch, the checkpoint is corrupt")
+        # Verified bytes that HDF5 cannot read: written by something else than this ddptrain.
+        raise CheckpointError(f"{path}: unreadable checkpoint ({_short(error)})") from None
     try:
-        return Checkpoint(params=params, velocity=velocity, optimizer=json.loads(attrs["optimizer"]),
+        optimizer = {**json.loads(attrs["optimizer"]), **arrays["optimizer"]}
+        return Checkpoint(params=arrays["params"], buffers=arrays["buffers"], optimizer=optimizer,
                           state=json.loads(attrs["state"]), config=json.loads(attrs["config"]),
-                          metrics=json.loads(attrs["metrics"]), model=attrs["model"], dtype=attrs["dtype"],
-                          path=str(path))
+                          metrics=json.loads(attrs["metrics"]), model=json.loads(attrs["model"]),
+                          model_summary=attrs["model_summary"], dtype=attrs["dtype"], path=str(path))
     except ValueError as error:
         raise CheckpointError(f"{path}: malformed metadata ({_short(error)})") from None
 
 
 def _text(value):
-    return value.decode() if isinstance(value, bytes) else str(value) if not isinstance(value, str) else value
+    return value.decode() if isinstance(value, bytes) else value if isinstance(value, str) else str(value)
 
 
 def _short(error):
     return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+# ---------------------------------------------------------------- the checkpoint folder
 
 
 def step_checkpoints(checkpoint_dir):

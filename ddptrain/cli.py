@@ -13,22 +13,19 @@ no rank waits forever in a collective.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 
 from .config import DTYPES, LR_SCALINGS, SCHEDULES, Config, load_toml
 from .errors import EXIT_FAILURE, UserError, same_on_every_rank
+from .launcher import launched_by_mpi, rank_and_size
 
 COMMANDS = ("train", "evaluate", "prepare", "plot", "info")
 
 
 def _launcher_rank():
     """This process's rank as the launcher announced it (before MPI is initialised)."""
-    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 0
+    return rank_and_size()[0]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -159,7 +156,11 @@ def parse(argv):
     return build_parser().parse_args(argv)
 
 
-def main(argv=None):
+def main(argv=None, callbacks=()):
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
+
+    ``callbacks`` (``ddptrain.train.Callback``) are added to a training run's own.
+    """
     comm = None
     try:
         args = parse(argv)
@@ -169,7 +170,7 @@ def main(argv=None):
         if args.command == "plot":
             from . import plot
             return plot.run(args)
-        from .comm import launched_by_mpi, world
+        from .comm import world
         if args.command == "info":
             from . import commands
             return commands.info(args, world())
@@ -187,9 +188,9 @@ def main(argv=None):
             from .simulate import run_simulated
             return run_simulated(config.simulate_ranks,
                                  lambda rank_comm: run_training(config, rank_comm, quiet=args.quiet,
-                                                                dry_run=args.dry_run))
+                                                                dry_run=args.dry_run, callbacks=callbacks))
         comm = world()
-        return run_training(config, comm, quiet=args.quiet, dry_run=args.dry_run)
+        return run_training(config, comm, quiet=args.quiet, dry_run=args.dry_run, callbacks=callbacks)
     except UserError as error:
         return _fail(str(error), error, comm)
     except SystemExit:

@@ -11,88 +11,25 @@ one inside an ``if comm.rank == 0`` branch.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 import numpy as np
 
-from .errors import UserError
-
-# Variables that MPI launchers (mpiexec/mpirun of MPICH, Open MPI, Intel MPI,
-# and srun with PMI-2 or PMIx) set in the environment of the ranks they start.
-_LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "PMI_FD", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE",
-                       "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
+from .launcher import launched_by_mpi, srun_task
 
 
-def launched_by_mpi(environ=os.environ):
-    return any(name in environ for name in _LAUNCHER_VARIABLES)
+def collective(function):
+    """Marks a function or method that every rank must call, at the same point of the run.
 
-
-# Set by mpirun/mpiexec (Hydra of MPICH and Intel MPI, Open MPI) in its ranks. Inside a
-# SLURM allocation mpirun starts its proxies with srun, so its ranks also carry the SLURM
-# step variables, of a step with one task per node: those say nothing about the ranks.
-_MPIRUN_VARIABLES = ("MPI_LOCALNRANKS", "HYDI_CONTROL_FD", "OMPI_COMM_WORLD_SIZE")
-
-
-def srun_task(environ=os.environ):
-    """``(task id, number of tasks)`` if srun itself started this process as a task of a step, else None."""
-    if "SLURM_STEP_ID" not in environ or any(name in environ for name in _MPIRUN_VARIABLES):
-        return None
-    procid = environ.get("SLURM_PROCID", "")
-    ntasks = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS", "")
-    if not (procid.isdigit() and ntasks.isdigit()):
-        return None
-    return int(procid), int(ntasks)
-
-
-_SRUN_ADVICE = ("give srun the process-management interface of your MPI library: `srun --mpi=pmi2` for "
-                "MPICH (the PyPI wheel) or Intel MPI, `srun --mpi=pmix` for Open MPI (`srun --mpi=list` "
-                "shows what this cluster offers), or start the ranks with mpirun inside the allocation")
-
-
-def check_srun_world(comm, task):
-    """Under srun, refuse a world that is not the step's tasks (raises the same UserError on every rank).
-
-    The common mistake: srun without a PMI that the MPI library understands
-    starts N processes that are N separate worlds of size 1, each of which
-    would train the whole model alone and write the same run folder.
+    It communicates: called on some ranks only (inside ``if comm.rank == 0:``,
+    say), it leaves the others waiting in it forever.
     """
-    if task is None:
-        return
-    procid, ntasks = task
-    if comm.size == 1 and ntasks > 1:
-        how = ("MPI was started" if isinstance(comm, MPIComm) else
-               "no MPI launcher variables (PMI_RANK, PMIX_RANK) are set, so ddptrain would run")
-        raise UserError(f"srun started {ntasks} tasks (this is task {procid}), but {how} as {ntasks} separate "
-                        f"worlds of size 1 instead of one world of {ntasks} ranks: {_SRUN_ADVICE}")
-    claims = comm.allgather((comm.rank, procid, ntasks))   # DDP: every rank reaches the same verdict
-    wrong = [(r, p, n) for r, p, n in claims if (p, n) != (r, comm.size)]
-    if wrong:
-        r, p, n = wrong[0]
-        raise UserError(f"srun says this step has {n} tasks and MPI rank {r} is task {p}, but the MPI world has "
-                        f"{comm.size} ranks: the ranks do not match the SLURM tasks; {_SRUN_ADVICE}")
+    function.collective = True
+    return function
 
 
 ABORT_GRACE_SECONDS = 0.5
-
-
-def find_mpiexec():
-    """The mpiexec beside this interpreter (the PyPI mpich wheel puts it there), else the one on PATH."""
-    import shutil
-    from pathlib import Path
-    beside = Path(sys.executable).parent / "mpiexec"
-    found = str(beside) if beside.exists() else shutil.which("mpiexec")
-    if found is None:
-        raise RuntimeError("no mpiexec: install the 'mpich' extra (pip install -e '.[mpich]') or a system MPI")
-    return found
-
-
-def environ_without_launcher(environ=os.environ):
-    """A copy of the environment without the MPI and SLURM variables of whatever started this process,
-    for starting a new, independent ddptrain job from within one (tests, benchmarks)."""
-    return {name: value for name, value in environ.items()
-            if not name.startswith(("PMI_", "PMIX_", "OMPI_", "HYDI_", "MPI_LOCAL", "SLURM_"))}
 
 
 class SerialComm:
@@ -100,7 +37,6 @@ class SerialComm:
 
     rank = 0
     size = 1
-    local_size = 1    # ranks sharing this node
     library = "none (single process)"
 
     def allreduce_(self, array):
@@ -138,9 +74,6 @@ class MPIComm:
         self._comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
         self.rank = self._comm.Get_rank()
         self.size = self._comm.Get_size()
-        node = self._comm.Split_type(MPI.COMM_TYPE_SHARED)
-        self.local_size = node.Get_size()
-        node.Free()
         self.library = MPI.Get_library_version().splitlines()[0].strip()
 
     def allreduce_(self, array):
@@ -186,6 +119,7 @@ def world(use_mpi=None):
     ``use_mpi`` forces either choice. Under srun, the world must be the step's
     tasks (a UserError says how to launch otherwise).
     """
+    from .slurm import check_srun_world
     if use_mpi is None:
         use_mpi = launched_by_mpi()
     comm = MPIComm() if use_mpi else SerialComm()
@@ -218,7 +152,6 @@ class ThreadComm:
 
     def __init__(self, hub, rank):
         self._hub, self.rank, self.size = hub, rank, hub.size
-        self.local_size = hub.size
 
     @classmethod
     def create(cls, size):

@@ -14,11 +14,13 @@ import numpy as np
 
 from . import __version__, checkpoint as ckpt_io, data
 from .errors import EXIT_OK, UserError, same_on_every_rank
+from .evaluation import evaluate as evaluate_split
 from .nn import Sequential
 from .rank0 import run_on_rank0
-from .runner import configure_blas_threads
+from .runner import check_model_fits_data
 from .sampler import evaluation_block
-from .train import Split, evaluate as evaluate_split
+from .step import Split
+from .threads import configure_blas_threads
 
 
 def _data_for(checkpoint, given):
@@ -48,19 +50,17 @@ def evaluate(args, comm):
         checkpoint = ckpt_io.load(args.checkpoint)
         path = run_on_rank0(comm, lambda: _data_for(checkpoint, args.data))
         info = data.inspect(path)
-        model = Sequential.from_spec(checkpoint.model, dtype=checkpoint.dtype)
-        if model.n_inputs != info.n_features or model.n_outputs != info.n_classes:
-            raise UserError(f"{args.checkpoint}: model {checkpoint.model} does not fit {path} "
-                            f"({info.n_features} pixels, {info.n_classes} classes)")
+        model = Sequential.from_description(checkpoint.model, dtype=checkpoint.dtype)
+        check_model_fits_data(model, info, f"{args.checkpoint}: model {checkpoint.model_summary}")
         if args.eval_batch < 1:
             raise UserError(f"--eval-batch must be positive, got {args.eval_batch}")
-    model.load_params(checkpoint.params)
+    model.load_state(checkpoint.params, checkpoint.buffers)
     test_rows = evaluation_block(info.n_test, comm.rank, comm.size)
     test = Split(*data.read_rows(path, "test", [test_rows], dtype=checkpoint.dtype))
     result = evaluate_split(model, comm, test, info.n_classes, args.eval_batch)
     if comm.rank == 0:
         step = checkpoint.state.get("step")
-        print(f"checkpoint {args.checkpoint} (model {checkpoint.model}, step {step}) on {path}, "
+        print(f"checkpoint {args.checkpoint} (model {checkpoint.model_summary}, step {step}) on {path}, "
               f"{info.n_test:,} test rows, {comm.size} rank(s)")
         print(f"test loss {result.loss:.4f}  test accuracy {100 * result.accuracy:.2f}%")
         print("per-class accuracy: " + "  ".join(f"{c}: {100 * a:.1f}%"

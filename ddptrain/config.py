@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from .errors import UserError
 from .nn import parse_spec
+from .optim import SGD
 from .sampler import DEFAULT_VIRTUAL_SHARDS
 
 DTYPES = ("float32", "float64")
@@ -19,7 +23,7 @@ LR_SCALINGS = ("none", "linear")
 @dataclass(frozen=True)
 class Config:
     # data and model
-    data: str | None = None            # HDF5 file; None: the prepared MNIST in the cache
+    data: Optional[str] = None         # HDF5 file; None: the prepared MNIST in the cache
     model: str = "784-512-256-10"
     dtype: str = "float32"
     # optimisation; batch_size is the GLOBAL batch, shared by all ranks
@@ -39,10 +43,10 @@ class Config:
     drop_last: bool = False
     virtual_shards: int = DEFAULT_VIRTUAL_SHARDS
     # outputs
-    run_dir: str | None = None         # None: runs/<SLURM job id or date-time>
+    run_dir: Optional[str] = None      # None: runs/<SLURM job id or date-time>
     checkpoint_every: int = 0          # steps; 0: only at the end of each epoch
     keep: int = 3                      # newest step/epoch checkpoints kept
-    resume: str | None = None          # None, "auto" or a checkpoint path
+    resume: Optional[str] = None       # None, "auto" or a checkpoint path
     # machinery
     threads: int = 0                   # BLAS threads per rank; 0: cores on this node / ranks on this node
     check_every: int = 100             # steps between cross-rank parameter consistency checks
@@ -58,67 +62,60 @@ class Config:
     def to_json(self):
         return json.dumps(self.to_dict(), sort_keys=True)
 
-    @classmethod
-    def from_dict(cls, values):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserError(f"unknown configuration keys: {', '.join(unknown)}")
-        return cls(**values)
-
     def validated(self):
         """Return self, or raise a UserError naming the first invalid option."""
         parse_spec(self.model)
-        if self.dtype not in DTYPES:
-            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.lr_scaling not in LR_SCALINGS:
-            raise UserError(f"--lr-scaling must be one of {', '.join(LR_SCALINGS)}, got {self.lr_scaling!r}")
+        for name, allowed in (("dtype", DTYPES), ("lr_scaling", LR_SCALINGS), ("lr_schedule", SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{_option(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.debug and self.dtype != "float64":
             raise UserError("--debug runs in float64: drop --dtype float32 (finite differences need the precision)")
-        if self.lr_schedule not in SCHEDULES:
-            raise UserError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
-        positive = {"epochs": self.epochs, "batch-size": self.batch_size, "virtual-shards": self.virtual_shards,
-                    "check-every": self.check_every, "log-every": self.log_every, "eval-batch": self.eval_batch,
-                    "step-size": self.step_size, "keep": self.keep, "reference-batch": self.reference_batch}
-        for name, value in positive.items():
-            if not value > 0:
-                raise UserError(f"--{name} must be positive, got {value}")
-        non_negative = {"lr": self.lr, "momentum": self.momentum, "weight-decay": self.weight_decay,
-                        "warmup-epochs": self.warmup_epochs, "checkpoint-every": self.checkpoint_every,
-                        "threads": self.threads, "seed": self.seed, "step-gamma": self.step_gamma,
-                        "metrics-every": self.metrics_every, "simulate-ranks": self.simulate_ranks}
-        for name, value in non_negative.items():
-            if not value >= 0:
-                raise UserError(f"--{name} must not be negative, got {value}")
-        if self.nesterov and self.momentum == 0:
-            raise UserError("--nesterov needs --momentum > 0")
+        positive = ("epochs", "batch_size", "virtual_shards", "check_every", "log_every", "eval_batch", "step_size",
+                    "keep", "reference_batch")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise UserError(f"{_option(name)} must be positive, got {getattr(self, name)}")
+        non_negative = ("lr", "warmup_epochs", "checkpoint_every", "threads", "seed", "step_gamma", "metrics_every",
+                        "simulate_ranks")
+        for name in non_negative:
+            if not getattr(self, name) >= 0:
+                raise UserError(f"{_option(name)} must not be negative, got {getattr(self, name)}")
+        for name in ("lr", "warmup_epochs", "step_gamma"):
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"{_option(name)} must be finite, got {getattr(self, name)}")
+        self.make_optimizer()   # the optimiser checks its own settings (SettingError)
         return self
 
+    def make_optimizer(self):
+        return SGD(momentum=self.momentum, weight_decay=self.weight_decay, nesterov=self.nesterov)
 
-def _field_types():
-    # With postponed annotations the types are strings such as "int" or "str | None".
-    return {f.name: str(f.type) for f in dataclasses.fields(Config)}
+
+def _option(name):
+    return "--" + name.replace("_", "-")
+
+
+def _option_types():
+    return typing.get_type_hints(Config)
 
 
 def coerce(name, value, source):
     """``value`` as the type of option ``name``, or a UserError naming ``source`` and the option."""
-    kind = _field_types()[name]
-    option = "--" + name.replace("_", "-")
-    if value is None and "None" in kind:
-        return None
-    if kind.startswith("bool"):
-        if isinstance(value, bool):
-            return value
-    elif kind.startswith("int"):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif kind.startswith("float"):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif kind.startswith("str"):
-        if isinstance(value, str):
-            return value
-    raise UserError(f"{source}: {option} must be {kind.split(' ')[0]}, got {value!r}")
+    kind = _option_types()[name]
+    optional = typing.get_origin(kind) is typing.Union and type(None) in typing.get_args(kind)
+    if optional:
+        if value is None:
+            return None
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+    # bool is a subclass of int: a TOML true is not a number, nor 1 a boolean.
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, str):
+        return value
+    raise UserError(f"{source}: {_option(name)} must be {kind.__name__}, got {value!r}")
 
 
 def load_toml(path):
@@ -142,7 +139,7 @@ def load_toml(path):
     except tomllib.TOMLDecodeError as error:
         raise UserError(f"{path}: not valid TOML ({error})") from None
     table = {**{k: v for k, v in table.items() if k != "train"}, **table.get("train", {})}
-    fields = _field_types()
+    fields = _option_types()
     values = {}
     for key, value in table.items():
         name = key.replace("-", "_")

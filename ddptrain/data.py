@@ -45,9 +45,14 @@ class DatasetInfo:
     path: str
     n_train: int
     n_test: int
-    n_features: int      # pixels per image: H * W (784 for MNIST)
+    image_shape: tuple   # (H, W): (28, 28) for MNIST
     n_classes: int
     attrs: dict          # the file's root attributes, as plain Python values
+
+    @property
+    def n_features(self):
+        """Pixels per image: H * W (784 for MNIST)."""
+        return self.image_shape[0] * self.image_shape[1]
 
 
 # ---------------------------------------------------------------- inspect
@@ -65,16 +70,17 @@ def inspect(path) -> DatasetInfo:
         with _open(path) as f:
             _check_format(f, path)
             shapes = {split: _check_split(f, split, path) for split in SPLITS}
-            _check_same_image_shape(shapes, path)
+            different = _different_image_shapes(shapes["train"], shapes["test"])
+            if different:
+                raise DataError(f"{path}: {different}")
             _check_storage_fits_in_file(f, path)
             attrs = _plain_attrs(f.attrs)
     except DataError:
         raise
     except _H5PY_ERRORS as e:
         raise DataError(f"{path}: cannot read the file: {_one_line(e)}") from e
-    height, width = shapes["train"][1:]
     return DatasetInfo(path=path, n_train=shapes["train"][0], n_test=shapes["test"][0],
-                       n_features=height * width, n_classes=N_CLASSES, attrs=attrs)
+                       image_shape=tuple(shapes["train"][1:]), n_classes=N_CLASSES, attrs=attrs)
 
 
 def _check_is_file(path):
@@ -156,10 +162,10 @@ def _check_labels_in_range(labels, name, path):
         raise DataError(f"{path}: label {first_bad} in '{name}' is outside 0..{N_CLASSES - 1}")
 
 
-def _check_same_image_shape(shapes, path):
-    train, test = shapes["train"][1:], shapes["test"][1:]
-    if train != test:
-        raise DataError(f"{path}: train images are {_hw(train)} but test images are {_hw(test)}")
+def _different_image_shapes(train_shape, test_shape):
+    """What is wrong when the two splits' images (shapes ``(N, H, W)``) differ in size, else None."""
+    train, test = tuple(train_shape[1:]), tuple(test_shape[1:])
+    return None if train == test else f"train images are {_hw(train)} but test images are {_hw(test)}"
 
 
 def _check_storage_fits_in_file(f, path):
@@ -211,7 +217,7 @@ def read_rows(path, split, blocks, dtype=np.float32):
     """Read the rows ``blocks`` (a list of ``(start, stop)``) of one split.
 
     One contiguous hyperslab read per block, concatenated in the given order.
-    Returns ``x`` of shape ``(rows, H*W)``, C-contiguous, of ``dtype``, with
+    Returns ``x`` of shape ``(rows, H, W)``, C-contiguous, of ``dtype``, with
     pixel/255 in [0, 1], and ``y`` of shape ``(rows,)``, int64.
     """
     path = os.fspath(path)
@@ -248,8 +254,7 @@ def _read_blocks(images, labels, blocks, dtype):
     """
     n_rows = sum(stop - start for start, stop in blocks)
     image_shape = images.shape[1:]
-    n_features = int(np.prod(image_shape))
-    x = np.empty((n_rows, n_features), dtype=dtype)
+    x = np.empty((n_rows, *image_shape), dtype=dtype)
     y = np.empty(n_rows, dtype=np.int64)
     largest = max((stop - start for start, stop in blocks), default=0)
     scratch = np.empty((largest, *image_shape), dtype=np.uint8)
@@ -259,8 +264,7 @@ def _read_blocks(images, labels, blocks, dtype):
         if rows == 0:
             continue
         images.read_direct(scratch, np.s_[start:stop], np.s_[0:rows])
-        np.divide(scratch[:rows].reshape(rows, n_features), PIXEL_MAX,
-                  out=x[at:at + rows], dtype=dtype)
+        np.divide(scratch[:rows], PIXEL_MAX, out=x[at:at + rows], dtype=dtype)
         y[at:at + rows] = labels[start:stop]
         at += rows
     return x, y
@@ -279,9 +283,9 @@ def write_dataset(path, train_images, train_labels, test_images, test_labels, at
     path = os.fspath(path)
     splits = {"train": _checked_split("train", train_images, train_labels),
               "test": _checked_split("test", test_images, test_labels)}
-    if splits["train"][0].shape[1:] != splits["test"][0].shape[1:]:
-        raise ValueError(f"train images are {_hw(splits['train'][0].shape[1:])} "
-                         f"but test images are {_hw(splits['test'][0].shape[1:])}")
+    different = _different_image_shapes(splits["train"][0].shape, splits["test"][0].shape)
+    if different:
+        raise ValueError(different)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     # Same folder as the target, so that os.replace is a rename within one

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import NumericalError
+from .train import Callback
 
 
 class GradientCheckError(RuntimeError):
@@ -30,11 +31,8 @@ class GradientCheckError(RuntimeError):
     show_traceback = False
 
 
-def describe_layer(index, layer):
-    name = type(layer).__name__
-    if hasattr(layer, "n_in"):
-        name += f" {layer.n_in}->{layer.n_out}"
-    return f"layer {index} ({name})"
+def describe_layer(layer):
+    return f"layer {layer.name} ({layer.label()})"
 
 
 class FiniteChecker:
@@ -43,16 +41,16 @@ class FiniteChecker:
     def __init__(self):
         self.step = None
 
-    def __call__(self, direction, index, layer, array):
+    def __call__(self, direction, layer, array):
         if array is not None and not np.isfinite(array).all():
             where = "output" if direction == "forward" else "input gradient"
-            raise NumericalError(f"NaN or Inf in the {where} of {describe_layer(index, layer)} "
+            raise NumericalError(f"NaN or Inf in the {where} of {describe_layer(layer)} "
                                  f"during the {direction} pass of step {self.step}")
         if direction == "backward":
             for name, grad in layer.grads.items():
                 if not np.isfinite(grad).all():
-                    raise NumericalError(f"NaN or Inf in the gradient of {index}.{name} "
-                                         f"({describe_layer(index, layer)}) at step {self.step}")
+                    raise NumericalError(f"NaN or Inf in the gradient of {layer.name}.{name} "
+                                         f"({describe_layer(layer)}) at step {self.step}")
 
 
 def sample_coordinates(model, seed=0):
@@ -85,10 +83,32 @@ def check_gradient(model, loss_fn, comm, x, y, global_count, step, eps=1e-6, rto
     """Compare ``model.grads`` (already allreduced) with central differences of the global-batch loss.
 
     Returns the list of ``(name, index, backprop, numeric)`` checked; raises
-    GradientCheckError naming the worst coordinate if any disagrees.
+    GradientCheckError naming the worst coordinate if any disagrees. The
+    model's buffers (which a forward pass in training mode may update, such
+    as running statistics) are as they were afterwards.
     """
     if model.params.dtype != np.float64:
         raise ValueError("the finite-difference check needs float64 parameters")
+    buffers = model.buffers.copy()
+    try:
+        checked, worst = _compare(model, loss_fn, comm, x, y, global_count, eps, rtol, atol, seed)
+    finally:
+        model.buffers[...] = buffers
+    if worst is not None:
+        error, name, index, backprop, numeric = worst
+        array = dict(model.named_params())[name]
+        position = np.unravel_index(index, array.shape)
+        ratio = backprop / numeric if numeric else float("inf")
+        raise GradientCheckError(
+            f"gradient check failed at step {step}: {name}{list(map(int, position))}: backprop + allreduce "
+            f"gives {backprop:.6g}, finite differences of the global-batch loss give {numeric:.6g} "
+            f"(ratio {ratio:.4g}, relative error {error:.2g}). A ratio equal to the number of ranks, or to "
+            f"global/local batch size, points at a loss normalised by the local instead of the global batch")
+    return checked
+
+
+def _compare(model, loss_fn, comm, x, y, global_count, eps, rtol, atol, seed):
+    """The coordinates checked, and the worst disagreement among them (or None)."""
     checked, worst = [], None
     for name, index, flat in sample_coordinates(model, seed):
         original = model.params[flat]
@@ -104,14 +124,35 @@ def check_gradient(model, loss_fn, comm, x, y, global_count, step, eps=1e-6, rto
         if abs(backprop - numeric) > atol + rtol * max(abs(backprop), abs(numeric)) \
                 and (worst is None or error > worst[0]):
             worst = (error, name, index, backprop, numeric)
-    if worst is not None:
-        error, name, index, backprop, numeric = worst
-        array = dict(model.named_params())[name]
-        position = np.unravel_index(index, array.shape)
-        ratio = backprop / numeric if numeric else float("inf")
-        raise GradientCheckError(
-            f"gradient check failed at step {step}: {name}{list(map(int, position))}: backprop + allreduce "
-            f"gives {backprop:.6g}, finite differences of the global-batch loss give {numeric:.6g} "
-            f"(ratio {ratio:.4g}, relative error {error:.2g}). A ratio equal to the number of ranks, or to "
-            f"global/local batch size, points at a loss normalised by the local instead of the global batch")
-    return checked
+    return checked, worst
+
+
+class DebugChecks(Callback):
+    """``--debug``: NaN/Inf checks after every layer, and the finite-difference check at the first step.
+
+    The gradient check runs inside the first step (``TrainStep.after_reduce``):
+    after the Allreduce, before the update, on the very gradient the step applies.
+    """
+
+    def __init__(self, console, seed=0):
+        self.console, self.seed = console, seed
+        self.finite_checker = FiniteChecker()
+        self._trainer = None
+
+    def on_fit_start(self, trainer):
+        self._trainer = trainer
+        trainer.model.observer = self.finite_checker
+        trainer.train_step.after_reduce.append(self._check_gradient_once)
+
+    def on_step_start(self, trainer):
+        self.finite_checker.step = trainer.position.step
+
+    def _check_gradient_once(self, x, y, global_count):
+        step = self._trainer.train_step
+        step.after_reduce.remove(self._check_gradient_once)
+        checked = check_gradient(step.model, step.loss_fn, step.comm, x, y, global_count,
+                                 self._trainer.position.step, seed=self.seed)
+        worst = max(abs(b - n) / max(abs(b), abs(n), 1e-9) for _, _, b, n in checked)
+        self.console.print(f"debug: at step {self._trainer.position.step} the allreduced gradient agrees with "
+                           f"finite differences of the global-batch loss on {len(checked)} coordinates "
+                           f"(worst relative error {worst:.1e})", always=True)

@@ -17,6 +17,18 @@ class UserError(Exception):
     exit_status = EXIT_USAGE
 
 
+class SettingError(UserError, ValueError):
+    """A setting (of an optimiser, say) out of its range, named as the command-line option that sets it.
+
+    Raised by the class that owns the setting, which is the one place that
+    checks it; a ValueError too, for code that builds such objects directly.
+    """
+
+    def __init__(self, setting, problem):
+        self.setting, self.problem = setting, problem
+        super().__init__(f"--{setting.replace('_', '-')} {problem}")
+
+
 class DataError(UserError):
     """The data file is missing, unreadable or not a valid ddptrain MNIST file."""
 

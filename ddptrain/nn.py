@@ -1,22 +1,32 @@
 """Layers with an explicit forward and backward, and a sequential model.
 
-Shapes follow the batch-first convention: an input is ``(batch, features)``.
-A layer caches what its backward needs during ``forward``; ``backward(dout)``
+Shapes follow the batch-first convention: an input is ``(batch, ...)``. A
+layer caches what its backward needs during ``forward``; ``backward(dout)``
 fills the layer's parameter gradients and returns the gradient with respect to
 its input. Nothing here knows about MPI or about how the loss is normalised.
 
+What a layer may hold, each under a name:
+
+* **parameters** (``params``), trained by the optimiser, with their gradients
+  (``grads``) of the same shapes;
+* **buffers**: state that is not trained but belongs to the model (running
+  statistics, say). Saved in checkpoints and compared across ranks like the
+  parameters;
+* a **mode**: ``training`` is True while training and False in evaluation
+  (``Sequential.train()`` / ``Sequential.eval()``), for layers that behave
+  differently in the two.
+
 Two things exist for speed and are worth knowing before reading on:
 
-* The model's parameters live in one flat array and its gradients in another;
-  every layer's ``weight`` and ``bias`` are *views* into them. The optimiser
-  then updates the whole model with a handful of vector operations, and a
-  data-parallel trainer reduces all gradients with a single Allreduce.
-* Layers write their outputs into buffers they own and reuse on the next
-  call (grown only when a larger batch arrives). The array returned by
+* The model's parameters live in one flat array, its gradients in another and
+  its buffers in a third; every layer's arrays are *views* into them. The
+  optimiser then updates the whole model with a handful of vector operations,
+  and a data-parallel trainer reduces all gradients with a single Allreduce.
+* Layers write their outputs into scratch arrays they own and reuse on the
+  next call (grown only when a larger batch arrives). The array returned by
   ``forward`` or ``backward`` is therefore valid until the next call of the
-  same method: copy it if you need to keep it. In the MLPs of
-  ``Sequential.from_spec`` each ReLU works in place on the arrays the Linear
-  layer before it returned (see ``ReLU``).
+  same method: copy it if you need to keep it. Where it is safe, ``Sequential``
+  lets a ReLU work in place on its neighbours' arrays (see ``ReLU``).
 """
 
 from __future__ import annotations
@@ -27,19 +37,28 @@ import numpy as np
 
 from .errors import UserError
 
+# Every Layer subclass, by class name: how a model description becomes a model again.
+LAYER_TYPES = {}
 
-class _Buffers:
-    """Scratch arrays reused across calls, keyed by name; rows grow on demand."""
+
+class ShapeError(UserError):
+    """An input whose shape does not fit a layer."""
+
+
+class _Scratch:
+    """Arrays reused across calls, keyed by name; grown along the first (batch) axis on demand."""
 
     def __init__(self):
         self._arrays = {}
 
-    def rows(self, name, n_rows, n_cols, dtype):
+    def get(self, name, shape, dtype):
+        """An array of ``shape`` (uninitialised), the same memory as last time when it fits."""
         array = self._arrays.get(name)
-        if array is None or array.shape[0] < n_rows or array.shape[1] != n_cols or array.dtype != dtype:
-            array = np.empty((n_rows, n_cols), dtype=dtype)
+        if array is None or array.shape[0] < shape[0] or array.shape[1:] != tuple(shape[1:]) \
+                or array.dtype != dtype:
+            array = np.empty(shape, dtype=dtype)
             self._arrays[name] = array
-        return array[:n_rows]
+        return array[:shape[0]]
 
     def constant(self, value, n, dtype):
         """A vector of ``n`` copies of ``value``, made once and kept (it must not be written to)."""
@@ -52,25 +71,80 @@ class _Buffers:
 
 
 class Layer:
-    """A layer has named parameters (possibly none) and a forward and backward pass."""
+    """A layer: named parameters and buffers (possibly none), a mode, a forward and a backward pass.
+
+    A subclass declares the shapes of its parameters and buffers, fills them
+    in ``init_params`` / ``init_buffers``, and says in ``config`` which
+    constructor arguments rebuild it. Every subclass is registered by its
+    class name, so that a model description saved in a checkpoint can be
+    turned back into the model.
+    """
+
+    # What Sequential may do around this layer without breaking it (see Sequential._plan_in_place):
+    output_is_scratch = False       # backward never reads the array forward returned
+    input_grad_is_scratch = False   # nothing reads the array backward returned after the caller has it
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        LAYER_TYPES[cls.__name__] = cls
 
     def __init__(self):
-        self.params = {}   # name -> array (a view into the model's flat buffer)
-        self.grads = {}    # name -> array of the same shape
-        self._buffers = _Buffers()
+        self.name = None     # given by Sequential: "linear1", "relu2", ...
+        self.params = {}     # name -> array (a view into the model's flat parameters)
+        self.grads = {}      # name -> array of the same shape (a view into the flat gradients)
+        self.buffers = {}    # name -> array (a view into the model's flat buffers)
+        self.training = True
+        self._scratch = _Scratch()
+
+    def config(self):
+        """The constructor arguments that rebuild this layer (JSON values)."""
+        return {}
+
+    def label(self):
+        """A short human description, such as ``Linear 784->512``."""
+        return type(self).__name__
 
     def param_shapes(self):
         """The shapes of this layer's parameters, in a fixed order."""
         return {}
 
+    def buffer_shapes(self):
+        """The shapes of this layer's buffers, in a fixed order."""
+        return {}
+
     def init_params(self, rng):
         """Fill ``self.params`` in place with initial values drawn from ``rng``."""
+
+    def init_buffers(self):
+        """Fill ``self.buffers`` in place with their initial values."""
+
+    def output_shape(self, input_shape):
+        """The shape of one sample's output for one sample's input shape; ShapeError if it does not fit."""
+        return tuple(input_shape)
 
     def forward(self, x):
         raise NotImplementedError
 
     def backward(self, dout, need_input_grad=True):
         raise NotImplementedError
+
+
+class Flatten(Layer):
+    """``(batch, d1, d2, ...)`` -> ``(batch, d1 * d2 * ...)``: a view, no copy, for contiguous input."""
+
+    def __init__(self):
+        super().__init__()
+        self._input_shape = None
+
+    def output_shape(self, input_shape):
+        return (math.prod(input_shape),)
+
+    def forward(self, x):
+        self._input_shape = x.shape
+        return x.reshape(x.shape[0], math.prod(x.shape[1:]))   # not -1: a batch may be empty
+
+    def backward(self, dout, need_input_grad=True):
+        return dout.reshape(self._input_shape) if need_input_grad else None
 
 
 class Linear(Layer):
@@ -81,12 +155,21 @@ class Linear(Layer):
     Biases start at zero.
     """
 
+    output_is_scratch = True        # backward needs the input and the weights, not the output
+    input_grad_is_scratch = True
+
     def __init__(self, n_in, n_out, init="he"):
         super().__init__()
         if init not in ("he", "glorot"):
             raise ValueError(f"unknown init {init!r}")
-        self.n_in, self.n_out, self.init = n_in, n_out, init
+        self.n_in, self.n_out, self.init = int(n_in), int(n_out), init
         self._x = None
+
+    def config(self):
+        return {"n_in": self.n_in, "n_out": self.n_out, "init": self.init}
+
+    def label(self):
+        return f"Linear {self.n_in}->{self.n_out}"
 
     def param_shapes(self):
         return {"weight": (self.n_in, self.n_out), "bias": (self.n_out,)}
@@ -100,9 +183,15 @@ class Linear(Layer):
             weight[...] = rng.uniform(-limit, limit, size=weight.shape)
         self.params["bias"][...] = 0
 
+    def output_shape(self, input_shape):
+        if tuple(input_shape) != (self.n_in,):
+            raise ShapeError(f"{self.name or 'Linear'} ({self.label()}) takes {self.n_in} features per sample, "
+                             f"not {_shape_text(input_shape)}")
+        return (self.n_out,)
+
     def forward(self, x):
         self._x = x
-        out = self._buffers.rows("out", x.shape[0], self.n_out, self.params["weight"].dtype)
+        out = self._scratch.get("out", (x.shape[0], self.n_out), self.params["weight"].dtype)
         np.matmul(x, self.params["weight"], out=out)
         out += self.params["bias"]
         return out
@@ -113,42 +202,43 @@ class Linear(Layer):
         np.matmul(self._x.T, dout, out=self.grads["weight"])
         # The column sums of dout as a product with a vector of ones: BLAS
         # does it about twice as fast as np.sum(dout, axis=0).
-        np.matmul(self._buffers.constant(1, dout.shape[0], dout.dtype), dout, out=self.grads["bias"])
+        np.matmul(self._scratch.constant(1, dout.shape[0], dout.dtype), dout, out=self.grads["bias"])
         if not need_input_grad:
             # The first layer's input is the data: skipping dx saves a third
             # of that layer's (the largest) matrix products.
             return None
-        dx = self._buffers.rows("dx", dout.shape[0], self.n_in, dout.dtype)
+        dx = self._scratch.get("dx", (dout.shape[0], self.n_in), dout.dtype)
         return np.matmul(dout, self.params["weight"].T, out=dx)
 
 
 class ReLU(Layer):
     """``y = max(x, 0)``; the gradient passes where the output is positive.
 
-    With ``inplace=True`` the forward overwrites its input and the backward
-    its incoming gradient, instead of writing into buffers of its own: two
-    fewer activation-sized arrays to stream through the cache each step. Only
-    for a caller that no longer needs either array, as in an MLP where the
-    ReLU follows a Linear layer (whose backward needs neither its output nor
-    the gradient it returned); ``Sequential.from_spec`` builds them so.
+    ``in_place`` is decided by ``Sequential``, never by hand: when the layer
+    before this one does not read its own output again (``output_is_scratch``)
+    and the layer after it does not read the gradient it returned
+    (``input_grad_is_scratch``), the forward overwrites its input and the
+    backward its incoming gradient instead of writing into arrays of its own:
+    two fewer activation-sized arrays to stream through the cache each step.
     """
 
-    def __init__(self, inplace=False):
+    def __init__(self):
         super().__init__()
-        self.inplace = inplace
+        self.in_place = False
         self._out = None
 
     def forward(self, x):
-        out = x if self.inplace else self._buffers.rows("out", x.shape[0], x.shape[1], x.dtype)
-        # Against a row of zeros, not the scalar 0: numpy's vectorised loop for
-        # maximum wants two arrays, and with a scalar operand it takes a loop
-        # about 2.5x slower (numpy 2.4, float32). The row broadcasts over the batch.
-        self._out = np.maximum(x, self._buffers.constant(0, x.shape[1], x.dtype), out=out)
+        out = x if self.in_place else self._scratch.get("out", x.shape, x.dtype)
+        # Against zeros of one sample's shape, not the scalar 0: numpy's vectorised
+        # loop for maximum wants two arrays, and with a scalar operand it takes a loop
+        # about 2.5x slower (numpy 2.4, float32). The zeros broadcast over the batch.
+        zeros = self._scratch.constant(0, math.prod(x.shape[1:]), x.dtype).reshape(x.shape[1:])
+        self._out = np.maximum(x, zeros, out=out)
         return out
 
     def backward(self, dout, need_input_grad=True):
-        dx = dout if self.inplace else self._buffers.rows("dx", dout.shape[0], dout.shape[1], dout.dtype)
-        passes = np.greater(self._out, 0, out=self._buffers.rows("mask", *self._out.shape, bool))
+        dx = dout if self.in_place else self._scratch.get("dx", dout.shape, dout.dtype)
+        passes = np.greater(self._out, 0, out=self._scratch.get("mask", self._out.shape, bool))
         return np.multiply(dout, passes, out=dx)
 
 
@@ -166,7 +256,7 @@ class Softmax(Layer):
         self._s = None
 
     def forward(self, x):
-        s = self._buffers.rows("out", x.shape[0], x.shape[1], x.dtype)
+        s = self._scratch.get("out", x.shape, x.dtype)
         np.subtract(x, x.max(axis=1, keepdims=True), out=s)   # exp never overflows
         np.exp(s, out=s)
         s /= s.sum(axis=1, keepdims=True)
@@ -175,102 +265,187 @@ class Softmax(Layer):
 
     def backward(self, dout, need_input_grad=True):
         s = self._s
-        dx = self._buffers.rows("dx", dout.shape[0], dout.shape[1], dout.dtype)
+        dx = self._scratch.get("dx", dout.shape, dout.dtype)
         np.subtract(dout, np.sum(dout * s, axis=1, keepdims=True), out=dx)
         dx *= s
         return dx
 
 
+def _shape_text(shape):
+    return "x".join(map(str, shape)) if len(shape) != 1 else f"{shape[0]}"
+
+
 def parse_spec(spec):
     """``"784-512-256-10"`` -> ``[784, 512, 256, 10]``, or a UserError saying what is wrong."""
     parts = str(spec).split("-")
-    try:
-        sizes = [int(p) for p in parts]
-    except ValueError:
-        raise UserError(f"--model {spec!r}: expected layer sizes joined by '-', such as 784-512-256-10") from None
+    if not all(p.isdigit() for p in parts):   # isdigit: no signs, spaces or underscores ("6_4")
+        raise UserError(f"--model {spec!r}: expected layer sizes joined by '-', such as 784-512-256-10")
+    sizes = [int(p) for p in parts]
     if len(sizes) < 2 or any(s <= 0 for s in sizes):
         raise UserError(f"--model {spec!r}: needs at least an input and an output size, all positive")
     return sizes
 
 
-class Sequential:
-    """Layers applied in order, with all parameters in one flat buffer.
+def _flat_views(owners, array):
+    """Slice ``array`` into views of the shapes ``owners`` lists, as ``(layer, dict, name, view)``."""
+    offset = 0
+    for layer, table, name, shape in owners:
+        size = math.prod(shape)
+        yield layer, table, name, array[offset:offset + size].reshape(shape)
+        offset += size
 
-    ``params`` and ``grads`` are 1-D arrays; ``named_params()`` lists the
-    per-layer views as ``("0.weight", array)`` and so on, in a fixed order that
-    is also the layout of the flat buffers and the keys of a checkpoint.
+
+class Sequential:
+    """Layers applied in order, with all parameters, gradients and buffers in flat arrays.
+
+    ``params``, ``grads`` and ``buffers`` are 1-D arrays. ``named_params()``
+    lists the per-layer views as ``("linear1.weight", array)`` and so on, in
+    the order of the flat arrays. A layer's name is the one it was given, or
+    its type and its number among the layers of that type (``linear2``,
+    ``relu1``): inserting a layer of another type renames nothing.
     """
 
-    def __init__(self, layers, dtype=np.float32, seed=0):
+    def __init__(self, layers, dtype=np.float32, seed=0, spec=None):
         self.layers = list(layers)
         self.dtype = np.dtype(dtype)
-        shapes = [(i, name, shape) for i, layer in enumerate(self.layers)
-                  for name, shape in layer.param_shapes().items()]
-        total = sum(math.prod(shape) for _, _, shape in shapes)
-        self.params = np.zeros(total, dtype=self.dtype)
-        self.grads = np.zeros(total, dtype=self.dtype)
-        offset = 0
-        for i, name, shape in shapes:
-            size = math.prod(shape)
-            self.layers[i].params[name] = self.params[offset:offset + size].reshape(shape)
-            self.layers[i].grads[name] = self.grads[offset:offset + size].reshape(shape)
-            offset += size
+        self.spec = spec   # the --model string it was built from, if any
+        self._name_layers()
+        param_owners = [(layer, "params", name, shape) for layer in self.layers
+                        for name, shape in layer.param_shapes().items()]
+        buffer_owners = [(layer, "buffers", name, shape) for layer in self.layers
+                         for name, shape in layer.buffer_shapes().items()]
+        self.params = np.zeros(sum(math.prod(s) for *_, s in param_owners), dtype=self.dtype)
+        self.grads = np.zeros_like(self.params)
+        self.buffers = np.zeros(sum(math.prod(s) for *_, s in buffer_owners), dtype=self.dtype)
+        for layer, _, name, view in _flat_views(param_owners, self.params):
+            layer.params[name] = view
+        for layer, _, name, view in _flat_views(param_owners, self.grads):
+            layer.grads[name] = view
+        for layer, _, name, view in _flat_views(buffer_owners, self.buffers):
+            layer.buffers[name] = view
         # One generator for the whole model, consumed layer by layer, so the
-        # initial parameters are a pure function of (spec, seed); the draws are
+        # initial parameters are a pure function of (layers, seed); the draws are
         # made in float64 and rounded, so float32 and float64 models agree.
         rng = np.random.default_rng(seed)
         for layer in self.layers:
             layer.init_params(rng)
+            layer.init_buffers()
+        # Without a request for the input gradient, backward stops at the first layer with
+        # parameters, and that layer skips its input gradient: nothing before it needs one.
+        self._first_trained = next((i for i, layer in enumerate(self.layers) if layer.params), 0)
+        self._plan_in_place()
+
+    def _name_layers(self):
+        counts, seen = {}, set()
+        for layer in self.layers:
+            kind = type(layer).__name__.lower()
+            counts[kind] = counts.get(kind, 0) + 1
+            layer.name = layer.name or f"{kind}{counts[kind]}"
+            if layer.name in seen or "." in layer.name or "/" in layer.name:
+                raise ValueError(f"layer name {layer.name!r} is repeated or holds '.' or '/'")
+            seen.add(layer.name)
+
+    def _plan_in_place(self):
+        """Let each ReLU work in place where neither neighbour reads the array it would overwrite."""
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, ReLU):
+                layer.in_place = (0 < i < len(self.layers) - 1 and self.layers[i - 1].output_is_scratch
+                                  and self.layers[i + 1].input_grad_is_scratch)
 
     @classmethod
     def from_spec(cls, spec, dtype=np.float32, seed=0):
-        """An MLP from ``"784-512-256-10"``: Linear layers with ReLU between them.
+        """An MLP from ``"784-512-256-10"``: Flatten, then Linear layers with ReLU between them.
 
         The output layer gives logits (no softmax): pair it with the fused
         ``SoftmaxCrossEntropy`` loss. Hidden layers use He init, the output
         layer Glorot.
         """
         sizes = parse_spec(spec)
-        layers = []
+        layers = [Flatten()]
         for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
             last = k == len(sizes) - 2
             layers.append(Linear(n_in, n_out, init="glorot" if last else "he"))
             if not last:
-                layers.append(ReLU(inplace=True))   # after a Linear: see ReLU
-        model = cls(layers, dtype=dtype, seed=seed)
-        model.spec = "-".join(map(str, sizes))
-        return model
+                layers.append(ReLU())
+        return cls(layers, dtype=dtype, seed=seed, spec="-".join(map(str, sizes)))
+
+    # -- description -------------------------------------------------------------------------
+
+    def describe(self):
+        """The layers' names, types and arguments (JSON values): what ``from_description`` rebuilds."""
+        return [{"name": layer.name, "type": type(layer).__name__, "args": layer.config()}
+                for layer in self.layers]
+
+    @classmethod
+    def from_description(cls, description, dtype=np.float32, seed=0, spec=None):
+        layers = []
+        for entry in description:
+            kind = LAYER_TYPES.get(entry.get("type"))
+            if kind is None:
+                raise UserError(f"unknown layer type {entry.get('type')!r} (import the module that defines it)")
+            try:
+                layer = kind(**entry.get("args", {}))
+            except (TypeError, ValueError) as error:
+                raise UserError(f"layer {entry.get('name')!r} ({kind.__name__}) cannot be built: {error}") from None
+            layer.name = entry.get("name")
+            layers.append(layer)
+        return cls(layers, dtype=dtype, seed=seed, spec=spec)
+
+    def summary(self):
+        """The --model spec it was built from, or its layers in a line."""
+        return self.spec or " -> ".join(layer.label() for layer in self.layers)
+
+    def output_shape(self, sample_shape):
+        """The shape of one sample's output for one sample's input; ShapeError naming the layer that does not fit."""
+        shape = tuple(sample_shape)
+        for layer in self.layers:
+            shape = layer.output_shape(shape)
+        return shape
+
+    # -- named state ---------------------------------------------------------------------------
 
     def named_params(self):
-        return [(f"{i}.{name}", array) for i, layer in enumerate(self.layers)
-                for name, array in layer.params.items()]
+        return [(f"{layer.name}.{name}", array) for layer in self.layers for name, array in layer.params.items()]
 
     def named_grads(self):
-        return [(f"{i}.{name}", array) for i, layer in enumerate(self.layers)
-                for name, array in layer.grads.items()]
+        return [(f"{layer.name}.{name}", array) for layer in self.layers for name, array in layer.grads.items()]
 
-    def load_params(self, named):
-        """Copy parameters in from a ``{"0.weight": array, ...}`` mapping (a checkpoint's)."""
+    def named_buffers(self):
+        return [(f"{layer.name}.{name}", array) for layer in self.layers for name, array in layer.buffers.items()]
+
+    def load_state(self, params, buffers):
+        """Copy parameters and buffers in from ``{"linear1.weight": array, ...}`` mappings (a checkpoint's)."""
         for name, array in self.named_params():
-            array[...] = named[name]
+            array[...] = params[name]
+        for name, array in self.named_buffers():
+            array[...] = buffers[name]
+
+    # -- modes -------------------------------------------------------------------------------------
+
+    def train(self, mode=True):
+        """Training mode (the default); ``train(False)`` is ``eval()``."""
+        for layer in self.layers:
+            layer.training = mode
+        return self
+
+    def eval(self):
+        return self.train(False)
 
     @property
-    def n_inputs(self):
-        return self.layers[0].n_in
+    def training(self):
+        return all(layer.training for layer in self.layers)
 
-    @property
-    def n_outputs(self):
-        return next(layer.n_out for layer in reversed(self.layers) if isinstance(layer, Linear))
+    # -- passes ------------------------------------------------------------------------------------
 
-    # Called as observer("forward" | "backward", index, layer, array) after every
-    # layer when set; --debug uses it to name the layer where a NaN appears.
+    # Called as observer("forward" | "backward", layer, array) after every layer when set;
+    # --debug uses it to name the layer where a NaN appears, the benchmark to time the layers.
     observer = None
 
     def forward(self, x):
-        for i, layer in enumerate(self.layers):
+        for layer in self.layers:
             x = layer.forward(x)
             if self.observer is not None:
-                self.observer("forward", i, layer, x)
+                self.observer("forward", layer, x)
         return x
 
     def backward(self, dout, need_input_grad=False):
@@ -278,8 +453,10 @@ class Sequential:
 
         Returns the gradient w.r.t. the input when ``need_input_grad``.
         """
-        for i in range(len(self.layers) - 1, -1, -1):
-            dout = self.layers[i].backward(dout, need_input_grad=need_input_grad or i > 0)
+        last = 0 if need_input_grad else self._first_trained
+        for i in range(len(self.layers) - 1, last - 1, -1):
+            layer = self.layers[i]
+            dout = layer.backward(dout, need_input_grad=need_input_grad or i > last)
             if self.observer is not None:
-                self.observer("backward", i, self.layers[i], dout)
-        return dout
+                self.observer("backward", layer, dout)
+        return dout if need_input_grad else None

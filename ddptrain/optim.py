@@ -11,19 +11,29 @@ PyTorch's ``torch.optim.SGD`` exactly (dampening 0), so results are comparable:
     param -= lr * g
 
 Weight decay applies to every parameter, biases included, as in PyTorch.
+
+The settings (momentum, ...) are given to the constructor; ``state_dict``
+holds only what training changes: the step count and the arrays (here the
+momentum buffer), each under its own name, which is how a checkpoint stores
+them. Resuming with other settings therefore applies the settings given.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from .errors import SettingError
 
 
 class SGD:
     def __init__(self, momentum=0.0, weight_decay=0.0, nesterov=False):
-        if momentum < 0 or weight_decay < 0:
-            raise ValueError("momentum and weight decay must be non-negative")
+        for setting, value in (("momentum", momentum), ("weight_decay", weight_decay)):
+            if not (math.isfinite(value) and value >= 0):
+                raise SettingError(setting, f"must be finite and not negative, got {value}")
         if nesterov and momentum == 0:
-            raise ValueError("Nesterov momentum needs momentum > 0")
+            raise SettingError("nesterov", "needs --momentum > 0")
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
         self.nesterov = bool(nesterov)
@@ -62,18 +72,13 @@ class SGD:
         self.steps += 1
 
     def state_dict(self):
-        return {
-            "momentum": self.momentum,
-            "weight_decay": self.weight_decay,
-            "nesterov": self.nesterov,
-            "steps": self.steps,
-            "velocity": None if self._velocity is None else self._velocity.copy(),
-        }
+        """What training changed: ``steps`` and, after the first step with momentum, ``velocity``."""
+        state = {"steps": self.steps}
+        if self._velocity is not None:
+            state["velocity"] = self._velocity.copy()
+        return state
 
     def load_state_dict(self, state):
-        self.momentum = float(state["momentum"])
-        self.weight_decay = float(state["weight_decay"])
-        self.nesterov = bool(state["nesterov"])
         self.steps = int(state["steps"])
         velocity = state.get("velocity")
         self._velocity = None if velocity is None else np.array(velocity, copy=True)

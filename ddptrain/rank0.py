@@ -1,10 +1,12 @@
-"""Everything only rank 0 does: printing, metrics, checkpoint files.
+"""Everything only rank 0 does: printing (``Console``) and the run folder's files (``RunFolder``).
 
-Every method here is called by *all* ranks, at the same point of the run.
-Rank 0 does the work; the outcome (success, or the error message) is then
-broadcast, so that a failed write stops every rank with the same clear error
-instead of leaving the others waiting in their next collective. The
-broadcast sits outside the rank-0 branch: a collective inside one deadlocks.
+``Console`` prints on rank 0 and does nothing elsewhere; it never
+communicates. Every method of ``RunFolder`` is collective: all ranks call
+it at the same point of the run, rank 0 does the work, and the outcome
+(success, or the error message) is broadcast, so that a failed write stops
+every rank with the same clear error instead of leaving the others waiting
+in their next collective. The broadcast sits outside the rank-0 branch: a
+collective inside one deadlocks.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import sys
 from pathlib import Path
 
 from . import checkpoint as ckpt_io
+from .comm import collective
 from .errors import CheckpointError, UserError
 from .progress import Progress
 
 
+@collective
 def run_on_rank0(comm, work, error_type=UserError, describe="failed"):
     """Run ``work()`` on rank 0 and return its result on every rank.
 
@@ -41,15 +45,13 @@ def run_on_rank0(comm, work, error_type=UserError, describe="failed"):
     return result
 
 
-class RankZero:
-    def __init__(self, comm, run_dir, quiet=False, log_every=100):
-        self.comm = comm
-        self.is_rank0 = comm.rank == 0
-        self.run_dir = Path(run_dir)
-        self.checkpoint_dir = self.run_dir / "checkpoints"
+class Console:
+    """Printing on rank 0 only: start-up lines, progress, per-epoch lines, warnings."""
+
+    def __init__(self, rank, quiet=False, log_every=100):
+        self.is_rank0 = rank == 0
         self.quiet = quiet
         self._progress = Progress(log_every, quiet=quiet) if self.is_rank0 else None
-        self.checkpoint_fault = None   # tests: step -> a callable that fails a checkpoint write, or None
 
     def print(self, message, always=False):
         """Print on rank 0 only (``always``: even with --quiet)."""
@@ -67,21 +69,30 @@ class RankZero:
             self._progress.clear()
             print(message, file=sys.stderr, flush=True)
 
-    def _on_rank0(self, work, error_type, describe):
-        return run_on_rank0(self.comm, work, error_type, describe)
 
-    def prepare_run_dir(self, config_dict):
+class RunFolder:
+    """The run folder (``config.json``, ``metrics.jsonl``, ``checkpoints/``), written by rank 0 alone."""
+
+    def __init__(self, comm, run_dir):
+        self.comm = comm
+        self.run_dir = Path(run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+
+    @collective
+    def prepare(self, config_dict):
         def work():
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
-        self._on_rank0(work, UserError, f"cannot write to the run folder {self.run_dir}")
+        run_on_rank0(self.comm, work, UserError, f"cannot write to the run folder {self.run_dir}")
 
+    @collective
     def append_metrics(self, record):
         def work():
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
-        self._on_rank0(work, UserError, f"cannot append to {self.run_dir / 'metrics.jsonl'}")
+        run_on_rank0(self.comm, work, UserError, f"cannot append to {self.run_dir / 'metrics.jsonl'}")
 
+    @collective
     def restart_metrics(self, step, records):
         """On resume from the checkpoint of ``step``: metrics.jsonl keeps the records up to that step
         (the steps after it run again and record themselves once more); a new run folder starts
@@ -95,25 +106,30 @@ class RankZero:
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             tmp.replace(path)
-        self._on_rank0(work, UserError, f"cannot write {self.run_dir / 'metrics.jsonl'}")
+        run_on_rank0(self.comm, work, UserError, f"cannot write {self.run_dir / 'metrics.jsonl'}")
 
-    def save_checkpoint(self, make_checkpoint, step, keep, is_best=False, fail_after_write=None):
+    @collective
+    def has_step_checkpoints(self):
+        return run_on_rank0(self.comm, lambda: bool(ckpt_io.step_checkpoints(self.checkpoint_dir)))
+
+    @collective
+    def save_checkpoint(self, make_checkpoint, step, keep, is_best=False):
         """Write ``step-<step>.h5`` (and ``best.h5`` when ``is_best``), keeping the ``keep`` newest.
 
-        A failed write leaves every earlier checkpoint as it was and stops every
-        rank with the same CheckpointError.
+        ``make_checkpoint()`` builds the Checkpoint, on rank 0 only. A failed
+        write leaves every earlier checkpoint as it was and stops every rank
+        with the same CheckpointError.
         """
         path = ckpt_io.step_path(self.checkpoint_dir, step)
-        if fail_after_write is None and self.checkpoint_fault is not None and self.is_rank0:
-            fail_after_write = self.checkpoint_fault(step)
 
         def work():
             checkpoint = make_checkpoint()
-            ckpt_io.save(path, checkpoint, fail_after_write=fail_after_write)
+            ckpt_io.save(path, checkpoint)
             if is_best:
                 ckpt_io.save(self.checkpoint_dir / "best.h5", checkpoint)
             ckpt_io.prune(self.checkpoint_dir, keep)
-        self._on_rank0(work, CheckpointError, f"could not write checkpoint {path} (the previous ones are intact)")
+        run_on_rank0(self.comm, work, CheckpointError, f"could not write checkpoint {path} (the previous ones "
+                                                       f"are intact)")
         return path
 
 

@@ -5,9 +5,9 @@ One run measures, on the same model (default MLP 784-512-256-10, float32),
 the same global batch sizes and the same thread budget (default: every core
 this process may run on):
 
-  ddptrain, 1 process        train_step with SerialComm, the budget as BLAS threads
-  ddptrain, P ranks (MPI)    mpiexec -n P: train_step with the real MPIComm; BLAS threads per
-                             rank chosen by ddptrain.runner.configure_blas_threads
+  ddptrain, 1 process        ddptrain's TrainStep with SerialComm, the budget as BLAS threads
+  ddptrain, P ranks (MPI)    mpiexec -n P: TrainStep with the real MPIComm; BLAS threads per
+                             rank chosen by ddptrain.threads.configure_blas_threads
   ddptrain, P ranks, no allreduce   the same ranks with the Allreduce skipped (a diagnostic:
                              what communication costs; its parameters drift apart)
   PyTorch, 1 process         an idiomatic loop: nn.Sequential, CrossEntropyLoss, SGD momentum 0.9,
@@ -20,10 +20,11 @@ ddptrain's own data file, prepared on first use) or random data of MNIST's
 shape (``--data random``). Each rank holds its shard in memory as float32,
 as ``python -m ddptrain`` does, and a ddptrain step is what the inner loop of
 ``Trainer._run_epoch`` does: gather this rank's rows of the global batch
-chosen by ddptrain's sampler, ``train_step`` (forward, loss, backward,
-Allreduce, SGD update), the Allreduce of the step's loss and accuracy sums
-and the finite check of the gradients (not the progress line, the periodic
-replica check or the evaluation: the time-to-accuracy runs include those). PyTorch gathers
+chosen by ddptrain's sampler (``step.Batches``), then the very ``step.TrainStep``
+that training runs (forward, loss, backward, gradient Allreduce, the Allreduce
+of the step's loss and accuracy sums, the finite check, the SGD update); not
+the callbacks (progress line, periodic replica check) or the evaluation: the
+time-to-accuracy runs include those. PyTorch gathers
 the same rows by tensor indexing. Warmup steps are excluded. The rows are run in ``--rounds`` rounds,
 interleaved, with ``--repeats`` timed repetitions per launch: the table shows
 the median and the range over all of them.
@@ -105,13 +106,6 @@ def blas_description():
             f"kernel {blas.get('architecture', '?')}, {blas.get('num_threads', '?')} threads").strip()
 
 
-def launcher_rank_size():
-    for rank, size in (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")):
-        if rank in os.environ:
-            return int(os.environ[rank]), int(os.environ[size])
-    return 0, 1
-
-
 def load_shard(data, rank, size, split, blocks_fn):
     """This rank's rows of ``split`` as float32 (x) and int64 (y), as ``python -m ddptrain`` reads them."""
     from ddptrain import data as ddata
@@ -155,24 +149,53 @@ def summarise(rates):
 
 
 class TimedComm:
-    """A communicator whose ``allreduce_`` is timed (and, for the diagnostic row, skipped)."""
+    """A communicator whose gradient Allreduce is timed (and, for the diagnostic row, skipped).
+
+    The step's other Allreduce, of its four totals, always runs: the step needs them.
+    """
 
     def __init__(self, comm, skip=False):
-        self._comm, self.skip, self.seconds, self.profile = comm, skip, 0.0, None
+        self._comm, self.skip, self.seconds = comm, skip, 0.0
 
     def __getattr__(self, name):
         return getattr(self._comm, name)
 
     def allreduce_(self, array):
-        if self.profile:
-            self.profile.lap("other")   # nothing runs between the backward and here
+        if array.size <= 4:   # the step's totals
+            return self._comm.allreduce_(array)
         started = time.perf_counter()
         if not self.skip:
             self._comm.allreduce_(array)
         self.seconds += time.perf_counter() - started
-        if self.profile:
-            self.profile.lap("gradient Allreduce")
         return array
+
+
+class ProfiledComm:
+    """Laps of a StepProfile around the step's two Allreduces (for the profile, not the timed rows)."""
+
+    def __init__(self, comm, profile):
+        self._comm, self._profile = comm, profile
+
+    def __getattr__(self, name):
+        return getattr(self._comm, name)
+
+    def allreduce_(self, array):
+        self._profile.lap("other")   # next to nothing runs between the backward and here
+        self._comm.allreduce_(array)
+        self._profile.lap("step totals Allreduce" if array.size <= 4 else "gradient Allreduce")
+        return array
+
+
+class ProfiledOptimizer:
+    """Laps of a StepProfile around the update: the finite check runs just before it."""
+
+    def __init__(self, optimizer, profile):
+        self._optimizer, self._profile = optimizer, profile
+
+    def step(self, params, grads, lr):
+        self._profile.lap("finite check")
+        self._optimizer.step(params, grads, lr)
+        self._profile.lap("SGD update")
 
 
 class StepProfile:
@@ -193,7 +216,7 @@ class StepProfile:
         self.seconds[name] = self.seconds.get(name, 0.0) + now - self._mark
         self._mark = now
 
-    def observer(self, direction, index, layer, array):
+    def observer(self, direction, layer, array):
         from ddptrain.nn import Linear
         self.lap("matrix products (Linear, bias included)" if isinstance(layer, Linear) else type(layer).__name__)
 
@@ -219,13 +242,13 @@ class TimedLoss:
 
 
 def worker_ddptrain(args):
-    """ddptrain: train_step on this rank's share of each global batch. Rank 0 writes the results."""
+    """ddptrain: its TrainStep on this rank's share of each global batch. Rank 0 writes the results."""
     from ddptrain.comm import world
     from ddptrain.losses import SoftmaxCrossEntropy
     from ddptrain.nn import Sequential
     from ddptrain.optim import SGD
-    from ddptrain.runner import configure_blas_threads
-    from ddptrain.train import gradients_are_finite, train_step
+    from ddptrain.step import Batches, Split, TrainStep
+    from ddptrain.threads import configure_blas_threads
 
     comm = world()
     threads, thread_line = configure_blas_threads(comm, args.threads_per_rank)
@@ -239,30 +262,24 @@ def worker_ddptrain(args):
     loss_fn, optimizer = SoftmaxCrossEntropy(), SGD(momentum=0.9)
     timed = TimedComm(comm, skip=args.no_allreduce)
     plan = Plan(n_train, args.batch, comm.rank, comm.size)
-    x_batch = np.empty((-(-args.batch // comm.size), train_x.shape[1]), dtype=np.float32)
-    totals = np.zeros(4)
+    batches = Batches(Split(train_x, train_y), -(-args.batch // comm.size))
 
     def run(first, steps, profile=None):
-        loss = loss_fn if profile is None else TimedLoss(loss_fn, profile)
+        # What Trainer._run_epoch does for each step: gather this rank's rows, then the TrainStep
+        # (forward, loss, backward, gradient Allreduce, step totals Allreduce, finite check, update).
+        if profile is None:
+            train_step = TrainStep(model, loss_fn, optimizer, timed)
+        else:
+            train_step = TrainStep(model, TimedLoss(loss_fn, profile), ProfiledOptimizer(optimizer, profile),
+                                   ProfiledComm(timed, profile))
         for step in range(first, first + steps):
             if profile:
                 profile.start()
-            rows = plan.rows(step)
-            x = np.take(train_x, rows, axis=0, out=x_batch[:len(rows)], mode="clip")   # as Trainer._run_epoch
-            y = train_y[rows]
+            x, y = batches.gather(plan.rows(step))
             if profile:
                 profile.lap("gathering the batch")
-            loss_share, correct = train_step(model, loss, optimizer, timed, x, y, plan.global_count, args.lr)
+            train_step(x, y, plan.global_count, args.lr)
             if profile:
-                profile.lap("SGD update")
-            # As Trainer._run_epoch after every step: the global loss and accuracy sums (a
-            # 4-number Allreduce) and the check that the gradients are finite.
-            totals[:] = (loss_share * plan.global_count, correct, len(rows), 0)
-            comm.allreduce_(totals)
-            if not (np.isfinite(totals[0]) and gradients_are_finite(model.grads)):
-                raise FloatingPointError("the benchmark diverged: lower --lr")
-            if profile:
-                profile.lap("step totals and finite check")
                 profile.steps += 1
         return first + steps
 
@@ -280,11 +297,10 @@ def worker_ddptrain(args):
 
     # Then a few steps with laps between the phases (not timed above: the laps cost a little).
     profile = StepProfile()
-    if hasattr(model, "observer"):
-        model.observer, timed.profile = profile.observer, profile
-        comm.barrier()
-        step = run(step, max(5, args.steps // 2), profile)
-        model.observer, timed.profile = None, None
+    model.observer = profile.observer
+    comm.barrier()
+    step = run(step, max(5, args.steps // 2), profile)
+    model.observer = None
 
     result = {"rates": rates, "allreduce_fraction": allreduce_fractions, "threads": threads,
               "profile_ms": profile.per_step_ms() if profile.steps else None,
@@ -294,7 +310,7 @@ def worker_ddptrain(args):
     if comm.size > 1 and not args.no_allreduce:
         result["allreduce_alone_ms"] = time_allreduce(lambda: comm.allreduce_(model.grads), comm.barrier)
     if args.end_to_end:
-        result.update(end_to_end(args, comm, model, optimizer, test_x, test_y, n_train))
+        result.update(end_to_end(args, comm, TrainStep(model, loss_fn, optimizer, comm), test_x, test_y, n_train))
     rss = comm.allgather(max_rss_mib())   # DDP
     result["max_rss_mib"] = rss
     if comm.rank == 0:
@@ -314,30 +330,36 @@ def time_allreduce(allreduce, barrier, calls=30):
     return 1e3 * statistics.median(times)
 
 
-def end_to_end(args, comm, model, optimizer, test_x, test_y, n_train):
+def end_to_end(args, comm, train_step, test_x, test_y, n_train):
     """Seconds to evaluate the test set and to write one checkpoint, with ddptrain's own code."""
+    from ddptrain.callbacks import Checkpointing
     from ddptrain.config import Config
-    from ddptrain.rank0 import RankZero
-    from ddptrain.train import Split, Trainer, evaluate
+    from ddptrain.evaluation import evaluate
+    from ddptrain.plan import TrainingPlan
+    from ddptrain.rank0 import RunFolder
+    from ddptrain.signals import StopRequest
+    from ddptrain.step import Split
+    from ddptrain.train import Trainer
 
-    test = Split(test_x, test_y)
-    evaluate(model, comm, test, model.n_outputs)   # warm
+    test, n_classes = Split(test_x, test_y), 10
+    evaluate(train_step.model, comm, test, n_classes)   # warm
     comm.barrier()
     began = time.perf_counter()
-    evaluate(model, comm, test, model.n_outputs)
+    evaluate(train_step.model, comm, test, n_classes)
     eval_seconds = time.perf_counter() - began
 
     run_dir = comm.bcast(tempfile.mkdtemp(prefix="ddptrain-bench-") if comm.rank == 0 else None)
     config = Config(model=args.model, batch_size=args.batch, run_dir=run_dir)
-    rank0 = RankZero(comm, run_dir, quiet=True)
-    rank0.prepare_run_dir(config.to_dict())
-    trainer = Trainer(config, comm, model, optimizer, Split(test_x[:1], test_y[:1]), test, n_train,
-                      model.n_outputs, rank0)
+    folder = RunFolder(comm, run_dir)
+    folder.prepare(config.to_dict())
+    trainer = Trainer(train_step, TrainingPlan(config, n_train, comm.rank, comm.size), Split(test_x[:1], test_y[:1]),
+                      test, n_classes, StopRequest())
+    checkpointing = Checkpointing(folder, config.to_dict(), n_train)
     times = []
     for _ in range(3):
         comm.barrier()
         began = time.perf_counter()
-        trainer.save_checkpoint(is_best=True)   # step-<n>.h5 and best.h5, as at the end of an epoch
+        checkpointing.save(trainer, is_best=True)   # step-<n>.h5 and best.h5, as at the end of an epoch
         times.append(time.perf_counter() - began)
         trainer.position.step += 1
     if comm.rank == 0:
@@ -351,13 +373,16 @@ def worker_torch(args):
     import torch.distributed as dist
     from torch import nn
 
-    rank, size = launcher_rank_size()
+    from ddptrain.launcher import rank_and_size
+
+    rank, size = rank_and_size()
     torch.set_num_threads(args.threads_per_rank)
     if size > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
         dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=size)
     train_x, train_y, n_train = load_shard(args.data, rank, size, "train", train_blocks(rank, size))
-    x_all, y_all = torch.from_numpy(train_x), torch.from_numpy(train_y)
+    # Flattened once, outside the timed steps (ddptrain's Flatten layer is a view, as reshape is here).
+    x_all, y_all = torch.from_numpy(train_x.reshape(len(train_x), -1)), torch.from_numpy(train_y)
 
     sizes = layer_sizes(args.model)
     layers = []
@@ -417,8 +442,10 @@ def worker_torch(args):
 def worker_gemm(args):
     """GFLOP/s of one step's matrix products at a large batch, with ``threads_per_rank`` BLAS threads."""
     from threadpoolctl import threadpool_limits
+
+    from ddptrain.launcher import rank_and_size
     threadpool_limits(limits=args.threads_per_rank, user_api="blas")
-    rank, size = launcher_rank_size()
+    rank, size = rank_and_size()
     comm = None
     if size > 1:
         from ddptrain.comm import MPIComm
@@ -617,7 +644,7 @@ def run_benchmark(opts):
               f"{one_core['flops'] / 1e9:.0f} on one core alone", flush=True)
 
     # (key, label, worker, processes, threads per process, extra worker arguments). ddptrain's rows
-    # pass 0 threads unless --threads is given: ddptrain.runner.configure_blas_threads chooses, as in a run.
+    # pass 0 threads unless --threads is given: ddptrain.threads.configure_blas_threads chooses, as in a run.
     rows = [("ddp1", f"ddptrain, 1 process x {budget} threads", "ddptrain", 1, opts.threads, ()),
             ("ddpP", f"ddptrain, {ranks} MPI ranks x {per_rank} thread", "ddptrain", ranks,
              per_rank if opts.threads else 0, ("--end-to-end",)),

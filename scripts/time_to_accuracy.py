@@ -36,13 +36,13 @@ EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+) done:.*test accuracy ([0-9.]+)%")
 
 
 def mpiexec():
-    from ddptrain.comm import find_mpiexec
+    from ddptrain.launcher import find_mpiexec
     return find_mpiexec()
 
 
 def clean_env():
     """This environment without any MPI or SLURM context inherited from a launcher."""
-    from ddptrain.comm import environ_without_launcher
+    from ddptrain.launcher import environ_without_launcher
     return environ_without_launcher()
 
 

@@ -1,11 +1,12 @@
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))   # the test helpers: synthetic, launch, gradcheck
+sys.path.insert(0, str(Path(__file__).parent))   # the shared test helpers: helpers.py
 
-from synthetic import make_dataset  # noqa: E402
+from helpers import make_dataset  # noqa: E402
 
 
 def pytest_ignore_collect(collection_path, config):
@@ -14,6 +15,15 @@ def pytest_ignore_collect(collection_path, config):
     if collection_path.name == "mpi" and not config.getoption("with_mpi", default=False):
         return True
     return None
+
+
+@pytest.fixture(autouse=True)
+def processes_only_in_slow_tests(request, monkeypatch):
+    """A test that starts a process must be marked ``slow``: ``pytest -m "not slow"`` is then the fast subset."""
+    if request.node.get_closest_marker("slow") is None:
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"{request.node.nodeid} starts a process: mark it @pytest.mark.slow")
+        monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 
 
 @pytest.fixture(scope="session")

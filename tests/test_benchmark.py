@@ -4,8 +4,12 @@ import importlib.util
 import subprocess
 import sys
 
-import launch
-from synthetic import model_spec
+import pytest
+
+import helpers
+from helpers import model_spec
+
+pytestmark = pytest.mark.slow   # every test here starts processes
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
@@ -15,8 +19,8 @@ def test_the_benchmark_runs_on_tiny_settings_and_prints_its_table(small_data, tm
             "--json", tmp_path / "bench.json"]
     if not HAS_TORCH:
         argv.append("--no-torch")
-    proc = subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=300, cwd=launch.ROOT,
-                          env=launch.clean_env())
+    proc = subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=300, cwd=helpers.ROOT,
+                          env=helpers.clean_env())
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     out = proc.stdout
     assert "GEMM limit" in out and "samples/s: median (min-max)" in out
@@ -31,6 +35,6 @@ def test_the_benchmark_runs_on_tiny_settings_and_prints_its_table(small_data, tm
 
 def test_the_benchmark_help_says_how_to_get_pytorch():
     proc = subprocess.run([sys.executable, "scripts/benchmark.py", "--help"], capture_output=True, text=True,
-                          timeout=60, cwd=launch.ROOT)
+                          timeout=60, cwd=helpers.ROOT)
     assert proc.returncode == 0
     assert "pip install torch==2.13.0" in proc.stdout

@@ -1,6 +1,8 @@
-"""Checkpoints: what they hold, that they cannot be half-written, that damage is caught on load,
-and how often they are written and how many are kept (issue 4, point 1)."""
+"""Checkpoints: what they hold, that they cannot be half-written, that damage is caught before HDF5
+reads a byte, and how often they are written and how many are kept."""
 
+import errno
+import hashlib
 import json
 import os
 
@@ -13,45 +15,39 @@ from ddptrain.checkpoint import Checkpoint
 from ddptrain.comm import SerialComm
 from ddptrain.config import Config
 from ddptrain.errors import CheckpointError
+from ddptrain.nn import Sequential
 from ddptrain.runner import run_training
-from synthetic import model_spec
+from helpers import flip_a_byte_of, flip_byte_at, model_spec
 
 STEPS_PER_EPOCH = 15     # the 240 training rows of small_data in global batches of 16
 
 
 def sample_checkpoint(seed=0, step=7):
     rng = np.random.default_rng(seed)
-    params = {"0.weight": rng.standard_normal((64, 16)).astype(np.float32),
-              "0.bias": rng.standard_normal(16).astype(np.float32),
-              "2.weight": rng.standard_normal((16, 10)).astype(np.float32),
-              "2.bias": rng.standard_normal(10).astype(np.float32)}
-    return Checkpoint(params=params, velocity=rng.standard_normal(1210).astype(np.float32),
-                      optimizer={"momentum": 0.9, "weight_decay": 0.0, "nesterov": False, "steps": step},
-                      state={"epoch": 0, "step_in_epoch": step, "step": step, "train_sums": [1.5, 3.0, 16.0],
+    model = Sequential.from_spec("64-16-10")
+    params = {name: rng.standard_normal(array.shape).astype(np.float32) for name, array in model.named_params()}
+    return Checkpoint(params=params, buffers={"norm1.running_mean": rng.standard_normal(16).astype(np.float32)},
+                      optimizer={"type": "SGD", "steps": step,
+                                 "velocity": rng.standard_normal(1210).astype(np.float32)},
+                      state={"epoch": 0, "step_in_epoch": step, "step": step,
+                             "train_sums": {"loss_sum": 1.5, "correct": 3, "samples": 16},
                              "n_train": 240, "best_accuracy": -1.0, "world_size": 2},
                       config={"model": "64-16-10", "seed": seed}, metrics=[{"epoch": 1, "test_accuracy": 0.5}],
-                      model="64-16-10", dtype="float32")
+                      model=model.describe(), model_summary="64-16-10", dtype="float32")
 
 
 def assert_same(loaded, saved):
-    assert sorted(loaded.params) == sorted(saved.params)
-    for name, array in saved.params.items():
-        assert loaded.params[name].dtype == array.dtype and np.array_equal(loaded.params[name], array)
-    assert np.array_equal(loaded.velocity, saved.velocity)
-    assert (loaded.optimizer, loaded.state, loaded.config, loaded.metrics) == \
-        (saved.optimizer, saved.state, saved.config, saved.metrics)
-    assert (loaded.model, loaded.dtype) == (saved.model, saved.dtype)
-
-
-def flip_a_byte_of(path, dataset="params/0.weight"):
-    """Corrupt the file on disk, as a bad sector would: one byte inside a dataset's stored data."""
-    with h5py.File(path, "r") as f:
-        offset = f[dataset].id.get_offset() + 5
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x40]))
+    for group in ("params", "buffers"):
+        mine, theirs = getattr(loaded, group), getattr(saved, group)
+        assert sorted(mine) == sorted(theirs)
+        for name, array in theirs.items():
+            assert mine[name].dtype == array.dtype and np.array_equal(mine[name], array)
+    assert sorted(loaded.optimizer) == sorted(saved.optimizer)
+    for name, value in saved.optimizer.items():
+        assert np.array_equal(loaded.optimizer[name], value) if isinstance(value, np.ndarray) else \
+            loaded.optimizer[name] == value
+    assert (loaded.state, loaded.config, loaded.metrics) == (saved.state, saved.config, saved.metrics)
+    assert (loaded.model, loaded.model_summary, loaded.dtype) == (saved.model, saved.model_summary, saved.dtype)
 
 
 def leftovers(folder):
@@ -67,11 +63,24 @@ def test_a_saved_checkpoint_loads_back_bitwise_identical(tmp_path):
     assert_same(ckpt_io.load(tmp_path / "step-00000007.h5"), saved)
 
 
-def test_a_checkpoint_stores_a_sha256_of_its_contents(tmp_path):
+def test_a_checkpoint_begins_with_the_sha256_and_length_of_the_rest_of_the_file(tmp_path):
     ckpt_io.save(tmp_path / "c.h5", sample_checkpoint())
-    with h5py.File(tmp_path / "c.h5", "r") as f:
-        digest = f.attrs["sha256"]
-    assert len(digest) == 64 and int(digest, 16) >= 0
+    content = (tmp_path / "c.h5").read_bytes()
+    rest = content[ckpt_io.HEADER_SIZE:]
+    assert content[:ckpt_io.HEADER_SIZE].rstrip(b"\0") == (
+        f"ddptrain checkpoint\nformat 2\nsha256 {hashlib.sha256(rest).hexdigest()}\nbytes {len(rest)}\n".encode())
+    assert rest.startswith(b"\x89HDF\r\n\x1a\n")            # HDF5 right after its user block
+
+
+def test_a_checkpoint_is_an_ordinary_hdf5_file_with_every_array_under_its_own_name(tmp_path):
+    saved = sample_checkpoint()
+    ckpt_io.save(tmp_path / "c.h5", saved)
+    with h5py.File(tmp_path / "c.h5", "r") as f:        # h5py, h5dump and HDFView skip the user block
+        assert sorted(f["params"]) == sorted(saved.params)
+        assert list(f["buffers"]) == ["norm1.running_mean"] and list(f["optimizer"]) == ["velocity"]
+        assert json.loads(f.attrs["optimizer"]) == {"type": "SGD", "steps": 7}
+        assert json.loads(f.attrs["model"])[1] == {"name": "linear1", "type": "Linear",
+                                                   "args": {"n_in": 64, "n_out": 16, "init": "he"}}
 
 
 def test_save_writes_through_a_temporary_file_and_leaves_none_behind(tmp_path, monkeypatch):
@@ -84,30 +93,52 @@ def test_save_writes_through_a_temporary_file_and_leaves_none_behind(tmp_path, m
     assert leftovers(tmp_path) == []
 
 
-def test_a_write_that_fails_before_the_rename_leaves_the_previous_checkpoint_intact(tmp_path):
+def test_a_write_that_fails_before_the_rename_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     previous = sample_checkpoint(seed=1)
     ckpt_io.save(tmp_path / "c.h5", previous)
 
-    def disk_full():
-        raise OSError(28, "No space left on device")
+    def disk_full(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ckpt_io, "fsync_file", disk_full)   # after the temporary file is written
     with pytest.raises(OSError):
-        ckpt_io.save(tmp_path / "c.h5", sample_checkpoint(seed=2), fail_after_write=disk_full)
+        ckpt_io.save(tmp_path / "c.h5", sample_checkpoint(seed=2))
     assert_same(ckpt_io.load(tmp_path / "c.h5"), previous)
     assert leftovers(tmp_path) == []
 
 
-def test_a_corrupted_byte_is_caught_by_the_checksum(tmp_path):
+def test_a_corrupted_byte_in_the_data_is_caught_by_the_checksum(tmp_path):
     ckpt_io.save(tmp_path / "c.h5", sample_checkpoint())
     flip_a_byte_of(tmp_path / "c.h5")
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         ckpt_io.load(tmp_path / "c.h5")
 
 
-def test_changed_metadata_is_caught_by_the_checksum(tmp_path):
+@pytest.mark.parametrize("change", ["attribute", "datatype"])
+def test_changed_metadata_is_refused_before_hdf5_reads_it(tmp_path, monkeypatch, change):
+    """An edited attribute, or the flipped bit that turns float32 into uint32 (the values unchanged)."""
+    path = tmp_path / "c.h5"
+    ckpt_io.save(path, sample_checkpoint())
+    content = path.read_bytes()
+    if change == "attribute":
+        at = content.index(b'"step": 7', ckpt_io.HEADER_SIZE) + len(b'"step": ')
+        flip_byte_at(path, at, mask=ord("7") ^ ord("8"))   # the position says step 8
+    else:
+        # The float32 datatype message: version 1, class 1 (floating point), IEEE little-endian, 4 bytes.
+        at = content.index(bytes([0x11, 0x20, 0x1f, 0x00, 0x04, 0x00, 0x00, 0x00]), ckpt_io.HEADER_SIZE)
+        flip_byte_at(path, at, mask=0x01)   # class 0: an integer of the same size
+    opened = []
+    monkeypatch.setattr(ckpt_io.h5py, "File", lambda *a, **k: opened.append(a))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        ckpt_io.load(path)
+    assert opened == []                     # refused before HDF5 saw a byte
+
+
+def test_a_file_rewritten_by_hdf5_itself_is_refused(tmp_path):
+    """h5py keeps the user block when it edits a file: the old header no longer matches what follows."""
     ckpt_io.save(tmp_path / "c.h5", sample_checkpoint())
     with h5py.File(tmp_path / "c.h5", "a") as f:
         f.attrs["state"] = json.dumps({**json.loads(f.attrs["state"]), "step": 8})
-    with pytest.raises(CheckpointError, match="checksum mismatch"):
+    with pytest.raises(CheckpointError, match="c.h5: (checksum mismatch|truncated or extended)"):
         ckpt_io.load(tmp_path / "c.h5")
 
 
@@ -115,13 +146,30 @@ def test_a_truncated_checkpoint_is_refused(tmp_path):
     ckpt_io.save(tmp_path / "c.h5", sample_checkpoint())
     size = os.path.getsize(tmp_path / "c.h5")
     os.truncate(tmp_path / "c.h5", size // 2)
-    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+    with pytest.raises(CheckpointError, match=f"truncated or extended checkpoint: {size // 2} bytes, its header "
+                                              f"says {size}"):
         ckpt_io.load(tmp_path / "c.h5")
 
 
 def test_an_hdf5_file_that_is_not_a_checkpoint_is_refused(small_data):
     with pytest.raises(CheckpointError, match="not a ddptrain checkpoint"):
         ckpt_io.load(small_data)
+
+
+def test_a_format_1_checkpoint_of_ddptrain_0_1_is_refused_with_the_reason(tmp_path):
+    with h5py.File(tmp_path / "old.h5", "w") as f:     # the layout ddptrain 0.1 wrote
+        f.create_group("params").create_dataset("0.weight", data=np.zeros((64, 16), np.float32))
+        f.attrs.update({"format": "ddptrain-checkpoint", "format_version": 1, "sha256": "0" * 64})
+    with pytest.raises(CheckpointError, match=r"old.h5: not a ddptrain checkpoint: an HDF5 file without the "
+                                              r"verified header of format 2 \(checkpoints of ddptrain 0.1, format 1, "
+                                              r"cannot be checked before they are read and are not loaded\)"):
+        ckpt_io.load(tmp_path / "old.h5")
+
+
+def test_a_checkpoint_path_that_is_not_a_regular_file_is_refused_without_reading(tmp_path):
+    os.mkfifo(tmp_path / "fifo.h5")                    # opening it for reading would block forever
+    with pytest.raises(CheckpointError, match="fifo.h5: no such checkpoint"):
+        ckpt_io.load(tmp_path / "fifo.h5")
 
 
 def test_newest_valid_skips_a_corrupt_newest_checkpoint_with_a_warning(tmp_path):
@@ -192,16 +240,20 @@ def test_a_run_keeps_the_k_newest_checkpoints_and_best(small_data, tmp_path):
 def test_a_checkpoint_holds_parameters_optimizer_position_configuration_and_metrics(small_data, tmp_path):
     folder = train_in_process(small_data, tmp_path / "run", checkpoint_every=20, keep=100)
     mid = ckpt_io.load(ckpt_io.step_path(folder, 20))
-    assert sorted(mid.params) == ["0.bias", "0.weight", "2.bias", "2.weight"]
-    assert mid.velocity.shape == (64 * 16 + 16 + 16 * 10 + 10,) and np.isfinite(mid.velocity).all()
-    assert mid.optimizer == {"momentum": 0.9, "weight_decay": 0.0, "nesterov": False, "steps": 20}
+    assert sorted(mid.params) == ["linear1.bias", "linear1.weight", "linear2.bias", "linear2.weight"]
+    assert mid.buffers == {}                                # an MLP has no buffers
+    assert sorted(mid.optimizer) == ["steps", "type", "velocity"]
+    assert (mid.optimizer["type"], mid.optimizer["steps"]) == ("SGD", 20)
+    assert mid.optimizer["velocity"].shape == (64 * 16 + 16 + 16 * 10 + 10,)
+    assert np.isfinite(mid.optimizer["velocity"]).all()
     assert (mid.state["epoch"], mid.state["step"], mid.state["step_in_epoch"]) == (1, 20, 20 - STEPS_PER_EPOCH)
-    assert mid.state["train_sums"][2] == 5 * 16            # samples seen so far in epoch 2
+    assert mid.state["train_sums"]["samples"] == 5 * 16    # samples seen so far in epoch 2
     assert mid.state["n_train"] == 240 and mid.state["world_size"] == 1
     assert mid.config == json.loads((tmp_path / "run" / "config.json").read_text())
     epoch_1 = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert mid.metrics == [epoch_1]
-    assert (mid.model, mid.dtype) == (model_spec(), "float32")
+    assert (mid.model_summary, mid.dtype) == (model_spec(), "float32")
+    assert [layer["type"] for layer in mid.model] == ["Flatten", "Linear", "ReLU", "Linear"]
 
 
 def test_best_holds_the_epoch_with_the_highest_test_accuracy(small_data, tmp_path):

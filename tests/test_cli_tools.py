@@ -10,12 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-import launch
-from ddptrain import checkpoint, cli
-from ddptrain.config import Config
+import helpers
+from ddptrain import __version__, checkpoint, cli
 from ddptrain.progress import Progress
-from ddptrain.schedule import learning_rate
-from synthetic import model_spec
+from helpers import model_spec
 
 SMALL = ["--model", model_spec(), "--batch-size", "32"]
 
@@ -23,7 +21,7 @@ SMALL = ["--model", model_spec(), "--batch-size", "32"]
 @pytest.fixture(scope="module")
 def trained_run(small_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("trained") / "run"
-    proc = launch.run(["--data", small_data, *SMALL, "--epochs", "2", "--run-dir", run_dir,
+    proc = helpers.run(["--data", small_data, *SMALL, "--epochs", "2", "--run-dir", run_dir,
                        "--metrics-every", "4"])
     assert proc.returncode == 0, proc.stderr
     return run_dir
@@ -31,15 +29,17 @@ def trained_run(small_data, tmp_path_factory):
 
 # -- help and commands -------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_help_lists_the_commands():
-    proc = launch.run(["--help"])
+    proc = helpers.run(["--help"])
     assert proc.returncode == 0
     for command in ("train", "evaluate", "prepare", "plot", "info"):
         assert command in proc.stdout
 
 
+@pytest.mark.slow
 def test_train_help_groups_the_options_with_units_and_defaults():
-    out = launch.run(["train", "--help"]).stdout
+    out = helpers.run(["train", "--help"]).stdout
     for group in ("data and model:", "optimisation", "outputs, checkpoints and resuming:",
                   "parallelism and debugging:"):
         assert group in out
@@ -47,9 +47,10 @@ def test_train_help_groups_the_options_with_units_and_defaults():
     assert "--simulate-ranks P" in out and "--config FILE.toml" in out
 
 
+@pytest.mark.slow
 def test_the_ddptrain_console_script_is_installed():
-    script = launch.ROOT / ".venv" / "bin" / "ddptrain"
-    candidates = [script, launch.Path(sys.executable).parent / "ddptrain"]
+    script = helpers.ROOT / ".venv" / "bin" / "ddptrain"
+    candidates = [script, helpers.Path(sys.executable).parent / "ddptrain"]
     found = next((c for c in candidates if c.exists()), None)
     assert found is not None, "pip install -e . should install the ddptrain console script"
     assert subprocess.run([str(found), "--help"], capture_output=True, text=True).returncode == 0
@@ -57,12 +58,13 @@ def test_the_ddptrain_console_script_is_installed():
 
 # -- configuration -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_toml_config_sets_options_and_the_command_line_overrides_it(small_data, tmp_path):
     config_file = tmp_path / "run.toml"
     config_file.write_text(f'data = "{small_data}"\nmodel = "{model_spec()}"\nbatch-size = 48\nepochs = 2\n'
                            f'[train]\nlr = 0.05\n')
     run_dir = tmp_path / "run"
-    proc = launch.run(["--config", config_file, "--epochs", "1", "--run-dir", run_dir])
+    proc = helpers.run(["--config", config_file, "--epochs", "1", "--run-dir", run_dir])
     assert proc.returncode == 0, proc.stderr
     saved = json.loads((run_dir / "config.json").read_text())
     assert (saved["batch_size"], saved["lr"], saved["epochs"]) == (48, 0.05, 1)   # file, file, command line
@@ -75,37 +77,42 @@ def test_a_toml_config_sets_options_and_the_command_line_overrides_it(small_data
     ("batch-size = 'big'\n", "--batch-size must be int, got 'big'"),
     ("batch-size = \n", "not valid TOML"),
 ])
+@pytest.mark.slow
 def test_a_bad_config_file_is_one_line_naming_the_file(tmp_path, content, message):
     config_file = tmp_path / "run.toml"
     config_file.write_text(content)
-    proc = launch.run(["--config", config_file])
+    proc = helpers.run(["--config", config_file])
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"ddptrain: error: {config_file}: ") and message in proc.stderr
     assert proc.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_dry_run_checks_everything_and_writes_nothing(small_data, tmp_path):
-    proc = launch.run(["--data", small_data, *SMALL, "--run-dir", tmp_path / "run", "--dry-run"])
+    proc = helpers.run(["--data", small_data, *SMALL, "--run-dir", tmp_path / "run", "--dry-run"])
     assert proc.returncode == 0 and "dry run:" in proc.stdout
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_dry_run_refuses_a_rank_count_that_does_not_fit(small_data, tmp_path):
-    proc = launch.run(["--data", small_data, *SMALL, "--virtual-shards", "3", "--dry-run"], ranks=2)
+    proc = helpers.run(["--data", small_data, *SMALL, "--virtual-shards", "3", "--dry-run"], ranks=2)
     assert proc.returncode == 2
     assert "2 ranks cannot share 3 virtual shards" in proc.stderr and proc.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_dry_run_refuses_a_model_that_does_not_fit_the_data(small_data):
-    proc = launch.run(["--data", small_data, "--model", "784-10", "--dry-run"])
+    proc = helpers.run(["--data", small_data, "--model", "784-10", "--dry-run"])
     assert proc.returncode == 2 and "does not fit" in proc.stderr
 
 
 # -- evaluate, info, plot ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_evaluate_reports_accuracy_per_class_and_the_confusion_matrix(trained_run, small_data):
     final = checkpoint.step_checkpoints(trained_run / "checkpoints")[0]
-    proc = launch.run(["evaluate", final, "--data", small_data])
+    proc = helpers.run(["evaluate", final, "--data", small_data])
     assert proc.returncode == 0, proc.stderr
     last_epoch = [json.loads(l) for l in (trained_run / "metrics.jsonl").read_text().splitlines()
                   if '"kind": "step"' not in l][-1]
@@ -115,33 +122,37 @@ def test_evaluate_reports_accuracy_per_class_and_the_confusion_matrix(trained_ru
     assert len(matrix) == 10 and sum(int(v) for row in matrix for v in row) == 60   # every test row, once
 
 
+@pytest.mark.slow
 def test_evaluate_under_mpi_gives_the_same_numbers(trained_run, small_data):
     final = checkpoint.step_checkpoints(trained_run / "checkpoints")[0]
-    one = launch.run(["evaluate", final, "--data", small_data])
-    two = launch.run(["evaluate", final, "--data", small_data], ranks=2)
+    one = helpers.run(["evaluate", final, "--data", small_data])
+    two = helpers.run(["evaluate", final, "--data", small_data], ranks=2)
     assert two.returncode == 0, two.stderr
     assert one.stdout.split("\n", 1)[1] == two.stdout.split("\n", 1)[1]   # all but the line naming the ranks
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_corrupt_checkpoint(tmp_path):
     bad = tmp_path / "bad.h5"
     bad.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
-    proc = launch.run(["evaluate", bad])
+    proc = helpers.run(["evaluate", bad])
     assert proc.returncode == 2 and str(bad) in proc.stderr and proc.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_info_names_versions_the_mpi_library_blas_threads_and_the_data(small_data):
-    proc = launch.run(["info", "--data", small_data], ranks=2)
+    proc = helpers.run(["info", "--data", small_data], ranks=2)
     assert proc.returncode == 0, proc.stderr
     for text in ("numpy", "h5py", "mpi4py", "MPICH", "world size 2", "openblas", "thread",
                  "240 training and 60 test images of 64 pixels"):
         assert text.lower() in proc.stdout.lower(), text
-    assert [l for l in proc.stdout.splitlines() if l.startswith("ddptrain ")] == ["ddptrain     0.1.0"]  # rank 0 alone
+    assert [l for l in proc.stdout.splitlines() if l.startswith("ddptrain ")] == [f"ddptrain     {__version__}"]  # rank 0
 
 
+@pytest.mark.slow
 def test_plot_writes_a_png_of_the_curves(trained_run, tmp_path):
     output = tmp_path / "curves.png"
-    proc = launch.run(["plot", trained_run, "--output", output])
+    proc = helpers.run(["plot", trained_run, "--output", output])
     assert proc.returncode == 0, proc.stderr
     content = output.read_bytes()
     assert content.startswith(b"\x89PNG\r\n\x1a\n")
@@ -149,22 +160,25 @@ def test_plot_writes_a_png_of_the_curves(trained_run, tmp_path):
     assert (width, height) == (1100, 420) and len(content) > 20_000
 
 
+@pytest.mark.slow
 def test_plot_without_matplotlib_says_how_to_install_it(trained_run, tmp_path):
     blocker = tmp_path / "blocker" / "matplotlib"
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('matplotlib is not installed (simulated)')\n")
-    proc = launch.run(["plot", trained_run], env={"PYTHONPATH": str(blocker.parent)})
+    proc = helpers.run(["plot", trained_run], env={"PYTHONPATH": str(blocker.parent)})
     assert proc.returncode == 2
     assert "pip install 'ddptrain[plot]'" in proc.stderr and proc.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_plot_of_a_folder_without_metrics_is_one_line(tmp_path):
-    proc = launch.run(["plot", tmp_path])
+    proc = helpers.run(["plot", tmp_path])
     assert proc.returncode == 2 and "metrics.jsonl: no such file" in proc.stderr
 
 
 # -- progress and metrics ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_step_records_are_added_to_metrics_jsonl_when_asked(trained_run):
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r.get("kind") == "step"]
@@ -172,16 +186,18 @@ def test_step_records_are_added_to_metrics_jsonl_when_asked(trained_run):
     assert [r["epoch"] for r in records if r.get("kind") != "step"] == [1, 2]
 
 
+@pytest.mark.slow
 def test_progress_lines_every_n_steps_when_the_output_is_not_a_terminal(small_data, tmp_path):
-    proc = launch.run(["--data", small_data, *SMALL, "--epochs", "1", "--log-every", "3",
+    proc = helpers.run(["--data", small_data, *SMALL, "--epochs", "1", "--log-every", "3",
                        "--run-dir", tmp_path / "run"])
     lines = [l for l in proc.stdout.splitlines() if l.startswith("epoch 1/1  step")]
     assert [l.split()[3] for l in lines] == ["3/8", "6/8", "8/8"]
     assert all("samples/s" in l and "left" in l and "\r" not in l for l in lines)
 
 
+@pytest.mark.slow
 def test_quiet_prints_no_progress_lines(small_data, tmp_path):
-    proc = launch.run(["--data", small_data, *SMALL, "--epochs", "1", "--log-every", "1", "--quiet",
+    proc = helpers.run(["--data", small_data, *SMALL, "--epochs", "1", "--log-every", "1", "--quiet",
                        "--run-dir", tmp_path / "run"])
     assert proc.returncode == 0 and "step 1/8" not in proc.stdout and "epoch 1/1 done" in proc.stdout
 
@@ -201,42 +217,19 @@ def test_on_a_terminal_progress_is_a_bar_redrawn_in_place():
     assert "0:04 left" in out   # 8 steps left at 0.5 s each
 
 
-# -- learning-rate schedule -------------------------------------------------------------------
-
-def schedule(**options):
-    config = Config(epochs=4, lr=0.4, **options)
-    return [learning_rate(config, step, steps_per_epoch=10) for step in range(40)]
-
-
-def test_warmup_rises_linearly_then_cosine_decays_to_zero():
-    lrs = schedule(warmup_epochs=1, lr_schedule="cosine")
-    assert lrs[:10] == pytest.approx([0.04 * (s + 1) for s in range(10)])
-    assert lrs[10] == pytest.approx(0.4) and all(np.diff(lrs[10:]) < 0) and lrs[-1] < 0.002
-
-
-def test_step_decay_multiplies_by_gamma_every_step_size_epochs():
-    lrs = schedule(lr_schedule="step", step_size=2, step_gamma=0.5)
-    assert lrs[0] == lrs[19] == pytest.approx(0.4) and lrs[20] == lrs[39] == pytest.approx(0.2)
-
-
-def test_the_linear_scaling_rule_scales_the_peak_with_the_global_batch():
-    assert schedule(lr_schedule="constant", lr_scaling="linear", batch_size=512, reference_batch=128)[0] == \
-        pytest.approx(1.6)
-    assert schedule(lr_schedule="constant", batch_size=512)[0] == pytest.approx(0.4)
-
-
 def test_config_file_values_are_type_checked_in_process(tmp_path):
     config_file = tmp_path / "run.toml"
     config_file.write_text("nesterov = 1\n")
     assert cli.main(["--config", str(config_file), "--dry-run"]) == 2
 
 
+@pytest.mark.slow
 def test_on_a_real_terminal_training_shows_a_progress_bar(small_data, tmp_path):
     """stdout is a pseudo-terminal, as when a user runs ddptrain in a shell."""
     main, secondary = pty.openpty()
-    proc = subprocess.Popen(launch.command(["--data", small_data, *SMALL, "--epochs", "1",
+    proc = subprocess.Popen(helpers.command(["--data", small_data, *SMALL, "--epochs", "1",
                                             "--run-dir", tmp_path / "run"]),
-                            stdout=secondary, stderr=subprocess.PIPE, env=launch.clean_env(), cwd=launch.ROOT)
+                            stdout=secondary, stderr=subprocess.PIPE, env=helpers.clean_env(), cwd=helpers.ROOT)
     os.close(secondary)
     output = b""
     while True:

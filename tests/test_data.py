@@ -63,7 +63,7 @@ def replace_dataset(name, value):
 def test_inspect_describes_a_written_file(data_file):
     info = data.inspect(data_file)
     assert (info.path, info.n_train, info.n_test) == (str(data_file), N_TRAIN, N_TEST)
-    assert (info.n_features, info.n_classes) == (H * W, 10)
+    assert (info.image_shape, info.n_features, info.n_classes) == ((H, W), H * W, 10)
 
 
 def test_write_dataset_stores_format_and_given_attributes(data_file):
@@ -245,12 +245,12 @@ def test_read_rows_returns_the_blocks_in_the_given_order(data_file, splits):
     x, y = data.read_rows(data_file, "train", blocks)
     rows = np.r_[40:50, 0:3, 17:18]
     np.testing.assert_array_equal(y, train_labels[rows])
-    np.testing.assert_array_equal(x, train_images[rows].reshape(len(rows), H * W) / np.float32(255))
+    np.testing.assert_array_equal(x, train_images[rows] / np.float32(255))
 
 
 def test_read_rows_returns_c_contiguous_float32_in_unit_interval_and_int64_labels(data_file):
     x, y = data.read_rows(data_file, "test", [(0, N_TEST)])
-    assert x.shape == (N_TEST, H * W) and x.dtype == np.float32 and x.flags.c_contiguous
+    assert x.shape == (N_TEST, H, W) and x.dtype == np.float32 and x.flags.c_contiguous
     assert y.shape == (N_TEST,) and y.dtype == np.int64
     assert 0.0 <= x.min() and x.max() <= 1.0
 
@@ -259,7 +259,7 @@ def test_read_rows_honours_the_requested_dtype(data_file, splits):
     test_images = splits[2]
     x, _ = data.read_rows(data_file, "test", [(5, 9)], dtype=np.float64)
     assert x.dtype == np.float64
-    np.testing.assert_array_equal(x, test_images[5:9].reshape(4, H * W) / 255.0)
+    np.testing.assert_array_equal(x, test_images[5:9] / 255.0)
 
 
 def test_read_rows_of_every_rank_together_cover_the_split_once(data_file, splits):
@@ -275,7 +275,7 @@ def test_read_rows_of_every_rank_together_cover_the_split_once(data_file, splits
 
 def test_read_rows_of_no_blocks_is_empty(data_file):
     x, y = data.read_rows(data_file, "train", [])
-    assert x.shape == (0, H * W) and y.shape == (0,)
+    assert x.shape == (0, H, W) and y.shape == (0,)
 
 
 def test_read_rows_rejects_blocks_outside_the_split(data_file):

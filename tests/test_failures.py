@@ -2,8 +2,8 @@
 ends within seconds, with a documented status, a clear message, and its checkpoints intact.
 
 Runs go through ``python -m ddptrain`` (under mpiexec where ranks matter). Faults that cannot be
-provoked from outside are injected with the test-only DDPTRAIN_TEST_FAULT (ddptrain/faults.py).
-Training that must last long enough to be signalled sleeps DELAY seconds before each step.
+provoked from outside are injected through ddptrain's callbacks by ``tests/inject.py``. Training
+that must last long enough to be signalled sleeps DELAY seconds before each step.
 """
 
 import os
@@ -17,11 +17,12 @@ import h5py
 import numpy as np
 import pytest
 
-import launch
+import helpers
 from ddptrain import checkpoint as ckpt_io
 from ddptrain.errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE
-from synthetic import make_dataset, model_spec
-from test_checkpoint import flip_a_byte_of
+from helpers import error_lines, flip_a_byte_of, make_dataset, model_spec
+
+pytestmark = pytest.mark.slow   # every test here starts ddptrain processes
 
 DELAY = 0.05          # seconds per step in the runs that get signalled: 30 steps per epoch, 1.5 s
 SECONDS_TO_STOP = 10  # what "within seconds" means here; measured: well under 1 s
@@ -43,8 +44,7 @@ def background():
     started = []
 
     def start(arguments, ranks=None, fault=None):
-        env = {"DDPTRAIN_TEST_FAULT": ",".join(filter(None, [f"delay:seconds={DELAY}", fault]))}
-        proc = launch.start(arguments, ranks=ranks, env=env)
+        proc = helpers.start(arguments, ranks=ranks, faults=",".join(filter(None, [f"delay:seconds={DELAY}", fault])))
         started.append(proc)
         return proc
 
@@ -108,10 +108,6 @@ def finish(proc, since):
     return out, err, time.monotonic() - since
 
 
-def error_lines(stderr):
-    return [line for line in stderr.splitlines() if line.strip()]
-
-
 # ---------------------------------------------------------------- 3. preemption
 
 
@@ -166,18 +162,18 @@ def test_more_signals_during_the_shutdown_neither_hang_nor_change_the_status(sma
 # ---------------------------------------------------------------- 4. no hangs
 
 
-@pytest.mark.parametrize("runner", [[], ["-m", "mpi4py"]], ids=["python -m ddptrain", "python -m mpi4py -m ddptrain"])
+@pytest.mark.parametrize("runner", [[], ["-m", "mpi4py"]], ids=["python", "python -m mpi4py"])
 def test_an_exception_on_rank_1_of_3_ends_the_job_within_seconds_naming_the_rank_once(small_data, tmp_path,
                                                                                        runner):
-    command = [launch.mpiexec(), "-n", "3", sys.executable, *runner, "-m", "ddptrain",
-               *map(str, args(small_data, tmp_path / "run"))]
+    command = [helpers.mpiexec(), "-n", "3", sys.executable, *runner, helpers.INJECT, "raise:rank=1:step=3",
+               *args(small_data, tmp_path / "run")]
     started = time.monotonic()
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=launch.ROOT,
-                          env=launch.clean_env({"DDPTRAIN_TEST_FAULT": "raise:rank=1:step=3"}))
+    proc = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=60, cwd=helpers.ROOT,
+                          env=helpers.clean_env())
     seconds = time.monotonic() - started
     assert proc.returncode == EXIT_FAILURE, proc.stderr
     assert seconds < 20                                 # start-up included; measured: about 1 s
-    assert proc.stderr.count("ddptrain: error on rank 1 of 3: InjectedFault: injected") == 1
+    assert proc.stderr.count("ddptrain: error on rank 1 of 3: InjectedFault: injected on rank 1 before step 3") == 1
     assert proc.stderr.count("ddptrain: error") == 1   # the ranks left waiting print nothing
     assert "[rank 1] Traceback" in proc.stderr
 
@@ -197,8 +193,7 @@ def test_a_rank_killed_by_sigkill_ends_the_job(small_data, tmp_path, background)
 
 
 def test_a_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(small_data, tmp_path):
-    proc = launch.run(args(small_data, tmp_path / "run"), ranks=2, timeout=60,
-                      env={"DDPTRAIN_TEST_FAULT": "nan:step=20:rank=1"})
+    proc = helpers.run(args(small_data, tmp_path / "run"), ranks=2, timeout=60, faults="nan:step=20:rank=1")
     assert proc.returncode == EXIT_FAILURE
     [line] = error_lines(proc.stderr)
     assert line.startswith("ddptrain: error: NumericalError: NaN or Inf in the loss or gradients at step 20 ")
@@ -213,13 +208,13 @@ def test_a_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint
 
 
 def test_a_failed_checkpoint_write_stops_every_rank_and_keeps_the_previous_checkpoint(small_data, tmp_path):
-    proc = launch.run(args(small_data, tmp_path / "run"), ranks=2, timeout=60,
-                      env={"DDPTRAIN_TEST_FAULT": "checkpoint-write:step=30"})   # full disk, before the rename
+    proc = helpers.run(args(small_data, tmp_path / "run"), ranks=2, timeout=60,
+                       faults="checkpoint-write:step=30")   # full disk, before the rename
     assert proc.returncode == EXIT_USAGE
     [line] = error_lines(proc.stderr)
     folder = tmp_path / "run" / "checkpoints"
     assert line == (f"ddptrain: error: could not write checkpoint {folder / 'step-00000030.h5'} (the previous "
-                    f"ones are intact): No space left on device (injected by DDPTRAIN_TEST_FAULT)")
+                    f"ones are intact): No space left on device (injected by the test)")
     assert sorted(os.listdir(folder)) == ["best.h5", "step-00000015.h5"]     # no temporary file either
     assert ckpt_io.load(folder / "step-00000015.h5").state["step"] == 15     # checksum verified
     assert ckpt_io.load(folder / "best.h5").state["step"] == 15
@@ -231,7 +226,7 @@ def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("trained")
     data = make_dataset(folder / "data.h5")
     for model in ("64-16-10", "64-8-10"):
-        proc = launch.run(args(data, folder / model, "--epochs", "1", "--model", model), timeout=60)
+        proc = helpers.run(args(data, folder / model, "--epochs", "1", "--model", model), timeout=60)
         assert proc.returncode == 0, proc.stderr
     return folder
 
@@ -293,9 +288,9 @@ BAD_INPUTS = [
     ("checkpoint corrupt", lambda t, r: ["--resume", copy_checkpoint(r, t, change=flip_a_byte_of)],
      "given.h5: checksum mismatch, the checkpoint is corrupt"),
     ("checkpoint truncated", lambda t, r: ["--resume", copy_checkpoint(r, t, change=truncate)],
-     "given.h5: unreadable or truncated checkpoint"),
+     "given.h5: truncated or extended checkpoint"),
     ("checkpoint of another model", lambda t, r: ["--resume", copy_checkpoint(r, t, model="64-8-10")],
-     "given.h5: checkpoint is for model 64-8-10, not 64-16-10"),
+     "given.h5: checkpoint is for model 64-8-10, not 64-16-10 (parameter linear1.bias is 8 there, 16 here)"),
     ("checkpoint missing", lambda t, r: ["--resume", t / "absent.h5"], "absent.h5: no such checkpoint"),
     ("checkpoint is not one", lambda t, r: ["--resume", r / "data.h5"], "data.h5: not a ddptrain checkpoint"),
     ("run folder unwritable", lambda t, r: ["--run-dir", shutil.copy(r / "data.h5", t / "a-file") / "run"],
@@ -315,7 +310,7 @@ def test_bad_input_is_refused_with_one_line_and_status_2(trained, tmp_path, make
     extra = make_args(tmp_path, trained)
     given = [p for p in extra if os.path.isfile(str(p))]
     before = {str(p): open(p, "rb").read() for p in given}
-    proc = launch.run(args(trained / "data.h5", tmp_path / "run", *extra), timeout=60)
+    proc = helpers.run(args(trained / "data.h5", tmp_path / "run", *extra), timeout=60)
     assert proc.returncode == EXIT_USAGE, proc.stderr
     [line] = error_lines(proc.stderr)
     assert line.startswith("ddptrain: error: ") and message in line
@@ -323,7 +318,7 @@ def test_bad_input_is_refused_with_one_line_and_status_2(trained, tmp_path, make
 
 
 def test_a_global_batch_smaller_than_the_ranks_is_refused_once_with_status_2(small_data, tmp_path):
-    proc = launch.run(args(small_data, tmp_path / "run", "--batch-size", "2"), ranks=3, timeout=60)
+    proc = helpers.run(args(small_data, tmp_path / "run", "--batch-size", "2"), ranks=3, timeout=60)
     assert proc.returncode == EXIT_USAGE
     assert error_lines(proc.stderr) == ["ddptrain: error: --batch-size 2 is smaller than the number of ranks (3): "
                                         "every rank needs at least one sample per step"]

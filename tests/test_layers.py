@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ddptrain.nn import Linear, ReLU, Sequential, Softmax
-from gradcheck import numerical_grad, rel_error
+from helpers import numerical_grad, rel_error
 
 TOL = 1e-7   # central differences in float64 agree to ~1e-9 here
 

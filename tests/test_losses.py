@@ -8,7 +8,7 @@ import pytest
 
 from ddptrain.losses import CrossEntropy, SoftmaxCrossEntropy, log_softmax, one_hot, softmax
 from ddptrain.nn import Softmax
-from gradcheck import numerical_grad, rel_error
+from helpers import numerical_grad, rel_error
 
 TOL = 1e-7
 B, C = 6, 5

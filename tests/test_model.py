@@ -5,11 +5,11 @@ import pytest
 
 from ddptrain.errors import UserError
 from ddptrain.losses import SoftmaxCrossEntropy
-from ddptrain.nn import Linear, ReLU, Sequential, parse_spec
-from gradcheck import numerical_grad, rel_error
+from ddptrain.nn import Flatten, Layer, Linear, ReLU, Sequential, ShapeError, Softmax, parse_spec
+from helpers import numerical_grad, rel_error
 
 SPEC = "20-16-12-5"
-PARAM_NAMES = ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
+PARAM_NAMES = ["linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias", "linear3.weight", "linear3.bias"]
 
 
 def make_batch(batch=8, seed=0, kind="labels"):
@@ -94,12 +94,179 @@ def test_backward_overwrites_the_grads_rather_than_accumulating():
 
 # ---------------------------------------------------------------- flat buffers and spec
 
-def test_from_spec_builds_linear_relu_layers_ending_in_logits():
+def test_from_spec_builds_flatten_then_linear_relu_layers_ending_in_logits():
     model = Sequential.from_spec(SPEC, dtype=np.float64)
-    assert [type(layer) for layer in model.layers] == [Linear, ReLU, Linear, ReLU, Linear]
+    assert [type(layer) for layer in model.layers] == [Flatten, Linear, ReLU, Linear, ReLU, Linear]
     assert [name for name, _ in model.named_params()] == PARAM_NAMES
-    assert (model.n_inputs, model.n_outputs, model.spec) == (20, 5, SPEC)
+    assert (model.output_shape((20,)), model.output_shape((4, 5)), model.summary()) == ((5,), (5,), SPEC)
     assert model.params.size == 20 * 16 + 16 + 16 * 12 + 12 + 12 * 5 + 5
+
+
+def test_images_go_through_flatten_and_give_what_their_flat_rows_give():
+    model = make_model()
+    x, _ = make_batch()
+    flat_logits = model.forward(x).copy()
+    np.testing.assert_array_equal(model.forward(x.reshape(len(x), 4, 5)), flat_logits)
+
+
+def test_a_batch_of_no_rows_passes_forward_and_backward():
+    """A rank may hold none of a short last batch; it still takes part in the step."""
+    model = make_model()
+    loss = SoftmaxCrossEntropy()
+    logits = model.forward(np.zeros((0, 4, 5)))
+    assert logits.shape == (0, 5) and loss.forward(logits, np.zeros(0, dtype=np.int64), normaliser=8) == 0.0
+    model.backward(loss.backward())
+    assert not model.grads.any()
+
+
+@pytest.mark.parametrize("sample_shape, message", [
+    ((21,), r"linear1 \(Linear 20->16\) takes 20 features per sample, not 21"),
+    ((3, 3), r"linear1 \(Linear 20->16\) takes 20 features per sample, not 9"),
+])
+def test_a_sample_shape_that_does_not_fit_names_the_layer(sample_shape, message):
+    with pytest.raises(ShapeError, match=message):
+        Sequential.from_spec(SPEC).output_shape(sample_shape)
+
+
+# ---------------------------------------------------------------- names, descriptions, buffers, modes
+
+class Scale(Layer):
+    """A layer with a buffer (a running maximum) and a mode, as batch normalisation will have."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+
+    def config(self):
+        return {"n": self.n}
+
+    def param_shapes(self):
+        return {"gain": (self.n,)}
+
+    def buffer_shapes(self):
+        return {"running_max": (self.n,), "calls": (1,)}
+
+    def init_params(self, rng):
+        self.params["gain"][...] = 1
+
+    def init_buffers(self):
+        self.buffers["running_max"][...] = -1
+
+    def forward(self, x):
+        if self.training:
+            np.maximum(self.buffers["running_max"], x.max(axis=0), out=self.buffers["running_max"])
+            self.buffers["calls"] += 1
+        self._x = x
+        return x * self.params["gain"]
+
+    def backward(self, dout, need_input_grad=True):
+        self.grads["gain"][...] = (dout * self._x).sum(axis=0)
+        return dout * self.params["gain"]
+
+
+def test_names_are_type_and_number_so_inserting_a_layer_of_another_type_renames_nothing():
+    plain = Sequential([Linear(4, 3), ReLU(), Linear(3, 2)])
+    inserted = Sequential([Linear(4, 3), Scale(3), ReLU(), Linear(3, 2)])
+    assert [n for n, _ in plain.named_params()] == ["linear1.weight", "linear1.bias", "linear2.weight",
+                                                     "linear2.bias"]
+    assert [n for n, _ in inserted.named_params()] == ["linear1.weight", "linear1.bias", "scale1.gain",
+                                                        "linear2.weight", "linear2.bias"]
+    assert [layer.name for layer in Sequential([named_linear("encoder"), ReLU()]).layers] == ["encoder", "relu1"]
+
+
+def named_linear(name):
+    layer = Linear(4, 3)
+    layer.name = name
+    return layer
+
+
+def test_a_repeated_layer_name_is_refused():
+    with pytest.raises(ValueError, match="'encoder' is repeated"):
+        Sequential([named_linear("encoder"), named_linear("encoder")])
+
+
+def test_a_model_is_rebuilt_from_its_description_with_the_same_names_and_shapes():
+    model = Sequential([Flatten(), Linear(6, 5, init="glorot"), Scale(5), ReLU(), Linear(5, 2)], seed=3)
+    description = model.describe()
+    assert description[2] == {"name": "scale1", "type": "Scale", "args": {"n": 5}}
+    again = Sequential.from_description(description, seed=3)
+    assert again.describe() == description
+    assert [(n, a.shape) for n, a in again.named_params()] == [(n, a.shape) for n, a in model.named_params()]
+    np.testing.assert_array_equal(again.params, model.params)
+
+
+def test_a_description_of_an_unknown_layer_type_is_a_user_error():
+    with pytest.raises(UserError, match="unknown layer type 'Conv9d'"):
+        Sequential.from_description([{"name": "c", "type": "Conv9d", "args": {}}])
+    with pytest.raises(UserError, match=r"layer 'linear1' \(Linear\) cannot be built"):
+        Sequential.from_description([{"name": "linear1", "type": "Linear", "args": {"n_in": 3}}])
+
+
+def test_buffers_live_in_one_flat_array_and_load_with_the_parameters():
+    model = Sequential([Linear(4, 3), Scale(3), Linear(3, 2)], dtype=np.float64)
+    assert [n for n, _ in model.named_buffers()] == ["scale1.running_max", "scale1.calls"]
+    assert model.buffers.size == 4 and all(np.shares_memory(a, model.buffers) for _, a in model.named_buffers())
+    np.testing.assert_array_equal(model.buffers, [-1, -1, -1, 0])
+    other = Sequential([Linear(4, 3), Scale(3), Linear(3, 2)], dtype=np.float64, seed=9)
+    other.forward(np.ones((2, 4)))
+    model.load_state(dict(other.named_params()), dict(other.named_buffers()))
+    np.testing.assert_array_equal(model.params, other.params)
+    np.testing.assert_array_equal(model.buffers, other.buffers)
+
+
+def test_eval_mode_reaches_every_layer_and_train_mode_restores_it():
+    model = Sequential([Linear(4, 3), Scale(3), Linear(3, 2)], dtype=np.float64)
+    model.eval()
+    model.forward(np.ones((2, 4)))
+    assert not model.training and model.buffers[-1] == 0         # no buffer update in evaluation
+    model.train()
+    model.forward(np.ones((2, 4)))
+    assert model.training and model.buffers[-1] == 1
+
+
+# ---------------------------------------------------------------- when a ReLU may work in place
+
+class ReadsItsOutput(Layer):
+    """Like Softmax: its backward reads the output it returned, so nothing may overwrite it."""
+
+    def forward(self, x):
+        self._out = x * 2
+        return self._out
+
+    def backward(self, dout, need_input_grad=True):
+        return dout * (self._out > 0)
+
+
+def test_relus_work_in_place_only_between_layers_that_never_read_those_arrays_again():
+    model = Sequential([Flatten(), Linear(4, 3), ReLU(), Linear(3, 3), ReLU(), Softmax(), ReLU(), ReadsItsOutput(),
+                        ReLU(), Linear(3, 2), ReLU()])
+    in_place = {layer.name: layer.in_place for layer in model.layers if isinstance(layer, ReLU)}
+    assert in_place == {"relu1": True,    # between two Linear layers
+                        "relu2": False,   # the Softmax after it does not declare its input gradient scratch
+                        "relu3": False,   # the Softmax before it reads its output in its backward
+                        "relu4": False,   # so does the layer before this one
+                        "relu5": False}   # the last layer: its gradient is the loss's
+
+
+def test_an_in_place_relu_changes_no_gradient():
+    x, y = make_batch()
+    grads = []
+    for in_place in (True, False):
+        model = make_model()
+        for layer in model.layers:
+            if isinstance(layer, ReLU):
+                assert layer.in_place
+                layer.in_place = in_place
+        loss_and_grads(model, x, y, len(x))
+        grads.append(model.grads.copy())
+    np.testing.assert_array_equal(grads[0], grads[1])
+
+
+def test_a_relu_first_in_the_model_never_overwrites_the_data():
+    model = Sequential([ReLU(), Linear(4, 2)], dtype=np.float64)
+    x = np.array([[-1.0, 2.0, -3.0, 4.0]])
+    model.forward(x)
+    np.testing.assert_array_equal(x, [[-1.0, 2.0, -3.0, 4.0]])
 
 
 def test_named_params_are_views_laid_out_in_order_in_the_flat_params():
@@ -107,7 +274,7 @@ def test_named_params_are_views_laid_out_in_order_in_the_flat_params():
     np.testing.assert_array_equal(np.concatenate([a.ravel() for _, a in model.named_params()]), model.params)
     for _, array in model.named_params():
         assert np.shares_memory(array, model.params)
-    weight = dict(model.named_params())["2.weight"]
+    weight = dict(model.named_params())["linear2.weight"]
     weight[3, 4] = 123.0
     assert np.count_nonzero(model.params == 123.0) == 1
 
@@ -116,7 +283,7 @@ def test_named_grads_are_views_into_the_flat_grads():
     model = make_model()
     for _, array in model.named_grads():
         assert np.shares_memory(array, model.grads)
-    dict(model.named_grads())["4.bias"][2] = -7.0
+    dict(model.named_grads())["linear3.bias"][2] = -7.0
     assert np.count_nonzero(model.grads == -7.0) == 1
 
 
@@ -128,7 +295,8 @@ def test_writing_the_flat_params_changes_the_model_output():
     assert not np.allclose(model.forward(x), before)
 
 
-@pytest.mark.parametrize("spec", ["784", "a-b", "784-0-10", "784--10", "", "784-10-"])
+@pytest.mark.parametrize("spec", ["784", "a-b", "784-0-10", "784--10", "", "784-10-", "784-6_4-10", "784- 64-10",
+                                  "784-+64-10"])
 def test_a_malformed_spec_is_a_user_error(spec):
     with pytest.raises(UserError):
         parse_spec(spec)

@@ -6,25 +6,27 @@ import sys
 
 import pytest
 
-import launch
+import helpers
 from ddptrain import checkpoint
-from synthetic import model_spec
+from helpers import model_spec
+
+pytestmark = pytest.mark.slow   # every test here starts processes
 
 
 @pytest.mark.parametrize("ranks", [2, 3, 4])
 def test_the_distributed_tests_pass_under_mpiexec(ranks):
     """Runs tests/mpi/ (P ranks reproduce one process, and more) with P ranks."""
-    argv = [launch.mpiexec(), "-n", str(ranks), sys.executable, "-m", "pytest", "--with-mpi", "-q",
+    argv = [helpers.mpiexec(), "-n", str(ranks), sys.executable, "-m", "pytest", "--with-mpi", "-q",
             "-p", "no:cacheprovider", "tests/mpi"]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=launch.ROOT,
-                          env=launch.clean_env())
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=helpers.ROOT,
+                          env=helpers.clean_env())
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert proc.stdout.count(" passed") == ranks and " failed" not in proc.stdout   # every rank ran every test
 
 
 def test_mpirun_with_4_ranks_trains_and_rank_0_alone_writes_metrics_and_checkpoints(small_data, tmp_path):
     run_dir = tmp_path / "run"
-    proc = launch.run(["--data", small_data, "--model", model_spec(), "--epochs", "2", "--batch-size", "32",
+    proc = helpers.run(["--data", small_data, "--model", model_spec(), "--epochs", "2", "--batch-size", "32",
                        "--run-dir", run_dir], ranks=4, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert "4 ranks" in proc.stdout and "global batch 32 = 8 per rank" in proc.stdout

@@ -87,7 +87,7 @@ def test_resuming_from_state_dict_is_bitwise_identical_to_an_uninterrupted_run(c
     state, saved_params = copy.deepcopy(optimiser.state_dict()), params.copy()
     uninterrupted = run(optimiser, params, grads_per_step[saved_after:], LRS[saved_after:])
 
-    resumed_optimiser = SGD()   # hyper-parameters come from the state
+    resumed_optimiser = SGD(**config)   # the settings are given again; the state holds the rest
     resumed_optimiser.load_state_dict(state)
     resumed = run(resumed_optimiser, saved_params, grads_per_step[saved_after:], LRS[saved_after:])
     np.testing.assert_array_equal(resumed, uninterrupted)
@@ -110,17 +110,29 @@ def test_load_state_dict_copies_the_velocity():
     optimiser = SGD(momentum=0.9)
     run(optimiser, params, grads_per_step[:2], LRS[:2])
     state = optimiser.state_dict()
-    resumed = SGD()
+    resumed = SGD(momentum=0.9)
     resumed.load_state_dict(state)
     state["velocity"][...] = 0
     assert resumed.state_dict()["velocity"].any()
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(momentum=-0.1),
-    dict(weight_decay=-1e-4),
-    dict(momentum=0.0, nesterov=True),
-], ids=["negative_momentum", "negative_weight_decay", "nesterov_without_momentum"])
-def test_invalid_hyper_parameters_raise_value_error(kwargs):
-    with pytest.raises(ValueError):
+def test_the_state_holds_what_training_changed_and_none_of_the_settings():
+    params, grads_per_step = problem()
+    optimiser = SGD(momentum=0.9, weight_decay=1e-3, nesterov=True)
+    assert optimiser.state_dict() == {"steps": 0}                       # no momentum buffer yet
+    run(optimiser, params, grads_per_step[:1], LRS[:1])
+    assert sorted(optimiser.state_dict()) == ["steps", "velocity"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(momentum=-0.1), "--momentum must be finite and not negative, got -0.1"),
+    (dict(momentum=float("inf")), "--momentum must be finite and not negative, got inf"),
+    (dict(weight_decay=-1e-4), "--weight-decay must be finite and not negative, got -0.0001"),
+    (dict(weight_decay=float("nan")), "--weight-decay must be finite and not negative, got nan"),
+    (dict(momentum=0.0, nesterov=True), "--nesterov needs --momentum > 0"),
+], ids=["negative_momentum", "infinite_momentum", "negative_weight_decay", "nan_weight_decay",
+        "nesterov_without_momentum"])
+def test_invalid_settings_raise_a_value_error_naming_the_option(kwargs, message):
+    with pytest.raises(ValueError) as raised:
         SGD(**kwargs)
+    assert str(raised.value) == message

@@ -26,12 +26,11 @@ import h5py
 import numpy as np
 import pytest
 
-from ddptrain import checkpoint as ckpt_io
-from ddptrain.comm import check_srun_world, srun_task
+from ddptrain import __version__, checkpoint as ckpt_io
 from ddptrain.errors import UserError
-from ddptrain.runner import default_run_dir, slurm_restart_count
-from launch import ROOT, clean_env, run
-from synthetic import make_dataset
+from ddptrain.launcher import srun_task
+from ddptrain.slurm import check_srun_world, default_run_dir, slurm_restart_count
+from helpers import ROOT, clean_env, make_dataset, run
 
 TRAIN = ROOT / "slurm" / "train.sbatch"
 SWEEP = ROOT / "slurm" / "sweep.sbatch"
@@ -95,6 +94,7 @@ def test_a_world_that_is_not_the_srun_step_is_refused():
     check_srun_world(fake_world(0, 1), None)
 
 
+@pytest.mark.slow
 def test_a_requeued_job_resumes_by_itself(small_data, tmp_path):
     """SLURM_RESTART_COUNT > 0: ddptrain continues from the job's newest checkpoint without --resume."""
     job = {"SLURM_JOB_ID": "4242"}
@@ -110,6 +110,7 @@ def test_a_requeued_job_resumes_by_itself(small_data, tmp_path):
     assert "after 3 epochs" in again.stdout
 
 
+@pytest.mark.slow
 def test_collect_sweep_makes_one_table(tmp_path):
     for task, (lr, accuracies) in enumerate([(0.3, [0.5, 0.6]), (0.01, [0.2, 0.3]), (0.1, [0.7])]):
         folder = tmp_path / "runs" / f"slurm-90_{task}"
@@ -131,6 +132,7 @@ def test_collect_sweep_makes_one_table(tmp_path):
     assert nothing.returncode == 2 and "no run folders" in nothing.stderr
 
 
+@pytest.mark.slow
 def test_batch_scripts_parse_and_want_sbatch():
     for script in (TRAIN, SWEEP, CLUSTER_SCRIPT):
         subprocess.run(["bash", "-n", str(script)], check=True)
@@ -300,7 +302,7 @@ def test_train_job_completes(cluster, small_data, tmp_path, ntasks, launcher):
     [record] = cluster.wait(job, timeout=90, out=out)
     assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0"), report(out)
     text = out.read_text()
-    assert f"ddptrain 0.1.0: {ntasks} ranks" in text, report(out)   # one MPI world of ntasks ranks
+    assert f"ddptrain {__version__}: {ntasks} ranks" in text, report(out)   # one MPI world of ntasks ranks
     assert f"SLURM job {job}" in text and "finished: test accuracy" in text, report(out)
     run_dir = tmp_path / "runs" / f"slurm-{job}"
     assert metrics_epochs(run_dir) == [1, 2, 3]     # written once, by rank 0
@@ -381,7 +383,7 @@ def test_sweep_array_trains_every_rate_and_collects_a_table(cluster, small_data,
     for r in records:
         out = tmp_path / f"slurm-{array}_{r['ArrayTaskId']}.out"
         assert (r["JobState"], r["ExitCode"]) == ("COMPLETED", "0:0"), report(out)
-        assert "ddptrain 0.1.0: 2 ranks" in out.read_text(), report(out)
+        assert f"ddptrain {__version__}: 2 ranks" in out.read_text(), report(out)
     rates = {int(folder.name.split("_")[1]): json.loads((folder / "config.json").read_text())["lr"]
              for folder in (tmp_path / "runs").glob(f"slurm-{array}_*")}
     assert rates == {0: 0.01, 1: 0.03, 2: 0.1, 3: 0.3}

@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 
 from ddptrain import checkpoint, data
+from ddptrain.callbacks import ReplicaDivergence, check_replicas
 from ddptrain.comm import MPIComm, SerialComm
 from ddptrain.config import Config
+from ddptrain.evaluation import evaluate
 from ddptrain.losses import SoftmaxCrossEntropy
-from ddptrain.nn import Sequential
-from ddptrain.optim import SGD
-from ddptrain.rank0 import RankZero
+from ddptrain.nn import Layer, Sequential
 from ddptrain.runner import run_training
 from ddptrain.sampler import evaluation_block, owned_blocks
-from ddptrain.train import ReplicaDivergence, Split, Trainer, evaluate
-from synthetic import make_dataset, model_spec
+from ddptrain.step import Split
+from helpers import make_dataset, model_spec
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -165,13 +165,59 @@ def test_only_rank_0_writes_metrics_and_checkpoints(comm, shared_dir, dataset):
     assert checkpoint.newest_valid(run_dir / "checkpoints").state["epoch"] == 2
 
 
-def test_diverged_replicas_are_detected_on_every_rank(comm, tmp_path):
+def test_diverged_replicas_are_detected_on_every_rank(comm):
     model = Sequential.from_spec("4-3-2", dtype=np.float64, seed=0)
-    split = Split(np.zeros((24, 4)), np.zeros(24, dtype=np.int64))
-    trainer = Trainer(Config(model="4-3-2", batch_size=comm.size), comm, model, SGD(), split, split, 24, 2,
-                      RankZero(comm, tmp_path))
-    trainer.check_replicas()   # identical: no error
+    check_replicas(model, comm, step=0)   # identical: no error
     if comm.rank == comm.size - 1:
         model.params[0] += 1e-12   # one bit-level difference on one rank
-    with pytest.raises(ReplicaDivergence, match="parameters differ across ranks"):
-        trainer.check_replicas()
+    with pytest.raises(ReplicaDivergence, match="parameters or buffers differ across ranks at step 5"):
+        check_replicas(model, comm, step=5)
+
+
+class Tally(Layer):
+    """A buffer that counts the rows it saw in training: the replica check must cover buffers too."""
+
+    def buffer_shapes(self):
+        return {"rows": (1,)}
+
+    def forward(self, x):
+        if self.training:
+            self.buffers["rows"] += len(x)
+        return x
+
+    def backward(self, dout, need_input_grad=True):
+        return dout
+
+
+def test_diverged_buffers_are_detected_like_diverged_parameters(comm):
+    model = Sequential([Tally(), *Sequential.from_spec("4-3-2").layers], dtype=np.float64)
+    model.forward(np.ones((comm.rank + 1, 4)))   # each rank counts its own rows: the buffers differ
+    with pytest.raises(ReplicaDivergence):
+        check_replicas(model, comm, step=1)
+
+
+class CountsForwardPasses(Layer):
+    """A layer with a collective in its forward pass, as global batch normalisation has."""
+
+    def __init__(self, comm):
+        super().__init__()
+        self.comm, self.passes = comm, 0
+
+    def forward(self, x):
+        self.passes += 1
+        self.comm.allreduce(np.ones(1))   # every rank must get here as often, or the job hangs
+        return x
+
+    def backward(self, dout, need_input_grad=True):
+        return dout
+
+
+def test_evaluation_runs_as_many_forward_passes_on_every_rank_whatever_their_rows(comm):
+    counter = CountsForwardPasses(comm)
+    model = Sequential([counter, *Sequential.from_spec("4-3-2").layers], dtype=np.float64)
+    rows = 7 * comm.rank   # rank 0 holds none, the last rank the most
+    split = Split(np.ones((rows, 4)), np.zeros(rows, dtype=np.int64))
+    result = evaluate(model, comm, split, n_classes=2, chunk=3)
+    most = 7 * (comm.size - 1)
+    assert counter.passes == -(-most // 3)          # padded to the largest count, with empty batches
+    assert result.confusion.sum() == sum(7 * r for r in range(comm.size))

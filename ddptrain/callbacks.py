@@ -1,0 +1,128 @@
+"""What happens around the training loop, as callbacks: progress, metrics, replica checks, checkpoints.
+
+Each is small and does one thing; ``runner`` registers them in this order
+(the order of the work after a step: check, report, record, save). What
+only rank 0 does (printing, writing files) goes through ``rank0``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from .checkpoint import Checkpoint
+from .train import Callback
+
+
+class ReplicaDivergence(RuntimeError):
+    """The ranks' parameters or buffers are no longer identical."""
+
+    all_ranks = True
+
+
+def state_digest(model):
+    """A short hash of the model's parameters and buffers: equal on every rank, or a replica diverged."""
+    h = hashlib.blake2b(model.params.tobytes(), digest_size=8)
+    h.update(model.buffers.tobytes())
+    return h.hexdigest()
+
+
+def check_replicas(model, comm, step):
+    """Stop with a clear error if the ranks' parameters or buffers are not bitwise identical. Collective."""
+    digests = comm.allgather(state_digest(model))   # DDP
+    if len(set(digests)) > 1:
+        raise ReplicaDivergence(f"parameters or buffers differ across ranks at step {step}: "
+                                + ", ".join(f"rank {r} {d}" for r, d in enumerate(digests)))
+
+
+class ReplicaCheck(Callback):
+    """Every ``every`` steps and at the end: every rank must hold the same parameters and buffers."""
+
+    def __init__(self, every):
+        self.every = every
+
+    def on_step_end(self, trainer, end):
+        if trainer.position.step % self.every == 0:
+            check_replicas(trainer.model, trainer.comm, trainer.position.step)
+
+    def on_fit_end(self, trainer):
+        check_replicas(trainer.model, trainer.comm, trainer.position.step)
+
+
+class ProgressReport(Callback):
+    """A progress bar or line after steps (see ``progress.py``), and one line per epoch."""
+
+    def __init__(self, console):
+        self.console = console
+        self._started, self._steps, self._samples = 0.0, 0, 0
+
+    def on_epoch_start(self, trainer):
+        self._started, self._steps, self._samples = time.perf_counter(), 0, 0
+
+    def on_step_end(self, trainer, end):
+        pos = trainer.position
+        self._steps, self._samples = self._steps + 1, self._samples + end.totals.samples
+        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        self.console.progress(epoch=pos.epoch + 1, epochs=trainer.plan.epochs, step_in_epoch=pos.step_in_epoch,
+                              steps_in_epoch=end.steps_in_epoch, global_step=pos.step,
+                              total_steps=trainer.plan.total_steps, loss=pos.sums.loss,
+                              accuracy=pos.sums.accuracy, lr=end.lr, samples_per_second=self._samples / elapsed,
+                              seconds_per_step=elapsed / self._steps)
+
+    def on_epoch_end(self, trainer, record, is_best):
+        self.console.print(f"epoch {record['epoch']}/{trainer.plan.epochs} done: train loss "
+                           f"{record['train_loss']:.4f}  test loss {record['test_loss']:.4f}  test accuracy "
+                           f"{100 * record['test_accuracy']:.2f}%  ({record['seconds']:.1f} s, "
+                           f"{record['samples_per_second']:,.0f} samples/s)", always=True)
+
+
+class MetricsLog(Callback):
+    """``metrics.jsonl``: a record per epoch, and every ``every`` steps (0: never) a step record."""
+
+    def __init__(self, run_folder, every=0):
+        self.run_folder, self.every = run_folder, every
+
+    def on_step_end(self, trainer, end):
+        pos = trainer.position
+        if self.every and pos.step % self.every == 0:
+            self.run_folder.append_metrics({"kind": "step", "epoch": pos.epoch + 1, "step": pos.step, "lr": end.lr,
+                                            "train_loss": pos.sums.loss, "train_accuracy": pos.sums.accuracy})
+
+    def on_epoch_end(self, trainer, record, is_best):
+        self.run_folder.append_metrics(record)
+
+
+def make_checkpoint(trainer, config, n_train):
+    """Everything a run needs to continue exactly where ``trainer`` stands."""
+    model, pos = trainer.model, trainer.position
+    return Checkpoint(
+        params={name: array.copy() for name, array in model.named_params()},
+        buffers={name: array.copy() for name, array in model.named_buffers()},
+        optimizer={"type": type(trainer.optimizer).__name__, **trainer.optimizer.state_dict()},
+        state={"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "step": pos.step,
+               "train_sums": pos.sums.to_dict(), "n_train": n_train, "best_accuracy": trainer.best_accuracy,
+               "world_size": trainer.comm.size},
+        config=config, metrics=list(trainer.metrics), model=model.describe(), model_summary=model.summary(),
+        dtype=str(model.dtype))
+
+
+class Checkpointing(Callback):
+    """A checkpoint at the end of every epoch (and ``best.h5`` after the best one so far), every
+    ``every`` steps within an epoch (0: never), and after the step in which a stop was requested."""
+
+    def __init__(self, run_folder, config, n_train, every=0, keep=3):
+        self.run_folder, self.config, self.n_train = run_folder, config, n_train
+        self.every, self.keep = every, keep
+
+    def save(self, trainer, is_best=False):
+        return self.run_folder.save_checkpoint(lambda: make_checkpoint(trainer, self.config, self.n_train),
+                                               trainer.position.step, self.keep, is_best)
+
+    def on_step_end(self, trainer, end):
+        pos = trainer.position
+        periodic = self.every and pos.step % self.every == 0 and pos.step_in_epoch < end.steps_in_epoch
+        if end.stop or periodic:
+            self.save(trainer)
+
+    def on_epoch_end(self, trainer, record, is_best):
+        self.save(trainer, is_best)

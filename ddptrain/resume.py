@@ -1,0 +1,88 @@
+"""Resuming: which checkpoint to continue from, and whether it fits this run.
+
+A checkpoint fits when it holds a parameter and a buffer of the same name,
+shape and dtype for every one of the model's, state for the same optimiser,
+was trained on as many rows, and on the same sequence of global batches.
+"""
+
+from __future__ import annotations
+
+from . import checkpoint as ckpt_io
+from .errors import CheckpointError
+
+# Options that fix the sequence of global batches: resuming with another value
+# would not continue the run the checkpoint belongs to.
+MUST_MATCH_ON_RESUME = ("batch_size", "seed", "virtual_shards", "drop_last")
+
+
+def _shape(array):
+    return "x".join(map(str, array.shape)) or "a scalar"
+
+
+def _first_difference(kind, theirs, mine):
+    """A few words on the first array that differs between the checkpoint's and the model's, or None."""
+    for name in sorted(set(theirs) | set(mine)):
+        if name not in mine:
+            return f"it holds {kind} {name}, which the model has not"
+        if name not in theirs:
+            return f"it has no {kind} {name}"
+        if theirs[name].shape != mine[name].shape:
+            return f"{kind} {name} is {_shape(theirs[name])} there, {_shape(mine[name])} here"
+    return None
+
+
+def check_model_fits(checkpoint, model):
+    """The checkpoint's parameters and buffers must be the model's: same names, shapes and dtype."""
+    where = checkpoint.path
+    difference = (_first_difference("parameter", checkpoint.params, dict(model.named_params()))
+                  or _first_difference("buffer", checkpoint.buffers, dict(model.named_buffers())))
+    if difference:
+        raise CheckpointError(f"{where}: checkpoint is for model {checkpoint.model_summary}, not "
+                              f"{model.summary()} ({difference})")
+    stored = {str(a.dtype) for a in (*checkpoint.params.values(), *checkpoint.buffers.values())}
+    if checkpoint.dtype != str(model.dtype) or stored - {checkpoint.dtype}:
+        raise CheckpointError(f"{where}: checkpoint holds {checkpoint.dtype} parameters, not {model.dtype} "
+                              f"(--dtype {checkpoint.dtype})")
+
+
+def check_fits(checkpoint, model, optimizer, n_train, config):
+    """Refuse a checkpoint from another model, optimiser, data set or batch sequence."""
+    where = checkpoint.path
+    check_model_fits(checkpoint, model)
+    kind = checkpoint.optimizer.get("type")
+    if kind != type(optimizer).__name__:
+        raise CheckpointError(f"{where}: checkpoint holds the state of optimiser {kind}, "
+                              f"not {type(optimizer).__name__}")
+    for name, array in checkpoint.optimizer.items():
+        if hasattr(array, "shape") and (array.shape != model.params.shape or array.dtype != model.dtype):
+            raise CheckpointError(f"{where}: optimiser state {name} does not fit the model's "
+                                  f"{model.params.size} {model.dtype} parameters")
+    if checkpoint.state.get("n_train") != n_train:
+        raise CheckpointError(f"{where}: checkpoint was trained on {checkpoint.state.get('n_train')} rows, "
+                              f"this data file has {n_train}")
+    for name in MUST_MATCH_ON_RESUME:
+        saved, given = checkpoint.config.get(name), getattr(config, name)
+        if saved != given:
+            option = "--" + name.replace("_", "-")
+            hint = f"resume with {option}" if isinstance(saved, bool) and saved else \
+                f"resume without {option}" if isinstance(saved, bool) else f"resume with {option} {saved}"
+            raise CheckpointError(f"{where}: checkpoint was trained with {option} {saved}, not {given}; {hint}")
+
+
+def load_checkpoint(config, checkpoint_dir, model, optimizer, n_train, warn):
+    """Rank 0: the verified checkpoint to resume from (fitting this run), or None to start fresh.
+
+    ``--resume auto`` takes the newest checkpoint in the folder that verifies
+    (setting damaged ones aside with a warning), ``--resume PATH`` that file.
+    """
+    if not config.resume:
+        return None
+    if config.resume == "auto":
+        checkpoint = ckpt_io.newest_valid(checkpoint_dir, warn=warn, set_aside=True)
+        if checkpoint is None:
+            warn(f"--resume auto: no valid checkpoint in {checkpoint_dir}; starting from the beginning")
+            return None
+    else:
+        checkpoint = ckpt_io.load(config.resume)
+    check_fits(checkpoint, model, optimizer, n_train, config)
+    return checkpoint

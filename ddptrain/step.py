@@ -1,0 +1,113 @@
+"""One data-parallel training step: the unit that the trainer, ``--debug`` and the benchmark all run.
+
+Follow one step (``TrainStep.__call__``): this rank's rows of the global
+batch (gathered by ``Batches``) go forward through the model; the loss is
+normalised by the *global* batch size, so this rank's gradient is its share
+of the gradient of the global mean loss; backward fills the flat gradient;
+one Allreduce sums the shares, which gives exactly that gradient however
+unevenly the batch was split; a second, four-number Allreduce adds up the
+step's loss, correct predictions and samples and whether any rank was asked
+to stop; a NaN or Inf stops everything before the update; and the optimiser
+updates the parameters. Lines that exist only because training is
+distributed are tagged ``# DDP:``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import NumericalError
+
+
+@dataclass
+class Split:
+    """The rows of one split (train or test) that this rank holds in memory."""
+
+    x: np.ndarray   # (rows, *sample shape), the model's dtype, values in [0, 1]
+    y: np.ndarray   # (rows,) int64 labels
+
+
+class Batches:
+    """This rank's rows of each global batch, gathered from its shard into one reused array."""
+
+    def __init__(self, split, max_rows):
+        self.split = split
+        self._x = np.empty((max_rows, *split.x.shape[1:]), dtype=split.x.dtype)
+
+    def gather(self, rows):
+        # mode="clip": with the default mode="raise", np.take fills a temporary and then
+        # copies it into `out` (to stay safe on a bad index); the rows are valid by construction.
+        x = np.take(self.split.x, rows, axis=0, out=self._x[:len(rows)], mode="clip")
+        return x, self.split.y[rows]
+
+
+@dataclass(frozen=True)
+class StepTotals:
+    """One step's global sums, the same on every rank (they come out of an Allreduce)."""
+
+    loss_sum: float         # of the per-sample losses over the global batch
+    correct: int            # predictions that were right
+    samples: int            # the global batch size
+    stop_requested: bool    # whether any rank was asked to stop (a signal)
+
+
+class NonFiniteStep(NumericalError):
+    """The loss or the allreduced gradient holds a NaN or an Inf (the update was not applied)."""
+
+
+def count_correct(logits, labels):
+    return int(np.count_nonzero(logits.argmax(axis=1) == labels))
+
+
+def compute_gradient(model, loss_fn, comm, x, y, global_count):
+    """Fill ``model.grads`` with the gradient of the mean loss over the global batch.
+
+    ``(x, y)`` is this rank's part of a global batch of ``global_count``
+    samples. The loss is normalised by the global count, so this rank's
+    gradient is its share of the gradient of the global mean loss; summing the
+    shares over the ranks gives exactly that gradient, however unevenly the
+    batch was split. Returns this rank's share of the loss and its number of
+    correct predictions.
+    """
+    logits = model.forward(x)
+    loss_share = loss_fn.forward(logits, y, normaliser=global_count)
+    correct = count_correct(logits, y)
+    model.backward(loss_fn.backward())
+    comm.allreduce_(model.grads)   # DDP: sum of the shares = gradient of the global mean
+    return loss_share, correct
+
+
+def gradients_are_finite(grads):
+    # A NaN or Inf anywhere makes the dot product non-finite; after the
+    # Allreduce every rank holds the same gradient and so reaches the same verdict.
+    return bool(np.isfinite(np.dot(grads, grads)))
+
+
+class TrainStep:
+    """One step of data-parallel training; see the module docstring for the path it follows.
+
+    ``after_reduce`` holds callables ``hook(x, y, global_count)`` run once the
+    gradient is reduced and before the update (``--debug`` checks it there).
+    """
+
+    def __init__(self, model, loss_fn, optimizer, comm):
+        self.model, self.loss_fn, self.optimizer, self.comm = model, loss_fn, optimizer, comm
+        self.after_reduce = []
+        self._totals = np.zeros(4)   # loss sum, correct, samples, ranks asked to stop
+
+    def __call__(self, x, y, global_count, lr, stop_requested=False):
+        """Train on this rank's ``(x, y)`` of a global batch of ``global_count``; returns the StepTotals."""
+        loss_share, correct = compute_gradient(self.model, self.loss_fn, self.comm, x, y, global_count)
+        for hook in self.after_reduce:
+            hook(x, y, global_count)
+        totals = self._totals
+        totals[:] = (loss_share * global_count, correct, len(y), stop_requested)
+        self.comm.allreduce_(totals)   # DDP: global totals, and whether a signal reached any rank
+        # Checked before the update, so the parameters in memory stay the last good ones.
+        if not (np.isfinite(totals[0]) and gradients_are_finite(self.model.grads)):
+            raise NonFiniteStep("NaN or Inf in the loss or gradients")
+        self.optimizer.step(self.model.params, self.model.grads, lr)
+        return StepTotals(loss_sum=float(totals[0]), correct=int(totals[1]), samples=int(totals[2]),
+                          stop_requested=bool(totals[3]))

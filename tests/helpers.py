@@ -1,0 +1,180 @@
+"""What the tests share: small data sets, running ddptrain as a user would, finite differences, damage.
+
+Imported as ``from helpers import ...``: ``tests/`` has no ``__init__.py``,
+and ``conftest.py`` puts this folder on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ddptrain import checkpoint as ckpt_io
+from ddptrain.data import write_dataset
+from ddptrain.launcher import environ_without_launcher, find_mpiexec
+
+ROOT = Path(__file__).resolve().parent.parent
+INJECT = Path(__file__).resolve().parent / "inject.py"
+
+# ---------------------------------------------------------------- small, learnable data sets
+#
+# Each class has a random 0..255 template; a sample is its class template plus
+# noise. A tiny MLP learns them in a few steps, so training tests can check
+# that the loss falls, while the files stay a few kilobytes.
+
+
+def make_images(n, side, n_classes, rng, templates):
+    labels = rng.integers(0, n_classes, size=n).astype(np.uint8)
+    noise = rng.normal(0, 40, size=(n, side, side))
+    images = np.clip(templates[labels] + noise, 0, 255).astype(np.uint8)
+    return images, labels
+
+
+def make_dataset(path, n_train=240, n_test=60, side=8, n_classes=10, seed=0):
+    """Write a ddptrain HDF5 file of ``side x side`` images; returns the path (as str)."""
+    rng = np.random.default_rng(seed)
+    templates = rng.uniform(0, 255, size=(n_classes, side, side))
+    train = make_images(n_train, side, n_classes, rng, templates)
+    test = make_images(n_test, side, n_classes, rng, templates)
+    write_dataset(path, *train, *test, attrs={"source": "synthetic test data"})
+    return str(path)
+
+
+def model_spec(side=8, hidden=(16,), n_classes=10):
+    """The MLP spec that fits ``make_dataset(side=side)``."""
+    return "-".join(str(s) for s in (side * side, *hidden, n_classes))
+
+
+# ---------------------------------------------------------------- running ddptrain as a user would
+
+
+def mpiexec():
+    return find_mpiexec()
+
+
+def command(args, ranks=None, faults=None):
+    """The argv that runs ``python -m ddptrain ARGS``, under mpiexec with ``ranks`` ranks if given.
+
+    ``faults`` (see ``tests/inject.py``) runs it through the fault injector instead.
+    """
+    program = [str(INJECT), faults] if faults else ["-m", "ddptrain"]
+    python = [sys.executable, *program, *map(str, args)]
+    return python if ranks is None else [mpiexec(), "-n", str(ranks), *python]
+
+
+def clean_env(extra=None):
+    # A test must not inherit an MPI or SLURM context from whatever started pytest.
+    return {**environ_without_launcher(), **(extra or {})}
+
+
+def run(args, ranks=None, timeout=120, env=None, cwd=None, faults=None):
+    """Run ddptrain to completion; returns the CompletedProcess (stdout and stderr as text)."""
+    return subprocess.run(command(args, ranks, faults), capture_output=True, text=True, timeout=timeout,
+                          env=clean_env(env), cwd=cwd or ROOT)
+
+
+def start(args, ranks=None, env=None, cwd=None, faults=None):
+    """Start ddptrain in the background (for signal tests); returns the Popen."""
+    return subprocess.Popen(command(args, ranks, faults), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=clean_env(env), cwd=cwd or ROOT, start_new_session=True)
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------- what a run leaves behind
+
+
+def final_params(run_dir):
+    """The newest checkpoint's parameters, as one flat float64 array in name order."""
+    final = ckpt_io.newest_valid(Path(run_dir) / "checkpoints")
+    return np.concatenate([final.params[name].ravel() for name in sorted(final.params)])
+
+
+def metrics_records(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def relative_error(a, b):
+    """``max|a - b| / max|b|``."""
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+# ---------------------------------------------------------------- damage
+
+
+def flip_a_byte_of(path, dataset="params/linear1.weight"):
+    """Corrupt the file on disk, as a bad sector would: one byte inside a dataset's stored data."""
+    with h5py.File(path, "r") as f:
+        offset = f[dataset].id.get_offset() + 5
+    flip_byte_at(path, offset)
+
+
+def flip_byte_at(path, offset, mask=0x40):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ mask]))
+
+
+# ---------------------------------------------------------------- finite differences
+#
+# ``numerical_grad(f, x)`` perturbs ``x`` in place one coordinate at a time,
+# evaluates the scalar ``f(x)`` at ``x + eps`` and ``x - eps``, and restores the
+# coordinate exactly. ``f`` may ignore its argument and read ``x`` (or a buffer
+# that ``x`` is a view of) through a closure: that is how a model's parameters
+# are checked.
+
+
+def numerical_grad(f, x, eps=1e-6, indices=None):
+    """``d f(x) / d x`` by central differences, ``(f(x + eps) - f(x - eps)) / (2 eps)``.
+
+    ``x`` must be a writable float64 array. With ``indices`` (flat indices into
+    ``x``, e.g. from ``random_indices``) only those coordinates are computed and
+    a 1-D array of their derivatives is returned; otherwise an array shaped
+    like ``x``.
+    """
+    x = np.asarray(x)
+    if x.dtype != np.float64:
+        raise TypeError(f"finite differences need float64, got {x.dtype}")
+    flat = x.reshape(-1)
+    if not np.shares_memory(flat, x):
+        raise ValueError("x must be perturbable in place (reshape(-1) made a copy)")
+    coords = range(flat.size) if indices is None else np.asarray(indices).reshape(-1)
+    grad = np.empty(len(coords), dtype=np.float64)
+    for k, i in enumerate(coords):
+        original = flat[i]
+        try:
+            flat[i] = original + eps
+            f_plus = float(f(x))
+            flat[i] = original - eps
+            f_minus = float(f(x))
+        finally:
+            flat[i] = original
+        grad[k] = (f_plus - f_minus) / (2 * eps)
+    return grad.reshape(x.shape) if indices is None else grad
+
+
+def random_indices(x, k, seed=0):
+    """Up to ``k`` distinct flat indices into ``x``, drawn reproducibly (all of them if ``x`` is small)."""
+    size = np.asarray(x).size
+    if size <= k:
+        return np.arange(size)
+    return np.sort(np.random.default_rng(seed).choice(size, size=k, replace=False))
+
+
+def rel_error(a, b):
+    """``max|a - b| / max(|a|, |b|)``: a scale-free distance between two arrays."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
+    scale = max(1e-12, float(np.max(np.abs(a), initial=0.0)), float(np.max(np.abs(b), initial=0.0)))
+    return float(np.max(np.abs(a - b), initial=0.0)) / scale

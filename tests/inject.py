@@ -1,0 +1,116 @@
+"""Run ddptrain's command line with faults injected: how the tests provoke what they cannot from outside.
+
+    python tests/inject.py FAULTS [ddptrain arguments ...]
+    mpiexec -n 3 python tests/inject.py raise:rank=1:step=3 --data ...
+    mpiexec -n 3 python -m mpi4py tests/inject.py raise:rank=1:step=3 --data ...
+
+The faults go in through ddptrain's public callbacks (``ddptrain.cli.main(argv,
+callbacks=...)``), the same hooks that drive progress, metrics and
+checkpoints: nothing in ddptrain exists for them. FAULTS is a comma-separated
+list, each ``kind:key=value:...``; ``step`` is the 0-based global step (the
+fault fires just before that step runs), and ``rank`` limits it to one rank::
+
+    raise:rank=1:step=3            rank 1 raises InjectedFault
+    nan:step=5[:rank=R]            a parameter becomes NaN (on every rank, or on rank R)
+    signal:rank=1:step=4:SIGUSR1   rank 1 sends itself SIGUSR1 (SIGTERM, SIGINT, ...)
+    checkpoint-write:step=6        rank 0's checkpoint of step 6 fails after its temporary
+                                   file is written, before the rename (as a full disk would)
+    delay:seconds=0.05             every rank sleeps before each step (room for outside signals)
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+from ddptrain import checkpoint as ckpt_io, cli
+from ddptrain.train import Callback
+
+KINDS = ("raise", "nan", "signal", "checkpoint-write", "delay")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    step: int | None = None
+    rank: int | None = None
+    signal_name: str = "SIGUSR1"
+    seconds: float = 0.0
+
+    def fires(self, step, rank):
+        return (self.step is None or self.step == step) and (self.rank is None or self.rank == rank)
+
+
+class InjectedFault(RuntimeError):
+    """The exception a ``raise`` fault raises."""
+
+
+def parse(text):
+    """``"raise:rank=1:step=3,delay:seconds=0.1"`` -> a list of Faults (ValueError if malformed)."""
+    faults = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        kind, *fields = item.split(":")
+        if kind not in KINDS:
+            raise ValueError(f"unknown fault {kind!r} in {text!r} (one of {', '.join(KINDS)})")
+        values = {}
+        for field in fields:
+            key, _, value = field.partition("=")
+            if field.startswith("SIG"):
+                values["signal_name"] = field
+            elif key in ("step", "rank"):
+                values[key] = int(value)
+            elif key == "seconds":
+                values[key] = float(value)
+            else:
+                raise ValueError(f"cannot read {field!r} in {text!r}")
+        if kind != "delay" and "step" not in values:
+            raise ValueError(f"fault {item!r} needs step=N")
+        faults.append(Fault(kind, **values))
+    return faults
+
+
+class FaultInjection(Callback):
+    """Fires the faults of this rank just before the steps they name."""
+
+    def __init__(self, faults):
+        self.faults = faults
+
+    def on_step_start(self, trainer):
+        step, rank = trainer.position.step, trainer.comm.rank
+        for fault in self.faults:
+            if not fault.fires(step, rank):
+                continue
+            if fault.kind == "delay":
+                time.sleep(fault.seconds)
+            elif fault.kind == "raise":
+                raise InjectedFault(f"injected on rank {rank} before step {step}")
+            elif fault.kind == "nan":
+                trainer.model.params[0] = float("nan")
+            elif fault.kind == "signal":
+                os.kill(os.getpid(), getattr(signal, fault.signal_name))
+
+
+def fail_checkpoint_writes(steps):
+    """Make rank 0's write of the checkpoints of ``steps`` fail like a full disk, before their rename."""
+    real_fsync = ckpt_io.fsync_file
+    doomed = {f".{ckpt_io.step_path('', step).name}.tmp-" for step in steps}
+
+    def fsync_file(path):
+        if any(os.path.basename(path).startswith(prefix) for prefix in doomed):
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected by the test)")
+        real_fsync(path)
+    ckpt_io.fsync_file = fsync_file
+
+
+def main(argv):
+    faults = parse(argv[0])
+    fail_checkpoint_writes([f.step for f in faults if f.kind == "checkpoint-write"])
+    return cli.main(argv[1:], callbacks=[FaultInjection([f for f in faults if f.kind != "checkpoint-write"])])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

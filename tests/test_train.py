@@ -1,0 +1,146 @@
+"""The step and the loop: one named TrainStep, callbacks around the loop, state that survives a checkpoint."""
+
+import numpy as np
+import pytest
+
+from ddptrain import checkpoint as ckpt_io, data
+from ddptrain.callbacks import Checkpointing
+from ddptrain.comm import SerialComm
+from ddptrain.config import Config
+from ddptrain.losses import SoftmaxCrossEntropy
+from ddptrain.nn import Flatten, Layer, Linear, Sequential
+from ddptrain.optim import SGD
+from ddptrain.plan import TrainingPlan
+from ddptrain.rank0 import RunFolder
+from ddptrain.runner import run_training
+from ddptrain.signals import StopRequest
+from ddptrain.step import NonFiniteStep, Split, TrainStep
+from ddptrain.train import Callback, Trainer
+from helpers import model_spec
+
+
+def small_step(momentum=0.9):
+    model = Sequential.from_spec("4-3-2", dtype=np.float64, seed=1)
+    return TrainStep(model, SoftmaxCrossEntropy(), SGD(momentum=momentum), SerialComm())
+
+
+# ---------------------------------------------------------------- the step
+
+
+def test_a_step_returns_the_global_totals_and_applies_the_update():
+    step = small_step()
+    x, y = np.random.default_rng(0).standard_normal((5, 4)), np.array([0, 1, 1, 0, 1])
+    before = step.model.params.copy()
+    expected_loss = SoftmaxCrossEntropy().forward(step.model.forward(x), y, normaliser=1)
+    totals = step(x, y, global_count=5, lr=0.1)
+    assert (totals.samples, totals.stop_requested) == (5, False)
+    assert totals.loss_sum == pytest.approx(expected_loss, rel=1e-12) and 0 <= totals.correct <= 5
+    assert not np.array_equal(step.model.params, before)
+    assert step.optimizer.steps == 1
+
+
+def test_a_step_with_a_nan_stops_before_the_update():
+    step = small_step()
+    x, y = np.ones((2, 4)), np.array([0, 1])
+    x[1, 2] = np.nan
+    before = step.model.params.copy()
+    with np.errstate(invalid="ignore"), pytest.raises(NonFiniteStep, match="NaN or Inf in the loss or gradients"):
+        step(x, y, global_count=2, lr=0.1)
+    np.testing.assert_array_equal(step.model.params, before)   # the last good parameters
+    assert step.optimizer.steps == 0
+
+
+def test_a_step_runs_its_after_reduce_hooks_on_the_reduced_gradient_before_the_update():
+    step = small_step()
+    seen = []
+    step.after_reduce.append(lambda x, y, n: seen.append((step.model.grads.copy(), step.model.params.copy(), n)))
+    before = step.model.params.copy()
+    step(np.ones((3, 4)), np.array([0, 1, 0]), global_count=3, lr=0.1)
+    [(grads, params, count)] = seen
+    assert grads.any() and np.array_equal(params, before) and count == 3
+
+
+# ---------------------------------------------------------------- the loop and its callbacks
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.calls = []
+
+    def on_fit_start(self, trainer):
+        self.calls.append("fit_start")
+
+    def on_epoch_start(self, trainer):
+        self.calls.append(f"epoch_start {trainer.position.epoch}")
+
+    def on_step_start(self, trainer):
+        self.calls.append(f"step_start {trainer.position.step}")
+
+    def on_step_end(self, trainer, end):
+        self.calls.append(f"step_end {trainer.position.step} {end.totals.samples}")
+
+    def on_epoch_end(self, trainer, record, is_best):
+        saved = ckpt_io.step_path(trainer_folder(trainer), record["step"]).exists()
+        self.calls.append(f"epoch_end {record['epoch']} saved={saved}")
+
+    def on_fit_end(self, trainer):
+        self.calls.append("fit_end")
+
+
+def trainer_folder(trainer):
+    return next(c.run_folder.checkpoint_dir for c in trainer.callbacks if isinstance(c, Checkpointing))
+
+
+def test_callbacks_see_every_hook_in_order_after_ddptrain_s_own(small_data, tmp_path):
+    recorder = Recorder()
+    config = Config(data=small_data, model=model_spec(), batch_size=100, epochs=2, threads=1,
+                    run_dir=str(tmp_path / "run")).validated()
+    assert run_training(config, SerialComm(), quiet=True, callbacks=[recorder]) == 0
+    # 240 rows in global batches of 100: 3 steps an epoch, the last of 40 samples.
+    epoch = lambda e: [f"epoch_start {e}", f"step_start {3 * e}", f"step_end {3 * e + 1} 100",   # noqa: E731
+                       f"step_start {3 * e + 1}", f"step_end {3 * e + 2} 100", f"step_start {3 * e + 2}",
+                       f"step_end {3 * e + 3} 40", f"epoch_end {e + 1} saved=True"]
+    assert recorder.calls == ["fit_start", *epoch(0), *epoch(1), "fit_end"]
+
+
+class Tally(Layer):
+    """Counts in a buffer the rows it sees in training mode (none in evaluation)."""
+
+    def buffer_shapes(self):
+        return {"rows": (1,)}
+
+    def forward(self, x):
+        if self.training:
+            self.buffers["rows"] += len(x)
+        return x
+
+    def backward(self, dout, need_input_grad=True):
+        return dout
+
+
+def test_buffers_are_checkpointed_evaluation_leaves_them_alone_and_restore_brings_them_back(small_data, tmp_path):
+    config = Config(batch_size=16, epochs=2)
+    info = data.inspect(small_data)
+    train = Split(*data.read_rows(small_data, "train", [(0, info.n_train)], dtype=np.float64))
+    test = Split(*data.read_rows(small_data, "test", [(0, info.n_test)], dtype=np.float64))
+
+    def trainer(callbacks=()):
+        model = Sequential([Tally(), Flatten(), Linear(64, 10)], dtype=np.float64)
+        return Trainer(TrainStep(model, SoftmaxCrossEntropy(), SGD(momentum=0.9), SerialComm()),
+                       TrainingPlan(config, info.n_train, 0, 1), train, test, info.n_classes, StopRequest(),
+                       callbacks)
+
+    folder = RunFolder(SerialComm(), tmp_path / "run")
+    folder.prepare(config.to_dict())
+    first = trainer([Checkpointing(folder, config.to_dict(), info.n_train)])
+    assert first.fit() is None
+    saved = ckpt_io.load(ckpt_io.step_path(folder.checkpoint_dir, 15))
+    assert saved.buffers == {"tally1.rows": np.array([240.0])}   # the 240 training rows, not the 60 test rows
+    assert first.model.buffers[0] == 480                          # after the second epoch
+
+    again = trainer()
+    again.restore(saved)
+    assert again.model.buffers[0] == 240 and again.position.epoch == 1 and again.position.step == 15
+    for name, array in again.model.named_params():
+        np.testing.assert_array_equal(array, saved.params[name])
+    assert np.array_equal(again.optimizer.state_dict()["velocity"], saved.optimizer["velocity"])
