@@ -11,6 +11,7 @@ import hashlib
 import time
 
 from .checkpoint import Checkpoint
+from .comm import collective
 from .train import Callback
 
 
@@ -27,6 +28,7 @@ def state_digest(model):
     return h.hexdigest()
 
 
+@collective
 def check_replicas(model, comm, step):
     """Stop with a clear error if the ranks' parameters or buffers are not bitwise identical. Collective."""
     digests = comm.allgather(state_digest(model))   # DDP

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .comm import collective
 from .losses import SoftmaxCrossEntropy
 
 
@@ -21,6 +22,7 @@ class Evaluation:
         return np.diag(self.confusion) / np.maximum(totals, 1)
 
 
+@collective
 def evaluate(model, comm, split, n_classes, chunk=2000):
     """Loss and accuracy of the current parameters on the whole split, in evaluation mode. Collective.
 

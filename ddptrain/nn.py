@@ -287,11 +287,11 @@ def parse_spec(spec):
 
 
 def _flat_views(owners, array):
-    """Slice ``array`` into views of the shapes ``owners`` lists, as ``(layer, dict, name, view)``."""
+    """Slice ``array`` into consecutive views of the shapes ``owners`` (``(layer, name, shape)``) lists."""
     offset = 0
-    for layer, table, name, shape in owners:
+    for layer, name, shape in owners:
         size = math.prod(shape)
-        yield layer, table, name, array[offset:offset + size].reshape(shape)
+        yield layer, name, array[offset:offset + size].reshape(shape)
         offset += size
 
 
@@ -310,18 +310,16 @@ class Sequential:
         self.dtype = np.dtype(dtype)
         self.spec = spec   # the --model string it was built from, if any
         self._name_layers()
-        param_owners = [(layer, "params", name, shape) for layer in self.layers
-                        for name, shape in layer.param_shapes().items()]
-        buffer_owners = [(layer, "buffers", name, shape) for layer in self.layers
-                         for name, shape in layer.buffer_shapes().items()]
-        self.params = np.zeros(sum(math.prod(s) for *_, s in param_owners), dtype=self.dtype)
+        param_owners = [(layer, name, shape) for layer in self.layers for name, shape in layer.param_shapes().items()]
+        buffer_owners = [(layer, name, shape) for layer in self.layers for name, shape in layer.buffer_shapes().items()]
+        self.params = np.zeros(sum(math.prod(shape) for *_, shape in param_owners), dtype=self.dtype)
         self.grads = np.zeros_like(self.params)
-        self.buffers = np.zeros(sum(math.prod(s) for *_, s in buffer_owners), dtype=self.dtype)
-        for layer, _, name, view in _flat_views(param_owners, self.params):
+        self.buffers = np.zeros(sum(math.prod(shape) for *_, shape in buffer_owners), dtype=self.dtype)
+        for layer, name, view in _flat_views(param_owners, self.params):
             layer.params[name] = view
-        for layer, _, name, view in _flat_views(param_owners, self.grads):
+        for layer, name, view in _flat_views(param_owners, self.grads):
             layer.grads[name] = view
-        for layer, _, name, view in _flat_views(buffer_owners, self.buffers):
+        for layer, name, view in _flat_views(buffer_owners, self.buffers):
             layer.buffers[name] = view
         # One generator for the whole model, consumed layer by layer, so the
         # initial parameters are a pure function of (layers, seed); the draws are

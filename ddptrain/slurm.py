@@ -10,6 +10,7 @@ import dataclasses
 import os
 import time
 
+from .comm import collective
 from .errors import UserError
 
 
@@ -65,6 +66,7 @@ _SRUN_ADVICE = ("give srun the process-management interface of your MPI library:
                 "shows what this cluster offers), or start the ranks with mpirun inside the allocation")
 
 
+@collective
 def check_srun_world(comm, task):
     """Under srun, refuse a world that is not the step's tasks (raises the same UserError on every rank).
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import socket
 
+from .comm import collective
 
+
+@collective
 def configure_blas_threads(comm, requested=0):
     """Give each rank its share of the cores it may run on; returns ``(threads, a line saying so)``.
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from .errors import NumericalError
 from .evaluation import evaluate
-from .step import Batches, NonFiniteStep
+from .step import Batches, NonFiniteStep, StepTotals
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Position:
 class StepEnd:
     """What callbacks learn after each step."""
 
-    totals: object           # step.StepTotals
+    totals: StepTotals       # the step's global sums, and whether any rank was asked to stop
     lr: float
     steps_in_epoch: int
 

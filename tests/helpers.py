@@ -17,6 +17,7 @@ import numpy as np
 from ddptrain import checkpoint as ckpt_io
 from ddptrain.data import write_dataset
 from ddptrain.launcher import environ_without_launcher, find_mpiexec
+from ddptrain.nn import Layer
 
 ROOT = Path(__file__).resolve().parent.parent
 INJECT = Path(__file__).resolve().parent / "inject.py"
@@ -104,6 +105,24 @@ def metrics_records(run_dir):
 def relative_error(a, b):
     """``max|a - b| / max|b|``."""
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+# ---------------------------------------------------------------- layers for tests
+
+
+class Tally(Layer):
+    """A buffer that counts the rows the layer saw in training mode (none in evaluation); passes x through."""
+
+    def buffer_shapes(self):
+        return {"rows": (1,)}
+
+    def forward(self, x):
+        if self.training:
+            self.buffers["rows"] += len(x)
+        return x
+
+    def backward(self, dout, need_input_grad=True):
+        return dout
 
 
 # ---------------------------------------------------------------- damage

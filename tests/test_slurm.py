@@ -220,6 +220,22 @@ def report(out):
     return f"--- {out} ---\n{Path(out).read_text(errors='replace')[-6000:]}"
 
 
+def job_tasks_started(job):
+    """Whether a process started by srun for a step of ``job`` exists (read from /proc, as root)."""
+    wanted = f"SLURM_JOB_ID={job}".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environ = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if wanted in environ and any(item.startswith(b"SLURM_STEP_ID=") for item in environ) \
+                and any(item.startswith(b"PMI_RANK=") for item in environ):
+            return True
+    return False
+
+
 def pid_alive(pid):
     try:
         os.kill(pid, 0)
@@ -364,9 +380,11 @@ def test_sigusr1_during_start_up_still_requeues(cluster, small_data, tmp_path):
     job = cluster.sbatch(TRAIN, ["--data", small_data, *SMALL_ARGS], cwd=tmp_path, options=["--ntasks=2"])
     out = tmp_path / f"slurm-{job}.out"
     deadline = time.monotonic() + 60
-    while f"{job}.0" not in cluster.command("squeue", "-h", "-s", "-j", job, "-o", "%i", check=False).stdout:
-        assert time.monotonic() < deadline, f"job {job} never started its step\n{report(out)}"
-        time.sleep(0.05)
+    # Until a task process of the job's step exists: before that, SLURM has no task to signal
+    # and drops the signal (the job would then finish unsignalled).
+    while not job_tasks_started(job):
+        assert time.monotonic() < deadline, f"job {job} never started its tasks\n{report(out)}"
+        time.sleep(0.01)
     cluster.command("scancel", "--signal=USR1", job)
     [record] = cluster.wait(job, timeout=120, restarted=True, out=out)
     assert (record["JobState"], record["Restarts"], record["ExitCode"]) == ("COMPLETED", "1", "0:0"), report(out)

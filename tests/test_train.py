@@ -8,7 +8,7 @@ from ddptrain.callbacks import Checkpointing
 from ddptrain.comm import SerialComm
 from ddptrain.config import Config
 from ddptrain.losses import SoftmaxCrossEntropy
-from ddptrain.nn import Flatten, Layer, Linear, Sequential
+from ddptrain.nn import Flatten, Linear, Sequential
 from ddptrain.optim import SGD
 from ddptrain.plan import TrainingPlan
 from ddptrain.rank0 import RunFolder
@@ -16,7 +16,7 @@ from ddptrain.runner import run_training
 from ddptrain.signals import StopRequest
 from ddptrain.step import NonFiniteStep, Split, TrainStep
 from ddptrain.train import Callback, Trainer
-from helpers import model_spec
+from helpers import Tally, model_spec
 
 
 def small_step(momentum=0.9):
@@ -96,26 +96,12 @@ def test_callbacks_see_every_hook_in_order_after_ddptrain_s_own(small_data, tmp_
     config = Config(data=small_data, model=model_spec(), batch_size=100, epochs=2, threads=1,
                     run_dir=str(tmp_path / "run")).validated()
     assert run_training(config, SerialComm(), quiet=True, callbacks=[recorder]) == 0
-    # 240 rows in global batches of 100: 3 steps an epoch, the last of 40 samples.
-    epoch = lambda e: [f"epoch_start {e}", f"step_start {3 * e}", f"step_end {3 * e + 1} 100",   # noqa: E731
-                       f"step_start {3 * e + 1}", f"step_end {3 * e + 2} 100", f"step_start {3 * e + 2}",
-                       f"step_end {3 * e + 3} 40", f"epoch_end {e + 1} saved=True"]
+
+    def epoch(e):   # 240 rows in global batches of 100: 3 steps an epoch, the last of 40 samples
+        return [f"epoch_start {e}", f"step_start {3 * e}", f"step_end {3 * e + 1} 100", f"step_start {3 * e + 1}",
+                f"step_end {3 * e + 2} 100", f"step_start {3 * e + 2}", f"step_end {3 * e + 3} 40",
+                f"epoch_end {e + 1} saved=True"]
     assert recorder.calls == ["fit_start", *epoch(0), *epoch(1), "fit_end"]
-
-
-class Tally(Layer):
-    """Counts in a buffer the rows it sees in training mode (none in evaluation)."""
-
-    def buffer_shapes(self):
-        return {"rows": (1,)}
-
-    def forward(self, x):
-        if self.training:
-            self.buffers["rows"] += len(x)
-        return x
-
-    def backward(self, dout, need_input_grad=True):
-        return dout
 
 
 def test_buffers_are_checkpointed_evaluation_leaves_them_alone_and_restore_brings_them_back(small_data, tmp_path):

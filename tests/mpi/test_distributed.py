@@ -22,7 +22,7 @@ from ddptrain.nn import Layer, Sequential
 from ddptrain.runner import run_training
 from ddptrain.sampler import evaluation_block, owned_blocks
 from ddptrain.step import Split
-from helpers import make_dataset, model_spec
+from helpers import Tally, make_dataset, model_spec
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -95,11 +95,14 @@ def test_mean_of_local_means_does_not_give_the_global_gradient(comm):
     assert relative_error(mean_of_means, reference) > 1e-2
 
 
-def train_and_load(comm, config):
+def train_and_load(comm, config, with_buffers=False):
     run_training(config, comm, quiet=True)
     final = checkpoint.newest_valid(Path(config.run_dir) / "checkpoints")
     metrics = [json.loads(line) for line in (Path(config.run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return np.concatenate([final.params[name].ravel() for name in sorted(final.params)]), metrics
+    params = np.concatenate([final.params[name].ravel() for name in sorted(final.params)])
+    if with_buffers:
+        return params, np.concatenate([final.buffers[name].ravel() for name in sorted(final.buffers)]), metrics
+    return params, metrics
 
 
 @pytest.mark.parametrize("dtype,epochs,tolerance", [("float64", 2, 1e-9), ("float32", 1, 1e-5)])
@@ -172,21 +175,6 @@ def test_diverged_replicas_are_detected_on_every_rank(comm):
         model.params[0] += 1e-12   # one bit-level difference on one rank
     with pytest.raises(ReplicaDivergence, match="parameters or buffers differ across ranks at step 5"):
         check_replicas(model, comm, step=5)
-
-
-class Tally(Layer):
-    """A buffer that counts the rows it saw in training: the replica check must cover buffers too."""
-
-    def buffer_shapes(self):
-        return {"rows": (1,)}
-
-    def forward(self, x):
-        if self.training:
-            self.buffers["rows"] += len(x)
-        return x
-
-    def backward(self, dout, need_input_grad=True):
-        return dout
 
 
 def test_diverged_buffers_are_detected_like_diverged_parameters(comm):
