@@ -51,6 +51,17 @@ class ReplicaCheck(Callback):
         check_replicas(trainer.model, trainer.comm, trainer.position.step)
 
 
+class BroadcastBuffers(Callback):
+    """After every step, rank 0's buffers on every rank: what plain PyTorch DDP does (``broadcast_buffers``).
+
+    For ``--batchnorm local``, where each rank's running statistics come from
+    its own rows: the replicas stay identical, with rank 0's statistics.
+    """
+
+    def on_step_end(self, trainer, end):
+        trainer.comm.bcast_(trainer.model.buffers)   # DDP
+
+
 class ProgressReport(Callback):
     """A progress bar or line after steps (see ``progress.py``), and one line per epoch."""
 

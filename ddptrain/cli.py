@@ -16,7 +16,7 @@ import argparse
 import sys
 import traceback
 
-from .config import DTYPES, LR_SCALINGS, SCHEDULES, Config, load_toml
+from .config import BATCHNORM_MODES, DTYPES, LR_SCALINGS, SCHEDULES, Config, load_toml
 from .errors import EXIT_FAILURE, UserError, same_on_every_rank
 from .launcher import launched_by_mpi, rank_and_size
 
@@ -58,7 +58,12 @@ def _add_train_arguments(parser):
     group = parser.add_argument_group("data and model")
     _option(group, "--data", "HDF5 data file; default: MNIST prepared in the cache (fetched on first use)",
             metavar="PATH")
-    _option(group, "--model", "layer sizes of the MLP, input first", metavar="SPEC")
+    _option(group, "--model", "the MLP: layer sizes joined by '-', input first and classes last; 'bn' after a "
+            "hidden size adds batch normalisation (before its ReLU), 'drop<p>' dropout with probability p (after "
+            "its ReLU), e.g. 784-512-bn-drop0.2-256-bn-10", metavar="SPEC")
+    _option(group, "--batchnorm", "global: batch statistics of the whole global batch, the same for any number "
+            "of ranks (as PyTorch's SyncBatchNorm); local: each rank's own rows (as plain DDP), for comparison",
+            choices=BATCHNORM_MODES)
     _option(group, "--dtype", "floating-point type of parameters and data", choices=DTYPES)
 
     group = parser.add_argument_group("optimisation (the same for any number of ranks)")

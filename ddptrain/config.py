@@ -11,21 +11,23 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import UserError
-from .nn import parse_spec
 from .optim import SGD
 from .sampler import DEFAULT_VIRTUAL_SHARDS
+from .spec import parse_spec
 
 DTYPES = ("float32", "float64")
 SCHEDULES = ("constant", "cosine", "step")
 LR_SCALINGS = ("none", "linear")
+BATCHNORM_MODES = ("global", "local")
 
 
 @dataclass(frozen=True)
 class Config:
     # data and model
     data: Optional[str] = None         # HDF5 file; None: the prepared MNIST in the cache
-    model: str = "784-512-256-10"
+    model: str = "784-512-256-10"     # see spec.py: sizes, bn, drop<p>
     dtype: str = "float32"
+    batchnorm: str = "global"          # statistics of the global batch; "local": each rank's rows (plain DDP)
     # optimisation; batch_size is the GLOBAL batch, shared by all ranks
     epochs: int = 5
     batch_size: int = 128
@@ -65,7 +67,8 @@ class Config:
     def validated(self):
         """Return self, or raise a UserError naming the first invalid option."""
         parse_spec(self.model)
-        for name, allowed in (("dtype", DTYPES), ("lr_scaling", LR_SCALINGS), ("lr_schedule", SCHEDULES)):
+        for name, allowed in (("dtype", DTYPES), ("lr_scaling", LR_SCALINGS), ("lr_schedule", SCHEDULES),
+                              ("batchnorm", BATCHNORM_MODES)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"{_option(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.debug and self.dtype != "float64":

@@ -1,12 +1,17 @@
 """``--debug``: checks that say *where* a gradient is wrong.
 
 * At the first step, the full model's allreduced gradient is compared with
-  central finite differences of the **global-batch** loss, on a few random
-  coordinates of every parameter. The loss is evaluated exactly as training
-  defines it: every rank's share of the per-sample loss sum divided by the
-  global batch size, added up with an Allreduce. A gradient normalised by the
-  local instead of the global batch, a missing Allreduce or a wrong backward
-  shows up here, with the parameter, the two values and their ratio.
+  central finite differences of the **global-batch** loss, on a few
+  coordinates of every parameter. That loss is computed independently of the
+  distributed code path, as one process would: the global batch is gathered
+  on every rank and goes through the model in one piece (batch statistics of
+  the whole batch, dropout masks by position, the per-sample losses summed and
+  divided by the global batch size). A gradient normalised by the local
+  instead of the global batch, a missing Allreduce, batch statistics of one
+  rank's rows instead of the global batch's, or a wrong backward shows up
+  here, with the parameter, the two values and their ratio. (With
+  ``--batchnorm local`` the loss checked is the one that mode trains: each
+  rank's rows normalised by their own statistics.)
 * After every layer, forward and backward, a NaN or Inf stops training with
   the layer named.
 * The parameters are compared across ranks every step (``check_every = 1``).
@@ -20,7 +25,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .dropout import BatchContext
 from .errors import NumericalError
+from .nn import no_reduction
 from .train import Callback
 
 
@@ -73,14 +80,43 @@ def sample_coordinates(model, seed=0):
     return chosen
 
 
-def global_loss(model, loss_fn, comm, x, y, global_count):
-    """The mean loss over the global batch: the ranks' shares, summed."""
-    share = loss_fn.forward(model.forward(x), y, normaliser=global_count)
-    return comm.allreduce(float(share))   # DDP
+class GlobalBatch:
+    """The whole global batch of a step, gathered on every rank, and its loss as one process computes it."""
+
+    def __init__(self, comm, x, y, context, global_count):
+        # DDP (--debug only): every rank's rows, labels and positions in the global batch, in rank order.
+        self.parts = comm.allgather((np.array(x), np.array(y), np.asarray(context.positions)))
+        self.seed, self.step, self.count = context.seed, context.step, global_count
+
+    def loss(self, model, loss_fn, per_rank_statistics=False):
+        """The mean loss over the global batch, from this process alone (no collective).
+
+        The rows go through the model in one piece, in their order in the
+        batch, so that batch statistics are the whole batch's; with
+        ``per_rank_statistics`` each rank's rows go through on their own, as
+        ``--batchnorm local`` trains.
+        """
+        previous = model.sum_over_ranks
+        model.set_sum_over_ranks(no_reduction)
+        try:
+            pieces = self.parts if per_rank_statistics else [self._whole()]
+            return sum(self._piece_loss(model, loss_fn, *piece) for piece in pieces)
+        finally:
+            model.set_sum_over_ranks(previous)
+
+    def _whole(self):
+        x, y, positions = (np.concatenate(column) for column in zip(*self.parts))
+        order = np.argsort(positions, kind="stable")
+        return x[order], y[order], positions[order]
+
+    def _piece_loss(self, model, loss_fn, x, y, positions):
+        model.set_batch_context(BatchContext(self.seed, self.step, positions))
+        return loss_fn.forward(model.forward(x), y, normaliser=self.count)
 
 
-def check_gradient(model, loss_fn, comm, x, y, global_count, step, eps=1e-6, rtol=1e-5, atol=1e-9, seed=0):
-    """Compare ``model.grads`` (already allreduced) with central differences of the global-batch loss.
+def check_gradient(model, loss_fn, batch, step, per_rank_statistics=False, eps=1e-6, rtol=1e-5, atol=1e-9, seed=0):
+    """Compare ``model.grads`` (already allreduced) with central differences of the loss of ``batch``
+    (a ``GlobalBatch``).
 
     Returns the list of ``(name, index, backprop, numeric)`` checked; raises
     GradientCheckError naming the worst coordinate if any disagrees. The
@@ -91,7 +127,8 @@ def check_gradient(model, loss_fn, comm, x, y, global_count, step, eps=1e-6, rto
         raise ValueError("the finite-difference check needs float64 parameters")
     buffers = model.buffers.copy()
     try:
-        checked, worst = _compare(model, loss_fn, comm, x, y, global_count, eps, rtol, atol, seed)
+        checked, worst = _compare(model, lambda: batch.loss(model, loss_fn, per_rank_statistics), eps, rtol, atol,
+                                  seed)
     finally:
         model.buffers[...] = buffers
     if worst is not None:
@@ -107,15 +144,15 @@ def check_gradient(model, loss_fn, comm, x, y, global_count, step, eps=1e-6, rto
     return checked
 
 
-def _compare(model, loss_fn, comm, x, y, global_count, eps, rtol, atol, seed):
+def _compare(model, loss, eps, rtol, atol, seed):
     """The coordinates checked, and the worst disagreement among them (or None)."""
     checked, worst = [], None
     for name, index, flat in sample_coordinates(model, seed):
         original = model.params[flat]
         model.params[flat] = original + eps
-        plus = global_loss(model, loss_fn, comm, x, y, global_count)
+        plus = loss()
         model.params[flat] = original - eps
-        minus = global_loss(model, loss_fn, comm, x, y, global_count)
+        minus = loss()
         model.params[flat] = original
         numeric, backprop = (plus - minus) / (2 * eps), float(model.grads[flat])
         error = abs(backprop - numeric) / max(abs(backprop), abs(numeric), atol)
@@ -134,8 +171,8 @@ class DebugChecks(Callback):
     after the Allreduce, before the update, on the very gradient the step applies.
     """
 
-    def __init__(self, console, seed=0):
-        self.console, self.seed = console, seed
+    def __init__(self, console, seed=0, per_rank_statistics=False):
+        self.console, self.seed, self.per_rank_statistics = console, seed, per_rank_statistics
         self.finite_checker = FiniteChecker()
         self._trainer = None
 
@@ -147,11 +184,12 @@ class DebugChecks(Callback):
     def on_step_start(self, trainer):
         self.finite_checker.step = trainer.position.step
 
-    def _check_gradient_once(self, x, y, global_count):
+    def _check_gradient_once(self, x, y, global_count, context):
         step = self._trainer.train_step
         step.after_reduce.remove(self._check_gradient_once)
-        checked = check_gradient(step.model, step.loss_fn, step.comm, x, y, global_count,
-                                 self._trainer.position.step, seed=self.seed)
+        batch = GlobalBatch(step.comm, x, y, context, global_count)
+        checked = check_gradient(step.model, step.loss_fn, batch, self._trainer.position.step,
+                                 self.per_rank_statistics, seed=self.seed)
         worst = max(abs(b - n) / max(abs(b), abs(n), 1e-9) for _, _, b, n in checked)
         self.console.print(f"debug: at step {self._trainer.position.step} the allreduced gradient agrees with "
                            f"finite differences of the global-batch loss on {len(checked)} coordinates "

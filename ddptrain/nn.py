@@ -45,6 +45,11 @@ class ShapeError(UserError):
     """An input whose shape does not fit a layer."""
 
 
+def no_reduction(array):
+    """Summing an array over the ranks in one process (or for per-rank statistics): the array as it is."""
+    return array
+
+
 class _Scratch:
     """Arrays reused across calls, keyed by name; grown along the first (batch) axis on demand."""
 
@@ -152,27 +157,28 @@ class Linear(Layer):
 
     ``init="he"`` draws ``W ~ N(0, 2/n_in)`` (for layers followed by ReLU);
     ``init="glorot"`` draws ``W ~ U(-a, a)`` with ``a = sqrt(6/(n_in + n_out))``.
-    Biases start at zero.
+    Biases start at zero; ``bias=False`` leaves them out (before a BatchNorm,
+    which would cancel them).
     """
 
     output_is_scratch = True        # backward needs the input and the weights, not the output
     input_grad_is_scratch = True
 
-    def __init__(self, n_in, n_out, init="he"):
+    def __init__(self, n_in, n_out, init="he", bias=True):
         super().__init__()
         if init not in ("he", "glorot"):
             raise ValueError(f"unknown init {init!r}")
-        self.n_in, self.n_out, self.init = int(n_in), int(n_out), init
+        self.n_in, self.n_out, self.init, self.bias = int(n_in), int(n_out), init, bool(bias)
         self._x = None
 
     def config(self):
-        return {"n_in": self.n_in, "n_out": self.n_out, "init": self.init}
+        return {"n_in": self.n_in, "n_out": self.n_out, "init": self.init, "bias": self.bias}
 
     def label(self):
         return f"Linear {self.n_in}->{self.n_out}"
 
     def param_shapes(self):
-        return {"weight": (self.n_in, self.n_out), "bias": (self.n_out,)}
+        return {"weight": (self.n_in, self.n_out), **({"bias": (self.n_out,)} if self.bias else {})}
 
     def init_params(self, rng):
         weight = self.params["weight"]
@@ -181,7 +187,8 @@ class Linear(Layer):
         else:
             limit = math.sqrt(6.0 / (self.n_in + self.n_out))
             weight[...] = rng.uniform(-limit, limit, size=weight.shape)
-        self.params["bias"][...] = 0
+        if self.bias:
+            self.params["bias"][...] = 0
 
     def output_shape(self, input_shape):
         if tuple(input_shape) != (self.n_in,):
@@ -193,16 +200,18 @@ class Linear(Layer):
         self._x = x
         out = self._scratch.get("out", (x.shape[0], self.n_out), self.params["weight"].dtype)
         np.matmul(x, self.params["weight"], out=out)
-        out += self.params["bias"]
+        if self.bias:
+            out += self.params["bias"]
         return out
 
     def backward(self, dout, need_input_grad=True):
         # dL/dW = x^T dout and dL/db = sum over the batch of dout: sums over
         # samples, so whatever normalisation the loss applied carries through.
         np.matmul(self._x.T, dout, out=self.grads["weight"])
-        # The column sums of dout as a product with a vector of ones: BLAS
-        # does it about twice as fast as np.sum(dout, axis=0).
-        np.matmul(self._scratch.constant(1, dout.shape[0], dout.dtype), dout, out=self.grads["bias"])
+        if self.bias:
+            # The column sums of dout as a product with a vector of ones: BLAS
+            # does it about twice as fast as np.sum(dout, axis=0).
+            np.matmul(self._scratch.constant(1, dout.shape[0], dout.dtype), dout, out=self.grads["bias"])
         if not need_input_grad:
             # The first layer's input is the data: skipping dx saves a third
             # of that layer's (the largest) matrix products.
@@ -275,17 +284,6 @@ def _shape_text(shape):
     return "x".join(map(str, shape)) if len(shape) != 1 else f"{shape[0]}"
 
 
-def parse_spec(spec):
-    """``"784-512-256-10"`` -> ``[784, 512, 256, 10]``, or a UserError saying what is wrong."""
-    parts = str(spec).split("-")
-    if not all(p.isdigit() for p in parts):   # isdigit: no signs, spaces or underscores ("6_4")
-        raise UserError(f"--model {spec!r}: expected layer sizes joined by '-', such as 784-512-256-10")
-    sizes = [int(p) for p in parts]
-    if len(sizes) < 2 or any(s <= 0 for s in sizes):
-        raise UserError(f"--model {spec!r}: needs at least an input and an output size, all positive")
-    return sizes
-
-
 def _flat_views(owners, array):
     """Slice ``array`` into consecutive views of the shapes ``owners`` (``(layer, name, shape)``) lists."""
     offset = 0
@@ -352,20 +350,14 @@ class Sequential:
 
     @classmethod
     def from_spec(cls, spec, dtype=np.float32, seed=0):
-        """An MLP from ``"784-512-256-10"``: Flatten, then Linear layers with ReLU between them.
+        """An MLP from a --model string such as ``"784-512-bn-drop0.2-256-10"`` (see ``spec.py``).
 
         The output layer gives logits (no softmax): pair it with the fused
-        ``SoftmaxCrossEntropy`` loss. Hidden layers use He init, the output
-        layer Glorot.
+        ``SoftmaxCrossEntropy`` loss.
         """
-        sizes = parse_spec(spec)
-        layers = [Flatten()]
-        for k, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-            last = k == len(sizes) - 2
-            layers.append(Linear(n_in, n_out, init="glorot" if last else "he"))
-            if not last:
-                layers.append(ReLU())
-        return cls(layers, dtype=dtype, seed=seed, spec="-".join(map(str, sizes)))
+        from .spec import parse_spec
+        parsed = parse_spec(spec)
+        return cls(parsed.layers(), dtype=dtype, seed=seed, spec=str(parsed))
 
     # -- description -------------------------------------------------------------------------
 
@@ -376,6 +368,7 @@ class Sequential:
 
     @classmethod
     def from_description(cls, description, dtype=np.float32, seed=0, spec=None):
+        from . import dropout, normalization   # noqa: F401 - their layer types, registered
         layers = []
         for entry in description:
             kind = LAYER_TYPES.get(entry.get("type"))
@@ -418,6 +411,24 @@ class Sequential:
         for name, array in self.named_buffers():
             array[...] = buffers[name]
 
+    # -- what layers learn from outside --------------------------------------------------------------
+
+    sum_over_ranks = staticmethod(no_reduction)   # what set_sum_over_ranks handed the layers last
+
+    def set_sum_over_ranks(self, sum_over_ranks):
+        """Hand every layer that needs batch-wide sums (BatchNorm) the function that sums an array
+        over the ranks in place: ``comm.allreduce_`` for statistics of the global batch."""
+        self.sum_over_ranks = sum_over_ranks
+        for layer in self.layers:
+            if hasattr(layer, "sum_over_ranks"):
+                layer.sum_over_ranks = sum_over_ranks
+
+    def set_batch_context(self, context):
+        """Tell the layers that draw per-sample randomness (Dropout) the step and the rows' positions."""
+        for layer in self.layers:
+            if hasattr(layer, "batch_context"):
+                layer.batch_context = context
+
     # -- modes -------------------------------------------------------------------------------------
 
     def train(self, mode=True):
@@ -458,3 +469,14 @@ class Sequential:
             if self.observer is not None:
                 self.observer("backward", layer, dout)
         return dout if need_input_grad else None
+
+
+def __getattr__(name):
+    # nn.BatchNorm, nn.Dropout: defined in modules of their own, which import this one.
+    if name == "BatchNorm":
+        from .normalization import BatchNorm
+        return BatchNorm
+    if name in ("Dropout", "BatchContext"):
+        from . import dropout
+        return getattr(dropout, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

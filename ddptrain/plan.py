@@ -17,7 +17,7 @@ class TrainingPlan:
 
     def __init__(self, config, n_train, rank, world_size):
         self.config, self.n_train, self.rank, self.world_size = config, n_train, rank, world_size
-        self.epochs = config.epochs
+        self.epochs, self.seed = config.epochs, config.seed
         self.steps_per_epoch = steps_per_epoch(n_train, config.batch_size, config.drop_last)
         # This rank's largest share of a global batch: ceil(B / P).
         self.max_local_rows = -(-config.batch_size // world_size)

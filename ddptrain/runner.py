@@ -11,11 +11,12 @@ import time
 import numpy as np
 
 from . import __version__, data, sampler
-from .callbacks import Checkpointing, MetricsLog, ProgressReport, ReplicaCheck
+from .callbacks import BroadcastBuffers, Checkpointing, MetricsLog, ProgressReport, ReplicaCheck
 from .debug import DebugChecks
 from .errors import EXIT_OK, EXIT_PREEMPTED, UserError, same_on_every_rank
 from .losses import SoftmaxCrossEntropy
-from .nn import Sequential
+from .nn import Sequential, no_reduction
+from .normalization import BatchNorm
 from .plan import TrainingPlan
 from .rank0 import Console, RunFolder, run_on_rank0
 from .resume import load_checkpoint
@@ -50,10 +51,13 @@ def _run(config, comm, stop, quiet, dry_run, callbacks):
     folder = RunFolder(comm, comm.bcast(config.run_dir or default_run_dir()))   # DDP: rank 0's name, everywhere
     data_path = resolve_data_path(comm, config, console.print)
     model = Sequential.from_spec(config.model, dtype=config.dtype, seed=config.seed)
+    # DDP: batch statistics of the global batch (--batchnorm global), or of each rank's rows.
+    model.set_sum_over_ranks(comm.allreduce_ if config.batchnorm == "global" else no_reduction)
     with same_on_every_rank():
         info = data.inspect(data_path)
         check_model_fits_data(model, info, f"--model {config.model}")
         sampler.check_layout(info.n_train, config.batch_size, comm.size, config.virtual_shards)
+        check_batch_statistics(model, info, config, comm.size)
     comm.bcast_(model.params)    # DDP: every replica starts from rank 0's parameters
     comm.bcast_(model.buffers)   # DDP: and buffers
 
@@ -113,6 +117,31 @@ def check_model_fits_data(model, info, what):
                         f"image, and the file has {info.n_classes} classes")
 
 
+def check_batch_statistics(model, info, config, world_size):
+    """Batch normalisation needs at least 2 values per channel to take a variance of: in every global
+    batch (--batchnorm global), or in every rank's share of one (local). UserError otherwise."""
+    full = min(config.batch_size, info.n_train)
+    last = 0 if config.drop_last else info.n_train % config.batch_size
+    smallest = min(b for b in (full, last) if b)
+    shape = tuple(info.image_shape)
+    for layer in model.layers:
+        if isinstance(layer, BatchNorm):
+            per_sample = layer.values_per_channel(layer.output_shape(shape))
+            values = smallest * per_sample if config.batchnorm == "global" else smallest // world_size * per_sample
+            if values < 2:
+                what = (f"a global batch of {smallest}" if smallest == full else
+                        f"the last, short global batch of an epoch ({info.n_train} rows in batches of "
+                        f"{config.batch_size})")
+                hint = "" if smallest == full else ": add --drop-last or choose another --batch-size"
+                if config.batchnorm == "global":
+                    raise UserError(f"--model {config.model}: batch normalisation needs at least 2 values per "
+                                    f"channel in every global batch, but {what} gives layer {layer.name} "
+                                    f"{values}{hint}")
+                raise UserError(f"--batchnorm local needs at least 2 values per channel on every rank, but a "
+                                f"rank's share of {what} gives layer {layer.name} {values}{hint}")
+        shape = layer.output_shape(shape)
+
+
 def read_shards(data_path, info, comm, config):
     """This rank's training shard (its virtual shards) and its contiguous block of the test rows."""
     blocks = sampler.owned_blocks(info.n_train, comm.rank, comm.size, config.virtual_shards)
@@ -127,8 +156,10 @@ def standard_callbacks(config, console, folder, n_train):
     callbacks = [ReplicaCheck(config.check_every), ProgressReport(console),
                  MetricsLog(folder, config.metrics_every),
                  Checkpointing(folder, config.to_dict(), n_train, config.checkpoint_every, config.keep)]
+    if config.batchnorm == "local":
+        callbacks.insert(0, BroadcastBuffers())
     if config.debug:
-        callbacks.insert(0, DebugChecks(console, seed=config.seed))
+        callbacks.insert(0, DebugChecks(console, seed=config.seed, per_rank_statistics=config.batchnorm == "local"))
     return callbacks
 
 

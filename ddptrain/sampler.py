@@ -97,15 +97,18 @@ class EpochPlan:
 
     ``local_rows`` lists, in epoch order, the rows of this rank's in-memory
     shard (its blocks concatenated in ``owned_blocks`` order); ``global_rows``
-    the same samples as row numbers of the whole file; ``step_bounds[t]:
-    step_bounds[t+1]`` slices out the local batch of step ``t``, and
-    ``global_counts[t]`` is the size of the global batch of step ``t``.
+    the same samples as row numbers of the whole file; ``positions`` their
+    positions in the epoch; ``step_bounds[t]:step_bounds[t+1]`` slices out the
+    local batch of step ``t``, and ``global_counts[t]`` is the size of the
+    global batch of step ``t``.
     """
 
     local_rows: np.ndarray
     global_rows: np.ndarray
+    positions: np.ndarray
     step_bounds: np.ndarray
     global_counts: np.ndarray
+    global_batch: int
 
     @property
     def n_steps(self):
@@ -113,6 +116,10 @@ class EpochPlan:
 
     def local_batch(self, step):
         return self.local_rows[self.step_bounds[step]:self.step_bounds[step + 1]]
+
+    def positions_in_batch(self, step):
+        """Where this rank's rows of step ``step`` sit in its global batch (0 .. count - 1)."""
+        return self.positions[self.step_bounds[step]:self.step_bounds[step + 1]] - step * self.global_batch
 
 
 def epoch_plan(n, global_batch, rank, world_size, seed, epoch,
@@ -148,7 +155,7 @@ def epoch_plan(n, global_batch, rank, world_size, seed, epoch,
     step_bounds = -(-(edges - rank) // world_size)
     step_bounds = np.clip(step_bounds, 0, len(positions))
     global_counts = np.minimum(step_starts + global_batch, n_used) - step_starts
-    return EpochPlan(local_rows, global_rows, step_bounds, global_counts)
+    return EpochPlan(local_rows, global_rows, positions, step_bounds, global_counts, global_batch)
 
 
 def global_batches(n, global_batch, seed, epoch, n_shards=DEFAULT_VIRTUAL_SHARDS, drop_last=False):

@@ -88,8 +88,9 @@ def gradients_are_finite(grads):
 class TrainStep:
     """One step of data-parallel training; see the module docstring for the path it follows.
 
-    ``after_reduce`` holds callables ``hook(x, y, global_count)`` run once the
-    gradient is reduced and before the update (``--debug`` checks it there).
+    ``after_reduce`` holds callables ``hook(x, y, global_count, context)`` run
+    once the gradient is reduced and before the update (``--debug`` checks it
+    there).
     """
 
     def __init__(self, model, loss_fn, optimizer, comm):
@@ -97,11 +98,16 @@ class TrainStep:
         self.after_reduce = []
         self._totals = np.zeros(4)   # loss sum, correct, samples, ranks asked to stop
 
-    def __call__(self, x, y, global_count, lr, stop_requested=False):
-        """Train on this rank's ``(x, y)`` of a global batch of ``global_count``; returns the StepTotals."""
+    def __call__(self, x, y, global_count, lr, stop_requested=False, context=None):
+        """Train on this rank's ``(x, y)`` of a global batch of ``global_count``; returns the StepTotals.
+
+        ``context`` (a ``dropout.BatchContext``: the seed, the global step and
+        the rows' positions in the global batch) is what Dropout draws its masks from.
+        """
+        self.model.set_batch_context(context)
         loss_share, correct = compute_gradient(self.model, self.loss_fn, self.comm, x, y, global_count)
         for hook in self.after_reduce:
-            hook(x, y, global_count)
+            hook(x, y, global_count, context)
         totals = self._totals
         totals[:] = (loss_share * global_count, correct, len(y), stop_requested)
         self.comm.allreduce_(totals)   # DDP: global totals, and whether a signal reached any rank

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from .dropout import BatchContext
 from .errors import NumericalError
 from .evaluation import evaluate
 from .step import Batches, NonFiniteStep, StepTotals
@@ -145,8 +146,9 @@ class Trainer:
             self._call("on_step_start")
             x, y = self.batches.gather(plan.local_batch(t))
             lr = self.plan.lr(pos.step)
+            context = BatchContext(self.plan.seed, pos.step, plan.positions_in_batch(t))
             try:
-                totals = self.train_step(x, y, int(plan.global_counts[t]), lr, self.stop.requested)
+                totals = self.train_step(x, y, int(plan.global_counts[t]), lr, self.stop.requested, context)
             except NonFiniteStep as error:
                 raise NumericalError(f"{error} at step {pos.step} (epoch {epoch + 1}, learning rate {lr:.4g}); "
                                      f"training stopped, the last checkpoint is kept") from None

@@ -80,7 +80,7 @@ def test_a_checkpoint_is_an_ordinary_hdf5_file_with_every_array_under_its_own_na
         assert list(f["buffers"]) == ["norm1.running_mean"] and list(f["optimizer"]) == ["velocity"]
         assert json.loads(f.attrs["optimizer"]) == {"type": "SGD", "steps": 7}
         assert json.loads(f.attrs["model"])[1] == {"name": "linear1", "type": "Linear",
-                                                   "args": {"n_in": 64, "n_out": 16, "init": "he"}}
+                                                   "args": {"n_in": 64, "n_out": 16, "init": "he", "bias": True}}
 
 
 def test_save_writes_through_a_temporary_file_and_leaves_none_behind(tmp_path, monkeypatch):

@@ -5,7 +5,8 @@ import pytest
 
 from ddptrain.errors import UserError
 from ddptrain.losses import SoftmaxCrossEntropy
-from ddptrain.nn import Flatten, Layer, Linear, ReLU, Sequential, ShapeError, Softmax, parse_spec
+from ddptrain.nn import BatchNorm, Dropout, Flatten, Layer, Linear, ReLU, Sequential, ShapeError, Softmax
+from ddptrain.spec import HiddenLayer, MLPSpec, parse_spec
 from helpers import numerical_grad, rel_error
 
 SPEC = "20-16-12-5"
@@ -295,15 +296,56 @@ def test_writing_the_flat_params_changes_the_model_output():
     assert not np.allclose(model.forward(x), before)
 
 
-@pytest.mark.parametrize("spec", ["784", "a-b", "784-0-10", "784--10", "", "784-10-", "784-6_4-10", "784- 64-10",
-                                  "784-+64-10"])
-def test_a_malformed_spec_is_a_user_error(spec):
-    with pytest.raises(UserError):
+@pytest.mark.parametrize("spec, problem", [
+    ("784", "it needs at least an input and an output size"),
+    ("a-b", "it must start with the input size, not 'a'"),
+    ("784-0-10", "every layer size must be positive"),
+    ("784--10", "'' (token 2) is not a layer size"),
+    ("", "it must start with the input size"),
+    ("784-10-", "'' (token 3) is not a layer size"),
+    ("784-6_4-10", "'6_4' (token 2) is not a layer size"),
+    ("784- 64-10", "' 64' (token 2) is not a layer size"),
+    ("784-+64-10", "'+64' (token 2) is not a layer size"),
+    ("bn-784-10", "it must start with the input size, not 'bn'"),
+    ("784-bn-10", "'bn' must follow a hidden layer size directly"),
+    ("784-64-bn-bn-10", "'bn' must follow a hidden layer size directly"),
+    ("784-64-drop0.1-bn-10", "'bn' must follow a hidden layer size directly"),
+    ("784-64-drop0.1-drop0.2-10", "'drop0.2' must follow a hidden layer size"),
+    ("784-drop0.1-10", "'drop0.1' must follow a hidden layer size"),
+    ("784-64-drop1.0-10", "'drop1.0' is not a dropout probability in [0, 1)"),
+    ("784-64-drop-0.1-10", "'drop' is not a dropout probability in [0, 1)"),
+    ("784-64-dropout-10", "'dropout' is not a dropout probability in [0, 1)"),
+    ("784-64-10-bn", "it must end with the output size, not 'bn'"),
+    ("784-64-10-drop0.5", "it must end with the output size, not 'drop0.5'"),
+])
+def test_a_malformed_spec_is_one_line_naming_what_is_wrong(spec, problem):
+    with pytest.raises(UserError) as raised:
         parse_spec(spec)
+    message = str(raised.value)
+    assert message.startswith(f"--model {spec!r}: {problem}") and "\n" not in message
+    assert "expected layer sizes joined by '-'" in message
 
 
-def test_parse_spec_reads_layer_sizes():
-    assert parse_spec("784-512-256-10") == [784, 512, 256, 10]
+def test_parse_spec_reads_sizes_batch_normalisation_and_dropout():
+    assert parse_spec("784-512-256-10") == MLPSpec(784, (HiddenLayer(512), HiddenLayer(256)), 10)
+    parsed = parse_spec("784-512-bn-drop0.20-256-drop.5-10")
+    assert parsed == MLPSpec(784, (HiddenLayer(512, True, 0.2), HiddenLayer(256, False, 0.5)), 10)
+    assert str(parsed) == "784-512-bn-drop0.2-256-drop0.5-10"      # the canonical spelling
+
+
+def test_bn_goes_after_its_linear_layer_before_the_relu_and_drop_after_the_relu():
+    model = Sequential.from_spec("20-16-bn-drop0.3-12-bn-5")
+    assert [layer.label() for layer in model.layers] == [
+        "Flatten", "Linear 20->16", "BatchNorm 16", "ReLU", "Dropout 0.3", "Linear 16->12", "BatchNorm 12", "ReLU",
+        "Linear 12->5"]
+    assert [name for name, _ in model.named_params()] == [   # no bias before a BatchNorm: it would cancel
+        "linear1.weight", "batchnorm1.weight", "batchnorm1.bias", "linear2.weight", "batchnorm2.weight",
+        "batchnorm2.bias", "linear3.weight", "linear3.bias"]
+    assert [name for name, _ in model.named_buffers()] == [
+        "batchnorm1.running_mean", "batchnorm1.running_var", "batchnorm2.running_mean", "batchnorm2.running_var"]
+    assert isinstance(model.layers[2], BatchNorm) and isinstance(model.layers[4], Dropout)
+    assert model.layers[3].in_place                          # between BatchNorm and Dropout: safe
+    assert model.summary() == "20-16-bn-drop0.3-12-bn-5"
 
 
 # ---------------------------------------------------------------- additivity (data parallelism)

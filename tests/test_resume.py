@@ -196,3 +196,21 @@ def test_resume_applies_the_optimiser_settings_given_not_those_of_the_checkpoint
 
 def final_at(run_dir, step):
     return ckpt_io.load(ckpt_io.step_path(run_dir / "checkpoints", step))
+
+
+def test_with_batchnorm_and_dropout_a_resumed_run_is_bitwise_the_uninterrupted_one(small_data, tmp_path):
+    """Running statistics come back from the checkpoint; dropout masks are drawn from the step, not a state."""
+    model = ["--model", "64-16-bn-drop0.3-12-bn-10"]
+    whole = train(small_data, tmp_path / "whole", *model, ranks=2)
+    assert whole.returncode == 0, whole.stderr
+    stopped = train(small_data, tmp_path / "resumed", *model, ranks=2, fault="signal:rank=1:step=20:SIGUSR1")
+    assert stopped.returncode == 3, stopped.stderr
+    resumed = train(small_data, tmp_path / "resumed", *model, "--resume", "auto", ranks=2)
+    assert resumed.returncode == 0, resumed.stderr
+    expected, got = final(tmp_path / "whole"), final(tmp_path / "resumed")
+    assert sorted(got.buffers) == ["batchnorm1.running_mean", "batchnorm1.running_var", "batchnorm2.running_mean",
+                                   "batchnorm2.running_var"]
+    for group in ("params", "buffers"):
+        for name, array in getattr(expected, group).items():
+            assert np.array_equal(getattr(got, group)[name], array), name
+    assert metrics(tmp_path / "resumed") == metrics(tmp_path / "whole")

@@ -128,8 +128,40 @@ def test_training_on_p_ranks_gives_the_parameters_of_one_process(comm, shared_di
         assert mine["test_accuracy"] == theirs["test_accuracy"]
 
 
-def test_evaluation_over_ranks_equals_one_process_evaluating_everything(comm, dataset):
-    model = Sequential.from_spec(model_spec(), dtype=np.float64, seed=3)
+BN_MODEL = "64-16-bn-drop0.2-12-bn-10"   # batch normalisation and dropout in both hidden layers
+
+
+def test_with_batchnorm_and_dropout_p_ranks_train_the_parameters_and_statistics_of_one_process(comm, shared_dir,
+                                                                                             dataset):
+    """Global batch statistics and position-keyed dropout masks: the split changes nothing but rounding."""
+    config = Config(data=dataset, model=BN_MODEL, dtype="float64", epochs=2, batch_size=29, lr=0.2, momentum=0.9,
+                    log_every=1000, threads=1)
+    params, buffers, metrics = train_and_load(
+        comm, Config(**{**config.to_dict(), "run_dir": str(shared_dir / f"bn-p{comm.size}")}), with_buffers=True)
+    single, single_buffers, single_metrics = train_and_load(
+        SerialComm(), Config(**{**config.to_dict(), "run_dir": str(shared_dir / f"bn-serial-{comm.rank}")}),
+        with_buffers=True)
+
+    assert relative_error(params, single) < 1e-9
+    assert relative_error(buffers, single_buffers) < 1e-9   # running means and variances
+    assert len(metrics) == len(single_metrics) == 2
+    for mine, theirs in zip(metrics, single_metrics):
+        for key in ("train_loss", "test_loss"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-9)
+        assert (mine["train_accuracy"], mine["test_accuracy"]) == (theirs["train_accuracy"], theirs["test_accuracy"])
+
+    # What plain DDP does, each rank normalising by its own rows: the model depends on the ranks.
+    local, local_buffers, _ = train_and_load(
+        comm, Config(**{**config.to_dict(), "batchnorm": "local", "run_dir": str(shared_dir / f"bn-local-p{comm.size}")}),
+        with_buffers=True)
+    assert relative_error(local, single) > 1e-4 and relative_error(local_buffers, single_buffers) > 1e-4
+
+
+@pytest.mark.parametrize("spec", [model_spec(), BN_MODEL])
+def test_evaluation_over_ranks_equals_one_process_evaluating_everything(comm, dataset, spec):
+    model = Sequential.from_spec(spec, dtype=np.float64, seed=3)
+    for name, buffer in model.named_buffers():   # running statistics that are not the initial ones
+        buffer[...] = np.random.default_rng(len(name)).uniform(0.5, 1.5, buffer.shape)
     info = data.inspect(dataset)
     rows = evaluation_block(info.n_test, comm.rank, comm.size)
     mine = evaluate(model, comm, Split(*data.read_rows(dataset, "test", [rows], np.float64)), 10)
