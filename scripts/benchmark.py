@@ -85,7 +85,9 @@ RANDOM = "random"
 
 
 def layer_sizes(spec):
-    return [int(s) for s in spec.split("-")]
+    from ddptrain.spec import parse_spec
+    parsed = parse_spec(spec)
+    return [parsed.n_inputs, *(layer.size for layer in parsed.hidden), parsed.n_outputs]
 
 
 def flops_per_sample(spec):
@@ -261,6 +263,11 @@ def worker_ddptrain(args):
     model = Sequential.from_spec(args.model, dtype=np.float32, seed=0)
     loss_fn, optimizer = SoftmaxCrossEntropy(), SGD(momentum=0.9)
     timed = TimedComm(comm, skip=args.no_allreduce)
+    # Batch normalisation: statistics of the global batch (its Allreduces timed apart), or each rank's
+    # own with rank 0's buffers broadcast after every step, as ddptrain --batchnorm local does.
+    batchnorm_timer = TimedComm(comm)
+    model.set_sum_over_ranks(batchnorm_timer.allreduce_ if args.batchnorm == "global" else (lambda a: a))
+    broadcast_buffers = args.batchnorm == "local" and comm.size > 1 and model.buffers.size
     plan = Plan(n_train, args.batch, comm.rank, comm.size)
     batches = Batches(Split(train_x, train_y), -(-args.batch // comm.size))
 
@@ -279,21 +286,24 @@ def worker_ddptrain(args):
             if profile:
                 profile.lap("gathering the batch")
             train_step(x, y, plan.global_count, args.lr)
+            if broadcast_buffers:
+                comm.bcast_(model.buffers)
             if profile:
                 profile.steps += 1
         return first + steps
 
     step = run(0, args.warmup)
-    rates, allreduce_fractions = [], []
+    rates, allreduce_fractions, batchnorm_fractions = [], [], []
     for _ in range(args.repeats):
         comm.barrier()
-        timed.seconds = 0.0
+        timed.seconds = batchnorm_timer.seconds = 0.0
         began = time.perf_counter()
         step = run(step, args.steps)
         comm.barrier()
         elapsed = time.perf_counter() - began
         rates.append(args.steps * args.batch / elapsed)
         allreduce_fractions.append(comm.allreduce(timed.seconds / elapsed) / comm.size)
+        batchnorm_fractions.append(comm.allreduce(batchnorm_timer.seconds / elapsed) / comm.size)
 
     # Then a few steps with laps between the phases (not timed above: the laps cost a little).
     profile = StepProfile()
@@ -303,6 +313,7 @@ def worker_ddptrain(args):
     model.observer = None
 
     result = {"rates": rates, "allreduce_fraction": allreduce_fractions, "threads": threads,
+              "batchnorm_allreduce_fraction": batchnorm_fractions,
               "profile_ms": profile.per_step_ms() if profile.steps else None,
               "thread_line": thread_line, "blas": blas_description(), "library": comm.library,
               "load_seconds": load_seconds, "n_train": n_train, "n_params": int(model.params.size),
@@ -384,12 +395,18 @@ def worker_torch(args):
     # Flattened once, outside the timed steps (ddptrain's Flatten layer is a view, as reshape is here).
     x_all, y_all = torch.from_numpy(train_x.reshape(len(train_x), -1)), torch.from_numpy(train_y)
 
-    sizes = layer_sizes(args.model)
-    layers = []
-    for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if k < len(sizes) - 2:
-            layers.append(nn.ReLU())
+    from ddptrain.spec import parse_spec
+    spec, layers, n_in = parse_spec(args.model), [], None
+    n_in = spec.n_inputs
+    for hidden in spec.hidden:   # the same layers as ddptrain's --model grammar
+        layers.append(nn.Linear(n_in, hidden.size, bias=not hidden.batchnorm))
+        if hidden.batchnorm:
+            layers.append(nn.BatchNorm1d(hidden.size))   # SyncBatchNorm refuses CPU modules under DDP
+        layers.append(nn.ReLU())
+        if hidden.dropout is not None:
+            layers.append(nn.Dropout(hidden.dropout))
+        n_in = hidden.size
+    layers.append(nn.Linear(n_in, spec.n_outputs))
     torch.manual_seed(0)
     model = nn.Sequential(*layers)
     if size > 1:
@@ -568,6 +585,9 @@ def main(argv=None):
     parser.add_argument("--data", help="HDF5 data file, or 'random' for random data of MNIST's shape "
                                        "(default: ddptrain's MNIST in the cache, prepared if missing)")
     parser.add_argument("--model", default="784-512-256-10")
+    parser.add_argument("--bn-model", default="784-512-bn-256-bn-10",
+                        help="the model of the batch-normalisation rows (default: %(default)s)")
+    parser.add_argument("--no-bn", action="store_true", help="skip the batch-normalisation rows")
     parser.add_argument("--batch-sizes", default="128,512", help="global batch sizes (default: %(default)s)")
     parser.add_argument("--ranks", type=int, default=2, help="MPI ranks / DDP processes (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0,
@@ -595,6 +615,7 @@ def main(argv=None):
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--no-allreduce", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--end-to-end", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--batchnorm", default="global", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
 
     if opts.worker:
@@ -653,6 +674,15 @@ def run_benchmark(opts):
     if use_torch:
         rows += [("torch1", f"PyTorch, 1 process x {budget} threads", "torch", 1, budget, ()),
                  ("torchP", f"PyTorch DDP gloo, {ranks} x {per_rank} thread", "torch", ranks, per_rank, ())]
+    if not opts.no_bn and ranks > 1:
+        bn = ("--model", opts.bn_model)
+        rows += [("ddpPbn", f"ddptrain, {ranks} ranks, BN global statistics", "ddptrain", ranks,
+                  per_rank if opts.threads else 0, bn),
+                 ("ddpPbnl", f"ddptrain, {ranks} ranks, BN local statistics", "ddptrain", ranks,
+                  per_rank if opts.threads else 0, (*bn, "--batchnorm", "local"))]
+        if use_torch:
+            rows.append(("torchPbn", f"PyTorch DDP gloo, {ranks} x {per_rank}, BatchNorm1d", "torch", ranks, per_rank,
+                         bn))
 
     results = {}
     for round_ in range(opts.rounds):
@@ -683,7 +713,7 @@ def run_benchmark(opts):
           f"thread at once, {median_of('one_core') / 1e9:.0f} on one core alone; machine limit "
           f"{limit / 1e9:.0f} GFLOP/s = {limit / per_sample:,.0f} samples/s "
           f"({median_of('one_core') / per_sample:,.0f} on one core)")
-    table, notes = report(results, rows, batches, limit, per_sample, ranks, use_torch)
+    table, notes = report(results, rows, batches, limit, per_sample, ranks, use_torch, opts.bn_model)
     print()
     print("\n".join(table))
     print()
@@ -717,12 +747,12 @@ def run_benchmark(opts):
     return 0
 
 
-def report(results, rows, batches, limit, per_sample, ranks, use_torch):
+def report(results, rows, batches, limit, per_sample, ranks, use_torch, bn_model):
     """The table (one line per row and batch size) and the notes under it."""
     header = (f"{'global batch':>12}  {'':<38} {'samples/s: median (min-max)':>29}  {'vs PyTorch':>10}  "
               f"{'allreduce':>9}  {'of GEMM limit':>13}  {'peak RSS/rank':>13}")
     table = [header, "-" * len(header)]
-    partner = {"ddp1": "torch1", "ddpP": "torchP"}
+    partner = {"ddp1": "torch1", "ddpP": "torchP", "ddpPbn": "torchPbn", "ddpPbnl": "torchPbn"}
     for batch in batches:
         for key, label, *_ in rows:
             entry = results.get((key, batch))
@@ -732,7 +762,8 @@ def report(results, rows, batches, limit, per_sample, ranks, use_torch):
             other = results.get((partner.get(key), batch))
             ratio = f"{s['median'] / statistics.median(other['rates']):.2f}x" if other else ""
             fractions = [f for run in entry["runs"] for f in run.get("allreduce_fraction", [])]
-            allreduce = f"{100 * statistics.median(fractions):.0f}%" if fractions and key == "ddpP" else ""
+            allreduce = f"{100 * statistics.median(fractions):.0f}%" if fractions and key.startswith("ddpP") \
+                and key != "ddpP0" else ""
             rss = max(max(run["max_rss_mib"]) for run in entry["runs"])
             table.append(f"{batch:>12}  {label:<38} {fmt_rate(s):>29}  {ratio:>10}  {allreduce:>9}  "
                          f"{100 * s['median'] * per_sample / limit:>12.0f}%  {rss:>9,.0f} MiB")
@@ -755,11 +786,23 @@ def report(results, rows, batches, limit, per_sample, ranks, use_torch):
     if alone:
         notes.append(f"  gloo's all_reduce of the same gradient on its own: {statistics.median(alone):.2f} ms "
                      f"(DDP overlaps it with the backward, so no share of the step is shown)")
+    for batch in batches:
+        entry = results.get(("ddpPbn", batch))
+        if entry:
+            shares = [f for run in entry["runs"] for f in run.get("batchnorm_allreduce_fraction", [])]
+            notes.append(f"batch normalisation, {ranks} ranks, batch {batch}: the BatchNorm layers' own Allreduces "
+                         f"(statistics in the forward, two sums in the backward, each layer) take "
+                         f"{100 * statistics.median(shares):.1f}% of a step; 'allreduce' is the gradient's")
+    if results.get(("ddpPbn", batches[0])):
+        notes.append(f"the BN rows train {bn_model} (its 'of GEMM limit' counts its matrix products only); PyTorch's "
+                     f"SyncBatchNorm refuses CPU modules under DDP ('SyncBatchNorm layers only work with GPU "
+                     f"modules'), so its row uses BatchNorm1d: each rank's own statistics, as ddptrain's local rows")
     notes += ["'allreduce': time inside comm.allreduce_ (waiting for the slower rank included) / step time.",
               "'of GEMM limit': samples/s x FLOPs per sample / the machine limit above.",
               "'peak RSS/rank': ru_maxrss, the largest over ranks and launches (the float32 shard included)."]
     for batch in batches:
-        for key, label in (("ddp1", "1 process"), ("ddpP", f"{ranks} ranks")):
+        for key, label in (("ddp1", "1 process"), ("ddpP", f"{ranks} ranks"),
+                           ("ddpPbn", f"{ranks} ranks, {bn_model}, BN global statistics")):
             entry = results.get((key, batch))
             profile = entry and entry["runs"][0].get("profile_ms")
             if profile:

@@ -53,7 +53,8 @@ def test_a_step_with_a_nan_stops_before_the_update():
 def test_a_step_runs_its_after_reduce_hooks_on_the_reduced_gradient_before_the_update():
     step = small_step()
     seen = []
-    step.after_reduce.append(lambda x, y, n, context: seen.append((step.model.grads.copy(), step.model.params.copy(), n)))
+    step.after_reduce.append(
+        lambda x, y, n, context: seen.append((step.model.grads.copy(), step.model.params.copy(), n)))
     before = step.model.params.copy()
     step(np.ones((3, 4)), np.array([0, 1, 0]), global_count=3, lr=0.1)
     [(grads, params, count)] = seen

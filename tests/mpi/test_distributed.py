@@ -152,7 +152,8 @@ def test_with_batchnorm_and_dropout_p_ranks_train_the_parameters_and_statistics_
 
     # What plain DDP does, each rank normalising by its own rows: the model depends on the ranks.
     local, local_buffers, _ = train_and_load(
-        comm, Config(**{**config.to_dict(), "batchnorm": "local", "run_dir": str(shared_dir / f"bn-local-p{comm.size}")}),
+        comm, Config(**{**config.to_dict(), "batchnorm": "local",
+                        "run_dir": str(shared_dir / f"bn-local-p{comm.size}")}),
         with_buffers=True)
     assert relative_error(local, single) > 1e-4 and relative_error(local_buffers, single_buffers) > 1e-4
 
