@@ -585,8 +585,8 @@ def main(argv=None):
     parser.add_argument("--data", help="HDF5 data file, or 'random' for random data of MNIST's shape "
                                        "(default: ddptrain's MNIST in the cache, prepared if missing)")
     parser.add_argument("--model", default="784-512-256-10")
-    parser.add_argument("--bn-model", default="784-512-bn-256-bn-10",
-                        help="the model of the batch-normalisation rows (default: %(default)s)")
+    parser.add_argument("--bn-model", help="the model of the batch-normalisation rows (default: --model with "
+                                           "'bn' after every hidden size, 784-512-bn-256-bn-10 for the default)")
     parser.add_argument("--no-bn", action="store_true", help="skip the batch-normalisation rows")
     parser.add_argument("--batch-sizes", default="128,512", help="global batch sizes (default: %(default)s)")
     parser.add_argument("--ranks", type=int, default=2, help="MPI ranks / DDP processes (default: %(default)s)")
@@ -624,7 +624,16 @@ def main(argv=None):
     return run_benchmark(opts)
 
 
+def with_batchnorm(spec):
+    """``spec`` with a BatchNorm after every hidden layer: 784-512-256-10 -> 784-512-bn-256-bn-10."""
+    from dataclasses import replace
+    from ddptrain.spec import parse_spec
+    parsed = parse_spec(spec)
+    return str(replace(parsed, hidden=tuple(replace(layer, batchnorm=True) for layer in parsed.hidden)))
+
+
 def run_benchmark(opts):
+    opts.bn_model = opts.bn_model or with_batchnorm(opts.model)
     if opts.quick:
         opts.rounds, opts.repeats, opts.samples, opts.no_tta, opts.batch_sizes = 1, 2, 256, True, "32"
     batches = [int(b) for b in opts.batch_sizes.split(",")]

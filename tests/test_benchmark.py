@@ -26,6 +26,8 @@ def test_the_benchmark_runs_on_tiny_settings_and_prints_its_table(small_data, tm
     assert "GEMM limit" in out and "samples/s: median (min-max)" in out
     assert "ddptrain, 1 process" in out and "ddptrain, 2 MPI ranks" in out
     assert "end to end, 2 ranks" in out and "targets (issue 7):" in out
+    assert "ddptrain, 2 ranks, BN global statistics" in out and "ddptrain, 2 ranks, BN local statistics" in out
+    assert "the BatchNorm layers' own Allreduces" in out
     if HAS_TORCH:
         assert "PyTorch DDP gloo" in out
     else:
