@@ -98,8 +98,10 @@ class MetricsLog(Callback):
     def on_step_end(self, trainer, end):
         pos = trainer.position
         if self.every and pos.step % self.every == 0:
-            self.run_folder.append_metrics({"kind": "step", "epoch": pos.epoch + 1, "step": pos.step, "lr": end.lr,
-                                            "train_loss": pos.sums.loss, "train_accuracy": pos.sums.accuracy})
+            record = {"kind": "step", "epoch": pos.epoch + 1, "step": pos.step, "lr": end.lr,
+                      "train_loss": pos.sums.loss, "train_accuracy": pos.sums.accuracy}
+            trainer.records.append(record)   # in the checkpoints too, so a resumed run rewrites it once
+            self.run_folder.append_metrics(record)
 
     def on_epoch_end(self, trainer, record, is_best):
         self.run_folder.append_metrics(record)
@@ -115,7 +117,7 @@ def make_checkpoint(trainer, config, n_train):
         state={"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "step": pos.step,
                "train_sums": pos.sums.to_dict(), "n_train": n_train, "best_accuracy": trainer.best_accuracy,
                "world_size": trainer.comm.size},
-        config=config, metrics=list(trainer.metrics), model=model.describe(), model_summary=model.summary(),
+        config=config, metrics=list(trainer.records), model=model.describe(), model_summary=model.summary(),
         dtype=str(model.dtype))
 
 
@@ -128,8 +130,10 @@ class Checkpointing(Callback):
         self.every, self.keep = every, keep
 
     def save(self, trainer, is_best=False):
-        return self.run_folder.save_checkpoint(lambda: make_checkpoint(trainer, self.config, self.n_train),
+        path = self.run_folder.save_checkpoint(lambda: make_checkpoint(trainer, self.config, self.n_train),
                                                trainer.position.step, self.keep, is_best)
+        trainer.last_checkpoint = trainer.position.step
+        return path
 
     def on_step_end(self, trainer, end):
         pos = trainer.position

@@ -18,9 +18,10 @@ anywhere, in the data or in HDF5's own metadata, is refused before HDF5
 sees it: no damaged file can make h5py hang, crash or return wrong values.
 The file is still an ordinary HDF5 file for h5py, h5dump or HDFView.
 
-**Never half-written.** Writing goes to a temporary file in the same
-folder, which is sealed (the header), fsynced and renamed over the target:
-a reader sees the old file or the new one, never a mix.
+**Never half-written.** The file is built in memory, header included, then
+written to a temporary file in the same folder, fsynced and renamed over
+the target: a reader sees the old file or the new one, never a mix, and a
+full disk is a plain OSError (HDF5 never writes to the disk itself).
 
 Only rank 0 calls ``save``; any rank may call ``load``.
 
@@ -88,8 +89,28 @@ def step_path(checkpoint_dir, step):
 
 
 def save(path, ckpt: Checkpoint):
-    """Write ``ckpt`` to ``path`` atomically. Raises OSError on failure, leaving ``path`` as it was."""
+    """Write ``ckpt`` to ``path`` atomically. Raises OSError on failure, leaving ``path`` as it was.
+
+    The file is built in memory and written with one plain write: a full disk
+    (or any other write error) is then an OSError, and never reaches HDF5,
+    whose own write errors leave it in a state that can crash the process.
+    """
     path = Path(path)
+    content = encode(ckpt)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(content)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+        fsync_folder(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def encode(ckpt: Checkpoint):
+    """The bytes of the checkpoint file: the header, then HDF5."""
     optimizer_arrays = {k: v for k, v in ckpt.optimizer.items() if isinstance(v, np.ndarray)}
     optimizer_values = {k: v for k, v in ckpt.optimizer.items() if not isinstance(v, np.ndarray)}
     attrs = {
@@ -100,34 +121,19 @@ def save(path, ckpt: Checkpoint):
         "config": json.dumps(ckpt.config, sort_keys=True),
         "metrics": json.dumps(ckpt.metrics, sort_keys=True),
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with h5py.File(tmp, "w", userblock_size=HEADER_SIZE) as f:
-            for group, arrays in zip(ARRAY_GROUPS, (ckpt.params, ckpt.buffers, optimizer_arrays)):
-                created = f.create_group(group)
-                for name, array in arrays.items():
-                    created.create_dataset(name, data=array)
-            f.attrs.update(attrs)
-        _seal(tmp)
-        fsync_file(tmp)
-        os.replace(tmp, path)
-        fsync_folder(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _seal(path):
-    """Write the header: the SHA-256 and the length of everything after it."""
-    digest, length = hashlib.sha256(), 0
-    with open(path, "r+b") as f:
-        f.seek(HEADER_SIZE)
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-            length += len(chunk)
-        header = f"ddptrain checkpoint\nformat {FORMAT_VERSION}\nsha256 {digest.hexdigest()}\nbytes {length}\n"
-        f.seek(0)
-        f.write(header.encode().ljust(HEADER_SIZE, b"\0"))
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w", userblock_size=HEADER_SIZE) as f:
+        for group, arrays in zip(ARRAY_GROUPS, (ckpt.params, ckpt.buffers, optimizer_arrays)):
+            created = f.create_group(group)
+            for name, array in arrays.items():
+                created.create_dataset(name, data=array)
+        f.attrs.update(attrs)
+    content = bytearray(buffer.getbuffer())
+    body = memoryview(content)[HEADER_SIZE:]
+    header = (f"ddptrain checkpoint\nformat {FORMAT_VERSION}\nsha256 {hashlib.sha256(body).hexdigest()}\n"
+              f"bytes {len(body)}\n")
+    content[:HEADER_SIZE] = header.encode().ljust(HEADER_SIZE, b"\0")
+    return bytes(content)
 
 
 # ---------------------------------------------------------------- reading

@@ -16,9 +16,10 @@ import argparse
 import sys
 import traceback
 
-from .config import BATCHNORM_MODES, DTYPES, LR_SCALINGS, SCHEDULES, Config, load_toml
+from .config import BATCHNORM_MODES, DTYPES, LR_SCALINGS, SCHEDULES, SWITCHES, Config, load_toml
 from .errors import EXIT_FAILURE, UserError, same_on_every_rank
 from .launcher import launched_by_mpi, rank_and_size
+from .signals import restore_default_signals
 
 COMMANDS = ("train", "evaluate", "prepare", "plot", "info")
 
@@ -26,6 +27,13 @@ COMMANDS = ("train", "evaluate", "prepare", "plot", "info")
 def _launcher_rank():
     """This process's rank as the launcher announced it (before MPI is initialised)."""
     return rank_and_size()[0]
+
+
+class Interrupted(Exception):
+    """Ctrl-C in a command other than training (which stops cleanly after a step instead)."""
+
+    exit_status = 130   # 128 + SIGINT, as a shell reports a program that Ctrl-C ended
+    all_ranks = True
 
 
 class _Parser(argparse.ArgumentParser):
@@ -143,8 +151,14 @@ def build_parser():
 
 
 def config_from_args(args):
-    """Config defaults, overridden by the --config file, overridden by the options given."""
+    """Config defaults, overridden by the --config file, overridden by the options given.
+
+    The file's ``quiet`` and ``dry-run`` switch those on (``args`` is updated).
+    """
     values = load_toml(args.config) if getattr(args, "config", None) else {}
+    for switch in SWITCHES:
+        if values.pop(switch, False):
+            setattr(args, switch, True)
     given = {name: value for name, value in vars(args).items() if name in Config.__dataclass_fields__}
     values.update(given)
     if values.get("debug") and "dtype" not in values:
@@ -152,6 +166,17 @@ def config_from_args(args):
     if values.get("debug"):
         values.setdefault("check_every", 1)
     return Config(**values)
+
+
+def check_data_file(path):
+    """Before MPI starts (each rank checks, in a forked child): a damaged data file must not hang a rank.
+
+    Without ``path``, the prepared MNIST in the cache, if there is one.
+    """
+    from . import data, mnist
+    path = path or (mnist.default_data_path() if mnist.default_data_path().exists() else None)
+    if path is not None:
+        data.check_readable(path)
 
 
 def parse(argv):
@@ -169,6 +194,8 @@ def main(argv=None, callbacks=()):
     comm = None
     try:
         args = parse(argv)
+        if args.command != "train":
+            restore_default_signals()   # only a training run stops cleanly after a step
         if args.command == "prepare":
             from . import mnist
             return mnist.run(args)
@@ -181,11 +208,14 @@ def main(argv=None, callbacks=()):
             return commands.info(args, world())
         if args.command == "evaluate":
             from . import commands
+            with same_on_every_rank():
+                check_data_file(args.data)
             comm = world()
             return commands.evaluate(args, comm)
         from .runner import run_training
         with same_on_every_rank():
             config = config_from_args(args).validated()
+            check_data_file(config.data)
         if config.simulate_ranks:
             if launched_by_mpi():
                 raise UserError("--simulate-ranks runs the ranks as threads of one process: start it without "
@@ -200,7 +230,9 @@ def main(argv=None, callbacks=()):
         return _fail(str(error), error, comm)
     except SystemExit:
         raise
-    except BaseException as error:   # includes KeyboardInterrupt outside the training loop
+    except KeyboardInterrupt:   # Ctrl-C in a command other than training
+        return _fail("interrupted (Ctrl-C)", Interrupted(), comm)
+    except BaseException as error:
         return _fail(f"{type(error).__name__}: {error}", error, comm, traceback.format_exc())
 
 

@@ -49,6 +49,7 @@ def evaluate(args, comm):
     with same_on_every_rank():
         checkpoint = ckpt_io.load(args.checkpoint)
         path = run_on_rank0(comm, lambda: _data_for(checkpoint, args.data))
+        run_on_rank0(comm, lambda: data.check_readable(path))
         info = data.inspect(path)
         model = Sequential.from_description(checkpoint.model, dtype=checkpoint.dtype)
         check_model_fits_data(model, info, f"{args.checkpoint}: model {checkpoint.model_summary}")
@@ -112,6 +113,7 @@ def _data_line(given):
     from . import mnist
     path = given or str(mnist.default_data_path())
     try:
+        data.check_readable(path)
         summary = data.inspect(path)
     except UserError as error:
         if not given:

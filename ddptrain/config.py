@@ -86,6 +86,9 @@ class Config:
         for name in ("lr", "warmup_epochs", "step_gamma"):
             if not math.isfinite(getattr(self, name)):
                 raise UserError(f"{_option(name)} must be finite, got {getattr(self, name)}")
+        if self.simulate_ranks and self.virtual_shards % self.simulate_ranks:   # before any thread starts
+            raise UserError(f"--simulate-ranks {self.simulate_ranks}: the ranks cannot share {self.virtual_shards} "
+                            f"virtual shards evenly: --virtual-shards must be a multiple of the number of ranks")
         self.make_optimizer()   # the optimiser checks its own settings (SettingError)
         return self
 
@@ -121,11 +124,18 @@ def coerce(name, value, source):
     raise UserError(f"{source}: {_option(name)} must be {kind.__name__}, got {value!r}")
 
 
+# Keys a configuration file may hold besides the Config fields: the train command's own switches.
+SWITCHES = ("quiet", "dry_run")
+
+
 def load_toml(path):
     """The options set in a TOML file, as Config field names (``batch-size`` or ``batch_size``).
 
-    Keys may sit at the top level or in a ``[train]`` table. Unknown keys and
-    values of the wrong type are refused with one line naming the file.
+    Keys may sit at the top level or in a ``[train]`` table, and are the long
+    options of ``train`` (``quiet`` and ``dry-run`` included). Unknown keys,
+    values of the wrong type, a key given twice (``batch-size`` and
+    ``batch_size``) and a file that is not UTF-8 TOML are refused with one
+    line naming the file.
     """
     try:
         import tomllib
@@ -139,14 +149,27 @@ def load_toml(path):
         raise UserError(f"{path}: no such configuration file") from None
     except OSError as error:
         raise UserError(f"{path}: cannot read the configuration file ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not valid TOML (it is not UTF-8 text)") from None
     except tomllib.TOMLDecodeError as error:
         raise UserError(f"{path}: not valid TOML ({error})") from None
-    table = {**{k: v for k, v in table.items() if k != "train"}, **table.get("train", {})}
+    train = table.get("train", {})
+    if not isinstance(train, dict):
+        raise UserError(f"{path}: 'train' must be a table of options ([train]), not {train!r}")
     fields = _option_types()
     values = {}
-    for key, value in table.items():
+    for key, value in [*((k, v) for k, v in table.items() if k != "train"), *train.items()]:
         name = key.replace("-", "_")
-        if name not in fields:
+        if name not in fields and name not in SWITCHES:
             raise UserError(f"{path}: unknown option {key!r}")
-        values[name] = coerce(name, value, path)
+        if name in values:
+            spellings = " or ".join(sorted({_option(name)[2:], name}))
+            raise UserError(f"{path}: option {key!r} is set twice (as {spellings}, at the top or in [train])")
+        values[name] = coerce(name, value, path) if name in fields else _switch(name, value, path)
     return values
+
+
+def _switch(name, value, source):
+    if not isinstance(value, bool):
+        raise UserError(f"{source}: {_option(name)} must be true or false, got {value!r}")
+    return value

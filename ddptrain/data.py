@@ -2,33 +2,59 @@
 
 Layout (written by ``write_dataset``, checked by ``inspect``)::
 
-    /train/images   (N, H, W) uint8, chunked by rows, uncompressed
-    /train/labels   (N,)      uint8
+    /train/images   (N, H, W) uint8, chunked by rows, uncompressed, Fletcher-32 per chunk
+    /train/labels   (N,)      uint8, Fletcher-32
     /test/images    (M, H, W) uint8
     /test/labels    (M,)      uint8
-    root attributes: format = "ddptrain-mnist", format_version = 1,
-                     plus provenance (source, md5 of each IDX file, ...)
+    root attributes: format = "ddptrain-mnist", format_version = 2,
+                     plus provenance (source, md5 of each IDX file, ...), all fixed-length
 
 Images are stored uncompressed and chunked by whole rows so that a block of
 consecutive rows (a virtual shard, see ``sampler``) is one cheap hyperslab
 read. Every problem with a file becomes a one-line ``DataError`` that names
 the file; no h5py exception escapes as a traceback.
+
+**Damage is caught by HDF5 itself.** Format 2 is written in HDF5's newest
+file format (superblock version 2 or later), in which every metadata
+structure carries a checksum that HDF5 verifies before it parses it, with a
+Fletcher-32 checksum on every chunk of data that HDF5 verifies on each read,
+and with fixed-length attributes (a variable-length string lives in HDF5's
+global heap, which has no checksum: a flipped bit there can hang HDF5). Each
+rank so verifies exactly the rows it reads, and no flipped bit can hang a
+reader or change a value unnoticed (the tests flip bits across a whole file).
+
+Files without those checksums (format 1 of ddptrain 0.1, or written by other
+tools) are still read, and may hold attributes in the global heap: so before
+a run opens any data file, a child process reads its metadata with a time
+limit (``check_readable``), and a file that would hang or crash HDF5 ends the
+run with one line instead. Damage to the pixels of a file without checksums
+cannot be detected.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import h5py
 import numpy as np
 
 from .durable import fsync_file, fsync_folder
 from .errors import DataError
+from .launcher import environ_without_launcher
 
 FORMAT = "ddptrain-mnist"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                 # 1: ddptrain 0.1, without checksums (still read)
+CHECK_SECONDS = 10                # the time a child process may take to read a file's metadata
 N_CLASSES = 10
 SPLITS = ("train", "test")
 PIXEL_MAX = 255
@@ -58,18 +84,23 @@ class DatasetInfo:
 # ---------------------------------------------------------------- inspect
 
 
-def inspect(path) -> DatasetInfo:
+def inspect(path, walk_chunks=False) -> DatasetInfo:
     """Validate the data file at ``path`` and describe it.
 
     Reads all labels (small) but only the shape, dtype and last row of each
-    images dataset. Raises ``DataError`` with a one-line message
-    ``"{path}: <problem>"`` if anything is wrong.
+    images dataset (``walk_chunks``: and where every chunk is). Raises
+    ``DataError`` with a one-line message ``"{path}: <problem>"`` if
+    anything is wrong.
     """
     path = os.fspath(path)
     try:
         with _open(path) as f:
             _check_format(f, path)
             shapes = {split: _check_split(f, split, path) for split in SPLITS}
+            if walk_chunks:
+                for split in SPLITS:
+                    for name in ("images", "labels"):
+                        _walk_chunk_index(f[f"{split}/{name}"])
             different = _different_image_shapes(shapes["train"], shapes["test"])
             if different:
                 raise DataError(f"{path}: {different}")
@@ -78,16 +109,130 @@ def inspect(path) -> DatasetInfo:
     except DataError:
         raise
     except _H5PY_ERRORS as e:
-        raise DataError(f"{path}: cannot read the file: {_one_line(e)}") from e
+        raise _failure(path, "cannot read the file", e) from e
     return DatasetInfo(path=path, n_train=shapes["train"][0], n_test=shapes["test"][0],
                        image_shape=tuple(shapes["train"][1:]), n_classes=N_CLASSES, attrs=attrs)
 
 
 def _check_is_file(path):
-    if not os.path.exists(path):
-        raise DataError(f"{path}: no such file")
-    if os.path.isdir(path):
+    """A regular file this process may read: not missing, a folder, a FIFO or a device (which could block)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot read it ({error.strerror})") from None
+    if stat.S_ISDIR(mode):
         raise DataError(f"{path}: is a folder, not a data file")
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path}: not a regular file (a FIFO, a socket or a device), not a data file")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{path}: cannot read it (permission denied)")
+
+
+def check_readable(path, seconds=None):
+    """Make sure that reading the file cannot hang or crash this process; DataError (one line) otherwise.
+
+    The file's metadata is first read by a child process (``inspect``, with
+    its chunk index): if that does not finish within ``seconds``, or ends the
+    child, the file is damaged in a way that would hang or crash HDF5, and
+    this process never opens it. The child is forked (a few milliseconds)
+    before MPI is initialised and while this process has one thread, and a
+    new Python process otherwise (about 0.3 s). A file checked once is not
+    checked again while it is unchanged.
+    """
+    path, seconds = os.fspath(path), seconds or CHECK_SECONDS
+    _check_is_file(path)
+    stamp = _stamp(path)
+    if _checked.get(os.path.realpath(path)) == stamp:
+        return
+    if hasattr(os, "fork") and threading.active_count() == 1 and not _mpi_initialized():
+        status, message = _run_in_forked_child(path, seconds)
+    else:
+        status, message = _run_in_new_process(path, seconds)
+    if status == "hung":
+        raise DataError(f"{path}: damaged: HDF5 did not finish reading its metadata within {seconds} s")
+    if status != 0:
+        raise DataError(message or f"{path}: damaged: reading its metadata ended the reader ({status})")
+    _checked[os.path.realpath(path)] = stamp
+
+
+_checked = {}   # realpath -> (inode, size, mtime) of the files check_readable passed
+
+
+def _stamp(path):
+    info = os.stat(path)
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def _mpi_initialized():
+    mpi = sys.modules.get("mpi4py.MPI")
+    return mpi is not None and mpi.Is_initialized()
+
+
+def _run_in_forked_child(path, seconds):
+    """``(0 or exit status or "hung", message)`` of ``inspect`` run in a forked child."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: report, and leave without running any exit handler of the parent's
+        status, message = 0, ""
+        try:
+            os.close(read_end)
+            inspect(path, walk_chunks=True)
+        except DataError as error:
+            status, message = 2, str(error)
+        except BaseException as error:   # noqa: BLE001 - reported to the parent as damage
+            status, message = 3, f"{path}: damaged: reading its metadata failed ({_one_line(error)})"
+        os.write(write_end, message.encode()[:8192])
+        os._exit(status)
+    os.close(write_end)
+    try:
+        deadline = time.monotonic() + seconds
+        while True:
+            done, wait_status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return "hung", ""
+            time.sleep(0.002)
+        message = os.read(read_end, 8192).decode(errors="replace")
+    finally:
+        os.close(read_end)
+    if os.WIFSIGNALED(wait_status):
+        return f"signal {os.WTERMSIG(wait_status)}", ""
+    return os.WEXITSTATUS(wait_status), message
+
+
+def _run_in_new_process(path, seconds):
+    """The same as ``_run_in_forked_child``, in a new Python process (safe with threads and with MPI)."""
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    env = environ_without_launcher()   # the child is not a rank of the launcher's job
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))
+    try:
+        child = subprocess.run([sys.executable, "-c", _CHILD_CHECK, path], capture_output=True, text=True,
+                               timeout=seconds, env=env, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return "hung", ""
+    if child.returncode < 0:
+        return f"signal {-child.returncode}", ""
+    return child.returncode, child.stderr.strip().splitlines()[-1] if child.stderr.strip() else ""
+
+
+# Run by check_readable in a child process: read everything a run reads but the pixels.
+_CHILD_CHECK = """
+import sys
+from ddptrain import data
+try:
+    data.inspect(sys.argv[1], walk_chunks=True)
+except data.DataError as error:
+    print(str(error).replace(chr(10), " "), file=sys.stderr)
+    sys.exit(2)
+except BaseException as error:
+    print(f"{sys.argv[1]}: damaged: reading its metadata failed ({type(error).__name__})", file=sys.stderr)
+    sys.exit(3)
+"""
 
 
 class _open:
@@ -103,12 +248,23 @@ class _open:
         except _H5PY_ERRORS as e:
             # HDF5 itself notices a truncated file: its end-of-file address is
             # stored in the superblock and checked on open.
+            if _damaged(e):
+                raise _failure(self.path, "cannot open it", e) from e
+            if getattr(e, "errno", None) == 13 or "Permission denied" in str(e):
+                raise DataError(f"{self.path}: cannot read it (permission denied)") from e
             raise DataError(f"{self.path}: not an HDF5 file (or truncated): {_one_line(e)}") from e
         return self.file
 
     def __exit__(self, *exc):
         self.file.close()
         return False
+
+
+def _walk_chunk_index(dataset):
+    """Visit every entry of a chunked dataset's chunk index (where a damaged index would mislead a read)."""
+    if dataset.chunks is not None:
+        for index in range(dataset.id.get_num_chunks()):
+            dataset.id.get_chunk_info(index)
 
 
 def _check_format(f, path):
@@ -121,9 +277,11 @@ def _check_format(f, path):
     if file_format != FORMAT:
         raise DataError(f"{path}: format is {file_format!r}, not {FORMAT!r}")
     version = _plain(f.attrs.get("format_version", FORMAT_VERSION))
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise DataError(f"{path}: format_version {version!r} is not supported "
-                        f"(this ddptrain reads version {FORMAT_VERSION}); update ddptrain")
+    if not isinstance(version, int):
+        raise DataError(f"{path}: format_version {version!r} is not a whole number")
+    if version > FORMAT_VERSION:
+        raise DataError(f"{path}: format_version {version} is newer than this ddptrain reads (1 to "
+                        f"{FORMAT_VERSION}); update ddptrain")
 
 
 def _check_split(f, split, path):
@@ -147,7 +305,12 @@ def _check_split(f, split, path):
 
 
 def _dataset(f, name, path):
-    obj = f.get(name)
+    try:
+        obj = f[name]
+    except KeyError as e:
+        if _damaged(e):
+            raise _failure(path, f"cannot open '{name}'", e) from e
+        obj = None
     if obj is None:
         raise DataError(f"{path}: dataset '{name}' is missing")
     if not isinstance(obj, h5py.Dataset):
@@ -206,6 +369,19 @@ def _plain(value):
     return value
 
 
+def _damaged(error):
+    """Whether HDF5 refused to use a structure because its checksum did not match."""
+    text = str(error)
+    return "checksum" in text or "filter returned failure" in text
+
+
+def _failure(path, doing, error):
+    """The DataError for an h5py exception: a damaged file said so, anything else as it is."""
+    if _damaged(error):
+        return DataError(f"{path}: damaged: a checksum does not match ({doing}: {_one_line(error)})")
+    return DataError(f"{path}: {doing}: {_one_line(error)}")
+
+
 def _one_line(error):
     return " ".join(str(error).split())
 
@@ -236,7 +412,7 @@ def read_rows(path, split, blocks, dtype=np.float32):
     except DataError:
         raise
     except _H5PY_ERRORS as e:
-        raise DataError(f"{path}: cannot read '{split}' rows: {_one_line(e)}") from e
+        raise _failure(path, f"cannot read '{split}' rows", e) from e
 
 
 def _check_blocks(blocks, n_rows, name, path):
@@ -288,19 +464,24 @@ def write_dataset(path, train_images, train_labels, test_images, test_labels, at
         raise ValueError(different)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    # Built in memory and written with plain writes: a full disk is then an OSError, never an
+    # HDF5 write error (which can leave HDF5 in a state that crashes the process).
+    buffer = io.BytesIO()
+    # libver="latest": HDF5's newest file format, whose metadata all carries checksums.
+    with h5py.File(buffer, "w", libver="latest") as f:
+        f.attrs["format"] = _fixed(FORMAT)
+        f.attrs["format_version"] = FORMAT_VERSION
+        for name, value in (attrs or {}).items():
+            f.attrs[name] = _fixed(value)
+        for split, (images, labels) in splits.items():
+            _write_split(f, split, images, labels)
     # Same folder as the target, so that os.replace is a rename within one
     # file system; unique per writer, so concurrent writers do not collide
-    # (the last rename wins, with a whole file). Made by h5py rather than
-    # mkstemp so that it gets the usual permissions, not 0600.
+    # (the last rename wins, with a whole file).
     tmp = f"{path}.tmp.{os.getpid()}.{secrets.token_hex(4)}"
     try:
-        with h5py.File(tmp, "w-") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = FORMAT_VERSION
-            for name, value in (attrs or {}).items():
-                f.attrs[name] = value
-            for split, (images, labels) in splits.items():
-                _write_split(f, split, images, labels)
+        with open(tmp, "xb") as f:
+            f.write(buffer.getbuffer())
         fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -326,11 +507,16 @@ def _checked_split(split, images, labels):
     return images, labels.astype(np.uint8, copy=False)
 
 
+def _fixed(value):
+    """Strings as fixed-length bytes: stored in the (checksummed) object header, not in the global heap."""
+    return np.bytes_(value.encode("utf-8")) if isinstance(value, str) else value
+
+
 def _write_split(f, split, images, labels):
     group = f.create_group(split)
     chunk_rows = min(len(images), ROWS_PER_CHUNK)
-    group.create_dataset("images", data=images, chunks=(chunk_rows, *images.shape[1:]))
-    group.create_dataset("labels", data=labels)
+    group.create_dataset("images", data=images, chunks=(chunk_rows, *images.shape[1:]), fletcher32=True)
+    group.create_dataset("labels", data=labels, chunks=(min(len(labels), 64 * ROWS_PER_CHUNK),), fletcher32=True)
 
 
 def _remove_if_exists(path):

@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from .data import inspect, write_dataset
+from .data import FORMAT_VERSION, check_readable, inspect, write_dataset
 from .errors import DataError
 
 IDX_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
@@ -346,11 +346,13 @@ def ensure_default_dataset(log=print) -> pathlib.Path:
         log(f"no data file given and none at {path}: preparing MNIST there (once)")
         return prepare(path, log=log)
     try:
-        inspect(path)
-        return path
+        check_readable(path)
+        if inspect(path).attrs.get("format_version") == FORMAT_VERSION:
+            return path
+        log(f"the MNIST file at {path} was written by an older ddptrain, without checksums: preparing it again")
     except DataError as e:
         log(f"no data file given and the one at {path} is unusable ({e}): preparing MNIST there again")
-        return prepare(path, log=log)
+    return prepare(path, log=log)
 
 
 # ---------------------------------------------------------------- command line

@@ -11,8 +11,12 @@ collective inside one deadlocks.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
 import sys
+import time
 from pathlib import Path
 
 from . import checkpoint as ckpt_io
@@ -71,18 +75,66 @@ class Console:
 
 
 class RunFolder:
-    """The run folder (``config.json``, ``metrics.jsonl``, ``checkpoints/``), written by rank 0 alone."""
+    """The run folder (``config.json``, ``metrics.jsonl``, ``checkpoints/``), written by rank 0 alone.
+
+    One run at a time: ``take`` locks the folder (``flock`` on ``RUN_DIR/.lock``)
+    until ``release`` or until the process ends, however it ends, so a killed
+    run leaves no stale lock behind.
+    """
+
+    LOCK = ".lock"
 
     def __init__(self, comm, run_dir):
         self.comm = comm
         self.run_dir = Path(run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
+        self._lock = None
 
     @collective
-    def prepare(self, config_dict):
+    def take(self):
+        """Create the folder and lock it for this run; a UserError if another run holds it."""
         def work():
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+            lock = os.open(self.run_dir / self.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(lock, 400).decode(errors="replace").strip() or "another process"
+                os.close(lock)
+                raise UserError(f"the run folder {self.run_dir} is in use by another run ({holder}): wait for it "
+                                f"to end, or give another --run-dir") from None
+            os.ftruncate(lock, 0)
+            os.write(lock, f"pid {os.getpid()} on {socket.gethostname()} since "
+                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+            self._lock = lock
+        run_on_rank0(self.comm, work, UserError, f"cannot write to the run folder {self.run_dir}")
+
+    @collective
+    def check_free(self):
+        """For --dry-run: a UserError if another run holds the folder (nothing is created)."""
+        def work():
+            try:
+                lock = os.open(self.run_dir / self.LOCK, os.O_RDONLY)
+            except FileNotFoundError:
+                return
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(f"the run folder {self.run_dir} is in use by another run: wait for it to end, "
+                                f"or give another --run-dir") from None
+            finally:
+                os.close(lock)
+        run_on_rank0(self.comm, work, UserError, f"cannot read the run folder {self.run_dir}")
+
+    def release(self):
+        if self._lock is not None:
+            os.close(self._lock)   # the lock goes with the descriptor
+            self._lock = None
+
+    @collective
+    def write_config(self, config_dict):
+        def work():
+            _replace(self.run_dir / "config.json", json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
         run_on_rank0(self.comm, work, UserError, f"cannot write to the run folder {self.run_dir}")
 
     @collective
@@ -93,19 +145,12 @@ class RunFolder:
         run_on_rank0(self.comm, work, UserError, f"cannot append to {self.run_dir / 'metrics.jsonl'}")
 
     @collective
-    def restart_metrics(self, step, records):
-        """On resume from the checkpoint of ``step``: metrics.jsonl keeps the records up to that step
-        (the steps after it run again and record themselves once more); a new run folder starts
-        with the checkpoint's per-epoch ``records``."""
+    def rewrite_metrics(self, records):
+        """``metrics.jsonl`` holds exactly ``records``: those of the checkpoint a run resumes from, or none
+        for a run that starts from the beginning. Whatever a stopped or killed run recorded after its
+        last checkpoint is recorded again as the steps run again, once."""
         def work():
-            path = self.run_dir / "metrics.jsonl"
-            if path.exists():
-                kept = [line for line in path.read_text().splitlines() if _recorded_by(line, step)]
-            else:
-                kept = [json.dumps(record, sort_keys=True) for record in records]
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(path)
+            _replace(self.run_dir / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
         run_on_rank0(self.comm, work, UserError, f"cannot write {self.run_dir / 'metrics.jsonl'}")
 
     @collective
@@ -133,9 +178,11 @@ class RunFolder:
         return path
 
 
-def _recorded_by(line, step):
-    """Whether a metrics.jsonl line is a whole record of a step up to ``step`` (a cut-off last line is not)."""
+def _replace(path, text):
+    """Write ``text`` to ``path`` through a temporary file renamed over it (removed if the write fails)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        return json.loads(line).get("step", 0) <= step
-    except (ValueError, AttributeError):
-        return False
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -7,6 +7,8 @@ was trained on as many rows, and on the same sequence of global batches.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from . import checkpoint as ckpt_io
 from .errors import CheckpointError
 
@@ -72,17 +74,33 @@ def check_fits(checkpoint, model, optimizer, n_train, config):
 def load_checkpoint(config, checkpoint_dir, model, optimizer, n_train, warn):
     """Rank 0: the verified checkpoint to resume from (fitting this run), or None to start fresh.
 
-    ``--resume auto`` takes the newest checkpoint in the folder that verifies
-    (setting damaged ones aside with a warning), ``--resume PATH`` that file.
+    ``--resume auto`` takes the newest step checkpoint in the folder that
+    verifies (setting damaged ones aside with a warning), else ``best.h5`` (a
+    fresh start would overwrite it); ``--resume PATH`` takes that file.
     """
     if not config.resume:
         return None
     if config.resume == "auto":
-        checkpoint = ckpt_io.newest_valid(checkpoint_dir, warn=warn, set_aside=True)
+        checkpoint = ckpt_io.newest_valid(checkpoint_dir, warn=warn, set_aside=True) or _best(checkpoint_dir, warn)
         if checkpoint is None:
             warn(f"--resume auto: no valid checkpoint in {checkpoint_dir}; starting from the beginning")
             return None
     else:
         checkpoint = ckpt_io.load(config.resume)
     check_fits(checkpoint, model, optimizer, n_train, config)
+    return checkpoint
+
+
+def _best(checkpoint_dir, warn):
+    """``best.h5``, when no step checkpoint is left to resume from; None if it is missing or damaged."""
+    path = Path(checkpoint_dir) / "best.h5"
+    if not path.exists():
+        return None
+    try:
+        checkpoint = ckpt_io.load(path)
+    except CheckpointError as error:
+        warn(f"warning: skipping {error}")
+        return None
+    warn(f"--resume auto: no valid step checkpoint in {checkpoint_dir}; resuming from best.h5 "
+         f"(step {checkpoint.state['step']})")
     return checkpoint

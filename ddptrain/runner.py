@@ -6,7 +6,9 @@ which rows they read; what only rank 0 does goes through ``rank0``.
 
 from __future__ import annotations
 
+import socket
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -14,6 +16,7 @@ from . import __version__, data, sampler
 from .callbacks import BroadcastBuffers, Checkpointing, MetricsLog, ProgressReport, ReplicaCheck
 from .debug import DebugChecks
 from .errors import EXIT_OK, EXIT_PREEMPTED, UserError, same_on_every_rank
+from .limits import check_resources
 from .losses import SoftmaxCrossEntropy
 from .nn import Sequential, no_reduction
 from .normalization import BatchNorm
@@ -23,6 +26,7 @@ from .resume import load_checkpoint
 from .schedule import peak_learning_rate
 from .signals import StopRequest
 from .slurm import default_run_dir, describe_slurm, resume_if_requeued
+from .spec import parse_spec
 from .step import Split, TrainStep
 from .threads import configure_blas_threads
 from .train import Trainer
@@ -50,13 +54,16 @@ def _run(config, comm, stop, quiet, dry_run, callbacks):
     _, thread_line = configure_blas_threads(comm, config.threads)
     folder = RunFolder(comm, comm.bcast(config.run_dir or default_run_dir()))   # DDP: rank 0's name, everywhere
     data_path = resolve_data_path(comm, config, console.print)
+    run_on_rank0(comm, lambda: data.check_readable(data_path))   # DDP: a damaged file cannot hang a rank
+    with same_on_every_rank():
+        info = data.inspect(data_path)
+        sampler.check_layout(info.n_train, config.batch_size, comm.size, config.virtual_shards)
+    check_resources_on_every_rank(comm, config, info)   # before the model or the data take any memory
     model = Sequential.from_spec(config.model, dtype=config.dtype, seed=config.seed)
     # DDP: batch statistics of the global batch (--batchnorm global), or of each rank's rows.
     model.set_sum_over_ranks(comm.allreduce_ if config.batchnorm == "global" else no_reduction)
     with same_on_every_rank():
-        info = data.inspect(data_path)
         check_model_fits_data(model, info, f"--model {config.model}")
-        sampler.check_layout(info.n_train, config.batch_size, comm.size, config.virtual_shards)
         check_batch_statistics(model, info, config, comm.size)
     comm.bcast_(model.params)    # DDP: every replica starts from rank 0's parameters
     comm.bcast_(model.buffers)   # DDP: and buffers
@@ -64,26 +71,50 @@ def _run(config, comm, stop, quiet, dry_run, callbacks):
     config = resume_if_requeued(config, folder.has_step_checkpoints)   # SLURM requeue: --resume auto
     announce(console, comm, config, model, info, folder.run_dir, thread_line)
     if dry_run:
+        folder.check_free()
         console.print(f"dry run: the options, the data file, the model and the {comm.size} rank(s) check out; "
                       f"nothing was trained or written", always=True)
         return EXIT_OK
 
-    folder.prepare(config.to_dict())
+    folder.take()   # one run at a time in a run folder
+    try:
+        return _train(_Run(config, comm, console, folder, model, info, data_path, started), stop, callbacks)
+    finally:
+        folder.release()
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What the set-up established, for the training that follows."""
+
+    config: object
+    comm: object
+    console: Console
+    folder: RunFolder
+    model: Sequential
+    info: data.DatasetInfo
+    data_path: str
+    started: float
+
+
+def _train(run, stop, callbacks):
+    config, comm, console, folder, model, info = run.config, run.comm, run.console, run.folder, run.model, run.info
     optimizer = config.make_optimizer()
     # DDP: rank 0 reads and verifies the checkpoint and broadcasts it, so that every rank
     # resumes from the same bytes or every rank stops with the same error.
     checkpoint = run_on_rank0(comm, lambda: load_checkpoint(config, folder.checkpoint_dir, model, optimizer,
                                                             info.n_train, console.warn))
-    train, test = read_shards(data_path, info, comm, config)
+    folder.write_config(config.to_dict())   # once the run is known to go ahead
+    train, test = read_shards(run.data_path, info, comm, config)
     trainer = Trainer(TrainStep(model, SoftmaxCrossEntropy(), optimizer, comm),
                       TrainingPlan(config, info.n_train, comm.rank, comm.size), train, test, info.n_classes,
                       stop, standard_callbacks(config, console, folder, info.n_train) + list(callbacks),
                       eval_batch=config.eval_batch)
     if checkpoint is not None:
         trainer.restore(checkpoint)
-        folder.restart_metrics(trainer.position.step, checkpoint.metrics)
         console.print(describe_resume(checkpoint, trainer.position, comm.size), always=True)
-    console.print(f"set-up took {time.perf_counter() - started:.2f} s")
+    folder.rewrite_metrics(trainer.records)   # what the checkpoint recorded, or nothing: no record twice
+    console.print(f"set-up took {time.perf_counter() - run.started:.2f} s")
 
     stopped_by = trainer.fit()
     if stopped_by:
@@ -93,7 +124,7 @@ def _run(config, comm, stop, quiet, dry_run, callbacks):
     if trainer.metrics:
         last = trainer.metrics[-1]
         console.print(f"finished: test accuracy {100 * last['test_accuracy']:.2f}% after {last['epoch']} epochs, "
-                      f"{time.perf_counter() - started:.1f} s in all; run folder {folder.run_dir}", always=True)
+                      f"{time.perf_counter() - run.started:.1f} s in all; run folder {folder.run_dir}", always=True)
     return EXIT_OK
 
 
@@ -103,6 +134,22 @@ def resolve_data_path(comm, config, rank0_print):
         return config.data
     from . import mnist
     return run_on_rank0(comm, lambda: str(mnist.ensure_default_dataset(log=rank0_print)))
+
+
+def check_resources_on_every_rank(comm, config, info):
+    """Refuse options that ask for more memory or cores than a host has; every rank stops if one must."""
+    host = socket.gethostname()
+    ranks_on_host = comm.allgather(host).count(host)   # DDP
+    try:
+        check_resources(parse_spec(config.model), config, info, comm.size, ranks_on_host)
+        problem = None
+    except UserError as error:
+        problem = str(error)
+    problems = [p for p in comm.allgather(problem) if p]   # DDP: hosts may differ; the verdict may not
+    if problems:
+        failure = UserError(problems[0])
+        failure.all_ranks = True
+        raise failure
 
 
 def check_model_fits_data(model, info, what):

@@ -1,9 +1,41 @@
-"""Stop requests: SIGTERM, SIGUSR1 and SIGINT are remembered, and training stops after the current step."""
+"""Stop requests: SIGTERM, SIGUSR1 and SIGINT are remembered, and training stops after the current step.
+
+From the program's first line (``__main__``) a signal is only remembered
+(``remember_early_signals``); a training run's ``StopRequest`` takes over what
+was remembered, and other commands get the usual behaviour back
+(``restore_default_signals``).
+"""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+
+SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+_early = []   # the names of the signals remembered before a StopRequest was installed
+
+
+def _numbers():
+    return [getattr(signal, name) for name in SIGNALS if hasattr(signal, name)]
+
+
+def _remember(number, frame):
+    _early.append(signal.Signals(number).name)
+
+
+def remember_early_signals():
+    """From now on, SIGTERM, SIGUSR1 and SIGINT are only remembered (until a StopRequest takes over)."""
+    for number in _numbers():
+        signal.signal(number, _remember)
+
+
+def restore_default_signals():
+    """The usual handlers back (a command that is not training); a signal remembered meanwhile acts now."""
+    for number in _numbers():
+        signal.signal(number, signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL)
+    if _early:
+        os.kill(os.getpid(), getattr(signal, _early.pop(0)))
 
 
 class StopRequest:
@@ -13,8 +45,6 @@ class StopRequest:
     ``step.StepTotals``), so all ranks stop after the same step.
     """
 
-    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
-
     def __init__(self):
         self.signal_name = None
         self._previous = {}
@@ -22,10 +52,11 @@ class StopRequest:
     def install(self):
         if threading.current_thread() is not threading.main_thread():
             return self   # a simulated rank (a thread): signals reach rank 0, in the main thread
-        for name in self.SIGNALS:
-            number = getattr(signal, name, None)
-            if number is not None:
-                self._previous[number] = signal.signal(number, self._handle)
+        for number in _numbers():
+            self._previous[number] = signal.signal(number, self._handle)
+        if _early:   # arrived while the program started: the run stops after its first step
+            self.signal_name = _early[0]
+            _early.clear()
         return self
 
     def uninstall(self):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .dropout import BatchContext
 from .errors import NumericalError
 from .evaluation import evaluate
@@ -106,9 +108,15 @@ class Trainer:
         self.stop, self.callbacks, self.eval_batch = stop, list(callbacks), eval_batch
         self.batches = Batches(train, plan.max_local_rows)
         self.position = Position()
-        self.metrics = []            # one record per finished epoch
+        self.records = []            # what metrics.jsonl holds: a record per finished epoch, and step records
         self.best_accuracy = -1.0    # the best test accuracy so far
+        self.last_checkpoint = None  # the step of the newest checkpoint written (or resumed from)
         self.stopped_by = None
+
+    @property
+    def metrics(self):
+        """The per-epoch records so far."""
+        return [record for record in self.records if record.get("kind") != "step"]
 
     @property
     def model(self):
@@ -128,6 +136,11 @@ class Trainer:
 
     def fit(self):
         """Train until the last epoch ends or a stop is requested. Returns the signal's name, or None."""
+        # An overflow is found by the step's finite check and reported in one line, not by numpy's warnings.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return self._fit()
+
+    def _fit(self):
         self._call("on_fit_start")
         for epoch in range(self.position.epoch, self.plan.epochs):
             # A resumed epoch was partly trained before: its speed counts only what this run trained.
@@ -151,7 +164,7 @@ class Trainer:
                 totals = self.train_step(x, y, int(plan.global_counts[t]), lr, self.stop.requested, context)
             except NonFiniteStep as error:
                 raise NumericalError(f"{error} at step {pos.step} (epoch {epoch + 1}, learning rate {lr:.4g}); "
-                                     f"training stopped, the last checkpoint is kept") from None
+                                     f"training stopped before the update. {self._what_is_kept()}") from None
             pos.sums.add(totals)
             pos.step, pos.step_in_epoch = pos.step + 1, t + 1
             end = StepEnd(totals, lr, plan.n_steps)
@@ -161,6 +174,13 @@ class Trainer:
                 return False
         return True
 
+    def _what_is_kept(self):
+        if self.last_checkpoint is None:
+            return "No checkpoint was written: start again with a lower --lr"
+        return (f"The checkpoints written before are kept (the newest: step {self.last_checkpoint}); if the loss "
+                f"was growing, they may hold diverged parameters: resume from an earlier one or start again with "
+                f"a lower --lr")
+
     def _end_epoch(self, evaluation, seconds, seen_before):
         pos = self.position
         record = {
@@ -169,7 +189,7 @@ class Trainer:
             "test_loss": evaluation.loss, "test_accuracy": evaluation.accuracy,
             "seconds": seconds, "samples_per_second": (pos.sums.samples - seen_before) / seconds,
         }
-        self.metrics.append(record)
+        self.records.append(record)
         is_best = evaluation.accuracy > self.best_accuracy
         self.best_accuracy = max(self.best_accuracy, evaluation.accuracy)
         self.position = Position(epoch=pos.epoch + 1, step=pos.step)
@@ -182,5 +202,6 @@ class Trainer:
         state = checkpoint.state
         self.position = Position(epoch=state["epoch"], step_in_epoch=state["step_in_epoch"], step=state["step"],
                                  sums=EpochSums(**state["train_sums"]))
-        self.metrics = list(checkpoint.metrics)
+        self.records = list(checkpoint.metrics)
         self.best_accuracy = state["best_accuracy"]
+        self.last_checkpoint = state["step"]

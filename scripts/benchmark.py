@@ -362,7 +362,8 @@ def end_to_end(args, comm, train_step, test_x, test_y, n_train):
     run_dir = comm.bcast(tempfile.mkdtemp(prefix="ddptrain-bench-") if comm.rank == 0 else None)
     config = Config(model=args.model, batch_size=args.batch, run_dir=run_dir)
     folder = RunFolder(comm, run_dir)
-    folder.prepare(config.to_dict())
+    folder.take()
+    folder.write_config(config.to_dict())
     trainer = Trainer(train_step, TrainingPlan(config, n_train, comm.rank, comm.size), Split(test_x[:1], test_y[:1]),
                       test, n_classes, StopRequest())
     checkpointing = Checkpointing(folder, config.to_dict(), n_train)

@@ -19,8 +19,11 @@ def pytest_ignore_collect(collection_path, config):
 
 @pytest.fixture(autouse=True)
 def processes_only_in_slow_tests(request, monkeypatch):
-    """A test that starts a process must be marked ``slow``: ``pytest -m "not slow"`` is then the fast subset."""
-    if request.node.get_closest_marker("slow") is None:
+    """A test that starts a process must be marked ``slow``: ``pytest -m "not slow"`` is then the fast subset.
+
+    (Not under mpiexec: tests/mpi runs only from the slow tests/test_mpi.py.)
+    """
+    if request.node.get_closest_marker("slow") is None and not request.config.getoption("with_mpi", default=False):
         def refuse(*args, **kwargs):
             raise AssertionError(f"{request.node.nodeid} starts a process: mark it @pytest.mark.slow")
         monkeypatch.setattr(subprocess.Popen, "__init__", refuse)

@@ -69,8 +69,21 @@ def test_inspect_describes_a_written_file(data_file):
 def test_write_dataset_stores_format_and_given_attributes(data_file):
     attrs = data.inspect(data_file).attrs
     assert attrs["format"] == "ddptrain-mnist"
-    assert attrs["format_version"] == 1
+    assert attrs["format_version"] == 2
     assert attrs["source"] == "test"
+
+
+def test_write_dataset_uses_hdf5_s_checksummed_format_with_checksums_on_every_chunk(data_file):
+    """Superblock version 2 or later (checksums on all metadata), Fletcher-32 on the data, and attributes of
+    fixed length (a variable-length string would live in the global heap, which has no checksum)."""
+    with open(data_file, "rb") as f:
+        assert f.read(9)[8] >= 2
+    with h5py.File(data_file, "r") as f:
+        for split in data.SPLITS:
+            assert f[f"{split}/images"].fletcher32 and f[f"{split}/labels"].fletcher32
+        for name in f.attrs:
+            assert not h5py.check_string_dtype(f.attrs.get_id(name).dtype) or \
+                h5py.check_string_dtype(f.attrs.get_id(name).dtype).length is not None, name
 
 
 def test_write_dataset_stores_the_arrays_unchanged(data_file, splits):
@@ -224,8 +237,18 @@ def test_inspect_rejects_another_format(data_file):
 
 
 def test_inspect_rejects_a_newer_format_version(data_file):
-    edit(data_file, lambda f: f.attrs.__setitem__("format_version", 2))
-    assert_data_error(data_file, "format_version 2 is not supported")
+    edit(data_file, lambda f: f.attrs.__setitem__("format_version", 3))
+    assert_data_error(data_file, "format_version 3 is newer than this ddptrain reads (1 to 2); update ddptrain")
+
+
+def test_inspect_reads_format_1_files_of_ddptrain_0_1(data_file):
+    edit(data_file, lambda f: f.attrs.__setitem__("format_version", 1))
+    assert data.inspect(data_file).attrs["format_version"] == 1
+
+
+def test_a_format_version_that_is_not_a_number_says_so(data_file):
+    edit(data_file, lambda f: f.attrs.__setitem__("format_version", "1"))
+    assert_data_error(data_file, "format_version '1' is not a whole number")
 
 
 def test_inspect_accepts_a_file_without_format_attributes(data_file):

@@ -197,7 +197,7 @@ def test_a_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint
     assert proc.returncode == EXIT_FAILURE
     [line] = error_lines(proc.stderr)
     assert line.startswith("ddptrain: error: NumericalError: NaN or Inf in the loss or gradients at step 20 ")
-    assert "the last checkpoint is kept" in line
+    assert "The checkpoints written before are kept (the newest: step 15)" in line
     folder = tmp_path / "run" / "checkpoints"
     assert sorted(os.listdir(folder)) == ["best.h5", "step-00000015.h5"]
     last_good = ckpt_io.newest_valid(folder)            # what --resume auto would take
@@ -205,6 +205,14 @@ def test_a_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint
 
 
 # ---------------------------------------------------------------- 6. bad input, and a failed write
+
+
+def test_a_nan_before_any_checkpoint_says_that_none_was_written(small_data, tmp_path):
+    proc = helpers.run(args(small_data, tmp_path / "run"), timeout=60, faults="nan:step=3")
+    assert proc.returncode == EXIT_FAILURE
+    [line] = error_lines(proc.stderr)    # no numpy warnings before it either
+    assert "at step 3 " in line and line.endswith("No checkpoint was written: start again with a lower --lr")
+    assert os.listdir(tmp_path / "run" / "checkpoints") == []
 
 
 def test_a_failed_checkpoint_write_stops_every_rank_and_keeps_the_previous_checkpoint(small_data, tmp_path):

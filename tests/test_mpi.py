@@ -36,4 +36,4 @@ def test_mpirun_with_4_ranks_trains_and_rank_0_alone_writes_metrics_and_checkpoi
     assert records[1]["train_loss"] < records[0]["train_loss"]
     final = checkpoint.newest_valid(run_dir / "checkpoints")
     assert final.state["epoch"] == 2 and final.config["batch_size"] == 32
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.json", "metrics.jsonl"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoints", "config.json", "metrics.jsonl"]

@@ -118,7 +118,8 @@ def test_buffers_are_checkpointed_evaluation_leaves_them_alone_and_restore_bring
                        callbacks)
 
     folder = RunFolder(SerialComm(), tmp_path / "run")
-    folder.prepare(config.to_dict())
+    folder.take()
+    folder.write_config(config.to_dict())
     first = trainer([Checkpointing(folder, config.to_dict(), info.n_train)])
     assert first.fit() is None
     saved = ckpt_io.load(ckpt_io.step_path(folder.checkpoint_dir, 15))

@@ -1,0 +1,73 @@
+"""One home for limits: what the options imply, checked against the machine before anything is allocated.
+
+An option can be valid on its own and still ask for more than the machine
+has: ``--model 784-100000000-10`` (300 GiB of parameters), ``--threads
+100000``. ``check_resources`` estimates what a rank will allocate (the model
+with its gradients and optimiser state, its share of the data, the
+activations of its share of a batch) from the options and the data file's
+description alone, and refuses, with one line, what would not fit. It runs
+in ``--dry-run`` as in a run, before the model exists.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from .errors import UserError
+
+GIB = 2 ** 30
+MEMORY_SHARE = 0.9    # of the memory available now, that the ranks of a host may plan to use
+
+
+def available_memory():
+    """Bytes of memory available to new allocations on this host (MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def usable_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def estimate_rank_bytes(spec, config, info, world_size):
+    """``{part: bytes}`` one rank allocates for an MLP ``spec`` (a ``spec.MLPSpec``) on this data."""
+    itemsize = np.dtype(config.dtype).itemsize
+    widths = [spec.n_inputs, *(layer.size for layer in spec.hidden), spec.n_outputs]
+    n_params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:])) + sum(2 * layer.size for layer in spec.hidden)
+    rows = -(-min(config.batch_size, info.n_train) // world_size)
+    eval_rows = min(config.eval_batch, -(-info.n_test // world_size))
+    pixels = math.prod(info.image_shape)
+    return {
+        # parameters, gradients, the momentum buffer and the optimiser's scratch array
+        "the model and its optimiser": 4 * n_params * itemsize,
+        # this rank's training shard and test block, as floats, with their labels
+        "this rank's data": (-(-info.n_train // world_size) + -(-info.n_test // world_size)) * (pixels * itemsize + 8),
+        # each layer's output, input gradient and masks, for a batch share and an evaluation chunk
+        "activations": 4 * (rows + eval_rows) * sum(widths) * itemsize,
+    }
+
+
+def check_resources(spec, config, info, world_size, ranks_on_host):
+    """A UserError if the options ask for more memory or cores than this host has."""
+    if config.threads > usable_cores():
+        raise UserError(f"--threads {config.threads}: a rank here may use {usable_cores()} cores; more threads "
+                        f"than cores only slow the matrix products down")
+    parts = estimate_rank_bytes(spec, config, info, world_size)
+    needed, available = sum(parts.values()) * ranks_on_host, available_memory()
+    if available is not None and needed > MEMORY_SHARE * available:
+        detail = ", ".join(f"{name} {size / GIB:,.1f} GiB" for name, size in parts.items())
+        raise UserError(f"--model {config.model} with --batch-size {config.batch_size} needs about "
+                        f"{sum(parts.values()) / GIB:,.1f} GiB per rank ({detail}), {ranks_on_host} rank(s) on this "
+                        f"host, and it has {available / GIB:,.1f} GiB available")
