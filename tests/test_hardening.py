@@ -119,7 +119,7 @@ def test_a_flipped_bit_in_a_parameter_s_name_is_refused_before_hdf5_reads_the_fi
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["SIGUSR1", "SIGTERM", "SIGINT"])
-@pytest.mark.parametrize("delay", [0.05, 0.15, 0.3])
+@pytest.mark.parametrize("delay", [0.1, 0.2, 0.35])
 def test_a_signal_while_the_program_starts_stops_the_run_after_its_first_steps(small_data, tmp_path, name, delay):
     """Defect 4: in the first ~0.25 s (imports) signals killed the process. From ddptrain's first line on,
     one is remembered, and the run stops with a checkpoint, status 3."""
