@@ -107,31 +107,29 @@ class MetricsLog(Callback):
         self.run_folder.append_metrics(record)
 
 
-def make_checkpoint(trainer, config, n_train):
-    """Everything a run needs to continue exactly where ``trainer`` stands."""
-    model, pos = trainer.model, trainer.position
+def make_checkpoint(trainer):
+    """Everything a run needs to continue exactly where ``trainer`` stands (views: encode it at once)."""
+    model, pos, plan = trainer.model, trainer.position, trainer.plan
     return Checkpoint(
-        params={name: array.copy() for name, array in model.named_params()},
-        buffers={name: array.copy() for name, array in model.named_buffers()},
+        params=dict(model.named_params()), buffers=dict(model.named_buffers()),
         optimizer={"type": type(trainer.optimizer).__name__, **trainer.optimizer.state_dict()},
         state={"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "step": pos.step,
-               "train_sums": pos.sums.to_dict(), "n_train": n_train, "best_accuracy": trainer.best_accuracy,
+               "train_sums": pos.sums.to_dict(), "n_train": plan.n_train, "best_accuracy": trainer.best_accuracy,
                "world_size": trainer.comm.size},
-        config=config, metrics=list(trainer.records), model=model.describe(), model_summary=model.summary(),
-        dtype=str(model.dtype))
+        config=plan.config.to_dict(), metrics=list(trainer.records), model=model.describe(),
+        model_summary=model.summary(), dtype=str(model.dtype))
 
 
 class Checkpointing(Callback):
     """A checkpoint at the end of every epoch (and ``best.h5`` after the best one so far), every
     ``every`` steps within an epoch (0: never), and after the step in which a stop was requested."""
 
-    def __init__(self, run_folder, config, n_train, every=0, keep=3):
-        self.run_folder, self.config, self.n_train = run_folder, config, n_train
-        self.every, self.keep = every, keep
+    def __init__(self, run_folder, every=0, keep=3):
+        self.run_folder, self.every, self.keep = run_folder, every, keep
 
     def save(self, trainer, is_best=False):
-        path = self.run_folder.save_checkpoint(lambda: make_checkpoint(trainer, self.config, self.n_train),
-                                               trainer.position.step, self.keep, is_best)
+        path = self.run_folder.save_checkpoint(lambda: make_checkpoint(trainer), trainer.position.step, self.keep,
+                                               is_best)
         trainer.last_checkpoint = trainer.position.step
         return path
 

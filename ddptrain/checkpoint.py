@@ -54,7 +54,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .durable import fsync_file, fsync_folder
+from .durable import write_atomically
 from .errors import CheckpointError
 
 FORMAT = "ddptrain-checkpoint"
@@ -89,28 +89,12 @@ def step_path(checkpoint_dir, step):
 
 
 def save(path, ckpt: Checkpoint):
-    """Write ``ckpt`` to ``path`` atomically. Raises OSError on failure, leaving ``path`` as it was.
-
-    The file is built in memory and written with one plain write: a full disk
-    (or any other write error) is then an OSError, and never reaches HDF5,
-    whose own write errors leave it in a state that can crash the process.
-    """
-    path = Path(path)
-    content = encode(ckpt)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(content)
-        fsync_file(tmp)
-        os.replace(tmp, path)
-        fsync_folder(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write ``ckpt`` to ``path`` atomically (``durable.write_atomically``): OSError on failure, ``path`` as it was."""
+    write_atomically(path, encode(ckpt))
 
 
 def encode(ckpt: Checkpoint):
-    """The bytes of the checkpoint file: the header, then HDF5."""
+    """The bytes of the checkpoint file (a memoryview): the header, then HDF5, built in memory."""
     optimizer_arrays = {k: v for k, v in ckpt.optimizer.items() if isinstance(v, np.ndarray)}
     optimizer_values = {k: v for k, v in ckpt.optimizer.items() if not isinstance(v, np.ndarray)}
     attrs = {
@@ -128,12 +112,12 @@ def encode(ckpt: Checkpoint):
             for name, array in arrays.items():
                 created.create_dataset(name, data=array)
         f.attrs.update(attrs)
-    content = bytearray(buffer.getbuffer())
-    body = memoryview(content)[HEADER_SIZE:]
+    content = buffer.getbuffer()
+    body = content[HEADER_SIZE:]
     header = (f"ddptrain checkpoint\nformat {FORMAT_VERSION}\nsha256 {hashlib.sha256(body).hexdigest()}\n"
               f"bytes {len(body)}\n")
     content[:HEADER_SIZE] = header.encode().ljust(HEADER_SIZE, b"\0")
-    return bytes(content)
+    return content
 
 
 # ---------------------------------------------------------------- reading

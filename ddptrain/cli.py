@@ -17,16 +17,11 @@ import sys
 import traceback
 
 from .config import BATCHNORM_MODES, DTYPES, LR_SCALINGS, SCHEDULES, SWITCHES, Config, load_toml
-from .errors import EXIT_FAILURE, UserError, same_on_every_rank
+from .errors import EXIT_FAILURE, DataError, UserError, same_on_every_rank
 from .launcher import launched_by_mpi, rank_and_size
 from .signals import restore_default_signals
 
 COMMANDS = ("train", "evaluate", "prepare", "plot", "info")
-
-
-def _launcher_rank():
-    """This process's rank as the launcher announced it (before MPI is initialised)."""
-    return rank_and_size()[0]
 
 
 class Interrupted(Exception):
@@ -40,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
     """An argparse parser that prints help on rank 0 only and reports errors as a UserError line."""
 
     def _print_message(self, message, file=None):
-        if _launcher_rank() == 0:
+        if rank_and_size()[0] == 0:
             super()._print_message(message, file)
 
     def error(self, message):
@@ -169,14 +164,21 @@ def config_from_args(args):
 
 
 def check_data_file(path):
-    """Before MPI starts (each rank checks, in a forked child): a damaged data file must not hang a rank.
+    """Before MPI starts, while checking costs a fork (milliseconds): a damaged data file must not hang a rank.
 
-    Without ``path``, the prepared MNIST in the cache, if there is one.
+    ``path`` given: a damaged file is refused here. Without it, the cached
+    MNIST, if there is one, is checked but not refused: the run prepares it
+    again if it is damaged (``mnist.ensure_default_dataset``). What passes
+    here is not checked again once MPI runs (``data.check_readable``).
     """
     from . import data, mnist
-    path = path or (mnist.default_data_path() if mnist.default_data_path().exists() else None)
-    if path is not None:
+    if path:
         data.check_readable(path)
+    elif mnist.default_data_path().exists():
+        try:
+            data.check_readable(mnist.default_data_path())
+        except DataError:
+            pass
 
 
 def parse(argv):
@@ -209,7 +211,8 @@ def main(argv=None, callbacks=()):
         if args.command == "evaluate":
             from . import commands
             with same_on_every_rank():
-                check_data_file(args.data)
+                if args.data:   # without it, the checkpoint names the data: checked once it is known
+                    check_data_file(args.data)
             comm = world()
             return commands.evaluate(args, comm)
         from .runner import run_training
@@ -239,7 +242,7 @@ def main(argv=None, callbacks=()):
 def _fail(message, error, comm, details=None):
     """Print the error once and end this rank (and, if only some ranks failed, the whole job)."""
     status = getattr(error, "exit_status", EXIT_FAILURE)
-    rank, size = (comm.rank, comm.size) if comm is not None else (_launcher_rank(), 1)
+    rank, size = (comm.rank, comm.size) if comm is not None else (rank_and_size()[0], 1)
     every_rank_failed = size == 1 or getattr(error, "all_ranks", False)
     if every_rank_failed:
         if rank == 0:

@@ -81,7 +81,7 @@ def _version(module_name):
 
 def info(args, comm):
     """Versions, MPI library and world size, BLAS and its threads, the data file's summary."""
-    threads, thread_line = configure_blas_threads(comm)
+    thread_line = configure_blas_threads(comm).description
     if comm.rank != 0:
         return EXIT_OK
     from threadpoolctl import threadpool_info

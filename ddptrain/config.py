@@ -12,7 +12,7 @@ from typing import Optional
 
 from .errors import UserError
 from .optim import SGD
-from .sampler import DEFAULT_VIRTUAL_SHARDS
+from .sampler import DEFAULT_VIRTUAL_SHARDS, check_world
 from .spec import parse_spec
 
 DTYPES = ("float32", "float64")
@@ -70,25 +70,25 @@ class Config:
         for name, allowed in (("dtype", DTYPES), ("lr_scaling", LR_SCALINGS), ("lr_schedule", SCHEDULES),
                               ("batchnorm", BATCHNORM_MODES)):
             if getattr(self, name) not in allowed:
-                raise UserError(f"{_option(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                raise UserError(f"{option_name(name)} must be one of {', '.join(allowed)}, "
+                                f"got {getattr(self, name)!r}")
         if self.debug and self.dtype != "float64":
             raise UserError("--debug runs in float64: drop --dtype float32 (finite differences need the precision)")
         positive = ("epochs", "batch_size", "virtual_shards", "check_every", "log_every", "eval_batch", "step_size",
                     "keep", "reference_batch")
         for name in positive:
             if not getattr(self, name) > 0:
-                raise UserError(f"{_option(name)} must be positive, got {getattr(self, name)}")
+                raise UserError(f"{option_name(name)} must be positive, got {getattr(self, name)}")
         non_negative = ("lr", "warmup_epochs", "checkpoint_every", "threads", "seed", "step_gamma", "metrics_every",
                         "simulate_ranks")
         for name in non_negative:
             if not getattr(self, name) >= 0:
-                raise UserError(f"{_option(name)} must not be negative, got {getattr(self, name)}")
+                raise UserError(f"{option_name(name)} must not be negative, got {getattr(self, name)}")
         for name in ("lr", "warmup_epochs", "step_gamma"):
             if not math.isfinite(getattr(self, name)):
-                raise UserError(f"{_option(name)} must be finite, got {getattr(self, name)}")
-        if self.simulate_ranks and self.virtual_shards % self.simulate_ranks:   # before any thread starts
-            raise UserError(f"--simulate-ranks {self.simulate_ranks}: the ranks cannot share {self.virtual_shards} "
-                            f"virtual shards evenly: --virtual-shards must be a multiple of the number of ranks")
+                raise UserError(f"{option_name(name)} must be finite, got {getattr(self, name)}")
+        if self.simulate_ranks:   # before a thread starts for each of them
+            check_world(self.batch_size, self.simulate_ranks, self.virtual_shards)
         self.make_optimizer()   # the optimiser checks its own settings (SettingError)
         return self
 
@@ -96,7 +96,8 @@ class Config:
         return SGD(momentum=self.momentum, weight_decay=self.weight_decay, nesterov=self.nesterov)
 
 
-def _option(name):
+def option_name(name):
+    """The command-line option of Config field ``name``: ``batch_size`` -> ``--batch-size``."""
     return "--" + name.replace("_", "-")
 
 
@@ -121,7 +122,7 @@ def coerce(name, value, source):
         return float(value)
     if kind is str and isinstance(value, str):
         return value
-    raise UserError(f"{source}: {_option(name)} must be {kind.__name__}, got {value!r}")
+    raise UserError(f"{source}: {option_name(name)} must be {kind.__name__}, got {value!r}")
 
 
 # Keys a configuration file may hold besides the Config fields: the train command's own switches.
@@ -163,7 +164,7 @@ def load_toml(path):
         if name not in fields and name not in SWITCHES:
             raise UserError(f"{path}: unknown option {key!r}")
         if name in values:
-            spellings = " or ".join(sorted({_option(name)[2:], name}))
+            spellings = " or ".join(sorted({option_name(name)[2:], name}))
             raise UserError(f"{path}: option {key!r} is set twice (as {spellings}, at the top or in [train])")
         values[name] = coerce(name, value, path) if name in fields else _switch(name, value, path)
     return values
@@ -171,5 +172,5 @@ def load_toml(path):
 
 def _switch(name, value, source):
     if not isinstance(value, bool):
-        raise UserError(f"{source}: {_option(name)} must be true or false, got {value!r}")
+        raise UserError(f"{source}: {option_name(name)} must be true or false, got {value!r}")
     return value

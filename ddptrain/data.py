@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import io
 import os
-import secrets
 import signal
 import stat
 import subprocess
@@ -48,7 +47,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .durable import fsync_file, fsync_folder
+from .durable import write_atomically
 from .errors import DataError
 from .launcher import environ_without_launcher
 
@@ -186,20 +185,23 @@ def _run_in_forked_child(path, seconds):
         os.write(write_end, message.encode()[:8192])
         os._exit(status)
     os.close(write_end)
+    reaped = False
     try:
         deadline = time.monotonic() + seconds
         while True:
             done, wait_status = os.waitpid(pid, os.WNOHANG)
             if done:
+                reaped = True
                 break
             if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
                 return "hung", ""
             time.sleep(0.002)
         message = os.read(read_end, 8192).decode(errors="replace")
     finally:
         os.close(read_end)
+        if not reaped:   # hung, or this process was interrupted (Ctrl-C): no child outlives the check
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
     if os.WIFSIGNALED(wait_status):
         return f"signal {os.WTERMSIG(wait_status)}", ""
     return os.WEXITSTATUS(wait_status), message
@@ -464,9 +466,7 @@ def write_dataset(path, train_images, train_labels, test_images, test_labels, at
         raise ValueError(different)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    # Built in memory and written with plain writes: a full disk is then an OSError, never an
-    # HDF5 write error (which can leave HDF5 in a state that crashes the process).
-    buffer = io.BytesIO()
+    buffer = io.BytesIO()   # built in memory, then written with plain writes (durable.write_atomically)
     # libver="latest": HDF5's newest file format, whose metadata all carries checksums.
     with h5py.File(buffer, "w", libver="latest") as f:
         f.attrs["format"] = _fixed(FORMAT)
@@ -475,19 +475,8 @@ def write_dataset(path, train_images, train_labels, test_images, test_labels, at
             f.attrs[name] = _fixed(value)
         for split, (images, labels) in splits.items():
             _write_split(f, split, images, labels)
-    # Same folder as the target, so that os.replace is a rename within one
-    # file system; unique per writer, so concurrent writers do not collide
-    # (the last rename wins, with a whole file).
-    tmp = f"{path}.tmp.{os.getpid()}.{secrets.token_hex(4)}"
-    try:
-        with open(tmp, "xb") as f:
-            f.write(buffer.getbuffer())
-        fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_if_exists(tmp)
-        raise
-    fsync_folder(folder)
+    write_atomically(path, buffer.getbuffer())   # concurrent writers: the last rename wins, with a whole file
+    _checked[os.path.realpath(path)] = _stamp(path)   # written here: check_readable need not read it again
 
 
 def _checked_split(split, images, labels):
@@ -517,10 +506,3 @@ def _write_split(f, split, images, labels):
     chunk_rows = min(len(images), ROWS_PER_CHUNK)
     group.create_dataset("images", data=images, chunks=(chunk_rows, *images.shape[1:]), fletcher32=True)
     group.create_dataset("labels", data=labels, chunks=(min(len(labels), 64 * ROWS_PER_CHUNK),), fletcher32=True)
-
-
-def _remove_if_exists(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

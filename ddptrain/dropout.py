@@ -78,7 +78,9 @@ class Dropout(Layer):
         index += key
         _mix(index)
         # The top 53 bits are uniform on [0, 2**53): keep a value when they are at least p * 2**53.
-        keep = np.greater_equal(index >> _S11, np.uint64(int(self.p * 2 ** 53)))
+        np.right_shift(index, _S11, out=index)
+        keep = np.greater_equal(index, np.uint64(int(self.p * 2 ** 53)),
+                                out=self._scratch.get("keep", index.shape, bool))
         mask = self._scratch.get("mask", index.shape, dtype)
         np.multiply(keep, dtype.type(1 / (1 - self.p)), out=mask)
         return mask

@@ -25,7 +25,6 @@ class SettingError(UserError, ValueError):
     """
 
     def __init__(self, setting, problem):
-        self.setting, self.problem = setting, problem
         super().__init__(f"--{setting.replace('_', '-')} {problem}")
 
 

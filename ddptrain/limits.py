@@ -1,8 +1,9 @@
 """One home for limits: what the options imply, checked against the machine before anything is allocated.
 
 An option can be valid on its own and still ask for more than the machine
-has: ``--model 784-100000000-10`` (300 GiB of parameters), ``--threads
-100000``. ``check_resources`` estimates what a rank will allocate (the model
+has: ``--model 784-100000000-10`` (300 GiB of parameters). (``--threads``
+beyond a rank's cores is refused where the threads are set, in
+``threads.py``.) ``check_resources`` estimates what a rank will allocate (the model
 with its gradients and optimiser state, its share of the data, the
 activations of its share of a batch) from the options and the data file's
 description alone, and refuses, with one line, what would not fit. It runs
@@ -37,14 +38,10 @@ def available_memory():
         return None
 
 
-def usable_cores():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def estimate_rank_bytes(spec, config, info, world_size):
     """``{part: bytes}`` one rank allocates for an MLP ``spec`` (a ``spec.MLPSpec``) on this data."""
     itemsize = np.dtype(config.dtype).itemsize
-    widths = [spec.n_inputs, *(layer.size for layer in spec.hidden), spec.n_outputs]
+    widths = spec.sizes()
     n_params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:])) + sum(2 * layer.size for layer in spec.hidden)
     rows = -(-min(config.batch_size, info.n_train) // world_size)
     eval_rows = min(config.eval_batch, -(-info.n_test // world_size))
@@ -60,10 +57,7 @@ def estimate_rank_bytes(spec, config, info, world_size):
 
 
 def check_resources(spec, config, info, world_size, ranks_on_host):
-    """A UserError if the options ask for more memory or cores than this host has."""
-    if config.threads > usable_cores():
-        raise UserError(f"--threads {config.threads}: a rank here may use {usable_cores()} cores; more threads "
-                        f"than cores only slow the matrix products down")
+    """A UserError if the options ask for more memory than this host has (cores: ``threads.py``)."""
     parts = estimate_rank_bytes(spec, config, info, world_size)
     needed, available = sum(parts.values()) * ranks_on_host, available_memory()
     if available is not None and needed > MEMORY_SHARE * available:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from . import checkpoint as ckpt_io
 from .comm import collective
+from .durable import write_atomically
 from .errors import CheckpointError, UserError
 from .progress import Progress
 
@@ -103,10 +104,13 @@ class RunFolder:
                 os.close(lock)
                 raise UserError(f"the run folder {self.run_dir} is in use by another run ({holder}): wait for it "
                                 f"to end, or give another --run-dir") from None
+            except BaseException:
+                os.close(lock)
+                raise
+            self._lock = lock   # from here on, release() lets it go whatever happens next
             os.ftruncate(lock, 0)
             os.write(lock, f"pid {os.getpid()} on {socket.gethostname()} since "
                            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
-            self._lock = lock
         run_on_rank0(self.comm, work, UserError, f"cannot write to the run folder {self.run_dir}")
 
     @collective
@@ -168,10 +172,9 @@ class RunFolder:
         path = ckpt_io.step_path(self.checkpoint_dir, step)
 
         def work():
-            checkpoint = make_checkpoint()
-            ckpt_io.save(path, checkpoint)
-            if is_best:
-                ckpt_io.save(self.checkpoint_dir / "best.h5", checkpoint)
+            content = ckpt_io.encode(make_checkpoint())   # once, for best.h5 too
+            for target in [path, self.checkpoint_dir / "best.h5"] if is_best else [path]:
+                write_atomically(target, content)
             ckpt_io.prune(self.checkpoint_dir, keep)
         run_on_rank0(self.comm, work, CheckpointError, f"could not write checkpoint {path} (the previous ones "
                                                        f"are intact)")
@@ -179,10 +182,4 @@ class RunFolder:
 
 
 def _replace(path, text):
-    """Write ``text`` to ``path`` through a temporary file renamed over it (removed if the write fails)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, text.encode())

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import checkpoint as ckpt_io
+from .config import option_name
 from .errors import CheckpointError
 
 # Options that fix the sequence of global batches: resuming with another value
@@ -65,7 +66,7 @@ def check_fits(checkpoint, model, optimizer, n_train, config):
     for name in MUST_MATCH_ON_RESUME:
         saved, given = checkpoint.config.get(name), getattr(config, name)
         if saved != given:
-            option = "--" + name.replace("_", "-")
+            option = option_name(name)
             hint = f"resume with {option}" if isinstance(saved, bool) and saved else \
                 f"resume without {option}" if isinstance(saved, bool) else f"resume with {option} {saved}"
             raise CheckpointError(f"{where}: checkpoint was trained with {option} {saved}, not {given}; {hint}")

@@ -6,7 +6,6 @@ which rows they read; what only rank 0 does goes through ``rank0``.
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass
 
@@ -51,14 +50,15 @@ def run_training(config, comm, quiet=False, dry_run=False, callbacks=()):
 def _run(config, comm, stop, quiet, dry_run, callbacks):
     started = time.perf_counter()
     console = Console(comm.rank, quiet=quiet, log_every=config.log_every)
-    _, thread_line = configure_blas_threads(comm, config.threads)
+    with same_on_every_rank():
+        blas_threads = configure_blas_threads(comm, config.threads)
     folder = RunFolder(comm, comm.bcast(config.run_dir or default_run_dir()))   # DDP: rank 0's name, everywhere
     data_path = resolve_data_path(comm, config, console.print)
     run_on_rank0(comm, lambda: data.check_readable(data_path))   # DDP: a damaged file cannot hang a rank
     with same_on_every_rank():
         info = data.inspect(data_path)
         sampler.check_layout(info.n_train, config.batch_size, comm.size, config.virtual_shards)
-    check_resources_on_every_rank(comm, config, info)   # before the model or the data take any memory
+    check_resources_on_every_rank(comm, config, info, blas_threads.ranks_on_host)   # before any allocation
     model = Sequential.from_spec(config.model, dtype=config.dtype, seed=config.seed)
     # DDP: batch statistics of the global batch (--batchnorm global), or of each rank's rows.
     model.set_sum_over_ranks(comm.allreduce_ if config.batchnorm == "global" else no_reduction)
@@ -69,16 +69,16 @@ def _run(config, comm, stop, quiet, dry_run, callbacks):
     comm.bcast_(model.buffers)   # DDP: and buffers
 
     config = resume_if_requeued(config, folder.has_step_checkpoints)   # SLURM requeue: --resume auto
-    announce(console, comm, config, model, info, folder.run_dir, thread_line)
+    announce(console, comm, config, model, info, folder.run_dir, blas_threads.description)
     if dry_run:
         folder.check_free()
         console.print(f"dry run: the options, the data file, the model and the {comm.size} rank(s) check out; "
                       f"nothing was trained or written", always=True)
         return EXIT_OK
 
-    folder.take()   # one run at a time in a run folder
     try:
-        return _train(_Run(config, comm, console, folder, model, info, data_path, started), stop, callbacks)
+        folder.take()   # one run at a time in a run folder
+        return _train(_Run(config, comm, console, folder, model, info, started), stop, callbacks)
     finally:
         folder.release()
 
@@ -92,8 +92,7 @@ class _Run:
     console: Console
     folder: RunFolder
     model: Sequential
-    info: data.DatasetInfo
-    data_path: str
+    info: data.DatasetInfo   # info.path: the data file
     started: float
 
 
@@ -105,11 +104,10 @@ def _train(run, stop, callbacks):
     checkpoint = run_on_rank0(comm, lambda: load_checkpoint(config, folder.checkpoint_dir, model, optimizer,
                                                             info.n_train, console.warn))
     folder.write_config(config.to_dict())   # once the run is known to go ahead
-    train, test = read_shards(run.data_path, info, comm, config)
+    train, test = read_shards(info, comm, config)
     trainer = Trainer(TrainStep(model, SoftmaxCrossEntropy(), optimizer, comm),
                       TrainingPlan(config, info.n_train, comm.rank, comm.size), train, test, info.n_classes,
-                      stop, standard_callbacks(config, console, folder, info.n_train) + list(callbacks),
-                      eval_batch=config.eval_batch)
+                      stop, standard_callbacks(config, console, folder, model.buffers.size > 0) + list(callbacks))
     if checkpoint is not None:
         trainer.restore(checkpoint)
         console.print(describe_resume(checkpoint, trainer.position, comm.size), always=True)
@@ -136,10 +134,8 @@ def resolve_data_path(comm, config, rank0_print):
     return run_on_rank0(comm, lambda: str(mnist.ensure_default_dataset(log=rank0_print)))
 
 
-def check_resources_on_every_rank(comm, config, info):
-    """Refuse options that ask for more memory or cores than a host has; every rank stops if one must."""
-    host = socket.gethostname()
-    ranks_on_host = comm.allgather(host).count(host)   # DDP
+def check_resources_on_every_rank(comm, config, info, ranks_on_host):
+    """Refuse options that ask for more memory than a host has; every rank stops if one must."""
     try:
         check_resources(parse_spec(config.model), config, info, comm.size, ranks_on_host)
         problem = None
@@ -189,21 +185,21 @@ def check_batch_statistics(model, info, config, world_size):
         shape = layer.output_shape(shape)
 
 
-def read_shards(data_path, info, comm, config):
+def read_shards(info, comm, config):
     """This rank's training shard (its virtual shards) and its contiguous block of the test rows."""
     blocks = sampler.owned_blocks(info.n_train, comm.rank, comm.size, config.virtual_shards)
-    train = Split(*data.read_rows(data_path, "train", blocks, dtype=config.dtype))
+    train = Split(*data.read_rows(info.path, "train", blocks, dtype=config.dtype))
     test_rows = sampler.evaluation_block(info.n_test, comm.rank, comm.size)
-    test = Split(*data.read_rows(data_path, "test", [test_rows], dtype=config.dtype))
+    test = Split(*data.read_rows(info.path, "test", [test_rows], dtype=config.dtype))
     return train, test
 
 
-def standard_callbacks(config, console, folder, n_train):
+def standard_callbacks(config, console, folder, model_has_buffers):
     """ddptrain's own work around the loop, in the order it runs after a step: check, report, record, save."""
     callbacks = [ReplicaCheck(config.check_every), ProgressReport(console),
                  MetricsLog(folder, config.metrics_every),
-                 Checkpointing(folder, config.to_dict(), n_train, config.checkpoint_every, config.keep)]
-    if config.batchnorm == "local":
+                 Checkpointing(folder, config.checkpoint_every, config.keep)]
+    if config.batchnorm == "local" and model_has_buffers:
         callbacks.insert(0, BroadcastBuffers())
     if config.debug:
         callbacks.insert(0, DebugChecks(console, seed=config.seed, per_rank_statistics=config.batchnorm == "local"))

@@ -45,8 +45,8 @@ def shard_bounds(n, n_shards):
     return np.concatenate([[0], np.cumsum(sizes)])
 
 
-def check_layout(n, global_batch, world_size, n_shards=DEFAULT_VIRTUAL_SHARDS):
-    """Raise a UserError if this many ranks cannot train these batches."""
+def check_world(global_batch, world_size, n_shards=DEFAULT_VIRTUAL_SHARDS):
+    """Raise a UserError if this many ranks cannot share these shards and batches (whatever the data)."""
     if global_batch < 1:
         raise UserError(f"--batch-size must be positive, got {global_batch}")
     if world_size < 1:
@@ -61,6 +61,11 @@ def check_layout(n, global_batch, world_size, n_shards=DEFAULT_VIRTUAL_SHARDS):
     if global_batch < world_size:
         raise UserError(f"--batch-size {global_batch} is smaller than the number of ranks ({world_size}): "
                         f"every rank needs at least one sample per step")
+
+
+def check_layout(n, global_batch, world_size, n_shards=DEFAULT_VIRTUAL_SHARDS):
+    """Raise a UserError if this many ranks cannot train these batches of ``n`` rows."""
+    check_world(global_batch, world_size, n_shards)
     if n < n_shards:
         raise UserError(f"the training set has {n} rows, fewer than the {n_shards} virtual shards")
 

@@ -50,6 +50,10 @@ class MLPSpec:
     def __str__(self):
         return "-".join([str(self.n_inputs), *map(str, self.hidden), str(self.n_outputs)])
 
+    def sizes(self):
+        """The layer sizes, input first: ``[784, 512, 256, 10]``."""
+        return [self.n_inputs, *(layer.size for layer in self.hidden), self.n_outputs]
+
     def layers(self):
         """The layers, in order: Flatten, then per hidden layer Linear, [BatchNorm], ReLU, [Dropout]; Linear."""
         from .dropout import Dropout

@@ -103,9 +103,9 @@ class Trainer:
     after the step in which any rank was asked, on every rank.
     """
 
-    def __init__(self, train_step, plan, train, test, n_classes, stop, callbacks=(), eval_batch=2000):
+    def __init__(self, train_step, plan, train, test, n_classes, stop, callbacks=()):
         self.train_step, self.plan, self.test, self.n_classes = train_step, plan, test, n_classes
-        self.stop, self.callbacks, self.eval_batch = stop, list(callbacks), eval_batch
+        self.stop, self.callbacks = stop, list(callbacks)
         self.batches = Batches(train, plan.max_local_rows)
         self.position = Position()
         self.records = []            # what metrics.jsonl holds: a record per finished epoch, and step records
@@ -148,7 +148,7 @@ class Trainer:
             self._call("on_epoch_start")
             if not self._run_epoch(epoch):
                 return self.stopped_by
-            evaluation = evaluate(self.model, self.comm, self.test, self.n_classes, self.eval_batch)
+            evaluation = evaluate(self.model, self.comm, self.test, self.n_classes, self.plan.config.eval_batch)
             self._end_epoch(evaluation, time.perf_counter() - started, seen_before)
         self._call("on_fit_end")
         return None

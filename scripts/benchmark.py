@@ -86,8 +86,7 @@ RANDOM = "random"
 
 def layer_sizes(spec):
     from ddptrain.spec import parse_spec
-    parsed = parse_spec(spec)
-    return [parsed.n_inputs, *(layer.size for layer in parsed.hidden), parsed.n_outputs]
+    return parse_spec(spec).sizes()
 
 
 def flops_per_sample(spec):
@@ -151,19 +150,17 @@ def summarise(rates):
 
 
 class TimedComm:
-    """A communicator whose gradient Allreduce is timed (and, for the diagnostic row, skipped).
+    """A communicator whose Allreduces of ``only`` (every array if None) are timed, and with ``skip`` skipped
+    (the diagnostic row). The others, such as the step's totals, run untimed: the step needs them."""
 
-    The step's other Allreduce, of its four totals, always runs: the step needs them.
-    """
-
-    def __init__(self, comm, skip=False):
-        self._comm, self.skip, self.seconds = comm, skip, 0.0
+    def __init__(self, comm, only=None, skip=False):
+        self._comm, self.only, self.skip, self.seconds = comm, only, skip, 0.0
 
     def __getattr__(self, name):
         return getattr(self._comm, name)
 
     def allreduce_(self, array):
-        if array.size <= 4:   # the step's totals
+        if self.only is not None and array is not self.only:
             return self._comm.allreduce_(array)
         started = time.perf_counter()
         if not self.skip:
@@ -184,7 +181,7 @@ class ProfiledComm:
     def allreduce_(self, array):
         self._profile.lap("other")   # next to nothing runs between the backward and here
         self._comm.allreduce_(array)
-        self._profile.lap("step totals Allreduce" if array.size <= 4 else "gradient Allreduce")
+        self._profile.lap("gradient Allreduce" if array is self._comm.only else "step totals Allreduce")
         return array
 
 
@@ -247,13 +244,14 @@ def worker_ddptrain(args):
     """ddptrain: its TrainStep on this rank's share of each global batch. Rank 0 writes the results."""
     from ddptrain.comm import world
     from ddptrain.losses import SoftmaxCrossEntropy
-    from ddptrain.nn import Sequential
+    from ddptrain.nn import Sequential, no_reduction
     from ddptrain.optim import SGD
     from ddptrain.step import Batches, Split, TrainStep
     from ddptrain.threads import configure_blas_threads
 
     comm = world()
-    threads, thread_line = configure_blas_threads(comm, args.threads_per_rank)
+    blas_threads = configure_blas_threads(comm, args.threads_per_rank)
+    threads, thread_line = blas_threads.threads, blas_threads.description
     started = time.perf_counter()
     train_x, train_y, n_train = load_shard(args.data, comm.rank, comm.size, "train",
                                            train_blocks(comm.rank, comm.size))
@@ -262,11 +260,11 @@ def worker_ddptrain(args):
 
     model = Sequential.from_spec(args.model, dtype=np.float32, seed=0)
     loss_fn, optimizer = SoftmaxCrossEntropy(), SGD(momentum=0.9)
-    timed = TimedComm(comm, skip=args.no_allreduce)
+    timed = TimedComm(comm, only=model.grads, skip=args.no_allreduce)
     # Batch normalisation: statistics of the global batch (its Allreduces timed apart), or each rank's
     # own with rank 0's buffers broadcast after every step, as ddptrain --batchnorm local does.
     batchnorm_timer = TimedComm(comm)
-    model.set_sum_over_ranks(batchnorm_timer.allreduce_ if args.batchnorm == "global" else (lambda a: a))
+    model.set_sum_over_ranks(batchnorm_timer.allreduce_ if args.batchnorm == "global" else no_reduction)
     broadcast_buffers = args.batchnorm == "local" and comm.size > 1 and model.buffers.size
     plan = Plan(n_train, args.batch, comm.rank, comm.size)
     batches = Batches(Split(train_x, train_y), -(-args.batch // comm.size))
@@ -366,7 +364,7 @@ def end_to_end(args, comm, train_step, test_x, test_y, n_train):
     folder.write_config(config.to_dict())
     trainer = Trainer(train_step, TrainingPlan(config, n_train, comm.rank, comm.size), Split(test_x[:1], test_y[:1]),
                       test, n_classes, StopRequest())
-    checkpointing = Checkpointing(folder, config.to_dict(), n_train)
+    checkpointing = Checkpointing(folder)
     times = []
     for _ in range(3):
         comm.barrier()
@@ -397,7 +395,7 @@ def worker_torch(args):
     x_all, y_all = torch.from_numpy(train_x.reshape(len(train_x), -1)), torch.from_numpy(train_y)
 
     from ddptrain.spec import parse_spec
-    spec, layers, n_in = parse_spec(args.model), [], None
+    spec, layers = parse_spec(args.model), []
     n_in = spec.n_inputs
     for hidden in spec.hidden:   # the same layers as ddptrain's --model grammar
         layers.append(nn.Linear(n_in, hidden.size, bias=not hidden.batchnorm))

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from ddptrain import checkpoint as ckpt_io, cli
+from ddptrain import checkpoint as ckpt_io, cli, durable
 from ddptrain.train import Callback
 
 KINDS = ("raise", "nan", "signal", "checkpoint-write", "delay")
@@ -96,14 +96,14 @@ class FaultInjection(Callback):
 
 def fail_checkpoint_writes(steps):
     """Make rank 0's write of the checkpoints of ``steps`` fail like a full disk, before their rename."""
-    real_fsync = ckpt_io.fsync_file
+    real_fsync = durable.fsync_file
     doomed = {f".{ckpt_io.step_path('', step).name}.tmp-" for step in steps}
 
     def fsync_file(path):
         if any(os.path.basename(path).startswith(prefix) for prefix in doomed):
             raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected by the test)")
         real_fsync(path)
-    ckpt_io.fsync_file = fsync_file
+    durable.fsync_file = fsync_file
 
 
 def main(argv):

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from ddptrain import checkpoint as ckpt_io
+from ddptrain import checkpoint as ckpt_io, durable
 from ddptrain.checkpoint import Checkpoint
 from ddptrain.comm import SerialComm
 from ddptrain.config import Config
@@ -99,7 +99,7 @@ def test_a_write_that_fails_before_the_rename_leaves_the_previous_checkpoint_int
 
     def disk_full(path):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(ckpt_io, "fsync_file", disk_full)   # after the temporary file is written
+    monkeypatch.setattr(durable, "fsync_file", disk_full)   # after the temporary file is written
     with pytest.raises(OSError):
         ckpt_io.save(tmp_path / "c.h5", sample_checkpoint(seed=2))
     assert_same(ckpt_io.load(tmp_path / "c.h5"), previous)

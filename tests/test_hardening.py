@@ -179,7 +179,7 @@ def test_ctrl_c_twice_to_mpiexec_force_aborts_but_loses_nothing(small_data, tmp_
     (["--step-gamma", "inf"], "--step-gamma must be finite, got inf"),
     (["--model", "64-100000000-10"], "--model 64-100000000-10 with --batch-size 16 needs about"),
     (["--threads", "100000"], "--threads 100000: a rank here may use"),
-    (["--simulate-ranks", "1000"], "--simulate-ranks 1000: the ranks cannot share 24 virtual shards evenly"),
+    (["--simulate-ranks", "1000"], "1000 ranks cannot share 24 virtual shards evenly"),
     (["--model", "64-6_4-10"], "'6_4' (token 2) is not a layer size"),
 ], ids=["warmup-inf", "lr-inf", "momentum-inf", "weight-decay-inf", "step-gamma-inf", "huge-model", "threads",
         "simulate-ranks", "underscore"])

@@ -395,6 +395,28 @@ def test_ensure_default_dataset_replaces_an_unusable_file(default_path, fake_pre
     assert data.inspect(default_path).n_train == 12
 
 
+def test_a_damaged_cached_file_reaches_the_run_that_prepares_it_again(default_path, fake_prepare, tmp_path,
+                                                                      capsys):
+    """The command line's early check of the data file refuses a file given with --data, not the cache."""
+    from ddptrain import cli
+    default_path.parent.mkdir(parents=True)
+    default_path.write_text("garbage")
+    cli.check_data_file(None)   # no refusal: the run prepares it again
+    status = cli.main(["--model", "784-6-10", "--epochs", "1", "--batch-size", "4", "--virtual-shards", "4", "--quiet",
+                       "--run-dir", str(tmp_path / "run")])
+    assert status == 0, capsys.readouterr().err
+    assert fake_prepare == [default_path] and data.inspect(default_path).n_train == 12
+
+
+def test_an_old_cached_file_is_prepared_again_in_format_2(default_path, fake_prepare):
+    mnist.ensure_default_dataset(log=quiet)
+    with h5py.File(default_path, "a") as f:
+        f.attrs["format_version"] = 1
+    lines = []
+    mnist.ensure_default_dataset(log=lines.append)
+    assert len(fake_prepare) == 2 and "written by an older ddptrain, without checksums" in lines[0]
+
+
 # ---------------------------------------------------------------- command line
 
 

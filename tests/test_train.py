@@ -120,7 +120,7 @@ def test_buffers_are_checkpointed_evaluation_leaves_them_alone_and_restore_bring
     folder = RunFolder(SerialComm(), tmp_path / "run")
     folder.take()
     folder.write_config(config.to_dict())
-    first = trainer([Checkpointing(folder, config.to_dict(), info.n_train)])
+    first = trainer([Checkpointing(folder)])
     assert first.fit() is None
     saved = ckpt_io.load(ckpt_io.step_path(folder.checkpoint_dir, 15))
     assert saved.buffers == {"tally1.rows": np.array([240.0])}   # the 240 training rows, not the 60 test rows
