@@ -16,7 +16,7 @@ import argparse
 import sys
 import traceback
 
-from .config import BATCHNORM_MODES, DTYPES, LR_SCALINGS, SCHEDULES, SWITCHES, Config, load_toml
+from .config import BATCHNORM_MODES, DTYPES, LR_SCALINGS, SCHEDULES, SWITCHES, Config, load_toml, with_model_defaults
 from .errors import EXIT_FAILURE, DataError, UserError, same_on_every_rank
 from .launcher import launched_by_mpi, rank_and_size
 from .signals import restore_default_signals
@@ -44,10 +44,31 @@ class _Parser(argparse.ArgumentParser):
         raise failure
 
 
+def _named_models():
+    from .spec import NAMED_MODELS
+    def option(name, value):
+        flag = "--" + name.replace("_", "-")
+        return flag if value is True else f"{flag} {value}"
+
+    return "; ".join(f"{name}: {model.spec} ({model.about}; its defaults: "
+                     f"{', '.join(option(k, v) for k, v in model.defaults.items())})"
+                     for name, model in NAMED_MODELS.items())
+
+
+_MODEL_HELP = (
+    "the network, as tokens joined by '-'. An MLP: layer sizes, input first and classes last (784-512-256-10). "
+    "A CNN starts with a convolution and takes its input from the data: conv<F>k<K>[s<S>][p<P>] (F filters of "
+    "KxK, stride S, P pixels of zero padding; then a ReLU), maxpool<K>[s<S>], avgpool<K>[s<S>], then 'flatten' "
+    "and layer sizes (conv32k3p1-bn-maxpool2-flatten-128-10). 'bn' after a size or conv adds batch "
+    "normalisation (before its ReLU), 'drop<p>' dropout (after it). Named models, whose defaults apply to the "
+    "options you do not set: " + "{named}")
+
+
 def _option(group, name, help, **kwargs):
     """An option whose default comes from Config (or a --config file), shown in --help."""
     field = name.lstrip("-").replace("-", "_")
     default = getattr(Config(), field)
+    help = help.replace("{named}", _named_models()) if field == "model" else help
     shown = "" if kwargs.get("action") == "store_true" else f" (default: {default})"
     group.add_argument(name, help=help.replace("%", "%%") + shown, default=argparse.SUPPRESS, **kwargs)
 
@@ -61,9 +82,7 @@ def _add_train_arguments(parser):
     group = parser.add_argument_group("data and model")
     _option(group, "--data", "HDF5 data file; default: MNIST prepared in the cache (fetched on first use)",
             metavar="PATH")
-    _option(group, "--model", "the MLP: layer sizes joined by '-', input first and classes last; 'bn' after a "
-            "hidden size adds batch normalisation (before its ReLU), 'drop<p>' dropout with probability p (after "
-            "its ReLU), e.g. 784-512-bn-drop0.2-256-bn-10", metavar="SPEC")
+    _option(group, "--model", _MODEL_HELP, metavar="SPEC")
     _option(group, "--batchnorm", "global: batch statistics of the whole global batch, the same for any number "
             "of ranks (as PyTorch's SyncBatchNorm); local: each rank's own rows (as plain DDP), for comparison",
             choices=BATCHNORM_MODES)
@@ -142,11 +161,15 @@ def build_parser():
     plot.add_argument("--output", metavar="FILE.png", help="default: RUN_DIR/curves.png")
     info = commands.add_parser("info", help="versions, MPI library and world size, BLAS threads, the data file")
     info.add_argument("--data", metavar="PATH", help="data file to describe (default: the cached MNIST, if any)")
+    info.add_argument("--model", metavar="SPEC", default=Config().model,
+                      help="model to describe: its layers, parameters and FLOPs per sample on the data's images "
+                           "(default: %(default)s)")
     return parser
 
 
 def config_from_args(args):
-    """Config defaults, overridden by the --config file, overridden by the options given.
+    """Config defaults, overridden by a named model's defaults (``--model cnn``), overridden by the
+    --config file, overridden by the options given.
 
     The file's ``quiet`` and ``dry-run`` switch those on (``args`` is updated).
     """
@@ -155,7 +178,7 @@ def config_from_args(args):
         if values.pop(switch, False):
             setattr(args, switch, True)
     given = {name: value for name, value in vars(args).items() if name in Config.__dataclass_fields__}
-    values.update(given)
+    values = with_model_defaults({**values, **given})
     if values.get("debug") and "dtype" not in values:
         values["dtype"] = "float64"      # --debug means float64 unless float32 is asked for (and refused)
     if values.get("debug"):

@@ -6,6 +6,7 @@ its block of the test set and rank 0 prints the totals.
 
 from __future__ import annotations
 
+import math
 import platform
 import sys
 from pathlib import Path
@@ -17,9 +18,8 @@ from .errors import EXIT_OK, UserError, same_on_every_rank
 from .evaluation import evaluate as evaluate_split
 from .nn import Sequential
 from .rank0 import run_on_rank0
-from .runner import check_model_fits_data
+from .runner import check_model_fits_data, read_split
 from .sampler import evaluation_block
-from .step import Split
 from .threads import configure_blas_threads
 
 
@@ -57,7 +57,7 @@ def evaluate(args, comm):
             raise UserError(f"--eval-batch must be positive, got {args.eval_batch}")
     model.load_state(checkpoint.params, checkpoint.buffers)
     test_rows = evaluation_block(info.n_test, comm.rank, comm.size)
-    test = Split(*data.read_rows(path, "test", [test_rows], dtype=checkpoint.dtype))
+    test = read_split(path, "test", [test_rows], checkpoint.dtype, model)
     result = evaluate_split(model, comm, test, info.n_classes, args.eval_batch)
     if comm.rank == 0:
         step = checkpoint.state.get("step")
@@ -99,9 +99,31 @@ def info(args, comm):
                      f"({lib.get('architecture', '?')}, {lib.get('threading_layer', '?')}), "
                      f"{lib.get('num_threads')} threads now")
     lines.append(f"matplotlib   {_version('matplotlib')} (for `ddptrain plot`)")
-    lines.append(_data_line(args.data))
+    line, image_shape = _data_line(args.data)
+    lines.append(line)
+    lines += model_lines(args.model, image_shape or (28, 28))
     print("\n".join(lines))
     return EXIT_OK
+
+
+def model_lines(spec, image_shape):
+    """The model of ``spec`` on images of ``image_shape``: each layer's output, parameters and FLOPs."""
+    from .nn import layer_flops, training_flops
+    from .spec import parse_spec
+    parsed = parse_spec(spec)
+    layers = parsed.layers(image_shape)
+    Sequential._name(layers)
+    counts = layer_flops(layers, image_shape)
+    n_params = sum(math.prod(shape) for layer in layers for shape in layer.param_shapes().values())
+    lines = [f"model        {parsed.describe()} on {'x'.join(map(str, image_shape))} images: {n_params:,} parameters, "
+             f"{sum(f for *_, f in counts) / 1e6:.2f} MFLOP per image forward, "
+             f"{training_flops(counts) / 1e6:.2f} MFLOP per sample per training step",
+             f"  {'layer':<12} {'':<26} {'output':>10} {'parameters':>11} {'MFLOP':>7}"]
+    for layer, output, flops in counts:
+        size = sum(math.prod(shape) for shape in layer.param_shapes().values())
+        lines.append(f"  {layer.name:<12} {layer.label():<26} {'x'.join(map(str, output)):>10} {size:>11,} "
+                     f"{flops / 1e6:>7.2f}")
+    return lines
 
 
 def _hdf5_version():
@@ -117,8 +139,8 @@ def _data_line(given):
         summary = data.inspect(path)
     except UserError as error:
         if not given:
-            return f"data         none prepared yet at {path} (`python -m ddptrain prepare` makes it)"
-        return f"data         {error}"
+            return f"data         none prepared yet at {path} (`python -m ddptrain prepare` makes it)", None
+        return f"data         {error}", None
     source = summary.attrs.get("source", "unknown source")
     return (f"data         {path}: {summary.n_train:,} training and {summary.n_test:,} test images of "
-            f"{summary.n_features} pixels, {summary.n_classes} classes; source {source}")
+            f"{summary.n_features} pixels, {summary.n_classes} classes; source {source}"), summary.image_shape

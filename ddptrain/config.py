@@ -13,7 +13,7 @@ from typing import Optional
 from .errors import UserError
 from .optim import SGD
 from .sampler import DEFAULT_VIRTUAL_SHARDS, check_world
-from .spec import parse_spec
+from .spec import named_model, parse_spec
 
 DTYPES = ("float32", "float64")
 SCHEDULES = ("constant", "cosine", "step")
@@ -25,7 +25,7 @@ BATCHNORM_MODES = ("global", "local")
 class Config:
     # data and model
     data: Optional[str] = None         # HDF5 file; None: the prepared MNIST in the cache
-    model: str = "784-512-256-10"     # see spec.py: sizes, bn, drop<p>
+    model: str = "784-512-256-10"     # see spec.py: an MLP, a CNN, or a named model (cnn, lenet5)
     dtype: str = "float32"
     batchnorm: str = "global"          # statistics of the global batch; "local": each rank's rows (plain DDP)
     # optimisation; batch_size is the GLOBAL batch, shared by all ranks
@@ -123,6 +123,13 @@ def coerce(name, value, source):
     if kind is str and isinstance(value, str):
         return value
     raise UserError(f"{source}: {option_name(name)} must be {kind.__name__}, got {value!r}")
+
+
+def with_model_defaults(values):
+    """``values`` (Config fields) with the training defaults of a named --model (``spec.NAMED_MODELS``)
+    added for the options that are not set: ``--model cnn`` trains the way that model is meant to."""
+    named = named_model(values.get("model", Config.model))
+    return {**named.defaults, **values} if named else dict(values)
 
 
 # Keys a configuration file may hold besides the Config fields: the train command's own switches.

@@ -38,27 +38,35 @@ def available_memory():
         return None
 
 
-def estimate_rank_bytes(spec, config, info, world_size):
-    """``{part: bytes}`` one rank allocates for an MLP ``spec`` (a ``spec.MLPSpec``) on this data."""
+def estimate_rank_bytes(layers, image_shape, config, info, world_size):
+    """``{part: bytes}`` one rank allocates for a model of ``layers`` (not yet in a model: no arrays) on this data."""
     itemsize = np.dtype(config.dtype).itemsize
-    widths = spec.sizes()
-    n_params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:])) + sum(2 * layer.size for layer in spec.hidden)
+    shape = (1, *image_shape) if len(image_shape) == 2 and layers[0].takes_channels else tuple(image_shape)
+    n_params = sum(math.prod(size) for layer in layers for size in layer.param_shapes().values())
+    n_buffers = sum(math.prod(size) for layer in layers for size in layer.buffer_shapes().values())
+    per_sample, fixed = math.prod(shape), 0
+    for layer in layers:
+        output = layer.output_shape(shape)
+        # its output, its input gradient and its masks or normalised copies, and its work arrays
+        per_sample += 4 * math.prod(output) + layer.workspace(shape)
+        fixed += layer.block_bytes() if hasattr(layer, "block_bytes") else 0
+        shape = output
     rows = -(-min(config.batch_size, info.n_train) // world_size)
     eval_rows = min(config.eval_batch, -(-info.n_test // world_size))
     pixels = math.prod(info.image_shape)
     return {
-        # parameters, gradients, the momentum buffer and the optimiser's scratch array
-        "the model and its optimiser": 4 * n_params * itemsize,
+        # parameters, gradients, the momentum buffer and the optimiser's scratch array; the buffers
+        "the model and its optimiser": (4 * n_params + n_buffers) * itemsize,
         # this rank's training shard and test block, as floats, with their labels
         "this rank's data": (-(-info.n_train // world_size) + -(-info.n_test // world_size)) * (pixels * itemsize + 8),
-        # each layer's output, input gradient and masks, for a batch share and an evaluation chunk
-        "activations": 4 * (rows + eval_rows) * sum(widths) * itemsize,
+        # what each layer keeps per sample, for a batch share and an evaluation chunk
+        "activations": (rows + eval_rows) * per_sample * itemsize + fixed,
     }
 
 
-def check_resources(spec, config, info, world_size, ranks_on_host):
+def check_resources(layers, config, info, world_size, ranks_on_host):
     """A UserError if the options ask for more memory than this host has (cores: ``threads.py``)."""
-    parts = estimate_rank_bytes(spec, config, info, world_size)
+    parts = estimate_rank_bytes(layers, info.image_shape, config, info, world_size)
     needed, available = sum(parts.values()) * ranks_on_host, available_memory()
     if available is not None and needed > MEMORY_SHARE * available:
         detail = ", ".join(f"{name} {size / GIB:,.1f} GiB" for name, size in parts.items())

@@ -56,12 +56,16 @@ class _Scratch:
     def __init__(self):
         self._arrays = {}
 
-    def get(self, name, shape, dtype):
-        """An array of ``shape`` (uninitialised), the same memory as last time when it fits."""
+    def get(self, name, shape, dtype, zeroed=False):
+        """An array of ``shape``, the same memory as last time when it fits.
+
+        Uninitialised, or with ``zeroed`` all zeros when it is (re)allocated: what
+        the caller never writes then stays zero from one call to the next.
+        """
         array = self._arrays.get(name)
         if array is None or array.shape[0] < shape[0] or array.shape[1:] != tuple(shape[1:]) \
                 or array.dtype != dtype:
-            array = np.empty(shape, dtype=dtype)
+            array = (np.zeros if zeroed else np.empty)(shape, dtype=dtype)
             self._arrays[name] = array
         return array[:shape[0]]
 
@@ -88,6 +92,7 @@ class Layer:
     # What Sequential may do around this layer without breaking it (see Sequential._plan_in_place):
     output_is_scratch = False       # backward never reads the array forward returned
     input_grad_is_scratch = False   # nothing reads the array backward returned after the caller has it
+    takes_channels = False          # works on (C, H, W) samples: (H, W) images gain a channel axis before it
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -126,6 +131,15 @@ class Layer:
     def output_shape(self, input_shape):
         """The shape of one sample's output for one sample's input shape; ShapeError if it does not fit."""
         return tuple(input_shape)
+
+    def flops(self, input_shape):
+        """Floating-point operations of the forward pass for one sample: those of matrix products
+        (2 per multiply-add), where the time goes; element-wise layers count 0."""
+        return 0
+
+    def workspace(self, input_shape):
+        """Values per sample this layer keeps in work arrays besides its output and input gradient."""
+        return 0
 
     def forward(self, x):
         raise NotImplementedError
@@ -193,8 +207,11 @@ class Linear(Layer):
     def output_shape(self, input_shape):
         if tuple(input_shape) != (self.n_in,):
             raise ShapeError(f"{self.name or 'Linear'} ({self.label()}) takes {self.n_in} features per sample, "
-                             f"not {_shape_text(input_shape)}")
+                             f"not {shape_text(input_shape)}")
         return (self.n_out,)
+
+    def flops(self, input_shape):
+        return 2 * self.n_in * self.n_out
 
     def forward(self, x):
         self._x = x
@@ -280,8 +297,29 @@ class Softmax(Layer):
         return dx
 
 
-def _shape_text(shape):
+def shape_text(shape):
     return "x".join(map(str, shape)) if len(shape) != 1 else f"{shape[0]}"
+
+
+def layer_flops(layers, image_shape):
+    """``(layer, output shape, FLOPs)`` of the forward pass for one image of ``image_shape``, layer by layer:
+    the matrix products' (2 per multiply-add); element-wise layers count 0."""
+    shape = (1, *image_shape) if len(image_shape) == 2 and layers and layers[0].takes_channels else tuple(image_shape)
+    counts = []
+    for layer in layers:
+        output = layer.output_shape(shape)
+        counts.append((layer, output, layer.flops(shape)))
+        shape = output
+    return counts
+
+
+def training_flops(counts):
+    """FLOPs of a training step per sample from ``layer_flops``' counts: each matrix product's forward, its
+    weight gradient and its input gradient (the same count each), but no input gradient for the first
+    layer with parameters (nothing needs it)."""
+    total = 3 * sum(f for *_, f in counts)
+    first = next((f for layer, _, f in counts if layer.param_shapes()), 0)
+    return total - first
 
 
 def _flat_views(owners, array):
@@ -332,8 +370,13 @@ class Sequential:
         self._plan_in_place()
 
     def _name_layers(self):
+        self._name(self.layers)
+
+    @staticmethod
+    def _name(layers):
+        """Name the unnamed layers: their type and their number among the layers of that type."""
         counts, seen = {}, set()
-        for layer in self.layers:
+        for layer in layers:
             kind = type(layer).__name__.lower()
             counts[kind] = counts.get(kind, 0) + 1
             layer.name = layer.name or f"{kind}{counts[kind]}"
@@ -349,15 +392,17 @@ class Sequential:
                                   and self.layers[i + 1].input_grad_is_scratch)
 
     @classmethod
-    def from_spec(cls, spec, dtype=np.float32, seed=0):
-        """An MLP from a --model string such as ``"784-512-bn-drop0.2-256-10"`` (see ``spec.py``).
+    def from_spec(cls, spec, dtype=np.float32, seed=0, input_shape=None):
+        """A model from a --model string: an MLP such as ``"784-512-bn-drop0.2-256-10"``, a CNN such as
+        ``"conv32k3p1-bn-maxpool2-flatten-128-10"``, or a name (``"cnn"``); see ``spec.py``.
 
-        The output layer gives logits (no softmax): pair it with the fused
-        ``SoftmaxCrossEntropy`` loss.
+        A CNN takes its input size from ``input_shape``, one image's shape
+        (``(H, W)`` or ``(C, H, W)``). The output layer gives logits (no
+        softmax): pair it with the fused ``SoftmaxCrossEntropy`` loss.
         """
         from .spec import parse_spec
         parsed = parse_spec(spec)
-        return cls(parsed.layers(), dtype=dtype, seed=seed, spec=str(parsed))
+        return cls(parsed.layers(input_shape), dtype=dtype, seed=seed, spec=parsed.describe())
 
     # -- description -------------------------------------------------------------------------
 
@@ -368,7 +413,7 @@ class Sequential:
 
     @classmethod
     def from_description(cls, description, dtype=np.float32, seed=0, spec=None):
-        from . import dropout, normalization   # noqa: F401 - their layer types, registered
+        from . import conv, dropout, normalization, pooling   # noqa: F401 - their layer types, registered
         layers = []
         for entry in description:
             kind = LAYER_TYPES.get(entry.get("type"))
@@ -386,12 +431,28 @@ class Sequential:
         """The --model spec it was built from, or its layers in a line."""
         return self.spec or " -> ".join(layer.label() for layer in self.layers)
 
-    def output_shape(self, sample_shape):
-        """The shape of one sample's output for one sample's input; ShapeError naming the layer that does not fit."""
-        shape = tuple(sample_shape)
+    def input_shape(self, image_shape):
+        """The shape of one sample as this model takes it: ``(H, W)`` images gain a channel axis,
+        ``(1, H, W)``, when the model starts with a layer that works on channels (a convolution)."""
+        image_shape = tuple(image_shape)
+        if len(image_shape) == 2 and self.layers and self.layers[0].takes_channels:
+            return (1, *image_shape)
+        return image_shape
+
+    def as_input(self, images):
+        """``images`` (``(N, *image shape)``) shaped as this model takes them: a view, no copy."""
+        return images.reshape(images.shape[0], *self.input_shape(images.shape[1:]))
+
+    def output_shape(self, image_shape):
+        """The shape of one sample's output for one image; ShapeError naming the layer that does not fit."""
+        shape = self.input_shape(image_shape)
         for layer in self.layers:
             shape = layer.output_shape(shape)
         return shape
+
+    def flops(self, image_shape):
+        """``(layer, output shape, FLOPs)`` of the forward pass for one image, layer by layer (see layer_flops)."""
+        return layer_flops(self.layers, image_shape)
 
     # -- named state ---------------------------------------------------------------------------
 
@@ -471,12 +532,13 @@ class Sequential:
         return dout if need_input_grad else None
 
 
+# Layers defined in modules of their own (which import this one), reachable as nn.<name> too.
+_ELSEWHERE = {"BatchNorm": "normalization", "Dropout": "dropout", "BatchContext": "dropout", "Conv2d": "conv",
+              "MaxPool2d": "pooling", "AvgPool2d": "pooling"}
+
+
 def __getattr__(name):
-    # nn.BatchNorm, nn.Dropout: defined in modules of their own, which import this one.
-    if name == "BatchNorm":
-        from .normalization import BatchNorm
-        return BatchNorm
-    if name in ("Dropout", "BatchContext"):
-        from . import dropout
-        return getattr(dropout, name)
+    if name in _ELSEWHERE:
+        import importlib
+        return getattr(importlib.import_module(f".{_ELSEWHERE[name]}", __package__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

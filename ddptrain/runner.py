@@ -59,7 +59,7 @@ def _run(config, comm, stop, quiet, dry_run, callbacks):
         info = data.inspect(data_path)
         sampler.check_layout(info.n_train, config.batch_size, comm.size, config.virtual_shards)
     check_resources_on_every_rank(comm, config, info, blas_threads.ranks_on_host)   # before any allocation
-    model = Sequential.from_spec(config.model, dtype=config.dtype, seed=config.seed)
+    model = Sequential.from_spec(config.model, dtype=config.dtype, seed=config.seed, input_shape=info.image_shape)
     # DDP: batch statistics of the global batch (--batchnorm global), or of each rank's rows.
     model.set_sum_over_ranks(comm.allreduce_ if config.batchnorm == "global" else no_reduction)
     with same_on_every_rank():
@@ -104,7 +104,7 @@ def _train(run, stop, callbacks):
     checkpoint = run_on_rank0(comm, lambda: load_checkpoint(config, folder.checkpoint_dir, model, optimizer,
                                                             info.n_train, console.warn))
     folder.write_config(config.to_dict())   # once the run is known to go ahead
-    train, test = read_shards(info, comm, config)
+    train, test = read_shards(info, comm, config, model)
     trainer = Trainer(TrainStep(model, SoftmaxCrossEntropy(), optimizer, comm),
                       TrainingPlan(config, info.n_train, comm.rank, comm.size), train, test, info.n_classes,
                       stop, standard_callbacks(config, console, folder, model.buffers.size > 0) + list(callbacks))
@@ -137,7 +137,9 @@ def resolve_data_path(comm, config, rank0_print):
 def check_resources_on_every_rank(comm, config, info, ranks_on_host):
     """Refuse options that ask for more memory than a host has; every rank stops if one must."""
     try:
-        check_resources(parse_spec(config.model), config, info, comm.size, ranks_on_host)
+        # The layers alone, without their arrays: a model too large to allocate is refused before it exists.
+        layers = parse_spec(config.model).layers(info.image_shape)
+        check_resources(layers, config, info, comm.size, ranks_on_host)
         problem = None
     except UserError as error:
         problem = str(error)
@@ -166,7 +168,7 @@ def check_batch_statistics(model, info, config, world_size):
     full = min(config.batch_size, info.n_train)
     last = 0 if config.drop_last else info.n_train % config.batch_size
     smallest = min(b for b in (full, last) if b)
-    shape = tuple(info.image_shape)
+    shape = model.input_shape(info.image_shape)
     for layer in model.layers:
         if isinstance(layer, BatchNorm):
             per_sample = layer.values_per_channel(layer.output_shape(shape))
@@ -185,13 +187,19 @@ def check_batch_statistics(model, info, config, world_size):
         shape = layer.output_shape(shape)
 
 
-def read_shards(info, comm, config):
-    """This rank's training shard (its virtual shards) and its contiguous block of the test rows."""
+def read_shards(info, comm, config, model):
+    """This rank's training shard (its virtual shards) and its contiguous block of the test rows,
+    shaped as ``model`` takes them."""
     blocks = sampler.owned_blocks(info.n_train, comm.rank, comm.size, config.virtual_shards)
-    train = Split(*data.read_rows(info.path, "train", blocks, dtype=config.dtype))
+    train = read_split(info.path, "train", blocks, config.dtype, model)
     test_rows = sampler.evaluation_block(info.n_test, comm.rank, comm.size)
-    test = Split(*data.read_rows(info.path, "test", [test_rows], dtype=config.dtype))
-    return train, test
+    return train, read_split(info.path, "test", [test_rows], config.dtype, model)
+
+
+def read_split(path, split, blocks, dtype, model):
+    """The rows of ``blocks`` of ``split`` as a Split, images shaped as ``model`` takes them."""
+    images, labels = data.read_rows(path, split, blocks, dtype=dtype)
+    return Split(model.as_input(images), labels)
 
 
 def standard_callbacks(config, console, folder, model_has_buffers):

@@ -84,16 +84,26 @@ RANDOM = "random"
 # ------------------------------------------------------------------------------------------ shared
 
 
-def layer_sizes(spec):
+IMAGE = (28, 28)   # MNIST's images, real or random
+
+
+def model_layers(spec):
+    """The layers of a --model spec for MNIST's images (no arrays: nothing allocated)."""
     from ddptrain.spec import parse_spec
-    return parse_spec(spec).sizes()
+    return parse_spec(spec).layers(IMAGE)
+
+
+def layer_sizes(spec):
+    """An MLP's layer sizes, input first (the GEMM limit is measured on its products)."""
+    from ddptrain.nn import Linear
+    linears = [layer for layer in model_layers(spec) if isinstance(layer, Linear)]
+    return [linears[0].n_in] + [layer.n_out for layer in linears]
 
 
 def flops_per_sample(spec):
     """FLOPs of one training step per sample: forward, weight gradients, input gradients but the first."""
-    sizes = layer_sizes(spec)
-    pairs = list(zip(sizes[:-1], sizes[1:]))
-    return sum(3 * 2 * a * b for a, b in pairs) - 2 * pairs[0][0] * pairs[0][1]
+    from ddptrain.nn import layer_flops, training_flops
+    return training_flops(layer_flops(model_layers(spec), IMAGE))
 
 
 def max_rss_mib():
@@ -114,7 +124,7 @@ def load_shard(data, rank, size, split, blocks_fn):
         n = 60000 if split == "train" else 10000
         lo, hi = n * rank // size, n * (rank + 1) // size
         rng = np.random.default_rng([rank, split == "train"])
-        return rng.random((hi - lo, 784), dtype=np.float32), rng.integers(0, 10, hi - lo), n
+        return rng.random((hi - lo, *IMAGE), dtype=np.float32), rng.integers(0, 10, hi - lo), n
     info = ddata.inspect(data)
     n = info.n_train if split == "train" else info.n_test
     x, y = ddata.read_rows(data, split, blocks_fn(n), dtype=np.float32)
@@ -216,8 +226,10 @@ class StepProfile:
         self._mark = now
 
     def observer(self, direction, layer, array):
+        from ddptrain.conv import Conv2d
         from ddptrain.nn import Linear
-        self.lap("matrix products (Linear, bias included)" if isinstance(layer, Linear) else type(layer).__name__)
+        self.lap("matrix products (Linear, bias included)" if isinstance(layer, Linear) else
+                 "Conv2d (im2col, matrix products, col2im)" if isinstance(layer, Conv2d) else type(layer).__name__)
 
     def per_step_ms(self):
         return {name: 1e3 * seconds / self.steps for name, seconds in self.seconds.items()}
@@ -258,7 +270,8 @@ def worker_ddptrain(args):
     test_x, test_y, _ = load_shard(args.data, comm.rank, comm.size, "test", test_blocks(comm.rank, comm.size))
     load_seconds = comm.allreduce(time.perf_counter() - started) / comm.size   # DDP: mean over ranks
 
-    model = Sequential.from_spec(args.model, dtype=np.float32, seed=0)
+    model = Sequential.from_spec(args.model, dtype=np.float32, seed=0, input_shape=IMAGE)
+    train_x, test_x = model.as_input(train_x), model.as_input(test_x)   # (N, 1, 28, 28) for a CNN: a view
     loss_fn, optimizer = SoftmaxCrossEntropy(), SGD(momentum=0.9)
     timed = TimedComm(comm, only=model.grads, skip=args.no_allreduce)
     # Batch normalisation: statistics of the global batch (its Allreduces timed apart), or each rank's
@@ -391,21 +404,10 @@ def worker_torch(args):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
         dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=size)
     train_x, train_y, n_train = load_shard(args.data, rank, size, "train", train_blocks(rank, size))
-    # Flattened once, outside the timed steps (ddptrain's Flatten layer is a view, as reshape is here).
-    x_all, y_all = torch.from_numpy(train_x.reshape(len(train_x), -1)), torch.from_numpy(train_y)
-
-    from ddptrain.spec import parse_spec
-    spec, layers = parse_spec(args.model), []
-    n_in = spec.n_inputs
-    for hidden in spec.hidden:   # the same layers as ddptrain's --model grammar
-        layers.append(nn.Linear(n_in, hidden.size, bias=not hidden.batchnorm))
-        if hidden.batchnorm:
-            layers.append(nn.BatchNorm1d(hidden.size))   # SyncBatchNorm refuses CPU modules under DDP
-        layers.append(nn.ReLU())
-        if hidden.dropout is not None:
-            layers.append(nn.Dropout(hidden.dropout))
-        n_in = hidden.size
-    layers.append(nn.Linear(n_in, spec.n_outputs))
+    layers = torch_layers(args.model)
+    # Shaped once, outside the timed steps, as the model takes them (ddptrain's Flatten is a view, as reshape is).
+    x_all, y_all = torch.from_numpy(train_x.reshape(len(train_x), *torch_input_shape(args.model))), \
+        torch.from_numpy(train_y)
     torch.manual_seed(0)
     model = nn.Sequential(*layers)
     if size > 1:
@@ -453,6 +455,45 @@ def worker_torch(args):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def torch_layers(spec):
+    """The PyTorch modules of ddptrain's layers for a --model spec, layer for layer."""
+    from torch import nn
+
+    from ddptrain.conv import Conv2d
+    from ddptrain.dropout import Dropout
+    from ddptrain.nn import Flatten, Linear, ReLU
+    from ddptrain.normalization import BatchNorm
+    from ddptrain.pooling import AvgPool2d, MaxPool2d
+    layers = model_layers(spec)
+    modules, shape = [], torch_input_shape(spec)
+    for layer in layers:
+        if isinstance(layer, Conv2d):
+            modules.append(nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                                     padding=layer.padding, bias=layer.bias))
+        elif isinstance(layer, BatchNorm):   # SyncBatchNorm refuses CPU modules under DDP
+            modules.append(nn.BatchNorm2d(layer.num_features) if len(shape) == 3 else nn.BatchNorm1d(layer.num_features))
+        elif isinstance(layer, Linear):
+            modules.append(nn.Linear(layer.n_in, layer.n_out, bias=layer.bias))
+        elif isinstance(layer, (MaxPool2d, AvgPool2d)):
+            kind = nn.MaxPool2d if isinstance(layer, MaxPool2d) else nn.AvgPool2d
+            modules.append(kind(layer.kernel_size, stride=layer.stride))
+        elif isinstance(layer, Flatten):
+            modules.append(nn.Flatten())
+        elif isinstance(layer, ReLU):
+            modules.append(nn.ReLU())
+        elif isinstance(layer, Dropout):
+            modules.append(nn.Dropout(layer.p))
+        else:
+            raise ValueError(f"no PyTorch module for {layer.label()}")
+        shape = layer.output_shape(shape)
+    return modules
+
+
+def torch_input_shape(spec):
+    """One sample as the model takes it: (1, 28, 28) for a CNN, the 28x28 image for an MLP (which flattens it)."""
+    return (1, *IMAGE) if model_layers(spec)[0].takes_channels else IMAGE
 
 
 def worker_gemm(args):
@@ -587,6 +628,10 @@ def main(argv=None):
     parser.add_argument("--bn-model", help="the model of the batch-normalisation rows (default: --model with "
                                            "'bn' after every hidden size, 784-512-bn-256-bn-10 for the default)")
     parser.add_argument("--no-bn", action="store_true", help="skip the batch-normalisation rows")
+    parser.add_argument("--cnn-model", default="cnn", help="the model of the CNN rows (default: %(default)s)")
+    parser.add_argument("--no-cnn", action="store_true", help="skip the CNN rows")
+    parser.add_argument("--cnn-samples", type=int, default=7680,
+                        help="samples per timed repetition of the CNN rows (default: %(default)s)")
     parser.add_argument("--batch-sizes", default="128,512", help="global batch sizes (default: %(default)s)")
     parser.add_argument("--ranks", type=int, default=2, help="MPI ranks / DDP processes (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0,
@@ -624,11 +669,11 @@ def main(argv=None):
 
 
 def with_batchnorm(spec):
-    """``spec`` with a BatchNorm after every hidden layer: 784-512-256-10 -> 784-512-bn-256-bn-10."""
+    """An MLP ``spec`` with a BatchNorm after every hidden layer: 784-512-256-10 -> 784-512-bn-256-bn-10."""
     from dataclasses import replace
     from ddptrain.spec import parse_spec
-    parsed = parse_spec(spec)
-    return str(replace(parsed, hidden=tuple(replace(layer, batchnorm=True) for layer in parsed.hidden)))
+    tokens = parse_spec(spec).tokens
+    return "-".join(map(str, [tokens[0], *(replace(t, batchnorm=True) for t in tokens[1:-1]), tokens[-1]]))
 
 
 def run_benchmark(opts):
@@ -691,6 +736,16 @@ def run_benchmark(opts):
         if use_torch:
             rows.append(("torchPbn", f"PyTorch DDP gloo, {ranks} x {per_rank}, BatchNorm1d", "torch", ranks, per_rank,
                          bn))
+    if not opts.no_cnn:
+        cnn = ("--model", opts.cnn_model)
+        rows += [("cnn1", f"ddptrain CNN, 1 process x {budget} threads", "ddptrain", 1, opts.threads, cnn),
+                 ("cnnP", f"ddptrain CNN, {ranks} MPI ranks x {per_rank} thread", "ddptrain", ranks,
+                  per_rank if opts.threads else 0, cnn)]
+        if use_torch:
+            rows += [("tcnn1", f"PyTorch CNN, 1 process x {budget} threads", "torch", 1, budget, cnn),
+                     ("tcnnP", f"PyTorch CNN, DDP gloo, {ranks} x {per_rank} thread", "torch", ranks, per_rank, cnn)]
+    row_models = {key: dict(zip(extra[::2], extra[1::2])).get("--model", opts.model)
+                  for key, _, _, _, _, extra in rows}
 
     results = {}
     for round_ in range(opts.rounds):
@@ -703,8 +758,9 @@ def run_benchmark(opts):
                     extra = tuple(e for e in extra if e != "--end-to-end")
                 print(f"  round {round_ + 1}/{opts.rounds}, batch {batch}: {label.strip()} ...", end="",
                       flush=True)
-                steps = max(4, opts.samples // batch)
-                warmup = 3 if opts.quick else max(20, 4096 // batch)
+                cnn_row = row_models[key] == opts.cnn_model
+                steps = max(4, (opts.cnn_samples if cnn_row else opts.samples) // batch)
+                warmup = 3 if opts.quick else max(20 if not cnn_row else 5, 4096 // batch // (1 + 3 * cnn_row))
                 result = launch(kind, n, threads, batch, steps, warmup, opts.repeats, opts, extra)
                 print(f" {statistics.median(result['rates']):,.0f} samples/s", flush=True)
                 entry = results.setdefault((key, batch), {"label": label, "rates": [], "runs": []})
@@ -721,7 +777,7 @@ def run_benchmark(opts):
           f"thread at once, {median_of('one_core') / 1e9:.0f} on one core alone; machine limit "
           f"{limit / 1e9:.0f} GFLOP/s = {limit / per_sample:,.0f} samples/s "
           f"({median_of('one_core') / per_sample:,.0f} on one core)")
-    table, notes = report(results, rows, batches, limit, per_sample, ranks, use_torch, opts.bn_model)
+    table, notes = report(results, rows, batches, limit, row_models, ranks, use_torch, opts.bn_model)
     print()
     print("\n".join(table))
     print()
@@ -747,6 +803,8 @@ def run_benchmark(opts):
 
     print()
     print("\n".join(check_targets(results, batches, limit, per_sample, tta, use_torch)))
+    if not opts.no_cnn:
+        print("\n".join(check_cnn_targets(results, batches, ranks, use_torch)))
     if opts.json:
         Path(opts.json).write_text(json.dumps({
             "gemm": {"rounds": gemm_rounds, "limit_flops": limit},
@@ -755,12 +813,14 @@ def run_benchmark(opts):
     return 0
 
 
-def report(results, rows, batches, limit, per_sample, ranks, use_torch, bn_model):
-    """The table (one line per row and batch size) and the notes under it."""
+def report(results, rows, batches, limit, row_models, ranks, use_torch, bn_model):
+    """The table (one line per row and batch size) and the notes under it. ``row_models``: each row's model."""
+    flops = {key: flops_per_sample(spec) for key, spec in row_models.items()}   # per sample per training step
     header = (f"{'global batch':>12}  {'':<38} {'samples/s: median (min-max)':>29}  {'vs PyTorch':>10}  "
               f"{'allreduce':>9}  {'of GEMM limit':>13}  {'peak RSS/rank':>13}")
     table = [header, "-" * len(header)]
-    partner = {"ddp1": "torch1", "ddpP": "torchP", "ddpPbn": "torchPbn", "ddpPbnl": "torchPbn"}
+    partner = {"ddp1": "torch1", "ddpP": "torchP", "ddpPbn": "torchPbn", "ddpPbnl": "torchPbn", "cnn1": "tcnn1",
+               "cnnP": "tcnnP"}
     for batch in batches:
         for key, label, *_ in rows:
             entry = results.get((key, batch))
@@ -770,11 +830,11 @@ def report(results, rows, batches, limit, per_sample, ranks, use_torch, bn_model
             other = results.get((partner.get(key), batch))
             ratio = f"{s['median'] / statistics.median(other['rates']):.2f}x" if other else ""
             fractions = [f for run in entry["runs"] for f in run.get("allreduce_fraction", [])]
-            allreduce = f"{100 * statistics.median(fractions):.0f}%" if fractions and key.startswith("ddpP") \
-                and key != "ddpP0" else ""
+            allreduce = f"{100 * statistics.median(fractions):.0f}%" if fractions and key in ("ddpP", "ddpPbn",
+                                                                                              "ddpPbnl", "cnnP") else ""
             rss = max(max(run["max_rss_mib"]) for run in entry["runs"])
             table.append(f"{batch:>12}  {label:<38} {fmt_rate(s):>29}  {ratio:>10}  {allreduce:>9}  "
-                         f"{100 * s['median'] * per_sample / limit:>12.0f}%  {rss:>9,.0f} MiB")
+                         f"{100 * s['median'] * flops[key] / limit:>12.0f}%  {rss:>9,.0f} MiB")
         table.append("")
 
     def runs(key):
@@ -805,12 +865,19 @@ def report(results, rows, batches, limit, per_sample, ranks, use_torch, bn_model
         notes.append(f"the BN rows train {bn_model} (its 'of GEMM limit' counts its matrix products only); PyTorch's "
                      f"SyncBatchNorm refuses CPU modules under DDP ('SyncBatchNorm layers only work with GPU "
                      f"modules'), so its row uses BatchNorm1d: each rank's own statistics, as ddptrain's local rows")
+    cnn_key = next((key for key in ("cnn1", "cnnP") if results.get((key, batches[0]))), None)
+    if cnn_key:
+        first = results[(cnn_key, batches[0])]["runs"][0]
+        notes.append(f"the CNN rows train {row_models[cnn_key]}: "
+                     f"{first['n_params']:,} parameters, {flops[cnn_key] / 1e6:.2f} MFLOP per sample per training "
+                     f"step; its convolutions' work arrays (im2col blocks) are in the peak RSS")
     notes += ["'allreduce': time inside comm.allreduce_ (waiting for the slower rank included) / step time.",
               "'of GEMM limit': samples/s x FLOPs per sample / the machine limit above.",
               "'peak RSS/rank': ru_maxrss, the largest over ranks and launches (the float32 shard included)."]
     for batch in batches:
         for key, label in (("ddp1", "1 process"), ("ddpP", f"{ranks} ranks"),
-                           ("ddpPbn", f"{ranks} ranks, {bn_model}, BN global statistics")):
+                           ("ddpPbn", f"{ranks} ranks, {bn_model}, BN global statistics"),
+                           ("cnn1", "CNN, 1 process"), ("cnnP", f"CNN, {ranks} ranks")):
             entry = results.get((key, batch))
             profile = entry and entry["runs"][0].get("profile_ms")
             if profile:
@@ -830,6 +897,22 @@ def report(results, rows, batches, limit, per_sample, ranks, use_torch, bn_model
                 f"({100 * run['eval_seconds'] / epoch:.1f}%) and writing a checkpoint (step and best) "
                 f"{run['checkpoint_seconds']:.3f} s ({100 * run['checkpoint_seconds'] / epoch:.1f}%)")
     return table, notes
+
+
+def check_cnn_targets(results, batches, ranks, use_torch):
+    """Issue 12's aims for the CNN rows."""
+    lines = ["targets for the CNN (issue 12):"]
+    for batch in batches:
+        for mine, theirs, need, what in (("cnn1", "tcnn1", 0.8, "1 process >= 0.8x PyTorch 1 process"),
+                                         ("cnnP", "tcnnP", 1.5, f"{ranks} ranks >= 1.5x PyTorch DDP")):
+            a, b = results.get((mine, batch)), results.get((theirs, batch))
+            if a and b:
+                ratio = statistics.median(a["rates"]) / statistics.median(b["rates"])
+                lines.append(f"  [{'MET ' if ratio >= need else 'MISSED'}] ddptrain {what} at batch {batch}: "
+                             f"{ratio:.2f}x")
+    if not use_torch:
+        lines.append(f"  (the PyTorch comparisons need PyTorch: {TORCH_INSTALL})")
+    return lines
 
 
 def check_targets(results, batches, limit, per_sample, tta, use_torch):

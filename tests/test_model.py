@@ -6,7 +6,7 @@ import pytest
 from ddptrain.errors import UserError
 from ddptrain.losses import SoftmaxCrossEntropy
 from ddptrain.nn import BatchNorm, Dropout, Flatten, Layer, Linear, ReLU, Sequential, ShapeError, Softmax
-from ddptrain.spec import HiddenLayer, MLPSpec, parse_spec
+from ddptrain.spec import Token, parse_spec
 from helpers import numerical_grad, rel_error
 
 SPEC = "20-16-12-5"
@@ -296,40 +296,62 @@ def test_writing_the_flat_params_changes_the_model_output():
     assert not np.allclose(model.forward(x), before)
 
 
+NOT_A_TOKEN = "is not a layer size, conv<F>k<K>, maxpool<K>, avgpool<K>, flatten, 'bn' or 'drop<p>'"
+BN_PLACE = "must follow a layer size or a convolution directly"
+
+
 @pytest.mark.parametrize("spec, problem", [
     ("784", "it needs at least an input and an output size"),
-    ("a-b", "it must start with the input size, not 'a'"),
-    ("784-0-10", "every layer size must be positive"),
-    ("784--10", "'' (token 2) is not a layer size"),
-    ("", "it must start with the input size"),
-    ("784-10-", "'' (token 3) is not a layer size"),
-    ("784-6_4-10", "'6_4' (token 2) is not a layer size"),
-    ("784- 64-10", "' 64' (token 2) is not a layer size"),
-    ("784-+64-10", "'+64' (token 2) is not a layer size"),
-    ("bn-784-10", "it must start with the input size, not 'bn'"),
-    ("784-bn-10", "'bn' must follow a hidden layer size directly"),
-    ("784-64-bn-bn-10", "'bn' must follow a hidden layer size directly"),
-    ("784-64-drop0.1-bn-10", "'bn' must follow a hidden layer size directly"),
-    ("784-64-drop0.1-drop0.2-10", "'drop0.2' must follow a hidden layer size"),
-    ("784-drop0.1-10", "'drop0.1' must follow a hidden layer size"),
-    ("784-64-drop1.0-10", "'drop1.0' is not a dropout probability in [0, 1)"),
-    ("784-64-drop-0.1-10", "'drop' is not a dropout probability in [0, 1)"),
-    ("784-64-dropout-10", "'dropout' is not a dropout probability in [0, 1)"),
-    ("784-64-10-bn", "it must end with the output size, not 'bn'"),
-    ("784-64-10-drop0.5", "it must end with the output size, not 'drop0.5'"),
+    ("a-b", f"'a' (token 1) {NOT_A_TOKEN}"),
+    ("784-0-10", "layer sizes must be positive, not '0' (token 2)"),
+    ("784--10", f"'' (token 2) {NOT_A_TOKEN}"),
+    ("", f"'' (token 1) {NOT_A_TOKEN}"),
+    ("784-10-", f"'' (token 3) {NOT_A_TOKEN}"),
+    ("784-6_4-10", f"'6_4' (token 2) {NOT_A_TOKEN}"),
+    ("784- 64-10", f"' 64' (token 2) {NOT_A_TOKEN}"),
+    ("784-+64-10", f"'+64' (token 2) {NOT_A_TOKEN}"),
+    ("bn-784-10", f"'bn' (token 1) {BN_PLACE}"),
+    ("784-bn-10", "the input size cannot take 'bn' or 'drop<p>'"),
+    ("784-64-bn-bn-10", f"'bn' (token 4) {BN_PLACE}"),
+    ("784-64-drop0.1-bn-10", f"'bn' (token 4) {BN_PLACE}"),
+    ("784-64-drop0.1-drop0.2-10", "'drop0.2' (token 4) must follow a layer size or a convolution (or its 'bn')"),
+    ("784-drop0.1-10", "the input size cannot take 'bn' or 'drop<p>'"),
+    ("784-64-drop1.0-10", "'drop1.0' (token 3) is not a dropout probability in [0, 1)"),
+    ("784-64-drop-0.1-10", "'drop' (token 3) is not a dropout probability in [0, 1)"),
+    ("784-64-dropout-10", "'dropout' (token 3) is not a dropout probability in [0, 1)"),
+    ("784-64-10-bn", "it must end with the output size (the number of classes), not 'bn'"),
+    ("784-64-10-drop0.5", "it must end with the output size (the number of classes), not 'drop0.5'"),
+    # convolutional networks
+    ("784-conv8k3-10", "an MLP (it starts with its input size) holds only layer sizes"),
+    ("conv0k3-flatten-10", "'conv0k3' (token 1): filters, kernel size and stride must be positive"),
+    ("conv8k0-flatten-10", "'conv8k0' (token 1): filters, kernel size and stride must be positive"),
+    ("conv8k3s0-flatten-10", "'conv8k3s0' (token 1): filters, kernel size and stride must be positive"),
+    ("conv8k3p-flatten-10", f"'conv8k3p' (token 1) {NOT_A_TOKEN}"),
+    ("conv8k3p1s2-flatten-10", f"'conv8k3p1s2' (token 1) {NOT_A_TOKEN}"),   # stride before padding
+    ("maxpool0-flatten-10", "'maxpool0' (token 1): kernel size and stride must be positive"),
+    ("conv8k3-maxpool2s0-flatten-10", "'maxpool2s0' (token 2): kernel size and stride must be positive"),
+    ("conv8k3-10", "a CNN needs one 'flatten' between its last convolution or pooling and its first layer size"),
+    ("conv8k3-flatten-flatten-10", "a CNN needs one 'flatten'"),
+    ("conv8k3-flatten", "it must end with the output size (the number of classes), not 'flatten'"),
+    ("flatten-10", "it must start with the input size (an MLP) or a convolution or pooling (a CNN)"),
+    ("conv8k3-maxpool2-bn-flatten-10", f"'bn' (token 3) {BN_PLACE}"),
+    ("conv8k3-flatten-10-maxpool2-10", "after 'flatten' come only layer sizes"),
+    ("Cnn", f"'Cnn' (token 1) {NOT_A_TOKEN}"),
 ])
 def test_a_malformed_spec_is_one_line_naming_what_is_wrong(spec, problem):
     with pytest.raises(UserError) as raised:
         parse_spec(spec)
     message = str(raised.value)
     assert message.startswith(f"--model {spec!r}: {problem}") and "\n" not in message
-    assert "expected layer sizes joined by '-'" in message
+    assert "expected tokens joined by '-'" in message
 
 
 def test_parse_spec_reads_sizes_batch_normalisation_and_dropout():
-    assert parse_spec("784-512-256-10") == MLPSpec(784, (HiddenLayer(512), HiddenLayer(256)), 10)
+    assert parse_spec("784-512-256-10").tokens == (Token("size", 784), Token("size", 512), Token("size", 256),
+                                                   Token("size", 10))
     parsed = parse_spec("784-512-bn-drop0.20-256-drop.5-10")
-    assert parsed == MLPSpec(784, (HiddenLayer(512, True, 0.2), HiddenLayer(256, False, 0.5)), 10)
+    assert parsed.tokens == (Token("size", 784), Token("size", 512, batchnorm=True, dropout=0.2),
+                             Token("size", 256, dropout=0.5), Token("size", 10))
     assert str(parsed) == "784-512-bn-drop0.2-256-drop0.5-10"      # the canonical spelling
 
 

@@ -91,7 +91,7 @@ def test_float32_statistics_do_not_cancel_when_the_mean_dwarfs_the_spread():
     rng = np.random.default_rng(3)
     x = (10_000 + rng.standard_normal((4096, 2))).astype(np.float32)
     layer = batchnorm(2, dtype=np.float32)
-    mean, var, _ = layer._batch_statistics(x)
+    mean, var, _ = layer._batch_statistics(layer._groups(x))
     reference = x.astype(np.float64).var(axis=0)
     assert rel_error(var, reference) < 1e-5
     naive = (x * x).mean(axis=0, dtype=np.float32) - x.mean(axis=0, dtype=np.float32) ** 2
@@ -262,10 +262,10 @@ def train(small_data, tmp_path, *options):
     (["--model", "64-16-bn-10", "--batch-size", "3", "--simulate-ranks", "2", "--batchnorm", "local"],
      "--batchnorm local needs at least 2 values per channel on every rank, but a rank's share of a global "
      "batch of 3 gives layer batchnorm1 1"),
-    (["--model", "64-bn-16-10"], "'bn' must follow a hidden layer size directly"),
-    (["--model", "64-16-drop1.0-10"], "'drop1.0' is not a dropout probability in [0, 1)"),
-    (["--model", "64-16-drop-0.1-10"], "'drop' is not a dropout probability in [0, 1)"),
-    (["--model", "64-16-10-bn"], "it must end with the output size, not 'bn'"),
+    (["--model", "64-bn-16-10"], "the input size cannot take 'bn' or 'drop<p>'"),
+    (["--model", "64-16-drop1.0-10"], "'drop1.0' (token 3) is not a dropout probability in [0, 1)"),
+    (["--model", "64-16-drop-0.1-10"], "'drop' (token 3) is not a dropout probability in [0, 1)"),
+    (["--model", "64-16-10-bn"], "it must end with the output size (the number of classes), not 'bn'"),
     (["--model", "64-16-bn-10", "--batchnorm", "sync"], "--batchnorm: invalid choice: 'sync'"),
 ], ids=["global-batch-of-1", "last-batch-of-1", "local-share-of-1", "bn-first", "drop1.0", "drop-0.1",
         "bn-after-the-output", "unknown-mode"])

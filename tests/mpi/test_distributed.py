@@ -158,6 +158,30 @@ def test_with_batchnorm_and_dropout_p_ranks_train_the_parameters_and_statistics_
     assert relative_error(local, single) > 1e-4 and relative_error(local_buffers, single_buffers) > 1e-4
 
 
+# Convolution with padding and stride, both poolings, batch normalisation of images and dropout, on 8x8 images:
+# 4x8x8 -> maxpool 4x4x4 -> 6x2x2 (stride 2) -> avgpool 6x1x1 -> 12 -> 10.
+CNN_MODEL = "conv4k3p1-bn-maxpool2-conv6k3s2p1-bn-drop0.1-avgpool2-flatten-12-10"
+
+
+def test_a_cnn_on_p_ranks_trains_the_parameters_and_statistics_of_one_process(comm, shared_dir, dataset):
+    config = Config(data=dataset, model=CNN_MODEL, dtype="float64", epochs=2, batch_size=29, lr=0.1, momentum=0.9,
+                    log_every=1000, threads=1)
+    params, buffers, metrics = train_and_load(
+        comm, Config(**{**config.to_dict(), "run_dir": str(shared_dir / f"cnn-p{comm.size}")}), with_buffers=True)
+    single, single_buffers, single_metrics = train_and_load(
+        SerialComm(), Config(**{**config.to_dict(), "run_dir": str(shared_dir / f"cnn-serial-{comm.rank}")}),
+        with_buffers=True)
+
+    assert relative_error(params, single) < 1e-9
+    assert relative_error(buffers, single_buffers) < 1e-9
+    assert [(m["train_accuracy"], m["test_accuracy"]) for m in metrics] == \
+        [(m["train_accuracy"], m["test_accuracy"]) for m in single_metrics]
+    # It learned something: the test is not comparing two untrained models.
+    assert relative_error(single, train_and_load(SerialComm(), Config(**{
+        **config.to_dict(), "epochs": 1, "run_dir": str(shared_dir / f"cnn-one-epoch-{comm.rank}")}))[0]) > 1e-3
+
+
+
 @pytest.mark.parametrize("spec", [model_spec(), BN_MODEL])
 def test_evaluation_over_ranks_equals_one_process_evaluating_everything(comm, dataset, spec):
     model = Sequential.from_spec(spec, dtype=np.float64, seed=3)
