@@ -139,7 +139,7 @@ def _add_train_arguments(parser):
 
 
 def build_parser():
-    parser = _Parser(prog="ddptrain", description="Data-parallel training of a numpy MLP on MNIST in HDF5. "
+    parser = _Parser(prog="ddptrain", description="Data-parallel training of a numpy MLP or CNN on MNIST in HDF5. "
                      "Run as `python -m ddptrain` (one process) or `mpirun -n 4 python -m ddptrain`; the "
                      "command 'train' is the default.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -159,7 +159,8 @@ def build_parser():
     plot = commands.add_parser("plot", help="PNG curves of train and test loss and test accuracy of a run")
     plot.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (holding metrics.jsonl)")
     plot.add_argument("--output", metavar="FILE.png", help="default: RUN_DIR/curves.png")
-    info = commands.add_parser("info", help="versions, MPI library and world size, BLAS threads, the data file")
+    info = commands.add_parser("info", help="versions, MPI library and world size, BLAS threads, the data file, a model's "
+                                                "layers and FLOPs")
     info.add_argument("--data", metavar="PATH", help="data file to describe (default: the cached MNIST, if any)")
     info.add_argument("--model", metavar="SPEC", default=Config().model,
                       help="model to describe: its layers, parameters and FLOPs per sample on the data's images "

@@ -18,7 +18,7 @@ from .errors import EXIT_OK, UserError, same_on_every_rank
 from .evaluation import evaluate as evaluate_split
 from .nn import Sequential
 from .rank0 import run_on_rank0
-from .runner import check_model_fits_data, read_split
+from .runner import check_fits_data, read_split
 from .sampler import evaluation_block
 from .threads import configure_blas_threads
 
@@ -52,7 +52,7 @@ def evaluate(args, comm):
         run_on_rank0(comm, lambda: data.check_readable(path))
         info = data.inspect(path)
         model = Sequential.from_description(checkpoint.model, dtype=checkpoint.dtype)
-        check_model_fits_data(model, info, f"{args.checkpoint}: model {checkpoint.model_summary}")
+        check_fits_data(model.layers, info, f"{args.checkpoint}: model {checkpoint.model_summary}")
         if args.eval_batch < 1:
             raise UserError(f"--eval-batch must be positive, got {args.eval_batch}")
     model.load_state(checkpoint.params, checkpoint.buffers)
@@ -110,18 +110,21 @@ def model_lines(spec, image_shape):
     """The model of ``spec`` on images of ``image_shape``: each layer's output, parameters and FLOPs."""
     from .nn import layer_flops, training_flops
     from .spec import parse_spec
-    parsed = parse_spec(spec)
-    layers = parsed.layers(image_shape)
-    Sequential._name(layers)
-    counts = layer_flops(layers, image_shape)
+    try:
+        parsed = parse_spec(spec)
+        layers = parsed.layers(image_shape)
+        Sequential._name(layers)
+        counts = layer_flops(layers, image_shape)
+    except UserError as error:
+        return [f"model        {error} ({'x'.join(map(str, image_shape))} images)"]
     n_params = sum(math.prod(shape) for layer in layers for shape in layer.param_shapes().values())
     lines = [f"model        {parsed.describe()} on {'x'.join(map(str, image_shape))} images: {n_params:,} parameters, "
              f"{sum(f for *_, f in counts) / 1e6:.2f} MFLOP per image forward, "
              f"{training_flops(counts) / 1e6:.2f} MFLOP per sample per training step",
-             f"  {'layer':<12} {'':<26} {'output':>10} {'parameters':>11} {'MFLOP':>7}"]
+             f"  {'layer':<12} {'':<32} {'output':>10} {'parameters':>11} {'MFLOP':>7}"]
     for layer, output, flops in counts:
         size = sum(math.prod(shape) for shape in layer.param_shapes().values())
-        lines.append(f"  {layer.name:<12} {layer.label():<26} {'x'.join(map(str, output)):>10} {size:>11,} "
+        lines.append(f"  {layer.name:<12} {layer.label():<32} {'x'.join(map(str, output)):>10} {size:>11,} "
                      f"{flops / 1e6:>7.2f}")
     return lines
 

@@ -128,7 +128,7 @@ class Conv2d(Layer):
         out_height, out_width = conv_output_size(height, k, stride, pad), conv_output_size(width, k, stride, pad)
         padded_height, padded_width = height + 2 * pad, width + 2 * pad
         # Stride 1: wide rows (the output row as long as a padded row; see the module's docstring).
-        cols_width = padded_width if stride == 1 and self.WIDE else out_width
+        cols_width = padded_width if stride == 1 else out_width
         return _Geometry(out_height, out_width, padded_height, padded_width, cols_width, out_height * cols_width)
 
     def _padded(self, n, geometry, name):
@@ -166,7 +166,6 @@ class Conv2d(Layer):
         return chunks, max((count for _, count in chunks), default=1)
 
     CHUNK_BYTES = 8 << 20
-    WIDE = True
 
     def _im2col(self, padded, first, count, geometry, cols):
         """Fill the first rows of ``cols`` with the windows of ``count`` samples from ``first`` on; return them."""

@@ -34,13 +34,13 @@ class BatchContext:
     positions: np.ndarray
 
 
-def _mix(z):
-    """SplitMix64's finaliser, in place on a uint64 array: a bijection whose outputs look random."""
-    z ^= z >> _S30
-    z *= _MIX1
-    z ^= z >> _S27
-    z *= _MIX2
-    z ^= z >> _S31
+def _mix(z, shifted):
+    """SplitMix64's finaliser, in place on a uint64 array: a bijection whose outputs look random.
+    ``shifted``: a work array of the same shape (no temporary the size of the mask)."""
+    for shift, multiplier in ((_S30, _MIX1), (_S27, _MIX2)):
+        z ^= np.right_shift(z, shift, out=shifted)
+        z *= multiplier
+    z ^= np.right_shift(z, _S31, out=shifted)
     return z
 
 
@@ -60,6 +60,7 @@ class Dropout(Layer):
         self.batch_context = None   # set before each training step (Sequential.set_batch_context)
         self._calls = 0
         self._mask = None
+        self._offsets = None
 
     def config(self):
         return {"p": self.p}
@@ -72,11 +73,13 @@ class Dropout(Layer):
         key = np.random.SeedSequence([context.seed, context.step, zlib.crc32((self.name or "").encode())])
         key = key.generate_state(1, np.uint64)[0]
         index = self._scratch.get("index", (len(context.positions), sample_size), np.uint64)
-        np.add(np.asarray(context.positions, dtype=np.uint64)[:, None] * np.uint64(sample_size),
-               np.arange(sample_size, dtype=np.uint64), out=index)
+        if self._offsets is None or len(self._offsets) != sample_size:
+            self._offsets = np.arange(sample_size, dtype=np.uint64)   # each value's place in its sample
+        np.add(np.asarray(context.positions, dtype=np.uint64)[:, None] * np.uint64(sample_size), self._offsets,
+               out=index)
         index *= _GOLDEN
         index += key
-        _mix(index)
+        _mix(index, self._scratch.get("shifted", index.shape, np.uint64))
         # The top 53 bits are uniform on [0, 2**53): keep a value when they are at least p * 2**53.
         np.right_shift(index, _S11, out=index)
         keep = np.greater_equal(index, np.uint64(int(self.p * 2 ** 53)),

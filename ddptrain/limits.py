@@ -18,6 +18,7 @@ import os
 import numpy as np
 
 from .errors import UserError
+from .nn import input_shape_of
 
 GIB = 2 ** 30
 MEMORY_SHARE = 0.9    # of the memory available now, that the ranks of a host may plan to use
@@ -41,7 +42,7 @@ def available_memory():
 def estimate_rank_bytes(layers, image_shape, config, info, world_size):
     """``{part: bytes}`` one rank allocates for a model of ``layers`` (not yet in a model: no arrays) on this data."""
     itemsize = np.dtype(config.dtype).itemsize
-    shape = (1, *image_shape) if len(image_shape) == 2 and layers[0].takes_channels else tuple(image_shape)
+    shape = input_shape_of(layers, image_shape)
     n_params = sum(math.prod(size) for layer in layers for size in layer.param_shapes().values())
     n_buffers = sum(math.prod(size) for layer in layers for size in layer.buffer_shapes().values())
     per_sample, fixed = math.prod(shape), 0

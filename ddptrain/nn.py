@@ -301,11 +301,20 @@ def shape_text(shape):
     return "x".join(map(str, shape)) if len(shape) != 1 else f"{shape[0]}"
 
 
+def input_shape_of(layers, image_shape):
+    """One sample's shape as ``layers`` take it: ``(H, W)`` images gain a channel axis, ``(1, H, W)``, when
+    the first layer works on channels (a convolution)."""
+    image_shape = tuple(image_shape)
+    if len(image_shape) == 2 and layers and layers[0].takes_channels:
+        return (1, *image_shape)
+    return image_shape
+
+
 def layer_flops(layers, image_shape):
     """``(layer, output shape, FLOPs)`` of the forward pass for one image of ``image_shape``, layer by layer:
-    the matrix products' (2 per multiply-add); element-wise layers count 0."""
-    shape = (1, *image_shape) if len(image_shape) == 2 and layers and layers[0].takes_channels else tuple(image_shape)
-    counts = []
+    the matrix products' (2 per multiply-add); element-wise layers count 0. ShapeError naming the first
+    layer that does not fit."""
+    shape, counts = input_shape_of(layers, image_shape), []
     for layer in layers:
         output = layer.output_shape(shape)
         counts.append((layer, output, layer.flops(shape)))
@@ -432,12 +441,8 @@ class Sequential:
         return self.spec or " -> ".join(layer.label() for layer in self.layers)
 
     def input_shape(self, image_shape):
-        """The shape of one sample as this model takes it: ``(H, W)`` images gain a channel axis,
-        ``(1, H, W)``, when the model starts with a layer that works on channels (a convolution)."""
-        image_shape = tuple(image_shape)
-        if len(image_shape) == 2 and self.layers and self.layers[0].takes_channels:
-            return (1, *image_shape)
-        return image_shape
+        """The shape of one sample as this model takes it (see ``input_shape_of``)."""
+        return input_shape_of(self.layers, image_shape)
 
     def as_input(self, images):
         """``images`` (``(N, *image shape)``) shaped as this model takes them: a view, no copy."""
@@ -445,10 +450,8 @@ class Sequential:
 
     def output_shape(self, image_shape):
         """The shape of one sample's output for one image; ShapeError naming the layer that does not fit."""
-        shape = self.input_shape(image_shape)
-        for layer in self.layers:
-            shape = layer.output_shape(shape)
-        return shape
+        counts = layer_flops(self.layers, image_shape)
+        return counts[-1][1] if counts else self.input_shape(image_shape)
 
     def flops(self, image_shape):
         """``(layer, output shape, FLOPs)`` of the forward pass for one image, layer by layer (see layer_flops)."""

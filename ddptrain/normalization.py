@@ -8,13 +8,16 @@ the layer is handed ``sum_over_ranks``, a function that sums an array over the
 ranks in place (``comm.allreduce_``; the identity in one process, or for
 ``--batchnorm local``), and uses it twice:
 
-* **forward**: each rank computes, per channel, its row count, its rows' mean
-  and their centred sum of squares (two passes, exact), shifts its mean by a
-  value every rank shares (the running mean), and one Allreduce of
-  ``[count, count * (mean - shift), centred + count * (mean - shift)**2]``, in
-  float64, gives the global mean and variance. Summing centred squares about
-  a shared shift, in float64, does not cancel catastrophically the way
-  ``sum(x**2) - count * mean**2`` in float32 does.
+* **forward**: each rank computes, per channel, its value count, its values'
+  mean and their centred sum of squares, exactly: per sample, the channel's
+  values are centred on their float32 mean (the centred values are kept for
+  backward), that centre is corrected by the centred values' own sum, and
+  the samples are combined with Chan et al.'s formula in float64. It then
+  shifts its mean by a value every rank shares (the running mean), and one
+  Allreduce of ``[count, count * (mean - shift), centred + count * (mean -
+  shift)**2]``, in float64, gives the global mean and variance. Centred sums
+  of squares do not cancel catastrophically the way ``sum(x**2) - count *
+  mean**2`` in float32 does.
 * **backward**: with ``x_hat = (x - mean) / sqrt(var + eps)`` and
   ``y = weight * x_hat + bias``, the input gradient over the global batch of
   ``M`` values per channel is the three-term formula
@@ -109,34 +112,50 @@ class BatchNorm(Layer):
         out3 += shift.astype(x.dtype)[:, None]
         return out
 
+    def _group_sums(self, a3):
+        """Per group and channel, the sum of ``a3``'s values, ``(groups, C)``: a group is a sample's values
+        of a channel for images, all rows for rows. Products with a vector of ones: BLAS, about twice as
+        fast as ``a.sum(axis=...)``."""
+        n, _, per_sample = a3.shape
+        if per_sample == 1:
+            return np.matmul(self._scratch.constant(1, n, a3.dtype), a3[:, :, 0])[None, :]
+        return np.matmul(a3, self._scratch.constant(1, per_sample, a3.dtype))
+
+    def _group_dots(self, a3, b3):
+        """Per group and channel, the sum of ``a3 * b3``, ``(groups, C)``, in float64."""
+        if a3.shape[2] == 1:
+            return np.einsum("nc,nc->c", a3[:, :, 0], b3[:, :, 0]).astype(np.float64)[None, :]
+        return np.einsum("ncs,ncs->nc", a3, b3).astype(np.float64)
+
     def _batch_statistics(self, x3):
         """The mean and biased variance of each channel over the global batch, and its count: one Allreduce.
 
-        Per sample and channel first: the mean of its S values and their
-        centred squares (``centred`` is kept: backward needs it), combined
-        exactly over this rank's samples (Chan et al.'s formula, in float64),
-        then over the ranks about a shared shift.
+        Per group first (a sample's values of a channel for images, all rows
+        for rows): the mean of its values and their centred squares
+        (``centred`` is kept: backward needs it), combined exactly over this
+        rank's groups (Chan et al.'s formula, in float64), then over the
+        ranks about a shared shift.
         """
-        n, channels, per_group = x3.shape
-        count = n * per_group   # this rank's values per channel
-        ones = self._scratch.constant(1, per_group, x3.dtype)
-        # A float32 mean of each sample's channel, as a centre, then the exact correction from the centred
-        # values' own sum: (x - c) sums to S * (mean - c), and sum((x - c)^2) = M2 + S * (mean - c)^2.
-        # Sums as products with a vector of ones: BLAS, about twice as fast as x.sum(axis=2).
-        centre = np.matmul(x3, ones) / x3.dtype.type(per_group)                    # (N, C)
-        centred = self._scratch.get("centred", x3.shape, x3.dtype)
-        np.subtract(x3, centre[:, :, None], out=centred)
-        centred_sum = np.matmul(centred, ones).astype(np.float64)
-        group_m2 = np.einsum("ncs,ncs->nc", centred, centred).astype(np.float64) - centred_sum ** 2 / per_group
-        self._centre, self._centred = centre.astype(np.float64), centred   # backward: x = centre + centred
-        if count:
+        n, channels, per_sample = x3.shape
+        count = n * per_sample   # this rank's values per channel
+        per_group = n if per_sample == 1 else per_sample
+        if not count:
+            self._centre, self._centred = np.zeros((1, channels)), x3
+            local_mean = local_m2 = np.zeros(channels)
+        else:
+            # A float32 mean of each group's values as its centre, then the exact correction from the centred
+            # values' own sum: (x - c) sums to S * (mean - c), and sum((x - c)^2) = M2 + S * (mean - c)^2.
+            centre = self._group_sums(x3) / x3.dtype.type(per_group)                 # (groups, C)
+            centred = self._scratch.get("centred", x3.shape, x3.dtype)
+            np.subtract(x3, centre[:, :, None], out=centred)
+            centred_sum = self._group_sums(centred).astype(np.float64)
+            group_m2 = self._group_dots(centred, centred) - centred_sum ** 2 / per_group
+            self._centre, self._centred = centre.astype(np.float64), centred   # backward: x = centre + centred
             group_mean = self._centre + centred_sum / per_group
             local_mean = group_mean.mean(axis=0)
             spread = group_mean - local_mean
             # Chan et al.: the M2 of the union is the groups' M2 plus S * (group mean - mean)^2 each.
-            local_m2 = group_m2.sum(axis=0) + per_group * np.einsum("nc,nc->c", spread, spread)
-        else:
-            local_mean = local_m2 = np.zeros(channels)
+            local_m2 = group_m2.sum(axis=0) + per_group * np.einsum("gc,gc->c", spread, spread)
         shift = self.buffers["running_mean"].astype(np.float64)   # the same on every rank
         offset = local_mean - shift
         sums = np.concatenate([[count], count * offset, local_m2 + count * offset * offset])
@@ -165,10 +184,10 @@ class BatchNorm(Layer):
             if need_input_grad:
                 np.multiply(dy3, scale.astype(dout.dtype)[:, None], out=self._groups(dx))
             return dx
-        # x_hat = (centred + centre - mean) * inv_std, with centred = x - centre, per sample and channel.
-        group_offset = self._centre - self._mean                                       # (N, C), float64
-        group_dy = np.matmul(dy3, self._scratch.constant(1, dy3.shape[2], dout.dtype)).astype(np.float64)
-        group_dy_centred = np.einsum("ncs,ncs->nc", dy3, self._centred).astype(np.float64)
+        # x_hat = (centred + centre - mean) * inv_std, with centred = x - centre, per group and channel.
+        group_offset = self._centre - self._mean                                       # (groups, C), float64
+        group_dy = self._group_sums(dy3).astype(np.float64)
+        group_dy_centred = self._group_dots(dy3, self._centred)
         dy_sum = group_dy.sum(axis=0)
         dy_xhat_sum = inv_std * (group_dy_centred.sum(axis=0) + np.einsum("nc,nc->c", group_dy, group_offset))
         # This rank's shares of the parameter gradients; the step's gradient Allreduce adds them up.
@@ -182,7 +201,7 @@ class BatchNorm(Layer):
         # dx = scale * (dy - mean_dy - x_hat * mean_dy_xhat)
         #    = scale * (dy + ratio * centred) + constant,   per sample and channel:
         ratio = -inv_std * mean_dy_xhat
-        constant = scale * (ratio * group_offset - mean_dy)                               # (N, C)
+        constant = scale * (ratio * group_offset - mean_dy)                               # (groups, C)
         dx3 = self._groups(dx)
         np.multiply(self._centred, ratio.astype(dout.dtype)[:, None], out=dx3)
         dx3 += dy3

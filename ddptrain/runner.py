@@ -17,7 +17,7 @@ from .debug import DebugChecks
 from .errors import EXIT_OK, EXIT_PREEMPTED, UserError, same_on_every_rank
 from .limits import check_resources
 from .losses import SoftmaxCrossEntropy
-from .nn import Sequential, no_reduction
+from .nn import Sequential, layer_flops, no_reduction
 from .normalization import BatchNorm
 from .plan import TrainingPlan
 from .rank0 import Console, RunFolder, run_on_rank0
@@ -58,12 +58,17 @@ def _run(config, comm, stop, quiet, dry_run, callbacks):
     with same_on_every_rank():
         info = data.inspect(data_path)
         sampler.check_layout(info.n_train, config.batch_size, comm.size, config.virtual_shards)
-    check_resources_on_every_rank(comm, config, info, blas_threads.ranks_on_host)   # before any allocation
-    model = Sequential.from_spec(config.model, dtype=config.dtype, seed=config.seed, input_shape=info.image_shape)
+    spec = parse_spec(config.model)
+    with same_on_every_rank():
+        # The layers alone, without their arrays: a model that does not fit the data, or is too large
+        # for the memory, is refused before anything is allocated.
+        layers = spec.layers(info.image_shape)
+        check_fits_data(layers, info, f"--model {config.model}")
+    check_resources_on_every_rank(comm, layers, config, info, blas_threads.ranks_on_host)
+    model = Sequential(layers, dtype=config.dtype, seed=config.seed, spec=spec.describe())
     # DDP: batch statistics of the global batch (--batchnorm global), or of each rank's rows.
     model.set_sum_over_ranks(comm.allreduce_ if config.batchnorm == "global" else no_reduction)
     with same_on_every_rank():
-        check_model_fits_data(model, info, f"--model {config.model}")
         check_batch_statistics(model, info, config, comm.size)
     comm.bcast_(model.params)    # DDP: every replica starts from rank 0's parameters
     comm.bcast_(model.buffers)   # DDP: and buffers
@@ -134,11 +139,9 @@ def resolve_data_path(comm, config, rank0_print):
     return run_on_rank0(comm, lambda: str(mnist.ensure_default_dataset(log=rank0_print)))
 
 
-def check_resources_on_every_rank(comm, config, info, ranks_on_host):
+def check_resources_on_every_rank(comm, layers, config, info, ranks_on_host):
     """Refuse options that ask for more memory than a host has; every rank stops if one must."""
     try:
-        # The layers alone, without their arrays: a model too large to allocate is refused before it exists.
-        layers = parse_spec(config.model).layers(info.image_shape)
         check_resources(layers, config, info, comm.size, ranks_on_host)
         problem = None
     except UserError as error:
@@ -150,10 +153,11 @@ def check_resources_on_every_rank(comm, config, info, ranks_on_host):
         raise failure
 
 
-def check_model_fits_data(model, info, what):
-    """The model must take the file's images and give one output per class (UserError otherwise)."""
+def check_fits_data(layers, info, what):
+    """The layers must take the file's images and give one output per class (UserError otherwise)."""
     try:
-        shape = model.output_shape(info.image_shape)
+        counts = layer_flops(layers, info.image_shape)
+        shape = counts[-1][1] if counts else tuple(info.image_shape)
     except UserError as error:
         raise UserError(f"{what} does not fit {info.path}: its images are "
                         f"{'x'.join(map(str, info.image_shape))}, and {error}") from None

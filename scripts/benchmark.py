@@ -84,7 +84,15 @@ RANDOM = "random"
 # ------------------------------------------------------------------------------------------ shared
 
 
-IMAGE = (28, 28)   # MNIST's images, real or random
+IMAGE = (28, 28)   # the data's image shape: MNIST's for random data; use_images_of(data) sets it from a file
+
+
+def use_images_of(data):
+    """Set IMAGE to the images of ``data`` (a data file, or 'random': MNIST's shape)."""
+    global IMAGE
+    if data != RANDOM:
+        from ddptrain import data as ddata
+        IMAGE = tuple(ddata.inspect(data).image_shape)
 
 
 def model_layers(spec):
@@ -663,6 +671,7 @@ def main(argv=None):
     opts = parser.parse_args(argv)
 
     if opts.worker:
+        use_images_of(opts.data)
         {"ddptrain": worker_ddptrain, "torch": worker_torch, "gemm": worker_gemm}[opts.worker](opts)
         return 0
     return run_benchmark(opts)
@@ -689,6 +698,7 @@ def run_benchmark(opts):
         opts.data = str(ensure_default_dataset())
     elif opts.data != RANDOM:
         opts.data = str(Path(opts.data).resolve())   # the workers run in the repository root
+    use_images_of(opts.data)
     torch_ver = None if opts.no_torch or not torch_available() else torch_version()
     use_torch = torch_ver is not None
 

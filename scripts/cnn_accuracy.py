@@ -51,7 +51,9 @@ def main(argv=None):
         print(f"seed {seed}: final test accuracy {run['final']:.2f}% after {len(run['epochs'])} epochs, whole run "
               f"{run['total_seconds']:.1f} s ({run['total_seconds'] / 60:.1f} min); test accuracy per epoch: {curve}",
               flush=True)
-    print(f"command: {runs[0]['command']} --seed S")
+    words = runs[0]["command"].split()
+    seed_at = words.index("--seed")
+    print(f"command: {' '.join(words[:seed_at] + ['--seed', 'S'] + words[seed_at + 2:])}")
     median = statistics.median(run["final"] for run in runs)
     slowest = max(run["total_seconds"] for run in runs)
     met = median >= TARGET and slowest < 60 * MINUTES

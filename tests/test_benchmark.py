@@ -16,7 +16,7 @@ HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 def test_the_benchmark_runs_on_tiny_settings_and_prints_its_table(small_data, tmp_path):
     argv = [sys.executable, "scripts/benchmark.py", "--quick", "--data", small_data, "--model", model_spec(),
-            "--json", tmp_path / "bench.json"]
+            "--cnn-model", "conv4k3p1-bn-maxpool2-flatten-10", "--json", tmp_path / "bench.json"]
     if not HAS_TORCH:
         argv.append("--no-torch")
     proc = subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=300, cwd=helpers.ROOT,
@@ -28,8 +28,10 @@ def test_the_benchmark_runs_on_tiny_settings_and_prints_its_table(small_data, tm
     assert "end to end, 2 ranks" in out and "targets (issue 7):" in out
     assert "ddptrain, 2 ranks, BN global statistics" in out and "ddptrain, 2 ranks, BN local statistics" in out
     assert "the BatchNorm layers' own Allreduces" in out
+    assert "ddptrain CNN, 1 process" in out and "ddptrain CNN, 2 MPI ranks" in out
+    assert "the CNN rows train conv4k3p1-bn-maxpool2-flatten-10: 694 parameters" in out
     if HAS_TORCH:
-        assert "PyTorch DDP gloo" in out
+        assert "PyTorch DDP gloo" in out and "PyTorch CNN, DDP gloo" in out and "targets for the CNN (issue 12)" in out
     else:
         assert "PyTorch rows skipped" in out and "pip install torch==2.13.0" in out
     assert (tmp_path / "bench.json").stat().st_size > 0

@@ -1,5 +1,7 @@
 """Convolutional networks from the command line: the grammar, named models, --debug, evaluate, info."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -138,9 +140,12 @@ def test_evaluate_and_info_work_for_a_cnn(small_data, tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr
     record = helpers.metrics_records(run_dir)[-1]
     assert f"test accuracy {100 * record['test_accuracy']:.2f}%" in evaluated.stdout
+    info = helpers.run(["info", "--data", small_data, "--model", SMALL_CNN])
+    assert info.returncode == 0 and f"model        {SMALL_CNN} on 8x8 images: " in info.stdout, info.stderr
+    assert re.search(r"conv2d2 +Conv2d 4->6 3x3 stride 2 pad 1 +6x2x2 +216 ", info.stdout), info.stdout
+    # A model that does not fit the data is described as such, and the rest of info still prints.
     info = helpers.run(["info", "--data", small_data, "--model", "cnn"])
-    assert info.returncode == 0 and "model        cnn (conv32k3p1" in info.stdout, info.stderr
-    assert "conv2d2      Conv2d 32->64 3x3 pad 1" in info.stdout
+    assert info.returncode == 0 and "'conv32k5' (token 3) does not fit its input of 16x2x2" in info.stdout
 
 
 def test_a_spec_error_is_a_user_error():

@@ -1,5 +1,7 @@
 """Convolution and pooling: finite differences, small cases worked by hand, ties, buffers reused."""
 
+import tracemalloc
+
 import numpy as np
 import pytest
 
@@ -201,3 +203,30 @@ def test_a_smaller_batch_after_a_larger_one_gives_the_same_values():
     fresh = built(Conv2d(2, 3, 3, padding=1))
     np.testing.assert_array_equal(small, fresh.forward(x[:2]))
     np.testing.assert_array_equal(small_dx, fresh.backward(np.ones((2, 3, 5, 5))))
+
+
+def test_a_cnn_training_step_allocates_no_activation_sized_array_once_warm():
+    from ddptrain.losses import SoftmaxCrossEntropy
+    from ddptrain.optim import SGD
+    model = Sequential.from_spec("cnn", input_shape=(28, 28))
+    loss, optimizer = SoftmaxCrossEntropy(), SGD(momentum=0.9)
+    x = np.random.default_rng(0).random((512, 1, 28, 28), dtype=np.float32)
+    y = np.random.default_rng(1).integers(0, 10, 512)
+
+    def step():
+        loss.forward(model.forward(x), y, len(x))
+        model.backward(loss.backward())
+        optimizer.step(model.params, model.grads, 0.01)
+
+    step()
+    step()
+    tracemalloc.start()
+    try:
+        step()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    smallest_conv_output = 512 * 32 * 8 * 8 * 4   # the second convolution's: 4 MiB (the first's is 19 MiB)
+    # What a step allocates are per-channel (and per sample and channel) vectors and numpy's own
+    # iteration buffers: a few hundred kilobytes, not one convolution's output or work array.
+    assert peak < smallest_conv_output / 4, f"a step allocated {peak:,} bytes at its peak"

@@ -86,15 +86,18 @@ def test_evaluation_uses_the_running_statistics_and_leaves_them_alone():
     np.testing.assert_array_equal(layer.buffers["running_mean"], [1.0, -1.0])
 
 
-def test_float32_statistics_do_not_cancel_when_the_mean_dwarfs_the_spread():
+@pytest.mark.parametrize("shape", [(4096, 2), (64, 2, 8, 8)], ids=["rows", "images"])
+def test_float32_statistics_do_not_cancel_when_the_mean_dwarfs_the_spread(shape):
     """Values near 10,000 with a spread of 1: sum(x**2) - n * mean**2 in float32 loses every digit."""
     rng = np.random.default_rng(3)
-    x = (10_000 + rng.standard_normal((4096, 2))).astype(np.float32)
+    x = (10_000 + rng.standard_normal(shape)).astype(np.float32)
     layer = batchnorm(2, dtype=np.float32)
     mean, var, _ = layer._batch_statistics(layer._groups(x))
-    reference = x.astype(np.float64).var(axis=0)
+    axes = (0,) if len(shape) == 2 else (0, 2, 3)
+    reference = x.astype(np.float64).var(axis=axes)
     assert rel_error(var, reference) < 1e-5
-    naive = (x * x).mean(axis=0, dtype=np.float32) - x.mean(axis=0, dtype=np.float32) ** 2
+    assert rel_error(mean, x.astype(np.float64).mean(axis=axes)) < 1e-12
+    naive = (x * x).mean(axis=axes, dtype=np.float32) - x.mean(axis=axes, dtype=np.float32) ** 2
     assert rel_error(naive, reference) > 0.1   # what the test guards against
 
 
