@@ -46,6 +46,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _named_models():
     from .spec import NAMED_MODELS
+
     def option(name, value):
         flag = "--" + name.replace("_", "-")
         return flag if value is True else f"{flag} {value}"

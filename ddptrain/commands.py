@@ -108,12 +108,12 @@ def info(args, comm):
 
 def model_lines(spec, image_shape):
     """The model of ``spec`` on images of ``image_shape``: each layer's output, parameters and FLOPs."""
-    from .nn import layer_flops, training_flops
+    from .nn import layer_flops, name_layers, training_flops
     from .spec import parse_spec
     try:
         parsed = parse_spec(spec)
         layers = parsed.layers(image_shape)
-        Sequential._name(layers)
+        name_layers(layers)
         counts = layer_flops(layers, image_shape)
     except UserError as error:
         return [f"model        {error} ({'x'.join(map(str, image_shape))} images)"]

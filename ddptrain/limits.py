@@ -39,10 +39,10 @@ def available_memory():
         return None
 
 
-def estimate_rank_bytes(layers, image_shape, config, info, world_size):
+def estimate_rank_bytes(layers, config, info, world_size):
     """``{part: bytes}`` one rank allocates for a model of ``layers`` (not yet in a model: no arrays) on this data."""
     itemsize = np.dtype(config.dtype).itemsize
-    shape = input_shape_of(layers, image_shape)
+    shape = input_shape_of(layers, info.image_shape)
     n_params = sum(math.prod(size) for layer in layers for size in layer.param_shapes().values())
     n_buffers = sum(math.prod(size) for layer in layers for size in layer.buffer_shapes().values())
     per_sample, fixed = math.prod(shape), 0
@@ -50,7 +50,7 @@ def estimate_rank_bytes(layers, image_shape, config, info, world_size):
         output = layer.output_shape(shape)
         # its output, its input gradient and its masks or normalised copies, and its work arrays
         per_sample += 4 * math.prod(output) + layer.workspace(shape)
-        fixed += layer.block_bytes() if hasattr(layer, "block_bytes") else 0
+        fixed += layer.block_bytes()
         shape = output
     rows = -(-min(config.batch_size, info.n_train) // world_size)
     eval_rows = min(config.eval_batch, -(-info.n_test // world_size))
@@ -67,7 +67,7 @@ def estimate_rank_bytes(layers, image_shape, config, info, world_size):
 
 def check_resources(layers, config, info, world_size, ranks_on_host):
     """A UserError if the options ask for more memory than this host has (cores: ``threads.py``)."""
-    parts = estimate_rank_bytes(layers, info.image_shape, config, info, world_size)
+    parts = estimate_rank_bytes(layers, config, info, world_size)
     needed, available = sum(parts.values()) * ranks_on_host, available_memory()
     if available is not None and needed > MEMORY_SHARE * available:
         detail = ", ".join(f"{name} {size / GIB:,.1f} GiB" for name, size in parts.items())

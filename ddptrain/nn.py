@@ -141,6 +141,10 @@ class Layer:
         """Values per sample this layer keeps in work arrays besides its output and input gradient."""
         return 0
 
+    def block_bytes(self):
+        """Bytes of work arrays whose size does not grow with the batch (a convolution's blocks)."""
+        return 0
+
     def forward(self, x):
         raise NotImplementedError
 
@@ -301,6 +305,18 @@ def shape_text(shape):
     return "x".join(map(str, shape)) if len(shape) != 1 else f"{shape[0]}"
 
 
+def name_layers(layers):
+    """Name the unnamed layers: their type and their number among the layers of that type."""
+    counts, seen = {}, set()
+    for layer in layers:
+        kind = type(layer).__name__.lower()
+        counts[kind] = counts.get(kind, 0) + 1
+        layer.name = layer.name or f"{kind}{counts[kind]}"
+        if layer.name in seen or "." in layer.name or "/" in layer.name:
+            raise ValueError(f"layer name {layer.name!r} is repeated or holds '.' or '/'")
+        seen.add(layer.name)
+
+
 def input_shape_of(layers, image_shape):
     """One sample's shape as ``layers`` take it: ``(H, W)`` images gain a channel axis, ``(1, H, W)``, when
     the first layer works on channels (a convolution)."""
@@ -308,6 +324,15 @@ def input_shape_of(layers, image_shape):
     if len(image_shape) == 2 and layers and layers[0].takes_channels:
         return (1, *image_shape)
     return image_shape
+
+
+def output_shape_of(layers, image_shape):
+    """One sample's output shape for one image of ``image_shape``; ShapeError naming the first layer that
+    does not fit."""
+    shape = input_shape_of(layers, image_shape)
+    for layer in layers:
+        shape = layer.output_shape(shape)
+    return shape
 
 
 def layer_flops(layers, image_shape):
@@ -354,7 +379,7 @@ class Sequential:
         self.layers = list(layers)
         self.dtype = np.dtype(dtype)
         self.spec = spec   # the --model string it was built from, if any
-        self._name_layers()
+        name_layers(self.layers)
         param_owners = [(layer, name, shape) for layer in self.layers for name, shape in layer.param_shapes().items()]
         buffer_owners = [(layer, name, shape) for layer in self.layers for name, shape in layer.buffer_shapes().items()]
         self.params = np.zeros(sum(math.prod(shape) for *_, shape in param_owners), dtype=self.dtype)
@@ -377,21 +402,6 @@ class Sequential:
         # parameters, and that layer skips its input gradient: nothing before it needs one.
         self._first_trained = next((i for i, layer in enumerate(self.layers) if layer.params), 0)
         self._plan_in_place()
-
-    def _name_layers(self):
-        self._name(self.layers)
-
-    @staticmethod
-    def _name(layers):
-        """Name the unnamed layers: their type and their number among the layers of that type."""
-        counts, seen = {}, set()
-        for layer in layers:
-            kind = type(layer).__name__.lower()
-            counts[kind] = counts.get(kind, 0) + 1
-            layer.name = layer.name or f"{kind}{counts[kind]}"
-            if layer.name in seen or "." in layer.name or "/" in layer.name:
-                raise ValueError(f"layer name {layer.name!r} is repeated or holds '.' or '/'")
-            seen.add(layer.name)
 
     def _plan_in_place(self):
         """Let each ReLU work in place where neither neighbour reads the array it would overwrite."""
@@ -450,8 +460,7 @@ class Sequential:
 
     def output_shape(self, image_shape):
         """The shape of one sample's output for one image; ShapeError naming the layer that does not fit."""
-        counts = layer_flops(self.layers, image_shape)
-        return counts[-1][1] if counts else self.input_shape(image_shape)
+        return output_shape_of(self.layers, image_shape)
 
     def flops(self, image_shape):
         """``(layer, output shape, FLOPs)`` of the forward pass for one image, layer by layer (see layer_flops)."""

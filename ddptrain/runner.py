@@ -17,7 +17,7 @@ from .debug import DebugChecks
 from .errors import EXIT_OK, EXIT_PREEMPTED, UserError, same_on_every_rank
 from .limits import check_resources
 from .losses import SoftmaxCrossEntropy
-from .nn import Sequential, layer_flops, no_reduction
+from .nn import Sequential, no_reduction, output_shape_of
 from .normalization import BatchNorm
 from .plan import TrainingPlan
 from .rank0 import Console, RunFolder, run_on_rank0
@@ -156,8 +156,7 @@ def check_resources_on_every_rank(comm, layers, config, info, ranks_on_host):
 def check_fits_data(layers, info, what):
     """The layers must take the file's images and give one output per class (UserError otherwise)."""
     try:
-        counts = layer_flops(layers, info.image_shape)
-        shape = counts[-1][1] if counts else tuple(info.image_shape)
+        shape = output_shape_of(layers, info.image_shape)
     except UserError as error:
         raise UserError(f"{what} does not fit {info.path}: its images are "
                         f"{'x'.join(map(str, info.image_shape))}, and {error}") from None
