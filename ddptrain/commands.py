@@ -14,10 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, checkpoint as ckpt_io, data
+from .config import Config
 from .errors import EXIT_OK, UserError, same_on_every_rank
 from .evaluation import evaluate as evaluate_split
-from .nn import Sequential
+from .limits import check_resources
+from .nn import Sequential, layers_from_description
 from .rank0 import run_on_rank0
+from .resume import check_description_fits
 from .runner import check_fits_data, read_split
 from .sampler import evaluation_block
 from .threads import configure_blas_threads
@@ -45,16 +48,22 @@ def format_confusion(confusion):
 
 def evaluate(args, comm):
     """Test loss, accuracy, per-class accuracy and confusion matrix of a checkpoint."""
-    configure_blas_threads(comm)
+    blas_threads = configure_blas_threads(comm)
     with same_on_every_rank():
         checkpoint = ckpt_io.load(args.checkpoint)
         path = run_on_rank0(comm, lambda: _data_for(checkpoint, args.data))
         run_on_rank0(comm, lambda: data.check_readable(path))
         info = data.inspect(path)
-        model = Sequential.from_description(checkpoint.model, dtype=checkpoint.dtype)
-        check_fits_data(model.layers, info, f"{args.checkpoint}: model {checkpoint.model_summary}")
         if args.eval_batch < 1:
             raise UserError(f"--eval-batch must be positive, got {args.eval_batch}")
+        # The layers first, without arrays: their sizes are checked against the file's arrays, the data
+        # and the memory before the model allocates anything.
+        layers = layers_from_description(checkpoint.model)
+        check_description_fits(checkpoint, layers)
+        check_fits_data(layers, info, f"{args.checkpoint}: model {checkpoint.model_summary}")
+        check_resources(layers, Config(dtype=checkpoint.dtype, batch_size=1, eval_batch=args.eval_batch), info,
+                        comm.size, blas_threads.ranks_on_host)
+    model = Sequential(layers, dtype=checkpoint.dtype)
     model.load_state(checkpoint.params, checkpoint.buffers)
     test_rows = evaluation_block(info.n_test, comm.rank, comm.size)
     test = read_split(path, "test", [test_rows], checkpoint.dtype, model)

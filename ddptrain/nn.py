@@ -305,6 +305,28 @@ def shape_text(shape):
     return "x".join(map(str, shape)) if len(shape) != 1 else f"{shape[0]}"
 
 
+def layers_from_description(description):
+    """The layers of a model description (``Sequential.describe()``), named, without their arrays: what
+    they would allocate can be checked first. UserError for a type or arguments that do not build."""
+    from . import conv, dropout, normalization, pooling   # noqa: F401 - their layer types, registered
+    layers = []
+    for entry in description:
+        kind = LAYER_TYPES.get(entry.get("type"))
+        if kind is None:
+            raise UserError(f"unknown layer type {entry.get('type')!r} (import the module that defines it)")
+        try:
+            layer = kind(**entry.get("args", {}))
+        except (TypeError, ValueError) as error:
+            raise UserError(f"layer {entry.get('name')!r} ({kind.__name__}) cannot be built: {error}") from None
+        layer.name = entry.get("name")
+        layers.append(layer)
+    try:
+        name_layers(layers)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    return layers
+
+
 def name_layers(layers):
     """Name the unnamed layers: their type and their number among the layers of that type."""
     counts, seen = {}, set()
@@ -432,19 +454,7 @@ class Sequential:
 
     @classmethod
     def from_description(cls, description, dtype=np.float32, seed=0, spec=None):
-        from . import conv, dropout, normalization, pooling   # noqa: F401 - their layer types, registered
-        layers = []
-        for entry in description:
-            kind = LAYER_TYPES.get(entry.get("type"))
-            if kind is None:
-                raise UserError(f"unknown layer type {entry.get('type')!r} (import the module that defines it)")
-            try:
-                layer = kind(**entry.get("args", {}))
-            except (TypeError, ValueError) as error:
-                raise UserError(f"layer {entry.get('name')!r} ({kind.__name__}) cannot be built: {error}") from None
-            layer.name = entry.get("name")
-            layers.append(layer)
-        return cls(layers, dtype=dtype, seed=seed, spec=spec)
+        return cls(layers_from_description(description), dtype=dtype, seed=seed, spec=spec)
 
     def summary(self):
         """The --model spec it was built from, or its layers in a line."""

@@ -7,6 +7,8 @@ was trained on as many rows, and on the same sequence of global batches.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from pathlib import Path
 
 from . import checkpoint as ckpt_io
@@ -46,6 +48,19 @@ def check_model_fits(checkpoint, model):
     if checkpoint.dtype != str(model.dtype) or stored - {checkpoint.dtype}:
         raise CheckpointError(f"{where}: checkpoint holds {checkpoint.dtype} parameters, not {model.dtype} "
                               f"(--dtype {checkpoint.dtype})")
+
+
+def check_description_fits(checkpoint, layers):
+    """Before a model is built from a checkpoint's description: its parameters and buffers must be the
+    arrays the checkpoint holds, so that a description cannot ask for more memory than the file holds."""
+    def shapes(group):
+        return {f"{layer.name}.{name}": SimpleNamespace(shape=tuple(shape))
+                for layer in layers for name, shape in getattr(layer, group)().items()}
+
+    difference = (_first_difference("parameter", checkpoint.params, shapes("param_shapes"))
+                  or _first_difference("buffer", checkpoint.buffers, shapes("buffer_shapes")))
+    if difference:
+        raise CheckpointError(f"{checkpoint.path}: its model description does not match its arrays ({difference})")
 
 
 def check_fits(checkpoint, model, optimizer, n_train, config):

@@ -114,6 +114,51 @@ def test_a_flipped_bit_in_a_parameter_s_name_is_refused_before_hdf5_reads_the_fi
                                               f"is corrupt"]
 
 
+def _rewritten(checkpoint, name, **changes):
+    """``checkpoint`` (a path) saved again as ``name`` beside it with ``changes``, with a valid digest: what a
+    forger, not damage, makes."""
+    import dataclasses
+    rewritten = checkpoint.with_name(name)
+    ckpt_io.save(rewritten, dataclasses.replace(ckpt_io.load(checkpoint), **changes))
+    return rewritten
+
+
+def test_a_checkpoint_whose_description_asks_for_more_than_its_arrays_is_refused_before_allocating(
+        small_data, tmp_path, capsys):
+    """A digest proves the bytes are whole, not that they are honest: a description of a huge layer with
+    the arrays of a small one must not make evaluate allocate the huge one."""
+    from ddptrain.conv import Conv2d
+    from ddptrain.nn import Flatten, Linear
+    assert in_process(["--data", small_data, *SMALL, "--epochs", "1", "--run-dir", tmp_path / "run"], capsys)[0] == 0
+    checkpoint = ckpt_io.step_path(tmp_path / "run" / "checkpoints", 15)
+    huge = [Conv2d(1, 4_000_000_000, 3), Flatten(), Linear(64, 10)]   # 36 billion weights
+    forged = _rewritten(checkpoint, "forged.h5", model=[{"name": None, "type": type(layer).__name__,
+                                                        "args": layer.config()} for layer in huge])
+    status, lines = in_process(["evaluate", forged, "--data", small_data], capsys)
+    assert status == EXIT_USAGE and len(lines) == 1
+    assert lines[0].startswith(f"ddptrain: error: {forged}: its model description does not match its arrays "
+                               f"(it has no parameter conv2d1.bias)"), lines
+
+
+def test_evaluate_refuses_a_model_whose_activations_would_not_fit_in_memory(small_data, tmp_path, capsys,
+                                                                           monkeypatch):
+    """Few parameters, huge activations: 20,000 channels of 8x8 pixels for 60 test rows. Checked like a
+    training run's options (limits.py), with the memory said to be 1 GiB."""
+    from ddptrain import limits
+    from ddptrain.conv import Conv2d
+    from ddptrain.nn import Flatten, Linear, Sequential
+    from ddptrain.pooling import AvgPool2d
+    assert in_process(["--data", small_data, *SMALL, "--epochs", "1", "--run-dir", tmp_path / "run"], capsys)[0] == 0
+    checkpoint = ckpt_io.step_path(tmp_path / "run" / "checkpoints", 15)
+    wide = Sequential([Conv2d(1, 20_000, 1), AvgPool2d(8), Flatten(), Linear(20_000, 10)], dtype=np.float32)
+    forged = _rewritten(checkpoint, "wide.h5", model=wide.describe(), params=dict(wide.named_params()),
+                        model_summary=wide.summary())
+    monkeypatch.setattr(limits, "available_memory", lambda: limits.GIB)
+    status, lines = in_process(["evaluate", forged, "--data", small_data], capsys)
+    assert status == EXIT_USAGE and len(lines) == 1
+    assert "needs about" in lines[0] and "and it has 1.0 GiB available" in lines[0], lines
+
+
 # ---------------------------------------------------------------- 4-5. signals early, and twice
 
 
