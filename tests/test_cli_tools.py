@@ -7,7 +7,6 @@ import pty
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 import helpers

@@ -17,7 +17,7 @@ import pytest
 import helpers
 from ddptrain import checkpoint as ckpt_io, cli, data
 from ddptrain.errors import EXIT_PREEMPTED, EXIT_USAGE, DataError
-from helpers import error_lines, flip_byte_at, make_dataset, metrics_records, model_spec
+from helpers import error_lines, flip_byte_at, metrics_records, model_spec
 
 SMALL = ["--model", model_spec(), "--batch-size", "16", "--threads", "1", "--quiet"]
 
