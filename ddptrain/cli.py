@@ -16,9 +16,11 @@ import argparse
 import sys
 import traceback
 
-from .config import BATCHNORM_MODES, DTYPES, LR_SCALINGS, SCHEDULES, SWITCHES, Config, load_toml, with_model_defaults
+from .config import (BATCHNORM_MODES, DTYPES, LR_SCALINGS, SCHEDULES, SWITCHES, Config, check_optimizer_options,
+                     load_toml, with_model_defaults)
 from .errors import EXIT_FAILURE, DataError, UserError, same_on_every_rank
 from .launcher import launched_by_mpi, rank_and_size
+from .optim import OPTIMIZERS
 from .signals import restore_default_signals
 
 COMMANDS = ("train", "evaluate", "prepare", "plot", "info")
@@ -103,9 +105,15 @@ def _add_train_arguments(parser):
             choices=LR_SCALINGS)
     _option(group, "--reference-batch", "the batch size --lr is meant for, with --lr-scaling linear",
             type=int, metavar="N")
-    _option(group, "--momentum", "SGD momentum", type=float, metavar="X")
-    _option(group, "--nesterov", "Nesterov momentum", action="store_true")
-    _option(group, "--weight-decay", "L2 penalty on all parameters", type=float, metavar="X")
+    _option(group, "--optimizer", "sgd: SGD with momentum; adam: Adam; adamw: Adam with decoupled weight decay "
+            "(PyTorch's formulas)", choices=tuple(OPTIMIZERS))
+    _option(group, "--momentum", "SGD's momentum", type=float, metavar="X")
+    _option(group, "--nesterov", "SGD's Nesterov momentum", action="store_true")
+    _option(group, "--beta1", "Adam's and AdamW's decay of the first moment", type=float, metavar="X")
+    _option(group, "--beta2", "Adam's and AdamW's decay of the second moment", type=float, metavar="X")
+    _option(group, "--eps", "Adam's and AdamW's epsilon, added outside the square root", type=float, metavar="X")
+    _option(group, "--weight-decay", "sgd and adam: L2 penalty added to the gradient of all parameters; adamw: "
+            "decoupled decay, parameters *= 1 - lr * X", type=float, metavar="X")
     _option(group, "--seed", "fixes the initial parameters and the order of the batches", type=int, metavar="N")
     _option(group, "--drop-last", "drop the last, shorter batch of each epoch", action="store_true")
     _option(group, "--virtual-shards", "the training rows are cut into V blocks and the number of ranks must "
@@ -180,6 +188,7 @@ def config_from_args(args):
         if values.pop(switch, False):
             setattr(args, switch, True)
     given = {name: value for name, value in vars(args).items() if name in Config.__dataclass_fields__}
+    check_optimizer_options({**values, **given})   # what was set, before a named model's defaults
     values = with_model_defaults({**values, **given})
     if values.get("debug") and "dtype" not in values:
         values["dtype"] = "float64"      # --debug means float64 unless float32 is asked for (and refused)

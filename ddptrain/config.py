@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import UserError
-from .optim import SGD
+from .optim import OPTIMIZERS, SGD
 from .sampler import DEFAULT_VIRTUAL_SHARDS, check_world
 from .spec import named_model, parse_spec
 
@@ -32,8 +32,12 @@ class Config:
     epochs: int = 5
     batch_size: int = 128
     lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
+    optimizer: str = "sgd"             # sgd, adam or adamw
+    momentum: float = 0.9              # SGD's
+    nesterov: bool = False             # SGD's
+    beta1: float = 0.9                 # Adam's and AdamW's
+    beta2: float = 0.999
+    eps: float = 1e-8
     weight_decay: float = 0.0
     lr_schedule: str = "cosine"
     warmup_epochs: float = 0.0
@@ -68,7 +72,7 @@ class Config:
         """Return self, or raise a UserError naming the first invalid option."""
         parse_spec(self.model)
         for name, allowed in (("dtype", DTYPES), ("lr_scaling", LR_SCALINGS), ("lr_schedule", SCHEDULES),
-                              ("batchnorm", BATCHNORM_MODES)):
+                              ("batchnorm", BATCHNORM_MODES), ("optimizer", tuple(OPTIMIZERS))):
             if getattr(self, name) not in allowed:
                 raise UserError(f"{option_name(name)} must be one of {', '.join(allowed)}, "
                                 f"got {getattr(self, name)!r}")
@@ -93,7 +97,12 @@ class Config:
         return self
 
     def make_optimizer(self):
-        return SGD(momentum=self.momentum, weight_decay=self.weight_decay, nesterov=self.nesterov)
+        if self.optimizer == "sgd":
+            return SGD(momentum=self.momentum, weight_decay=self.weight_decay, nesterov=self.nesterov)
+        if self.nesterov:
+            raise UserError(f"--nesterov is SGD's: drop it, or use --optimizer sgd (not {self.optimizer})")
+        return OPTIMIZERS[self.optimizer](beta1=self.beta1, beta2=self.beta2, eps=self.eps,
+                                          weight_decay=self.weight_decay)
 
 
 def option_name(name):
@@ -125,11 +134,31 @@ def coerce(name, value, source):
     raise UserError(f"{source}: {option_name(name)} must be {kind.__name__}, got {value!r}")
 
 
+# The options that belong to one kind of optimiser: set with another, they are refused (check_optimizer_options).
+SGD_OPTIONS, ADAM_OPTIONS = ("momentum", "nesterov"), ("beta1", "beta2", "eps")
+
+
 def with_model_defaults(values):
     """``values`` (Config fields) with the training defaults of a named --model (``spec.NAMED_MODELS``)
-    added for the options that are not set: ``--model cnn`` trains the way that model is meant to."""
+    added for the options that are not set: ``--model cnn`` trains the way that model is meant to. A
+    default for another optimiser than the one chosen (SGD's momentum with --optimizer adam) is left out."""
     named = named_model(values.get("model", Config.model))
-    return {**named.defaults, **values} if named else dict(values)
+    if not named:
+        return dict(values)
+    foreign = SGD_OPTIONS if values.get("optimizer", named.defaults.get("optimizer", "sgd")) != "sgd" else ()
+    return {**{k: v for k, v in named.defaults.items() if k not in foreign}, **values}
+
+
+def check_optimizer_options(values):
+    """A UserError for an option of another optimiser than the one chosen: --momentum with adam, --beta1
+    with sgd (they would be silently ignored). ``values``: the options set, as Config fields."""
+    optimizer = values.get("optimizer", Config.optimizer)
+    foreign = ADAM_OPTIONS if optimizer == "sgd" else SGD_OPTIONS
+    for name in foreign:
+        if name in values:
+            owner = "Adam's and AdamW's" if name in ADAM_OPTIONS else "SGD's"
+            raise UserError(f"{option_name(name)} is {owner}, and the optimiser is {optimizer} "
+                            f"(--optimizer {'adam' if name in ADAM_OPTIONS else 'sgd'} uses it)")
 
 
 # Keys a configuration file may hold besides the Config fields: the train command's own switches.
