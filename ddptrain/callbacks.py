@@ -99,7 +99,8 @@ class MetricsLog(Callback):
         pos = trainer.position
         if self.every and pos.step % self.every == 0:
             record = {"kind": "step", "epoch": pos.epoch + 1, "step": pos.step, "lr": end.lr,
-                      "train_loss": pos.sums.loss, "train_accuracy": pos.sums.accuracy}
+                      "train_loss": pos.sums.loss, "train_accuracy": pos.sums.accuracy,
+                      "grad_norm": end.totals.grad_norm}
             trainer.records.append(record)   # in the checkpoints too, so a resumed run rewrites it once
             self.run_folder.append_metrics(record)
 

@@ -114,6 +114,9 @@ def _add_train_arguments(parser):
     _option(group, "--eps", "Adam's and AdamW's epsilon, added outside the square root", type=float, metavar="X")
     _option(group, "--weight-decay", "sgd and adam: L2 penalty added to the gradient of all parameters; adamw: "
             "decoupled decay, parameters *= 1 - lr * X", type=float, metavar="X")
+    _option(group, "--clip-grad-norm", "clip the allreduced (global) gradient to this 2-norm, as PyTorch's "
+            "clip_grad_norm_; the norm is in the step records of --metrics-every; 0: no clipping", type=float,
+            metavar="X")
     _option(group, "--seed", "fixes the initial parameters and the order of the batches", type=int, metavar="N")
     _option(group, "--drop-last", "drop the last, shorter batch of each epoch", action="store_true")
     _option(group, "--virtual-shards", "the training rows are cut into V blocks and the number of ranks must "

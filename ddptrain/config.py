@@ -39,6 +39,7 @@ class Config:
     beta2: float = 0.999
     eps: float = 1e-8
     weight_decay: float = 0.0
+    clip_grad_norm: float = 0.0        # clip the global gradient to this 2-norm; 0: no clipping
     lr_schedule: str = "cosine"
     warmup_epochs: float = 0.0
     lr_scaling: str = "none"           # "linear": peak lr = lr * batch_size / reference_batch (Goyal et al.)
@@ -84,11 +85,11 @@ class Config:
             if not getattr(self, name) > 0:
                 raise UserError(f"{option_name(name)} must be positive, got {getattr(self, name)}")
         non_negative = ("lr", "warmup_epochs", "checkpoint_every", "threads", "seed", "step_gamma", "metrics_every",
-                        "simulate_ranks")
+                        "simulate_ranks", "clip_grad_norm")
         for name in non_negative:
             if not getattr(self, name) >= 0:
                 raise UserError(f"{option_name(name)} must not be negative, got {getattr(self, name)}")
-        for name in ("lr", "warmup_epochs", "step_gamma"):
+        for name in ("lr", "warmup_epochs", "step_gamma", "clip_grad_norm"):
             if not math.isfinite(getattr(self, name)):
                 raise UserError(f"{option_name(name)} must be finite, got {getattr(self, name)}")
         if self.simulate_ranks:   # before a thread starts for each of them

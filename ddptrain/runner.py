@@ -110,7 +110,7 @@ def _train(run, stop, callbacks):
                                                             info.n_train, console.warn))
     folder.write_config(config.to_dict())   # once the run is known to go ahead
     train, test = read_shards(info, comm, config, model)
-    trainer = Trainer(TrainStep(model, SoftmaxCrossEntropy(), optimizer, comm),
+    trainer = Trainer(TrainStep(model, SoftmaxCrossEntropy(), optimizer, comm, config.clip_grad_norm or None),
                       TrainingPlan(config, info.n_train, comm.rank, comm.size), train, test, info.n_classes,
                       stop, standard_callbacks(config, console, folder, model.buffers.size > 0) + list(callbacks))
     if checkpoint is not None:

@@ -7,8 +7,8 @@ of the gradient of the global mean loss; backward fills the flat gradient;
 one Allreduce sums the shares, which gives exactly that gradient however
 unevenly the batch was split; a second, four-number Allreduce adds up the
 step's loss, correct predictions and samples and whether any rank was asked
-to stop; a NaN or Inf stops everything before the update; and the optimiser
-updates the parameters. Lines that exist only because training is
+to stop; a NaN or Inf stops everything before the update; the gradient is
+clipped to a global norm if asked; and the optimiser updates the parameters. Lines that exist only because training is
 distributed are tagged ``# DDP:``.
 """
 
@@ -51,6 +51,7 @@ class StepTotals:
     correct: int            # predictions that were right
     samples: int            # the global batch size
     stop_requested: bool    # whether any rank was asked to stop (a signal)
+    grad_norm: float = 0.0  # the 2-norm of the allreduced gradient, before any clipping
 
 
 class NonFiniteStep(NumericalError):
@@ -79,22 +80,34 @@ def compute_gradient(model, loss_fn, comm, x, y, global_count):
     return loss_share, correct
 
 
-def gradients_are_finite(grads):
-    # A NaN or Inf anywhere makes the dot product non-finite; after the
-    # Allreduce every rank holds the same gradient and so reaches the same verdict.
-    return bool(np.isfinite(np.dot(grads, grads)))
+def gradient_norm(grads):
+    """The 2-norm of the flat gradient: NaN or Inf when any value is. After the Allreduce every rank holds
+    the same gradient, so every rank gets the same norm (and the same verdict on it)."""
+    return float(np.sqrt(np.dot(grads, grads)))
+
+
+def clip_gradient(grads, norm, max_norm):
+    """PyTorch's ``clip_grad_norm_``: scale ``grads`` in place by ``max_norm / (norm + 1e-6)`` when below 1."""
+    scale = max_norm / (norm + 1e-6)
+    if scale < 1:
+        grads *= grads.dtype.type(scale)
 
 
 class TrainStep:
     """One step of data-parallel training; see the module docstring for the path it follows.
 
     ``after_reduce`` holds callables ``hook(x, y, global_count, context)`` run
-    once the gradient is reduced and before the update (``--debug`` checks it
-    there).
+    once the gradient is reduced and before clipping and the update
+    (``--debug`` checks it there). ``clip_grad_norm``: clip the reduced
+    gradient to that global 2-norm (None: no clipping). The norm is the
+    *global* gradient's, the same on every rank: clipping each rank's share by
+    its own norm would scale the shares differently and sum to a gradient no
+    single process computes.
     """
 
-    def __init__(self, model, loss_fn, optimizer, comm):
+    def __init__(self, model, loss_fn, optimizer, comm, clip_grad_norm=None):
         self.model, self.loss_fn, self.optimizer, self.comm = model, loss_fn, optimizer, comm
+        self.clip_grad_norm = clip_grad_norm
         self.after_reduce = []
         self._totals = np.zeros(4)   # loss sum, correct, samples, ranks asked to stop
 
@@ -112,8 +125,11 @@ class TrainStep:
         totals[:] = (loss_share * global_count, correct, len(y), stop_requested)
         self.comm.allreduce_(totals)   # DDP: global totals, and whether a signal reached any rank
         # Checked before the update, so the parameters in memory stay the last good ones.
-        if not (np.isfinite(totals[0]) and gradients_are_finite(self.model.grads)):
+        norm = gradient_norm(self.model.grads)
+        if not (np.isfinite(totals[0]) and np.isfinite(norm)):
             raise NonFiniteStep("NaN or Inf in the loss or gradients")
+        if self.clip_grad_norm:
+            clip_gradient(self.model.grads, norm, self.clip_grad_norm)
         self.optimizer.step(self.model.params, self.model.grads, lr)
         return StepTotals(loss_sum=float(totals[0]), correct=int(totals[1]), samples=int(totals[2]),
-                          stop_requested=bool(totals[3]))
+                          stop_requested=bool(totals[3]), grad_norm=norm)

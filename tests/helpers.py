@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import h5py
@@ -197,3 +198,28 @@ def rel_error(a, b):
         raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
     scale = max(1e-12, float(np.max(np.abs(a), initial=0.0)), float(np.max(np.abs(b), initial=0.0)))
     return float(np.max(np.abs(a - b), initial=0.0)) / scale
+
+
+# ---------------------------------------------------------------- simulated ranks
+
+
+def on_simulated_ranks(size, work):
+    """``work(comm)`` on ``size`` simulated ranks at once; every rank's result, in rank order."""
+    from ddptrain.comm import ThreadComm
+    comms, results, errors = ThreadComm.create(size), [None] * size, []
+
+    def run(comm):
+        try:
+            results[comm.rank] = work(comm)
+        except BaseException as error:   # noqa: BLE001 - reported below
+            errors.append(error)
+            comm.break_collectives()
+
+    threads = [threading.Thread(target=run, args=(comm,)) for comm in comms]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results

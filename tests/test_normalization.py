@@ -1,17 +1,14 @@
 """BatchNorm: its backward against finite differences, PyTorch's conventions, and statistics of the
 global batch however it is split across (simulated) ranks; Dropout masks that do not depend on the split."""
 
-import threading
-
 import numpy as np
 import pytest
 
-from ddptrain.comm import ThreadComm
 from ddptrain.dropout import BatchContext, Dropout
 from ddptrain.losses import SoftmaxCrossEntropy
 from ddptrain.nn import Sequential
 from ddptrain.normalization import BatchNorm
-from helpers import numerical_grad, rel_error
+from helpers import numerical_grad, on_simulated_ranks, rel_error
 
 TOL = 1e-7
 
@@ -102,27 +99,6 @@ def test_float32_statistics_do_not_cancel_when_the_mean_dwarfs_the_spread(shape)
 
 
 # ---------------------------------------------------------------- the global batch across ranks
-
-
-def on_simulated_ranks(size, work):
-    """``work(comm)`` on ``size`` simulated ranks at once; every rank's result, in rank order."""
-    comms, results, errors = ThreadComm.create(size), [None] * size, []
-
-    def run(comm):
-        try:
-            results[comm.rank] = work(comm)
-        except BaseException as error:   # noqa: BLE001 - reported below
-            errors.append(error)
-            comm.break_collectives()
-
-    threads = [threading.Thread(target=run, args=(comm,)) for comm in comms]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return results
 
 
 UNEVEN = [0, 1, 5, 11]   # rows of a 11-row batch per rank: sizes 1, 4, 6 (and none on a fourth rank)
