@@ -114,6 +114,9 @@ def _add_train_arguments(parser):
     _option(group, "--eps", "Adam's and AdamW's epsilon, added outside the square root", type=float, metavar="X")
     _option(group, "--weight-decay", "sgd and adam: L2 penalty added to the gradient of all parameters; adamw: "
             "decoupled decay, parameters *= 1 - lr * X", type=float, metavar="X")
+    _option(group, "--accumulate", "gradient accumulation: each rank runs its share of the global batch as K "
+            "micro-batches (the activations of one only) and reduces the gradient once per step; the same "
+            "training as without (not with batch normalisation, refused)", type=int, metavar="K")
     _option(group, "--clip-grad-norm", "clip the allreduced (global) gradient to this 2-norm, as PyTorch's "
             "clip_grad_norm_; the norm is in the step records of --metrics-every; 0: no clipping", type=float,
             metavar="X")

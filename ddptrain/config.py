@@ -40,6 +40,7 @@ class Config:
     eps: float = 1e-8
     weight_decay: float = 0.0
     clip_grad_norm: float = 0.0        # clip the global gradient to this 2-norm; 0: no clipping
+    accumulate: int = 1                # micro-batches per step on each rank (gradient accumulation)
     lr_schedule: str = "cosine"
     warmup_epochs: float = 0.0
     lr_scaling: str = "none"           # "linear": peak lr = lr * batch_size / reference_batch (Goyal et al.)
@@ -80,7 +81,7 @@ class Config:
         if self.debug and self.dtype != "float64":
             raise UserError("--debug runs in float64: drop --dtype float32 (finite differences need the precision)")
         positive = ("epochs", "batch_size", "virtual_shards", "check_every", "log_every", "eval_batch", "step_size",
-                    "keep", "reference_batch")
+                    "keep", "reference_batch", "accumulate")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise UserError(f"{option_name(name)} must be positive, got {getattr(self, name)}")

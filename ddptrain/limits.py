@@ -52,7 +52,7 @@ def estimate_rank_bytes(layers, config, info, world_size):
         per_sample += 4 * math.prod(output) + layer.workspace(shape)
         fixed += layer.block_bytes()
         shape = output
-    rows = -(-min(config.batch_size, info.n_train) // world_size)
+    rows = -(-min(config.batch_size, info.n_train) // world_size // config.accumulate)   # a micro-batch
     eval_rows = min(config.eval_batch, -(-info.n_test // world_size))
     pixels = math.prod(info.image_shape)
     return {

@@ -70,6 +70,10 @@ def _run(config, comm, stop, quiet, dry_run, callbacks):
     model.set_sum_over_ranks(comm.allreduce_ if config.batchnorm == "global" else no_reduction)
     with same_on_every_rank():
         check_batch_statistics(model, info, config, comm.size)
+        if config.accumulate > 1 and any(isinstance(layer, BatchNorm) for layer in model.layers):
+            raise UserError(f"--accumulate {config.accumulate} with batch normalisation ({config.model}): its "
+                            f"statistics would be those of each micro-batch, and the run would not be the one "
+                            f"without accumulation; drop one of them")
     comm.bcast_(model.params)    # DDP: every replica starts from rank 0's parameters
     comm.bcast_(model.buffers)   # DDP: and buffers
 
@@ -110,7 +114,8 @@ def _train(run, stop, callbacks):
                                                             info.n_train, console.warn))
     folder.write_config(config.to_dict())   # once the run is known to go ahead
     train, test = read_shards(info, comm, config, model)
-    trainer = Trainer(TrainStep(model, SoftmaxCrossEntropy(), optimizer, comm, config.clip_grad_norm or None),
+    trainer = Trainer(TrainStep(model, SoftmaxCrossEntropy(), optimizer, comm, config.clip_grad_norm or None,
+                                config.accumulate),
                       TrainingPlan(config, info.n_train, comm.rank, comm.size), train, test, info.n_classes,
                       stop, standard_callbacks(config, console, folder, model.buffers.size > 0) + list(callbacks))
     if checkpoint is not None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .dropout import BatchContext
 from .errors import NumericalError
 
 
@@ -62,6 +63,18 @@ def count_correct(logits, labels):
     return int(np.count_nonzero(logits.argmax(axis=1) == labels))
 
 
+def local_gradient(model, loss_fn, x, y, global_count):
+    """Fill ``model.grads`` with this rank's share, for the rows ``(x, y)``, of the gradient of the mean
+    loss over a global batch of ``global_count`` samples; returns the rows' share of the loss and their
+    correct predictions. The loss is normalised by the global count, so the shares of all the rows of the
+    global batch, however they are split (over ranks, or over micro-batches), sum to that gradient."""
+    logits = model.forward(x)
+    loss_share = loss_fn.forward(logits, y, normaliser=global_count)
+    correct = count_correct(logits, y)
+    model.backward(loss_fn.backward())
+    return loss_share, correct
+
+
 def compute_gradient(model, loss_fn, comm, x, y, global_count):
     """Fill ``model.grads`` with the gradient of the mean loss over the global batch.
 
@@ -72,12 +85,16 @@ def compute_gradient(model, loss_fn, comm, x, y, global_count):
     batch was split. Returns this rank's share of the loss and its number of
     correct predictions.
     """
-    logits = model.forward(x)
-    loss_share = loss_fn.forward(logits, y, normaliser=global_count)
-    correct = count_correct(logits, y)
-    model.backward(loss_fn.backward())
+    loss_share, correct = local_gradient(model, loss_fn, x, y, global_count)
     comm.allreduce_(model.grads)   # DDP: sum of the shares = gradient of the global mean
     return loss_share, correct
+
+
+def micro_batch_bounds(rows, micro_batches):
+    """``(start, stop)`` of ``micro_batches`` nearly equal, consecutive slices of ``rows`` rows (some empty
+    when there are fewer rows than micro-batches)."""
+    edges = [rows * i // micro_batches for i in range(micro_batches + 1)]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def gradient_norm(grads):
@@ -105,9 +122,11 @@ class TrainStep:
     single process computes.
     """
 
-    def __init__(self, model, loss_fn, optimizer, comm, clip_grad_norm=None):
+    def __init__(self, model, loss_fn, optimizer, comm, clip_grad_norm=None, micro_batches=1):
         self.model, self.loss_fn, self.optimizer, self.comm = model, loss_fn, optimizer, comm
         self.clip_grad_norm = clip_grad_norm
+        self.micro_batches = micro_batches
+        self._accumulated = None
         self.after_reduce = []
         self._totals = np.zeros(4)   # loss sum, correct, samples, ranks asked to stop
 
@@ -117,8 +136,11 @@ class TrainStep:
         ``context`` (a ``dropout.BatchContext``: the seed, the global step and
         the rows' positions in the global batch) is what Dropout draws its masks from.
         """
-        self.model.set_batch_context(context)
-        loss_share, correct = compute_gradient(self.model, self.loss_fn, self.comm, x, y, global_count)
+        if self.micro_batches == 1:
+            self.model.set_batch_context(context)
+            loss_share, correct = compute_gradient(self.model, self.loss_fn, self.comm, x, y, global_count)
+        else:
+            loss_share, correct = self._accumulate(x, y, global_count, context)
         for hook in self.after_reduce:
             hook(x, y, global_count, context)
         totals = self._totals
@@ -133,3 +155,24 @@ class TrainStep:
         self.optimizer.step(self.model.params, self.model.grads, lr)
         return StepTotals(loss_sum=float(totals[0]), correct=int(totals[1]), samples=int(totals[2]),
                           stop_requested=bool(totals[3]), grad_norm=norm)
+
+    def _accumulate(self, x, y, global_count, context):
+        """Gradient accumulation: this rank's rows forward and backward ``micro_batches`` slices at a time
+        (activations of a slice only), each slice's gradient normalised by the *global* count and summed
+        here, then one Allreduce for the whole step, as DDP's ``no_sync`` does."""
+        model = self.model
+        if self._accumulated is None or self._accumulated.shape != model.grads.shape:
+            self._accumulated = np.empty_like(model.grads)
+        accumulated, loss_share, correct = self._accumulated, 0.0, 0
+        accumulated[...] = 0
+        for start, stop in micro_batch_bounds(len(y), self.micro_batches):
+            if start == stop:
+                continue   # fewer rows than micro-batches: this slice adds nothing
+            model.set_batch_context(None if context is None else
+                                    BatchContext(context.seed, context.step, context.positions[start:stop]))
+            share, right = local_gradient(model, self.loss_fn, x[start:stop], y[start:stop], global_count)
+            accumulated += model.grads
+            loss_share, correct = loss_share + share, correct + right
+        np.copyto(model.grads, accumulated)
+        self.comm.allreduce_(model.grads)   # DDP: once per step, not once per micro-batch
+        return loss_share, correct

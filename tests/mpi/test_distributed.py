@@ -182,6 +182,18 @@ def test_a_cnn_on_p_ranks_trains_the_parameters_and_statistics_of_one_process(co
 
 
 
+def test_gradient_accumulation_on_p_ranks_trains_the_parameters_of_one_process_without_it(comm, shared_dir,
+                                                                                          dataset):
+    config = Config(data=dataset, model="64-16-drop0.2-10", dtype="float64", epochs=1, batch_size=29, lr=0.2,
+                    momentum=0.9, log_every=1000, threads=1)
+    accumulated, _ = train_and_load(comm, Config(**{**config.to_dict(), "accumulate": 3,
+                                                    "run_dir": str(shared_dir / f"accumulate-p{comm.size}")}))
+    single, _ = train_and_load(SerialComm(), Config(**{**config.to_dict(),
+                                                       "run_dir": str(shared_dir / f"accumulate-serial-{comm.rank}")}))
+    assert relative_error(accumulated, single) < 1e-9
+
+
+
 @pytest.mark.parametrize("spec", [model_spec(), BN_MODEL])
 def test_evaluation_over_ranks_equals_one_process_evaluating_everything(comm, dataset, spec):
     model = Sequential.from_spec(spec, dtype=np.float64, seed=3)
