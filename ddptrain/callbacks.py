@@ -12,6 +12,7 @@ import time
 
 from .checkpoint import Checkpoint
 from .comm import collective
+from .optim import optimizer_name
 from .train import Callback
 
 
@@ -108,12 +109,16 @@ class MetricsLog(Callback):
         self.run_folder.append_metrics(record)
 
 
-def make_checkpoint(trainer):
-    """Everything a run needs to continue exactly where ``trainer`` stands (views: encode it at once)."""
+def make_checkpoint(trainer, optimizer_state=None):
+    """Everything a run needs to continue exactly where ``trainer`` stands (views: encode it at once).
+    ``optimizer_state``: the optimiser's whole ``state_dict()`` (a collective when it is sharded), or None
+    to ask the optimiser here."""
     model, pos, plan = trainer.model, trainer.position, trainer.plan
+    if optimizer_state is None:
+        optimizer_state = trainer.optimizer.state_dict()
     return Checkpoint(
         params=dict(model.named_params()), buffers=dict(model.named_buffers()),
-        optimizer={"type": type(trainer.optimizer).__name__, **trainer.optimizer.state_dict()},
+        optimizer={"type": optimizer_name(trainer.optimizer), **optimizer_state},
         state={"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "step": pos.step,
                "train_sums": pos.sums.to_dict(), "n_train": plan.n_train, "best_accuracy": trainer.best_accuracy,
                "world_size": trainer.comm.size},
@@ -129,8 +134,9 @@ class Checkpointing(Callback):
         self.run_folder, self.every, self.keep = run_folder, every, keep
 
     def save(self, trainer, is_best=False):
-        path = self.run_folder.save_checkpoint(lambda: make_checkpoint(trainer), trainer.position.step, self.keep,
-                                               is_best)
+        optimizer_state = trainer.optimizer.state_dict()   # on every rank: sharded, it gathers the slices
+        path = self.run_folder.save_checkpoint(lambda: make_checkpoint(trainer, optimizer_state),
+                                               trainer.position.step, self.keep, is_best)
         trainer.last_checkpoint = trainer.position.step
         return path
 

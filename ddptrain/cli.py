@@ -117,6 +117,10 @@ def _add_train_arguments(parser):
     _option(group, "--accumulate", "gradient accumulation: each rank runs its share of the global batch as K "
             "micro-batches (the activations of one only) and reduces the gradient once per step; the same "
             "training as without (not with batch normalisation, refused)", type=int, metavar="K")
+    _option(group, "--shard-optimizer", "each rank keeps the optimiser state of 1/P of the parameters (ZeRO "
+            "stage 1): the gradient is reduce-scattered, each rank updates its slice, the parameters are "
+            "allgathered; checkpoints hold the whole state, so a run resumes on any number of ranks",
+            action="store_true")
     _option(group, "--clip-grad-norm", "clip the allreduced (global) gradient to this 2-norm, as PyTorch's "
             "clip_grad_norm_; the norm is in the step records of --metrics-every; 0: no clipping", type=float,
             metavar="X")

@@ -58,6 +58,15 @@ class SerialComm:
     def allgather(self, obj):
         return [obj]
 
+    def reduce_scatter_(self, array, bounds):
+        """Sum ``array`` over all ranks into this rank's slice ``array[bounds[rank]:bounds[rank + 1]]``, in place
+        (the rest of ``array`` is left as it was). Returns the slice."""
+        return array[bounds[0]:bounds[1]]
+
+    def allgather_(self, array, bounds):
+        """Every rank's slice ``array[bounds[r]:bounds[r + 1]]``, on every rank, in place. Returns ``array``."""
+        return array
+
     def barrier(self):
         pass
 
@@ -96,6 +105,24 @@ class MPIComm:
 
     def allgather(self, obj):
         return self._comm.allgather(obj)
+
+    def reduce_scatter_(self, array, bounds):
+        counts = [int(b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+        mine = array[bounds[self.rank]:bounds[self.rank + 1]]
+        received = self._received
+        if received is None or received.size < mine.size or received.dtype != array.dtype:
+            received = self._received = np.empty(max(counts), dtype=array.dtype)
+        self._comm.Reduce_scatter(array, received[:mine.size], recvcounts=counts, op=self._MPI.SUM)
+        mine[...] = received[:mine.size]
+        return mine
+
+    def allgather_(self, array, bounds):
+        counts = [int(b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+        kind = self._MPI.DOUBLE if array.dtype == np.float64 else self._MPI.FLOAT
+        self._comm.Allgatherv(self._MPI.IN_PLACE, [array, counts, [int(b) for b in bounds[:-1]], kind])
+        return array
+
+    _received = None   # reduce_scatter_'s receive buffer, kept
 
     def barrier(self):
         self._comm.Barrier()
@@ -193,6 +220,21 @@ class ThreadComm:
 
     def allgather(self, obj):
         return self._exchange(obj)
+
+    def reduce_scatter_(self, array, bounds):
+        lo, hi = bounds[self.rank], bounds[self.rank + 1]
+        values = self._exchange(array.copy())
+        total = values[0][lo:hi].copy()
+        for value in values[1:]:   # in rank order: deterministic
+            total += value[lo:hi]
+        array[lo:hi] = total
+        return array[lo:hi]
+
+    def allgather_(self, array, bounds):
+        values = self._exchange(array[bounds[self.rank]:bounds[self.rank + 1]].copy())
+        for rank, value in enumerate(values):
+            array[bounds[rank]:bounds[rank + 1]] = value
+        return array
 
     def barrier(self):
         self._hub.barrier.wait()

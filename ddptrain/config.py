@@ -41,6 +41,7 @@ class Config:
     weight_decay: float = 0.0
     clip_grad_norm: float = 0.0        # clip the global gradient to this 2-norm; 0: no clipping
     accumulate: int = 1                # micro-batches per step on each rank (gradient accumulation)
+    shard_optimizer: bool = False      # each rank keeps the optimiser state of 1/P of the parameters (ZeRO-1)
     lr_schedule: str = "cosine"
     warmup_epochs: float = 0.0
     lr_scaling: str = "none"           # "linear": peak lr = lr * batch_size / reference_batch (Goyal et al.)
@@ -99,6 +100,8 @@ class Config:
         return self
 
     def make_optimizer(self):
+        if self.shard_optimizer and self.optimizer == "sgd" and not self.momentum:
+            raise UserError("--shard-optimizer: SGD without --momentum keeps no state to shard")
         if self.optimizer == "sgd":
             return SGD(momentum=self.momentum, weight_decay=self.weight_decay, nesterov=self.nesterov)
         if self.nesterov:

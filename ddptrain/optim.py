@@ -164,3 +164,8 @@ class AdamW(Adam):
 
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+
+
+def optimizer_name(optimizer):
+    """The optimiser's name in checkpoints: ``SGD``, ``Adam``, ``AdamW`` (sharded or not)."""
+    return getattr(optimizer, "name", type(optimizer).__name__)

@@ -7,13 +7,13 @@ was trained on as many rows, and on the same sequence of global batches.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from pathlib import Path
+from types import SimpleNamespace
 
 from . import checkpoint as ckpt_io
 from .config import option_name
 from .errors import CheckpointError
+from .optim import optimizer_name
 
 # Options that fix the sequence of global batches: resuming with another value
 # would not continue the run the checkpoint belongs to.
@@ -68,9 +68,9 @@ def check_fits(checkpoint, model, optimizer, n_train, config):
     where = checkpoint.path
     check_model_fits(checkpoint, model)
     kind = checkpoint.optimizer.get("type")
-    if kind != type(optimizer).__name__:
+    if kind != optimizer_name(optimizer):
         raise CheckpointError(f"{where}: checkpoint holds the state of optimiser {kind}, "
-                              f"not {type(optimizer).__name__}")
+                              f"not {optimizer_name(optimizer)}")
     for name, array in checkpoint.optimizer.items():
         if hasattr(array, "shape") and (array.shape != model.params.shape or array.dtype != model.dtype):
             raise CheckpointError(f"{where}: optimiser state {name} does not fit the model's "

@@ -23,6 +23,7 @@ from .plan import TrainingPlan
 from .rank0 import Console, RunFolder, run_on_rank0
 from .resume import load_checkpoint
 from .schedule import peak_learning_rate
+from .sharding import ShardedOptimizer
 from .signals import StopRequest
 from .slurm import default_run_dir, describe_slurm, resume_if_requeued
 from .spec import parse_spec
@@ -108,6 +109,8 @@ class _Run:
 def _train(run, stop, callbacks):
     config, comm, console, folder, model, info = run.config, run.comm, run.console, run.folder, run.model, run.info
     optimizer = config.make_optimizer()
+    if config.shard_optimizer:
+        optimizer = ShardedOptimizer(optimizer, comm, model.params.size)
     # DDP: rank 0 reads and verifies the checkpoint and broadcasts it, so that every rank
     # resumes from the same bytes or every rank stops with the same error.
     checkpoint = run_on_rank0(comm, lambda: load_checkpoint(config, folder.checkpoint_dir, model, optimizer,

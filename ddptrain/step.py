@@ -8,7 +8,11 @@ one Allreduce sums the shares, which gives exactly that gradient however
 unevenly the batch was split; a second, four-number Allreduce adds up the
 step's loss, correct predictions and samples and whether any rank was asked
 to stop; a NaN or Inf stops everything before the update; the gradient is
-clipped to a global norm if asked; and the optimiser updates the parameters. Lines that exist only because training is
+clipped to a global norm if asked; and the optimiser updates the parameters.
+Two variations: with ``--accumulate K`` the rows go forward and backward K
+micro-batches at a time before the one reduction, and with
+``--shard-optimizer`` the reduction is a reduce-scatter and the optimiser
+(``sharding.ShardedOptimizer``) updates this rank's slice and gathers the rest. Lines that exist only because training is
 distributed are tagged ``# DDP:``.
 """
 
@@ -20,6 +24,7 @@ import numpy as np
 
 from .dropout import BatchContext
 from .errors import NumericalError
+from .sharding import ShardedOptimizer
 
 
 @dataclass
@@ -126,9 +131,11 @@ class TrainStep:
         self.model, self.loss_fn, self.optimizer, self.comm = model, loss_fn, optimizer, comm
         self.clip_grad_norm = clip_grad_norm
         self.micro_batches = micro_batches
+        # --shard-optimizer (a ShardedOptimizer, or a wrapper of one): reduce-scatter, then allgather
+        self.sharded = isinstance(getattr(optimizer, "sharded", optimizer), ShardedOptimizer)
         self._accumulated = None
         self.after_reduce = []
-        self._totals = np.zeros(4)   # loss sum, correct, samples, ranks asked to stop
+        self._totals = np.zeros(5)   # loss sum, correct, samples, ranks asked to stop, squared gradient norm
 
     def __call__(self, x, y, global_count, lr, stop_requested=False, context=None):
         """Train on this rank's ``(x, y)`` of a global batch of ``global_count``; returns the StepTotals.
@@ -136,31 +143,46 @@ class TrainStep:
         ``context`` (a ``dropout.BatchContext``: the seed, the global step and
         the rows' positions in the global batch) is what Dropout draws its masks from.
         """
-        if self.micro_batches == 1:
-            self.model.set_batch_context(context)
-            loss_share, correct = compute_gradient(self.model, self.loss_fn, self.comm, x, y, global_count)
+        model, comm, sharded = self.model, self.comm, self.sharded
+        if self.micro_batches == 1 and not sharded:
+            model.set_batch_context(context)
+            loss_share, correct = compute_gradient(model, self.loss_fn, comm, x, y, global_count)
         else:
             loss_share, correct = self._accumulate(x, y, global_count, context)
+            if sharded:
+                # DDP: each rank receives the reduced gradient of its own slice of the parameters only
+                comm.reduce_scatter_(model.grads, self.optimizer.bounds)
+                if self.after_reduce:
+                    comm.allgather_(model.grads, self.optimizer.bounds)   # the hooks (--debug) see all of it
+            else:
+                comm.allreduce_(model.grads)   # DDP: once per step, not once per micro-batch
         for hook in self.after_reduce:
             hook(x, y, global_count, context)
+        grads = model.grads[self.optimizer.slice] if sharded else model.grads
         totals = self._totals
-        totals[:] = (loss_share * global_count, correct, len(y), stop_requested)
-        self.comm.allreduce_(totals)   # DDP: global totals, and whether a signal reached any rank
+        # Sharded, each rank holds its slice of the gradient: the squares of the slices sum to the norm's.
+        totals[:] = (loss_share * global_count, correct, len(y), stop_requested,
+                     float(np.dot(grads, grads)) if sharded else 0.0)
+        comm.allreduce_(totals)   # DDP: global totals, and whether a signal reached any rank
+        norm = float(np.sqrt(totals[4])) if sharded else gradient_norm(grads)
         # Checked before the update, so the parameters in memory stay the last good ones.
-        norm = gradient_norm(self.model.grads)
         if not (np.isfinite(totals[0]) and np.isfinite(norm)):
             raise NonFiniteStep("NaN or Inf in the loss or gradients")
         if self.clip_grad_norm:
-            clip_gradient(self.model.grads, norm, self.clip_grad_norm)
-        self.optimizer.step(self.model.params, self.model.grads, lr)
+            clip_gradient(grads, norm, self.clip_grad_norm)
+        self.optimizer.step(model.params, model.grads, lr)
         return StepTotals(loss_sum=float(totals[0]), correct=int(totals[1]), samples=int(totals[2]),
                           stop_requested=bool(totals[3]), grad_norm=norm)
 
     def _accumulate(self, x, y, global_count, context):
-        """Gradient accumulation: this rank's rows forward and backward ``micro_batches`` slices at a time
-        (activations of a slice only), each slice's gradient normalised by the *global* count and summed
-        here, then one Allreduce for the whole step, as DDP's ``no_sync`` does."""
+        """This rank's share of the gradient, not yet reduced, from its rows forward and backward
+        ``micro_batches`` slices at a time (gradient accumulation: the activations of a slice only), each
+        slice's gradient normalised by the *global* count and summed here; the caller reduces it once for
+        the whole step, as DDP's ``no_sync`` does."""
         model = self.model
+        if self.micro_batches == 1:
+            model.set_batch_context(context)
+            return local_gradient(model, self.loss_fn, x, y, global_count)
         if self._accumulated is None or self._accumulated.shape != model.grads.shape:
             self._accumulated = np.empty_like(model.grads)
         accumulated, loss_share, correct = self._accumulated, 0.0, 0
@@ -174,5 +196,4 @@ class TrainStep:
             accumulated += model.grads
             loss_share, correct = loss_share + share, correct + right
         np.copyto(model.grads, accumulated)
-        self.comm.allreduce_(model.grads)   # DDP: once per step, not once per micro-batch
         return loss_share, correct

@@ -209,10 +209,14 @@ class ProfiledOptimizer:
     def __init__(self, optimizer, profile):
         self._optimizer, self._profile = optimizer, profile
 
+    def __getattr__(self, name):   # a sharded optimiser's bounds and slice, for TrainStep
+        return getattr(self._optimizer, name)
+
     def step(self, params, grads, lr):
         self._profile.lap("finite check")
         self._optimizer.step(params, grads, lr)
-        self._profile.lap("SGD update")
+        self._profile.lap("SGD update (and allgather, sharded)" if hasattr(self._optimizer, "bounds") else
+                          "SGD update")
 
 
 class StepProfile:
@@ -281,6 +285,9 @@ def worker_ddptrain(args):
     model = Sequential.from_spec(args.model, dtype=np.float32, seed=0, input_shape=IMAGE)
     train_x, test_x = model.as_input(train_x), model.as_input(test_x)   # (N, 1, 28, 28) for a CNN: a view
     loss_fn, optimizer = SoftmaxCrossEntropy(), SGD(momentum=0.9)
+    if args.shard_optimizer:
+        from ddptrain.sharding import ShardedOptimizer
+        optimizer = ShardedOptimizer(optimizer, comm, model.params.size)
     timed = TimedComm(comm, only=model.grads, skip=args.no_allreduce)
     # Batch normalisation: statistics of the global batch (its Allreduces timed apart), or each rank's
     # own with rank 0's buffers broadcast after every step, as ddptrain --batchnorm local does.
@@ -331,7 +338,10 @@ def worker_ddptrain(args):
     step = run(step, max(5, args.steps // 2), profile)
     model.observer = None
 
+    state = (optimizer.optimizer if args.shard_optimizer else optimizer).state_dict()
+    optimizer_bytes = sum(v.nbytes for v in state.values() if isinstance(v, np.ndarray))
     result = {"rates": rates, "allreduce_fraction": allreduce_fractions, "threads": threads,
+              "optimizer_bytes": comm.allgather(optimizer_bytes),
               "batchnorm_allreduce_fraction": batchnorm_fractions,
               "profile_ms": profile.per_step_ms() if profile.steps else None,
               "thread_line": thread_line, "blas": blas_description(), "library": comm.library,
@@ -667,6 +677,7 @@ def main(argv=None):
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--no-allreduce", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--end-to-end", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--shard-optimizer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--batchnorm", default="global", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
 
@@ -733,7 +744,9 @@ def run_benchmark(opts):
             ("ddpP", f"ddptrain, {ranks} MPI ranks x {per_rank} thread", "ddptrain", ranks,
              per_rank if opts.threads else 0, ("--end-to-end",)),
             ("ddpP0", "  same ranks, no allreduce (diagnostic)", "ddptrain", ranks,
-             per_rank if opts.threads else 0, ("--no-allreduce",))]
+             per_rank if opts.threads else 0, ("--no-allreduce",)),
+            ("ddpPz", "  same ranks, sharded optimizer state", "ddptrain", ranks,
+             per_rank if opts.threads else 0, ("--shard-optimizer",))]
     if use_torch:
         rows += [("torch1", f"PyTorch, 1 process x {budget} threads", "torch", 1, budget, ()),
                  ("torchP", f"PyTorch DDP gloo, {ranks} x {per_rank} thread", "torch", ranks, per_rank, ())]
@@ -875,6 +888,14 @@ def report(results, rows, batches, limit, row_models, ranks, use_torch, bn_model
         notes.append(f"the BN rows train {bn_model} (its 'of GEMM limit' counts its matrix products only); PyTorch's "
                      f"SyncBatchNorm refuses CPU modules under DDP ('SyncBatchNorm layers only work with GPU "
                      f"modules'), so its row uses BatchNorm1d: each rank's own statistics, as ddptrain's local rows")
+    for batch in batches:
+        plain, sharded = results.get(("ddpP", batch)), results.get(("ddpPz", batch))
+        if plain and sharded:
+            mib = [max(run["optimizer_bytes"]) / 2 ** 20 for run in (plain["runs"][0], sharded["runs"][0])]
+            notes.append(f"sharded optimizer state (ZeRO-1), {ranks} ranks, batch {batch}: "
+                         f"{statistics.median(sharded['rates']) / statistics.median(plain['rates']):.2f}x the "
+                         f"unsharded step rate; momentum buffer {mib[1]:.2f} MiB per rank against {mib[0]:.2f} MiB "
+                         f"(reduce-scatter and allgather in place of one Allreduce)")
     cnn_key = next((key for key in ("cnn1", "cnnP") if results.get((key, batches[0]))), None)
     if cnn_key:
         first = results[(cnn_key, batches[0])]["runs"][0]

@@ -29,6 +29,7 @@ def test_the_benchmark_runs_on_tiny_settings_and_prints_its_table(small_data, tm
     assert "ddptrain, 2 ranks, BN global statistics" in out and "ddptrain, 2 ranks, BN local statistics" in out
     assert "the BatchNorm layers' own Allreduces" in out
     assert "ddptrain CNN, 1 process" in out and "ddptrain CNN, 2 MPI ranks" in out
+    assert "same ranks, sharded optimizer state" in out and "sharded optimizer state (ZeRO-1), 2 ranks" in out
     assert "the CNN rows train conv4k3p1-bn-maxpool2-flatten-10: 694 parameters" in out
     if HAS_TORCH:
         assert "PyTorch DDP gloo" in out and "PyTorch CNN, DDP gloo" in out and "targets for the CNN (issue 12)" in out

@@ -194,6 +194,22 @@ def test_gradient_accumulation_on_p_ranks_trains_the_parameters_of_one_process_w
 
 
 
+@pytest.mark.parametrize("optimizer", [dict(optimizer="sgd", momentum=0.9),
+                                       dict(optimizer="adamw", lr=0.01, weight_decay=0.01)], ids=["sgd", "adamw"])
+def test_a_sharded_optimiser_on_p_ranks_trains_the_parameters_of_one_unsharded_process(comm, shared_dir, dataset,
+                                                                                        optimizer):
+    """Reduce-scatter, a slice's update, allgather: MPI's collectives, P = 2, 3, 4 (uneven slices)."""
+    config = Config(**{**dict(data=dataset, model="64-16-10", dtype="float64", epochs=1, batch_size=29, lr=0.2,
+                              log_every=1000, threads=1), **optimizer})
+    name = optimizer["optimizer"]
+    sharded, _ = train_and_load(comm, Config(**{**config.to_dict(), "shard_optimizer": True,
+                                                "run_dir": str(shared_dir / f"shard-{name}-p{comm.size}")}))
+    single, _ = train_and_load(SerialComm(), Config(**{**config.to_dict(),
+                                                       "run_dir": str(shared_dir / f"shard-{name}-{comm.rank}")}))
+    assert relative_error(sharded, single) < 1e-9
+
+
+
 @pytest.mark.parametrize("spec", [model_spec(), BN_MODEL])
 def test_evaluation_over_ranks_equals_one_process_evaluating_everything(comm, dataset, spec):
     model = Sequential.from_spec(spec, dtype=np.float64, seed=3)
