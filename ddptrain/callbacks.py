@@ -109,13 +109,11 @@ class MetricsLog(Callback):
         self.run_folder.append_metrics(record)
 
 
-def make_checkpoint(trainer, optimizer_state=None):
+def make_checkpoint(trainer, optimizer_state):
     """Everything a run needs to continue exactly where ``trainer`` stands (views: encode it at once).
-    ``optimizer_state``: the optimiser's whole ``state_dict()`` (a collective when it is sharded), or None
-    to ask the optimiser here."""
+    ``optimizer_state``: the optimiser's whole ``state_dict()``, taken on every rank beforehand (a
+    collective when the optimiser is sharded; this function runs on rank 0 only)."""
     model, pos, plan = trainer.model, trainer.position, trainer.plan
-    if optimizer_state is None:
-        optimizer_state = trainer.optimizer.state_dict()
     return Checkpoint(
         params=dict(model.named_params()), buffers=dict(model.named_buffers()),
         optimizer={"type": optimizer_name(trainer.optimizer), **optimizer_state},
