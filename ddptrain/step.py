@@ -5,15 +5,16 @@ batch (gathered by ``Batches``) go forward through the model; the loss is
 normalised by the *global* batch size, so this rank's gradient is its share
 of the gradient of the global mean loss; backward fills the flat gradient;
 one Allreduce sums the shares, which gives exactly that gradient however
-unevenly the batch was split; a second, four-number Allreduce adds up the
-step's loss, correct predictions and samples and whether any rank was asked
-to stop; a NaN or Inf stops everything before the update; the gradient is
+unevenly the batch was split; a second, five-number Allreduce adds up the
+step's loss, correct predictions and samples, whether any rank was asked to
+stop and (sharded) the squares of the gradient's slices; a NaN or Inf stops everything before the update; the gradient is
 clipped to a global norm if asked; and the optimiser updates the parameters.
 Two variations: with ``--accumulate K`` the rows go forward and backward K
 micro-batches at a time before the one reduction, and with
 ``--shard-optimizer`` the reduction is a reduce-scatter and the optimiser
-(``sharding.ShardedOptimizer``) updates this rank's slice and gathers the rest. Lines that exist only because training is
-distributed are tagged ``# DDP:``.
+(``sharding.ShardedOptimizer``) updates this rank's slice and gathers the
+rest. Lines that exist only because training is distributed are tagged
+``# DDP:``.
 """
 
 from __future__ import annotations
