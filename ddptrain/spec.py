@@ -122,7 +122,7 @@ class ModelSpec:
 
         ShapeError (a UserError) naming the token that does not fit the shape it receives.
         """
-        from .nn import Flatten, ShapeError
+        from .nn import Flatten, ReLU, ShapeError
         tokens = self.tokens
         if self.is_mlp:
             shape, tokens, layers = (tokens[0].size,), tokens[1:], [Flatten()]
@@ -145,7 +145,7 @@ class ModelSpec:
             if problem is not None:
                 raise ShapeError(f"--model {self}: {str(token).split('-')[0]!r} (token {position + 1 + self.is_mlp}) "
                                  f"does not fit its input of {_shape(shape)}: {problem}")
-            if token.kind == "maxpool" and layers and type(layers[-1]).__name__ == "ReLU":
+            if token.kind == "maxpool" and layers and isinstance(layers[-1], ReLU):
                 # ReLU then max pooling is built as max pooling then ReLU: max and ReLU commute, values and
                 # gradients alike (the largest value of a window is the one ReLU keeps largest), and the
                 # ReLU then runs on an array k * k times smaller.
