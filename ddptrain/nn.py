@@ -472,10 +472,6 @@ class Sequential:
         """The shape of one sample's output for one image; ShapeError naming the layer that does not fit."""
         return output_shape_of(self.layers, image_shape)
 
-    def flops(self, image_shape):
-        """``(layer, output shape, FLOPs)`` of the forward pass for one image, layer by layer (see layer_flops)."""
-        return layer_flops(self.layers, image_shape)
-
     # -- named state ---------------------------------------------------------------------------
 
     def named_params(self):
