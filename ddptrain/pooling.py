@@ -96,13 +96,14 @@ class _Pool2d(Layer):
 
     def forward(self, x):
         out = self._output(x)
-        if not self._tiles:
-            return self._forward_offsets(x, out)
-        segments, rows_shape = self._stages(x)
-        rows = self._scratch.get("rows", (segments[0].size,), x.dtype)
-        self._reduce(segments, rows, "columns")                            # each window row's segment
-        rows = rows.reshape(rows_shape)
-        self._reduce([rows[:, t] for t in range(self.kernel_size)], out.reshape(rows_shape[0], -1), "rows")
+        if self._tiles:
+            segments, rows_shape = self._stages(x)
+            rows = self._scratch.get("rows", (segments[0].size,), x.dtype)
+            self._reduce(segments, rows, "columns")                            # each window row's segment
+            rows = rows.reshape(rows_shape)
+            self._reduce([rows[:, t] for t in range(self.kernel_size)], out.reshape(rows_shape[0], -1), "rows")
+        else:
+            self._reduce([view for _, view in self._offsets(x, *out.shape[2:])], out, "offsets")
         return self._finish(out)
 
     def backward(self, dout, need_input_grad=True):
@@ -139,25 +140,35 @@ class _Pool2d(Layer):
 class MaxPool2d(_Pool2d):
     """The maximum of each ``kernel_size x kernel_size`` window (stride: the kernel size by default)."""
 
+    def __init__(self, kernel_size, stride=None):
+        super().__init__(kernel_size, stride)
+        self._which = {}   # per stage ("columns", "rows" or "offsets"): which view held each maximum
+
     def _reduce(self, views, out, stage):
         """``out`` = the maximum of ``views``; remembers, per value, the first view that holds it."""
-        which = self._scratch.get(f"which_{stage}", out.shape, np.uint8)
-        # strictly greater: a tie keeps the earlier view (0/1 written straight into the uint8 array)
-        np.greater(views[1], views[0], out=which.view(np.bool_))
-        np.maximum(views[0], views[1], out=out)
-        if len(views) > 2:
-            larger = self._scratch.get("larger", out.shape, bool)
-            offset = self._scratch.get("offset", out.shape, np.uint8)
-            for t, view in enumerate(views[2:], start=2):
-                np.greater(view, out, out=larger)
-                np.maximum(out, view, out=out)
-                # which = t where larger: t exceeds every earlier index, so a maximum does it
-                # (np.copyto(which, t, where=larger) measured ten times slower).
-                np.maximum(which, np.multiply(larger, np.uint8(t), out=offset), out=which)
+        which = self._scratch.get(f"which_{stage}", out.shape, np.uint8 if len(views) <= 256 else np.int32)
+        # per stage: the stages' shapes differ, and one array for both would be allocated again at every call
+        larger = self._scratch.get(f"larger_{stage}", out.shape, bool)
+        offset = self._scratch.get(f"offset_{stage}", out.shape, which.dtype)
+        if len(views) == 1:   # a 1x1 window
+            np.copyto(out, views[0])
+            which[...] = 0
+        else:   # strictly greater: a tie keeps the earlier view (0/1 written straight into a uint8 array)
+            np.greater(views[1], views[0], out=which.view(np.bool_) if which.dtype == np.uint8 else larger)
+            if which.dtype != np.uint8:
+                np.copyto(which, larger)
+            np.maximum(views[0], views[1], out=out)
+        for t, view in enumerate(views[2:], start=2):
+            np.greater(view, out, out=larger)
+            np.maximum(out, view, out=out)
+            # which = t where larger: t exceeds every earlier index, so a maximum does it
+            # (np.copyto(which, t, where=larger) measured ten times slower).
+            np.maximum(which, np.multiply(larger, which.dtype.type(t), out=offset), out=which)
+        self._which[stage] = which
 
     def _spread(self, grad, targets, stage):
         """Each target gets ``grad`` where its view held the maximum, 0 elsewhere."""
-        which = self._scratch.get(f"which_{stage}", grad.shape, np.uint8)
+        which = self._which[stage]
         if len(targets) == 2:   # which is 0 or 1: two passes, exact (grad - grad * 1 is 0)
             np.multiply(grad, which, out=targets[1])
             np.subtract(grad, targets[1], out=targets[0])
@@ -166,26 +177,11 @@ class MaxPool2d(_Pool2d):
         for t, target in enumerate(targets):
             np.multiply(grad, np.equal(which, t, out=chosen), out=target)
 
-    def _forward_offsets(self, x, out):
-        which = self._scratch.get("which", out.shape, np.uint8 if self.kernel_size ** 2 <= 256 else np.int32)
-        larger = self._scratch.get("larger", out.shape, bool)
-        offset = self._scratch.get("offset", out.shape, which.dtype)
-        for t, view in self._offsets(x, *out.shape[2:]):
-            if t == 0:
-                np.copyto(out, view)
-                which[...] = 0
-                continue
-            np.greater(view, out, out=larger)
-            np.maximum(out, view, out=out)
-            np.maximum(which, np.multiply(larger, which.dtype.type(t), out=offset), out=which)
-        self._which = which
-        return out
-
     def _backward_offsets(self, dout, dx):
         dx[...] = 0   # overlapping windows add up; pixels between windows get 0
         chosen = self._scratch.get("chosen", dout.shape, bool)
         for t, view in self._offsets(dx, *dout.shape[2:]):
-            view += dout * np.equal(self._which, t, out=chosen)
+            view += dout * np.equal(self._which["offsets"], t, out=chosen)
         return dx
 
 
@@ -205,14 +201,6 @@ class AvgPool2d(_Pool2d):
         # each stage passes 1/k of the gradient: 1/k^2 in all
         for target in targets:
             np.multiply(grad, 1.0 / self.kernel_size, out=target)
-
-    def _forward_offsets(self, x, out):
-        for t, view in self._offsets(x, *out.shape[2:]):
-            if t == 0:
-                np.copyto(out, view)
-            else:
-                out += view
-        return self._finish(out)
 
     def _backward_offsets(self, dout, dx):
         dx[...] = 0

@@ -105,6 +105,7 @@ def test_padding_adds_zeros_around_the_image():
 
 POOL_CASES = [
     # kernel, stride, height, width
+    (1, None, 3, 4),      # 1x1: the identity
     (2, None, 6, 6),
     (2, None, 7, 5),      # sizes that do not divide: the last row/column is left out
     (3, 2, 7, 7),         # overlapping windows
