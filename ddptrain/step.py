@@ -81,21 +81,6 @@ def local_gradient(model, loss_fn, x, y, global_count):
     return loss_share, correct
 
 
-def compute_gradient(model, loss_fn, comm, x, y, global_count):
-    """Fill ``model.grads`` with the gradient of the mean loss over the global batch.
-
-    ``(x, y)`` is this rank's part of a global batch of ``global_count``
-    samples. The loss is normalised by the global count, so this rank's
-    gradient is its share of the gradient of the global mean loss; summing the
-    shares over the ranks gives exactly that gradient, however unevenly the
-    batch was split. Returns this rank's share of the loss and its number of
-    correct predictions.
-    """
-    loss_share, correct = local_gradient(model, loss_fn, x, y, global_count)
-    comm.allreduce_(model.grads)   # DDP: sum of the shares = gradient of the global mean
-    return loss_share, correct
-
-
 def micro_batch_bounds(rows, micro_batches):
     """``(start, stop)`` of ``micro_batches`` nearly equal, consecutive slices of ``rows`` rows (some empty
     when there are fewer rows than micro-batches)."""
@@ -145,18 +130,14 @@ class TrainStep:
         the rows' positions in the global batch) is what Dropout draws its masks from.
         """
         model, comm, sharded = self.model, self.comm, self.sharded
-        if self.micro_batches == 1 and not sharded:
-            model.set_batch_context(context)
-            loss_share, correct = compute_gradient(model, self.loss_fn, comm, x, y, global_count)
+        loss_share, correct = self._local_gradient(x, y, global_count, context)
+        if sharded:
+            # DDP: each rank receives the reduced gradient of its own slice of the parameters only
+            comm.reduce_scatter_(model.grads, self.optimizer.bounds)
+            if self.after_reduce:
+                comm.allgather_(model.grads, self.optimizer.bounds)   # the hooks (--debug) see all of it
         else:
-            loss_share, correct = self._accumulate(x, y, global_count, context)
-            if sharded:
-                # DDP: each rank receives the reduced gradient of its own slice of the parameters only
-                comm.reduce_scatter_(model.grads, self.optimizer.bounds)
-                if self.after_reduce:
-                    comm.allgather_(model.grads, self.optimizer.bounds)   # the hooks (--debug) see all of it
-            else:
-                comm.allreduce_(model.grads)   # DDP: once per step, not once per micro-batch
+            comm.allreduce_(model.grads)   # DDP: sum of the shares = gradient of the global mean, once a step
         for hook in self.after_reduce:
             hook(x, y, global_count, context)
         grads = model.grads[self.optimizer.slice] if sharded else model.grads
@@ -175,11 +156,12 @@ class TrainStep:
         return StepTotals(loss_sum=float(totals[0]), correct=int(totals[1]), samples=int(totals[2]),
                           stop_requested=bool(totals[3]), grad_norm=norm)
 
-    def _accumulate(self, x, y, global_count, context):
-        """This rank's share of the gradient, not yet reduced, from its rows forward and backward
-        ``micro_batches`` slices at a time (gradient accumulation: the activations of a slice only), each
-        slice's gradient normalised by the *global* count and summed here; the caller reduces it once for
-        the whole step, as DDP's ``no_sync`` does."""
+    def _local_gradient(self, x, y, global_count, context):
+        """This rank's share of the gradient in ``model.grads``, not yet reduced; its share of the loss and
+        its correct predictions. With ``micro_batches`` K > 1 (gradient accumulation) the rows go forward
+        and backward K slices at a time (the activations of a slice only), each slice's gradient
+        normalised by the *global* count and summed here; the caller reduces it once for the whole step,
+        as DDP's ``no_sync`` does."""
         model = self.model
         if self.micro_batches == 1:
             model.set_batch_context(context)

@@ -8,7 +8,7 @@ from ddptrain.comm import SerialComm
 from ddptrain.losses import SoftmaxCrossEntropy
 from ddptrain.nn import Sequential
 from ddptrain.optim import SGD
-from ddptrain.step import TrainStep, clip_gradient, compute_gradient
+from ddptrain.step import TrainStep, clip_gradient, local_gradient
 from helpers import metrics_records, model_spec, on_simulated_ranks, rel_error
 
 UNEVEN = [0, 1, 5, 11]   # an 11-row global batch over 3 ranks: 1, 4 and 6 rows
@@ -55,13 +55,13 @@ def test_clipping_each_rank_s_share_by_its_own_norm_would_give_another_gradient(
     """The bug the test above guards against, computed here: it is off by far more than rounding."""
     x, y = batch()
     model = Sequential.from_spec("20-16-5", dtype=np.float64, seed=1)
-    compute_gradient(model, SoftmaxCrossEntropy(), SerialComm(), x, y, len(x))
+    local_gradient(model, SoftmaxCrossEntropy(), x, y, len(x))
     whole = model.grads.copy()
     max_norm = np.linalg.norm(whole) / 4
     clip_gradient(whole, np.linalg.norm(whole), max_norm)
     local_clipped = np.zeros_like(whole)
     for lo, hi in zip(UNEVEN[:-1], UNEVEN[1:]):
-        compute_gradient(model, SoftmaxCrossEntropy(), SerialComm(), x[lo:hi], y[lo:hi], len(x))
+        local_gradient(model, SoftmaxCrossEntropy(), x[lo:hi], y[lo:hi], len(x))
         share = model.grads.copy()
         clip_gradient(share, np.linalg.norm(share), max_norm)
         local_clipped += share

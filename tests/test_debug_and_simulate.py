@@ -52,12 +52,12 @@ def test_debug_mode_confirms_a_correct_gradient(small_data, tmp_path, ranks):
 def test_debug_mode_reports_a_gradient_scaled_by_the_local_instead_of_the_global_batch(
         small_data, tmp_path, monkeypatch, capsys):
     """The classic data-parallel bug, injected: each rank normalises by its own batch size."""
-    real = step.compute_gradient
+    real = step.local_gradient
 
-    def local_mean_gradient(model, loss_fn, comm, x, y, global_count):
-        return real(model, loss_fn, comm, x, y, global_count=len(y))   # wrong: the LOCAL count
+    def local_mean_gradient(model, loss_fn, x, y, global_count):
+        return real(model, loss_fn, x, y, global_count=len(y))   # wrong: the LOCAL count
 
-    monkeypatch.setattr(step, "compute_gradient", local_mean_gradient)
+    monkeypatch.setattr(step, "local_gradient", local_mean_gradient)
     status = cli.main(["--data", small_data, *SMALL, "--debug", "--simulate-ranks", "3",
                        "--run-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
