@@ -13,7 +13,7 @@ import time
 from .checkpoint import Checkpoint
 from .comm import collective
 from .optim import optimizer_name
-from .train import Callback
+from .trainer import Callback
 
 
 class ReplicaDivergence(RuntimeError):

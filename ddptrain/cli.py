@@ -16,10 +16,10 @@ import argparse
 import sys
 import traceback
 
-from .config import (BATCHNORM_MODES, DTYPES, LR_SCALINGS, SCHEDULES, SWITCHES, Config, check_optimizer_options,
-                     load_toml, with_model_defaults)
-from .errors import EXIT_FAILURE, DataError, UserError, same_on_every_rank
-from .launcher import launched_by_mpi, rank_and_size
+from .config import BATCHNORM_MODES, DTYPES, LR_SCALINGS, SCHEDULES, SWITCHES, Config, load_toml, make_config
+from .api import check_data_file, launch
+from .errors import UserError, end_rank, message_of, same_on_every_rank
+from .launcher import rank_and_size
 from .optim import OPTIMIZERS
 from .signals import restore_default_signals
 
@@ -169,18 +169,20 @@ def build_parser():
     evaluate = commands.add_parser("evaluate", help="test loss, accuracy, per-class accuracy and confusion "
                                    "matrix of a checkpoint")
     evaluate.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint file (.h5)")
-    evaluate.add_argument("--data", metavar="PATH", help="data file (default: the one the checkpoint was "
-                          "trained on, else the cached MNIST)")
+    evaluate.add_argument("--data", metavar="PATH", help="data file, or a known set's name (default: the data the "
+                          "checkpoint was trained on, else the cached MNIST)")
     evaluate.add_argument("--eval-batch", type=int, default=Config().eval_batch, metavar="N",
                           help="rows per forward pass (default: %(default)s)")
     from . import mnist
-    mnist.add_arguments(commands.add_parser("prepare", help="convert MNIST IDX files to the HDF5 data file"))
+    mnist.add_arguments(commands.add_parser("prepare", help="a data set (mnist, fashion-mnist, or IDX files of your "
+                                            "own) as the HDF5 data file"))
     plot = commands.add_parser("plot", help="PNG curves of train and test loss and test accuracy of a run")
     plot.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (holding metrics.jsonl)")
     plot.add_argument("--output", metavar="FILE.png", help="default: RUN_DIR/curves.png")
-    info = commands.add_parser("info", help="versions, MPI library and world size, BLAS threads, the data file, a model's "
-                                                "layers and FLOPs")
-    info.add_argument("--data", metavar="PATH", help="data file to describe (default: the cached MNIST, if any)")
+    info = commands.add_parser("info", help="versions, MPI library and world size, BLAS threads, the data file, a "
+                               "model's layers and FLOPs")
+    info.add_argument("--data", metavar="PATH", help="data file (or a known set's name) to describe (default: the "
+                      "cached MNIST, if any)")
     info.add_argument("--model", metavar="SPEC", default=Config().model,
                       help="model to describe: its layers, parameters and FLOPs per sample on the data's images "
                            "(default: %(default)s)")
@@ -198,31 +200,7 @@ def config_from_args(args):
         if values.pop(switch, False):
             setattr(args, switch, True)
     given = {name: value for name, value in vars(args).items() if name in Config.__dataclass_fields__}
-    check_optimizer_options({**values, **given})   # what was set, before a named model's defaults
-    values = with_model_defaults({**values, **given})
-    if values.get("debug") and "dtype" not in values:
-        values["dtype"] = "float64"      # --debug means float64 unless float32 is asked for (and refused)
-    if values.get("debug"):
-        values.setdefault("check_every", 1)
-    return Config(**values)
-
-
-def check_data_file(path):
-    """Before MPI starts, while checking costs a fork (milliseconds): a damaged data file must not hang a rank.
-
-    ``path`` given: a damaged file is refused here. Without it, the cached
-    MNIST, if there is one, is checked but not refused: the run prepares it
-    again if it is damaged (``mnist.ensure_default_dataset``). What passes
-    here is not checked again once MPI runs (``data.check_readable``).
-    """
-    from . import data, mnist
-    if path:
-        data.check_readable(path)
-    elif mnist.default_data_path().exists():
-        try:
-            data.check_readable(mnist.default_data_path())
-        except DataError:
-            pass
+    return make_config({**values, **given})
 
 
 def parse(argv):
@@ -235,7 +213,7 @@ def parse(argv):
 def main(argv=None, callbacks=()):
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
 
-    ``callbacks`` (``ddptrain.train.Callback``) are added to a training run's own.
+    ``callbacks`` (``ddptrain.trainer.Callback``) are added to a training run's own.
     """
     comm = None
     try:
@@ -259,46 +237,18 @@ def main(argv=None, callbacks=()):
                     check_data_file(args.data)
             comm = world()
             return commands.evaluate(args, comm)
-        from .runner import run_training
+        # Training: the options become a Config, and the run is the one ddptrain.train launches.
         with same_on_every_rank():
-            config = config_from_args(args).validated()
-            check_data_file(config.data)
-        if config.simulate_ranks:
-            if launched_by_mpi():
-                raise UserError("--simulate-ranks runs the ranks as threads of one process: start it without "
-                                "mpirun/srun")
-            from .simulate import run_simulated
-            return run_simulated(config.simulate_ranks,
-                                 lambda rank_comm: run_training(config, rank_comm, quiet=args.quiet,
-                                                                dry_run=args.dry_run, callbacks=callbacks))
-        comm = world()
-        return run_training(config, comm, quiet=args.quiet, dry_run=args.dry_run, callbacks=callbacks)
+            config = config_from_args(args)
+        return launch(config, quiet=args.quiet, dry_run=args.dry_run, callbacks=callbacks).exit_status
     except UserError as error:
-        return _fail(str(error), error, comm)
+        return end_rank(str(error), error, comm)
     except SystemExit:
         raise
     except KeyboardInterrupt:   # Ctrl-C in a command other than training
-        return _fail("interrupted (Ctrl-C)", Interrupted(), comm)
+        return end_rank(message_of(KeyboardInterrupt()), Interrupted(), comm)
     except BaseException as error:
-        return _fail(f"{type(error).__name__}: {error}", error, comm, traceback.format_exc())
-
-
-def _fail(message, error, comm, details=None):
-    """Print the error once and end this rank (and, if only some ranks failed, the whole job)."""
-    status = getattr(error, "exit_status", EXIT_FAILURE)
-    rank, size = (comm.rank, comm.size) if comm is not None else (rank_and_size()[0], 1)
-    every_rank_failed = size == 1 or getattr(error, "all_ranks", False)
-    if every_rank_failed:
-        if rank == 0:
-            if details and status == EXIT_FAILURE and getattr(error, "show_traceback", True):
-                sys.stderr.write(details)
-            print(f"ddptrain: error: {message}", file=sys.stderr, flush=True)
-        return status
-    if details:
-        sys.stderr.write("".join(f"[rank {rank}] {line}\n" for line in details.splitlines()))
-    print(f"ddptrain: error on rank {rank} of {size}: {message}", file=sys.stderr, flush=True)
-    comm.abort(status)
-    return status
+        return end_rank(message_of(error), error, comm, traceback.format_exc())
 
 
 if __name__ == "__main__":

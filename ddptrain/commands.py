@@ -27,14 +27,28 @@ from .threads import configure_blas_threads
 
 
 def _data_for(checkpoint, given):
-    """--data, else the file the checkpoint was trained on, else the cached MNIST."""
-    if given:
-        return given
-    trained_on = checkpoint.config.get("data")
-    if trained_on and Path(trained_on).is_file():
+    """--data (a file, or a known set's name), else the data the checkpoint was trained on, else the cached
+    MNIST."""
+    from . import datasets
+    from .arrays import WHAT as IN_MEMORY
+    trained_on = given or checkpoint.config.get("data")
+    if trained_on in datasets.KNOWN_DATASETS or not trained_on:
+        return str(datasets.ensure_prepared(trained_on or "mnist"))
+    if trained_on == IN_MEMORY and not given:
+        raise UserError(f"{checkpoint.path}: the model was trained on {IN_MEMORY}: give the data to evaluate it "
+                        f"on with --data FILE")
+    if given or Path(trained_on).is_file():
         return trained_on
-    from . import mnist
-    return str(mnist.ensure_default_dataset())
+    return str(datasets.ensure_prepared("mnist"))
+
+
+def format_per_class(accuracy, confusion, class_names):
+    """One line per class: its number, its name, its accuracy and its test rows."""
+    width = max(5, *(len(name) for name in class_names))
+    lines = [f"{'class':>5}  {'name':<{width}}  {'accuracy':>8}  {'rows':>6}"]
+    for c, (name, value, rows) in enumerate(zip(class_names, accuracy, confusion.sum(axis=1))):
+        lines.append(f"{c:>5}  {name:<{width}}  {100 * value:>7.1f}%  {rows:>6,}")
+    return "\n".join(lines)
 
 
 def format_confusion(confusion):
@@ -66,15 +80,15 @@ def evaluate(args, comm):
     model = Sequential(layers, dtype=checkpoint.dtype)
     model.load_state(checkpoint.params, checkpoint.buffers)
     test_rows = evaluation_block(info.n_test, comm.rank, comm.size)
-    test = read_split(path, "test", [test_rows], checkpoint.dtype, model)
+    test = read_split(info, "test", [test_rows], checkpoint.dtype, model)
     result = evaluate_split(model, comm, test, info.n_classes, args.eval_batch)
     if comm.rank == 0:
         step = checkpoint.state.get("step")
         print(f"checkpoint {args.checkpoint} (model {checkpoint.model_summary}, step {step}) on {path}, "
               f"{info.n_test:,} test rows, {comm.size} rank(s)")
         print(f"test loss {result.loss:.4f}  test accuracy {100 * result.accuracy:.2f}%")
-        print("per-class accuracy: " + "  ".join(f"{c}: {100 * a:.1f}%"
-                                                for c, a in enumerate(result.per_class_accuracy)))
+        print("per-class accuracy:")
+        print(format_per_class(result.per_class_accuracy, result.confusion, info.class_names))
         print("confusion matrix (rows: true class, columns: predicted class):")
         print(format_confusion(result.confusion))
     return EXIT_OK
@@ -144,15 +158,23 @@ def _hdf5_version():
 
 
 def _data_line(given):
-    from . import mnist
-    path = given or str(mnist.default_data_path())
+    from . import datasets
+    known = given in datasets.KNOWN_DATASETS or not given
+    path = str(datasets.cached_path(given or "mnist")) if known else given
     try:
         data.check_readable(path)
         summary = data.inspect(path)
     except UserError as error:
-        if not given:
-            return f"data         none prepared yet at {path} (`python -m ddptrain prepare` makes it)", None
+        if known:
+            return (f"data         none prepared yet at {path} (`python -m ddptrain prepare {given or 'mnist'}` "
+                    f"makes it)"), None
         return f"data         {error}", None
     source = summary.attrs.get("source", "unknown source")
     return (f"data         {path}: {summary.n_train:,} training and {summary.n_test:,} test images of "
-            f"{summary.n_features} pixels, {summary.n_classes} classes; source {source}"), summary.image_shape
+            f"{summary.image_text} ({summary.n_features} values), {summary.n_classes} classes "
+            f"({_some(summary.class_names)}); source {source}"), summary.image_shape
+
+
+def _some(names, shown=10):
+    """The first ``shown`` names, joined: a thousand class names do not fit in a line."""
+    return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")

@@ -71,9 +71,11 @@ class Config:
     def to_json(self):
         return json.dumps(self.to_dict(), sort_keys=True)
 
-    def validated(self):
-        """Return self, or raise a UserError naming the first invalid option."""
-        parse_spec(self.model)
+    def validated(self, check_spec=True):
+        """Return self, or raise a UserError naming the first invalid option. ``check_spec``: ``model`` is a
+        --model spec (not the summary of a model built in Python)."""
+        if check_spec:
+            parse_spec(self.model)
         for name, allowed in (("dtype", DTYPES), ("lr_scaling", LR_SCALINGS), ("lr_schedule", SCHEDULES),
                               ("batchnorm", BATCHNORM_MODES), ("optimizer", tuple(OPTIMIZERS))):
             if getattr(self, name) not in allowed:
@@ -108,6 +110,20 @@ class Config:
             raise UserError(f"--nesterov is SGD's: drop it, or use --optimizer sgd (not {self.optimizer})")
         return OPTIMIZERS[self.optimizer](beta1=self.beta1, beta2=self.beta2, eps=self.eps,
                                           weight_decay=self.weight_decay)
+
+
+def make_config(values, model_given=False):
+    """The validated Config of the options set in ``values`` (Config fields), as the command line and
+    ``ddptrain.train`` make it: a named --model's defaults apply to the options left unset, and --debug
+    means float64 and a replica check every step. ``model_given``: the model is an object built in Python
+    (``values["model"]`` its summary), with no spec to check and no defaults to bring."""
+    check_optimizer_options(values)   # what was set, before a named model's defaults
+    values = dict(values) if model_given else with_model_defaults(values)
+    if values.get("debug") and "dtype" not in values:
+        values["dtype"] = "float64"      # --debug means float64 unless float32 is asked for (and refused)
+    if values.get("debug"):
+        values.setdefault("check_every", 1)
+    return Config(**values).validated(check_spec=not model_given)
 
 
 def option_name(name):

@@ -2,12 +2,20 @@
 
 Layout (written by ``write_dataset``, checked by ``inspect``)::
 
-    /train/images   (N, H, W) uint8, chunked by rows, uncompressed, Fletcher-32 per chunk
-    /train/labels   (N,)      uint8, Fletcher-32
-    /test/images    (M, H, W) uint8
-    /test/labels    (M,)      uint8
-    root attributes: format = "ddptrain-mnist", format_version = 2,
-                     plus provenance (source, md5 of each IDX file, ...), all fixed-length
+    /train/images   (N, H, W) or (N, C, H, W) uint8, chunked by rows, uncompressed, Fletcher-32 per chunk
+    /train/labels   (N,)      uint8 (uint16 beyond 256 classes), Fletcher-32
+    /test/images    (M, ...)  uint8, the same image shape as /train/images
+    /test/labels    (M,)
+    root attributes: format = "ddptrain-mnist", format_version = 3,
+                     n_classes (labels are 0..n_classes-1), class_names (n_classes strings),
+                     plus provenance (dataset, source, md5 of each IDX file, ...), all fixed-length
+
+Any image-classification set fits: one channel or several, any image size,
+2 to ``MAX_CLASSES`` classes. The format keeps its first name,
+"ddptrain-mnist", so that an older ddptrain meeting a newer file says that
+its version is too new (update ddptrain) rather than that it is foreign.
+Versions 1 and 2 (MNIST only) carry no class count: they are read as 10
+classes named "0" to "9".
 
 Images are stored uncompressed and chunked by whole rows so that a block of
 consecutive rows (a virtual shard, see ``sampler``) is one cheap hyperslab
@@ -34,6 +42,7 @@ cannot be detected.
 from __future__ import annotations
 
 import io
+import math
 import os
 import signal
 import stat
@@ -52,12 +61,15 @@ from .errors import DataError
 from .launcher import environ_without_launcher
 
 FORMAT = "ddptrain-mnist"
-FORMAT_VERSION = 2                 # 1: ddptrain 0.1, without checksums (still read)
+FORMAT_VERSION = 3                 # 1: ddptrain 0.1, without checksums; 2: MNIST only (both still read)
 CHECK_SECONDS = 10                # the time a child process may take to read a file's metadata
-N_CLASSES = 10
+LEGACY_CLASSES = 10               # the class count of versions 1 and 2, which do not store it
+MAX_CLASSES = 4096                # a confusion matrix of 4096 x 4096 counts is 128 MiB
+MAX_CLASS_NAME = 200              # bytes of UTF-8 per class name
 SPLITS = ("train", "test")
 PIXEL_MAX = 255
 ROWS_PER_CHUNK = 1024     # 1024 MNIST images = 784 KiB: fits HDF5's default 1 MiB chunk cache
+CHUNK_BYTES = 2 ** 20     # larger images: as many rows as fit in that cache
 
 # What h5py raises on damaged files, odd objects and bad reads.
 _H5PY_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError)
@@ -70,14 +82,28 @@ class DatasetInfo:
     path: str
     n_train: int
     n_test: int
-    image_shape: tuple   # (H, W): (28, 28) for MNIST
+    image_shape: tuple   # one image: (H, W), (28, 28) for MNIST, or (C, H, W)
     n_classes: int
     attrs: dict          # the file's root attributes, as plain Python values
+    class_names: tuple = ()   # n_classes names; "0", "1", ... where the file has none
+
+    def __post_init__(self):
+        if not self.class_names:
+            object.__setattr__(self, "class_names", tuple(str(c) for c in range(self.n_classes)))
 
     @property
     def n_features(self):
-        """Pixels per image: H * W (784 for MNIST)."""
-        return self.image_shape[0] * self.image_shape[1]
+        """Values per image: H * W, or C * H * W (784 for MNIST)."""
+        return math.prod(self.image_shape)
+
+    @property
+    def image_text(self):
+        """``28x28`` or ``3x32x32``: one image's shape, for messages."""
+        return _hw(self.image_shape)
+
+    def read_rows(self, split, blocks, dtype=np.float32):
+        """The rows ``blocks`` of ``split``: ``read_rows`` of this file (in-memory data overrides it)."""
+        return read_rows(self.path, split, blocks, dtype)
 
 
 # ---------------------------------------------------------------- inspect
@@ -94,8 +120,9 @@ def inspect(path, walk_chunks=False) -> DatasetInfo:
     path = os.fspath(path)
     try:
         with _open(path) as f:
-            _check_format(f, path)
-            shapes = {split: _check_split(f, split, path) for split in SPLITS}
+            version = _check_format(f, path)
+            n_classes, class_names = _classes(f, version, path)
+            shapes = {split: _check_split(f, split, n_classes, path) for split in SPLITS}
             if walk_chunks:
                 for split in SPLITS:
                     for name in ("images", "labels"):
@@ -110,7 +137,8 @@ def inspect(path, walk_chunks=False) -> DatasetInfo:
     except _H5PY_ERRORS as e:
         raise _failure(path, "cannot read the file", e) from e
     return DatasetInfo(path=path, n_train=shapes["train"][0], n_test=shapes["test"][0],
-                       image_shape=tuple(shapes["train"][1:]), n_classes=N_CLASSES, attrs=attrs)
+                       image_shape=tuple(shapes["train"][1:]), n_classes=n_classes, attrs=attrs,
+                       class_names=class_names)
 
 
 def _check_is_file(path):
@@ -284,14 +312,39 @@ def _check_format(f, path):
     if version > FORMAT_VERSION:
         raise DataError(f"{path}: format_version {version} is newer than this ddptrain reads (1 to "
                         f"{FORMAT_VERSION}); update ddptrain")
+    return version if "format_version" in f.attrs else None
 
 
-def _check_split(f, split, path):
-    """Check one split's datasets; return the images' shape ``(N, H, W)``."""
+def _classes(f, version, path):
+    """``(n_classes, class_names)`` from the root attributes; versions 1 and 2 (and files without a
+    version) are MNIST's 10 classes unless they say otherwise."""
+    count = _plain(f.attrs.get("n_classes")) if "n_classes" in f.attrs else None
+    if count is None:
+        if version is not None and version >= 3:
+            raise DataError(f"{path}: the root attribute 'n_classes' (the class count, which format_version "
+                            f"{version} requires) is missing")
+        count = LEGACY_CLASSES
+    if not isinstance(count, int) or isinstance(count, bool):
+        raise DataError(f"{path}: n_classes {count!r} is not a whole number")
+    if not 2 <= count <= MAX_CLASSES:
+        raise DataError(f"{path}: n_classes is {count}; ddptrain handles 2 to {MAX_CLASSES} classes")
+    if "class_names" not in f.attrs:
+        return count, ()
+    names = f.attrs["class_names"]
+    if not isinstance(names, np.ndarray) or names.ndim != 1 or names.dtype.kind not in "SUO":
+        raise DataError(f"{path}: class_names must be a list of {count} strings")
+    names = tuple(_plain(name) for name in names.tolist())
+    if len(names) != count or not all(isinstance(name, str) for name in names):
+        raise DataError(f"{path}: class_names holds {len(names)} names for {count} classes")
+    return count, names
+
+
+def _check_split(f, split, n_classes, path):
+    """Check one split's datasets; return the images' shape ``(N, H, W)`` or ``(N, C, H, W)``."""
     images = _dataset(f, f"{split}/images", path)
     labels = _dataset(f, f"{split}/labels", path)
-    if images.ndim != 3 or images.dtype != np.uint8:
-        raise DataError(f"{path}: '{split}/images' must be 3-D uint8 (N, H, W), "
+    if images.ndim not in (3, 4) or images.dtype != np.uint8 or 0 in images.shape[1:]:
+        raise DataError(f"{path}: '{split}/images' must be uint8 (N, H, W) or (N, C, H, W), "
                         f"found {images.ndim}-D {images.dtype} of shape {images.shape}")
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise DataError(f"{path}: '{split}/labels' must be 1-D integers, "
@@ -301,7 +354,7 @@ def _check_split(f, split, path):
                         f"but '{split}/labels' has {labels.shape[0]}")
     if images.shape[0] == 0:
         raise DataError(f"{path}: the '{split}' split is empty")
-    _check_labels_in_range(labels[()], f"{split}/labels", path)
+    _check_labels_in_range(labels[()], n_classes, f"{split}/labels", path)
     _ = images[-1]    # makes HDF5 touch the end of the images' storage
     return images.shape
 
@@ -320,17 +373,23 @@ def _dataset(f, name, path):
     return obj
 
 
-def _check_labels_in_range(labels, name, path):
-    out_of_range = (labels < 0) | (labels >= N_CLASSES)
+def _check_labels_in_range(labels, n_classes, name, path):
+    out_of_range = (labels < 0) | (labels >= n_classes)
     if out_of_range.any():
         first_bad = labels[np.argmax(out_of_range)]
-        raise DataError(f"{path}: label {first_bad} in '{name}' is outside 0..{N_CLASSES - 1}")
+        raise DataError(f"{path}: label {first_bad} in '{name}' is outside 0..{n_classes - 1} "
+                        f"(the file has {n_classes} classes)")
 
 
 def _different_image_shapes(train_shape, test_shape):
-    """What is wrong when the two splits' images (shapes ``(N, H, W)``) differ in size, else None."""
+    """What is wrong when the two splits' images (shapes ``(N, ...)``) differ, else None."""
     train, test = tuple(train_shape[1:]), tuple(test_shape[1:])
-    return None if train == test else f"train images are {_hw(train)} but test images are {_hw(test)}"
+    if train == test:
+        return None
+    channels = [shape[0] if len(shape) == 3 else 1 for shape in (train, test)]
+    if channels[0] != channels[1]:
+        return f"train images have {channels[0]} channel(s) but test images have {channels[1]}"
+    return f"train images are {_hw(train)} but test images are {_hw(test)}"
 
 
 def _check_storage_fits_in_file(f, path):
@@ -367,7 +426,7 @@ def _plain(value):
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
-        return value.tolist()
+        return [_plain(item) for item in value.tolist()]
     return value
 
 
@@ -451,12 +510,16 @@ def _read_blocks(images, labels, blocks, dtype):
 # ---------------------------------------------------------------- write_dataset
 
 
-def write_dataset(path, train_images, train_labels, test_images, test_labels, attrs=None):
+def write_dataset(path, train_images, train_labels, test_images, test_labels, attrs=None, n_classes=None,
+                  class_names=None):
     """Write a data file atomically: readers see the old file or the new one, never half.
 
-    Images are uint8 arrays of shape ``(N, H, W)`` (the same ``H, W`` for both
-    splits), labels integer arrays of shape ``(N,)`` in 0..255 (stored uint8).
-    ``attrs`` are extra root attributes (source, checksums, ...).
+    Images are uint8 arrays of shape ``(N, H, W)`` or ``(N, C, H, W)``, the
+    same image shape in both splits; labels are integer arrays of shape
+    ``(N,)`` in ``0..n_classes-1``. ``n_classes`` defaults to the largest
+    label + 1; ``class_names`` (``n_classes`` strings) default to "0", "1",
+    .... ``attrs`` are extra root attributes (dataset, source, checksums...).
+    Bad arguments raise ValueError.
     """
     path = os.fspath(path)
     splits = {"train": _checked_split("train", train_images, train_labels),
@@ -464,6 +527,8 @@ def write_dataset(path, train_images, train_labels, test_images, test_labels, at
     different = _different_image_shapes(splits["train"][0].shape, splits["test"][0].shape)
     if different:
         raise ValueError(different)
+    n_classes, class_names = _checked_classes(splits, n_classes, class_names)
+    label_type = np.uint8 if n_classes <= 256 else np.uint16
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     buffer = io.BytesIO()   # built in memory, then written with plain writes (durable.write_atomically)
@@ -471,10 +536,12 @@ def write_dataset(path, train_images, train_labels, test_images, test_labels, at
     with h5py.File(buffer, "w", libver="latest") as f:
         f.attrs["format"] = _fixed(FORMAT)
         f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["n_classes"] = n_classes
+        f.attrs["class_names"] = np.array([name.encode("utf-8") for name in class_names])   # fixed-length
         for name, value in (attrs or {}).items():
             f.attrs[name] = _fixed(value)
         for split, (images, labels) in splits.items():
-            _write_split(f, split, images, labels)
+            _write_split(f, split, images, labels.astype(label_type))
     write_atomically(path, buffer.getbuffer())   # concurrent writers: the last rename wins, with a whole file
     _checked[os.path.realpath(path)] = _stamp(path)   # written here: check_readable need not read it again
 
@@ -482,8 +549,8 @@ def write_dataset(path, train_images, train_labels, test_images, test_labels, at
 def _checked_split(split, images, labels):
     images = np.asarray(images)
     labels = np.asarray(labels)
-    if images.ndim != 3 or images.dtype != np.uint8:
-        raise ValueError(f"{split} images must be uint8 of shape (N, H, W), "
+    if images.ndim not in (3, 4) or images.dtype != np.uint8 or 0 in images.shape[1:]:
+        raise ValueError(f"{split} images must be uint8 of shape (N, H, W) or (N, C, H, W), "
                          f"got {images.dtype} of shape {images.shape}")
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise ValueError(f"{split} labels must be 1-D integers, got {labels.dtype} of shape {labels.shape}")
@@ -491,9 +558,30 @@ def _checked_split(split, images, labels):
         raise ValueError(f"{split}: {len(images)} images but {len(labels)} labels")
     if len(images) == 0:
         raise ValueError(f"{split}: no images")
-    if labels.min() < 0 or labels.max() > 255:
-        raise ValueError(f"{split} labels must fit in uint8 (0..255)")
-    return images, labels.astype(np.uint8, copy=False)
+    if labels.min() < 0:
+        raise ValueError(f"{split} labels must not be negative, found {labels.min()}")
+    return images, labels
+
+
+def _checked_classes(splits, n_classes, class_names):
+    """``(n_classes, class_names)`` for write_dataset: given or implied, and consistent with the labels."""
+    largest = max(int(labels.max()) for _, labels in splits.values())
+    if n_classes is None:
+        n_classes = len(class_names) if class_names is not None else largest + 1
+    if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) \
+            or not 2 <= n_classes <= MAX_CLASSES:
+        raise ValueError(f"the class count must be a whole number from 2 to {MAX_CLASSES}, got {n_classes!r}")
+    n_classes = int(n_classes)
+    if largest >= n_classes:
+        raise ValueError(f"label {largest} is outside 0..{n_classes - 1} ({n_classes} classes)")
+    class_names = [str(c) for c in range(n_classes)] if class_names is None else list(class_names)
+    if len(class_names) != n_classes:
+        raise ValueError(f"{len(class_names)} class names for {n_classes} classes")
+    for name in class_names:
+        if not isinstance(name, str) or not name or len(name.encode("utf-8")) > MAX_CLASS_NAME:
+            raise ValueError(f"a class name must be a non-empty string of at most {MAX_CLASS_NAME} bytes, "
+                             f"got {name!r}")
+    return n_classes, class_names
 
 
 def _fixed(value):
@@ -503,6 +591,7 @@ def _fixed(value):
 
 def _write_split(f, split, images, labels):
     group = f.create_group(split)
-    chunk_rows = min(len(images), ROWS_PER_CHUNK)
+    image_bytes = math.prod(images.shape[1:])
+    chunk_rows = min(len(images), ROWS_PER_CHUNK, max(1, CHUNK_BYTES // image_bytes))
     group.create_dataset("images", data=images, chunks=(chunk_rows, *images.shape[1:]), fletcher32=True)
     group.create_dataset("labels", data=labels, chunks=(min(len(labels), 64 * ROWS_PER_CHUNK),), fletcher32=True)

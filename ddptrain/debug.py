@@ -28,7 +28,7 @@ import numpy as np
 from .dropout import BatchContext
 from .errors import NumericalError
 from .nn import no_reduction
-from .train import Callback
+from .trainer import Callback
 
 
 class GradientCheckError(RuntimeError):

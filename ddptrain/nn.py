@@ -93,6 +93,7 @@ class Layer:
     output_is_scratch = False       # backward never reads the array forward returned
     input_grad_is_scratch = False   # nothing reads the array backward returned after the caller has it
     takes_channels = False          # works on (C, H, W) samples: (H, W) images gain a channel axis before it
+    takes_features = False          # works on rows of features: images are flattened before it
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -181,6 +182,7 @@ class Linear(Layer):
 
     output_is_scratch = True        # backward needs the input and the weights, not the output
     input_grad_is_scratch = True
+    takes_features = True
 
     def __init__(self, n_in, n_out, init="he", bias=True):
         super().__init__()
@@ -341,10 +343,13 @@ def name_layers(layers):
 
 def input_shape_of(layers, image_shape):
     """One sample's shape as ``layers`` take it: ``(H, W)`` images gain a channel axis, ``(1, H, W)``, when
-    the first layer works on channels (a convolution)."""
+    the first layer works on channels (a convolution), and are flattened to ``(H * W,)`` (``(C * H * W,)``)
+    when it works on rows of features (a Linear layer)."""
     image_shape = tuple(image_shape)
     if len(image_shape) == 2 and layers and layers[0].takes_channels:
         return (1, *image_shape)
+    if layers and layers[0].takes_features:
+        return (math.prod(image_shape),)
     return image_shape
 
 
@@ -431,6 +436,21 @@ class Sequential:
             if isinstance(layer, ReLU):
                 layer.in_place = (0 < i < len(self.layers) - 1 and self.layers[i - 1].output_is_scratch
                                   and self.layers[i + 1].input_grad_is_scratch)
+
+    def replica(self):
+        """A model of copies of these layers holding the same parameters and buffers, in arrays of its own
+        (what each simulated rank trains). The layers' work arrays are not copied, nor what they were told
+        from outside (``set_sum_over_ranks``): a replica starts with fresh ones."""
+        import copy
+        memo = {}
+        for layer in self.layers:
+            memo[id(layer._scratch)] = _Scratch()
+            if "sum_over_ranks" in vars(layer):
+                memo[id(layer.sum_over_ranks)] = no_reduction
+        clone = Sequential(copy.deepcopy(self.layers, memo), dtype=self.dtype, spec=self.spec)
+        clone.params[...] = self.params
+        clone.buffers[...] = self.buffers
+        return clone
 
     @classmethod
     def from_spec(cls, spec, dtype=np.float32, seed=0, input_shape=None):

@@ -14,10 +14,10 @@ import numpy as np
 from . import __version__, data, sampler
 from .callbacks import BroadcastBuffers, Checkpointing, MetricsLog, ProgressReport, ReplicaCheck
 from .debug import DebugChecks
-from .errors import EXIT_OK, EXIT_PREEMPTED, UserError, same_on_every_rank
+from .errors import EXIT_OK, EXIT_PREEMPTED, DataError, UserError, same_on_every_rank
 from .limits import check_resources
 from .losses import SoftmaxCrossEntropy
-from .nn import Sequential, no_reduction, output_shape_of
+from .nn import Sequential, name_layers, no_reduction, output_shape_of
 from .normalization import BatchNorm
 from .plan import TrainingPlan
 from .rank0 import Console, RunFolder, run_on_rank0
@@ -29,44 +29,80 @@ from .slurm import default_run_dir, describe_slurm, resume_if_requeued
 from .spec import parse_spec
 from .step import Split, TrainStep
 from .threads import configure_blas_threads
-from .train import Trainer
+from .trainer import Trainer
 
 
-def run_training(config, comm, quiet=False, dry_run=False, callbacks=()):
-    """Train on every rank. Returns the exit status (0, or EXIT_PREEMPTED after a signal).
+@dataclass(frozen=True)
+class Result:
+    """What a run ends with, the same on every rank (its metrics are sums over all ranks)."""
+
+    exit_status: int            # 0; EXIT_PREEMPTED when a signal stopped it (after a checkpoint)
+    run_dir: str
+    metrics: tuple = ()         # the per-epoch records of metrics.jsonl, this run's and those resumed
+    stopped_by: str = None      # the signal that stopped the run, if one did
+    steps: int = 0              # steps trained, resumed ones included
+    seconds: float = 0.0        # set-up and training, in this process
+    rank: int = 0               # this process's rank (to print a result once: on rank 0)
+    world_size: int = 1
+
+    def _last(self, key):
+        return self.metrics[-1][key] if self.metrics else None
+
+    @property
+    def epochs(self):
+        """Epochs finished."""
+        return self._last("epoch") or 0
+
+    @property
+    def test_accuracy(self):
+        """After the last epoch finished; None before the first."""
+        return self._last("test_accuracy")
+
+    @property
+    def test_loss(self):
+        return self._last("test_loss")
+
+    @property
+    def train_loss(self):
+        """The mean loss over the last finished epoch's training samples."""
+        return self._last("train_loss")
+
+    @property
+    def train_accuracy(self):
+        return self._last("train_accuracy")
+
+
+def run_training(config, comm, quiet=False, dry_run=False, callbacks=(), model=None, arrays=None):
+    """Train on every rank; returns the ``Result`` (exit status 0, or EXIT_PREEMPTED after a signal).
 
     ``dry_run``: check everything (options, data, model, ranks), print the
-    start-up lines, write nothing. ``callbacks`` (``train.Callback``) run
-    after ddptrain's own, on every rank.
+    start-up lines, write nothing. ``callbacks`` (``trainer.Callback``) run
+    after ddptrain's own, on every rank. ``model``: a ``Sequential`` to train
+    (in place) instead of ``config.model``'s; ``arrays``: ``Arrays`` to train
+    on instead of ``config.data``'s file.
     """
     # From the very start: a SIGUSR1 that SLURM sends while the ranks are still setting up
     # is remembered, and the run stops (with a checkpoint) after its first step.
     stop = StopRequest().install()
     try:
-        return _run(config, comm, stop, quiet, dry_run, callbacks)
+        return _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays)
     finally:
         stop.uninstall()
 
 
-def _run(config, comm, stop, quiet, dry_run, callbacks):
+def _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays):
     started = time.perf_counter()
     console = Console(comm.rank, quiet=quiet, log_every=config.log_every)
     with same_on_every_rank():
         blas_threads = configure_blas_threads(comm, config.threads)
     folder = RunFolder(comm, comm.bcast(config.run_dir or default_run_dir()))   # DDP: rank 0's name, everywhere
-    data_path = resolve_data_path(comm, config, console.print)
-    run_on_rank0(comm, lambda: data.check_readable(data_path))   # DDP: a damaged file cannot hang a rank
+    info = open_data(comm, config, arrays, console.print)
     with same_on_every_rank():
-        info = data.inspect(data_path)
         sampler.check_layout(info.n_train, config.batch_size, comm.size, config.virtual_shards)
-    spec = parse_spec(config.model)
-    with same_on_every_rank():
-        # The layers alone, without their arrays: a model that does not fit the data, or is too large
-        # for the memory, is refused before anything is allocated.
-        layers = spec.layers(info.image_shape)
-        check_fits_data(layers, info, f"--model {config.model}")
-    check_resources_on_every_rank(comm, layers, config, info, blas_threads.ranks_on_host)
-    model = Sequential(layers, dtype=config.dtype, seed=config.seed, spec=spec.describe())
+    if model is None:
+        model = build_model(comm, config, info, blas_threads.ranks_on_host)
+    else:
+        check_given_model(comm, model, config, info, blas_threads.ranks_on_host)
     # DDP: batch statistics of the global batch (--batchnorm global), or of each rank's rows.
     model.set_sum_over_ranks(comm.allreduce_ if config.batchnorm == "global" else no_reduction)
     with same_on_every_rank():
@@ -84,7 +120,8 @@ def _run(config, comm, stop, quiet, dry_run, callbacks):
         folder.check_free()
         console.print(f"dry run: the options, the data file, the model and the {comm.size} rank(s) check out; "
                       f"nothing was trained or written", always=True)
-        return EXIT_OK
+        return Result(EXIT_OK, folder.run_dir, seconds=time.perf_counter() - started, rank=comm.rank,
+                      world_size=comm.size)
 
     try:
         folder.take()   # one run at a time in a run folder
@@ -128,23 +165,73 @@ def _train(run, stop, callbacks):
     console.print(f"set-up took {time.perf_counter() - run.started:.2f} s")
 
     stopped_by = trainer.fit()
+    result = Result(EXIT_PREEMPTED if stopped_by else EXIT_OK, folder.run_dir, tuple(trainer.metrics), stopped_by,
+                    trainer.position.step, time.perf_counter() - run.started, comm.rank, comm.size)
     if stopped_by:
         console.print(f"stopped by {stopped_by} at step {trainer.position.step}; checkpoint written; "
                       f"resume with --resume auto --run-dir {folder.run_dir}", always=True)
-        return EXIT_PREEMPTED
-    if trainer.metrics:
-        last = trainer.metrics[-1]
-        console.print(f"finished: test accuracy {100 * last['test_accuracy']:.2f}% after {last['epoch']} epochs, "
-                      f"{time.perf_counter() - run.started:.1f} s in all; run folder {folder.run_dir}", always=True)
-    return EXIT_OK
+    elif trainer.metrics:
+        console.print(f"finished: test accuracy {100 * result.test_accuracy:.2f}% after {result.epochs} epochs, "
+                      f"{result.seconds:.1f} s in all; run folder {folder.run_dir}", always=True)
+    return result
+
+
+def open_data(comm, config, arrays, rank0_print):
+    """The data's description (``DatasetInfo``), checked on every rank: the in-memory ``arrays`` (the same on
+    every rank), or the file of ``--data`` (a damaged one cannot hang a rank)."""
+    if arrays is not None:
+        fingerprints = comm.allgather(arrays.fingerprint())   # DDP: every rank must hold the same data
+        differing = [rank for rank, print_ in enumerate(fingerprints) if print_ != fingerprints[0]]
+        if differing:
+            failure = DataError(f"data: the in-memory arrays of rank {differing[0]} differ from rank 0's; every "
+                                f"rank must pass the same arrays (each trains on its own shard of them)")
+            failure.all_ranks = True
+            raise failure
+        return arrays.inspect()
+    data_path = resolve_data_path(comm, config, rank0_print)
+    run_on_rank0(comm, lambda: data.check_readable(data_path))   # DDP: a damaged file cannot hang a rank
+    with same_on_every_rank():
+        return data.inspect(data_path)
+
+
+def build_model(comm, config, info, ranks_on_host):
+    """The model of ``--model``, for this data: its layers are checked against the data and the memory
+    before any array is allocated."""
+    spec = parse_spec(config.model)
+    with same_on_every_rank():
+        layers = spec.layers(info.image_shape)
+        name_layers(layers)   # as the model will: messages name "linear1", not "Linear"
+        check_fits_data(layers, info, f"--model {config.model}")
+    check_resources_on_every_rank(comm, layers, config, info, ranks_on_host)
+    return Sequential(layers, dtype=config.dtype, seed=config.seed, spec=spec.describe())
+
+
+def check_given_model(comm, model, config, info, ranks_on_host):
+    """A model built by the caller must take this data, in the run's dtype, and fit the memory with it."""
+    shapes = comm.allgather((model.params.size, model.buffers.size, [layer.label() for layer in model.layers]))
+    if any(shape != shapes[0] for shape in shapes):   # DDP: every rank must train the same network
+        failure = UserError(f"the model differs between ranks (rank "
+                            f"{next(r for r, s in enumerate(shapes) if s != shapes[0])}'s is not rank 0's): build "
+                            f"the same model on every rank")
+        failure.all_ranks = True
+        raise failure
+    with same_on_every_rank():
+        if str(model.dtype) != config.dtype:
+            raise UserError(f"the model holds {model.dtype} parameters but the run is {config.dtype} (dtype="
+                            f"{config.dtype!r}): build it with nn.Sequential(layers, dtype=np.{config.dtype}) "
+                            f"or leave dtype unset")
+        check_fits_data(model.layers, info, f"the model ({model.summary()})")
+    check_resources_on_every_rank(comm, model.layers, config, info, ranks_on_host)
 
 
 def resolve_data_path(comm, config, rank0_print):
-    """The data file: --data, or the prepared MNIST in the cache (rank 0 prepares it if missing)."""
-    if config.data:
+    """The data file: --data (a path, or the name of a known set such as fashion-mnist, prepared in the
+    cache), or the prepared MNIST in the cache. Rank 0 prepares a set that is missing."""
+    from . import datasets
+    if config.data and config.data not in datasets.KNOWN_DATASETS:
         return config.data
-    from . import mnist
-    return run_on_rank0(comm, lambda: str(mnist.ensure_default_dataset(log=rank0_print)))
+    name = config.data or "mnist"
+    return run_on_rank0(comm, lambda: str(datasets.ensure_prepared(name, log=rank0_print)))
 
 
 def check_resources_on_every_rank(comm, layers, config, info, ranks_on_host):
@@ -166,11 +253,11 @@ def check_fits_data(layers, info, what):
     try:
         shape = output_shape_of(layers, info.image_shape)
     except UserError as error:
-        raise UserError(f"{what} does not fit {info.path}: its images are "
-                        f"{'x'.join(map(str, info.image_shape))}, and {error}") from None
+        raise UserError(f"{what} does not fit {info.path}: its images are {info.image_text}, and "
+                        f"{error}") from None
     if shape != (info.n_classes,):
         raise UserError(f"{what} does not fit {info.path}: it gives {'x'.join(map(str, shape))} outputs per "
-                        f"image, and the file has {info.n_classes} classes")
+                        f"image, and the data has {info.n_classes} classes")
 
 
 def check_batch_statistics(model, info, config, world_size):
@@ -202,14 +289,15 @@ def read_shards(info, comm, config, model):
     """This rank's training shard (its virtual shards) and its contiguous block of the test rows,
     shaped as ``model`` takes them."""
     blocks = sampler.owned_blocks(info.n_train, comm.rank, comm.size, config.virtual_shards)
-    train = read_split(info.path, "train", blocks, config.dtype, model)
+    train = read_split(info, "train", blocks, config.dtype, model)
     test_rows = sampler.evaluation_block(info.n_test, comm.rank, comm.size)
-    return train, read_split(info.path, "test", [test_rows], config.dtype, model)
+    return train, read_split(info, "test", [test_rows], config.dtype, model)
 
 
-def read_split(path, split, blocks, dtype, model):
-    """The rows of ``blocks`` of ``split`` as a Split, images shaped as ``model`` takes them."""
-    images, labels = data.read_rows(path, split, blocks, dtype=dtype)
+def read_split(info, split, blocks, dtype, model):
+    """The rows of ``blocks`` of ``split`` of the data ``info`` describes, as a Split, images shaped as
+    ``model`` takes them."""
+    images, labels = info.read_rows(split, blocks, dtype=dtype)
     return Split(model.as_input(images), labels)
 
 

@@ -379,7 +379,7 @@ def end_to_end(args, comm, train_step, test_x, test_y, n_train):
     from ddptrain.rank0 import RunFolder
     from ddptrain.signals import StopRequest
     from ddptrain.step import Split
-    from ddptrain.train import Trainer
+    from ddptrain.trainer import Trainer
 
     test, n_classes = Split(test_x, test_y), 10
     evaluate(train_step.model, comm, test, n_classes)   # warm

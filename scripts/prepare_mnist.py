@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
-"""Write the MNIST HDF5 data file that ddptrain trains on.
+"""Write an HDF5 data file that ddptrain trains on: MNIST, Fashion-MNIST, or IDX files of your own.
 
-    python scripts/prepare_mnist.py [--idx-dir DIR] [--output FILE]
+    python scripts/prepare_mnist.py [NAME] [--idx-dir DIR] [--name NAME] [--classes N]
+                                    [--class-names A,B,...] [--output FILE]
+
+The same as ``python -m ddptrain prepare``.
 
 Works from a checkout without installing ddptrain.
 """

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 
 from ddptrain import checkpoint as ckpt_io, cli, durable
-from ddptrain.train import Callback
+from ddptrain.trainer import Callback
 
 KINDS = ("raise", "nan", "signal", "checkpoint-write", "delay")
 

@@ -213,7 +213,7 @@ def test_step_checkpoints_are_ordered_by_step_even_past_eight_digits(tmp_path):
 def train_in_process(small_data, run_dir, **options):
     values = dict(data=small_data, model=model_spec(), batch_size=16, epochs=2, threads=1, run_dir=str(run_dir))
     values.update(options)
-    assert run_training(Config(**values).validated(), SerialComm(), quiet=True) == 0
+    assert run_training(Config(**values).validated(), SerialComm(), quiet=True).exit_status == 0
     return run_dir / "checkpoints"
 
 

@@ -102,7 +102,7 @@ def test_a_cnn_that_does_not_fit_the_data_is_refused_with_one_line(small_data, t
 
 def test_a_cnn_with_the_wrong_number_of_classes_is_refused_naming_both(small_data, tmp_path, capsys):
     assert cli.main(["--data", small_data, "--model", "conv4k3-flatten-7", "--run-dir", str(tmp_path / "r")]) == 2
-    assert "it gives 7 outputs per image, and the file has 10 classes" in capsys.readouterr().err
+    assert "it gives 7 outputs per image, and the data has 10 classes" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- training, --debug, evaluate, info

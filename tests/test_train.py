@@ -15,7 +15,7 @@ from ddptrain.rank0 import RunFolder
 from ddptrain.runner import run_training
 from ddptrain.signals import StopRequest
 from ddptrain.step import NonFiniteStep, Split, TrainStep
-from ddptrain.train import Callback, Trainer
+from ddptrain.trainer import Callback, Trainer
 from helpers import Tally, model_spec
 
 
@@ -96,7 +96,7 @@ def test_callbacks_see_every_hook_in_order_after_ddptrain_s_own(small_data, tmp_
     recorder = Recorder()
     config = Config(data=small_data, model=model_spec(), batch_size=100, epochs=2, threads=1,
                     run_dir=str(tmp_path / "run")).validated()
-    assert run_training(config, SerialComm(), quiet=True, callbacks=[recorder]) == 0
+    assert run_training(config, SerialComm(), quiet=True, callbacks=[recorder]).exit_status == 0
 
     def epoch(e):   # 240 rows in global batches of 100: 3 steps an epoch, the last of 40 samples
         return [f"epoch_start {e}", f"step_start {3 * e}", f"step_end {3 * e + 1} 100", f"step_start {3 * e + 1}",
