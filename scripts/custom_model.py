@@ -64,8 +64,8 @@ class PReLU(nn.Layer):
         return np.where(negative, self.params["slope"] * dout, dout) if need_input_grad else None
 
 
-def build_model(dtype=np.float32, seed=0, hidden=(256, 128), n_inputs=784, n_classes=10):
-    """Linear layers with PReLUs between them: 784 -> 256 -> 128 -> 10."""
+def build_model(dtype=np.float32, seed=0, hidden=(512, 256), n_inputs=784, n_classes=10):
+    """Linear layers with PReLUs between them: 784 -> 512 -> 256 -> 10."""
     sizes, layers = (n_inputs, *hidden), []
     for n_in, n_out in zip(sizes[:-1], sizes[1:]):
         layers += [nn.Linear(n_in, n_out), PReLU(n_out)]
@@ -83,7 +83,7 @@ def main():
 
     ddptrain.gradcheck(PReLU(8), input_shape=(8,))   # raises if the backward above were wrong
     model = build_model(seed=args.seed)
-    result = ddptrain.train(model, data=args.data, epochs=args.epochs, batch_size=256, lr=0.05, momentum=0.9,
+    result = ddptrain.train(model, data=args.data, epochs=args.epochs, batch_size=128, lr=0.05, momentum=0.9,
                             nesterov=True, weight_decay=5e-4, seed=args.seed, run_dir=args.run_dir, quiet=True)
     # Every rank holds the same result (and the same trained model): print it once.
     if result.rank == 0:
