@@ -156,8 +156,8 @@ def test_a_bad_argument_raises_the_error_whose_message_the_command_line_prints(s
     (lambda d: ddptrain.train(custom_model(), data=d, dtype="float32"),
      "the model holds float64 parameters but the run is float32"),
     (lambda d: ddptrain.train(build_model(), data=d),
-     "the model (Linear 784->256 -> PReLU 256 -> Linear 256->128 -> PReLU 128 -> Linear 128->10) does not fit "
-     "in-memory arrays: its images are 8x8, and linear1 (Linear 784->256) takes 784 features per sample, not 64"),
+     "the model (Linear 784->512 -> PReLU 512 -> Linear 512->256 -> PReLU 256 -> Linear 256->10) does not fit "
+     "in-memory arrays: its images are 8x8, and linear1 (Linear 784->512) takes 784 features per sample, not 64"),
     (lambda d: ddptrain.train(custom_model(), data=(1, 2, 3)), "data must be a data file's path"),
 ])
 def test_api_arguments_that_do_not_make_sense_are_one_line(small_data, tmp_path, call, message):
