@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import MAX_CLASSES, PIXEL_MAX, SPLITS, DatasetInfo
+from .data import PIXEL_MAX, SPLITS, DatasetInfo, check_classes, check_split
 from .errors import DataError
 
 WHAT = "in-memory arrays"   # where a DatasetInfo names its file
@@ -113,36 +113,16 @@ def _checked_split(split, images, labels):
     if not isinstance(images, np.ndarray) or not isinstance(labels, np.ndarray):
         raise DataError(f"data: {x} and {y} must be numpy arrays, got {type(images).__name__} and "
                         f"{type(labels).__name__}")
-    if images.ndim not in (3, 4) or not (images.dtype == np.uint8 or images.dtype.kind == "f") \
-            or 0 in images.shape[1:]:
-        raise DataError(f"data: {x} must be images (N, H, W) or (N, C, H, W) of uint8 or floating point, got "
-                        f"{images.dtype} of shape {images.shape}")
-    if labels.ndim != 1 or labels.dtype.kind not in "iu":
-        raise DataError(f"data: {y} must be 1-D integer labels, got {labels.dtype} of shape {labels.shape}")
-    if len(images) != len(labels):
-        raise DataError(f"data: {x} has {len(images)} images but {y} has {len(labels)} labels")
-    if len(images) == 0:
-        raise DataError(f"data: {x} holds no images")
-    if images.dtype.kind == "f" and not np.isfinite(images).all():
-        raise DataError(f"data: {x} holds NaN or infinite values")
-    if labels.min() < 0:
-        raise DataError(f"data: label {labels.min()} in {y} is negative")
+    try:
+        check_split(images, labels, x, y, floats=True)
+    except ValueError as problem:
+        raise DataError(f"data: {problem}") from None
     return images, labels
 
 
 def _classes(splits, n_classes, class_names):
-    largest = max(int(labels.max()) for _, labels in splits.values())
-    if class_names is not None:
-        class_names = [str(name) for name in class_names]
-        if n_classes is not None and n_classes != len(class_names):
-            raise DataError(f"data: {len(class_names)} class names for n_classes={n_classes}")
-        n_classes = len(class_names)
-    n_classes = largest + 1 if n_classes is None else n_classes
-    if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) \
-            or not 2 <= n_classes <= MAX_CLASSES:
-        raise DataError(f"data: the class count must be a whole number from 2 to {MAX_CLASSES}, got {n_classes!r}")
-    if largest >= n_classes:
-        split = next(s for s, (_, labels) in splits.items() if labels.max() == largest)
-        raise DataError(f"data: label {largest} in y_{split} is outside 0..{n_classes - 1} ({n_classes} classes)")
-    return int(n_classes), class_names or [str(c) for c in range(n_classes)]
-
+    try:
+        return check_classes({f"y_{split}": labels for split, (_, labels) in splits.items()}, n_classes,
+                             class_names)
+    except ValueError as problem:
+        raise DataError(f"data: {problem}") from None

@@ -527,7 +527,8 @@ def write_dataset(path, train_images, train_labels, test_images, test_labels, at
     different = _different_image_shapes(splits["train"][0].shape, splits["test"][0].shape)
     if different:
         raise ValueError(different)
-    n_classes, class_names = _checked_classes(splits, n_classes, class_names)
+    n_classes, class_names = check_classes({f"{split} labels": labels for split, (_, labels) in splits.items()},
+                                           n_classes, class_names)
     label_type = np.uint8 if n_classes <= 256 else np.uint16
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -547,34 +548,46 @@ def write_dataset(path, train_images, train_labels, test_images, test_labels, at
 
 
 def _checked_split(split, images, labels):
-    images = np.asarray(images)
-    labels = np.asarray(labels)
-    if images.ndim not in (3, 4) or images.dtype != np.uint8 or 0 in images.shape[1:]:
-        raise ValueError(f"{split} images must be uint8 of shape (N, H, W) or (N, C, H, W), "
-                         f"got {images.dtype} of shape {images.shape}")
-    if labels.ndim != 1 or labels.dtype.kind not in "iu":
-        raise ValueError(f"{split} labels must be 1-D integers, got {labels.dtype} of shape {labels.shape}")
-    if len(images) != len(labels):
-        raise ValueError(f"{split}: {len(images)} images but {len(labels)} labels")
-    if len(images) == 0:
-        raise ValueError(f"{split}: no images")
-    if labels.min() < 0:
-        raise ValueError(f"{split} labels must not be negative, found {labels.min()}")
+    images, labels = np.asarray(images), np.asarray(labels)
+    check_split(images, labels, f"{split} images", f"{split} labels")
     return images, labels
 
 
-def _checked_classes(splits, n_classes, class_names):
-    """``(n_classes, class_names)`` for write_dataset: given or implied, and consistent with the labels."""
-    largest = max(int(labels.max()) for _, labels in splits.values())
-    if n_classes is None:
-        n_classes = len(class_names) if class_names is not None else largest + 1
+def check_split(images, labels, x, y, floats=False):
+    """One split's arrays, as a data file holds them (and, with ``floats``, floating-point images too):
+    ValueError naming ``x`` (the images) or ``y`` (the labels) otherwise."""
+    kinds = "uint8 or floating-point" if floats else "uint8"
+    if images.ndim not in (3, 4) or not (images.dtype == np.uint8 or floats and images.dtype.kind == "f") \
+            or 0 in images.shape[1:]:
+        raise ValueError(f"{x} must be {kinds} images (N, H, W) or (N, C, H, W), got {images.dtype} of shape "
+                         f"{images.shape}")
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise ValueError(f"{y} must be 1-D integers, got {labels.dtype} of shape {labels.shape}")
+    if len(images) != len(labels):
+        raise ValueError(f"{x} has {len(images)} images but {y} has {len(labels)} labels")
+    if len(images) == 0:
+        raise ValueError(f"{x} holds no images")
+    if images.dtype.kind == "f" and not np.isfinite(images).all():
+        raise ValueError(f"{x} holds NaN or infinite values")
+    if labels.min() < 0:
+        raise ValueError(f"label {labels.min()} in {y} is negative")
+
+
+def check_classes(labels, n_classes=None, class_names=None):
+    """``(n_classes, class_names)`` for labels ``{what: array}``: as given, or implied (the largest label
+    + 1; "0", "1", ... as names), and consistent with the labels. ValueError otherwise."""
+    largest, where = max((int(array.max()), what) for what, array in labels.items())
+    if class_names is not None:
+        class_names = list(class_names)
+        n_classes = len(class_names) if n_classes is None else n_classes
+    n_classes = largest + 1 if n_classes is None else n_classes
     if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) \
             or not 2 <= n_classes <= MAX_CLASSES:
         raise ValueError(f"the class count must be a whole number from 2 to {MAX_CLASSES}, got {n_classes!r}")
     n_classes = int(n_classes)
     if largest >= n_classes:
-        raise ValueError(f"label {largest} is outside 0..{n_classes - 1} ({n_classes} classes)")
-    class_names = [str(c) for c in range(n_classes)] if class_names is None else list(class_names)
+        raise ValueError(f"label {largest} in {where} is outside 0..{n_classes - 1} ({n_classes} classes)")
+    class_names = [str(c) for c in range(n_classes)] if class_names is None else class_names
     if len(class_names) != n_classes:
         raise ValueError(f"{len(class_names)} class names for {n_classes} classes")
     for name in class_names:

@@ -2,7 +2,9 @@
 the way it does; ``ddptrain.gradcheck`` catches a wrong backward pass."""
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -14,6 +16,7 @@ import ddptrain
 import helpers
 from ddptrain import checkpoint, cli, nn
 from ddptrain.errors import DataError, UserError
+from ddptrain.trainer import Callback
 
 sys.path.insert(0, str(helpers.ROOT / "scripts"))
 from custom_model import PReLU, build_model  # noqa: E402
@@ -96,6 +99,29 @@ def test_a_custom_model_resumes_from_its_checkpoint_as_if_never_stopped(small_da
                                   helpers.final_params(tmp_path / "straight"))
 
 
+class SignalAtStep(Callback):
+    """Sends this process SIGUSR1 after step ``step``, as SLURM does before a time limit."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, end):
+        if trainer.position.step == self.step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_a_signal_stops_the_run_after_a_checkpoint_and_the_result_says_so(small_data, tmp_path):
+    options = dict(OPTIONS, run_dir=str(tmp_path / "run"))
+    stopped = ddptrain.train(custom_model(), data=small_data, callbacks=[SignalAtStep(5)], **options)
+    # Seen at the next step, whose totals carry every rank's stop request: it stops after step 6.
+    assert (stopped.exit_status, stopped.stopped_by, stopped.steps, stopped.metrics) == (3, "SIGUSR1", 6, ())
+    finished = ddptrain.train(custom_model(), data=small_data, resume="auto", **options)
+    straight = ddptrain.train(custom_model(), data=small_data, **dict(options, run_dir=str(tmp_path / "straight")))
+    assert finished.exit_status == 0 and finished.steps == 16
+    np.testing.assert_array_equal(helpers.final_params(tmp_path / "run"), helpers.final_params(tmp_path / "straight"))
+    assert finished.test_loss == straight.test_loss
+
+
 def test_a_dry_run_checks_everything_and_trains_nothing(small_data, tmp_path):
     model = custom_model()
     before = model.params.copy()
@@ -176,11 +202,11 @@ def malformed(arrays, **changes):
     (lambda a: malformed(a, y_train=np.full(len(a[1]), -1)), "data: label -1 in y_train is negative"),
     (lambda a: malformed(a, x_test=a[2][:, :4]), "data: train images are 8x8 but test images are 4x8"),
     (lambda a: malformed(a, x_train=a[0][:10]), "data: x_train has 10 images but y_train has 240 labels"),
-    (lambda a: malformed(a, x_train=a[0].astype(np.int16)), "data: x_train must be images (N, H, W) or (N, C, H, W) "
-                                                            "of uint8 or floating point, got int16"),
+    (lambda a: malformed(a, x_train=a[0].astype(np.int16)), "data: x_train must be uint8 or floating-point images "
+                                                            "(N, H, W) or (N, C, H, W), got int16"),
     (lambda a: malformed(a, x_train=np.where(a[0] > 0, a[0] / 255, np.nan)), "data: x_train holds NaN"),
     (lambda a: ddptrain.Arrays(*a, n_classes=5), "data: label 9 in y_train is outside 0..4 (5 classes)"),
-    (lambda a: ddptrain.Arrays(*a, class_names=list("abc"), n_classes=10), "data: 3 class names for n_classes=10"),
+    (lambda a: ddptrain.Arrays(*a, class_names=list("abc"), n_classes=10), "data: 3 class names for 10 classes"),
 ])
 def test_malformed_arrays_are_refused_in_one_line(small_data, tmp_path, change, message):
     with pytest.raises(DataError) as raised:

@@ -314,8 +314,8 @@ def test_more_than_256_classes_keep_their_labels(tmp_path):
 
 
 @pytest.mark.parametrize("arguments, problem", [
-    ({"n_classes": 5}, "label 9 is outside 0..4 (5 classes)"),
-    ({"class_names": ["a", "b"]}, "label 9 is outside 0..1"),
+    ({"n_classes": 5}, "label 9 in train labels is outside 0..4 (5 classes)"),
+    ({"class_names": ["a", "b"]}, "label 9 in train labels is outside 0..1"),
     ({"n_classes": 10, "class_names": ["a"] * 3}, "3 class names for 10 classes"),
     ({"n_classes": 1}, "the class count must be a whole number from 2 to 4096"),
     ({"class_names": [""] * 10}, "a class name must be a non-empty string"),

@@ -22,7 +22,7 @@ import pytest
 from ddptrain import cli, data, datasets, mnist
 from ddptrain.errors import DataError, UserError
 from ddptrain.launcher import environ_without_launcher, find_mpiexec
-from test_mnist import REPO, idx_bytes, md5, quiet, tiny_mnist, write_idx_dir
+from test_mnist import REPO, checksums, contents, idx_bytes, md5, quiet, write_idx_dir  # noqa: F401 (fixtures)
 
 FASHION = datasets.FASHION_MNIST
 
@@ -201,16 +201,6 @@ def test_the_command_line_prints_the_problem_in_one_line_with_status_2(tmp_path,
 
 
 # ---------------------------------------------------------------- Fashion-MNIST
-
-
-@pytest.fixture
-def contents():
-    return tiny_mnist()
-
-
-@pytest.fixture
-def checksums(contents):
-    return {key: md5(content) for key, content in contents.items()}
 
 
 @pytest.fixture
