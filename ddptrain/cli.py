@@ -83,8 +83,8 @@ def _add_train_arguments(parser):
     parser.add_argument("--dry-run", action="store_true",
                         help="check the options, the data file, the model and the number of ranks, then exit")
     group = parser.add_argument_group("data and model")
-    _option(group, "--data", "HDF5 data file; default: MNIST prepared in the cache (fetched on first use)",
-            metavar="PATH")
+    _option(group, "--data", "HDF5 data file, or a known set's name (mnist, fashion-mnist: prepared in the cache "
+            "on first use); default: MNIST", metavar="PATH|NAME")
     _option(group, "--model", _MODEL_HELP, metavar="SPEC")
     _option(group, "--batchnorm", "global: batch statistics of the whole global batch, the same for any number "
             "of ranks (as PyTorch's SyncBatchNorm); local: each rank's own rows (as plain DDP), for comparison",
@@ -158,7 +158,7 @@ def _add_train_arguments(parser):
 
 
 def build_parser():
-    parser = _Parser(prog="ddptrain", description="Data-parallel training of a numpy MLP or CNN on MNIST in HDF5. "
+    parser = _Parser(prog="ddptrain", description="Data-parallel training of a numpy MLP or CNN on image data in HDF5. "
                      "Run as `python -m ddptrain` (one process) or `mpirun -n 4 python -m ddptrain`; the "
                      "command 'train' is the default.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

@@ -330,6 +330,11 @@ def _classes(f, version, path):
         raise DataError(f"{path}: n_classes is {count}; ddptrain handles 2 to {MAX_CLASSES} classes")
     if "class_names" not in f.attrs:
         return count, ()
+    stored = f.attrs.get_id("class_names")   # its shape, before its values are read
+    if len(stored.shape) != 1:
+        raise DataError(f"{path}: class_names must be a list of {count} strings")
+    if stored.shape[0] != count:
+        raise DataError(f"{path}: class_names holds {stored.shape[0]} names for {count} classes")
     names = f.attrs["class_names"]
     if not isinstance(names, np.ndarray) or names.ndim != 1 or names.dtype.kind not in "SUO":
         raise DataError(f"{path}: class_names must be a list of {count} strings")
