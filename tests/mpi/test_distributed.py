@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 from ddptrain import checkpoint, data
+from ddptrain.arrays import Arrays
 from ddptrain.callbacks import ReplicaDivergence, check_replicas
 from ddptrain.comm import MPIComm, SerialComm
 from ddptrain.config import Config
+from ddptrain.errors import DataError, UserError
 from ddptrain.evaluation import evaluate
 from ddptrain.losses import SoftmaxCrossEntropy
 from ddptrain.nn import Layer, Sequential
@@ -294,3 +296,24 @@ def test_evaluation_runs_as_many_forward_passes_on_every_rank_whatever_their_row
     most = 7 * (comm.size - 1)
     assert counter.passes == -(-most // 3)          # padded to the largest count, with empty batches
     assert result.confusion.sum() == sum(7 * r for r in range(comm.size))
+
+
+def test_a_model_that_differs_between_ranks_is_refused_on_every_rank(comm, shared_dir, dataset):
+    """Each rank of a script builds its own model: they must be the same network."""
+    hidden = 16 if comm.rank == 0 else 12
+    model = Sequential.from_spec(f"64-{hidden}-10", dtype=np.float64)
+    config = Config(data=dataset, model=model.summary(), dtype="float64", run_dir=str(shared_dir / "differs"))
+    with pytest.raises(UserError, match=r"the model differs between ranks \(rank 1's is not rank 0's\)") as raised:
+        run_training(config, comm, quiet=True, model=model)
+    assert raised.value.all_ranks   # met alike by every rank: printed once, no abort
+
+
+def test_in_memory_arrays_that_differ_between_ranks_are_refused_on_every_rank(comm, shared_dir, dataset):
+    images, labels = data.read_rows(dataset, "train", [(0, 60)])
+    pixels = (images * 255).round().astype(np.uint8)
+    if comm.rank == comm.size - 1:
+        pixels[7, 3, 3] ^= 1   # one bit of one pixel
+    arrays = Arrays(pixels, labels, pixels[:20], labels[:20])
+    config = Config(model=model_spec(), run_dir=str(shared_dir / "arrays-differ"))
+    with pytest.raises(DataError, match=f"the in-memory arrays of rank {comm.size - 1} differ from rank 0's"):
+        run_training(config, comm, quiet=True, arrays=arrays)
