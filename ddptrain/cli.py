@@ -121,6 +121,10 @@ def _add_train_arguments(parser):
             "stage 1): the gradient is reduce-scattered, each rank updates its slice, the parameters are "
             "allgathered; checkpoints hold the whole state, so a run resumes on any number of ranks",
             action="store_true")
+    _option(group, "--overlap-allreduce", "reduce the gradient in buckets of --bucket-mb while backward is still "
+            "running (non-blocking Allreduces, as PyTorch DDP): can hide communication between hosts",
+            action="store_true")
+    _option(group, "--bucket-mb", "the size of --overlap-allreduce's buckets, in MiB", type=float, metavar="MB")
     _option(group, "--clip-grad-norm", "clip the allreduced (global) gradient to this 2-norm, as PyTorch's "
             "clip_grad_norm_; the norm is in the step records of --metrics-every; 0: no clipping", type=float,
             metavar="X")

@@ -47,6 +47,11 @@ class SerialComm:
         """Sum a Python number (or numpy array, as a copy) over all ranks."""
         return value
 
+    def iallreduce_(self, array):
+        """Start summing ``array`` over all ranks, in place; returns a request: ``test()`` lets the sum make
+        progress and tells whether it is done, ``wait()`` waits for it. ``array`` must not be touched before."""
+        return DONE
+
     def bcast(self, obj, root=0):
         """Rank ``root``'s (picklable) ``obj``, on every rank."""
         return obj
@@ -74,6 +79,30 @@ class SerialComm:
         sys.exit(status)
 
 
+class _Done:
+    """The request of a collective that finished when it started."""
+
+    def test(self):
+        return True
+
+    def wait(self):
+        pass
+
+
+DONE = _Done()
+
+
+class _MPIRequest:
+    def __init__(self, request):
+        self._request = request
+
+    def test(self):
+        return self._request.Test()
+
+    def wait(self):
+        self._request.Wait()
+
+
 class MPIComm:
     """An mpi4py communicator behind the same small interface."""
 
@@ -95,6 +124,9 @@ class MPIComm:
             out = np.array(value, copy=True)
             return self.allreduce_(out)
         return self._comm.allreduce(value, op=self._MPI.SUM)
+
+    def iallreduce_(self, array):
+        return _MPIRequest(self._comm.Iallreduce(self._MPI.IN_PLACE, array, op=self._MPI.SUM))
 
     def bcast(self, obj, root=0):
         return self._comm.bcast(obj, root=root)
@@ -201,6 +233,10 @@ class ThreadComm:
             total += value
         array[...] = total
         return array
+
+    def iallreduce_(self, array):
+        self.allreduce_(array)   # threads: done at once (what overlaps is the MPI ranks' communication)
+        return DONE
 
     def allreduce(self, value):
         if isinstance(value, np.ndarray):

@@ -42,6 +42,8 @@ class Config:
     clip_grad_norm: float = 0.0        # clip the global gradient to this 2-norm; 0: no clipping
     accumulate: int = 1                # micro-batches per step on each rank (gradient accumulation)
     shard_optimizer: bool = False      # each rank keeps the optimiser state of 1/P of the parameters (ZeRO-1)
+    overlap_allreduce: bool = False    # reduce the gradient in buckets during backward (as PyTorch DDP)
+    bucket_mb: float = 0.25            # --overlap-allreduce's bucket size, in MiB
     lr_schedule: str = "cosine"
     warmup_epochs: float = 0.0
     lr_scaling: str = "none"           # "linear": peak lr = lr * batch_size / reference_batch (Goyal et al.)
@@ -93,9 +95,15 @@ class Config:
         for name in non_negative:
             if not getattr(self, name) >= 0:
                 raise UserError(f"{option_name(name)} must not be negative, got {getattr(self, name)}")
-        for name in ("lr", "warmup_epochs", "step_gamma", "clip_grad_norm"):
+        for name in ("lr", "warmup_epochs", "step_gamma", "clip_grad_norm", "bucket_mb"):
             if not math.isfinite(getattr(self, name)):
                 raise UserError(f"{option_name(name)} must be finite, got {getattr(self, name)}")
+        if not self.bucket_mb > 0:
+            raise UserError(f"--bucket-mb must be positive, got {self.bucket_mb}")
+        if self.overlap_allreduce and (self.accumulate > 1 or self.shard_optimizer):
+            other = f"--accumulate {self.accumulate}" if self.accumulate > 1 else "--shard-optimizer"
+            raise UserError(f"--overlap-allreduce with {other}: overlapping reduces one micro-batch's whole gradient "
+                            f"with Allreduce; drop one of them")
         if self.simulate_ranks:   # before a thread starts for each of them
             check_world(self.batch_size, self.simulate_ranks, self.virtual_shards)
         self.make_optimizer()   # the optimiser checks its own settings (SettingError)

@@ -8,6 +8,7 @@ Layout (written by ``write_dataset``, checked by ``inspect``)::
     /test/labels    (M,)
     root attributes: format = "ddptrain-mnist", format_version = 3,
                      n_classes (labels are 0..n_classes-1), class_names (n_classes strings),
+                     content_sha256 (of the four datasets' values, see ``content_sha256``),
                      plus provenance (dataset, source, md5 of each IDX file, ...), all fixed-length
 
 Any image-classification set fits: one channel or several, any image size,
@@ -41,6 +42,7 @@ cannot be detected.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -535,6 +537,7 @@ def write_dataset(path, train_images, train_labels, test_images, test_labels, at
     n_classes, class_names = check_classes({f"{split} labels": labels for split, (_, labels) in splits.items()},
                                            n_classes, class_names)
     label_type = np.uint8 if n_classes <= 256 else np.uint16
+    splits = {split: (images, labels.astype(label_type)) for split, (images, labels) in splits.items()}
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     buffer = io.BytesIO()   # built in memory, then written with plain writes (durable.write_atomically)
@@ -544,12 +547,23 @@ def write_dataset(path, train_images, train_labels, test_images, test_labels, at
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["n_classes"] = n_classes
         f.attrs["class_names"] = np.array([name.encode("utf-8") for name in class_names])   # fixed-length
+        f.attrs["content_sha256"] = _fixed(content_sha256(splits))
         for name, value in (attrs or {}).items():
             f.attrs[name] = _fixed(value)
         for split, (images, labels) in splits.items():
-            _write_split(f, split, images, labels.astype(label_type))
+            _write_split(f, split, images, labels)
     write_atomically(path, buffer.getbuffer())   # concurrent writers: the last rename wins, with a whole file
     _checked[os.path.realpath(path)] = _stamp(path)   # written here: check_readable need not read it again
+
+
+def content_sha256(splits):
+    """SHA-256 of the values a file holds, ``{split: (images, labels)}`` in the order of SPLITS, as they are
+    stored: what tells two copies of a data file from two files (ranks on several nodes compare it)."""
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        for array in splits[split]:
+            digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    return digest.hexdigest()
 
 
 def _checked_split(split, images, labels):

@@ -548,6 +548,9 @@ class Sequential:
     # Called as observer("forward" | "backward", layer, array) after every layer when set;
     # --debug uses it to name the layer where a NaN appears, the benchmark to time the layers.
     observer = None
+    # Called as gradient_ready(index) once backward has filled the gradients of layers[index] (and of every
+    # layer after it): --overlap-allreduce starts reducing the ones that are final (overlap.GradientBuckets).
+    gradient_ready = None
 
     def forward(self, x):
         for layer in self.layers:
@@ -567,6 +570,8 @@ class Sequential:
             dout = layer.backward(dout, need_input_grad=need_input_grad or i > last)
             if self.observer is not None:
                 self.observer("backward", layer, dout)
+            if self.gradient_ready is not None:
+                self.gradient_ready(i)
         return dout if need_input_grad else None
 
 

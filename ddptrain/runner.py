@@ -15,6 +15,7 @@ from . import __version__, data, sampler
 from .callbacks import BroadcastBuffers, Checkpointing, MetricsLog, ProgressReport, ReplicaCheck
 from .debug import DebugChecks
 from .errors import EXIT_OK, EXIT_PREEMPTED, DataError, UserError, same_on_every_rank
+from .agreement import check_same_data_file, check_same_software, hosts_by_rank, verdict_on_every_rank
 from .limits import check_resources
 from .losses import SoftmaxCrossEntropy
 from .nn import Sequential, name_layers, no_reduction, output_shape_of
@@ -95,14 +96,16 @@ def _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays):
     console = Console(comm.rank, quiet=quiet, log_every=config.log_every)
     with same_on_every_rank():
         blas_threads = configure_blas_threads(comm, config.threads)
+    hosts = hosts_by_rank(blas_threads.hosts)
+    check_same_software(comm, hosts)   # DDP: across nodes, installations may differ
     folder = RunFolder(comm, comm.bcast(config.run_dir or default_run_dir()))   # DDP: rank 0's name, everywhere
-    info = open_data(comm, config, arrays, console.print)
+    info = open_data(comm, config, arrays, console.print, hosts)
     with same_on_every_rank():
         sampler.check_layout(info.n_train, config.batch_size, comm.size, config.virtual_shards)
     if model is None:
-        model = build_model(comm, config, info, blas_threads.ranks_on_host)
+        model = build_model(comm, config, info, blas_threads.ranks_on_host, hosts)
     else:
-        check_given_model(comm, model, config, info, blas_threads.ranks_on_host)
+        check_given_model(comm, model, config, info, blas_threads.ranks_on_host, hosts)
     # DDP: batch statistics of the global batch (--batchnorm global), or of each rank's rows.
     model.set_sum_over_ranks(comm.allreduce_ if config.batchnorm == "global" else no_reduction)
     with same_on_every_rank():
@@ -115,7 +118,7 @@ def _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays):
     comm.bcast_(model.buffers)   # DDP: and buffers
 
     config = resume_if_requeued(config, folder.has_step_checkpoints)   # SLURM requeue: --resume auto
-    announce(console, comm, config, model, info, folder.run_dir, blas_threads.description)
+    announce(console, comm, config, model, info, folder.run_dir, blas_threads)
     if dry_run:
         folder.check_free()
         console.print(f"dry run: the options, the data file, the model and the {comm.size} rank(s) check out; "
@@ -154,8 +157,9 @@ def _train(run, stop, callbacks):
                                                             info.n_train, console.warn))
     folder.write_config(config.to_dict())   # once the run is known to go ahead
     train, test = read_shards(info, comm, config, model)
+    bucket_bytes = int(config.bucket_mb * 2 ** 20) if config.overlap_allreduce else None
     trainer = Trainer(TrainStep(model, SoftmaxCrossEntropy(), optimizer, comm, config.clip_grad_norm or None,
-                                config.accumulate),
+                                config.accumulate, bucket_bytes),
                       TrainingPlan(config, info.n_train, comm.rank, comm.size), train, test, info.n_classes,
                       stop, standard_callbacks(config, console, folder, model.buffers.size > 0) + list(callbacks))
     if checkpoint is not None:
@@ -176,9 +180,9 @@ def _train(run, stop, callbacks):
     return result
 
 
-def open_data(comm, config, arrays, rank0_print):
+def open_data(comm, config, arrays, rank0_print, hosts):
     """The data's description (``DatasetInfo``), checked on every rank: the in-memory ``arrays`` (the same on
-    every rank), or the file of ``--data`` (a damaged one cannot hang a rank)."""
+    every rank), or the file of ``--data`` (a damaged one cannot hang a rank), the same file on every rank."""
     if arrays is not None:
         fingerprints = comm.allgather(arrays.fingerprint())   # DDP: every rank must hold the same data
         differing = [rank for rank, print_ in enumerate(fingerprints) if print_ != fingerprints[0]]
@@ -190,11 +194,12 @@ def open_data(comm, config, arrays, rank0_print):
         return arrays.inspect()
     data_path = resolve_data_path(comm, config, rank0_print)
     run_on_rank0(comm, lambda: data.check_readable(data_path))   # DDP: a damaged file cannot hang a rank
-    with same_on_every_rank():
-        return data.inspect(data_path)
+    info = verdict_on_every_rank(comm, lambda: data.inspect(data_path), hosts)   # DDP: each node its own view
+    check_same_data_file(comm, info, hosts)
+    return info
 
 
-def build_model(comm, config, info, ranks_on_host):
+def build_model(comm, config, info, ranks_on_host, hosts):
     """The model of ``--model``, for this data: its layers are checked against the data and the memory
     before any array is allocated."""
     spec = parse_spec(config.model)
@@ -202,11 +207,11 @@ def build_model(comm, config, info, ranks_on_host):
         layers = spec.layers(info.image_shape)
         name_layers(layers)   # as the model will: messages name "linear1", not "Linear"
         check_fits_data(layers, info, f"--model {config.model}")
-    check_resources_on_every_rank(comm, layers, config, info, ranks_on_host)
+    check_resources_on_every_rank(comm, layers, config, info, ranks_on_host, hosts)
     return Sequential(layers, dtype=config.dtype, seed=config.seed, spec=spec.describe())
 
 
-def check_given_model(comm, model, config, info, ranks_on_host):
+def check_given_model(comm, model, config, info, ranks_on_host, hosts):
     """A model built by the caller must take this data, in the run's dtype, and fit the memory with it."""
     shapes = comm.allgather((model.params.size, model.buffers.size, [layer.label() for layer in model.layers]))
     if any(shape != shapes[0] for shape in shapes):   # DDP: every rank must train the same network
@@ -221,7 +226,7 @@ def check_given_model(comm, model, config, info, ranks_on_host):
                             f"{config.dtype!r}): build it with nn.Sequential(layers, dtype=np.{config.dtype}) "
                             f"or leave dtype unset")
         check_fits_data(model.layers, info, f"the model ({model.summary()})")
-    check_resources_on_every_rank(comm, model.layers, config, info, ranks_on_host)
+    check_resources_on_every_rank(comm, model.layers, config, info, ranks_on_host, hosts)
 
 
 def resolve_data_path(comm, config, rank0_print):
@@ -234,18 +239,9 @@ def resolve_data_path(comm, config, rank0_print):
     return run_on_rank0(comm, lambda: str(datasets.ensure_prepared(name, log=rank0_print)))
 
 
-def check_resources_on_every_rank(comm, layers, config, info, ranks_on_host):
+def check_resources_on_every_rank(comm, layers, config, info, ranks_on_host, hosts):
     """Refuse options that ask for more memory than a host has; every rank stops if one must."""
-    try:
-        check_resources(layers, config, info, comm.size, ranks_on_host)
-        problem = None
-    except UserError as error:
-        problem = str(error)
-    problems = [p for p in comm.allgather(problem) if p]   # DDP: hosts may differ; the verdict may not
-    if problems:
-        failure = UserError(problems[0])
-        failure.all_ranks = True
-        raise failure
+    verdict_on_every_rank(comm, lambda: check_resources(layers, config, info, comm.size, ranks_on_host), hosts)
 
 
 def check_fits_data(layers, info, what):
@@ -325,10 +321,11 @@ def describe_split(n_train, n_test, comm, config):
             f"{' (at most)' if config.batch_size % comm.size else ''} per rank")
 
 
-def announce(console, comm, config, model, info, run_dir, thread_line):
+def announce(console, comm, config, model, info, run_dir, blas_threads):
     """The start-up lines, on rank 0."""
-    console.print(f"ddptrain {__version__}: {comm.size} rank{'s' if comm.size > 1 else ''} ({comm.library}); "
-                  f"{thread_line}", always=True)
+    where = f" on {blas_threads.host_line}" if len(blas_threads.hosts) > 1 else ""
+    console.print(f"ddptrain {__version__}: {comm.size} rank{'s' if comm.size > 1 else ''}{where} ({comm.library}); "
+                  f"{blas_threads.description}", always=True)
     console.print(f"model {model.summary()} ({model.params.size:,} parameters, {config.dtype}); data {info.path}; "
                   f"run folder {run_dir}", always=True)
     console.print(describe_split(info.n_train, info.n_test, comm, config), always=True)

@@ -25,6 +25,7 @@ import numpy as np
 
 from .dropout import BatchContext
 from .errors import NumericalError
+from .overlap import GradientBuckets
 from .sharding import ShardedOptimizer
 
 
@@ -113,10 +114,12 @@ class TrainStep:
     single process computes.
     """
 
-    def __init__(self, model, loss_fn, optimizer, comm, clip_grad_norm=None, micro_batches=1):
+    def __init__(self, model, loss_fn, optimizer, comm, clip_grad_norm=None, micro_batches=1, bucket_bytes=None):
         self.model, self.loss_fn, self.optimizer, self.comm = model, loss_fn, optimizer, comm
         self.clip_grad_norm = clip_grad_norm
         self.micro_batches = micro_batches
+        # --overlap-allreduce: the gradient reduced in buckets during backward (one micro-batch, unsharded)
+        self.buckets = None if bucket_bytes is None else GradientBuckets(model, comm, bucket_bytes)
         # --shard-optimizer (a ShardedOptimizer, or a wrapper of one): reduce-scatter, then allgather
         self.sharded = isinstance(getattr(optimizer, "sharded", optimizer), ShardedOptimizer)
         self._accumulated = None
@@ -130,14 +133,13 @@ class TrainStep:
         the rows' positions in the global batch) is what Dropout draws its masks from.
         """
         model, comm, sharded = self.model, self.comm, self.sharded
-        loss_share, correct = self._local_gradient(x, y, global_count, context)
-        if sharded:
-            # DDP: each rank receives the reduced gradient of its own slice of the parameters only
-            comm.reduce_scatter_(model.grads, self.optimizer.bounds)
-            if self.after_reduce:
-                comm.allgather_(model.grads, self.optimizer.bounds)   # the hooks (--debug) see all of it
+        if self.buckets is not None:
+            with self.buckets:   # DDP: each bucket's Allreduce starts as soon as backward has filled it
+                loss_share, correct = self._local_gradient(x, y, global_count, context)
+            self.buckets.finish()
         else:
-            comm.allreduce_(model.grads)   # DDP: sum of the shares = gradient of the global mean, once a step
+            loss_share, correct = self._local_gradient(x, y, global_count, context)
+            self._reduce()
         for hook in self.after_reduce:
             hook(x, y, global_count, context)
         grads = model.grads[self.optimizer.slice] if sharded else model.grads
@@ -155,6 +157,17 @@ class TrainStep:
         self.optimizer.step(model.params, model.grads, lr)
         return StepTotals(loss_sum=float(totals[0]), correct=int(totals[1]), samples=int(totals[2]),
                           stop_requested=bool(totals[3]), grad_norm=norm)
+
+    def _reduce(self):
+        """Sum the ranks' shares of the gradient: all of it on every rank, or (sharded) each rank its slice."""
+        model, comm = self.model, self.comm
+        if self.sharded:
+            # DDP: each rank receives the reduced gradient of its own slice of the parameters only
+            comm.reduce_scatter_(model.grads, self.optimizer.bounds)
+            if self.after_reduce:
+                comm.allgather_(model.grads, self.optimizer.bounds)   # the hooks (--debug) see all of it
+        else:
+            comm.allreduce_(model.grads)   # DDP: sum of the shares = gradient of the global mean, once a step
 
     def _local_gradient(self, x, y, global_count, context):
         """This rank's share of the gradient in ``model.grads``, not yet reduced; its share of the loss and

@@ -20,6 +20,24 @@ class BlasThreads:
     threads: int          # BLAS threads of this rank
     description: str      # a line for the start-up output
     ranks_on_host: int    # ranks running on this rank's host, this one included
+    hosts: dict = None    # host name -> its ranks, in order of their first rank
+
+    @property
+    def host_line(self):
+        """``1 host`` or ``2 hosts (ddpt-h1: ranks 0-1, ddpt-h2: ranks 2-3)``, for the start-up output."""
+        if len(self.hosts) == 1:
+            return "1 host"
+        return f"{len(self.hosts)} hosts (" + ", ".join(f"{host}: {_ranks_text(ranks)}"
+                                                         for host, ranks in self.hosts.items()) + ")"
+
+
+def _ranks_text(ranks):
+    """``rank 3``, ``ranks 0-1``, or ``ranks 0, 2, 4`` (a host's ranks need not be consecutive)."""
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    if ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"ranks {ranks[0]}-{ranks[-1]}"
+    return "ranks " + ", ".join(map(str, ranks))
 
 
 @collective
@@ -46,6 +64,32 @@ def configure_blas_threads(comm, requested=0):
     threadpool_limits(limits=threads, user_api="blas")
     blas = next((lib for lib in threadpool_info() if lib.get("user_api") == "blas"), {})
     library = blas.get("internal_api", "unknown BLAS")
-    how = "set by --threads" if requested else f"{len(cores)} cores shared by {sharing} rank(s)"
-    return BlasThreads(threads, f"{threads} {library} thread{'s' if threads > 1 else ''} per rank ({how})",
-                       ranks_on_host=sum(1 for host, _ in everyone if host == me[0]))
+    hosts = {}
+    for rank, (host, _) in enumerate(everyone):
+        hosts.setdefault(host, []).append(rank)
+    return BlasThreads(threads, _description(everyone, requested, library), ranks_on_host=len(hosts[me[0]]),
+                       hosts=hosts)
+
+
+def _description(everyone, requested, library):
+    """The threads of every rank, in a line: ``1 openblas thread per rank (2 cores shared by 2 rank(s))``, and
+    per host where hosts differ (rank 0 prints it for all of them)."""
+    def threads_of(member):
+        return requested or max(1, len(member[1]) // everyone.count(member))
+
+    def plural(n):
+        return f"{n} {library} thread{'s' if n > 1 else ''} per rank"
+
+    if requested:
+        return f"{plural(requested)} (set by --threads)"
+    shares = {member: threads_of(member) for member in everyone}   # one entry per (host, cores)
+    if len(shares) == 1:
+        [(member, threads)] = shares.items()
+        return f"{plural(threads)} ({len(member[1])} cores shared by {everyone.count(member)} rank(s))"
+    same = len(set(shares.values())) == 1 and len({(len(m[1]), everyone.count(m)) for m in shares}) == 1
+    if same:
+        member, threads = next(iter(shares.items()))
+        return (f"{plural(threads)} ({len(member[1])} cores shared by {everyone.count(member)} rank(s) on each of "
+                f"{len(shares)} hosts or core sets)")
+    return "; ".join(f"{host}: {plural(threads)} ({len(cores)} cores shared by {everyone.count((host, cores))} "
+                     f"rank(s))" for (host, cores), threads in shares.items())

@@ -103,7 +103,8 @@ def train_and_load(comm, config, with_buffers=False):
     metrics = [json.loads(line) for line in (Path(config.run_dir) / "metrics.jsonl").read_text().splitlines()]
     params = np.concatenate([final.params[name].ravel() for name in sorted(final.params)])
     if with_buffers:
-        return params, np.concatenate([final.buffers[name].ravel() for name in sorted(final.buffers)]), metrics
+        return params, np.concatenate([final.buffers[name].ravel() for name in sorted(final.buffers)]
+                                      or [np.zeros(0)]), metrics
     return params, metrics
 
 
@@ -317,3 +318,59 @@ def test_in_memory_arrays_that_differ_between_ranks_are_refused_on_every_rank(co
     config = Config(model=model_spec(), run_dir=str(shared_dir / "arrays-differ"))
     with pytest.raises(DataError, match=f"the in-memory arrays of rank {comm.size - 1} differ from rank 0's"):
         run_training(config, comm, quiet=True, arrays=arrays)
+
+
+# -- what ranks on several nodes must agree on (tests/test_multi_node.py runs them on separate hosts) -------
+
+
+def last_rank_only(comm, mine, theirs):
+    return theirs if comm.rank == comm.size - 1 else mine
+
+
+def test_a_data_file_that_differs_on_one_rank_is_refused_on_every_rank_naming_that_rank(comm, shared_dir, dataset):
+    other = shared_dir / f"other-{comm.size}.h5"
+    if comm.rank == 0:
+        make_dataset(other, n_train=240, n_test=60, seed=1)   # the same shapes, other pixels
+    comm.barrier()
+    config = Config(data=last_rank_only(comm, dataset, str(other)), model=model_spec(),
+                    run_dir=str(shared_dir / "file-differs"))
+    with pytest.raises(DataError, match=rf"rank {comm.size - 1} \(on [^)]+\) reads another file than rank 0 "
+                                        r"\(on [^)]+\) \(its content checksum attribute differs"):
+        run_training(config, comm, quiet=True, dry_run=True)
+
+
+def test_a_data_file_missing_on_one_rank_only_is_named_with_that_rank(comm, shared_dir, dataset):
+    config = Config(data=last_rank_only(comm, dataset, str(shared_dir / "nowhere.h5")), model=model_spec(),
+                    run_dir=str(shared_dir / "file-missing"))
+    with pytest.raises(DataError, match=rf"^rank {comm.size - 1} \(on [^)]+\): .*nowhere.h5: no such file$"):
+        run_training(config, comm, quiet=True, dry_run=True)
+
+
+def test_another_numpy_on_one_rank_is_refused_on_every_rank(comm, shared_dir, dataset, monkeypatch):
+    from ddptrain import agreement
+    if comm.rank == comm.size - 1:
+        monkeypatch.setattr(agreement.np, "__version__", "1.0.0")
+    config = Config(data=dataset, model=model_spec(), run_dir=str(shared_dir / "versions-differ"))
+    with pytest.raises(UserError, match=rf"rank {comm.size - 1} \(on [^)]+\) runs ddptrain \S+ with numpy 1.0.0, "
+                                        r"but rank 0 \(on [^)]+\) runs ddptrain \S+ with numpy "):
+        run_training(config, comm, quiet=True, dry_run=True)
+
+
+@pytest.mark.parametrize("spec", [model_spec(hidden=(16, 12)), BN_MODEL, CNN_MODEL])
+def test_overlapping_the_allreduce_with_backward_trains_the_parameters_of_one_process(comm, shared_dir, dataset,
+                                                                                     spec):
+    """Buckets of 1 KiB: several non-blocking Allreduces in flight during backward, among the blocking ones of
+    batch normalisation's backward."""
+    config = Config(data=dataset, model=spec, dtype="float64", epochs=1, batch_size=29, lr=0.1, momentum=0.9,
+                    log_every=1000, threads=1)
+    name = spec.replace("-", "")
+    params, buffers, metrics = train_and_load(
+        comm, Config(**{**config.to_dict(), "overlap_allreduce": True, "bucket_mb": 1 / 1024,
+                        "run_dir": str(shared_dir / f"overlap-{name}-p{comm.size}")}), with_buffers=True)
+    single, single_buffers, single_metrics = train_and_load(
+        SerialComm(), Config(**{**config.to_dict(), "run_dir": str(shared_dir / f"overlap-{name}-1-r{comm.rank}")}),
+        with_buffers=True)
+    assert relative_error(params, single) < 1e-9
+    if buffers.size:
+        assert relative_error(buffers, single_buffers) < 1e-9
+    assert metrics[-1]["test_accuracy"] == single_metrics[-1]["test_accuracy"]
