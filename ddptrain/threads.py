@@ -87,9 +87,10 @@ def _description(everyone, requested, library):
         [(member, threads)] = shares.items()
         return f"{plural(threads)} ({len(member[1])} cores shared by {everyone.count(member)} rank(s))"
     same = len(set(shares.values())) == 1 and len({(len(m[1]), everyone.count(m)) for m in shares}) == 1
-    if same:
+    hosts = {host for host, _ in shares}
+    if same and len(hosts) == len(shares):   # one group of ranks per host, all alike
         member, threads = next(iter(shares.items()))
         return (f"{plural(threads)} ({len(member[1])} cores shared by {everyone.count(member)} rank(s) on each of "
-                f"{len(shares)} hosts or core sets)")
+                f"{len(hosts)} hosts)")
     return "; ".join(f"{host}: {plural(threads)} ({len(cores)} cores shared by {everyone.count((host, cores))} "
                      f"rank(s))" for (host, cores), threads in shares.items())

@@ -1,0 +1,181 @@
+"""Ranks on separate hosts: two "hosts" made of network namespaces (scripts/fake-hosts.sh), 2 ranks on each.
+
+What one host cannot show: the ranks of different hosts exchange the gradient over the network (TCP on the
+hosts' own addresses, which the veth counters show), BLAS threads are split per host, and a rank that
+dies, raises or is signalled on host 2 ends or stops the ranks of host 1 too. Skipped only where namespaces
+cannot be made (not root, or no `ip`), with the reason.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import fakehosts
+import helpers
+from ddptrain import checkpoint
+from ddptrain.launcher import environ_without_launcher
+from ddptrain.threads import _description
+
+RANKS_PER_HOST = 2
+OPTIONS = ["--model", "64-32-10", "--dtype", "float64", "--batch-size", "32", "--lr", "0.1", "--threads", "0"]
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    reason = fakehosts.why_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with fakehosts.FakeHosts(2) as made:
+        yield made
+
+
+def train_argv(hosts, data, run_dir, *extra, faults=None):
+    program = [sys.executable, str(helpers.INJECT), faults] if faults else [sys.executable, "-m", "ddptrain"]
+    return hosts.mpiexec_argv(RANKS_PER_HOST, [*program, "--data", data, *OPTIONS, "--run-dir", run_dir, *extra])
+
+
+def run(argv, timeout=120):
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=helpers.ROOT,
+                          env=environ_without_launcher())
+
+
+def start(argv):
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=helpers.ROOT,
+                            env=environ_without_launcher(), start_new_session=True)
+
+
+def ranks_on(hosts, host):
+    """The pids of ddptrain's ranks on ``host`` (not Hydra's proxy)."""
+    pids = []
+    for pid in hosts.pids(host):
+        try:
+            words = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if any(b"ddptrain" in word or b"inject.py" in word for word in words) and b"hydra" not in words[0]:
+            pids.append(pid)
+    return pids
+
+
+def wait_for_ranks(hosts, host, count, seconds=30):
+    deadline = time.monotonic() + seconds
+    while len(ranks_on(hosts, host)) < count:
+        assert time.monotonic() < deadline, f"{count} ranks never started on {host}"
+        time.sleep(0.05)
+    return ranks_on(hosts, host)
+
+
+def wait_for_training(run_dir, seconds=60):
+    """Until the run folder holds its config (written once every rank is set up and training starts)."""
+    deadline = time.monotonic() + seconds
+    while not (run_dir / "config.json").exists():
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.05)
+
+
+# -- the same training, across hosts -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_2_hosts_x_2_ranks_train_the_parameters_of_one_process_over_the_network(hosts, small_data, tmp_path):
+    before = hosts.veth_bytes(hosts.hosts[1])
+    proc = run(train_argv(hosts, small_data, tmp_path / "hosts", "--epochs", "2"))
+    after = hosts.veth_bytes(hosts.hosts[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    h1, h2 = hosts.hosts
+    # Rank 0 names the hosts and their ranks, and each host's cores split between its own ranks.
+    assert f"4 ranks on 2 hosts ({h1}: ranks 0-1, {h2}: ranks 2-3)" in proc.stdout
+    assert "per rank (" in proc.stdout and "shared by 2 rank(s) on each of 2 hosts)" in proc.stdout
+
+    one = helpers.run(["--data", small_data, *OPTIONS, "--epochs", "2", "--run-dir", tmp_path / "one"])
+    assert one.returncode == 0, one.stderr
+    assert helpers.relative_error(helpers.final_params(tmp_path / "hosts"), helpers.final_params(tmp_path / "one")) \
+        < 1e-9
+    records = helpers.metrics_records(tmp_path / "hosts")
+    assert [r["test_accuracy"] for r in records] == [r["test_accuracy"] for r in helpers.metrics_records(
+        tmp_path / "one")]
+
+    # The gradient crossed host 2's link: at least one float64 copy of it per step (16 steps of 2,410).
+    steps, gradient_bytes = records[-1]["step"], 8 * (64 * 32 + 32 + 32 * 10 + 10)
+    crossed = sum(after) - sum(before)
+    assert crossed >= steps * gradient_bytes, (crossed, steps * gradient_bytes)
+
+
+# -- failures across hosts ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_rank_killed_on_host_2_ends_the_whole_job_within_seconds(hosts, small_data, tmp_path):
+    job = start(train_argv(hosts, small_data, tmp_path / "run", "--epochs", "1000"))
+    try:
+        wait_for_training(tmp_path / "run")
+        victim = wait_for_ranks(hosts, hosts.hosts[1], RANKS_PER_HOST)[0]
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = job.communicate(timeout=60)
+        ended = time.monotonic() - killed
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode != 0 and ended < 10, (job.returncode, ended)
+    # Hydra's words for it (they vary with which connection it sees close first): a proxy lost its rank or
+    # its peer, and mpiexec ended the rest ("one of the processes terminated badly; aborting").
+    assert any(words in err for words in ("terminated badly", "BAD TERMINATION", "assert (!closed) failed")), \
+        err[-2000:]
+    assert not ranks_on(hosts, hosts.hosts[0]) and not ranks_on(hosts, hosts.hosts[1])   # no rank left behind
+
+
+@pytest.mark.slow
+def test_an_exception_on_host_2_aborts_the_job_naming_the_rank(hosts, small_data, tmp_path):
+    proc = run(train_argv(hosts, small_data, tmp_path / "run", "--epochs", "3", faults="raise:rank=3:step=5"))
+    assert proc.returncode != 0
+    assert "ddptrain: error on rank 3 of 4: InjectedFault" in proc.stderr, proc.stderr[-2000:]
+    assert not ranks_on(hosts, hosts.hosts[0]) and not ranks_on(hosts, hosts.hosts[1])
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_ranks_of_host_2_stops_every_rank_after_the_same_step_and_resumes_bitwise(hosts, small_data,
+                                                                                                tmp_path):
+    run_dir = tmp_path / "run"
+    job = start(train_argv(hosts, small_data, run_dir, "--epochs", "3", faults="delay:seconds=0.05"))
+    try:
+        wait_for_training(run_dir)
+        time.sleep(0.3)
+        for pid in wait_for_ranks(hosts, hosts.hosts[1], RANKS_PER_HOST):
+            os.kill(pid, signal.SIGTERM)
+        out, err = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 3, err[-2000:]   # EXIT_PREEMPTED, from every rank
+    stopped = checkpoint.newest_valid(run_dir / "checkpoints")
+    # Rank 0, on host 1, learnt of the signal through the step's totals, as every rank of host 1 did.
+    assert f"stopped by a signal on another rank at step {stopped.state['step']}; checkpoint written" in out
+    assert 0 < stopped.state["step"] < 3 * 8
+
+    resumed = run(train_argv(hosts, small_data, run_dir, "--epochs", "3", "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    straight = run(train_argv(hosts, small_data, tmp_path / "straight", "--epochs", "3"))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    np.testing.assert_array_equal(helpers.final_params(run_dir), helpers.final_params(tmp_path / "straight"))
+
+
+# -- BLAS threads per host (no namespaces needed) --------------------------------------------------------
+
+
+def test_the_thread_line_splits_each_hosts_cores_between_its_own_ranks():
+    two_cores, four_cores = (0, 1), (0, 1, 2, 3)
+    assert _description([("a", two_cores)] * 2, 0, "openblas") == \
+        "1 openblas thread per rank (2 cores shared by 2 rank(s))"
+    assert _description([("a", two_cores)] * 2 + [("b", two_cores)] * 2, 0, "openblas") == \
+        "1 openblas thread per rank (2 cores shared by 2 rank(s) on each of 2 hosts)"
+    assert _description([("a", two_cores)] * 2 + [("b", four_cores)] * 2, 0, "openblas") == \
+        "a: 1 openblas thread per rank (2 cores shared by 2 rank(s)); " \
+        "b: 2 openblas threads per rank (4 cores shared by 2 rank(s))"
+    assert _description([("a", two_cores)] * 4, 1, "openblas") == "1 openblas thread per rank (set by --threads)"
