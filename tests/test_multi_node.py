@@ -6,7 +6,6 @@ dies, raises or is signalled on host 2 ends or stops the ranks of host 1 too. Sk
 cannot be made (not root, or no `ip`), with the reason.
 """
 
-import json
 import os
 import signal
 import subprocess
