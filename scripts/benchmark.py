@@ -54,6 +54,7 @@ environment; the header shows their values and the kernel that runs.
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import json
 import os
@@ -300,11 +301,12 @@ def worker_ddptrain(args):
     def run(first, steps, profile=None):
         # What Trainer._run_epoch does for each step: gather this rank's rows, then the TrainStep
         # (forward, loss, backward, gradient Allreduce, step totals Allreduce, finite check, update).
+        bucket_bytes = int(args.bucket_mb * 2 ** 20) if args.overlap_allreduce else None
         if profile is None:
-            train_step = TrainStep(model, loss_fn, optimizer, timed)
+            train_step = TrainStep(model, loss_fn, optimizer, timed, bucket_bytes=bucket_bytes)
         else:
             train_step = TrainStep(model, TimedLoss(loss_fn, profile), ProfiledOptimizer(optimizer, profile),
-                                   ProfiledComm(timed, profile))
+                                   ProfiledComm(timed, profile), bucket_bytes=bucket_bytes)
         for step in range(first, first + steps):
             if profile:
                 profile.start()
@@ -345,6 +347,7 @@ def worker_ddptrain(args):
               "batchnorm_allreduce_fraction": batchnorm_fractions,
               "profile_ms": profile.per_step_ms() if profile.steps else None,
               "thread_line": thread_line, "blas": blas_description(), "library": comm.library,
+              "hosts": blas_threads.host_line,
               "load_seconds": load_seconds, "n_train": n_train, "n_params": int(model.params.size),
               "load_what": "making random shards" if args.data == RANDOM else "loading the shards from HDF5"}
     if comm.size > 1 and not args.no_allreduce:
@@ -571,8 +574,29 @@ def free_port():
         return s.getsockname()[1]
 
 
+FAKE_HOSTS = ROOT / "scripts" / "fake-hosts.sh"
+HOSTS_PREFIX = "dbench"   # the benchmark's own fake hosts, apart from the tests' ("ddpt", "ddptt")
+
+
+def fake_hosts(command, n=2):
+    """``scripts/fake-hosts.sh up N`` / ``down`` for the rows across hosts; True if it worked."""
+    argv = [str(FAKE_HOSTS), command, *([str(n)] if command == "up" else []), HOSTS_PREFIX]
+    return subprocess.run(argv, capture_output=True, text=True).returncode == 0
+
+
+def across_hosts(argv, ranks):
+    """``argv`` as ``ranks`` ranks, one on each fake host: mpiexec on host 1, the others through the launcher."""
+    hosts = [f"{HOSTS_PREFIX}-h{k}" for k in range(1, ranks + 1)]
+    return [str(FAKE_HOSTS), "run", hosts[0], mpiexec(), "-hosts", ",".join(f"{h}:1" for h in hosts),
+            "-launcher", "ssh", "-launcher-exec", str(ROOT / "scripts" / "fake-hosts-launcher"), "-n", str(ranks),
+            *argv]
+
+
 def launch(kind, ranks, threads_per_rank, batch, steps, warmup, repeats, opts, extra=()):
-    """Run one worker (under mpiexec when ranks > 1) in fresh processes; returns its JSON result."""
+    """Run one worker (under mpiexec when ranks > 1; one rank per fake host with ``--hosts`` in ``extra``) in
+    fresh processes; returns its JSON result."""
+    hosts = "--hosts" in extra
+    extra = tuple(e for e in extra if e != "--hosts")
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     try:
@@ -580,7 +604,9 @@ def launch(kind, ranks, threads_per_rank, batch, steps, warmup, repeats, opts, e
                 "--batch", str(batch), "--threads-per-rank", str(threads_per_rank), "--model", opts.model,
                 "--data", str(opts.data), "--steps", str(steps), "--warmup", str(warmup),
                 "--repeats", str(repeats), "--lr", str(opts.lr), *extra]
-        if ranks > 1:
+        if hosts:
+            argv = across_hosts(argv, ranks)
+        elif ranks > 1:
             argv = [mpiexec(), "-n", str(ranks), *argv]
         proc = subprocess.run(argv, capture_output=True, text=True, env=time_to_accuracy.clean_env(),
                               cwd=ROOT, timeout=900)
@@ -664,6 +690,8 @@ def main(argv=None):
                         help="options of the time-to-accuracy run (default: %(default)r)")
     parser.add_argument("--no-tta", action="store_true", help="skip the time-to-accuracy runs")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
+    parser.add_argument("--no-hosts", action="store_true",
+                        help="skip the rows across 2 fake hosts (network namespaces: they need root and `ip`)")
     parser.add_argument("--json", metavar="PATH", help="also write every measurement to PATH")
     parser.add_argument("--quick", action="store_true",
                         help="tiny settings, to check that the benchmark runs (numbers meaningless)")
@@ -678,6 +706,8 @@ def main(argv=None):
     parser.add_argument("--no-allreduce", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--end-to-end", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shard-optimizer", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--overlap-allreduce", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bucket-mb", type=float, default=0.25, help=argparse.SUPPRESS)
     parser.add_argument("--batchnorm", default="global", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
 
@@ -767,6 +797,20 @@ def run_benchmark(opts):
         if use_torch:
             rows += [("tcnn1", f"PyTorch CNN, 1 process x {budget} threads", "torch", 1, budget, cnn),
                      ("tcnnP", f"PyTorch CNN, DDP gloo, {ranks} x {per_rank} thread", "torch", ranks, per_rank, cnn)]
+    if ranks > 1:
+        rows.append(("ddpPo", "  same ranks, --overlap-allreduce", "ddptrain", ranks,
+                     per_rank if opts.threads else 0, ("--overlap-allreduce",)))
+    hosts_up = not opts.no_hosts and os.geteuid() == 0 and fake_hosts("up")
+    if hosts_up:
+        # One rank on each of 2 hosts that share this machine's cores: each gets half of them, as 2 ranks of
+        # one host would, so that the rows differ only in where the gradient goes (TCP between hosts).
+        rows += [("hosts", f"ddptrain, 2 hosts x 1 rank x {per_rank} thread", "ddptrain", 2, per_rank, ("--hosts",)),
+                 ("hostso", "  same hosts, --overlap-allreduce", "ddptrain", 2, per_rank,
+                  ("--hosts", "--overlap-allreduce"))]
+    elif not opts.no_hosts:
+        print("rows across 2 hosts: skipped (fake hosts need root and `ip`: scripts/fake-hosts.sh)", flush=True)
+    if hosts_up:
+        atexit.register(fake_hosts, "down")   # also when a row fails
     row_models = {key: dict(zip(extra[::2], extra[1::2])).get("--model", opts.model)
                   for key, _, _, _, _, extra in rows}
 
@@ -853,8 +897,8 @@ def report(results, rows, batches, limit, row_models, ranks, use_torch, bn_model
             other = results.get((partner.get(key), batch))
             ratio = f"{s['median'] / statistics.median(other['rates']):.2f}x" if other else ""
             fractions = [f for run in entry["runs"] for f in run.get("allreduce_fraction", [])]
-            allreduce = f"{100 * statistics.median(fractions):.0f}%" if fractions and key in ("ddpP", "ddpPbn",
-                                                                                              "ddpPbnl", "cnnP") else ""
+            allreduce = f"{100 * statistics.median(fractions):.0f}%" if fractions and key in (
+                "ddpP", "ddpPbn", "ddpPbnl", "cnnP", "hosts") else ""
             rss = max(max(run["max_rss_mib"]) for run in entry["runs"])
             table.append(f"{batch:>12}  {label:<38} {fmt_rate(s):>29}  {ratio:>10}  {allreduce:>9}  "
                          f"{100 * s['median'] * flops[key] / limit:>12.0f}%  {rss:>9,.0f} MiB")
@@ -896,6 +940,20 @@ def report(results, rows, batches, limit, row_models, ranks, use_torch, bn_model
                          f"{statistics.median(sharded['rates']) / statistics.median(plain['rates']):.2f}x the "
                          f"unsharded step rate; momentum buffer {mib[1]:.2f} MiB per rank against {mib[0]:.2f} MiB "
                          f"(reduce-scatter and allgather in place of one Allreduce)")
+    if runs("hosts"):
+        first = runs("hosts")[0]
+        alone = [run["allreduce_alone_ms"] for run in runs("hosts") if "allreduce_alone_ms" in run]
+        notes.append(f"2 hosts x 1 rank: {first['hosts']}, network namespaces of this machine joined by veth pairs "
+                     f"and a bridge (scripts/fake-hosts.sh); the gradient goes over TCP between them"
+                     + (f"; its Allreduce on its own: {statistics.median(alone):.2f} ms" if alone else ""))
+    for batch in batches:
+        for plain, overlapped, where in (("ddpP", "ddpPo", f"{ranks} ranks on one host"),
+                                         ("hosts", "hostso", "2 hosts x 1 rank")):
+            a, b = results.get((plain, batch)), results.get((overlapped, batch))
+            if a and b:
+                notes.append(f"--overlap-allreduce, {where}, batch {batch}: "
+                             f"{statistics.median(b['rates']) / statistics.median(a['rates']):.2f}x the step rate "
+                             f"of one Allreduce after backward")
     cnn_key = next((key for key in ("cnn1", "cnnP") if results.get((key, batches[0]))), None)
     if cnn_key:
         first = results[(cnn_key, batches[0])]["runs"][0]
