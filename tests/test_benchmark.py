@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+import fakehosts
 import helpers
 from helpers import model_spec
 
@@ -25,7 +26,10 @@ def test_the_benchmark_runs_on_tiny_settings_and_prints_its_table(small_data, tm
     out = proc.stdout
     assert "GEMM limit" in out and "samples/s: median (min-max)" in out
     assert "ddptrain, 1 process" in out and "ddptrain, 2 MPI ranks" in out
-    assert "end to end, 2 ranks" in out and "targets (issue 7):" in out
+    assert "end to end, 2 ranks" in out and "targets (issue 15, on this CPU):" in out
+    assert "same ranks, --overlap-allreduce" in out and "--overlap-allreduce, 2 ranks on one host" in out
+    if fakehosts.why_unavailable() is None:   # as root: the rows across 2 fake hosts
+        assert "ddptrain, 2 hosts x 1 rank x 1 thread" in out and "the gradient goes over TCP between them" in out
     assert "ddptrain, 2 ranks, BN global statistics" in out and "ddptrain, 2 ranks, BN local statistics" in out
     assert "the BatchNorm layers' own Allreduces" in out
     assert "ddptrain CNN, 1 process" in out and "ddptrain CNN, 2 MPI ranks" in out
