@@ -122,12 +122,12 @@ def test_a_rank_killed_on_host_2_ends_the_whole_job_within_seconds(hosts, small_
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
-    assert job.returncode != 0 and ended < 10, (job.returncode, ended)
-    # Hydra's words for it (they vary with which connection it sees close first): a proxy lost its rank or
-    # its peer, and mpiexec ended the rest ("one of the processes terminated badly; aborting").
-    assert any(words in err for words in ("terminated badly", "BAD TERMINATION", "assert (!closed) failed")), \
-        err[-2000:]
-    assert not ranks_on(hosts, hosts.hosts[0]) and not ranks_on(hosts, hosts.hosts[1])   # no rank left behind
+    # Hydra's status for a job it ended (255 here), and no rank left behind on either host. Its words vary
+    # with which connection it sees close first ("launcher returned error waiting for completion", "one of
+    # the processes terminated badly; aborting", "assert (!closed) failed"), and once, in a full CI run, it
+    # printed none: the status and the processes are what the test holds it to.
+    assert job.returncode != 0 and ended < 10, (job.returncode, ended, err[-2000:])
+    assert not ranks_on(hosts, hosts.hosts[0]) and not ranks_on(hosts, hosts.hosts[1])
 
 
 @pytest.mark.slow
