@@ -29,6 +29,18 @@ def processes_only_in_slow_tests(request, monkeypatch):
         monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 
 
+@pytest.fixture(autouse=True)
+def no_shared_memory_left_behind(request):
+    """A test that starts ranks, and kills some, leaves no orphaned MPICH segment in /dev/shm (memory)."""
+    if request.node.get_closest_marker("slow") is None:
+        yield
+        return
+    import helpers
+    before = helpers.mpich_segments()
+    yield
+    helpers.remove_orphaned_segments(before)
+
+
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory):
     """A 240 + 60 row data set of 8x8 images (fits the model spec '64-16-10')."""

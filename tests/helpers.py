@@ -6,10 +6,13 @@ and ``conftest.py`` puts this folder on ``sys.path``.
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import h5py
@@ -91,6 +94,49 @@ def error_lines(stderr):
 
 
 # ---------------------------------------------------------------- what a run leaves behind
+
+
+def mpich_segments():
+    """The names of MPICH's shared-memory segments in /dev/shm."""
+    try:
+        return {name for name in os.listdir("/dev/shm") if name.startswith("mpich_")}
+    except OSError:
+        return set()
+
+
+def remove_orphaned_segments(before, grace=2.0):
+    """Remove the MPICH segments made since ``before`` (a ``mpich_segments()``) that no process maps any more.
+
+    Ranks that a test kills (or that abort) never unlink their segments, and /dev/shm is memory: a few MB
+    per such test, for as long as the machine runs. Segments still mapped belong to live jobs and stay.
+    """
+    deadline = time.monotonic() + grace
+    while True:
+        new = mpich_segments() - before
+        mapped = _mapped(new) if new else set()
+        for name in new - mapped:
+            try:
+                os.unlink(f"/dev/shm/{name}")
+            except OSError:
+                pass
+        # A rank the launcher is still ending maps its segment a moment longer: wait for it, a little.
+        if not mapped or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
+
+
+def _mapped(names):
+    """Those of ``names`` (segments in /dev/shm) that some process maps."""
+    mapped = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as f:
+                text = f.read()
+        except OSError:
+            continue
+        mapped.update(name for name in names if f"/dev/shm/{name}" in text)
+    return mapped
+
 
 
 def final_params(run_dir):
