@@ -1,4 +1,4 @@
-"""What every rank must agree on before training: the verdict of a check, the software, the data file.
+"""What every rank must agree on before training: the verdict of a check, the software, the data, the model.
 
 On one host the ranks share a file system and an installation; across
 nodes they need not, and a difference must stop the run with one line that
@@ -38,6 +38,13 @@ def _everywhere(error):
     return error
 
 
+def _first_difference(comm, mine):
+    """``(rank, its value, rank 0's value)`` for the first rank whose ``mine`` differs from rank 0's, or None.
+    Collective: every rank gets the same answer."""
+    everyone = comm.allgather(mine)
+    return next(((rank, value, everyone[0]) for rank, value in enumerate(everyone) if value != everyone[0]), None)
+
+
 @collective
 def verdict_on_every_rank(comm, check, hosts):
     """``check()``'s result on this rank, if it passed on every rank; else every rank raises the first
@@ -61,13 +68,13 @@ def verdict_on_every_rank(comm, check, hosts):
 @collective
 def check_same_software(comm, hosts):
     """Every rank runs the same ddptrain and numpy (a rank of another version could compute otherwise)."""
-    everyone = comm.allgather((__version__, np.__version__))
-    for rank, versions in enumerate(everyone):
-        if versions != everyone[0]:
-            raise _everywhere(UserError(
-                f"{_on(rank, hosts)} runs ddptrain {versions[0]} with numpy {versions[1]}, but {_on(0, hosts)} runs "
-                f"ddptrain {everyone[0][0]} with numpy {everyone[0][1]}: install the same environment on every node "
-                f"(or one on a shared file system)"))
+    difference = _first_difference(comm, (__version__, np.__version__))
+    if difference:
+        rank, (version, numpy), (version0, numpy0) = difference
+        raise _everywhere(UserError(
+            f"{_on(rank, hosts)} runs ddptrain {version} with numpy {numpy}, but {_on(0, hosts)} runs ddptrain "
+            f"{version0} with numpy {numpy0}: install the same environment on every node (or one on a shared file "
+            f"system)"))
 
 
 def content_id(attrs):
@@ -84,11 +91,32 @@ def check_same_data_file(comm, info, hosts):
     """Every rank reads the same data file: the same size and the same content attribute (``content_id``).
     Across nodes the path may name different copies; each rank reads only its shard, and shards of
     different files would be a data set no one chose."""
-    everyone = comm.allgather((os.path.getsize(info.path), content_id(info.attrs)))
-    for rank, (size, content) in enumerate(everyone):
-        if (size, content) != everyone[0]:
-            differs = (f"{size:,} bytes there, {everyone[0][0]:,} on rank 0" if size != everyone[0][0]
-                       else "its content checksum attribute differs from rank 0's")
-            raise _everywhere(DataError(
-                f"{info.path}: {_on(rank, hosts)} reads another file than {_on(0, hosts)} ({differs}): every node "
-                f"must see the same data file (on a shared file system, or copied whole)"))
+    difference = _first_difference(comm, (os.path.getsize(info.path), content_id(info.attrs)))
+    if difference:
+        rank, (size, _), (size0, _) = difference
+        differs = (f"{size:,} bytes there, {size0:,} on rank 0" if size != size0
+                   else "its content checksum attribute differs from rank 0's")
+        raise _everywhere(DataError(
+            f"{info.path}: {_on(rank, hosts)} reads another file than {_on(0, hosts)} ({differs}): every node "
+            f"must see the same data file (on a shared file system, or copied whole)"))
+
+
+@collective
+def check_same_arrays(comm, arrays):
+    """Every rank passed the same in-memory data (``Arrays.fingerprint``): each trains on its shard of it."""
+    difference = _first_difference(comm, arrays.fingerprint())
+    if difference:
+        raise _everywhere(DataError(
+            f"data: the in-memory arrays of rank {difference[0]} differ from rank 0's; every rank must pass the "
+            f"same arrays (each trains on its own shard of them)"))
+
+
+@collective
+def check_same_model(comm, model):
+    """Every rank built the same network (a script builds its model on each rank)."""
+    difference = _first_difference(comm, (model.params.size, model.buffers.size,
+                                          [layer.label() for layer in model.layers]))
+    if difference:
+        raise _everywhere(UserError(
+            f"the model differs between ranks (rank {difference[0]}'s is not rank 0's): build the same model on "
+            f"every rank"))

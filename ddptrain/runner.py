@@ -14,8 +14,9 @@ import numpy as np
 from . import __version__, data, sampler
 from .callbacks import BroadcastBuffers, Checkpointing, MetricsLog, ProgressReport, ReplicaCheck
 from .debug import DebugChecks
-from .errors import EXIT_OK, EXIT_PREEMPTED, DataError, UserError, same_on_every_rank
-from .agreement import check_same_data_file, check_same_software, hosts_by_rank, verdict_on_every_rank
+from .errors import EXIT_OK, EXIT_PREEMPTED, UserError, same_on_every_rank
+from .agreement import (check_same_arrays, check_same_data_file, check_same_model, check_same_software, hosts_by_rank,
+                        verdict_on_every_rank)
 from .limits import check_resources
 from .losses import SoftmaxCrossEntropy
 from .nn import Sequential, name_layers, no_reduction, output_shape_of
@@ -103,9 +104,9 @@ def _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays):
     with same_on_every_rank():
         sampler.check_layout(info.n_train, config.batch_size, comm.size, config.virtual_shards)
     if model is None:
-        model = build_model(comm, config, info, blas_threads.ranks_on_host, hosts)
+        model = build_model(comm, config, info, hosts)
     else:
-        check_given_model(comm, model, config, info, blas_threads.ranks_on_host, hosts)
+        check_given_model(comm, model, config, info, hosts)
     # DDP: batch statistics of the global batch (--batchnorm global), or of each rank's rows.
     model.set_sum_over_ranks(comm.allreduce_ if config.batchnorm == "global" else no_reduction)
     with same_on_every_rank():
@@ -184,13 +185,7 @@ def open_data(comm, config, arrays, rank0_print, hosts):
     """The data's description (``DatasetInfo``), checked on every rank: the in-memory ``arrays`` (the same on
     every rank), or the file of ``--data`` (a damaged one cannot hang a rank), the same file on every rank."""
     if arrays is not None:
-        fingerprints = comm.allgather(arrays.fingerprint())   # DDP: every rank must hold the same data
-        differing = [rank for rank, print_ in enumerate(fingerprints) if print_ != fingerprints[0]]
-        if differing:
-            failure = DataError(f"data: the in-memory arrays of rank {differing[0]} differ from rank 0's; every "
-                                f"rank must pass the same arrays (each trains on its own shard of them)")
-            failure.all_ranks = True
-            raise failure
+        check_same_arrays(comm, arrays)   # DDP: every rank must hold the same data
         return arrays.inspect()
     data_path = resolve_data_path(comm, config, rank0_print)
     run_on_rank0(comm, lambda: data.check_readable(data_path))   # DDP: a damaged file cannot hang a rank
@@ -199,7 +194,7 @@ def open_data(comm, config, arrays, rank0_print, hosts):
     return info
 
 
-def build_model(comm, config, info, ranks_on_host, hosts):
+def build_model(comm, config, info, hosts):
     """The model of ``--model``, for this data: its layers are checked against the data and the memory
     before any array is allocated."""
     spec = parse_spec(config.model)
@@ -207,26 +202,20 @@ def build_model(comm, config, info, ranks_on_host, hosts):
         layers = spec.layers(info.image_shape)
         name_layers(layers)   # as the model will: messages name "linear1", not "Linear"
         check_fits_data(layers, info, f"--model {config.model}")
-    check_resources_on_every_rank(comm, layers, config, info, ranks_on_host, hosts)
+    check_resources_on_every_rank(comm, layers, config, info, hosts)
     return Sequential(layers, dtype=config.dtype, seed=config.seed, spec=spec.describe())
 
 
-def check_given_model(comm, model, config, info, ranks_on_host, hosts):
+def check_given_model(comm, model, config, info, hosts):
     """A model built by the caller must take this data, in the run's dtype, and fit the memory with it."""
-    shapes = comm.allgather((model.params.size, model.buffers.size, [layer.label() for layer in model.layers]))
-    if any(shape != shapes[0] for shape in shapes):   # DDP: every rank must train the same network
-        failure = UserError(f"the model differs between ranks (rank "
-                            f"{next(r for r, s in enumerate(shapes) if s != shapes[0])}'s is not rank 0's): build "
-                            f"the same model on every rank")
-        failure.all_ranks = True
-        raise failure
+    check_same_model(comm, model)   # DDP: every rank must train the same network
     with same_on_every_rank():
         if str(model.dtype) != config.dtype:
             raise UserError(f"the model holds {model.dtype} parameters but the run is {config.dtype} (dtype="
                             f"{config.dtype!r}): build it with nn.Sequential(layers, dtype=np.{config.dtype}) "
                             f"or leave dtype unset")
         check_fits_data(model.layers, info, f"the model ({model.summary()})")
-    check_resources_on_every_rank(comm, model.layers, config, info, ranks_on_host, hosts)
+    check_resources_on_every_rank(comm, model.layers, config, info, hosts)
 
 
 def resolve_data_path(comm, config, rank0_print):
@@ -239,8 +228,10 @@ def resolve_data_path(comm, config, rank0_print):
     return run_on_rank0(comm, lambda: str(datasets.ensure_prepared(name, log=rank0_print)))
 
 
-def check_resources_on_every_rank(comm, layers, config, info, ranks_on_host, hosts):
-    """Refuse options that ask for more memory than a host has; every rank stops if one must."""
+def check_resources_on_every_rank(comm, layers, config, info, hosts):
+    """Refuse options that ask for more memory than a host has; every rank stops if one must. ``hosts``: each
+    rank's host, whose ranks share its memory."""
+    ranks_on_host = hosts.count(hosts[comm.rank])
     verdict_on_every_rank(comm, lambda: check_resources(layers, config, info, comm.size, ranks_on_host), hosts)
 
 

@@ -74,21 +74,19 @@ def configure_blas_threads(comm, requested=0):
 def _description(everyone, requested, library):
     """The threads of every rank, in a line: ``1 openblas thread per rank (2 cores shared by 2 rank(s))``, and
     per host where hosts differ (rank 0 prints it for all of them)."""
-    def threads_of(member):
-        return requested or max(1, len(member[1]) // everyone.count(member))
-
     def plural(n):
         return f"{n} {library} thread{'s' if n > 1 else ''} per rank"
 
     if requested:
         return f"{plural(requested)} (set by --threads)"
-    shares = {member: threads_of(member) for member in everyone}   # one entry per (host, cores)
+    # One entry per group of ranks sharing cores, (host, cores): the threads each of its ranks gets.
+    shares = {member: max(1, len(member[1]) // everyone.count(member)) for member in everyone}
     if len(shares) == 1:
         [(member, threads)] = shares.items()
         return f"{plural(threads)} ({len(member[1])} cores shared by {everyone.count(member)} rank(s))"
-    same = len(set(shares.values())) == 1 and len({(len(m[1]), everyone.count(m)) for m in shares}) == 1
+    alike = len({(len(cores), everyone.count((host, cores))) for host, cores in shares}) == 1
     hosts = {host for host, _ in shares}
-    if same and len(hosts) == len(shares):   # one group of ranks per host, all alike
+    if alike and len(hosts) == len(shares):   # one group of ranks per host, all alike
         member, threads = next(iter(shares.items()))
         return (f"{plural(threads)} ({len(member[1])} cores shared by {everyone.count(member)} rank(s) on each of "
                 f"{len(hosts)} hosts)")
