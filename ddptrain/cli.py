@@ -16,7 +16,8 @@ import argparse
 import sys
 import traceback
 
-from .config import BATCHNORM_MODES, DTYPES, LR_SCALINGS, SCHEDULES, SWITCHES, Config, load_toml, make_config
+from .config import (BATCHNORM_MODES, DTYPES, EXCHANGES, LR_SCALINGS, SCHEDULES, SWITCHES, Config, load_toml,
+                     make_config)
 from .api import check_data_file, launch
 from .errors import UserError, end_rank, message_of, same_on_every_rank
 from .launcher import rank_and_size
@@ -124,6 +125,10 @@ def _add_train_arguments(parser):
     _option(group, "--overlap-allreduce", "reduce the gradient in buckets of --bucket-mb while backward is still "
             "running (non-blocking Allreduces, as PyTorch DDP): can hide communication between hosts",
             action="store_true")
+    _option(group, "--exchange", "how the ranks sum the gradient: shared-memory (the ranks of a node share "
+            "one copy of the parameters in the node's memory, sum each other's gradients there, each updates "
+            "1/L of the parameters, and nodes exchange slices with MPI), allreduce (MPI Allreduce, every rank "
+            "updates every parameter), or auto: shared-memory where it works", choices=EXCHANGES)
     _option(group, "--bucket-mb", "the size of --overlap-allreduce's buckets, in MiB", type=float, metavar="MB")
     _option(group, "--clip-grad-norm", "clip the allreduced (global) gradient to this 2-norm, as PyTorch's "
             "clip_grad_norm_; the norm is in the step records of --metrics-every; 0: no clipping", type=float,

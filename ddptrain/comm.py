@@ -75,6 +75,16 @@ class SerialComm:
     def barrier(self):
         pass
 
+    def split_by_node(self):
+        """``(node, across)``: the ranks that share this rank's memory, and the ranks at this rank's place
+        (its rank on its node) on every node. One process is both."""
+        return self, self
+
+    def allocate_shared(self, count, dtype):
+        """A ``SharedBlock`` of ``count`` zeros that every rank of this communicator (a node's) reaches in its
+        own memory: the same array everywhere. A collective."""
+        return SharedBlock(np.zeros(count, dtype=dtype), sync=lambda: None)
+
     def abort(self, status):
         sys.exit(status)
 
@@ -90,6 +100,20 @@ class _Done:
 
 
 DONE = _Done()
+
+
+class SharedBlock:
+    """An array in memory that the ranks of one node share (``allocate_shared``): what one rank writes,
+    the others read, once every rank has passed ``sync()``, a barrier that also orders the memory
+    accesses before it and after it (MPI's ``Win_sync``, barrier, ``Win_sync``)."""
+
+    def __init__(self, array, sync, free=lambda: None):
+        self.array, self.sync, self._free = array, sync, free
+
+    def free(self):
+        """Give the memory back (a collective); ``array`` must not be used after."""
+        self.array = None
+        self._free()
 
 
 class _MPIRequest:
@@ -158,6 +182,36 @@ class MPIComm:
 
     def barrier(self):
         self._comm.Barrier()
+
+    def split_by_node(self):
+        MPI = self._MPI
+        node = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)   # ranks in world order
+        across = self._comm.Split(color=node.Get_rank(), key=self.rank)
+        return MPIComm(node), MPIComm(across)
+
+    def allocate_shared(self, count, dtype):
+        # Rank 0 of the node allocates all of it; the others map the same pages.
+        MPI, dtype = self._MPI, np.dtype(dtype)
+        window = MPI.Win.Allocate_shared(count * dtype.itemsize if self.rank == 0 else 0, dtype.itemsize,
+                                         comm=self._comm)
+        memory, _ = window.Shared_query(0)
+        array = np.frombuffer(memory, dtype=dtype, count=count)
+        window.Lock_all(MPI.MODE_NOCHECK)   # one passive epoch for the whole run: Sync orders the accesses
+        if self.rank == 0:
+            array[...] = 0
+        comm = self._comm
+
+        def sync():
+            window.Sync()
+            comm.Barrier()
+            window.Sync()
+
+        def free():
+            window.Unlock_all()
+            window.Free()
+
+        sync()
+        return SharedBlock(array, sync, free)
 
     def abort(self, status):
         # Ends every rank of the job: the other ranks may be blocked in a
@@ -274,6 +328,13 @@ class ThreadComm:
 
     def barrier(self):
         self._hub.barrier.wait()
+
+    def split_by_node(self):
+        return self, SerialComm()   # threads of one process: one node
+
+    def allocate_shared(self, count, dtype):
+        array = self._exchange(np.zeros(count, dtype=dtype) if self.rank == 0 else None)[0]
+        return SharedBlock(array, sync=self.barrier)
 
     def break_collectives(self):
         """Wake every rank waiting in a collective (with BrokenBarrierError): one of them failed."""

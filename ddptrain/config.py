@@ -19,6 +19,7 @@ DTYPES = ("float32", "float64")
 SCHEDULES = ("constant", "cosine", "step")
 LR_SCALINGS = ("none", "linear")
 BATCHNORM_MODES = ("global", "local")
+EXCHANGES = ("auto", "shared-memory", "allreduce")   # node_memory.choose_exchange
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Config:
     shard_optimizer: bool = False      # each rank keeps the optimiser state of 1/P of the parameters (ZeRO-1)
     overlap_allreduce: bool = False    # reduce the gradient in buckets during backward (as PyTorch DDP)
     bucket_mb: float = 0.25            # --overlap-allreduce's bucket size, in MiB
+    exchange: str = "auto"             # how ranks sum gradients: see node_memory.py
     lr_schedule: str = "cosine"
     warmup_epochs: float = 0.0
     lr_scaling: str = "none"           # "linear": peak lr = lr * batch_size / reference_batch (Goyal et al.)
@@ -79,7 +81,8 @@ class Config:
         if check_spec:
             parse_spec(self.model)
         for name, allowed in (("dtype", DTYPES), ("lr_scaling", LR_SCALINGS), ("lr_schedule", SCHEDULES),
-                              ("batchnorm", BATCHNORM_MODES), ("optimizer", tuple(OPTIMIZERS))):
+                              ("batchnorm", BATCHNORM_MODES), ("optimizer", tuple(OPTIMIZERS)),
+                              ("exchange", EXCHANGES)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"{option_name(name)} must be one of {', '.join(allowed)}, "
                                 f"got {getattr(self, name)!r}")
@@ -104,6 +107,12 @@ class Config:
             other = f"--accumulate {self.accumulate}" if self.accumulate > 1 else "--shard-optimizer"
             raise UserError(f"--overlap-allreduce with {other}: overlapping reduces one micro-batch's whole gradient "
                             f"with Allreduce; drop one of them")
+        if self.exchange == "shared-memory":
+            conflict = ("--overlap-allreduce" if self.overlap_allreduce else "--shard-optimizer"
+                        if self.shard_optimizer else "--debug" if self.debug else None)
+            if conflict:
+                raise UserError(f"--exchange shared-memory with {conflict}: {conflict} exchanges the gradient "
+                                f"through MPI; drop one of them")
         if self.simulate_ranks:   # before a thread starts for each of them
             check_world(self.batch_size, self.simulate_ranks, self.virtual_shards)
         self.make_optimizer()   # the optimiser checks its own settings (SettingError)

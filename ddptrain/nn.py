@@ -437,6 +437,21 @@ class Sequential:
                 layer.in_place = (0 < i < len(self.layers) - 1 and self.layers[i - 1].output_is_scratch
                                   and self.layers[i + 1].input_grad_is_scratch)
 
+    def use_arrays(self, params, grads):
+        """From now on keep the parameters in ``params`` and the gradient in ``grads``: flat arrays of this
+        model's size and dtype, whose values are taken as they are (the layers' views are made anew). What
+        ``node_memory`` uses to put them in memory that the ranks of a node share."""
+        for array in (params, grads):
+            if array.shape != self.params.shape or array.dtype != self.dtype or not array.flags.c_contiguous:
+                raise ValueError(f"use_arrays needs contiguous {self.params.size} {self.dtype} values, "
+                                 f"got {array.shape} {array.dtype}")
+        owners = [(layer, name, shape) for layer in self.layers for name, shape in layer.param_shapes().items()]
+        self.params, self.grads = params, grads
+        for layer, name, view in _flat_views(owners, params):
+            layer.params[name] = view
+        for layer, name, view in _flat_views(owners, grads):
+            layer.grads[name] = view
+
     def replica(self):
         """A model of copies of these layers holding the same parameters and buffers, in arrays of its own
         (what each simulated rank trains). The layers' work arrays are not copied, nor what they were told

@@ -20,6 +20,7 @@ from .agreement import (check_same_arrays, check_same_data_file, check_same_mode
 from .limits import check_resources
 from .losses import SoftmaxCrossEntropy
 from .nn import Sequential, name_layers, no_reduction, output_shape_of
+from .node_memory import NodeMemory, choose_exchange
 from .normalization import BatchNorm
 from .plan import TrainingPlan
 from .rank0 import Console, RunFolder, run_on_rank0
@@ -150,7 +151,13 @@ class _Run:
 def _train(run, stop, callbacks):
     config, comm, console, folder, model, info = run.config, run.comm, run.console, run.folder, run.model, run.info
     optimizer = config.make_optimizer()
-    if config.shard_optimizer:
+    # DDP: how the ranks sum the gradient (node_memory.py): through each node's shared memory, where each
+    # rank updates its slice of the parameters (the optimiser sharded over the node), or with MPI.
+    use_node_memory, why_not = choose_exchange(comm, config, model.params.size)
+    node_memory = NodeMemory(comm, model.params.size, model.dtype) if use_node_memory else None
+    if node_memory is not None:
+        optimizer = ShardedOptimizer(optimizer, node_memory, model.params.size)
+    elif config.shard_optimizer:
         optimizer = ShardedOptimizer(optimizer, comm, model.params.size)
     # DDP: rank 0 reads and verifies the checkpoint and broadcasts it, so that every rank
     # resumes from the same bytes or every rank stops with the same error.
@@ -166,10 +173,16 @@ def _train(run, stop, callbacks):
     if checkpoint is not None:
         trainer.restore(checkpoint)
         console.print(describe_resume(checkpoint, trainer.position, comm.size), always=True)
+    if comm.size > 1:
+        console.print(describe_exchange(node_memory, why_not, config))
+    if node_memory is not None:
+        node_memory.place(model)   # the parameters every rank holds (restored or broadcast), shared from now on
     folder.rewrite_metrics(trainer.records)   # what the checkpoint recorded, or nothing: no record twice
     console.print(f"set-up took {time.perf_counter() - run.started:.2f} s")
 
     stopped_by = trainer.fit()
+    if node_memory is not None:
+        node_memory.release(model)   # the model keeps private copies (a collective: not after an error)
     result = Result(EXIT_PREEMPTED if stopped_by else EXIT_OK, folder.run_dir, tuple(trainer.metrics), stopped_by,
                     trainer.position.step, time.perf_counter() - run.started, comm.rank, comm.size)
     if stopped_by:
@@ -327,6 +340,17 @@ def announce(console, comm, config, model, info, run_dir, blas_threads):
     slurm_line = describe_slurm(comm.size)
     if slurm_line:
         console.print(slurm_line, always=True)
+
+
+def describe_exchange(node_memory, why_not, config):
+    if node_memory is None:
+        return (f"gradients: MPI Allreduce{' in buckets during backward' if config.overlap_allreduce else ''}"
+                f"{', optimiser state sharded' if config.shard_optimizer else ''}"
+                f"{f' ({why_not})' if why_not and config.exchange == 'auto' else ''}")
+    nodes = node_memory.across.size
+    return (f"gradients: summed in shared memory by the {node_memory.size} ranks of "
+            f"{'each of the ' + str(nodes) + ' nodes, then across nodes by MPI' if nodes > 1 else 'this node'}; "
+            f"each rank updates 1/{node_memory.size} of the shared parameters")
 
 
 def describe_resume(checkpoint, position, world_size):

@@ -50,6 +50,22 @@ class ShardedOptimizer:
         return self
 
     @property
+    def counts_in_norm(self):
+        """Whether this rank's slice adds to the global gradient norm (with ``node_memory``, every node
+        holds every slice: node 0's count)."""
+        return getattr(self.comm, "counts_in_norm", True)
+
+    @collective
+    def reduce_gradient_(self, grads):
+        """Sum the ranks' gradients into this rank's slice of ``grads``, in place; returns the slice."""
+        return self.comm.reduce_scatter_(grads, self.bounds)
+
+    @collective
+    def gather_gradient_(self, grads):
+        """Every rank's reduced slice of ``grads`` into ``grads`` (for hooks that read all of it)."""
+        return self.comm.allgather_(grads, self.bounds)
+
+    @property
     def name(self):
         """The optimiser's name in checkpoints: the inner one's (a sharded checkpoint is an unsharded one)."""
         return type(self.optimizer).__name__

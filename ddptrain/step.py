@@ -146,7 +146,7 @@ class TrainStep:
         totals = self._totals
         # Sharded, each rank holds its slice of the gradient: the squares of the slices sum to the norm's.
         totals[:] = (loss_share * global_count, correct, len(y), stop_requested,
-                     float(np.dot(grads, grads)) if sharded else 0.0)
+                     float(np.dot(grads, grads)) if sharded and self.optimizer.sharded.counts_in_norm else 0.0)
         comm.allreduce_(totals)   # DDP: global totals, and whether a signal reached any rank
         norm = float(np.sqrt(totals[4])) if sharded else gradient_norm(grads)
         # Checked before the update, so the parameters in memory stay the last good ones.
@@ -163,9 +163,11 @@ class TrainStep:
         model, comm = self.model, self.comm
         if self.sharded:
             # DDP: each rank receives the reduced gradient of its own slice of the parameters only
-            comm.reduce_scatter_(model.grads, self.optimizer.bounds)
+            # (through MPI, or, with node_memory, by summing the slots of its node's ranks)
+            sharded = self.optimizer.sharded
+            sharded.reduce_gradient_(model.grads)
             if self.after_reduce:
-                comm.allgather_(model.grads, self.optimizer.bounds)   # the hooks (--debug) see all of it
+                sharded.gather_gradient_(model.grads)   # the hooks (--debug) see all of it
         else:
             comm.allreduce_(model.grads)   # DDP: sum of the shares = gradient of the global mean, once a step
 

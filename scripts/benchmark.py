@@ -69,6 +69,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -187,6 +188,13 @@ class TimedComm:
         self.seconds += time.perf_counter() - started
         return array
 
+    def reduce_scatter_(self, array, bounds):   # the gradient, through node_memory.NodeMemory
+        started = time.perf_counter()
+        mine = array[bounds[self._comm.rank]:bounds[self._comm.rank + 1]] if self.skip else \
+            self._comm.reduce_scatter_(array, bounds)
+        self.seconds += time.perf_counter() - started
+        return mine
+
 
 class ProfiledComm:
     """Laps of a StepProfile around the step's two Allreduces (for the profile, not the timed rows)."""
@@ -202,6 +210,12 @@ class ProfiledComm:
         self._comm.allreduce_(array)
         self._profile.lap("gradient Allreduce" if array is self._comm.only else "step totals Allreduce")
         return array
+
+    def reduce_scatter_(self, array, bounds):
+        self._profile.lap("other")
+        mine = self._comm.reduce_scatter_(array, bounds)
+        self._profile.lap("gradient exchange (shared memory)")
+        return mine
 
 
 class ProfiledOptimizer:
@@ -271,6 +285,8 @@ def worker_ddptrain(args):
     from ddptrain.losses import SoftmaxCrossEntropy
     from ddptrain.nn import Sequential, no_reduction
     from ddptrain.optim import SGD
+    from ddptrain.node_memory import NodeMemory, choose_exchange
+    from ddptrain.sharding import ShardedOptimizer
     from ddptrain.step import Batches, Split, TrainStep
     from ddptrain.threads import configure_blas_threads
 
@@ -286,8 +302,17 @@ def worker_ddptrain(args):
     model = Sequential.from_spec(args.model, dtype=np.float32, seed=0, input_shape=IMAGE)
     train_x, test_x = model.as_input(train_x), model.as_input(test_x)   # (N, 1, 28, 28) for a CNN: a view
     loss_fn, optimizer = SoftmaxCrossEntropy(), SGD(momentum=0.9)
-    if args.shard_optimizer:
-        from ddptrain.sharding import ShardedOptimizer
+    # The gradient exchange a run would choose (ddptrain.node_memory): the nodes' shared memory, or MPI.
+    settings = SimpleNamespace(exchange=args.exchange, overlap_allreduce=args.overlap_allreduce,
+                               shard_optimizer=args.shard_optimizer, debug=False, dtype="float32")
+    use_node_memory, _ = choose_exchange(comm, settings, model.params.size)
+    exchange = None   # with node memory: what the sharded optimiser reduces through, timed
+    if use_node_memory:
+        node_memory = NodeMemory(comm, model.params.size, model.dtype)
+        node_memory.place(model)
+        exchange = TimedComm(node_memory, only=model.grads, skip=args.no_allreduce)
+        optimizer = ShardedOptimizer(optimizer, exchange, model.params.size)
+    elif args.shard_optimizer:
         optimizer = ShardedOptimizer(optimizer, comm, model.params.size)
     timed = TimedComm(comm, only=model.grads, skip=args.no_allreduce)
     # Batch normalisation: statistics of the global batch (its Allreduces timed apart), or each rank's
@@ -305,7 +330,9 @@ def worker_ddptrain(args):
         if profile is None:
             train_step = TrainStep(model, loss_fn, optimizer, timed, bucket_bytes=bucket_bytes)
         else:
-            train_step = TrainStep(model, TimedLoss(loss_fn, profile), ProfiledOptimizer(optimizer, profile),
+            profiled = optimizer if exchange is None else \
+                ShardedOptimizer(optimizer.optimizer, ProfiledComm(exchange, profile), model.params.size)
+            train_step = TrainStep(model, TimedLoss(loss_fn, profile), ProfiledOptimizer(profiled, profile),
                                    ProfiledComm(timed, profile), bucket_bytes=bucket_bytes)
         for step in range(first, first + steps):
             if profile:
@@ -325,12 +352,15 @@ def worker_ddptrain(args):
     for _ in range(args.repeats):
         comm.barrier()
         timed.seconds = batchnorm_timer.seconds = 0.0
+        if exchange is not None:
+            exchange.seconds = 0.0
         began = time.perf_counter()
         step = run(step, args.steps)
         comm.barrier()
         elapsed = time.perf_counter() - began
         rates.append(args.steps * args.batch / elapsed)
-        allreduce_fractions.append(comm.allreduce(timed.seconds / elapsed) / comm.size)
+        exchanged = timed.seconds + (exchange.seconds if exchange is not None else 0.0)
+        allreduce_fractions.append(comm.allreduce(exchanged / elapsed) / comm.size)
         batchnorm_fractions.append(comm.allreduce(batchnorm_timer.seconds / elapsed) / comm.size)
 
     # Then a few steps with laps between the phases (not timed above: the laps cost a little).
@@ -340,7 +370,7 @@ def worker_ddptrain(args):
     step = run(step, max(5, args.steps // 2), profile)
     model.observer = None
 
-    state = (optimizer.optimizer if args.shard_optimizer else optimizer).state_dict()
+    state = (optimizer.optimizer if isinstance(optimizer, ShardedOptimizer) else optimizer).state_dict()
     optimizer_bytes = sum(v.nbytes for v in state.values() if isinstance(v, np.ndarray))
     result = {"rates": rates, "allreduce_fraction": allreduce_fractions, "threads": threads,
               "optimizer_bytes": comm.allgather(optimizer_bytes),
@@ -708,6 +738,7 @@ def main(argv=None):
     parser.add_argument("--shard-optimizer", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--overlap-allreduce", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bucket-mb", type=float, default=0.25, help=argparse.SUPPRESS)
+    parser.add_argument("--exchange", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--batchnorm", default="global", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
 
@@ -775,7 +806,9 @@ def run_benchmark(opts):
              per_rank if opts.threads else 0, ("--end-to-end",)),
             ("ddpP0", "  same ranks, no allreduce (diagnostic)", "ddptrain", ranks,
              per_rank if opts.threads else 0, ("--no-allreduce",)),
-            ("ddpPz", "  same ranks, sharded optimizer state", "ddptrain", ranks,
+            ("ddpPa", "  same ranks, --exchange allreduce", "ddptrain", ranks,
+             per_rank if opts.threads else 0, ("--exchange", "allreduce")),
+            ("ddpPz", "  same ranks, --shard-optimizer", "ddptrain", ranks,
              per_rank if opts.threads else 0, ("--shard-optimizer",))]
     if use_torch:
         rows += [("torch1", f"PyTorch, 1 process x {budget} threads", "torch", 1, budget, ()),
@@ -898,7 +931,7 @@ def report(results, rows, batches, limit, row_models, ranks, use_torch, bn_model
             ratio = f"{s['median'] / statistics.median(other['rates']):.2f}x" if other else ""
             fractions = [f for run in entry["runs"] for f in run.get("allreduce_fraction", [])]
             allreduce = f"{100 * statistics.median(fractions):.0f}%" if fractions and key in (
-                "ddpP", "ddpPbn", "ddpPbnl", "cnnP", "hosts") else ""
+                "ddpP", "ddpPa", "ddpPbn", "ddpPbnl", "cnnP", "hosts") else ""
             rss = max(max(run["max_rss_mib"]) for run in entry["runs"])
             table.append(f"{batch:>12}  {label:<38} {fmt_rate(s):>29}  {ratio:>10}  {allreduce:>9}  "
                          f"{100 * s['median'] * flops[key] / limit:>12.0f}%  {rss:>9,.0f} MiB")
@@ -933,13 +966,21 @@ def report(results, rows, batches, limit, row_models, ranks, use_torch, bn_model
                      f"SyncBatchNorm refuses CPU modules under DDP ('SyncBatchNorm layers only work with GPU "
                      f"modules'), so its row uses BatchNorm1d: each rank's own statistics, as ddptrain's local rows")
     for batch in batches:
-        plain, sharded = results.get(("ddpP", batch)), results.get(("ddpPz", batch))
+        shared, plain = results.get(("ddpP", batch)), results.get(("ddpPa", batch))
+        if shared and plain:
+            mib = [max(run["optimizer_bytes"]) / 2 ** 20 for run in (shared["runs"][0], plain["runs"][0])]
+            notes.append(f"gradient exchange through shared memory (the default), {ranks} ranks, batch {batch}: "
+                         f"{statistics.median(shared['rates']) / statistics.median(plain['rates']):.2f}x the step "
+                         f"rate of --exchange allreduce; momentum buffer {mib[0]:.2f} MiB per rank against "
+                         f"{mib[1]:.2f} MiB (each rank updates 1/{ranks} of the shared parameters)")
+    for batch in batches:
+        plain, sharded = results.get(("ddpPa", batch)), results.get(("ddpPz", batch))
         if plain and sharded:
             mib = [max(run["optimizer_bytes"]) / 2 ** 20 for run in (plain["runs"][0], sharded["runs"][0])]
-            notes.append(f"sharded optimizer state (ZeRO-1), {ranks} ranks, batch {batch}: "
+            notes.append(f"--shard-optimizer (ZeRO-1 through MPI), {ranks} ranks, batch {batch}: "
                          f"{statistics.median(sharded['rates']) / statistics.median(plain['rates']):.2f}x the "
-                         f"unsharded step rate; momentum buffer {mib[1]:.2f} MiB per rank against {mib[0]:.2f} MiB "
-                         f"(reduce-scatter and allgather in place of one Allreduce)")
+                         f"step rate of --exchange allreduce; momentum buffer {mib[1]:.2f} MiB per rank against "
+                         f"{mib[0]:.2f} MiB (reduce-scatter and allgather in place of one Allreduce)")
     if runs("hosts"):
         first = runs("hosts")[0]
         alone = [run["allreduce_alone_ms"] for run in runs("hosts") if "allreduce_alone_ms" in run]
@@ -960,7 +1001,8 @@ def report(results, rows, batches, limit, row_models, ranks, use_torch, bn_model
         notes.append(f"the CNN rows train {row_models[cnn_key]}: "
                      f"{first['n_params']:,} parameters, {flops[cnn_key] / 1e6:.2f} MFLOP per sample per training "
                      f"step; its convolutions' work arrays (im2col blocks) are in the peak RSS")
-    notes += ["'allreduce': time inside comm.allreduce_ (waiting for the slower rank included) / step time.",
+    notes += ["'allreduce': time inside comm.allreduce_, or the shared-memory exchange (waiting for the slower "
+              "rank included) / step time.",
               "'of GEMM limit': samples/s x FLOPs per sample / the machine limit above.",
               "'peak RSS/rank': ru_maxrss, the largest over ranks and launches (the float32 shard included)."]
     for batch in batches:

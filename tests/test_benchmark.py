@@ -33,7 +33,10 @@ def test_the_benchmark_runs_on_tiny_settings_and_prints_its_table(small_data, tm
     assert "ddptrain, 2 ranks, BN global statistics" in out and "ddptrain, 2 ranks, BN local statistics" in out
     assert "the BatchNorm layers' own Allreduces" in out
     assert "ddptrain CNN, 1 process" in out and "ddptrain CNN, 2 MPI ranks" in out
-    assert "same ranks, sharded optimizer state" in out and "sharded optimizer state (ZeRO-1), 2 ranks" in out
+    assert "same ranks, --shard-optimizer" in out and "--shard-optimizer (ZeRO-1 through MPI), 2 ranks" in out
+    assert "same ranks, --exchange allreduce" in out
+    assert "gradient exchange through shared memory (the default), 2 ranks, batch 32" in out
+    assert "gradient exchange (shared memory)" in out   # in the 2-rank step profile
     assert "the CNN rows train conv4k3p1-bn-maxpool2-flatten-10: 694 parameters" in out
     if HAS_TORCH:
         assert "PyTorch DDP gloo" in out and "PyTorch CNN, DDP gloo" in out and "targets for the CNN (issue 12)" in out

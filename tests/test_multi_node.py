@@ -81,16 +81,25 @@ def wait_for_training(run_dir, seconds=60):
 # -- the same training, across hosts -------------------------------------------------------------------
 
 
+EXCHANGE_LINES = {
+    # the default: each host's ranks sum their slices in its shared memory, then the hosts exchange slices
+    "auto": "gradients: summed in shared memory by the 2 ranks of each of the 2 nodes, then across nodes by MPI",
+    "allreduce": "gradients: MPI Allreduce\n"}
+
+
 @pytest.mark.slow
-def test_2_hosts_x_2_ranks_train_the_parameters_of_one_process_over_the_network(hosts, small_data, tmp_path):
+@pytest.mark.parametrize("exchange", EXCHANGE_LINES)
+def test_2_hosts_x_2_ranks_train_the_parameters_of_one_process_over_the_network(hosts, small_data, tmp_path,
+                                                                                  exchange):
     before = hosts.veth_bytes(hosts.hosts[1])
-    proc = run(train_argv(hosts, small_data, tmp_path / "hosts", "--epochs", "2"))
+    proc = run(train_argv(hosts, small_data, tmp_path / "hosts", "--epochs", "2", "--exchange", exchange))
     after = hosts.veth_bytes(hosts.hosts[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
     h1, h2 = hosts.hosts
     # Rank 0 names the hosts and their ranks, and each host's cores split between its own ranks.
     assert f"4 ranks on 2 hosts ({h1}: ranks 0-1, {h2}: ranks 2-3)" in proc.stdout
     assert "per rank (" in proc.stdout and "shared by 2 rank(s) on each of 2 hosts)" in proc.stdout
+    assert EXCHANGE_LINES[exchange] in proc.stdout
 
     one = helpers.run(["--data", small_data, *OPTIONS, "--epochs", "2", "--run-dir", tmp_path / "one"])
     assert one.returncode == 0, one.stderr

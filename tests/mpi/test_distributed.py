@@ -374,3 +374,45 @@ def test_overlapping_the_allreduce_with_backward_trains_the_parameters_of_one_pr
     if buffers.size:
         assert relative_error(buffers, single_buffers) < 1e-9
     assert metrics[-1]["test_accuracy"] == single_metrics[-1]["test_accuracy"]
+
+
+def test_the_ranks_of_a_node_share_the_parameters_and_each_receives_the_sum_of_its_slice(comm):
+    """node_memory.NodeMemory in MPI's shared windows: one copy of the parameters, a gradient slot each."""
+    from ddptrain.node_memory import NodeMemory
+    from ddptrain.sharding import shard_bounds
+    model = Sequential.from_spec("20-16-5", dtype=np.float64, seed=1)
+    shared = NodeMemory(comm, model.params.size, model.dtype)
+    shared.place(model)
+    np.testing.assert_array_equal(model.params, Sequential.from_spec("20-16-5", dtype=np.float64, seed=1).params)
+    shared.allgather_(model.params, None)   # every rank has read them before one writes
+    if shared.rank == shared.size - 1:
+        model.params[0] = 42.0   # written by one rank of the node...
+    shared.allgather_(model.params, None)
+    assert model.params[0] == 42.0   # ...read by all of them
+    model.grads[...] = np.arange(model.grads.size) * (comm.rank + 1.0)
+    bounds = shard_bounds(model.grads.size, shared.size)
+    mine = shared.reduce_scatter_(model.grads, bounds)
+    lo, hi = bounds[shared.rank], bounds[shared.rank + 1]
+    np.testing.assert_array_equal(mine, np.arange(lo, hi) * sum(range(1, comm.size + 1)))
+    shared.release(model)
+
+
+@pytest.mark.parametrize("optimizer", [dict(optimizer="sgd", momentum=0.9, weight_decay=1e-3),
+                                       dict(optimizer="adamw", lr=0.01, weight_decay=0.01)], ids=["sgd", "adamw"])
+def test_the_shared_memory_exchange_trains_the_parameters_of_one_process(comm, shared_dir, dataset, optimizer):
+    """Each rank sums its slice of every rank's gradient in the node's memory and updates that slice of the
+    shared parameters; the clipping norm adds up the slices' squares."""
+    config = Config(**{**dict(data=dataset, model=model_spec(), dtype="float64", epochs=2, batch_size=29, lr=0.2,
+                              log_every=1000, threads=1, clip_grad_norm=2.0), **optimizer})
+    name = optimizer["optimizer"]
+    shared, _ = train_and_load(comm, Config(**{**config.to_dict(), "exchange": "shared-memory",
+                                               "run_dir": str(shared_dir / f"node-{name}-p{comm.size}")}))
+    mpi, _ = train_and_load(comm, Config(**{**config.to_dict(), "exchange": "allreduce",
+                                            "run_dir": str(shared_dir / f"allreduce-{name}-p{comm.size}")}))
+    single, _ = train_and_load(SerialComm(), Config(**{**config.to_dict(),
+                                                       "run_dir": str(shared_dir / f"node-{name}-{comm.rank}")}))
+    assert relative_error(shared, single) < 1e-9
+    if comm.size == 2:   # two ranks' gradients are added in the same order both ways
+        np.testing.assert_array_equal(shared, mpi)
+    else:
+        assert relative_error(shared, mpi) < 1e-12
