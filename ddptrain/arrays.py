@@ -85,7 +85,9 @@ class Arrays:
         at = 0
         for start, stop in blocks:
             rows = stop - start
-            if images.dtype == np.uint8:   # the file's scaling, the same operation: the same values
+            if images.dtype == np.uint8 and dtype == np.uint8:   # the pixels as they are (stored_dtype)
+                x[at:at + rows] = images[start:stop]
+            elif images.dtype == np.uint8:   # the file's scaling, the same operation: the same values
                 np.divide(images[start:stop], PIXEL_MAX, out=x[at:at + rows], dtype=dtype)
             else:
                 x[at:at + rows] = images[start:stop]
@@ -102,6 +104,10 @@ class ArrayInfo(DatasetInfo):
 
     def read_rows(self, split, blocks, dtype=np.float32):
         return self.arrays.read_rows(split, blocks, dtype)
+
+    def stored_dtype(self, dtype):
+        """uint8 pixels stay pixels, as a file's do; floating-point images are kept as the model's floats."""
+        return np.dtype(np.uint8) if self.arrays.splits["train"][0].dtype == np.uint8 else np.dtype(dtype)
 
 
 def _text(shape):

@@ -107,6 +107,11 @@ class DatasetInfo:
         """The rows ``blocks`` of ``split``: ``read_rows`` of this file (in-memory data overrides it)."""
         return read_rows(self.path, split, blocks, dtype)
 
+    def stored_dtype(self, dtype):
+        """What a rank keeps its rows as, for a model of ``dtype``: a file's uint8 pixels (a quarter of the
+        memory of float32), scaled when a batch is taken (``step.Split``)."""
+        return np.dtype(np.uint8)
+
 
 # ---------------------------------------------------------------- inspect
 
@@ -462,14 +467,15 @@ def read_rows(path, split, blocks, dtype=np.float32):
 
     One contiguous hyperslab read per block, concatenated in the given order.
     Returns ``x`` of shape ``(rows, H, W)``, C-contiguous, of ``dtype``, with
-    pixel/255 in [0, 1], and ``y`` of shape ``(rows,)``, int64.
+    pixel/255 in [0, 1] (for ``dtype`` uint8: the stored pixels, unscaled),
+    and ``y`` of shape ``(rows,)``, int64.
     """
     path = os.fspath(path)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     dtype = np.dtype(dtype)
-    if dtype.kind != "f":
-        raise ValueError(f"dtype must be a floating type, got {dtype}")
+    if dtype.kind != "f" and dtype != np.uint8:
+        raise ValueError(f"dtype must be a floating type or uint8, got {dtype}")
     blocks = [(int(start), int(stop)) for start, stop in blocks]
     try:
         with _open(path) as f:
@@ -500,15 +506,18 @@ def _read_blocks(images, labels, blocks, dtype):
     image_shape = images.shape[1:]
     x = np.empty((n_rows, *image_shape), dtype=dtype)
     y = np.empty(n_rows, dtype=np.int64)
-    largest = max((stop - start for start, stop in blocks), default=0)
+    largest = max((stop - start for start, stop in blocks), default=0) if dtype != np.uint8 else 0
     scratch = np.empty((largest, *image_shape), dtype=np.uint8)
     at = 0
     for start, stop in blocks:
         rows = stop - start
         if rows == 0:
             continue
-        images.read_direct(scratch, np.s_[start:stop], np.s_[0:rows])
-        np.divide(scratch[:rows], PIXEL_MAX, out=x[at:at + rows], dtype=dtype)
+        if dtype == np.uint8:
+            images.read_direct(x, np.s_[start:stop], np.s_[at:at + rows])
+        else:
+            images.read_direct(scratch, np.s_[start:stop], np.s_[0:rows])
+            np.divide(scratch[:rows], PIXEL_MAX, out=x[at:at + rows], dtype=dtype)
         y[at:at + rows] = labels[start:stop]
         at += rows
     return x, y

@@ -42,7 +42,7 @@ def evaluate(model, comm, split, n_classes, chunk=2000):
     model.eval()
     try:
         for start in range(0, passes * chunk, chunk):
-            x, y = split.x[start:start + chunk], split.y[start:start + chunk]
+            x, y = split.as_input(split.x[start:start + chunk]), split.y[start:start + chunk]
             logits = model.forward(x)
             loss_sum += loss_fn.forward(logits, y, normaliser=1)
             confusion += np.bincount(y * n_classes + logits.argmax(axis=1),

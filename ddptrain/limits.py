@@ -58,8 +58,9 @@ def estimate_rank_bytes(layers, config, info, world_size):
     return {
         # parameters, gradients, the momentum buffer and the optimiser's scratch array; the buffers
         "the model and its optimiser": (4 * n_params + n_buffers) * itemsize,
-        # this rank's training shard and test block, as floats, with their labels
-        "this rank's data": (-(-info.n_train // world_size) + -(-info.n_test // world_size)) * (pixels * itemsize + 8),
+        # this rank's training shard and test block, as stored (a file's: uint8 pixels), with their labels
+        "this rank's data": (-(-info.n_train // world_size) + -(-info.n_test // world_size))
+        * (pixels * info.stored_dtype(config.dtype).itemsize + 8),
         # what each layer keeps per sample, for a batch share and an evaluation chunk
         "activations": (rows + eval_rows) * per_sample * itemsize + fixed,
     }

@@ -297,8 +297,8 @@ def read_shards(info, comm, config, model):
 def read_split(info, split, blocks, dtype, model):
     """The rows of ``blocks`` of ``split`` of the data ``info`` describes, as a Split, images shaped as
     ``model`` takes them."""
-    images, labels = info.read_rows(split, blocks, dtype=dtype)
-    return Split(model.as_input(images), labels)
+    images, labels = info.read_rows(split, blocks, dtype=info.stored_dtype(dtype))   # a file's: uint8 pixels
+    return Split(model.as_input(images), labels, np.dtype(dtype))
 
 
 def standard_callbacks(config, console, folder, model_has_buffers):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .data import PIXEL_MAX
 from .dropout import BatchContext
 from .errors import NumericalError
 from .overlap import GradientBuckets
@@ -31,10 +32,30 @@ from .sharding import ShardedOptimizer
 
 @dataclass
 class Split:
-    """The rows of one split (train or test) that this rank holds in memory."""
+    """The rows of one split (train or test) that this rank holds in memory.
 
-    x: np.ndarray   # (rows, *sample shape), the model's dtype, values in [0, 1]
-    y: np.ndarray   # (rows,) int64 labels
+    A data file's images stay as their uint8 pixels, a quarter of the memory
+    of float32 (and of the memory traffic of gathering a batch), and become
+    the model's floats, pixel/255, as rows are taken (``as_input``): the
+    operation ``data.read_rows`` would have applied at load, so the same
+    values. Floating-point images (in-memory arrays) are kept as given.
+    """
+
+    x: np.ndarray              # (rows, *sample shape): uint8 pixels, or floats of the model's dtype
+    y: np.ndarray              # (rows,) int64 labels
+    dtype: np.dtype = None     # the model's; None: that of x (floats)
+
+    def __post_init__(self):
+        self.dtype = np.dtype(self.x.dtype if self.dtype is None else self.dtype)
+        if self.dtype.kind != "f":
+            raise ValueError(f"a Split of {self.x.dtype} images needs the model's floating dtype")
+
+    def as_input(self, x, out=None):
+        """Rows taken from ``self.x`` as the model takes them: pixels scaled into ``out`` (a new array if
+        None), or the floats themselves."""
+        if x.dtype == np.uint8:
+            return np.divide(x, PIXEL_MAX, out=out, dtype=self.dtype)
+        return x
 
 
 class Batches:
@@ -42,12 +63,18 @@ class Batches:
 
     def __init__(self, split, max_rows):
         self.split = split
-        self._x = np.empty((max_rows, *split.x.shape[1:]), dtype=split.x.dtype)
+        self._x = np.empty((max_rows, *split.x.shape[1:]), dtype=split.dtype)
+        self._pixels = np.empty((max_rows, *split.x.shape[1:]), dtype=np.uint8) if split.x.dtype == np.uint8 \
+            else None
 
     def gather(self, rows):
         # mode="clip": with the default mode="raise", np.take fills a temporary and then
         # copies it into `out` (to stay safe on a bad index); the rows are valid by construction.
-        x = np.take(self.split.x, rows, axis=0, out=self._x[:len(rows)], mode="clip")
+        x = self._x[:len(rows)]
+        if self._pixels is None:
+            np.take(self.split.x, rows, axis=0, out=x, mode="clip")
+        else:
+            self.split.as_input(np.take(self.split.x, rows, axis=0, out=self._pixels[:len(rows)], mode="clip"), x)
         return x, self.split.y[rows]
 
 

@@ -127,8 +127,10 @@ def blas_description():
             f"kernel {blas.get('architecture', '?')}, {blas.get('num_threads', '?')} threads").strip()
 
 
-def load_shard(data, rank, size, split, blocks_fn):
-    """This rank's rows of ``split`` as float32 (x) and int64 (y), as ``python -m ddptrain`` reads them."""
+def load_shard(data, rank, size, split, blocks_fn, as_stored=True):
+    """This rank's rows of ``split`` as ``python -m ddptrain`` keeps them: uint8 pixels from a file (random data:
+    float32), and int64 labels; ``step.Split`` makes float32 of the pixels as batches are taken. Not
+    ``as_stored``: float32 images, as PyTorch's loop keeps them (a float tensor in memory)."""
     from ddptrain import data as ddata
     if data == RANDOM:
         n = 60000 if split == "train" else 10000
@@ -137,7 +139,8 @@ def load_shard(data, rank, size, split, blocks_fn):
         return rng.random((hi - lo, *IMAGE), dtype=np.float32), rng.integers(0, 10, hi - lo), n
     info = ddata.inspect(data)
     n = info.n_train if split == "train" else info.n_test
-    x, y = ddata.read_rows(data, split, blocks_fn(n), dtype=np.float32)
+    x, y = ddata.read_rows(data, split, blocks_fn(n), dtype=info.stored_dtype(np.float32) if as_stored else
+                           np.float32)
     return x, y, n
 
 
@@ -321,7 +324,7 @@ def worker_ddptrain(args):
     model.set_sum_over_ranks(batchnorm_timer.allreduce_ if args.batchnorm == "global" else no_reduction)
     broadcast_buffers = args.batchnorm == "local" and comm.size > 1 and model.buffers.size
     plan = Plan(n_train, args.batch, comm.rank, comm.size)
-    batches = Batches(Split(train_x, train_y), -(-args.batch // comm.size))
+    batches = Batches(Split(train_x, train_y, np.float32), -(-args.batch // comm.size))
 
     def run(first, steps, profile=None):
         # What Trainer._run_epoch does for each step: gather this rank's rows, then the TrainStep
@@ -414,7 +417,7 @@ def end_to_end(args, comm, train_step, test_x, test_y, n_train):
     from ddptrain.step import Split
     from ddptrain.trainer import Trainer
 
-    test, n_classes = Split(test_x, test_y), 10
+    test, n_classes = Split(test_x, test_y, np.float32), 10
     evaluate(train_step.model, comm, test, n_classes)   # warm
     comm.barrier()
     began = time.perf_counter()
@@ -426,7 +429,8 @@ def end_to_end(args, comm, train_step, test_x, test_y, n_train):
     folder = RunFolder(comm, run_dir)
     folder.take()
     folder.write_config(config.to_dict())
-    trainer = Trainer(train_step, TrainingPlan(config, n_train, comm.rank, comm.size), Split(test_x[:1], test_y[:1]),
+    trainer = Trainer(train_step, TrainingPlan(config, n_train, comm.rank, comm.size),
+                      Split(test_x[:1], test_y[:1], np.float32),
                       test, n_classes, StopRequest())
     checkpointing = Checkpointing(folder)
     times = []
@@ -454,7 +458,7 @@ def worker_torch(args):
     if size > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
         dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=size)
-    train_x, train_y, n_train = load_shard(args.data, rank, size, "train", train_blocks(rank, size))
+    train_x, train_y, n_train = load_shard(args.data, rank, size, "train", train_blocks(rank, size), as_stored=False)
     layers = torch_layers(args.model)
     # Shaped once, outside the timed steps, as the model takes them (ddptrain's Flatten is a view, as reshape is).
     x_all, y_all = torch.from_numpy(train_x.reshape(len(train_x), *torch_input_shape(args.model))), \
@@ -1004,7 +1008,8 @@ def report(results, rows, batches, limit, row_models, ranks, use_torch, bn_model
     notes += ["'allreduce': time inside comm.allreduce_, or the shared-memory exchange (waiting for the slower "
               "rank included) / step time.",
               "'of GEMM limit': samples/s x FLOPs per sample / the machine limit above.",
-              "'peak RSS/rank': ru_maxrss, the largest over ranks and launches (the float32 shard included)."]
+              "'peak RSS/rank': ru_maxrss, the largest over ranks and launches (the rank's shard included: uint8 "
+              "pixels from a file)."]
     for batch in batches:
         for key, label in (("ddp1", "1 process"), ("ddpP", f"{ranks} ranks"),
                            ("ddpPbn", f"{ranks} ranks, {bn_model}, BN global statistics"),

@@ -14,7 +14,8 @@ from ddptrain.plan import TrainingPlan
 from ddptrain.rank0 import RunFolder
 from ddptrain.runner import run_training
 from ddptrain.signals import StopRequest
-from ddptrain.step import NonFiniteStep, Split, TrainStep
+from ddptrain.evaluation import evaluate
+from ddptrain.step import Batches, NonFiniteStep, Split, TrainStep
 from ddptrain.trainer import Callback, Trainer
 from helpers import Tally, model_spec
 
@@ -132,3 +133,46 @@ def test_buffers_are_checkpointed_evaluation_leaves_them_alone_and_restore_bring
     for name, array in again.model.named_params():
         np.testing.assert_array_equal(array, saved.params[name])
     assert np.array_equal(again.optimizer.state_dict()["velocity"], saved.optimizer["velocity"])
+
+
+# ---------------------------------------------------------------- the rows a rank keeps
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_shard_kept_as_uint8_pixels_gives_the_batches_of_one_kept_as_floats(small_data, dtype):
+    """A rank keeps a file's pixels (a quarter of float32's memory) and scales the rows it gathers: the same
+    operation as scaling at load, so the same bits, in training batches and in evaluation."""
+    info = data.inspect(small_data)
+    pixels, labels = data.read_rows(small_data, "train", [(0, info.n_train)], dtype=np.uint8)
+    floats, _ = data.read_rows(small_data, "train", [(0, info.n_train)], dtype=dtype)
+    assert pixels.dtype == np.uint8 and pixels.nbytes * np.dtype(dtype).itemsize == floats.nbytes
+    kept, scaled = Batches(Split(pixels, labels, dtype), 40), Batches(Split(floats, labels), 40)
+    rows = np.random.default_rng(0).permutation(info.n_train)[:37]
+    (x, y), (x_floats, y_floats) = kept.gather(rows), scaled.gather(rows)
+    assert x.dtype == dtype
+    np.testing.assert_array_equal(x, x_floats)
+    np.testing.assert_array_equal(y, y_floats)
+
+    model = Sequential.from_spec(model_spec(), dtype=dtype, seed=0)
+    on_pixels = evaluate(model, SerialComm(), Split(model.as_input(pixels), labels, dtype), info.n_classes, chunk=50)
+    on_floats = evaluate(model, SerialComm(), Split(model.as_input(floats), labels), info.n_classes, chunk=50)
+    assert (on_pixels.loss, on_pixels.accuracy) == (on_floats.loss, on_floats.accuracy)
+
+
+def test_a_split_of_pixels_must_be_told_the_model_s_dtype():
+    with pytest.raises(ValueError, match="needs the model's floating dtype"):
+        Split(np.zeros((2, 4), np.uint8), np.zeros(2, np.int64))
+
+
+def test_the_memory_estimate_counts_a_file_s_pixels_as_bytes_and_float_arrays_as_floats(small_data):
+    from ddptrain.arrays import Arrays
+    from ddptrain.limits import estimate_rank_bytes
+    layers = Sequential.from_spec(model_spec(), dtype=np.float32).layers
+    info = data.inspect(small_data)
+    rows = info.n_train + info.n_test
+    config = Config(dtype="float32")
+    assert estimate_rank_bytes(layers, config, info, 1)["this rank's data"] == rows * (64 + 8)
+    floats = Arrays(*(np.zeros((n, 8, 8), np.float32) if k % 2 == 0 else np.zeros(n, np.int64)
+                      for k, n in enumerate((info.n_train, info.n_train, info.n_test, info.n_test))),
+                    n_classes=10).inspect()
+    assert estimate_rank_bytes(layers, config, floats, 1)["this rank's data"] == rows * (64 * 4 + 8)
