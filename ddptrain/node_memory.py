@@ -55,7 +55,14 @@ class NodeMemory:
         self.rank, self.size = node.rank, node.size
         # Every node holds the same reduced gradient: node 0's slices alone add up to its norm.
         self.counts_in_norm = across.rank == 0
-        self._block = node.allocate_shared((node.size + 1) * n_params, dtype)
+        count = (node.size + 1) * n_params
+        try:
+            self._block = node.allocate_shared(count, dtype)
+        except Exception as error:   # noqa: BLE001 - the MPI library's, whatever its type: one line, not a traceback
+            size = count * np.dtype(dtype).itemsize
+            amount = f"{size / 2 ** 20:.1f} MiB" if size >= 2 ** 20 else f"{size / 2 ** 10:.0f} KiB"
+            raise UserError(f"--exchange shared-memory: could not get {amount} of shared memory on this node "
+                            f"({type(error).__name__}: {error}); use --exchange allreduce") from error
         block = self._block.array.reshape(node.size + 1, n_params)
         self.params, self.slots = block[0], block[1:]
         self.grads = self.slots[self.rank]   # this rank's slot: its model's gradient, once placed

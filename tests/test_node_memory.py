@@ -202,3 +202,17 @@ class _Size:
 class _Node:
     def __init__(self, size):
         self.size, self.rank = size, 0
+
+
+def test_shared_memory_that_cannot_be_had_is_one_line_naming_the_way_out(small_data, tmp_path, capsys, monkeypatch):
+    from ddptrain.comm import ThreadComm
+
+    def refuse(self, count, dtype):
+        raise OSError("No space left on device")
+    monkeypatch.setattr(ThreadComm, "allocate_shared", refuse)
+    assert train(small_data, tmp_path / "r", "--simulate-ranks", 2) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    # the parameters and 2 gradients of 1,210 float64 values: 28 KiB
+    assert "--exchange shared-memory: could not get 28 KiB of shared memory on this node (OSError: No space left " \
+        "on device); use --exchange allreduce" in err
