@@ -969,22 +969,20 @@ def report(results, rows, batches, limit, row_models, ranks, use_torch, bn_model
         notes.append(f"the BN rows train {bn_model} (its 'of GEMM limit' counts its matrix products only); PyTorch's "
                      f"SyncBatchNorm refuses CPU modules under DDP ('SyncBatchNorm layers only work with GPU "
                      f"modules'), so its row uses BatchNorm1d: each rank's own statistics, as ddptrain's local rows")
-    for batch in batches:
-        shared, plain = results.get(("ddpP", batch)), results.get(("ddpPa", batch))
-        if shared and plain:
-            mib = [max(run["optimizer_bytes"]) / 2 ** 20 for run in (shared["runs"][0], plain["runs"][0])]
-            notes.append(f"gradient exchange through shared memory (the default), {ranks} ranks, batch {batch}: "
-                         f"{statistics.median(shared['rates']) / statistics.median(plain['rates']):.2f}x the step "
-                         f"rate of --exchange allreduce; momentum buffer {mib[0]:.2f} MiB per rank against "
-                         f"{mib[1]:.2f} MiB (each rank updates 1/{ranks} of the shared parameters)")
-    for batch in batches:
-        plain, sharded = results.get(("ddpPa", batch)), results.get(("ddpPz", batch))
-        if plain and sharded:
-            mib = [max(run["optimizer_bytes"]) / 2 ** 20 for run in (plain["runs"][0], sharded["runs"][0])]
-            notes.append(f"--shard-optimizer (ZeRO-1 through MPI), {ranks} ranks, batch {batch}: "
-                         f"{statistics.median(sharded['rates']) / statistics.median(plain['rates']):.2f}x the "
-                         f"step rate of --exchange allreduce; momentum buffer {mib[1]:.2f} MiB per rank against "
-                         f"{mib[0]:.2f} MiB (reduce-scatter and allgather in place of one Allreduce)")
+    # Each way of exchanging the gradient against --exchange allreduce (unsharded, through MPI).
+    variants = (("ddpP", "gradient exchange through shared memory (the default)",
+                 f"each rank updates 1/{ranks} of the shared parameters"),
+                ("ddpPz", "--shard-optimizer (ZeRO-1 through MPI)",
+                 "reduce-scatter and allgather in place of one Allreduce"))
+    for key, what, how in variants:
+        for batch in batches:
+            variant, plain = results.get((key, batch)), results.get(("ddpPa", batch))
+            if variant and plain:
+                mib = [max(run["optimizer_bytes"]) / 2 ** 20 for run in (variant["runs"][0], plain["runs"][0])]
+                notes.append(f"{what}, {ranks} ranks, batch {batch}: "
+                             f"{statistics.median(variant['rates']) / statistics.median(plain['rates']):.2f}x the "
+                             f"step rate of --exchange allreduce; momentum buffer {mib[0]:.2f} MiB per rank "
+                             f"against {mib[1]:.2f} MiB ({how})")
     if runs("hosts"):
         first = runs("hosts")[0]
         alone = [run["allreduce_alone_ms"] for run in runs("hosts") if "allreduce_alone_ms" in run]
