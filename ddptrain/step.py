@@ -4,16 +4,22 @@ Follow one step (``TrainStep.__call__``): this rank's rows of the global
 batch (gathered by ``Batches``) go forward through the model; the loss is
 normalised by the *global* batch size, so this rank's gradient is its share
 of the gradient of the global mean loss; backward fills the flat gradient;
-one Allreduce sums the shares, which gives exactly that gradient however
+one reduction sums the shares, which gives exactly that gradient however
 unevenly the batch was split; a second, five-number Allreduce adds up the
 step's loss, correct predictions and samples, whether any rank was asked to
-stop and (sharded) the squares of the gradient's slices; a NaN or Inf stops everything before the update; the gradient is
-clipped to a global norm if asked; and the optimiser updates the parameters.
-Two variations: with ``--accumulate K`` the rows go forward and backward K
-micro-batches at a time before the one reduction, and with
-``--shard-optimizer`` the reduction is a reduce-scatter and the optimiser
-(``sharding.ShardedOptimizer``) updates this rank's slice and gathers the
-rest. Lines that exist only because training is distributed are tagged
+stop and (sharded) the squares of the gradient's slices; a NaN or Inf stops
+everything before the update; the gradient is clipped to a global norm if
+asked; and the optimiser updates the parameters.
+
+The reduction is sharded by default: each rank receives the sum of its
+slice of the gradient and updates that slice of the parameters
+(``sharding.ShardedOptimizer``). With several ranks on a node this goes
+through the node's shared memory (``node_memory.py``), where the ranks
+share the parameters and nothing is gathered; with ``--shard-optimizer``
+through MPI's reduce-scatter and allgather; with ``--exchange allreduce``
+one Allreduce gives every rank the whole gradient. With ``--accumulate K``
+the rows go forward and backward K micro-batches at a time before the one
+reduction. Lines that exist only because training is distributed are tagged
 ``# DDP:``.
 """
 
