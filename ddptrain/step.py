@@ -11,13 +11,14 @@ stop and (sharded) the squares of the gradient's slices; a NaN or Inf stops
 everything before the update; the gradient is clipped to a global norm if
 asked; and the optimiser updates the parameters.
 
-The reduction is sharded by default: each rank receives the sum of its
-slice of the gradient and updates that slice of the parameters
-(``sharding.ShardedOptimizer``). With several ranks on a node this goes
+With several ranks on a node (the default exchange) the reduction is
+sharded: each rank receives the sum of its slice of the gradient and
+updates that slice of the parameters (``sharding.ShardedOptimizer``),
 through the node's shared memory (``node_memory.py``), where the ranks
 share the parameters and nothing is gathered; with ``--shard-optimizer``
-through MPI's reduce-scatter and allgather; with ``--exchange allreduce``
-one Allreduce gives every rank the whole gradient. With ``--accumulate K``
+it is sharded through MPI's reduce-scatter and allgather; otherwise (one
+rank per node, ``--exchange allreduce``) one Allreduce gives every rank the
+whole gradient. With ``--accumulate K``
 the rows go forward and backward K micro-batches at a time before the one
 reduction. Lines that exist only because training is distributed are tagged
 ``# DDP:``.
