@@ -174,7 +174,7 @@ def _train(run, stop, callbacks):
         trainer.restore(checkpoint)
         console.print(describe_resume(checkpoint, trainer.position, comm.size), always=True)
     if comm.size > 1:
-        console.print(describe_exchange(node_memory, why_not, config))
+        console.print(describe_exchange(node_memory, why_not, config), always=True)
     if node_memory is not None:
         node_memory.place(model)   # the parameters every rank holds (restored or broadcast), shared from now on
     folder.rewrite_metrics(trainer.records)   # what the checkpoint recorded, or nothing: no record twice
