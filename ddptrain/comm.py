@@ -85,6 +85,9 @@ class SerialComm:
         own memory: the same array everywhere. A collective."""
         return SharedBlock(np.zeros(count, dtype=dtype), sync=lambda: None)
 
+    def free(self):
+        """Release a communicator that ``split_by_node`` made (a collective); the world stays."""
+
     def abort(self, status):
         sys.exit(status)
 
@@ -188,6 +191,12 @@ class MPIComm:
         node = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)   # ranks in world order
         across = self._comm.Split(color=node.Get_rank(), key=self.rank)
         return MPIComm(node), MPIComm(across)
+
+    def free(self):
+        # MPI has a few thousand communicator contexts: a process that trains again and again
+        # (ddptrain.train in a loop) must give back those each run made.
+        if self._comm != self._MPI.COMM_WORLD:
+            self._comm.Free()
 
     def allocate_shared(self, count, dtype):
         # Rank 0 of the node allocates all of it; the others map the same pages.
@@ -331,6 +340,9 @@ class ThreadComm:
 
     def split_by_node(self):
         return self, SerialComm()   # threads of one process: one node
+
+    def free(self):
+        pass   # split_by_node made nothing
 
     def allocate_shared(self, count, dtype):
         array = self._exchange(np.zeros(count, dtype=dtype) if self.rank == 0 else None)[0]

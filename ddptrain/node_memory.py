@@ -83,6 +83,8 @@ class NodeMemory:
         model.use_arrays(params=self.params.copy(), grads=self.grads.copy())
         self._block.sync()   # nobody frees what another rank is still copying
         self._block.free()
+        self.node.free()
+        self.across.free()
         self.params = self.slots = self.grads = None
 
     def reduce_scatter_(self, grads, bounds):
@@ -138,19 +140,22 @@ def choose_exchange(comm, config, n_params):
                 else "--debug" if config.debug else None)
     if conflict:   # config.validated refused them with --exchange shared-memory
         return False, f"{conflict} exchanges through MPI"
-    node, _ = comm.split_by_node()
+    node, across = comm.split_by_node()
+    node_size = node.size
+    node.free()     # NodeMemory makes its own; a run that leaked two communicators would, in a process that
+    across.free()   # trains a thousand times (ddptrain.train in a loop), run out of MPI's contexts
     itemsize = np.dtype(config.dtype).itemsize
-    needed = (node.size + 1) * n_params * itemsize
+    needed = (node_size + 1) * n_params * itemsize
     free = shared_memory_free()
     fits = free is None or free >= HEADROOM * needed
-    layouts = comm.allgather((node.size, fits))
+    layouts = comm.allgather((node_size, fits))
     if all(size == 1 for size, _ in layouts):
         return False, "one rank per node"   # nothing to share: a node-level block would only add a copy
     if len({size for size, _ in layouts}) > 1:
         why = f"the nodes hold different numbers of ranks ({', '.join(str(s) for s, _ in layouts)})"
     elif not all(fit for _, fit in layouts):
         why = (f"{SHARED_MEMORY_FOLDER} has less than {HEADROOM * needed / 2 ** 20:.0f} MiB free on some node "
-               f"(the parameters and {node.size} gradients)")
+               f"(the parameters and {node_size} gradients)")
     else:
         return True, None
     if asked == "shared-memory":

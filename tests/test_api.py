@@ -307,3 +307,28 @@ def test_the_example_script_trains_under_mpiexec_with_2_ranks(tmp_path):
                           capture_output=True, text=True, timeout=120, env=helpers.clean_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("epochs on 2 rank(s), in") == 1   # the script prints its result once
+
+
+LOOP = """
+import sys
+import numpy as np
+import ddptrain
+from ddptrain import nn
+data, run_dir, times = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for i in range(times):
+    model = nn.Sequential([nn.Linear(64, 10)], dtype=np.float32)
+    result = ddptrain.train(model, data, epochs=1, batch_size=240, quiet=True, run_dir=f"{run_dir}/r{i}", keep=1)
+    assert result.exit_status == 0
+print("trained", times, "times")
+"""
+
+
+@pytest.mark.slow
+def test_a_process_can_train_again_and_again_without_running_out_of_mpi_resources(small_data, tmp_path):
+    """ddptrain.train in a loop under mpiexec: each run gives back the communicators and the shared memory of
+    its gradient exchange. MPICH has about 2,000 communicator contexts; before the fix the 1,021st run failed
+    ("Assertion failed ... mpidu_shm_alloc.c: shm_seg != NULL"), each run having kept two."""
+    proc = subprocess.run([helpers.mpiexec(), "-n", "2", sys.executable, "-c", LOOP, small_data, str(tmp_path), "1100"],
+                          capture_output=True, text=True, timeout=300, env=helpers.clean_env())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("trained 1100 times") == 2, proc.stdout[-2000:]

@@ -193,7 +193,7 @@ class _Size:
         self._layouts = layouts or [node_size or size] * size
 
     def split_by_node(self):
-        return _Node(self._layouts[0]), None
+        return _Node(self._layouts[0]), _Node(len(self._layouts))
 
     def allgather(self, value):
         return [(size, value[1]) for size in self._layouts]
@@ -202,6 +202,9 @@ class _Size:
 class _Node:
     def __init__(self, size):
         self.size, self.rank = size, 0
+
+    def free(self):
+        pass
 
 
 def test_shared_memory_that_cannot_be_had_is_one_line_naming_the_way_out(small_data, tmp_path, capsys, monkeypatch):
