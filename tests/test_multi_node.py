@@ -126,6 +126,23 @@ def test_2_hosts_x_2_ranks_train_the_parameters_of_one_process_over_the_network(
     assert crossed >= steps * gradient_bytes, (crossed, steps * gradient_bytes)
 
 
+@pytest.mark.slow
+def test_3_ranks_on_each_of_2_hosts_exchange_uneven_slices_and_train_the_parameters_of_one_process(hosts, small_data,
+                                                                                                   tmp_path):
+    """Each host's 3 ranks sum thirds of the gradient (uneven: 2,410 values) in its shared memory, and the ranks at
+    each place exchange their third with the other host's."""
+    argv = hosts.mpiexec_argv(3, [sys.executable, "-m", "ddptrain", "--data", small_data, *OPTIONS, "--epochs", "2",
+                                  "--run-dir", tmp_path / "hosts"])
+    proc = run(argv)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "gradients: summed in shared memory by the 3 ranks of each of the 2 nodes, then across nodes by MPI; " \
+        "each rank updates 1/3 of the shared parameters" in proc.stdout
+    one = helpers.run(["--data", small_data, *OPTIONS, "--epochs", "2", "--run-dir", tmp_path / "one"])
+    assert one.returncode == 0, one.stderr
+    assert helpers.relative_error(helpers.final_params(tmp_path / "hosts"), helpers.final_params(tmp_path / "one")) \
+        < 1e-9
+
+
 # -- failures across hosts ------------------------------------------------------------------------------
 
 
