@@ -85,11 +85,9 @@ class Arrays:
         at = 0
         for start, stop in blocks:
             rows = stop - start
-            if images.dtype == np.uint8 and dtype == np.uint8:   # the pixels as they are (stored_dtype)
-                x[at:at + rows] = images[start:stop]
-            elif images.dtype == np.uint8:   # the file's scaling, the same operation: the same values
+            if images.dtype == np.uint8 and dtype != np.uint8:   # the file's scaling: the same values
                 np.divide(images[start:stop], PIXEL_MAX, out=x[at:at + rows], dtype=dtype)
-            else:
+            else:   # floats, or the pixels as they are (stored_dtype)
                 x[at:at + rows] = images[start:stop]
             y[at:at + rows] = labels[start:stop]
             at += rows

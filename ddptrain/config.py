@@ -107,16 +107,22 @@ class Config:
             other = f"--accumulate {self.accumulate}" if self.accumulate > 1 else "--shard-optimizer"
             raise UserError(f"--overlap-allreduce with {other}: overlapping reduces one micro-batch's whole gradient "
                             f"with Allreduce; drop one of them")
-        if self.exchange == "shared-memory":
-            conflict = ("--overlap-allreduce" if self.overlap_allreduce else "--shard-optimizer"
-                        if self.shard_optimizer else "--debug" if self.debug else None)
-            if conflict:
-                raise UserError(f"--exchange shared-memory with {conflict}: {conflict} exchanges the gradient "
-                                f"through MPI; drop one of them")
+        conflict = self.option_exchanging_through_mpi
+        if self.exchange == "shared-memory" and conflict:
+            raise UserError(f"--exchange shared-memory with {conflict}: {conflict} exchanges the gradient "
+                            f"through MPI; drop one of them")
         if self.simulate_ranks:   # before a thread starts for each of them
             check_world(self.batch_size, self.simulate_ranks, self.virtual_shards)
         self.make_optimizer()   # the optimiser checks its own settings (SettingError)
         return self
+
+    @property
+    def option_exchanging_through_mpi(self):
+        """The first option set that needs the gradient exchanged through MPI, not a node's shared memory
+        (``node_memory.choose_exchange``), or None. --debug's finite differences perturb each rank's
+        parameters, which the ranks of a node would otherwise share."""
+        return ("--overlap-allreduce" if self.overlap_allreduce else "--shard-optimizer" if self.shard_optimizer
+                else "--debug" if self.debug else None)
 
     def make_optimizer(self):
         if self.shard_optimizer and self.optimizer == "sgd" and not self.momentum:

@@ -407,15 +407,10 @@ class Sequential:
         self.dtype = np.dtype(dtype)
         self.spec = spec   # the --model string it was built from, if any
         name_layers(self.layers)
-        param_owners = [(layer, name, shape) for layer in self.layers for name, shape in layer.param_shapes().items()]
         buffer_owners = [(layer, name, shape) for layer in self.layers for name, shape in layer.buffer_shapes().items()]
-        self.params = np.zeros(sum(math.prod(shape) for *_, shape in param_owners), dtype=self.dtype)
-        self.grads = np.zeros_like(self.params)
+        params = np.zeros(sum(math.prod(shape) for *_, shape in self._param_owners()), dtype=self.dtype)
+        self._bind(params, np.zeros_like(params))
         self.buffers = np.zeros(sum(math.prod(shape) for *_, shape in buffer_owners), dtype=self.dtype)
-        for layer, name, view in _flat_views(param_owners, self.params):
-            layer.params[name] = view
-        for layer, name, view in _flat_views(param_owners, self.grads):
-            layer.grads[name] = view
         for layer, name, view in _flat_views(buffer_owners, self.buffers):
             layer.buffers[name] = view
         # One generator for the whole model, consumed layer by layer, so the
@@ -445,8 +440,15 @@ class Sequential:
             if array.shape != self.params.shape or array.dtype != self.dtype or not array.flags.c_contiguous:
                 raise ValueError(f"use_arrays needs contiguous {self.params.size} {self.dtype} values, "
                                  f"got {array.shape} {array.dtype}")
-        owners = [(layer, name, shape) for layer in self.layers for name, shape in layer.param_shapes().items()]
+        self._bind(params, grads)
+
+    def _param_owners(self):
+        return [(layer, name, shape) for layer in self.layers for name, shape in layer.param_shapes().items()]
+
+    def _bind(self, params, grads):
+        """Keep the flat ``params`` and ``grads``, and give every layer its views of them."""
         self.params, self.grads = params, grads
+        owners = self._param_owners()
         for layer, name, view in _flat_views(owners, params):
             layer.params[name] = view
         for layer, name, view in _flat_views(owners, grads):

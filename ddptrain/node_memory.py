@@ -136,8 +136,7 @@ def choose_exchange(comm, config, n_params):
     asked = config.exchange
     if asked == "allreduce" or comm.size == 1:
         return False, "asked for" if asked == "allreduce" else "one rank"
-    conflict = ("--overlap-allreduce" if config.overlap_allreduce else "--shard-optimizer" if config.shard_optimizer
-                else "--debug" if config.debug else None)
+    conflict = config.option_exchanging_through_mpi
     if conflict:   # config.validated refused them with --exchange shared-memory
         return False, f"{conflict} exchanges through MPI"
     node, across = comm.split_by_node()

@@ -69,7 +69,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -288,6 +287,7 @@ def worker_ddptrain(args):
     from ddptrain.losses import SoftmaxCrossEntropy
     from ddptrain.nn import Sequential, no_reduction
     from ddptrain.optim import SGD
+    from ddptrain.config import Config
     from ddptrain.node_memory import NodeMemory, choose_exchange
     from ddptrain.sharding import ShardedOptimizer
     from ddptrain.step import Batches, Split, TrainStep
@@ -306,8 +306,8 @@ def worker_ddptrain(args):
     train_x, test_x = model.as_input(train_x), model.as_input(test_x)   # (N, 1, 28, 28) for a CNN: a view
     loss_fn, optimizer = SoftmaxCrossEntropy(), SGD(momentum=0.9)
     # The gradient exchange a run would choose (ddptrain.node_memory): the nodes' shared memory, or MPI.
-    settings = SimpleNamespace(exchange=args.exchange, overlap_allreduce=args.overlap_allreduce,
-                               shard_optimizer=args.shard_optimizer, debug=False, dtype="float32")
+    settings = Config(exchange=args.exchange, overlap_allreduce=args.overlap_allreduce,
+                      shard_optimizer=args.shard_optimizer, dtype="float32")
     use_node_memory, _ = choose_exchange(comm, settings, model.params.size)
     exchange = None   # with node memory: what the sharded optimiser reduces through, timed
     if use_node_memory:
