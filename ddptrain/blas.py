@@ -61,6 +61,24 @@ def _look_up():
     return found
 
 
+def use_functions(functions):
+    """Take ``axpby`` from ``functions`` (``{dtype: C function}``, another BLAS's: ``gemm.Mkl.axpby``), or,
+    given None, from numpy's BLAS again."""
+    global _found
+    with _lock:
+        _found = None if functions is None else dict(functions)
+
+
+def library_name():
+    """The name ``threadpoolctl`` gives numpy's BLAS (``openblas``, ``mkl``, ...), or ``BLAS``: the first
+    BLAS loaded, as numpy loads its own when it is imported (``gemm.Mkl`` later)."""
+    try:
+        from threadpoolctl import threadpool_info
+        return next((lib["internal_api"] for lib in threadpool_info() if lib.get("user_api") == "blas"), "BLAS")
+    except Exception:   # noqa: BLE001 - no threadpoolctl: a name is all this is for
+        return "BLAS"
+
+
 def available(dtype):
     """Whether ``axpby`` of ``dtype`` runs in the BLAS (else in numpy)."""
     return np.dtype(dtype) in _functions()

@@ -16,7 +16,7 @@ import argparse
 import sys
 import traceback
 
-from .config import (BATCHNORM_MODES, DTYPES, EXCHANGES, LR_SCALINGS, SCHEDULES, SWITCHES, Config, load_toml,
+from .config import (BATCHNORM_MODES, DTYPES, EXCHANGES, GEMMS, LR_SCALINGS, SCHEDULES, SWITCHES, Config, load_toml,
                      make_config)
 from .api import check_data_file, launch
 from .errors import UserError, end_rank, message_of, same_on_every_rank
@@ -156,6 +156,9 @@ def _add_train_arguments(parser):
     group = parser.add_argument_group("parallelism and debugging")
     _option(group, "--threads", "BLAS threads per rank; 0: the cores a rank may use, divided by the ranks "
             "sharing them", type=int, metavar="N")
+    _option(group, "--gemm", "the library of the matrix products: numpy (numpy's BLAS, OpenBLAS in its wheels), "
+            "mkl (Intel's MKL: pip install 'ddptrain[mkl]'), or auto: MKL where it is installed and the CPU is "
+            "Intel's, else numpy", choices=GEMMS)
     _option(group, "--check-every", "steps between checks that all ranks hold identical parameters", type=int,
             metavar="STEPS")
     _option(group, "--eval-batch", "rows per forward pass during evaluation", type=int, metavar="N")

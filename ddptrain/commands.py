@@ -104,6 +104,8 @@ def _version(module_name):
 
 def info(args, comm):
     """Versions, MPI library and world size, BLAS and its threads, the data file's summary."""
+    from .runner import configure_gemm
+    products = configure_gemm(comm, "auto")   # what a run with the default --gemm multiplies with
     thread_line = configure_blas_threads(comm).description
     if comm.rank != 0:
         return EXIT_OK
@@ -116,9 +118,11 @@ def info(args, comm):
         f"mpi4py       {_version('mpi4py')}",
         f"MPI          {comm.library}; world size {comm.size}",
         f"threads      {thread_line}",
+        f"products     {products.description} (--gemm auto)",
     ]
     for lib in threadpool_info():
-        lines.append(f"BLAS         {lib.get('internal_api')} {lib.get('version')} "
+        kind = "BLAS" if lib.get("user_api") == "blas" else "OpenMP"   # MKL's threads run on an OpenMP runtime
+        lines.append(f"{kind:<12} {lib.get('internal_api')} {lib.get('version')} "
                      f"({lib.get('architecture', '?')}, {lib.get('threading_layer', '?')}), "
                      f"{lib.get('num_threads')} threads now")
     lines.append(f"matplotlib   {_version('matplotlib')} (for `ddptrain plot`)")

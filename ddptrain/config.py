@@ -12,6 +12,7 @@ from typing import Optional
 
 from .errors import UserError
 from .optim import OPTIMIZERS, SGD
+from .gemm import GEMMS
 from .sampler import DEFAULT_VIRTUAL_SHARDS, check_world
 from .spec import named_model, parse_spec
 
@@ -62,6 +63,7 @@ class Config:
     resume: Optional[str] = None       # None, "auto" or a checkpoint path
     # machinery
     threads: int = 0                   # BLAS threads per rank; 0: cores on this node / ranks on this node
+    gemm: str = "auto"                 # the library of the matrix products: see gemm.py
     check_every: int = 100             # steps between cross-rank parameter consistency checks
     log_every: int = 100               # steps between progress lines
     eval_batch: int = 2000
@@ -82,7 +84,7 @@ class Config:
             parse_spec(self.model)
         for name, allowed in (("dtype", DTYPES), ("lr_scaling", LR_SCALINGS), ("lr_schedule", SCHEDULES),
                               ("batchnorm", BATCHNORM_MODES), ("optimizer", tuple(OPTIMIZERS)),
-                              ("exchange", EXCHANGES)):
+                              ("exchange", EXCHANGES), ("gemm", GEMMS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"{option_name(name)} must be one of {', '.join(allowed)}, "
                                 f"got {getattr(self, name)!r}")

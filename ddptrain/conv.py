@@ -45,6 +45,7 @@ import math
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from . import gemm
 from .nn import Layer, ShapeError, shape_text
 
 
@@ -230,7 +231,7 @@ class Conv2d(Layer):
         cols, wide = self._work_arrays(block, geometry, "wide")
         weight = self._weight_matrix()
         for first, count in chunks:
-            wide_used = np.matmul(weight, self._im2col(padded, first, count, geometry, cols),
+            wide_used = gemm.matmul(weight, self._im2col(padded, first, count, geometry, cols),
                                   out=wide[:, :count * geometry.pixels])
             # (F, samples, rows, wide row) -> (samples, F, rows, row): the wrapped pixels dropped.
             wide_used = wide_used.reshape(self.out_channels, count, geometry.out_height, geometry.cols_width)
@@ -269,12 +270,12 @@ class Conv2d(Layer):
             dwide_used = dwide[:, :used].reshape(self.out_channels, count, geometry.out_height, geometry.cols_width)
             dwide_used[..., :geometry.out_width] = dout[first:first + count].transpose(1, 0, 2, 3)
             dwide_used = dwide[:, :used]
-            np.matmul(cols_used, dwide_used.T, out=grad_t if first == chunks[-1][0] else grad_part)
+            gemm.matmul(cols_used, dwide_used.T, out=grad_t if first == chunks[-1][0] else grad_part)
             if first != chunks[-1][0]:
                 grad_t += grad_part
             if not need_input_grad:
                 continue
-            dcols_used = np.matmul(weight_t, dwide_used, out=dcols[:, :used])
+            dcols_used = gemm.matmul(weight_t, dwide_used, out=dcols[:, :used])
             # col2im: add each (c, i, j) row of dcols back onto the input values it was copied from.
             dpadded[...] = 0
             dcols_used = dcols_used.reshape(channels, k, k, count, geometry.out_height, geometry.cols_width)

@@ -35,6 +35,7 @@ import math
 
 import numpy as np
 
+from . import gemm
 from .errors import UserError
 
 # Every Layer subclass, by class name: how a model description becomes a model again.
@@ -222,7 +223,7 @@ class Linear(Layer):
     def forward(self, x):
         self._x = x
         out = self._scratch.get("out", (x.shape[0], self.n_out), self.params["weight"].dtype)
-        np.matmul(x, self.params["weight"], out=out)
+        gemm.matmul(x, self.params["weight"], out=out)
         if self.bias:
             out += self.params["bias"]
         return out
@@ -230,17 +231,17 @@ class Linear(Layer):
     def backward(self, dout, need_input_grad=True):
         # dL/dW = x^T dout and dL/db = sum over the batch of dout: sums over
         # samples, so whatever normalisation the loss applied carries through.
-        np.matmul(self._x.T, dout, out=self.grads["weight"])
+        gemm.matmul(self._x.T, dout, out=self.grads["weight"])
         if self.bias:
             # The column sums of dout as a product with a vector of ones: BLAS
             # does it about twice as fast as np.sum(dout, axis=0).
-            np.matmul(self._scratch.constant(1, dout.shape[0], dout.dtype), dout, out=self.grads["bias"])
+            gemm.matmul(self._scratch.constant(1, dout.shape[0], dout.dtype), dout, out=self.grads["bias"])
         if not need_input_grad:
             # The first layer's input is the data: skipping dx saves a third
             # of that layer's (the largest) matrix products.
             return None
         dx = self._scratch.get("dx", (dout.shape[0], self.n_in), dout.dtype)
-        return np.matmul(dout, self.params["weight"].T, out=dx)
+        return gemm.matmul(dout, self.params["weight"].T, out=dx)
 
 
 class ReLU(Layer):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import __version__, data, sampler
+from . import __version__, data, gemm, sampler
 from .callbacks import BroadcastBuffers, Checkpointing, MetricsLog, ProgressReport, ReplicaCheck
 from .debug import DebugChecks
 from .errors import EXIT_OK, EXIT_PREEMPTED, UserError, same_on_every_rank
@@ -97,6 +97,7 @@ def _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays):
     started = time.perf_counter()
     console = Console(comm.rank, quiet=quiet, log_every=config.log_every)
     with same_on_every_rank():
+        gemm_choice = configure_gemm(comm, config.gemm)
         blas_threads = configure_blas_threads(comm, config.threads)
     hosts = hosts_by_rank(blas_threads.hosts)
     check_same_software(comm, hosts)   # DDP: across nodes, installations may differ
@@ -120,7 +121,7 @@ def _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays):
     comm.bcast_(model.buffers)   # DDP: and buffers
 
     config = resume_if_requeued(config, folder.has_step_checkpoints)   # SLURM requeue: --resume auto
-    announce(console, comm, config, model, info, folder.run_dir, blas_threads)
+    announce(console, comm, config, model, info, folder.run_dir, blas_threads, gemm_choice)
     if dry_run:
         folder.check_free()
         console.print(f"dry run: the options, the data file, the model and the {comm.size} rank(s) check out; "
@@ -325,11 +326,26 @@ def describe_split(n_train, n_test, comm, config):
             f"{' (at most)' if config.batch_size % comm.size else ''} per rank")
 
 
-def announce(console, comm, config, model, info, run_dir, blas_threads):
+def configure_gemm(comm, request):
+    """Multiply with the library ``--gemm request`` names (``gemm.choose``) on every rank; the Choice of rank 0.
+    A rank that cannot (no MKL on its node) stops every rank with its reason."""
+    try:
+        choice, problem = gemm.choose(request), None
+    except UserError as error:
+        choice, problem = None, str(error)
+    problems = comm.allgather(problem)   # DDP: so that no rank goes on alone into the collectives ahead
+    for rank, problem in enumerate(problems):
+        if problem:
+            raise UserError(f"{problem}{f' (rank {rank})' if comm.size > 1 else ''}")
+    gemm.use(choice)
+    return choice
+
+
+def announce(console, comm, config, model, info, run_dir, blas_threads, gemm_choice):
     """The start-up lines, on rank 0."""
     where = f" on {blas_threads.host_line}" if len(blas_threads.hosts) > 1 else ""
     console.print(f"ddptrain {__version__}: {comm.size} rank{'s' if comm.size > 1 else ''}{where} ({comm.library}); "
-                  f"{blas_threads.description}", always=True)
+                  f"{blas_threads.description}; matrix products: {gemm_choice.description}", always=True)
     console.print(f"model {model.summary()} ({model.params.size:,} parameters, {config.dtype}); data {info.path}; "
                   f"run folder {run_dir}", always=True)
     console.print(describe_split(info.n_train, info.n_test, comm, config), always=True)

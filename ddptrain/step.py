@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import gemm
 from .data import PIXEL_MAX
 from .dropout import BatchContext
 from .errors import NumericalError
@@ -126,7 +127,7 @@ def micro_batch_bounds(rows, micro_batches):
 def gradient_norm(grads):
     """The 2-norm of the flat gradient: NaN or Inf when any value is. After the Allreduce every rank holds
     the same gradient, so every rank gets the same norm (and the same verdict on it)."""
-    return float(np.sqrt(np.dot(grads, grads)))
+    return float(np.sqrt(gemm.dot(grads, grads)))
 
 
 def clip_gradient(grads, norm, max_norm):
@@ -180,7 +181,7 @@ class TrainStep:
         totals = self._totals
         # Sharded, each rank holds its slice of the gradient: the squares of the slices sum to the norm's.
         totals[:] = (loss_share * global_count, correct, len(y), stop_requested,
-                     float(np.dot(grads, grads)) if sharded and self.optimizer.sharded.counts_in_norm else 0.0)
+                     float(gemm.dot(grads, grads)) if sharded and self.optimizer.sharded.counts_in_norm else 0.0)
         comm.allreduce_(totals)   # DDP: global totals, and whether a signal reached any rank
         norm = float(np.sqrt(totals[4])) if sharded else gradient_norm(grads)
         # Checked before the update, so the parameters in memory stay the last good ones.

@@ -6,6 +6,7 @@ import os
 import socket
 from dataclasses import dataclass
 
+from . import gemm
 from .comm import collective
 from .errors import UserError
 
@@ -62,8 +63,9 @@ def configure_blas_threads(comm, requested=0):
     sharing = sum(1 for other in everyone if other == me)
     threads = requested or max(1, len(cores) // sharing)
     threadpool_limits(limits=threads, user_api="blas")
+    # The library of the matrix products (gemm.py): threadpool_limits set the threads of every BLAS loaded.
     blas = next((lib for lib in threadpool_info() if lib.get("user_api") == "blas"), {})
-    library = blas.get("internal_api", "unknown BLAS")
+    library = "mkl" if gemm.in_use() == "mkl" else blas.get("internal_api", "unknown BLAS")
     hosts = {}
     for rank, (host, _) in enumerate(everyone):
         hosts.setdefault(host, []).append(rank)

@@ -77,6 +77,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))   # time_to_accuracy.py, beside this file
 
 import time_to_accuracy  # noqa: E402
+from ddptrain.gemm import GEMMS  # noqa: E402
 
 TORCH_INSTALL = "pip install torch==2.13.0"
 RANDOM = "random"
@@ -120,10 +121,17 @@ def max_rss_mib():
 
 
 def blas_description():
+    """The library of the matrix products (ddptrain.gemm) with its version, kernel and threads."""
     from threadpoolctl import threadpool_info
-    blas = next((lib for lib in threadpool_info() if lib.get("user_api") == "blas"), {})
-    return (f"{blas.get('internal_api', 'unknown BLAS')} {blas.get('version', '')} "
-            f"kernel {blas.get('architecture', '?')}, {blas.get('num_threads', '?')} threads").strip()
+
+    from ddptrain import gemm
+    name = "mkl" if gemm.in_use() == "mkl" else None
+    blas = next((lib for lib in threadpool_info() if lib.get("user_api") == "blas"
+                 and (name is None or lib.get("internal_api") == name)), {})
+    kernel = (f"kernel {blas.get('architecture', '?')}" if "architecture" in blas else
+              f"{blas.get('threading_layer', '?')} threading")   # MKL chooses its kernel for each call
+    return (f"{blas.get('internal_api', 'unknown BLAS')} {blas.get('version', '')} {kernel}, "
+            f"{blas.get('num_threads', '?')} threads").strip()
 
 
 def load_shard(data, rank, size, split, blocks_fn, as_stored=True):
@@ -283,6 +291,7 @@ class TimedLoss:
 
 def worker_ddptrain(args):
     """ddptrain: its TrainStep on this rank's share of each global batch. Rank 0 writes the results."""
+    from ddptrain import gemm
     from ddptrain.comm import world
     from ddptrain.losses import SoftmaxCrossEntropy
     from ddptrain.nn import Sequential, no_reduction
@@ -294,6 +303,7 @@ def worker_ddptrain(args):
     from ddptrain.threads import configure_blas_threads
 
     comm = world()
+    gemm.configure(args.gemm)   # before the threads: they are set for the library that multiplies
     blas_threads = configure_blas_threads(comm, args.threads_per_rank)
     threads, thread_line = blas_threads.threads, blas_threads.description
     started = time.perf_counter()
@@ -555,7 +565,9 @@ def worker_gemm(args):
     """GFLOP/s of one step's matrix products at a large batch, with ``threads_per_rank`` BLAS threads."""
     from threadpoolctl import threadpool_limits
 
+    from ddptrain import gemm
     from ddptrain.launcher import rank_and_size
+    gemm.configure(args.gemm)   # the library ddptrain's rows multiply with
     threadpool_limits(limits=args.threads_per_rank, user_api="blas")
     rank, size = rank_and_size()
     comm = None
@@ -576,7 +588,7 @@ def worker_gemm(args):
 
     def one_step():
         for a, b, out in products:
-            np.matmul(a, b, out=out)
+            gemm.matmul(a, b, out=out)
 
     for _ in range(3):
         one_step()
@@ -637,7 +649,7 @@ def launch(kind, ranks, threads_per_rank, batch, steps, warmup, repeats, opts, e
         argv = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--out", out,
                 "--batch", str(batch), "--threads-per-rank", str(threads_per_rank), "--model", opts.model,
                 "--data", str(opts.data), "--steps", str(steps), "--warmup", str(warmup),
-                "--repeats", str(repeats), "--lr", str(opts.lr), *extra]
+                "--repeats", str(repeats), "--lr", str(opts.lr), "--gemm", opts.gemm, *extra]
         if hosts:
             argv = across_hosts(argv, ranks)
         elif ranks > 1:
@@ -726,6 +738,9 @@ def main(argv=None):
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
     parser.add_argument("--no-hosts", action="store_true",
                         help="skip the rows across 2 fake hosts (network namespaces: they need root and `ip`)")
+    parser.add_argument("--gemm", choices=GEMMS, default="auto",
+                        help="the library of ddptrain's matrix products, as ddptrain's --gemm (default: %(default)s); "
+                             "where it is MKL, rows with --gemm numpy are added")
     parser.add_argument("--json", metavar="PATH", help="also write every measurement to PATH")
     parser.add_argument("--quick", action="store_true",
                         help="tiny settings, to check that the benchmark runs (numbers meaningless)")
@@ -780,6 +795,9 @@ def run_benchmark(opts):
 
     for line in machine_lines(opts, torch_ver):
         print(line, flush=True)
+    from ddptrain import gemm
+    products = gemm.choose(opts.gemm)
+    print(f"ddptrain's matrix products (--gemm {opts.gemm}): {products.description}", flush=True)
     data_note = "random data of MNIST's shape" if opts.data == RANDOM else f"real batches of {opts.data}"
     print(f"model {opts.model}, float32, {flops_per_sample(opts.model) / 1e6:.2f} MFLOP per sample per step; "
           f"{data_note}; thread budget {budget}; {opts.rounds} rounds x {opts.repeats} repetitions of "
@@ -814,6 +832,10 @@ def run_benchmark(opts):
              per_rank if opts.threads else 0, ("--exchange", "allreduce")),
             ("ddpPz", "  same ranks, --shard-optimizer", "ddptrain", ranks,
              per_rank if opts.threads else 0, ("--shard-optimizer",))]
+    if products.name == "mkl":   # what numpy's own BLAS gives on this CPU
+        rows[1:1] = [("ddp1n", "  same process, --gemm numpy", "ddptrain", 1, opts.threads, ("--gemm", "numpy"))]
+        rows.insert(3, ("ddpPn", "  same ranks, --gemm numpy", "ddptrain", ranks, per_rank if opts.threads else 0,
+                        ("--gemm", "numpy")))
     if use_torch:
         rows += [("torch1", f"PyTorch, 1 process x {budget} threads", "torch", 1, budget, ()),
                  ("torchP", f"PyTorch DDP gloo, {ranks} x {per_rank} thread", "torch", ranks, per_rank, ())]
@@ -923,7 +945,7 @@ def report(results, rows, batches, limit, row_models, ranks, use_torch, bn_model
     header = (f"{'global batch':>12}  {'':<38} {'samples/s: median (min-max)':>29}  {'vs PyTorch':>10}  "
               f"{'allreduce':>9}  {'of GEMM limit':>13}  {'peak RSS/rank':>13}")
     table = [header, "-" * len(header)]
-    partner = {"ddp1": "torch1", "ddpP": "torchP", "ddpPbn": "torchPbn", "ddpPbnl": "torchPbn", "cnn1": "tcnn1",
+    partner = {"ddp1": "torch1", "ddp1n": "torch1", "ddpP": "torchP", "ddpPn": "torchP", "ddpPbn": "torchPbn", "ddpPbnl": "torchPbn", "cnn1": "tcnn1",
                "cnnP": "tcnnP"}
     for batch in batches:
         for key, label, *_ in rows:

@@ -143,7 +143,7 @@ def test_evaluate_refuses_a_corrupt_checkpoint(tmp_path):
 def test_info_names_versions_the_mpi_library_blas_threads_and_the_data(small_data):
     proc = helpers.run(["info", "--data", small_data], ranks=2)
     assert proc.returncode == 0, proc.stderr
-    for text in ("numpy", "h5py", "mpi4py", "MPICH", "world size 2", "openblas", "thread",
+    for text in ("numpy", "h5py", "mpi4py", "MPICH", "world size 2", "openblas", "thread", "products     ",
                  "240 training and 60 test images of 8x8 (64 values), 10 classes (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)"):
         assert text.lower() in proc.stdout.lower(), text
     versions = [line for line in proc.stdout.splitlines() if line.startswith("ddptrain ")]

@@ -1,0 +1,198 @@
+"""The library of the matrix products (``--gemm``): numpy's BLAS, or Intel's MKL where it is installed.
+
+MKL multiplies as numpy does, to rounding, in every layout the layers hand it, and the same bits wherever
+the arrays sit in memory; ``auto`` takes it on Intel's CPUs only; a run with it trains, on P ranks, what
+one process trains. The test extra installs MKL on x86-64 Linux; elsewhere the MKL tests cannot run.
+"""
+
+import numpy as np
+import pytest
+
+import ddptrain
+from ddptrain import blas, cli, gemm
+from ddptrain.errors import UserError
+from ddptrain.optim import SGD
+from helpers import final_params, model_spec, relative_error
+
+needs_mkl = pytest.mark.skipif(gemm.mkl_installed() is None,
+                               reason="MKL is not installed (the test extra installs it on x86-64 Linux only)")
+
+
+@pytest.fixture
+def mkl():
+    gemm.use(gemm.choose("mkl"))
+    return gemm._mkl
+
+
+def no_numpy_fallback(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("np.matmul was called: MKL did not take this product")
+    monkeypatch.setattr(np, "matmul", refuse)
+
+
+def operands(rng, dtype):
+    """(a, b, out) in the layouts the layers use: C-ordered, ``.T`` views, column slices of wider arrays."""
+    a, b = rng.standard_normal((7, 5)).astype(dtype), rng.standard_normal((5, 6)).astype(dtype)
+    wide_a = rng.standard_normal((7, 9)).astype(dtype)
+    wide_out = np.zeros((7, 10), dtype)
+    return {
+        "C @ C": (a, b, np.empty((7, 6), dtype)),
+        "A.T @ C": (np.ascontiguousarray(a.T).T, b, np.empty((7, 6), dtype)),
+        "C @ B.T": (a, np.ascontiguousarray(b.T).T, np.empty((7, 6), dtype)),
+        "A.T @ B.T": (np.ascontiguousarray(a.T).T, np.ascontiguousarray(b.T).T, np.empty((7, 6), dtype)),
+        "columns of a wider array": (wide_a[:, 2:7], b, np.empty((7, 6), dtype)),
+        "into columns of a wider array": (a, b, wide_out[:, 1:7]),
+        "one row @ C (a bias gradient)": (a[:1], b, np.empty((1, 6), dtype)),
+        "one row @ B.T": (a[2:3], np.ascontiguousarray(b.T).T, np.empty((1, 6), dtype)),
+        "a column's transpose @ C": (np.ascontiguousarray(a.T)[:, 4:5].T, b, np.empty((1, 6), dtype)),
+    }
+
+
+@needs_mkl
+@pytest.mark.parametrize("dtype, rtol", [(np.float32, 1e-5), (np.float64, 1e-13)])
+@pytest.mark.parametrize("layout", list(operands(np.random.default_rng(0), np.float32)))
+def test_mkl_multiplies_as_numpy_does_in_every_layout_the_layers_use(mkl, monkeypatch, dtype, rtol, layout):
+    a, b, out = operands(np.random.default_rng(0), dtype)[layout]
+    expected = np.matmul(a, b)
+    no_numpy_fallback(monkeypatch)
+    result = mkl.matmul(a, b, out=out)
+    assert result is out
+    np.testing.assert_allclose(out, expected, rtol=rtol, atol=rtol)
+
+
+@needs_mkl
+@pytest.mark.parametrize("dtype, rtol", [(np.float32, 1e-5), (np.float64, 1e-13)])
+def test_mkl_s_dot_product_is_numpy_s_to_rounding(mkl, dtype, rtol):
+    """The squared norm of the gradient, each step (the finite check and clipping)."""
+    x = np.random.default_rng(4).standard_normal(100_003).astype(dtype)
+    squares = mkl.dot(x, x)
+    assert type(squares) is dtype
+    np.testing.assert_allclose(squares, np.dot(x.astype(np.float64), x.astype(np.float64)), rtol=rtol)
+    np.testing.assert_array_equal(mkl.dot(x[::2], x[::2]), np.dot(x[::2], x[::2]))   # strided: numpy's
+    x[7] = np.nan
+    assert np.isnan(mkl.dot(x, x))
+
+
+@needs_mkl
+def test_layouts_cblas_cannot_read_are_multiplied_by_numpy(mkl):
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((6, 8)), rng.standard_normal((4, 5))
+    cases = [(a[:, ::2], b, None),                                   # every other column: no leading dimension
+             (a[:, :4].astype(np.int64), b.astype(np.int64), None),  # integers
+             (a[:, :4].astype(np.float32), b, None),                 # mixed types
+             (np.stack([a[:, :4]] * 2), b, None)]                    # a stack of matrices
+    for x, y, out in cases:
+        np.testing.assert_array_equal(mkl.matmul(x, y, out=out), np.matmul(x, y))
+    square = rng.standard_normal((5, 5))
+    overlapping = square.copy()
+    np.testing.assert_allclose(mkl.matmul(overlapping, square, out=overlapping), square @ square)
+
+
+@needs_mkl
+def test_mkl_gives_the_same_bits_wherever_the_operands_sit_in_memory(mkl):
+    """Reproducible mode: MKL's default may round differently with the arrays' alignment, and numpy aligns an
+    array only to 16 bytes."""
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((64, 300)).astype(np.float32), rng.standard_normal((300, 100)).astype(np.float32)
+    reference = mkl.matmul(a, b)
+    buffer = np.empty(a.size + 64, np.float32)
+    for offset in range(1, 16):
+        moved = buffer[offset:offset + a.size].reshape(a.shape)
+        moved[...] = a
+        np.testing.assert_array_equal(mkl.matmul(moved, b), reference)
+
+
+@needs_mkl
+def test_with_mkl_the_sgd_update_runs_in_mkl_too(mkl):
+    """One pool of threads for a step: the update's axpby is MKL's once MKL multiplies."""
+    assert blas._functions()[np.dtype(np.float32)] is mkl.axpby[np.dtype(np.float32)]
+    rng = np.random.default_rng(3)
+    params, grads = rng.standard_normal(1000).astype(np.float32), rng.standard_normal(1000).astype(np.float32)
+    expected_velocity = grads.copy()
+    expected = params - np.float32(0.1) * expected_velocity
+    SGD(momentum=0.9).step(params, grads, 0.1)
+    np.testing.assert_allclose(params, expected, rtol=1e-6, atol=1e-7)   # MKL fuses the multiply and the add
+    gemm.use(gemm.choose("numpy"))
+    assert blas._functions().get(np.dtype(np.float32)) is not mkl.axpby[np.dtype(np.float32)]
+
+
+def test_auto_takes_mkl_on_intel_cpus_only_and_says_why_not(monkeypatch):
+    monkeypatch.setattr(gemm, "mkl_installed", lambda: "2026.2.0")
+    assert gemm.choose("auto", vendor="GenuineIntel") == gemm.Choice("mkl", "MKL 2026.2.0 (an Intel CPU)")
+    amd = gemm.choose("auto", vendor="AuthenticAMD")
+    assert amd.name == "numpy"
+    assert "this CPU is AuthenticAMD's, not Intel's" in amd.description
+    assert gemm.choose("mkl", vendor="AuthenticAMD").name == "mkl"     # asked for: anywhere
+    assert gemm.choose("numpy", vendor="GenuineIntel").name == "numpy"
+    monkeypatch.setattr(gemm, "mkl_installed", lambda: None)
+    absent = gemm.choose("auto", vendor="GenuineIntel")
+    assert absent.name == "numpy" and absent.description.endswith("(MKL is not installed)")
+
+
+def test_mkl_asked_for_where_it_is_not_installed_is_refused_in_one_line(monkeypatch, small_data, tmp_path, capsys):
+    monkeypatch.setattr(gemm, "mkl_installed", lambda: None)
+    with pytest.raises(UserError, match=r"^--gemm mkl: MKL is not installed here \(pip install 'ddptrain\[mkl\]'"):
+        gemm.choose("mkl")
+    status = cli.main(["--data", small_data, "--model", model_spec(), "--epochs", "1", "--gemm", "mkl",
+                       "--run-dir", str(tmp_path / "run")])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert status != 0
+    assert error == ["ddptrain: error: --gemm mkl: MKL is not installed here (pip install 'ddptrain[mkl]', which "
+                     "installs the mkl and intel-openmp wheels)"]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_unknown_library_is_refused(small_data):
+    with pytest.raises(UserError, match="--gemm must be one of auto, numpy, mkl, got 'cublas'"):
+        gemm.choose("cublas")
+    with pytest.raises(UserError, match="--gemm must be one of auto, numpy, mkl, got 'cublas'"):
+        ddptrain.train(data=small_data, gemm="cublas", dry_run=True)
+
+
+@pytest.mark.parametrize("library", ["numpy", pytest.param("mkl", marks=needs_mkl)])
+def test_the_start_up_line_names_the_library_of_the_products(library, small_data, tmp_path, capsys):
+    assert cli.main(["--data", small_data, "--model", model_spec(), "--epochs", "1", "--gemm", library,
+                     "--run-dir", str(tmp_path), "--dry-run"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    if library == "mkl":
+        assert first.endswith(f"; matrix products: MKL {gemm.mkl_installed()}")
+        assert " mkl thread" in first   # the threads --threads sets are MKL's
+    else:
+        assert first.endswith(f"; matrix products: numpy's {blas.library_name()}")
+    assert gemm.in_use() == library
+
+
+@needs_mkl
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_with_mkl_p_ranks_train_the_parameters_of_one_process(ranks, small_data, tmp_path):
+    def train(run_dir, *options):
+        status = cli.main(["--data", small_data, "--model", model_spec(), "--dtype", "float64", "--batch-size", "29",
+                           "--epochs", "2", "--lr-schedule", "constant", "--quiet", "--gemm", "mkl",
+                           "--run-dir", str(run_dir), *options])
+        assert status == 0
+        return final_params(run_dir)
+
+    one = train(tmp_path / "one")
+    several = train(tmp_path / "several", "--simulate-ranks", str(ranks))
+    assert relative_error(several, one) < 1e-9
+    assert gemm.in_use() == "mkl"
+
+
+@needs_mkl
+def test_a_seed_fixes_a_run_with_mkl(small_data, tmp_path):
+    def train(run_dir, threads):
+        assert cli.main(["--data", small_data, "--model", model_spec(), "--epochs", "2", "--quiet", "--gemm", "mkl",
+                         "--threads", str(threads), "--run-dir", str(run_dir)]) == 0
+        return final_params(run_dir)
+
+    np.testing.assert_array_equal(train(tmp_path / "a", 1), train(tmp_path / "b", 1))
+
+
+@needs_mkl
+def test_mkl_and_numpy_train_the_same_model_to_rounding(small_data, tmp_path):
+    def train(run_dir, library):
+        assert cli.main(["--data", small_data, "--model", model_spec(), "--dtype", "float64", "--epochs", "1",
+                         "--lr-schedule", "constant", "--quiet", "--gemm", library, "--run-dir", str(run_dir)]) == 0
+        return final_params(run_dir)
+
+    assert relative_error(train(tmp_path / "mkl", "mkl"), train(tmp_path / "numpy", "numpy")) < 1e-9
