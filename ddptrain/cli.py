@@ -16,8 +16,8 @@ import argparse
 import sys
 import traceback
 
-from .config import (BATCHNORM_MODES, DTYPES, EXCHANGES, GEMMS, LR_SCALINGS, SCHEDULES, SWITCHES, Config, load_toml,
-                     make_config)
+from .config import (BATCHNORM_MODES, DENORMAL_MODES, DTYPES, EXCHANGES, GEMMS, LR_SCALINGS, SCHEDULES, SWITCHES,
+                     Config, load_toml, make_config)
 from .api import check_data_file, launch
 from .errors import UserError, end_rank, message_of, same_on_every_rank
 from .launcher import rank_and_size
@@ -159,6 +159,8 @@ def _add_train_arguments(parser):
     _option(group, "--gemm", "the library of the matrix products: numpy (numpy's BLAS, OpenBLAS in its wheels), "
             "mkl (Intel's MKL: pip install 'ddptrain[mkl]'), or auto: MKL where it is installed and the CPU is "
             "Intel's, else numpy", choices=GEMMS)
+    _option(group, "--denormals", "flush (the default: floats below 1.2e-38 computed as zero, as TensorFlow "
+            "does; SGD's momentum makes them, and they are about 100x slower) or keep", choices=DENORMAL_MODES)
     _option(group, "--check-every", "steps between checks that all ranks hold identical parameters", type=int,
             metavar="STEPS")
     _option(group, "--eval-batch", "rows per forward pass during evaluation", type=int, metavar="N")

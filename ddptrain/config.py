@@ -12,6 +12,7 @@ from typing import Optional
 
 from .errors import UserError
 from .optim import OPTIMIZERS, SGD
+from .denormals import MODES as DENORMAL_MODES
 from .gemm import GEMMS
 from .sampler import DEFAULT_VIRTUAL_SHARDS, check_world
 from .spec import named_model, parse_spec
@@ -64,6 +65,7 @@ class Config:
     # machinery
     threads: int = 0                   # BLAS threads per rank; 0: cores on this node / ranks on this node
     gemm: str = "auto"                 # the library of the matrix products: see gemm.py
+    denormals: str = "flush"           # "keep": compute with denormal floats (slowly): see denormals.py
     check_every: int = 100             # steps between cross-rank parameter consistency checks
     log_every: int = 100               # steps between progress lines
     eval_batch: int = 2000
@@ -84,7 +86,8 @@ class Config:
             parse_spec(self.model)
         for name, allowed in (("dtype", DTYPES), ("lr_scaling", LR_SCALINGS), ("lr_schedule", SCHEDULES),
                               ("batchnorm", BATCHNORM_MODES), ("optimizer", tuple(OPTIMIZERS)),
-                              ("exchange", EXCHANGES), ("gemm", GEMMS)):
+                              ("exchange", EXCHANGES), ("gemm", GEMMS),
+                              ("denormals", DENORMAL_MODES)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"{option_name(name)} must be one of {', '.join(allowed)}, "
                                 f"got {getattr(self, name)!r}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import __version__, data, gemm, sampler
+from . import __version__, data, denormals, gemm, sampler
 from .callbacks import BroadcastBuffers, Checkpointing, MetricsLog, ProgressReport, ReplicaCheck
 from .debug import DebugChecks
 from .errors import EXIT_OK, EXIT_PREEMPTED, UserError, same_on_every_rank
@@ -88,7 +88,8 @@ def run_training(config, comm, quiet=False, dry_run=False, callbacks=(), model=N
     # is remembered, and the run stops (with a checkpoint) after its first step.
     stop = StopRequest().install()
     try:
-        return _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays)
+        with denormals.flushed(config.denormals == "flush"):   # this thread's setting comes back afterwards
+            return _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays)
     finally:
         stop.uninstall()
 
@@ -345,7 +346,8 @@ def announce(console, comm, config, model, info, run_dir, blas_threads, gemm_cho
     """The start-up lines, on rank 0."""
     where = f" on {blas_threads.host_line}" if len(blas_threads.hosts) > 1 else ""
     console.print(f"ddptrain {__version__}: {comm.size} rank{'s' if comm.size > 1 else ''}{where} ({comm.library}); "
-                  f"{blas_threads.description}; matrix products: {gemm_choice.description}", always=True)
+                  f"{blas_threads.description}; matrix products: {gemm_choice.description}; "
+                  f"{denormals.describe(config.denormals)}", always=True)
     console.print(f"model {model.summary()} ({model.params.size:,} parameters, {config.dtype}); data {info.path}; "
                   f"run folder {run_dir}", always=True)
     console.print(describe_split(info.n_train, info.n_test, comm, config), always=True)

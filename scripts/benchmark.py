@@ -649,7 +649,8 @@ def launch(kind, ranks, threads_per_rank, batch, steps, warmup, repeats, opts, e
         argv = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--out", out,
                 "--batch", str(batch), "--threads-per-rank", str(threads_per_rank), "--model", opts.model,
                 "--data", str(opts.data), "--steps", str(steps), "--warmup", str(warmup),
-                "--repeats", str(repeats), "--lr", str(opts.lr), "--gemm", opts.gemm, *extra]
+                "--repeats", str(repeats), "--lr", str(opts.lr), "--gemm", opts.gemm,
+                "--denormals", opts.denormals, *extra]
         if hosts:
             argv = across_hosts(argv, ranks)
         elif ranks > 1:
@@ -741,6 +742,8 @@ def main(argv=None):
     parser.add_argument("--gemm", choices=GEMMS, default="auto",
                         help="the library of ddptrain's matrix products, as ddptrain's --gemm (default: %(default)s); "
                              "where it is MKL, rows with --gemm numpy are added")
+    parser.add_argument("--denormals", choices=("flush", "keep"), default="flush",
+                        help="ddptrain's --denormals in its rows (default: %(default)s, as in a run)")
     parser.add_argument("--json", metavar="PATH", help="also write every measurement to PATH")
     parser.add_argument("--quick", action="store_true",
                         help="tiny settings, to check that the benchmark runs (numbers meaningless)")
@@ -762,8 +765,11 @@ def main(argv=None):
     opts = parser.parse_args(argv)
 
     if opts.worker:
+        from ddptrain import denormals
         use_images_of(opts.data)
-        {"ddptrain": worker_ddptrain, "torch": worker_torch, "gemm": worker_gemm}[opts.worker](opts)
+        # ddptrain's rows flush denormals as its runs do (--denormals); PyTorch's keep its default.
+        with denormals.flushed(opts.worker == "ddptrain" and opts.denormals == "flush"):
+            {"ddptrain": worker_ddptrain, "torch": worker_torch, "gemm": worker_gemm}[opts.worker](opts)
         return 0
     return run_benchmark(opts)
 
