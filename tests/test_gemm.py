@@ -142,6 +142,21 @@ def test_mkl_asked_for_where_it_is_not_installed_is_refused_in_one_line(monkeypa
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_rank_that_cannot_multiply_with_the_library_asked_for_stops_every_rank_with_its_reason():
+    """Every rank learns of it (an Allgather of the verdicts), so none goes on alone into a collective."""
+    from ddptrain.runner import configure_gemm
+
+    class RankZeroOfTwo:   # rank 0, whose rank 1 has no MKL
+        size = 2
+
+        def allgather(self, mine):
+            return [mine, "--gemm mkl: MKL is not installed here (pip install 'ddptrain[mkl]', ...)"]
+
+    with pytest.raises(UserError, match=r"^--gemm mkl: MKL is not installed here .* \(rank 1\)$"):
+        configure_gemm(RankZeroOfTwo(), "numpy")
+    assert gemm.in_use() == "numpy"
+
+
 def test_an_unknown_library_is_refused(small_data):
     with pytest.raises(UserError, match="--gemm must be one of auto, numpy, mkl, got 'cublas'"):
         gemm.choose("cublas")
