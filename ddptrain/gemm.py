@@ -51,6 +51,7 @@ GEMMS = ("auto", "numpy", "mkl")
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112   # cblas' enums
 _THREADING_INTEL = 0                             # MKL_Set_Threading_Layer
 _CBWR_AUTO, _CBWR_STRICT, _CBWR_SUCCESS = 2, 0x10000, 0
+_INT_LIMIT = 2 ** 31                              # sizes and strides passed as C ints
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def mkl_installed():
 
 
 class Mkl:
-    """MKL's ``cblas_?gemm`` and ``cblas_?axpby``, loaded once per process."""
+    """MKL's ``cblas_?gemm``, ``?gemv``, ``?dot`` and ``?axpby``, loaded once per process."""
 
     def __init__(self):
         # The OpenMP runtime first, globally: libmkl_rt looks its symbols up when it starts its threads.
@@ -130,6 +131,8 @@ class Mkl:
                 or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
             return np.matmul(a, b, out=out)
         (trans_a, lda), (trans_b, ldb), (_, ldc) = a_layout, b_layout, c_rows
+        if max(*a.shape, b.shape[1], lda, ldb, ldc) >= _INT_LIMIT:   # MKL's LP64 interface counts in C ints
+            return np.matmul(a, b, out=out)
         if a.shape[0] == 1:
             # One row times a matrix (a bias gradient: ones @ dout): MKL's gemv is about 3x its gemm there.
             # It reads b as stored, (k, n) or, for a .T view, (n, k), and multiplies x by its transpose or not.
@@ -146,7 +149,7 @@ class Mkl:
         """``np.dot(x, y)`` of two 1-D arrays, by MKL where they are contiguous and of one floating type."""
         function = self._dot.get(x.dtype)
         if (function is None or x.ndim != 1 or y.shape != x.shape or y.dtype != x.dtype or not x.size
-                or not (x.flags.c_contiguous and y.flags.c_contiguous) or x.size >= 2 ** 31):
+                or not (x.flags.c_contiguous and y.flags.c_contiguous) or x.size >= _INT_LIMIT):
             return np.dot(x, y)
         return x.dtype.type(function(x.size, x.ctypes.data, 1, y.ctypes.data, 1))
 

@@ -89,6 +89,15 @@ def test_layouts_cblas_cannot_read_are_multiplied_by_numpy(mkl):
 
 
 @needs_mkl
+def test_a_leading_dimension_beyond_a_c_int_goes_to_numpy(mkl, monkeypatch):
+    """MKL's LP64 interface takes sizes and strides as C ints: 2**31 would wrap around."""
+    rows = np.zeros((2, 1))
+    tall = np.lib.stride_tricks.as_strided(rows, shape=(2, 1), strides=(2 ** 31 * 8, 8))   # never read
+    monkeypatch.setattr(np, "matmul", lambda *args, **kwargs: "numpy's")
+    assert mkl.matmul(tall, np.ones((1, 3))) == "numpy's"
+
+
+@needs_mkl
 def test_mkl_gives_the_same_bits_wherever_the_operands_sit_in_memory(mkl):
     """Reproducible mode: MKL's default may round differently with the arrays' alignment, and numpy aligns an
     array only to 16 bytes."""
