@@ -21,7 +21,7 @@ from .limits import check_resources
 from .nn import Sequential, layers_from_description
 from .rank0 import run_on_rank0
 from .resume import check_description_fits
-from .runner import check_fits_data, read_split
+from .runner import check_fits_data, configure_gemm, read_split
 from .sampler import evaluation_block
 from .threads import configure_blas_threads
 
@@ -62,6 +62,8 @@ def format_confusion(confusion):
 
 def evaluate(args, comm):
     """Test loss, accuracy, per-class accuracy and confusion matrix of a checkpoint."""
+    with same_on_every_rank():
+        configure_gemm(comm, "auto")   # the library a run multiplies with by default, so its figures match
     blas_threads = configure_blas_threads(comm)
     with same_on_every_rank():
         checkpoint = ckpt_io.load(args.checkpoint)
@@ -104,7 +106,6 @@ def _version(module_name):
 
 def info(args, comm):
     """Versions, MPI library and world size, BLAS and its threads, the data file's summary."""
-    from .runner import configure_gemm
     products = configure_gemm(comm, "auto")   # what a run with the default --gemm multiplies with
     thread_line = configure_blas_threads(comm).description
     if comm.rank != 0:
