@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ddptrain
-from ddptrain import blas, cli, gemm
+from ddptrain import blas, cli, denormals, gemm
 from ddptrain.errors import UserError
 from ddptrain.optim import SGD
 from helpers import final_params, model_spec, relative_error
@@ -183,6 +183,7 @@ def test_the_start_up_line_names_the_library_of_the_products(library, small_data
         assert " mkl thread" in first   # the threads --threads sets are MKL's
     else:
         assert f"; matrix products: numpy's {blas.library_name()};" in first
+    assert first.endswith("; denormals flushed to zero") or not denormals.supported()
     assert gemm.in_use() == library
 
 
