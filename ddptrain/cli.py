@@ -157,7 +157,7 @@ def _add_train_arguments(parser):
     _option(group, "--threads", "BLAS threads per rank; 0: the cores a rank may use, divided by the ranks "
             "sharing them", type=int, metavar="N")
     _option(group, "--gemm", "the library of the matrix products: numpy (numpy's BLAS, OpenBLAS in its wheels), "
-            "mkl (Intel's MKL: pip install 'ddptrain[mkl]'), or auto: MKL where it is installed and the CPU is "
+            "mkl (Intel's MKL: pip install -e '.[mkl]'), or auto: MKL where it is installed and the CPU is "
             "Intel's, else numpy", choices=GEMMS)
     _option(group, "--denormals", "flush (the default: floats below 1.2e-38 computed as zero, as TensorFlow "
             "does; SGD's momentum makes them, and they are about 100x slower) or keep", choices=DENORMAL_MODES)

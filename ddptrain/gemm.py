@@ -6,7 +6,7 @@ multiply with OpenBLAS. PyTorch's multiply with MKL, which on Intel's CPUs
 is 10-20% faster for the shapes of a training step (the eight products of a
 step of the default MLP: 0.93 against 1.08 ms at batch 128, 3.36 against
 3.65 ms at batch 512, 2 threads of an Intel Xeon with AVX-512). So ddptrain
-can hand its products to MKL too: ``pip install 'ddptrain[mkl]'`` installs
+can hand its products to MKL too: ``pip install -e '.[mkl]'`` installs
 Intel's ``mkl`` wheel (about 250 MB with its OpenMP runtime), and
 ``--gemm auto`` (the default) uses it on an Intel CPU. On other CPUs numpy's
 OpenBLAS stays: it has kernels tuned for them, MKL does not.
@@ -190,8 +190,8 @@ def choose(request="auto", vendor=None):
     numpy_blas = f"numpy's {blas.library_name()}"
     if request == "mkl":
         if version is None:
-            raise UserError("--gemm mkl: MKL is not installed here (pip install 'ddptrain[mkl]', which installs "
-                            "the mkl and intel-openmp wheels)")
+            raise UserError("--gemm mkl: MKL is not installed here (ddptrain's mkl extra: pip install -e '.[mkl]' "
+                            "in its checkout installs the mkl and intel-openmp wheels)")
         return Choice("mkl", f"MKL {version}")
     if request == "numpy":
         return Choice("numpy", numpy_blas)

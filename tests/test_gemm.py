@@ -140,14 +140,14 @@ def test_auto_takes_mkl_on_intel_cpus_only_and_says_why_not(monkeypatch):
 
 def test_mkl_asked_for_where_it_is_not_installed_is_refused_in_one_line(monkeypatch, small_data, tmp_path, capsys):
     monkeypatch.setattr(gemm, "mkl_installed", lambda: None)
-    with pytest.raises(UserError, match=r"^--gemm mkl: MKL is not installed here \(pip install 'ddptrain\[mkl\]'"):
+    with pytest.raises(UserError, match=r"^--gemm mkl: MKL is not installed here \(ddptrain's mkl extra: "):
         gemm.choose("mkl")
     status = cli.main(["--data", small_data, "--model", model_spec(), "--epochs", "1", "--gemm", "mkl",
                        "--run-dir", str(tmp_path / "run")])
     error = capsys.readouterr().err.strip().splitlines()
     assert status != 0
-    assert error == ["ddptrain: error: --gemm mkl: MKL is not installed here (pip install 'ddptrain[mkl]', which "
-                     "installs the mkl and intel-openmp wheels)"]
+    assert error == ["ddptrain: error: --gemm mkl: MKL is not installed here (ddptrain's mkl extra: pip install -e "
+                     "'.[mkl]' in its checkout installs the mkl and intel-openmp wheels)"]
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -159,7 +159,7 @@ def test_a_rank_that_cannot_multiply_with_the_library_asked_for_stops_every_rank
         size = 2
 
         def allgather(self, mine):
-            return [mine, "--gemm mkl: MKL is not installed here (pip install 'ddptrain[mkl]', ...)"]
+            return [mine, "--gemm mkl: MKL is not installed here (ddptrain's mkl extra: ...)"]
 
     with pytest.raises(UserError, match=r"^--gemm mkl: MKL is not installed here .* \(rank 1\)$"):
         configure_gemm(RankZeroOfTwo(), "numpy")
