@@ -13,6 +13,7 @@ import numpy as np
 
 from . import __version__, data, denormals, gemm, sampler
 from .callbacks import BroadcastBuffers, Checkpointing, MetricsLog, ProgressReport, ReplicaCheck
+from .comm import collective
 from .debug import DebugChecks
 from .errors import EXIT_OK, EXIT_PREEMPTED, UserError, same_on_every_rank
 from .agreement import (check_same_arrays, check_same_data_file, check_same_model, check_same_software, hosts_by_rank,
@@ -327,6 +328,7 @@ def describe_split(n_train, n_test, comm, config):
             f"{' (at most)' if config.batch_size % comm.size else ''} per rank")
 
 
+@collective
 def configure_gemm(comm, request):
     """Multiply with the library ``--gemm request`` names (``gemm.choose``) on every rank; the Choice of rank 0.
     A rank that cannot (no MKL on its node) stops every rank with its reason."""
