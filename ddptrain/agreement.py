@@ -30,7 +30,7 @@ def hosts_by_rank(ranks_by_host):
 
 
 def _on(rank, hosts):
-    return f"rank {rank} (on {hosts[rank]})"
+    return f"rank {rank} (on {hosts[rank]})" if hosts else f"rank {rank}"
 
 
 def _everywhere(error):

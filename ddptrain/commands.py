@@ -62,8 +62,7 @@ def format_confusion(confusion):
 
 def evaluate(args, comm):
     """Test loss, accuracy, per-class accuracy and confusion matrix of a checkpoint."""
-    with same_on_every_rank():
-        configure_gemm(comm, "auto")   # the library a run multiplies with by default, so its figures match
+    configure_gemm(comm, "auto")   # the library a run multiplies with by default, so its figures match
     blas_threads = configure_blas_threads(comm)
     with same_on_every_rank():
         checkpoint = ckpt_io.load(args.checkpoint)

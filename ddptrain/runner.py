@@ -330,16 +330,11 @@ def describe_split(n_train, n_test, comm, config):
 
 @collective
 def configure_gemm(comm, request):
-    """Multiply with the library ``--gemm request`` names (``gemm.choose``) on every rank; the Choice of rank 0.
-    A rank that cannot (no MKL on its node) stops every rank with its reason."""
-    try:
-        choice, problem = gemm.choose(request), None
-    except UserError as error:
-        choice, problem = None, str(error)
-    problems = comm.allgather(problem)   # DDP: so that no rank goes on alone into the collectives ahead
-    for rank, problem in enumerate(problems):
-        if problem:
-            raise UserError(f"{problem}{f' (rank {rank})' if comm.size > 1 else ''}")
+    """Multiply with the library ``--gemm request`` names (``gemm.choose``) on every rank; this rank's Choice.
+    A rank that cannot (no MKL on its node) stops every rank with its reason. Made before the BLAS threads
+    are set (they are set for the library loaded), so before the hosts are known: the reason names the rank."""
+    # DDP: the verdict of every rank, so that no rank goes on alone into the collectives ahead
+    choice = verdict_on_every_rank(comm, lambda: gemm.choose(request), hosts=None)
     gemm.use(choice)
     return choice
 
