@@ -12,13 +12,13 @@ numpy's wheels, whose symbols carry a prefix and a suffix:
 Where no such symbol exists (another BLAS, Apple's Accelerate), ``axpby``
 falls back to numpy, with the same results. Where MKL multiplies the
 matrices (``gemm.py``), ``axpby`` is MKL's (``use_functions``): one pool of
-threads for the whole step; MKL's kernels fuse the multiply and the add, so
-its results differ from numpy's by the rounding of one operation. The results are numpy's up to
-the rounding of one operation: a BLAS kernel may fuse the multiply and the
-add (OpenBLAS's do not, in the kernels measured here, so there the results
-are the same bits); they never depend on where an element sits in the array,
-so a slice of it (a rank's shard of the parameters) gets the same values as
-the whole.
+threads for the whole step.
+
+The results are numpy's up to the rounding of one operation: a BLAS kernel
+may fuse the multiply and the add (MKL's do; OpenBLAS's do not, in the
+kernels measured here, so there the results are the same bits); they never
+depend on where an element sits in the array, so a slice of it (a rank's
+shard of the parameters) gets the same values as the whole.
 """
 
 from __future__ import annotations

@@ -185,20 +185,20 @@ def choose(request="auto", vendor=None):
     """The library for ``--gemm request``: a ``Choice``; a UserError where ``mkl`` is asked for and absent."""
     if request not in GEMMS:
         raise UserError(f"--gemm must be one of {', '.join(GEMMS)}, got {request!r}")
+    if request == "numpy":
+        return Choice("numpy", f"numpy's {blas.library_name()}")
     version = mkl_installed()
-    vendor = cpu_vendor() if vendor is None else vendor
-    numpy_blas = f"numpy's {blas.library_name()}"
     if request == "mkl":
         if version is None:
             raise UserError("--gemm mkl: MKL is not installed here (ddptrain's mkl extra: pip install -e '.[mkl]' "
                             "in its checkout installs the mkl and intel-openmp wheels)")
         return Choice("mkl", f"MKL {version}")
-    if request == "numpy":
-        return Choice("numpy", numpy_blas)
     if version is None:
-        return Choice("numpy", f"{numpy_blas} (MKL is not installed)")
+        return Choice("numpy", f"numpy's {blas.library_name()} (MKL is not installed)")
+    vendor = cpu_vendor() if vendor is None else vendor
     if vendor != "GenuineIntel":
-        return Choice("numpy", f"{numpy_blas} (MKL is installed, but this CPU is {vendor}'s, not Intel's)")
+        return Choice("numpy", f"numpy's {blas.library_name()} (MKL is installed, but this CPU is {vendor}'s, "
+                               f"not Intel's)")
     return Choice("mkl", f"MKL {version} (an Intel CPU)")
 
 
