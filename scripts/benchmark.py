@@ -77,6 +77,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))   # time_to_accuracy.py, beside this file
 
 import time_to_accuracy  # noqa: E402
+from ddptrain.denormals import MODES as DENORMAL_MODES  # noqa: E402
 from ddptrain.gemm import GEMMS  # noqa: E402
 
 TORCH_INSTALL = "pip install torch==2.13.0"
@@ -742,7 +743,7 @@ def main(argv=None):
     parser.add_argument("--gemm", choices=GEMMS, default="auto",
                         help="the library of ddptrain's matrix products, as ddptrain's --gemm (default: %(default)s); "
                              "where it is MKL, rows with --gemm numpy are added")
-    parser.add_argument("--denormals", choices=("flush", "keep"), default="flush",
+    parser.add_argument("--denormals", choices=DENORMAL_MODES, default="flush",
                         help="ddptrain's --denormals in its rows (default: %(default)s, as in a run)")
     parser.add_argument("--json", metavar="PATH", help="also write every measurement to PATH")
     parser.add_argument("--quick", action="store_true",
@@ -951,7 +952,8 @@ def report(results, rows, batches, limit, row_models, ranks, use_torch, bn_model
     header = (f"{'global batch':>12}  {'':<38} {'samples/s: median (min-max)':>29}  {'vs PyTorch':>10}  "
               f"{'allreduce':>9}  {'of GEMM limit':>13}  {'peak RSS/rank':>13}")
     table = [header, "-" * len(header)]
-    partner = {"ddp1": "torch1", "ddp1n": "torch1", "ddpP": "torchP", "ddpPn": "torchP", "ddpPbn": "torchPbn", "ddpPbnl": "torchPbn", "cnn1": "tcnn1",
+    partner = {"ddp1": "torch1", "ddp1n": "torch1", "ddpP": "torchP", "ddpPn": "torchP", "ddpPbn": "torchPbn",
+               "ddpPbnl": "torchPbn", "cnn1": "tcnn1",
                "cnnP": "tcnnP"}
     for batch in batches:
         for key, label, *_ in rows:
