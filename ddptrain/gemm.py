@@ -51,6 +51,9 @@ GEMMS = ("auto", "numpy", "mkl")
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112   # cblas' enums
 _THREADING_INTEL = 0                             # MKL_Set_Threading_Layer
 _CBWR_AUTO, _CBWR_STRICT, _CBWR_SUCCESS = 2, 0x10000, 0
+# mkl_cbwr.h's branches: the instruction set of the kernels MKL picked for this CPU (MKL_CBWR_Get_Auto_Branch)
+_CBWR_BRANCHES = {3: "compatible", 4: "SSE2", 6: "SSSE3", 7: "SSE4.1", 8: "SSE4.2", 9: "AVX", 10: "AVX2",
+                  12: "AVX-512", 14: "AVX-512 E1"}
 _INT_LIMIT = 2 ** 31                              # sizes and strides passed as C ints
 
 
@@ -116,6 +119,12 @@ class Mkl:
             self._dot[dtype] = _bind(self.library, f"cblas_{kind}dot", [i, p, i, p, i], real)
             self.axpby[dtype] = _bind(self.library, f"cblas_{kind}axpby", [ctypes.c_int64, real, p, ctypes.c_int64,
                                                                           real, p, ctypes.c_int64])
+
+    def code_path(self):
+        """The instruction set of the kernels MKL runs here: ``"AVX-512 E1"``, ``"AVX2"`` (with
+        ``MKL_ENABLE_INSTRUCTIONS=AVX2`` on an AVX-512 CPU), ..."""
+        branch = self.library.MKL_CBWR_Get_Auto_Branch()
+        return _CBWR_BRANCHES.get(branch, f"branch {branch}")
 
     def matmul(self, a, b, out=None):
         """``np.matmul(a, b, out=out)``, by MKL where the operands' layout lets it read them in place."""
@@ -230,3 +239,8 @@ def configure(request="auto"):
 def in_use():
     """``"mkl"`` or ``"numpy"``: what the layers multiply with now."""
     return "numpy" if matmul is np.matmul else "mkl"
+
+
+def mkl_code_path():
+    """The instruction set of MKL's kernels where MKL multiplies (``Mkl.code_path``); None otherwise."""
+    return _mkl.code_path() if in_use() == "mkl" else None

@@ -49,6 +49,12 @@ PyTorch is an optional benchmark dependency, never needed by ddptrain:
 Without it the PyTorch rows are skipped (the output says so) and the ddptrain
 rows still run. OpenBLAS reads OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE from the
 environment; the header shows their values and the kernel that runs.
+
+``--isa avx2`` limits the vector code of every library in every row to
+AVX2 (OpenBLAS's and MKL's kernels, numpy's loops, PyTorch's ATen and
+oneDNN kernels, through their environment variables): on an AVX-512 CPU it
+measures what a CPU without AVX-512 would give, the same caches and memory
+aside. The notes under the table say which code each side ran.
 """
 
 from __future__ import annotations
@@ -119,6 +125,38 @@ def flops_per_sample(spec):
 
 def max_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+
+
+def isa_environment(isa):
+    """The environment variables that hold every library's vector code to ``isa`` ("native": none)."""
+    if isa == "native":
+        return {}
+    from numpy._core._multiarray_umath import __cpu_dispatch__   # numpy's optional SIMD targets
+    beyond_avx2 = [target for target in __cpu_dispatch__ if "AVX512" in target or target == "X86_V4"]
+    return {"OPENBLAS_CORETYPE": "Haswell",        # numpy's OpenBLAS: its AVX2 kernels
+            "MKL_ENABLE_INSTRUCTIONS": "AVX2",     # MKL: ddptrain's (--gemm mkl) and PyTorch's
+            "NPY_DISABLE_CPU_FEATURES": " ".join(beyond_avx2),
+            "ATEN_CPU_CAPABILITY": "avx2",         # PyTorch's element-wise kernels
+            "ONEDNN_MAX_CPU_ISA": "AVX2"}          # PyTorch's oneDNN kernels
+
+
+def numpy_vector_code():
+    """numpy's own loops: the best SIMD target its dispatch may use on this CPU."""
+    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+    usable = [target for target in __cpu_dispatch__ if __cpu_features__.get(target)]
+    return usable[-1] if usable else "baseline"
+
+
+def ddptrain_vector_code():
+    """The vector code a ddptrain row runs: numpy's loops, and the kernels of the library that multiplies."""
+    from threadpoolctl import threadpool_info
+
+    from ddptrain import gemm
+    openblas = next((lib for lib in threadpool_info() if lib.get("internal_api") == "openblas"), {})
+    parts = [f"numpy's loops {numpy_vector_code()}", f"openblas kernel {openblas.get('architecture', '?')}"]
+    if gemm.in_use() == "mkl":
+        parts.append(f"MKL kernels {gemm.mkl_code_path()}")
+    return ", ".join(parts)
 
 
 def blas_description():
@@ -391,6 +429,7 @@ def worker_ddptrain(args):
               "batchnorm_allreduce_fraction": batchnorm_fractions,
               "profile_ms": profile.per_step_ms() if profile.steps else None,
               "thread_line": thread_line, "blas": blas_description(), "library": comm.library,
+              "vector_code": ddptrain_vector_code(),
               "hosts": blas_threads.host_line,
               "load_seconds": load_seconds, "n_train": n_train, "n_params": int(model.params.size),
               "load_what": "making random shards" if args.data == RANDOM else "loading the shards from HDF5"}
@@ -503,7 +542,8 @@ def worker_torch(args):
         barrier()
         rates.append(args.steps * args.batch / (time.perf_counter() - began))
     result = {"rates": rates, "threads": torch.get_num_threads(),
-              "library": f"torch {torch.__version__}" + (" DDP gloo" if size > 1 else "")}
+              "library": f"torch {torch.__version__}" + (" DDP gloo" if size > 1 else ""),
+              "vector_code": f"ATen kernels {torch.backends.cpu.get_cpu_capability()}"}
     rss = [max_rss_mib()]
     if size > 1:
         flat = torch.zeros(sum(p.numel() for p in model.parameters()))
@@ -745,6 +785,9 @@ def main(argv=None):
                              "where it is MKL, rows with --gemm numpy are added")
     parser.add_argument("--denormals", choices=DENORMAL_MODES, default="flush",
                         help="ddptrain's --denormals in its rows (default: %(default)s, as in a run)")
+    parser.add_argument("--isa", choices=("native", "avx2"), default="native",
+                        help="the vector instructions every library may use in every row: the CPU's own "
+                             "(default), or AVX2 only, to measure a CPU without AVX-512 on one with it")
     parser.add_argument("--json", metavar="PATH", help="also write every measurement to PATH")
     parser.add_argument("--quick", action="store_true",
                         help="tiny settings, to check that the benchmark runs (numbers meaningless)")
@@ -799,9 +842,17 @@ def run_benchmark(opts):
     use_images_of(opts.data)
     torch_ver = None if opts.no_torch or not torch_available() else torch_version()
     use_torch = torch_ver is not None
+    limits = isa_environment(opts.isa)
+    if limits and " avx2" not in open("/proc/cpuinfo").read():
+        print("--isa avx2 needs an x86-64 CPU with AVX2", file=sys.stderr)
+        return 2
+    os.environ.update(limits)   # every row, the GEMM limit and the time-to-accuracy runs inherit it
 
     for line in machine_lines(opts, torch_ver):
         print(line, flush=True)
+    if limits:
+        print(f"vector code limited to AVX2 in every row (--isa avx2): "
+              f"{', '.join(f'{name}={value!r}' for name, value in limits.items())}", flush=True)
     from ddptrain import gemm
     products = gemm.choose(opts.gemm)
     print(f"ddptrain's matrix products (--gemm {opts.gemm}): {products.description}", flush=True)
@@ -935,7 +986,7 @@ def run_benchmark(opts):
         print("\ntime to 98% test accuracy: skipped (random data)")
 
     print()
-    print("\n".join(check_targets(results, batches, limit, per_sample, tta, use_torch)))
+    print("\n".join(check_targets(results, batches, limit, per_sample, tta, use_torch, opts.isa)))
     if not opts.no_cnn:
         print("\n".join(check_cnn_targets(results, batches, ranks, use_torch)))
     if opts.json:
@@ -975,6 +1026,11 @@ def report(results, rows, batches, limit, row_models, ranks, use_torch, bn_model
         return [run for batch in batches for run in results.get((key, batch), {}).get("runs", [])]
 
     notes = []
+    codes = {run["vector_code"] for key in ("ddp1", "ddpP") for run in runs(key) if "vector_code" in run}
+    torch_codes = {run["vector_code"] for key in ("torch1", "torchP") for run in runs(key) if "vector_code" in run}
+    if codes:
+        notes.append(f"vector code the rows ran: ddptrain: {'; '.join(sorted(codes))}"
+                     + (f"; PyTorch: {'; '.join(sorted(torch_codes))}" if torch_codes else ""))
     if runs("ddp1"):
         notes.append(f"ddptrain, 1 process: {runs('ddp1')[0]['thread_line']}; {runs('ddp1')[0]['blas']}")
     if runs("ddpP"):
@@ -1079,9 +1135,9 @@ def check_cnn_targets(results, batches, ranks, use_torch):
     return lines
 
 
-def check_targets(results, batches, limit, per_sample, tta, use_torch):
+def check_targets(results, batches, limit, per_sample, tta, use_torch, isa="native"):
     """Issue 15's targets (ahead of PyTorch on every CPU), on this run's CPU."""
-    lines = ["targets (issue 15, on this CPU):"]
+    lines = ["targets (issue 15, on this CPU" + (", its vector code limited to AVX2):" if isa == "avx2" else "):")]
 
     def median(key, batch):
         entry = results.get((key, batch))

@@ -125,6 +125,29 @@ def test_with_mkl_the_sgd_update_runs_in_mkl_too(mkl):
     assert blas._functions().get(np.dtype(np.float32)) is not mkl.axpby[np.dtype(np.float32)]
 
 
+@needs_mkl
+@pytest.mark.slow
+def test_mkl_names_the_instruction_set_of_its_kernels_and_obeys_a_limit_on_it():
+    """What the benchmark's --isa avx2 relies on: MKL_ENABLE_INSTRUCTIONS=AVX2 holds MKL to its AVX2 kernels on
+    a CPU with AVX-512, and the code path says so. Asked in fresh processes: MKL reads the variable once."""
+    import subprocess
+    import sys
+
+    import helpers
+    probe = "from ddptrain import gemm; gemm.configure('mkl'); print(gemm.mkl_code_path())"
+
+    def code_path(**env):
+        proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                              env={**helpers.clean_env(), **env})
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    native = code_path()
+    assert native in ("AVX2", "AVX-512", "AVX-512 E1")   # x86-64 CPUs of this decade
+    assert code_path(MKL_ENABLE_INSTRUCTIONS="AVX2") == "AVX2"
+    assert gemm.mkl_code_path() is None   # numpy multiplies here (conftest resets it)
+
+
 def test_auto_takes_mkl_on_intel_cpus_only_and_says_why_not(monkeypatch):
     monkeypatch.setattr(gemm, "mkl_installed", lambda: "2026.2.0")
     assert gemm.choose("auto", vendor="GenuineIntel") == gemm.Choice("mkl", "MKL 2026.2.0 (an Intel CPU)")
