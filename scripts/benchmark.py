@@ -127,12 +127,28 @@ def max_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
 
 
+def numpy_simd():
+    """numpy's optional SIMD targets (its loops pick the best the CPU has) and the CPU's features."""
+    try:
+        from numpy._core import _multiarray_umath as umath   # numpy 2
+    except ImportError:
+        from numpy.core import _multiarray_umath as umath    # numpy 1
+    return umath.__cpu_dispatch__, umath.__cpu_features__
+
+
+def cpu_flags():
+    try:
+        return set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
 def isa_environment(isa):
     """The environment variables that hold every library's vector code to ``isa`` ("native": none)."""
     if isa == "native":
         return {}
-    from numpy._core._multiarray_umath import __cpu_dispatch__   # numpy's optional SIMD targets
-    beyond_avx2 = [target for target in __cpu_dispatch__ if "AVX512" in target or target == "X86_V4"]
+    dispatch, _ = numpy_simd()
+    beyond_avx2 = [target for target in dispatch if "AVX512" in target or target == "X86_V4"]
     return {"OPENBLAS_CORETYPE": "Haswell",        # numpy's OpenBLAS: its AVX2 kernels
             "MKL_ENABLE_INSTRUCTIONS": "AVX2",     # MKL: ddptrain's (--gemm mkl) and PyTorch's
             "NPY_DISABLE_CPU_FEATURES": " ".join(beyond_avx2),
@@ -142,8 +158,8 @@ def isa_environment(isa):
 
 def numpy_vector_code():
     """numpy's own loops: the best SIMD target its dispatch may use on this CPU."""
-    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
-    usable = [target for target in __cpu_dispatch__ if __cpu_features__.get(target)]
+    dispatch, features = numpy_simd()
+    usable = [target for target in dispatch if features.get(target)]
     return usable[-1] if usable else "baseline"
 
 
@@ -843,7 +859,7 @@ def run_benchmark(opts):
     torch_ver = None if opts.no_torch or not torch_available() else torch_version()
     use_torch = torch_ver is not None
     limits = isa_environment(opts.isa)
-    if limits and " avx2" not in open("/proc/cpuinfo").read():
+    if limits and "avx2" not in cpu_flags():
         print("--isa avx2 needs an x86-64 CPU with AVX2", file=sys.stderr)
         return 2
     os.environ.update(limits)   # every row, the GEMM limit and the time-to-accuracy runs inherit it
