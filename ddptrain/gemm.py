@@ -62,6 +62,11 @@ class Choice:
     name: str          # "numpy" or "mkl"
     description: str   # for the start-up line: "MKL 2026.2.0 (an Intel CPU)", "numpy's openblas (...)"
 
+    @property
+    def reason(self):
+        """Why ``auto`` took this library, the description's parenthesis: ``MKL is not installed``; or ''."""
+        return self.description.partition(" (")[2].removesuffix(")")
+
 
 def cpu_vendor():
     """``GenuineIntel``, ``AuthenticAMD``, ... from /proc/cpuinfo; ``unknown`` where it cannot be read."""

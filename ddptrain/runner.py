@@ -331,10 +331,19 @@ def describe_split(n_train, n_test, comm, config):
 @collective
 def configure_gemm(comm, request):
     """Multiply with the library ``--gemm request`` names (``gemm.choose``) on every rank; this rank's Choice.
-    A rank that cannot (no MKL on its node) stops every rank with its reason. Made before the BLAS threads
-    are set (they are set for the library loaded), so before the hosts are known: the reason names the rank."""
+    A rank that cannot (no MKL on its node) stops every rank with its reason; ``auto`` takes MKL only where
+    every rank can, and numpy's BLAS on every rank otherwise. Made before the BLAS threads are set (they are
+    set for the library loaded), so before the hosts are known: a reason names the rank."""
     # DDP: the verdict of every rank, so that no rank goes on alone into the collectives ahead
     choice = verdict_on_every_rank(comm, lambda: gemm.choose(request), hosts=None)
+    # DDP: auto picks per node (MKL where it is installed on an Intel CPU). Ranks whose nodes differ would
+    # round differently, and the start-up line, rank 0's, would name one library for all: so one library for
+    # every rank, numpy's unless every rank can take MKL.
+    choices = comm.allgather(choice)
+    without_mkl = next((rank for rank, other in enumerate(choices) if other.name != "mkl"), None)
+    if request == "auto" and choice.name == "mkl" and without_mkl is not None:
+        choice = gemm.Choice("numpy", f"{gemm.choose('numpy').description} (MKL only if every rank can take it, "
+                                      f"and rank {without_mkl} cannot: {choices[without_mkl].reason})")
     gemm.use(choice)
     return choice
 

@@ -191,6 +191,38 @@ def test_a_rank_that_cannot_multiply_with_the_library_asked_for_stops_every_rank
     assert gemm.in_use() == "numpy"
 
 
+class RankZeroOfTwo:
+    """Rank 0's view of a 2-rank world whose rank 1 chose ``rank1_choice``: every verdict passed."""
+    size, rank = 2, 0
+
+    def __init__(self, rank1_choice):
+        self.rank1_choice = rank1_choice
+
+    def allgather(self, mine):
+        return [mine, None if mine is None else self.rank1_choice]
+
+
+def test_auto_takes_mkl_only_if_every_rank_can_so_that_every_rank_multiplies_alike(monkeypatch):
+    """Nodes differ (an Intel node, an AMD one): one library for all, and the start-up line says why."""
+    from ddptrain.runner import configure_gemm
+    monkeypatch.setattr(gemm, "mkl_installed", lambda: "2026.2.0")
+    monkeypatch.setattr(gemm, "cpu_vendor", lambda: "GenuineIntel")   # rank 0 alone would take MKL
+    amd = gemm.Choice("numpy", "numpy's openblas (MKL is installed, but this CPU is AuthenticAMD's, not Intel's)")
+    choice = configure_gemm(RankZeroOfTwo(amd), "auto")
+    assert choice.name == "numpy" and gemm.in_use() == "numpy"
+    assert choice.description == (f"numpy's {blas.library_name()} (MKL only if every rank can take it, and rank 1 "
+                                  f"cannot: MKL is installed, but this CPU is AuthenticAMD's, not Intel's)")
+
+
+@needs_mkl
+def test_auto_takes_mkl_where_every_rank_can(monkeypatch):
+    from ddptrain.runner import configure_gemm
+    monkeypatch.setattr(gemm, "cpu_vendor", lambda: "GenuineIntel")
+    intel = gemm.Choice("mkl", f"MKL {gemm.mkl_installed()} (an Intel CPU)")
+    assert configure_gemm(RankZeroOfTwo(intel), "auto") == intel
+    assert gemm.in_use() == "mkl"
+
+
 def test_an_unknown_library_is_refused(small_data):
     with pytest.raises(UserError, match="--gemm must be one of auto, numpy, mkl, got 'cublas'"):
         gemm.choose("cublas")
