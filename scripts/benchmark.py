@@ -137,6 +137,7 @@ def numpy_simd():
 
 
 def cpu_flags():
+    """The CPU's feature flags (/proc/cpuinfo's): {"avx2", "avx512f", ...}; empty where unknown."""
     try:
         return set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":", 1)[1].split())
     except (OSError, StopIteration):
@@ -748,13 +749,8 @@ def machine_lines(opts, torch_ver):
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         cpu = platform.processor() or "unknown CPU"
-    flags = ""
-    try:
-        text = open("/proc/cpuinfo").read()
-        have = [f for f in ("avx2", "fma", "avx512f") if f" {f}" in text]
-        flags = f" ({', '.join(have)})" if have else ""
-    except OSError:
-        pass
+    have = [flag for flag in ("avx2", "fma", "avx512f") if flag in cpu_flags()]
+    flags = f" ({', '.join(have)})" if have else ""
     env = ", ".join(f"{name}={os.environ[name]!r}" if name in os.environ else f"{name} unset"
                     for name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"))
     return [
