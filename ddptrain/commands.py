@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, checkpoint as ckpt_io, data
+from . import __version__, checkpoint as ckpt_io, data, gemm
 from .config import Config
 from .errors import EXIT_OK, UserError, same_on_every_rank
 from .evaluation import evaluate as evaluate_split
@@ -122,9 +122,11 @@ def info(args, comm):
     ]
     for lib in threadpool_info():
         kind = "BLAS" if lib.get("user_api") == "blas" else "OpenMP"   # MKL's threads run on an OpenMP runtime
+        # OpenBLAS names its kernel; MKL picks its code for each call, from the instruction set it settled on
+        kernel = lib.get("architecture") or (f"{gemm.mkl_code_path()} kernels" if lib.get("internal_api") == "mkl"
+                                             and gemm.in_use() == "mkl" else "?")
         lines.append(f"{kind:<12} {lib.get('internal_api')} {lib.get('version')} "
-                     f"({lib.get('architecture', '?')}, {lib.get('threading_layer', '?')}), "
-                     f"{lib.get('num_threads')} threads now")
+                     f"({kernel}, {lib.get('threading_layer', '?')}), {lib.get('num_threads')} threads now")
     lines.append(f"matplotlib   {_version('matplotlib')} (for `ddptrain plot`)")
     line, image_shape = _data_line(args.data)
     lines.append(line)

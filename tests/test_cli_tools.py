@@ -148,6 +148,8 @@ def test_info_names_versions_the_mpi_library_blas_threads_and_the_data(small_dat
         assert text.lower() in proc.stdout.lower(), text
     versions = [line for line in proc.stdout.splitlines() if line.startswith("ddptrain ")]
     assert versions == [f"ddptrain     {__version__}"]   # printed by rank 0 alone
+    for blas in (line for line in proc.stdout.splitlines() if line.startswith("BLAS ")):
+        assert "(?," not in blas, blas   # each library names its kernel: OpenBLAS's, or MKL's instruction set
 
 
 @pytest.mark.slow
