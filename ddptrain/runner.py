@@ -339,11 +339,12 @@ def configure_gemm(comm, request):
     # DDP: auto picks per node (MKL where it is installed on an Intel CPU). Ranks whose nodes differ would
     # round differently, and the start-up line, rank 0's, would name one library for all: so one library for
     # every rank, numpy's unless every rank can take MKL.
-    choices = comm.allgather(choice)
-    without_mkl = next((rank for rank, other in enumerate(choices) if other.name != "mkl"), None)
-    if request == "auto" and choice.name == "mkl" and without_mkl is not None:
-        choice = gemm.Choice("numpy", f"{gemm.choose('numpy').description} (MKL only if every rank can take it, "
-                                      f"and rank {without_mkl} cannot: {choices[without_mkl].reason})")
+    if request == "auto":   # the same request on every rank: all of them gather, or none
+        choices = comm.allgather(choice)
+        without_mkl = next((rank for rank, other in enumerate(choices) if other.name != "mkl"), None)
+        if choice.name == "mkl" and without_mkl is not None:
+            choice = gemm.Choice("numpy", f"{gemm.choose('numpy').description} (MKL only if every rank can take "
+                                          f"it, and rank {without_mkl} cannot: {choices[without_mkl].reason})")
     gemm.use(choice)
     return choice
 
