@@ -10,6 +10,9 @@ import fakehosts
 import helpers
 from helpers import model_spec
 
+sys.path.insert(0, str(helpers.ROOT / "scripts"))
+import benchmark  # noqa: E402
+
 pytestmark = pytest.mark.slow   # every test here starts processes
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -46,14 +49,7 @@ def test_the_benchmark_runs_on_tiny_settings_and_prints_its_table(small_data, tm
     assert (tmp_path / "bench.json").stat().st_size > 0
 
 
-def cpu_has(flag):
-    try:
-        return f" {flag}" in open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not cpu_has("avx2"), reason="--isa avx2 needs an x86-64 CPU with AVX2")
+@pytest.mark.skipif("avx2" not in benchmark.cpu_flags(), reason="--isa avx2 needs an x86-64 CPU with AVX2")
 def test_the_benchmark_can_hold_every_library_to_avx2_and_shows_the_code_each_side_ran():
     argv = [sys.executable, "scripts/benchmark.py", "--quick", "--isa", "avx2", "--data", "random", "--no-bn",
             "--no-cnn", "--no-hosts"]

@@ -174,32 +174,28 @@ def test_mkl_asked_for_where_it_is_not_installed_is_refused_in_one_line(monkeypa
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+class RankZeroOfTwo:
+    """Rank 0's view of a 2-rank world: each Allgather gets rank 1's next answer, in order (its verdict on
+    the library asked for, None where it passed; then, for --gemm auto, its choice)."""
+    size, rank = 2, 0
+
+    def __init__(self, *rank1_answers):
+        self.rank1_answers = list(rank1_answers)
+
+    def allgather(self, mine):
+        return [mine, self.rank1_answers.pop(0)]
+
+
 def test_a_rank_that_cannot_multiply_with_the_library_asked_for_stops_every_rank_with_its_reason():
     """Every rank learns of it (an Allgather of the verdicts), so none goes on alone into a collective."""
     from ddptrain.runner import configure_gemm
 
-    class RankZeroOfTwo:   # rank 0, whose rank 1 has no MKL
-        size = 2
-
-        def allgather(self, mine):
-            return [mine, ("UserError", "--gemm mkl: MKL is not installed here (ddptrain's mkl extra: ...)")]
-
+    no_mkl = ("UserError", "--gemm mkl: MKL is not installed here (ddptrain's mkl extra: ...)")
     with pytest.raises(UserError, match=r"^rank 1: --gemm mkl: MKL is not installed here \(ddptrain's mkl "
                                         r"extra: \.\.\.\)$") as refused:
-        configure_gemm(RankZeroOfTwo(), "numpy")
+        configure_gemm(RankZeroOfTwo(no_mkl), "numpy")
     assert refused.value.all_ranks   # met by every rank: printed once, no MPI abort
     assert gemm.in_use() == "numpy"
-
-
-class RankZeroOfTwo:
-    """Rank 0's view of a 2-rank world whose rank 1 chose ``rank1_choice``: every verdict passed."""
-    size, rank = 2, 0
-
-    def __init__(self, rank1_choice):
-        self.rank1_choice = rank1_choice
-
-    def allgather(self, mine):
-        return [mine, None if mine is None else self.rank1_choice]
 
 
 def test_auto_takes_mkl_only_if_every_rank_can_so_that_every_rank_multiplies_alike(monkeypatch):
@@ -208,7 +204,7 @@ def test_auto_takes_mkl_only_if_every_rank_can_so_that_every_rank_multiplies_ali
     monkeypatch.setattr(gemm, "mkl_installed", lambda: "2026.2.0")
     monkeypatch.setattr(gemm, "cpu_vendor", lambda: "GenuineIntel")   # rank 0 alone would take MKL
     amd = gemm.Choice("numpy", "numpy's openblas (MKL is installed, but this CPU is AuthenticAMD's, not Intel's)")
-    choice = configure_gemm(RankZeroOfTwo(amd), "auto")
+    choice = configure_gemm(RankZeroOfTwo(None, amd), "auto")
     assert choice.name == "numpy" and gemm.in_use() == "numpy"
     assert choice.description == (f"numpy's {blas.library_name()} (MKL only if every rank can take it, and rank 1 "
                                   f"cannot: MKL is installed, but this CPU is AuthenticAMD's, not Intel's)")
@@ -219,7 +215,7 @@ def test_auto_takes_mkl_where_every_rank_can(monkeypatch):
     from ddptrain.runner import configure_gemm
     monkeypatch.setattr(gemm, "cpu_vendor", lambda: "GenuineIntel")
     intel = gemm.Choice("mkl", f"MKL {gemm.mkl_installed()} (an Intel CPU)")
-    assert configure_gemm(RankZeroOfTwo(intel), "auto") == intel
+    assert configure_gemm(RankZeroOfTwo(None, intel), "auto") == intel
     assert gemm.in_use() == "mkl"
 
 
