@@ -8,12 +8,12 @@ after its first step, with a checkpoint, as one that arrives later does.
 
 import sys
 
-from .signals import remember_early_signals
+from ddptrain.run.signals import remember_early_signals
 
 
 def main(argv=None):
     remember_early_signals()
-    from .cli import main as run_command_line
+    from ddptrain.cli import main as run_command_line
     return run_command_line(argv)
 
 

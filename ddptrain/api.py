@@ -15,11 +15,15 @@ import difflib
 import os
 import traceback
 
-from .arrays import WHAT as IN_MEMORY, Arrays
-from .config import Config, coerce, make_config
-from .errors import DataError, UserError, end_rank, message_of, same_on_every_rank
-from .launcher import launched_by_mpi
-from .nn import Sequential
+from ddptrain.data import datasets
+from ddptrain.data.arrays import WHAT as IN_MEMORY
+from ddptrain.data.arrays import Arrays
+from ddptrain.data.readable import check_readable
+from ddptrain.distributed.launcher import launched_by_mpi
+from ddptrain.errors import DataError, UserError, same_on_every_rank
+from ddptrain.nn.model import Sequential
+from ddptrain.run.config import Config, coerce, make_config
+from ddptrain.run.ending import end_rank, message_of
 
 # ddptrain.train's own arguments besides the Config fields (model and data are Config fields too).
 _OWN_ARGUMENTS = ("quiet", "dry_run", "callbacks")
@@ -90,8 +94,8 @@ def launch(config, quiet=False, dry_run=False, callbacks=(), model=None, arrays=
     met by every rank are raised on every rank, and one met by some ranks only
     ends the MPI job (``errors.end_rank``).
     """
-    from .comm import world
-    from .runner import run_training
+    from ddptrain.distributed.world import world
+    from ddptrain.run.runner import run_training
     with same_on_every_rank():
         if arrays is None:
             check_data_file(config.data)
@@ -99,7 +103,7 @@ def launch(config, quiet=False, dry_run=False, callbacks=(), model=None, arrays=
             raise UserError("--simulate-ranks runs the ranks as threads of one process: start it without "
                             "mpirun/srun")
     if config.simulate_ranks:
-        from .simulate import run_simulated
+        from ddptrain.distributed.simulate import run_simulated
         # Rank 0 trains the caller's model; the others train replicas of it, as MPI ranks would their own.
         return run_simulated(config.simulate_ranks, lambda comm: run_training(
             config, comm, quiet, dry_run, callbacks, model if model is None or comm.rank == 0 else model.replica(),
@@ -123,13 +127,12 @@ def check_data_file(path):
     (``datasets.ensure_prepared``). What passes here is not checked again
     once MPI runs (``data.check_readable``).
     """
-    from . import data, datasets
     if path and path not in datasets.KNOWN_DATASETS:
-        data.check_readable(path)
+        check_readable(path)
         return
     cached = datasets.cached_path(path or "mnist")
     if cached.exists():
         try:
-            data.check_readable(cached)
+            check_readable(cached)
         except DataError:
             pass

@@ -16,13 +16,27 @@ import argparse
 import sys
 import traceback
 
-from .config import (BATCHNORM_MODES, DENORMAL_MODES, DTYPES, EXCHANGES, GEMMS, LR_SCALINGS, SCHEDULES, SWITCHES,
-                     Config, load_toml, make_config)
-from .api import check_data_file, launch
-from .errors import UserError, end_rank, message_of, same_on_every_rank
-from .launcher import rank_and_size
-from .optim import OPTIMIZERS
-from .signals import restore_default_signals
+from ddptrain.api import check_data_file, launch
+from ddptrain.data import datasets
+from ddptrain.distributed.launcher import rank_and_size
+from ddptrain.errors import UserError, same_on_every_rank
+from ddptrain.nn.spec import NAMED_MODELS
+from ddptrain.optim.optimizers import OPTIMIZERS
+from ddptrain.run.config import (
+    BATCHNORM_MODES,
+    DENORMAL_MODES,
+    DTYPES,
+    EXCHANGES,
+    GEMMS,
+    LR_SCALINGS,
+    SCHEDULES,
+    SWITCHES,
+    Config,
+    load_toml,
+    make_config,
+)
+from ddptrain.run.ending import end_rank, message_of
+from ddptrain.run.signals import restore_default_signals
 
 COMMANDS = ("train", "evaluate", "prepare", "plot", "info")
 
@@ -48,8 +62,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _named_models():
-    from .spec import NAMED_MODELS
-
     def option(name, value):
         flag = "--" + name.replace("_", "-")
         return flag if value is True else f"{flag} {value}"
@@ -187,8 +199,7 @@ def build_parser():
                           "checkpoint was trained on, else the cached MNIST)")
     evaluate.add_argument("--eval-batch", type=int, default=Config().eval_batch, metavar="N",
                           help="rows per forward pass (default: %(default)s)")
-    from . import mnist
-    mnist.add_arguments(commands.add_parser("prepare", help="a data set (mnist, fashion-mnist, or IDX files of your "
+    datasets.add_arguments(commands.add_parser("prepare", help="a data set (mnist, fashion-mnist, or IDX files of your "
                                             "own) as the HDF5 data file"))
     plot = commands.add_parser("plot", help="PNG curves of train and test loss and test accuracy of a run")
     plot.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (holding metrics.jsonl)")
@@ -227,7 +238,7 @@ def parse(argv):
 def main(argv=None, callbacks=()):
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
 
-    ``callbacks`` (``ddptrain.trainer.Callback``) are added to a training run's own.
+    ``callbacks`` (``ddptrain.training.trainer.Callback``) are added to a training run's own.
     """
     comm = None
     try:
@@ -235,17 +246,16 @@ def main(argv=None, callbacks=()):
         if args.command != "train":
             restore_default_signals()   # only a training run stops cleanly after a step
         if args.command == "prepare":
-            from . import mnist
-            return mnist.run(args)
+            return datasets.run(args)
         if args.command == "plot":
-            from . import plot
+            from ddptrain import plot
             return plot.run(args)
-        from .comm import world
+        from ddptrain.distributed.world import world
         if args.command == "info":
-            from . import commands
+            from ddptrain import commands
             return commands.info(args, world())
         if args.command == "evaluate":
-            from . import commands
+            from ddptrain import commands
             with same_on_every_rank():
                 if args.data:   # without it, the checkpoint names the data: checked once it is known
                     check_data_file(args.data)

@@ -13,24 +13,36 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, checkpoint as ckpt_io, data, gemm
-from .config import Config
-from .errors import EXIT_OK, UserError, same_on_every_rank
-from .evaluation import evaluate as evaluate_split
-from .limits import check_resources
-from .nn import Sequential, layers_from_description
-from .rank0 import run_on_rank0
-from .resume import check_description_fits
-from .runner import check_fits_data, configure_gemm, read_split
-from .sampler import evaluation_block
-from .threads import configure_blas_threads
+from ddptrain import __version__
+from ddptrain.backends import gemm
+from ddptrain.backends.threads import configure_blas_threads
+from ddptrain.data import datasets
+from ddptrain.data import format as data
+from ddptrain.data.arrays import WHAT as IN_MEMORY
+from ddptrain.data.readable import check_readable
+from ddptrain.data.sampler import evaluation_block
+from ddptrain.errors import EXIT_OK, UserError, same_on_every_rank
+from ddptrain.nn.model import (
+    Sequential,
+    layer_flops,
+    layers_from_description,
+    name_layers,
+    training_flops,
+)
+from ddptrain.nn.spec import parse_spec
+from ddptrain.run import checkpoint as ckpt_io
+from ddptrain.run.config import Config
+from ddptrain.run.limits import check_resources
+from ddptrain.run.preflight import check_fits_data, configure_gemm
+from ddptrain.run.rank0 import run_on_rank0
+from ddptrain.run.resume import check_description_fits
+from ddptrain.run.runner import read_split
+from ddptrain.training.evaluation import evaluate as evaluate_split
 
 
 def _data_for(checkpoint, given):
     """--data (a file, or a known set's name), else the data the checkpoint was trained on, else the cached
     MNIST."""
-    from . import datasets
-    from .arrays import WHAT as IN_MEMORY
     trained_on = given or checkpoint.config.get("data")
     if trained_on in datasets.KNOWN_DATASETS or not trained_on:
         return str(datasets.ensure_prepared(trained_on or "mnist"))
@@ -62,12 +74,13 @@ def format_confusion(confusion):
 
 def evaluate(args, comm):
     """Test loss, accuracy, per-class accuracy and confusion matrix of a checkpoint."""
-    configure_gemm(comm, "auto")   # the library a run multiplies with by default, so its figures match
-    blas_threads = configure_blas_threads(comm)
+    # the library a run multiplies with by default, so that its figures match
+    backend = gemm.backend(configure_gemm(comm, "auto"))
+    blas_threads = configure_blas_threads(comm, library=backend.name)
     with same_on_every_rank():
         checkpoint = ckpt_io.load(args.checkpoint)
         path = run_on_rank0(comm, lambda: _data_for(checkpoint, args.data))
-        run_on_rank0(comm, lambda: data.check_readable(path))
+        run_on_rank0(comm, lambda: check_readable(path))
         info = data.inspect(path)
         if args.eval_batch < 1:
             raise UserError(f"--eval-batch must be positive, got {args.eval_batch}")
@@ -78,7 +91,7 @@ def evaluate(args, comm):
         check_fits_data(layers, info, f"{args.checkpoint}: model {checkpoint.model_summary}")
         check_resources(layers, Config(dtype=checkpoint.dtype, batch_size=1, eval_batch=args.eval_batch), info,
                         comm.size, blas_threads.ranks_on_host)
-    model = Sequential(layers, dtype=checkpoint.dtype)
+    model = Sequential(layers, dtype=checkpoint.dtype, backend=backend)
     model.load_state(checkpoint.params, checkpoint.buffers)
     test_rows = evaluation_block(info.n_test, comm.rank, comm.size)
     test = read_split(info, "test", [test_rows], checkpoint.dtype, model)
@@ -106,7 +119,8 @@ def _version(module_name):
 def info(args, comm):
     """Versions, MPI library and world size, BLAS and its threads, the data file's summary."""
     products = configure_gemm(comm, "auto")   # what a run with the default --gemm multiplies with
-    thread_line = configure_blas_threads(comm).description
+    backend = gemm.backend(products)
+    thread_line = configure_blas_threads(comm, library=backend.name).description
     if comm.rank != 0:
         return EXIT_OK
     from threadpoolctl import threadpool_info
@@ -123,8 +137,8 @@ def info(args, comm):
     for lib in threadpool_info():
         kind = "BLAS" if lib.get("user_api") == "blas" else "OpenMP"   # MKL's threads run on an OpenMP runtime
         # OpenBLAS names its kernel; MKL picks its code for each call, from the instruction set it settled on
-        kernel = lib.get("architecture") or (f"{gemm.mkl_code_path()} kernels" if lib.get("internal_api") == "mkl"
-                                             and gemm.in_use() == "mkl" else "?")
+        kernel = lib.get("architecture") or (f"{backend.code_path()} kernels" if lib.get("internal_api") == "mkl"
+                                             and backend.name == "mkl" else "?")
         lines.append(f"{kind:<12} {lib.get('internal_api')} {lib.get('version')} "
                      f"({kernel}, {lib.get('threading_layer', '?')}), {lib.get('num_threads')} threads now")
     lines.append(f"matplotlib   {_version('matplotlib')} (for `ddptrain plot`)")
@@ -137,8 +151,6 @@ def info(args, comm):
 
 def model_lines(spec, image_shape):
     """The model of ``spec`` on images of ``image_shape``: each layer's output, parameters and FLOPs."""
-    from .nn import layer_flops, name_layers, training_flops
-    from .spec import parse_spec
     try:
         parsed = parse_spec(spec)
         layers = parsed.layers(image_shape)
@@ -164,11 +176,10 @@ def _hdf5_version():
 
 
 def _data_line(given):
-    from . import datasets
     known = given in datasets.KNOWN_DATASETS or not given
     path = str(datasets.cached_path(given or "mnist")) if known else given
     try:
-        data.check_readable(path)
+        check_readable(path)
         summary = data.inspect(path)
     except UserError as error:
         if known:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import EXIT_OK, UserError
+from ddptrain.errors import EXIT_OK, UserError
 
 
 def read_metrics(run_dir):

@@ -36,8 +36,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     import torch
 
-    from ddptrain.losses import SoftmaxCrossEntropy
-    from ddptrain.nn import Sequential
+    from ddptrain.nn.losses import SoftmaxCrossEntropy
+    from ddptrain.nn.model import Sequential
 
     model = Sequential.from_spec(args.model, dtype=np.float64, input_shape=benchmark.IMAGE, seed=1)
     reference = torch.nn.Sequential(*benchmark.torch_layers(args.model)).double()

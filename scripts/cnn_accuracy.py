@@ -38,8 +38,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     data = args.data
     if data is None:
-        from ddptrain.mnist import ensure_default_dataset
-        data = ensure_default_dataset()
+        from ddptrain.data.datasets import ensure_prepared
+        data = ensure_prepared("mnist")
 
     runs = []
     for seed in (int(s) for s in args.seeds.split(",")):

@@ -18,16 +18,16 @@ try:
 except ImportError:
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from ddptrain import mnist  # noqa: E402
+from ddptrain.data import datasets  # noqa: E402
 from ddptrain.errors import UserError  # noqa: E402
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="prepare_mnist", description=__doc__.splitlines()[0])
-    mnist.add_arguments(parser)
+    datasets.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        return mnist.run(args)
+        return datasets.run(args)
     except UserError as e:
         print(f"prepare_mnist: error: {e}", file=sys.stderr)
         return e.exit_status

@@ -36,13 +36,13 @@ EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+) done:.*test accuracy ([0-9.]+)%")
 
 
 def mpiexec():
-    from ddptrain.launcher import find_mpiexec
+    from ddptrain.distributed.launcher import find_mpiexec
     return find_mpiexec()
 
 
 def clean_env():
     """This environment without any MPI or SLURM context inherited from a launcher."""
-    from ddptrain.launcher import environ_without_launcher
+    from ddptrain.distributed.launcher import environ_without_launcher
     return environ_without_launcher()
 
 
@@ -101,8 +101,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     data = args.data
     if data is None:
-        from ddptrain.mnist import ensure_default_dataset
-        data = ensure_default_dataset()
+        from ddptrain.data.datasets import ensure_prepared
+        data = ensure_prepared("mnist")
     result = measure(data, args.ranks, args.target, args.train_args, args.repeats)
     print(f"command: {result['command']}")
     for i, run in enumerate(result["runs"], 1):

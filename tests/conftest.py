@@ -41,15 +41,6 @@ def no_shared_memory_left_behind(request):
     helpers.remove_orphaned_segments(before)
 
 
-@pytest.fixture(autouse=True)
-def numpy_products_between_tests():
-    """A run picks the library of the matrix products for its process (``gemm.use``); each test starts with
-    numpy's, the library before any run, whatever the test before it ran."""
-    from ddptrain import gemm
-    yield
-    gemm.use(gemm.Choice("numpy", "numpy"))
-
-
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory):
     """A 240 + 60 row data set of 8x8 images (fits the model spec '64-16-10')."""

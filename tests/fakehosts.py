@@ -39,7 +39,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from ddptrain.launcher import find_mpiexec
+from ddptrain.distributed.launcher import find_mpiexec
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "fake-hosts.sh"
@@ -172,7 +172,7 @@ class FakeHosts:
         mpiexec runs on host 1 and starts the other hosts' proxies through
         ``scripts/fake-hosts-launcher``; ``env`` goes to the ranks as ``-genv``.
         Start it with an environment without an MPI context
-        (``ddptrain.launcher.environ_without_launcher()``).
+        (``ddptrain.distributed.launcher.environ_without_launcher()``).
         """
         spec = ",".join(f"{host}:{ranks_per_host}" for host in self.hosts)
         genv = [word for name, value in (env or {}).items() for word in ("-genv", name, str(value))]

@@ -20,7 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-from ddptrain import checkpoint as ckpt_io, cli
+from ddptrain import cli
+from ddptrain.run import checkpoint as ckpt_io
 
 
 def run(argv):

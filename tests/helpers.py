@@ -18,10 +18,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ddptrain import checkpoint as ckpt_io
-from ddptrain.data import write_dataset
-from ddptrain.launcher import environ_without_launcher, find_mpiexec
-from ddptrain.nn import Layer
+from ddptrain.data.sampler import DEFAULT_VIRTUAL_SHARDS, epoch_plan
+from ddptrain.data.writer import write_dataset
+from ddptrain.distributed.launcher import environ_without_launcher, find_mpiexec
+from ddptrain.nn.layer import Layer
+from ddptrain.run import checkpoint as ckpt_io
 
 ROOT = Path(__file__).resolve().parent.parent
 INJECT = Path(__file__).resolve().parent / "inject.py"
@@ -251,7 +252,7 @@ def rel_error(a, b):
 
 def on_simulated_ranks(size, work):
     """``work(comm)`` on ``size`` simulated ranks at once; every rank's result, in rank order."""
-    from ddptrain.comm import ThreadComm
+    from ddptrain.distributed.simulate import ThreadComm
     comms, results, errors = ThreadComm.create(size), [None] * size, []
 
     def run(comm):
@@ -269,3 +270,16 @@ def on_simulated_ranks(size, work):
     if errors:
         raise errors[0]
     return results
+
+
+def one_hot(labels, n_classes, dtype=np.float32):
+    """Rows of ``n_classes`` probabilities, 1 at each label: targets for the losses' soft-label paths."""
+    out = np.zeros((len(labels), n_classes), dtype=dtype)
+    out[np.arange(len(labels)), labels] = 1
+    return out
+
+
+def global_batches(n, global_batch, seed, epoch, n_shards=None, drop_last=False):
+    """The global batches of one epoch as sorted arrays of file rows: what every rank count must train."""
+    plan = epoch_plan(n, global_batch, 0, 1, seed, epoch, n_shards or DEFAULT_VIRTUAL_SHARDS, drop_last)
+    return [np.sort(plan.global_rows[plan.step_bounds[t]:plan.step_bounds[t + 1]]) for t in range(plan.n_steps)]

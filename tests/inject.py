@@ -27,8 +27,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-from ddptrain import checkpoint as ckpt_io, cli, durable
-from ddptrain.trainer import Callback
+from ddptrain import cli, durable
+from ddptrain.run import checkpoint as ckpt_io
+from ddptrain.training.trainer import Callback
 
 KINDS = ("raise", "nan", "signal", "checkpoint-write", "delay")
 

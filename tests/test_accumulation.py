@@ -2,14 +2,16 @@
 
 import numpy as np
 import pytest
+from helpers import final_params, metrics_records, relative_error
 
 from ddptrain import cli
-from ddptrain.comm import SerialComm
-from ddptrain.losses import SoftmaxCrossEntropy
-from ddptrain.nn import Linear, Sequential
-from ddptrain.optim import SGD
-from ddptrain.step import TrainStep, micro_batch_bounds
-from helpers import final_params, metrics_records, relative_error
+from ddptrain.distributed.comm import SerialComm
+from ddptrain.distributed.exchange import Allreduce
+from ddptrain.nn.layers import Linear
+from ddptrain.nn.losses import SoftmaxCrossEntropy
+from ddptrain.nn.model import Sequential
+from ddptrain.optim.optimizers import SGD
+from ddptrain.training.step import TrainStep, micro_batch_bounds
 
 # 240 rows in global batches of 29: shares of 9 or 10 rows on 3 ranks, and a last batch of 8 (2 or 3 each).
 MODEL = "64-16-drop0.2-12-10"   # dropout: its masks follow the rows' positions in the global batch
@@ -62,7 +64,7 @@ def test_a_step_reduces_once_and_holds_the_activations_of_one_micro_batch():
     x, y = rng.standard_normal((64, 20)), rng.integers(0, 5, 64)
     model = Sequential.from_spec("20-256-5", dtype=np.float64)
     comm = CountingComm()
-    TrainStep(model, SoftmaxCrossEntropy(), SGD(), comm, micro_batches=4)(x, y, 64, lr=0.1)
+    TrainStep(model, SoftmaxCrossEntropy(), SGD(), Allreduce(comm), micro_batches=4)(x, y, 64, lr=0.1)
     assert comm.allreduces == 2   # the gradient once, and the step's four totals
     hidden = next(layer for layer in model.layers if isinstance(layer, Linear))
     # The largest activation array, the hidden layer's output, holds 16 rows, not 64: peak activation

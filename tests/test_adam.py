@@ -7,7 +7,7 @@ import pytest
 
 from ddptrain import cli
 from ddptrain.errors import UserError
-from ddptrain.optim import Adam, AdamW
+from ddptrain.optim.optimizers import Adam, AdamW
 
 LRS = [1e-3, 5e-3, 2e-3, 1e-2, 1e-3, 4e-3]   # a schedule: lr is passed to each step
 SETTINGS = {
@@ -155,8 +155,9 @@ def train(small_data, run_dir, *options):
 
 
 def test_adamw_trains_and_resumes_bitwise_from_its_checkpoint(small_data, tmp_path):
-    from ddptrain import checkpoint as ckpt_io
     from helpers import final_params, metrics_records
+
+    from ddptrain.run import checkpoint as ckpt_io
     assert train(small_data, tmp_path / "whole", "--epochs", "2") == 0
     records = metrics_records(tmp_path / "whole")
     assert records[-1]["train_loss"] < records[0]["train_loss"] and records[-1]["test_accuracy"] > 0.5

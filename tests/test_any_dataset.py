@@ -1,10 +1,12 @@
 """Any image-classification set trains: colour images of any size, any number of classes with their names,
 and the known sets by name (``--data fashion-mnist``)."""
 
+import helpers
 import numpy as np
 
-import helpers
-from ddptrain import cli, data, datasets
+from ddptrain import cli
+from ddptrain.data import datasets
+from ddptrain.data.writer import write_dataset
 
 
 def colour_set(path, n_train=40, n_test=15, classes=("cat", "dog", "ship", "truck", "frog"), seed=0):
@@ -13,7 +15,7 @@ def colour_set(path, n_train=40, n_test=15, classes=("cat", "dog", "ship", "truc
     templates = rng.uniform(0, 255, size=(len(classes), 3, 32, 32))
     labels = np.arange(n_train + n_test) % len(classes)
     images = np.clip(templates[labels] + rng.normal(0, 30, templates[labels].shape), 0, 255).astype(np.uint8)
-    data.write_dataset(path, images[:n_train], labels[:n_train], images[n_train:], labels[n_train:],
+    write_dataset(path, images[:n_train], labels[:n_train], images[n_train:], labels[n_train:],
                        class_names=list(classes))
     return str(path)
 

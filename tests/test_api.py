@@ -9,14 +9,15 @@ import subprocess
 import sys
 
 import h5py
+import helpers
 import numpy as np
 import pytest
 
 import ddptrain
-import helpers
-from ddptrain import checkpoint, cli, nn
+from ddptrain import cli, nn
 from ddptrain.errors import DataError, UserError
-from ddptrain.trainer import Callback
+from ddptrain.run import checkpoint
+from ddptrain.training.trainer import Callback
 
 sys.path.insert(0, str(helpers.ROOT / "scripts"))
 from custom_model import PReLU, build_model  # noqa: E402
@@ -134,7 +135,7 @@ def test_a_dry_run_checks_everything_and_trains_nothing(small_data, tmp_path):
 def test_the_readme_example_runs_as_it_is_written(small_data, tmp_path, monkeypatch):
     """The README's example, on a 28x28 file in place of Fashion-MNIST (and one epoch)."""
     readme = (helpers.ROOT / "README.md").read_text()
-    example = re.search(r"## Python API\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    example = re.search(r"## Quick start\n.*?```python\n(.*?)```", readme, re.S).group(1)
     assert 'data="fashion-mnist"' in example
     data = helpers.make_dataset(tmp_path / "fashion.h5", side=28)
     monkeypatch.chdir(tmp_path)
@@ -252,7 +253,7 @@ class InputGradientForgetsTheSlope(PReLU):
 @pytest.mark.parametrize("layer, wrong", [(SlopeGradientOffByOnePercent(4), "slopegradientoffbyonepercent1.slope"),
                                           (InputGradientForgetsTheSlope(4), "input")])
 def test_gradcheck_names_the_array_a_wrong_backward_gets_wrong(layer, wrong):
-    with pytest.raises(ddptrain.finite_differences.GradientError, match=f"the gradient of {re.escape(wrong)} "):
+    with pytest.raises(ddptrain.nn.gradcheck.GradientError, match=f"the gradient of {re.escape(wrong)} "):
         ddptrain.gradcheck(layer, input_shape=(4,))
 
 

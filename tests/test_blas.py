@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ddptrain import blas
+from ddptrain.backends import blas
 
 SIZES = [1, 7, 1000, 535_818]   # the last: the default MLP's parameters
 

@@ -9,15 +9,16 @@ import os
 import h5py
 import numpy as np
 import pytest
-
-from ddptrain import checkpoint as ckpt_io, durable
-from ddptrain.checkpoint import Checkpoint
-from ddptrain.comm import SerialComm
-from ddptrain.config import Config
-from ddptrain.errors import CheckpointError
-from ddptrain.nn import Sequential
-from ddptrain.runner import run_training
 from helpers import flip_a_byte_of, flip_byte_at, model_spec
+
+from ddptrain import durable
+from ddptrain.distributed.comm import SerialComm
+from ddptrain.errors import CheckpointError
+from ddptrain.nn.model import Sequential
+from ddptrain.run import checkpoint as ckpt_io
+from ddptrain.run.checkpoint import Checkpoint
+from ddptrain.run.config import Config
+from ddptrain.run.runner import run_training
 
 STEPS_PER_EPOCH = 15     # the 240 training rows of small_data in global batches of 16
 

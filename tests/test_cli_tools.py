@@ -7,12 +7,13 @@ import pty
 import subprocess
 import sys
 
-import pytest
-
 import helpers
-from ddptrain import __version__, checkpoint, cli
-from ddptrain.progress import Progress
+import pytest
 from helpers import model_spec
+
+from ddptrain import __version__, cli
+from ddptrain.run import checkpoint
+from ddptrain.run.progress import Progress
 
 SMALL = ["--model", model_spec(), "--batch-size", "32"]
 

@@ -2,14 +2,15 @@
 
 import numpy as np
 import pytest
+from helpers import metrics_records, model_spec, on_simulated_ranks, rel_error
 
 from ddptrain import cli
-from ddptrain.comm import SerialComm
-from ddptrain.losses import SoftmaxCrossEntropy
-from ddptrain.nn import Sequential
-from ddptrain.optim import SGD
-from ddptrain.step import TrainStep, clip_gradient, local_gradient
-from helpers import metrics_records, model_spec, on_simulated_ranks, rel_error
+from ddptrain.distributed.comm import SerialComm
+from ddptrain.distributed.exchange import Allreduce
+from ddptrain.nn.losses import SoftmaxCrossEntropy
+from ddptrain.nn.model import Sequential
+from ddptrain.optim.optimizers import SGD
+from ddptrain.training.step import TrainStep, clip_gradient, local_gradient
 
 UNEVEN = [0, 1, 5, 11]   # an 11-row global batch over 3 ranks: 1, 4 and 6 rows
 
@@ -32,7 +33,7 @@ def one_step(comm, rows, max_norm):
     """One TrainStep (plain SGD, lr 1) on this rank's rows; returns the parameters after it and the norm."""
     x, y = batch()
     model = Sequential.from_spec("20-16-5", dtype=np.float64, seed=1)
-    step = TrainStep(model, SoftmaxCrossEntropy(), SGD(), comm, clip_grad_norm=max_norm)
+    step = TrainStep(model, SoftmaxCrossEntropy(), SGD(), Allreduce(comm), clip_grad_norm=max_norm)
     totals = step(x[rows], y[rows], len(x), lr=1.0)
     return model.params.copy(), totals.grad_norm
 

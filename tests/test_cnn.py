@@ -2,18 +2,20 @@
 
 import re
 
+import helpers
 import numpy as np
 import pytest
 
-import helpers
 from ddptrain import cli
 from ddptrain.commands import model_lines
-from ddptrain.config import with_model_defaults
 from ddptrain.errors import UserError
-from ddptrain.conv import Conv2d
-from ddptrain.nn import Flatten, Linear, ReLU, Sequential, ShapeError
-from ddptrain.pooling import MaxPool2d
-from ddptrain.spec import NAMED_MODELS, Token, parse_spec
+from ddptrain.nn.conv import Conv2d
+from ddptrain.nn.layer import ShapeError
+from ddptrain.nn.layers import Flatten, Linear, ReLU
+from ddptrain.nn.model import Sequential
+from ddptrain.nn.pooling import MaxPool2d
+from ddptrain.nn.spec import NAMED_MODELS, Token, parse_spec
+from ddptrain.run.config import with_model_defaults
 
 # 8x8 test images: 4x8x8 -> maxpool 4x4x4 -> 6x2x2 (stride 2) -> avgpool 6x1x1 -> 12 -> 10
 SMALL_CNN = "conv4k3p1-bn-maxpool2-conv6k3s2p1-bn-drop0.1-avgpool2-flatten-12-10"

@@ -4,12 +4,14 @@ import tracemalloc
 
 import numpy as np
 import pytest
-
-from ddptrain.conv import Conv2d
-from ddptrain.nn import Flatten, Linear, ReLU, Sequential, ShapeError
-from ddptrain.normalization import BatchNorm
-from ddptrain.pooling import AvgPool2d, MaxPool2d
 from helpers import numerical_grad, rel_error
+
+from ddptrain.nn.conv import Conv2d
+from ddptrain.nn.layer import ShapeError
+from ddptrain.nn.layers import Flatten, Linear, ReLU
+from ddptrain.nn.model import Sequential
+from ddptrain.nn.normalization import BatchNorm
+from ddptrain.nn.pooling import AvgPool2d, MaxPool2d
 
 TOL = 1e-7
 
@@ -207,8 +209,8 @@ def test_a_smaller_batch_after_a_larger_one_gives_the_same_values():
 
 
 def test_a_cnn_training_step_allocates_no_activation_sized_array_once_warm():
-    from ddptrain.losses import SoftmaxCrossEntropy
-    from ddptrain.optim import SGD
+    from ddptrain.nn.losses import SoftmaxCrossEntropy
+    from ddptrain.optim.optimizers import SGD
     model = Sequential.from_spec("cnn", input_shape=(28, 28))
     loss, optimizer = SoftmaxCrossEntropy(), SGD(momentum=0.9)
     x = np.random.default_rng(0).random((512, 1, 28, 28), dtype=np.float32)

@@ -7,9 +7,10 @@ import h5py
 import numpy as np
 import pytest
 
-from ddptrain import data
+from ddptrain.data import format as data
+from ddptrain.data.sampler import owned_blocks
+from ddptrain.data.writer import write_dataset
 from ddptrain.errors import DataError
-from ddptrain.sampler import owned_blocks
 
 H, W = 4, 5          # small images: any (N, H, W) uint8 is accepted
 N_TRAIN, N_TEST = 50, 20
@@ -30,7 +31,7 @@ def splits():
 @pytest.fixture
 def data_file(tmp_path, splits):
     path = tmp_path / "mnist.h5"
-    data.write_dataset(path, *splits, attrs={"source": "test"})
+    write_dataset(path, *splits, attrs={"source": "test"})
     return path
 
 
@@ -100,7 +101,7 @@ def test_write_dataset_stores_the_arrays_unchanged(data_file, splits):
 def test_write_dataset_chunks_images_by_whole_rows_uncompressed(tmp_path):
     path = tmp_path / "big.h5"
     big_images, big_labels = make_split(2000, 3)
-    data.write_dataset(path, big_images, big_labels, *make_split(10, 4))
+    write_dataset(path, big_images, big_labels, *make_split(10, 4))
     with h5py.File(path, "r") as f:
         assert f["train/images"].chunks == (1024, H, W)
         assert f["test/images"].chunks == (10, H, W)
@@ -108,28 +109,28 @@ def test_write_dataset_chunks_images_by_whole_rows_uncompressed(tmp_path):
 
 
 def test_write_dataset_replaces_an_existing_file_leaving_no_temporary(data_file, splits):
-    data.write_dataset(data_file, *splits, attrs={"source": "second"})
+    write_dataset(data_file, *splits, attrs={"source": "second"})
     assert data.inspect(data_file).attrs["source"] == "second"
     assert os.listdir(data_file.parent) == [data_file.name]
 
 
 def test_write_dataset_that_fails_keeps_the_old_file_and_no_temporary(data_file, splits):
     with pytest.raises(TypeError):
-        data.write_dataset(data_file, *splits, attrs={"unstorable": object()})
+        write_dataset(data_file, *splits, attrs={"unstorable": object()})
     assert data.inspect(data_file).attrs["source"] == "test"
     assert os.listdir(data_file.parent) == [data_file.name]
 
 
 def test_write_dataset_creates_missing_folders(tmp_path, splits):
     path = tmp_path / "a" / "b" / "mnist.h5"
-    data.write_dataset(path, *splits)
+    write_dataset(path, *splits)
     assert data.inspect(path).n_train == N_TRAIN
 
 
 def test_write_dataset_refuses_float_images(tmp_path, splits):
     train_images, *rest = splits
     with pytest.raises(ValueError, match="uint8"):
-        data.write_dataset(tmp_path / "x.h5", train_images.astype(np.float32), *rest)
+        write_dataset(tmp_path / "x.h5", train_images.astype(np.float32), *rest)
 
 
 # ---------------------------------------------------------------- inspect: what it refuses
@@ -289,7 +290,7 @@ def test_colour_images_of_32x32_in_5_classes_with_names(tmp_path):
     labels = np.arange(30) % 5
     names = ["cat", "dog", "ship", "truck", "frog"]
     path = tmp_path / "colour.h5"
-    data.write_dataset(path, images[:20], labels[:20], images[20:], labels[20:], class_names=names)
+    write_dataset(path, images[:20], labels[:20], images[20:], labels[20:], class_names=names)
     info = data.inspect(path)
     assert (info.image_shape, info.n_features, info.image_text) == ((3, 32, 32), 3 * 32 * 32, "3x32x32")
     assert (info.n_classes, info.class_names) == (5, tuple(names))
@@ -299,16 +300,16 @@ def test_colour_images_of_32x32_in_5_classes_with_names(tmp_path):
 
 
 def test_the_class_count_defaults_to_the_largest_label_plus_one_and_may_be_larger(tmp_path, splits):
-    data.write_dataset(tmp_path / "a.h5", *splits)
+    write_dataset(tmp_path / "a.h5", *splits)
     assert data.inspect(tmp_path / "a.h5").n_classes == max(splits[1].max(), splits[3].max()) + 1
-    data.write_dataset(tmp_path / "b.h5", *splits, n_classes=12)
+    write_dataset(tmp_path / "b.h5", *splits, n_classes=12)
     assert data.inspect(tmp_path / "b.h5").class_names == tuple(str(c) for c in range(12))
 
 
 def test_more_than_256_classes_keep_their_labels(tmp_path):
     images = np.zeros((300, 2, 2), np.uint8)
     labels = np.arange(300)
-    data.write_dataset(tmp_path / "many.h5", images, labels, images[:10], labels[:10])
+    write_dataset(tmp_path / "many.h5", images, labels, images[:10], labels[:10])
     _, y = data.read_rows(tmp_path / "many.h5", "train", [(250, 300)])
     np.testing.assert_array_equal(y, labels[250:300])
 
@@ -322,13 +323,13 @@ def test_more_than_256_classes_keep_their_labels(tmp_path):
 ])
 def test_write_dataset_refuses_classes_that_do_not_fit_the_labels(tmp_path, splits, arguments, problem):
     with pytest.raises(ValueError, match=re.escape(problem)):
-        data.write_dataset(tmp_path / "x.h5", *splits, **arguments)
+        write_dataset(tmp_path / "x.h5", *splits, **arguments)
 
 
 def test_write_dataset_refuses_splits_with_different_channels(tmp_path):
     colour, grey = np.zeros((4, 3, 5, 5), np.uint8), np.zeros((4, 5, 5), np.uint8)
     with pytest.raises(ValueError, match=r"train images have 3 channel\(s\) but test images have 1"):
-        data.write_dataset(tmp_path / "x.h5", colour, np.arange(4) % 2, grey, np.arange(4) % 2)
+        write_dataset(tmp_path / "x.h5", colour, np.arange(4) % 2, grey, np.arange(4) % 2)
 
 
 @pytest.mark.parametrize("change, problem", [

@@ -1,15 +1,16 @@
 """--debug finds where a gradient is wrong; --simulate-ranks runs P ranks in one process."""
 
+import helpers
 import numpy as np
 import pytest
-
-import helpers
-from ddptrain import cli, step
-from ddptrain.debug import FiniteChecker
-from ddptrain.errors import NumericalError
-from ddptrain.losses import SoftmaxCrossEntropy
-from ddptrain.nn import Sequential
 from helpers import final_params, model_spec, relative_error
+
+from ddptrain import cli
+from ddptrain.errors import NumericalError
+from ddptrain.nn.losses import SoftmaxCrossEntropy
+from ddptrain.nn.model import Sequential
+from ddptrain.training import step
+from ddptrain.training.debug import FiniteChecker
 
 SMALL = ["--model", model_spec(), "--batch-size", "30", "--epochs", "2"]
 

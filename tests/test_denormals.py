@@ -6,11 +6,12 @@ import threading
 
 import numpy as np
 import pytest
-
-from ddptrain import cli, denormals
-from ddptrain.errors import UserError
-from ddptrain.trainer import Callback
 from helpers import final_params, metrics_records, model_spec
+
+from ddptrain import cli
+from ddptrain.backends import denormals
+from ddptrain.errors import UserError
+from ddptrain.training.trainer import Callback
 
 needs_flushing = pytest.mark.skipif(not denormals.supported(), reason="flushing is known on x86-64 and AArch64 Linux")
 
@@ -70,7 +71,7 @@ def test_an_unknown_mode_is_refused(small_data, capsys):
 
 
 def test_where_flushing_is_unknown_nothing_changes_and_the_start_up_line_says_so(monkeypatch):
-    monkeypatch.setattr(denormals, "_layout", lambda: None)
+    monkeypatch.setattr(denormals, "_fenv_type", lambda: None)
     assert not denormals.supported()
     before = survives()
     with denormals.flushed():

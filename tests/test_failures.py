@@ -14,13 +14,13 @@ import sys
 import time
 
 import h5py
+import helpers
 import numpy as np
 import pytest
-
-import helpers
-from ddptrain import checkpoint as ckpt_io
-from ddptrain.errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE
 from helpers import error_lines, flip_a_byte_of, make_dataset, model_spec
+
+from ddptrain.errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE
+from ddptrain.run import checkpoint as ckpt_io
 
 pytestmark = pytest.mark.slow   # every test here starts ddptrain processes
 

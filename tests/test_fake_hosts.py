@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fakehosts
 import pytest
 
-import fakehosts
-from ddptrain.launcher import environ_without_launcher, find_mpiexec
+from ddptrain.distributed.launcher import environ_without_launcher, find_mpiexec
 
 pytestmark = pytest.mark.slow   # every test here starts processes
 

@@ -14,14 +14,14 @@ import sys
 import time
 
 import h5py
+import helpers
 import numpy as np
 import pytest
-
-import helpers
-from ddptrain.comm import SerialComm
-from ddptrain.config import Config
-from ddptrain.runner import run_training
 from helpers import make_dataset, model_spec
+
+from ddptrain.distributed.comm import SerialComm
+from ddptrain.run.config import Config
+from ddptrain.run.runner import run_training
 
 pytestmark = pytest.mark.slow   # a process runs the cases
 

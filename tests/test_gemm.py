@@ -7,21 +7,23 @@ one process trains. The test extra installs MKL on x86-64 Linux; elsewhere the M
 
 import numpy as np
 import pytest
-
-import ddptrain
-from ddptrain import blas, cli, denormals, gemm
-from ddptrain.errors import UserError
-from ddptrain.optim import SGD
 from helpers import final_params, model_spec, relative_error
 
-needs_mkl = pytest.mark.skipif(gemm.mkl_installed() is None,
+import ddptrain
+from ddptrain import cli
+from ddptrain.backends import blas, denormals, gemm
+from ddptrain.backends import mkl as mkl_library
+from ddptrain.errors import UserError
+from ddptrain.optim.optimizers import SGD
+
+needs_mkl = pytest.mark.skipif(mkl_library.mkl_installed() is None,
                                reason="MKL is not installed (the test extra installs it on x86-64 Linux only)")
 
 
 @pytest.fixture
 def mkl():
-    gemm.use(gemm.choose("mkl"))
-    return gemm._mkl
+    """The process's MKL, loaded."""
+    return mkl_library.load()
 
 
 def no_numpy_fallback(monkeypatch):
@@ -112,57 +114,74 @@ def test_mkl_gives_the_same_bits_wherever_the_operands_sit_in_memory(mkl):
 
 
 @needs_mkl
-def test_with_mkl_the_sgd_update_runs_in_mkl_too(mkl):
-    """One pool of threads for a step: the update's axpby is MKL's once MKL multiplies."""
-    assert blas._functions()[np.dtype(np.float32)] is mkl.axpby[np.dtype(np.float32)]
+def test_with_mkl_the_sgd_update_runs_in_mkl_too(mkl, monkeypatch):
+    """One pool of threads for a step: the update's axpby is MKL's where MKL multiplies, numpy's BLAS's
+    otherwise."""
+    backend = gemm.backend(gemm.choose("mkl"))
+    called = []
+    monkeypatch.setitem(mkl.axpby, np.dtype(np.float32),
+                        lambda *args, original=mkl.axpby[np.dtype(np.float32)]: called.append(original(*args)))
     rng = np.random.default_rng(3)
     params, grads = rng.standard_normal(1000).astype(np.float32), rng.standard_normal(1000).astype(np.float32)
     expected_velocity = grads.copy()
     expected = params - np.float32(0.1) * expected_velocity
-    SGD(momentum=0.9).step(params, grads, 0.1)
+    SGD(momentum=0.9, backend=backend).step(params, grads, 0.1)
     np.testing.assert_allclose(params, expected, rtol=1e-6, atol=1e-7)   # MKL fuses the multiply and the add
-    gemm.use(gemm.choose("numpy"))
-    assert blas._functions().get(np.dtype(np.float32)) is not mkl.axpby[np.dtype(np.float32)]
+    assert len(called) == 1   # the first step copies the gradient into the velocity: one axpby, MKL's
+    SGD(momentum=0.9, backend=gemm.NUMPY).step(params, grads, 0.1)
+    assert len(called) == 1   # numpy's backend: not MKL's
 
 
-@needs_mkl
-@pytest.mark.slow
-def test_mkl_names_the_instruction_set_of_its_kernels_and_obeys_a_limit_on_it():
-    """What the benchmark's --isa avx2 relies on: MKL_ENABLE_INSTRUCTIONS=AVX2 holds MKL to its AVX2 kernels on
-    a CPU with AVX-512, and the code path says so. Asked in fresh processes: MKL reads the variable once."""
+def mkl_code_path(**env):
+    """MKL's code path as a fresh process sees it (MKL reads its environment once, when it loads)."""
     import subprocess
     import sys
 
     import helpers
-    probe = "from ddptrain import gemm; gemm.configure('mkl'); print(gemm.mkl_code_path())"
+    probe = "from ddptrain.backends import gemm; print(gemm.backend(gemm.choose('mkl')).code_path())"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env={**helpers.clean_env(), **env})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
 
-    def code_path(**env):
-        proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                              env={**helpers.clean_env(), **env})
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout.strip()
 
-    native = code_path()
-    assert native in ("AVX2", "AVX-512", "AVX-512 E1")   # x86-64 CPUs of this decade
-    assert code_path(MKL_ENABLE_INSTRUCTIONS="AVX2") == "AVX2"
-    assert gemm.mkl_code_path() is None   # numpy multiplies here (conftest resets it)
+intel_only = pytest.mark.skipif(gemm.cpu_vendor() != "GenuineIntel",
+                                reason="MKL runs no CPU-specific kernels on a CPU that is not Intel's (its code "
+                                       "path is 'generic'), so a limit on their instruction set cannot be seen")
+
+
+@needs_mkl
+@pytest.mark.slow
+def test_mkl_names_the_instruction_set_of_its_kernels():
+    """On an Intel CPU, the instruction set of the kernels MKL picked; elsewhere, that they are generic."""
+    expected = ("AVX2", "AVX-512", "AVX-512 E1") if gemm.cpu_vendor() == "GenuineIntel" else ("generic",)
+    assert mkl_code_path() in expected   # x86-64 CPUs of this decade
+
+
+@needs_mkl
+@intel_only
+@pytest.mark.slow
+def test_mkl_obeys_a_limit_on_the_instruction_set_of_its_kernels():
+    """What the benchmark's --isa avx2 relies on: MKL_ENABLE_INSTRUCTIONS=AVX2 holds MKL to its AVX2 kernels on
+    a CPU with AVX-512, and the code path says so."""
+    assert mkl_code_path(MKL_ENABLE_INSTRUCTIONS="AVX2") == "AVX2"
 
 
 def test_auto_takes_mkl_on_intel_cpus_only_and_says_why_not(monkeypatch):
-    monkeypatch.setattr(gemm, "mkl_installed", lambda: "2026.2.0")
+    monkeypatch.setattr(mkl_library, "mkl_installed", lambda: "2026.2.0")
     assert gemm.choose("auto", vendor="GenuineIntel") == gemm.Choice("mkl", "MKL 2026.2.0 (an Intel CPU)")
     amd = gemm.choose("auto", vendor="AuthenticAMD")
     assert amd.name == "numpy"
     assert "this CPU is AuthenticAMD's, not Intel's" in amd.description
     assert gemm.choose("mkl", vendor="AuthenticAMD").name == "mkl"     # asked for: anywhere
     assert gemm.choose("numpy", vendor="GenuineIntel").name == "numpy"
-    monkeypatch.setattr(gemm, "mkl_installed", lambda: None)
+    monkeypatch.setattr(mkl_library, "mkl_installed", lambda: None)
     absent = gemm.choose("auto", vendor="GenuineIntel")
     assert absent.name == "numpy" and absent.description.endswith("(MKL is not installed)")
 
 
 def test_mkl_asked_for_where_it_is_not_installed_is_refused_in_one_line(monkeypatch, small_data, tmp_path, capsys):
-    monkeypatch.setattr(gemm, "mkl_installed", lambda: None)
+    monkeypatch.setattr(mkl_library, "mkl_installed", lambda: None)
     with pytest.raises(UserError, match=r"^--gemm mkl: MKL is not installed here \(ddptrain's mkl extra: "):
         gemm.choose("mkl")
     status = cli.main(["--data", small_data, "--model", model_spec(), "--epochs", "1", "--gemm", "mkl",
@@ -188,35 +207,33 @@ class RankZeroOfTwo:
 
 def test_a_rank_that_cannot_multiply_with_the_library_asked_for_stops_every_rank_with_its_reason():
     """Every rank learns of it (an Allgather of the verdicts), so none goes on alone into a collective."""
-    from ddptrain.runner import configure_gemm
+    from ddptrain.run.preflight import configure_gemm
 
     no_mkl = ("UserError", "--gemm mkl: MKL is not installed here (ddptrain's mkl extra: ...)")
     with pytest.raises(UserError, match=r"^rank 1: --gemm mkl: MKL is not installed here \(ddptrain's mkl "
                                         r"extra: \.\.\.\)$") as refused:
         configure_gemm(RankZeroOfTwo(no_mkl), "numpy")
     assert refused.value.all_ranks   # met by every rank: printed once, no MPI abort
-    assert gemm.in_use() == "numpy"
 
 
 def test_auto_takes_mkl_only_if_every_rank_can_so_that_every_rank_multiplies_alike(monkeypatch):
     """Nodes differ (an Intel node, an AMD one): one library for all, and the start-up line says why."""
-    from ddptrain.runner import configure_gemm
-    monkeypatch.setattr(gemm, "mkl_installed", lambda: "2026.2.0")
+    from ddptrain.run.preflight import configure_gemm
+    monkeypatch.setattr(mkl_library, "mkl_installed", lambda: "2026.2.0")
     monkeypatch.setattr(gemm, "cpu_vendor", lambda: "GenuineIntel")   # rank 0 alone would take MKL
     amd = gemm.Choice("numpy", "numpy's openblas (MKL is installed, but this CPU is AuthenticAMD's, not Intel's)")
     choice = configure_gemm(RankZeroOfTwo(None, amd), "auto")
-    assert choice.name == "numpy" and gemm.in_use() == "numpy"
+    assert choice.name == "numpy"
     assert choice.description == (f"numpy's {blas.library_name()} (MKL only if every rank can take it, and rank 1 "
                                   f"cannot: MKL is installed, but this CPU is AuthenticAMD's, not Intel's)")
 
 
 @needs_mkl
 def test_auto_takes_mkl_where_every_rank_can(monkeypatch):
-    from ddptrain.runner import configure_gemm
+    from ddptrain.run.preflight import configure_gemm
     monkeypatch.setattr(gemm, "cpu_vendor", lambda: "GenuineIntel")
-    intel = gemm.Choice("mkl", f"MKL {gemm.mkl_installed()} (an Intel CPU)")
+    intel = gemm.Choice("mkl", f"MKL {mkl_library.mkl_installed()} (an Intel CPU)")
     assert configure_gemm(RankZeroOfTwo(None, intel), "auto") == intel
-    assert gemm.in_use() == "mkl"
 
 
 def test_an_unknown_library_is_refused(small_data):
@@ -232,12 +249,11 @@ def test_the_start_up_line_names_the_library_of_the_products(library, small_data
                      "--run-dir", str(tmp_path), "--dry-run"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     if library == "mkl":
-        assert f"; matrix products: MKL {gemm.mkl_installed()};" in first
+        assert f"; matrix products: MKL {mkl_library.mkl_installed()};" in first
         assert " mkl thread" in first   # the threads --threads sets are MKL's
     else:
         assert f"; matrix products: numpy's {blas.library_name()};" in first
     assert first.endswith("; denormals flushed to zero") or not denormals.supported()
-    assert gemm.in_use() == library
 
 
 @needs_mkl
@@ -253,7 +269,6 @@ def test_with_mkl_p_ranks_train_the_parameters_of_one_process(ranks, small_data,
     one = train(tmp_path / "one")
     several = train(tmp_path / "several", "--simulate-ranks", str(ranks))
     assert relative_error(several, one) < 1e-9
-    assert gemm.in_use() == "mkl"
 
 
 @needs_mkl

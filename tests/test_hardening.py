@@ -11,13 +11,16 @@ import subprocess
 import time
 
 import h5py
+import helpers
 import numpy as np
 import pytest
-
-import helpers
-from ddptrain import checkpoint as ckpt_io, cli, data
-from ddptrain.errors import EXIT_PREEMPTED, EXIT_USAGE, DataError
 from helpers import error_lines, flip_byte_at, metrics_records, model_spec
+
+from ddptrain import cli
+from ddptrain.data import format as data
+from ddptrain.data import readable
+from ddptrain.errors import EXIT_PREEMPTED, EXIT_USAGE, DataError
+from ddptrain.run import checkpoint as ckpt_io
 
 SMALL = ["--model", model_spec(), "--batch-size", "16", "--threads", "1", "--quiet"]
 
@@ -84,8 +87,8 @@ def test_a_data_file_that_hangs_hdf5_ends_every_rank_with_one_line(tmp_path, ran
 def test_a_file_that_hangs_hdf5_is_cut_short_in_a_child_process(tmp_path):
     bad = hanging_file(tmp_path / "hangs.h5")
     with pytest.raises(DataError, match="hangs.h5: damaged: HDF5 did not finish reading its metadata within 1 s"):
-        data.check_readable(bad, seconds=1)
-    data.check_readable(old_format_file(tmp_path / "fine.h5"), seconds=5)   # the same format, undamaged: read
+        readable.check_readable(bad, seconds=1)
+    readable.check_readable(old_format_file(tmp_path / "fine.h5"), seconds=5)   # the same format, undamaged: read
 
 
 def test_a_fifo_given_as_data_is_refused_at_once(tmp_path, capsys):
@@ -127,8 +130,8 @@ def test_a_checkpoint_whose_description_asks_for_more_than_its_arrays_is_refused
         small_data, tmp_path, capsys):
     """A digest proves the bytes are whole, not that they are honest: a description of a huge layer with
     the arrays of a small one must not make evaluate allocate the huge one."""
-    from ddptrain.conv import Conv2d
-    from ddptrain.nn import Flatten, Linear
+    from ddptrain.nn.conv import Conv2d
+    from ddptrain.nn.layers import Flatten, Linear
     assert in_process(["--data", small_data, *SMALL, "--epochs", "1", "--run-dir", tmp_path / "run"], capsys)[0] == 0
     checkpoint = ckpt_io.step_path(tmp_path / "run" / "checkpoints", 15)
     huge = [Conv2d(1, 4_000_000_000, 3), Flatten(), Linear(64, 10)]   # 36 billion weights
@@ -144,10 +147,11 @@ def test_evaluate_refuses_a_model_whose_activations_would_not_fit_in_memory(smal
                                                                            monkeypatch):
     """Few parameters, huge activations: 20,000 channels of 8x8 pixels for 60 test rows. Checked like a
     training run's options (limits.py), with the memory said to be 1 GiB."""
-    from ddptrain import limits
-    from ddptrain.conv import Conv2d
-    from ddptrain.nn import Flatten, Linear, Sequential
-    from ddptrain.pooling import AvgPool2d
+    from ddptrain.nn.conv import Conv2d
+    from ddptrain.nn.layers import Flatten, Linear
+    from ddptrain.nn.model import Sequential
+    from ddptrain.nn.pooling import AvgPool2d
+    from ddptrain.run import limits
     assert in_process(["--data", small_data, *SMALL, "--epochs", "1", "--run-dir", tmp_path / "run"], capsys)[0] == 0
     checkpoint = ckpt_io.step_path(tmp_path / "run" / "checkpoints", 15)
     wide = Sequential([Conv2d(1, 20_000, 1), AvgPool2d(8), Flatten(), Linear(20_000, 10)], dtype=np.float32)

@@ -5,9 +5,10 @@ import tracemalloc
 
 import numpy as np
 import pytest
-
-from ddptrain.nn import Linear, ReLU, Sequential, Softmax
 from helpers import numerical_grad, rel_error
+
+from ddptrain.nn.layers import Linear, ReLU, Softmax
+from ddptrain.nn.model import Sequential
 
 TOL = 1e-7   # central differences in float64 agree to ~1e-9 here
 

@@ -5,10 +5,10 @@ import warnings
 
 import numpy as np
 import pytest
+from helpers import numerical_grad, one_hot, rel_error
 
-from ddptrain.losses import CrossEntropy, SoftmaxCrossEntropy, log_softmax, one_hot, softmax
-from ddptrain.nn import Softmax
-from helpers import numerical_grad, rel_error
+from ddptrain.nn.layers import Softmax
+from ddptrain.nn.losses import CrossEntropy, SoftmaxCrossEntropy, log_softmax, softmax
 
 TOL = 1e-7
 B, C = 6, 5

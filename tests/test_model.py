@@ -2,12 +2,14 @@
 
 import numpy as np
 import pytest
+from helpers import numerical_grad, rel_error
 
 from ddptrain.errors import UserError
-from ddptrain.losses import SoftmaxCrossEntropy
-from ddptrain.nn import BatchNorm, Dropout, Flatten, Layer, Linear, ReLU, Sequential, ShapeError, Softmax
-from ddptrain.spec import Token, parse_spec
-from helpers import numerical_grad, rel_error
+from ddptrain.nn import BatchNorm, Dropout, Sequential
+from ddptrain.nn.layer import Layer, ShapeError
+from ddptrain.nn.layers import Flatten, Linear, ReLU, Softmax
+from ddptrain.nn.losses import SoftmaxCrossEntropy
+from ddptrain.nn.spec import Token, parse_spec
 
 SPEC = "20-16-12-5"
 PARAM_NAMES = ["linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias", "linear3.weight", "linear3.bias"]

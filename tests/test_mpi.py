@@ -4,11 +4,11 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 import helpers
-from ddptrain import checkpoint
+import pytest
 from helpers import model_spec
+
+from ddptrain.run import checkpoint
 
 pytestmark = pytest.mark.slow   # every test here starts processes
 

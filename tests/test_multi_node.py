@@ -12,14 +12,14 @@ import subprocess
 import sys
 import time
 
+import fakehosts
+import helpers
 import numpy as np
 import pytest
 
-import fakehosts
-import helpers
-from ddptrain import checkpoint
-from ddptrain.launcher import environ_without_launcher
-from ddptrain.threads import _description
+from ddptrain.backends.threads import _description
+from ddptrain.distributed.launcher import environ_without_launcher
+from ddptrain.run import checkpoint
 
 RANKS_PER_HOST = 2
 OPTIONS = ["--model", "64-32-10", "--dtype", "float64", "--batch-size", "32", "--lr", "0.1", "--threads", "0"]

@@ -5,14 +5,16 @@ ranks of a node do); tests/mpi runs the same on MPI ranks, tests/test_multi_node
 
 import numpy as np
 import pytest
+from helpers import final_params, metrics_records, model_spec, on_simulated_ranks, relative_error
 
 import ddptrain
-from ddptrain import cli, node_memory
-from ddptrain.config import Config
-from ddptrain.node_memory import NodeMemory, choose_exchange
-from ddptrain.nn import Sequential
-from ddptrain.sharding import shard_bounds
-from helpers import final_params, metrics_records, model_spec, on_simulated_ranks, relative_error
+from ddptrain import cli
+from ddptrain.distributed import exchange
+from ddptrain.distributed.exchange import choose_node_memory
+from ddptrain.distributed.node_memory import NodeMemory
+from ddptrain.distributed.sharding import shard_bounds
+from ddptrain.nn.model import Sequential
+from ddptrain.run.config import Config
 
 
 def train(small_data, run_dir, *options, epochs=2):
@@ -71,7 +73,8 @@ def test_gathering_the_gradient_gives_every_rank_every_reduced_slice():
         model.grads[...] = comm.rank + 1.0
         bounds = shard_bounds(model.grads.size, comm.size)
         shared.reduce_scatter_(model.grads, bounds)
-        return shared.allgather_(model.grads, bounds).copy()
+        shared.gather_gradient_(model.grads, bounds)
+        return model.grads.copy()
 
     for grads in on_simulated_ranks(3, work):
         np.testing.assert_array_equal(grads, np.full(31, 6.0))
@@ -136,7 +139,7 @@ def test_the_start_up_says_how_the_gradient_is_exchanged(small_data, tmp_path, c
 def test_debug_runs_through_allreduce_since_it_perturbs_each_rank_s_parameters(small_data, tmp_path, capsys):
     assert train(small_data, tmp_path / "r", "--debug", "--simulate-ranks", 2, epochs=1) == 0
     config = Config(debug=True, dtype="float64")
-    assert choose_exchange(_Size(2), config, 10) == (False, "--debug exchanges through MPI")
+    assert choose_node_memory(_Size(2), config, 10) == (False, "--debug exchanges through MPI")
 
 
 @pytest.mark.parametrize("other", ["--overlap-allreduce", "--shard-optimizer", "--debug"])
@@ -155,7 +158,7 @@ def test_an_unknown_exchange_is_refused_by_name(small_data, tmp_path, capsys):
 
 def test_without_room_in_shared_memory_auto_falls_back_to_allreduce_and_an_explicit_request_is_refused(
         small_data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(node_memory, "shared_memory_free", lambda: 1024)   # 1 KiB free in /dev/shm
+    monkeypatch.setattr(exchange, "shared_memory_free", lambda: 1024)   # 1 KiB free in /dev/shm
     assert cli.main(["--data", small_data, "--model", model_spec(), "--epochs", "1", "--simulate-ranks", "2",
                      "--run-dir", str(tmp_path / "auto")]) == 0
     assert "gradients: MPI Allreduce (/dev/shm has less than" in capsys.readouterr().out
@@ -166,13 +169,13 @@ def test_without_room_in_shared_memory_auto_falls_back_to_allreduce_and_an_expli
 
 
 def test_one_process_and_one_rank_per_node_need_no_shared_memory():
-    assert choose_exchange(_Size(1), Config(), 10) == (False, "one rank")
-    assert choose_exchange(_Size(2, node_size=1), Config(), 10) == (False, "one rank per node")
-    assert choose_exchange(_Size(2), Config(exchange="allreduce"), 10) == (False, "asked for")
+    assert choose_node_memory(_Size(1), Config(), 10) == (False, "one rank")
+    assert choose_node_memory(_Size(2, node_size=1), Config(), 10) == (False, "one rank per node")
+    assert choose_node_memory(_Size(2), Config(exchange="allreduce"), 10) == (False, "asked for")
 
 
 def test_nodes_with_different_rank_counts_fall_back_to_allreduce():
-    assert choose_exchange(_Size(3, layouts=[2, 2, 1]), Config(), 10) == \
+    assert choose_node_memory(_Size(3, layouts=[2, 2, 1]), Config(), 10) == \
         (False, "the nodes hold different numbers of ranks (2, 2, 1)")
 
 
@@ -208,7 +211,7 @@ class _Node:
 
 
 def test_shared_memory_that_cannot_be_had_is_one_line_naming_the_way_out(small_data, tmp_path, capsys, monkeypatch):
-    from ddptrain.comm import ThreadComm
+    from ddptrain.distributed.simulate import ThreadComm
 
     def refuse(self, count, dtype):
         raise OSError("No space left on device")

@@ -3,12 +3,12 @@ global batch however it is split across (simulated) ranks; Dropout masks that do
 
 import numpy as np
 import pytest
-
-from ddptrain.dropout import BatchContext, Dropout
-from ddptrain.losses import SoftmaxCrossEntropy
-from ddptrain.nn import Sequential
-from ddptrain.normalization import BatchNorm
 from helpers import numerical_grad, on_simulated_ranks, rel_error
+
+from ddptrain.nn.dropout import BatchContext, Dropout
+from ddptrain.nn.losses import SoftmaxCrossEntropy
+from ddptrain.nn.model import Sequential
+from ddptrain.nn.normalization import BatchNorm
 
 TOL = 1e-7
 

@@ -5,7 +5,7 @@ import copy
 import numpy as np
 import pytest
 
-from ddptrain.optim import SGD
+from ddptrain.optim.optimizers import SGD
 
 CONFIGS = {
     "plain": dict(momentum=0.0, weight_decay=0.0, nesterov=False),

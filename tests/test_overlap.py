@@ -3,14 +3,15 @@
 import numpy as np
 import pytest
 
-from ddptrain.comm import SerialComm
-from ddptrain.config import Config
+from ddptrain.distributed.comm import SerialComm
+from ddptrain.distributed.exchange import Allreduce, BucketedAllreduce
+from ddptrain.distributed.overlap import make_buckets
 from ddptrain.errors import UserError
-from ddptrain.losses import SoftmaxCrossEntropy
-from ddptrain.nn import Sequential
-from ddptrain.optim import SGD
-from ddptrain.overlap import GradientBuckets, make_buckets
-from ddptrain.step import TrainStep
+from ddptrain.nn.losses import SoftmaxCrossEntropy
+from ddptrain.nn.model import Sequential
+from ddptrain.optim.optimizers import SGD
+from ddptrain.run.config import Config
+from ddptrain.training.step import TrainStep
 
 
 def test_buckets_are_tails_of_the_flat_gradient_in_the_order_backward_fills_them():
@@ -45,8 +46,9 @@ def test_each_bucket_starts_as_soon_as_its_last_layer_is_done_and_the_step_equal
     plain, overlapped = (Sequential.from_spec("784-512-256-10", dtype=np.float64, seed=2) for _ in range(2))
     log = []
     overlapped.observer = lambda kind, layer, out: log.append((kind, layer.name))
-    TrainStep(plain, SoftmaxCrossEntropy(), SGD(momentum=0.9), SerialComm())(x, y, 16, lr=0.1)
-    step = TrainStep(overlapped, SoftmaxCrossEntropy(), SGD(momentum=0.9), Recorder(log), bucket_bytes=2 ** 18)
+    TrainStep(plain, SoftmaxCrossEntropy(), SGD(momentum=0.9), Allreduce(SerialComm()))(x, y, 16, lr=0.1)
+    step = TrainStep(overlapped, SoftmaxCrossEntropy(), SGD(momentum=0.9),
+                     BucketedAllreduce(Recorder(log), overlapped, bucket_bytes=2 ** 18))
     step(x, y, 16, lr=0.1)
     backward = [entry for entry in log if entry[0] != "forward"]
     assert backward == [("backward", "linear3"), ("backward", "relu2"), ("backward", "linear2"),

@@ -18,11 +18,13 @@ import sys
 
 import numpy as np
 import pytest
-
-from ddptrain import cli, data, datasets, mnist
-from ddptrain.errors import DataError, UserError
-from ddptrain.launcher import environ_without_launcher, find_mpiexec
 from test_mnist import REPO, checksums, contents, idx_bytes, md5, quiet, write_idx_dir  # noqa: F401 (fixtures)
+
+from ddptrain import cli
+from ddptrain.data import datasets, fetch, idx
+from ddptrain.data import format as data
+from ddptrain.distributed.launcher import environ_without_launcher, find_mpiexec
+from ddptrain.errors import DataError, UserError
 
 FASHION = datasets.FASHION_MNIST
 
@@ -30,12 +32,12 @@ FASHION = datasets.FASHION_MNIST
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """Fail any test that would download: only file:// mirrors are allowed."""
-    download = mnist._download
+    download = fetch._download
 
     def local_only(url, timeout):
         assert url.startswith("file:"), f"the test tried to download {url}"
         return download(url, timeout)
-    monkeypatch.setattr(mnist, "_download", local_only)
+    monkeypatch.setattr(fetch, "_download", local_only)
 
 
 @pytest.fixture(autouse=True)
@@ -59,13 +61,13 @@ def own_set(folder, image_shape=(5, 4), train_labels=(0, 3, 6, 2, 1), test_label
 
 def parse(argv):
     parser = argparse.ArgumentParser()
-    mnist.add_arguments(parser)
+    datasets.add_arguments(parser)
     return parser.parse_args(argv)
 
 
 def prepare(argv):
     """``python -m ddptrain prepare ARGV``, in this process (mnist.run, as cli.py calls it)."""
-    return mnist.run(parse([str(arg) for arg in argv]))
+    return datasets.run(parse([str(arg) for arg in argv]))
 
 
 # ---------------------------------------------------------------- a set of one's own
@@ -216,7 +218,7 @@ def debian_folder(tmp_path, contents):
     folder = tmp_path / "debian"
     folder.mkdir()
     for key, content in contents.items():
-        (folder / f"{mnist.IDX_FILES[key]}.gz").write_bytes(gzip.compress(content, compresslevel=1, mtime=1))
+        (folder / f"{idx.IDX_FILES[key]}.gz").write_bytes(gzip.compress(content, compresslevel=1, mtime=1))
     return folder
 
 

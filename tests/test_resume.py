@@ -11,12 +11,12 @@ and record metrics every 5 steps as well as every epoch.
 import json
 import shutil
 
+import helpers
 import numpy as np
 import pytest
-
-import helpers
-from ddptrain import checkpoint as ckpt_io
 from helpers import flip_a_byte_of, make_dataset, model_spec
+
+from ddptrain.run import checkpoint as ckpt_io
 
 pytestmark = pytest.mark.slow   # every test here starts ddptrain processes
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from ddptrain.config import Config
-from ddptrain.schedule import learning_rate
+from ddptrain.optim.schedule import learning_rate
+from ddptrain.run.config import Config
 
 
 def schedule(**options):

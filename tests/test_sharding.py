@@ -3,12 +3,14 @@ unsharded optimiser trains; its checkpoints resume on any number of ranks, shard
 
 import numpy as np
 import pytest
-
-from ddptrain import checkpoint as ckpt_io, cli
-from ddptrain.comm import SerialComm
-from ddptrain.optim import SGD, AdamW
-from ddptrain.sharding import ShardedOptimizer, shard_bounds
 from helpers import final_params, metrics_records, model_spec, on_simulated_ranks, relative_error
+
+from ddptrain import cli
+from ddptrain.distributed.comm import SerialComm
+from ddptrain.distributed.exchange import ReduceScatter
+from ddptrain.distributed.sharding import ShardedOptimizer, shard_bounds
+from ddptrain.optim.optimizers import SGD, AdamW
+from ddptrain.run import checkpoint as ckpt_io
 
 OPTIMIZERS = {"sgd": ["--optimizer", "sgd", "--momentum", "0.9"],
               "adamw": ["--optimizer", "adamw", "--lr", "0.01", "--weight-decay", "0.01"]}
@@ -47,12 +49,19 @@ def test_each_rank_holds_a_third_of_the_state_and_the_checkpoint_all_of_it(small
     n = 1000
     grads = np.random.default_rng(0).standard_normal(n)
 
+    def state_bytes(optimizer):
+        """Bytes of optimiser state this rank holds."""
+        return sum(value.nbytes for value in optimizer.optimizer.state_dict().values()
+                   if isinstance(value, np.ndarray))
+
     def step_on_rank(comm):
-        optimizer = ShardedOptimizer(AdamW(), comm, n)
+        exchange = ReduceScatter(comm, n)
+        optimizer = exchange.sharded_optimizer(AdamW())
         params = np.zeros(n)
         reduced = grads * comm.size   # what every rank would hold after an Allreduce of equal shares
         optimizer.step(params, reduced.copy(), 0.01)
-        return optimizer.memory_bytes(), optimizer.state_dict(), params
+        exchange.publish_(params)   # every rank's updated slice, on every rank
+        return state_bytes(optimizer), optimizer.state_dict(), params
 
     results = on_simulated_ranks(3, step_on_rank)
     assert [memory for memory, *_ in results] == [2 * 333 * 8, 2 * 333 * 8, 2 * 334 * 8]   # m and v of a slice

@@ -25,12 +25,13 @@ from types import SimpleNamespace
 import h5py
 import numpy as np
 import pytest
-
-from ddptrain import __version__, checkpoint as ckpt_io
-from ddptrain.errors import UserError
-from ddptrain.launcher import srun_task
-from ddptrain.slurm import check_srun_world, default_run_dir, slurm_restart_count
 from helpers import ROOT, clean_env, make_dataset, run
+
+from ddptrain import __version__
+from ddptrain.distributed.launcher import srun_task
+from ddptrain.distributed.slurm import check_srun_world, default_run_dir, slurm_restart_count
+from ddptrain.errors import UserError
+from ddptrain.run import checkpoint as ckpt_io
 
 TRAIN = ROOT / "slurm" / "train.sbatch"
 SWEEP = ROOT / "slurm" / "sweep.sbatch"

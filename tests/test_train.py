@@ -2,27 +2,31 @@
 
 import numpy as np
 import pytest
-
-from ddptrain import checkpoint as ckpt_io, data
-from ddptrain.callbacks import Checkpointing
-from ddptrain.comm import SerialComm
-from ddptrain.config import Config
-from ddptrain.losses import SoftmaxCrossEntropy
-from ddptrain.nn import Flatten, Linear, Sequential
-from ddptrain.optim import SGD
-from ddptrain.plan import TrainingPlan
-from ddptrain.rank0 import RunFolder
-from ddptrain.runner import run_training
-from ddptrain.signals import StopRequest
-from ddptrain.evaluation import evaluate
-from ddptrain.step import Batches, NonFiniteStep, Split, TrainStep
-from ddptrain.trainer import Callback, Trainer
 from helpers import Tally, model_spec
+
+from ddptrain.data import format as data
+from ddptrain.distributed.comm import SerialComm
+from ddptrain.distributed.exchange import Allreduce
+from ddptrain.nn.layers import Flatten, Linear
+from ddptrain.nn.losses import SoftmaxCrossEntropy
+from ddptrain.nn.model import Sequential
+from ddptrain.optim.optimizers import SGD
+from ddptrain.run import checkpoint as ckpt_io
+from ddptrain.run.callbacks import Checkpointing
+from ddptrain.run.config import Config
+from ddptrain.run.rank0 import RunFolder
+from ddptrain.run.runner import run_training
+from ddptrain.run.signals import StopRequest
+from ddptrain.training.batches import Batches, Split
+from ddptrain.training.evaluation import evaluate
+from ddptrain.training.plan import TrainingPlan
+from ddptrain.training.step import NonFiniteStep, TrainStep
+from ddptrain.training.trainer import Callback, Trainer
 
 
 def small_step(momentum=0.9):
     model = Sequential.from_spec("4-3-2", dtype=np.float64, seed=1)
-    return TrainStep(model, SoftmaxCrossEntropy(), SGD(momentum=momentum), SerialComm())
+    return TrainStep(model, SoftmaxCrossEntropy(), SGD(momentum=momentum), Allreduce(SerialComm()))
 
 
 # ---------------------------------------------------------------- the step
@@ -114,7 +118,7 @@ def test_buffers_are_checkpointed_evaluation_leaves_them_alone_and_restore_bring
 
     def trainer(callbacks=()):
         model = Sequential([Tally(), Flatten(), Linear(64, 10)], dtype=np.float64)
-        return Trainer(TrainStep(model, SoftmaxCrossEntropy(), SGD(momentum=0.9), SerialComm()),
+        return Trainer(TrainStep(model, SoftmaxCrossEntropy(), SGD(momentum=0.9), Allreduce(SerialComm())),
                        TrainingPlan(config, info.n_train, 0, 1), train, test, info.n_classes, StopRequest(),
                        callbacks)
 
@@ -165,8 +169,8 @@ def test_a_split_of_pixels_must_be_told_the_model_s_dtype():
 
 
 def test_the_memory_estimate_counts_a_file_s_pixels_as_bytes_and_float_arrays_as_floats(small_data):
-    from ddptrain.arrays import Arrays
-    from ddptrain.limits import estimate_rank_bytes
+    from ddptrain.data.arrays import Arrays
+    from ddptrain.run.limits import estimate_rank_bytes
     layers = Sequential.from_spec(model_spec(), dtype=np.float32).layers
     info = data.inspect(small_data)
     rows = info.n_train + info.n_test

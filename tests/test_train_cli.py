@@ -3,13 +3,12 @@
 import json
 
 import h5py
-import numpy as np
-
-import pytest
-
 import helpers
-from ddptrain import checkpoint
+import numpy as np
+import pytest
 from helpers import model_spec
+
+from ddptrain.run import checkpoint
 
 pytestmark = pytest.mark.slow   # every test here runs python -m ddptrain
 

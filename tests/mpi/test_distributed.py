@@ -11,20 +11,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from ddptrain import checkpoint, data
-from ddptrain.arrays import Arrays
-from ddptrain.callbacks import ReplicaDivergence, check_replicas
-from ddptrain.comm import MPIComm, SerialComm
-from ddptrain.config import Config
-from ddptrain.errors import DataError, UserError
-from ddptrain.evaluation import evaluate
-from ddptrain.losses import SoftmaxCrossEntropy
-from ddptrain.nn import Layer, Sequential
-from ddptrain.runner import run_training
-from ddptrain.sampler import evaluation_block, owned_blocks
-from ddptrain.step import Split
 from helpers import Tally, make_dataset, model_spec
+
+from ddptrain.data import format as data
+from ddptrain.data.arrays import Arrays
+from ddptrain.data.sampler import evaluation_block, owned_blocks
+from ddptrain.distributed.comm import MPIComm, SerialComm
+from ddptrain.errors import DataError, UserError
+from ddptrain.nn.layer import Layer
+from ddptrain.nn.losses import SoftmaxCrossEntropy
+from ddptrain.nn.model import Sequential
+from ddptrain.run import checkpoint
+from ddptrain.run.config import Config
+from ddptrain.run.runner import run_training
+from ddptrain.training.batches import Split
+from ddptrain.training.callbacks import ReplicaDivergence, check_replicas
+from ddptrain.training.evaluation import evaluate
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -347,7 +349,7 @@ def test_a_data_file_missing_on_one_rank_only_is_named_with_that_rank(comm, shar
 
 
 def test_another_numpy_on_one_rank_is_refused_on_every_rank(comm, shared_dir, dataset, monkeypatch):
-    from ddptrain import agreement
+    from ddptrain.distributed import agreement
     if comm.rank == comm.size - 1:
         monkeypatch.setattr(agreement.np, "__version__", "1.0.0")
     config = Config(data=dataset, model=model_spec(), run_dir=str(shared_dir / "versions-differ"))
@@ -378,21 +380,21 @@ def test_overlapping_the_allreduce_with_backward_trains_the_parameters_of_one_pr
 
 def test_the_ranks_of_a_node_share_the_parameters_and_each_receives_the_sum_of_its_slice(comm):
     """node_memory.NodeMemory in MPI's shared windows: one copy of the parameters, a gradient slot each."""
-    from ddptrain.node_memory import NodeMemory
-    from ddptrain.sharding import shard_bounds
+    from ddptrain.distributed.node_memory import NodeMemory
+    from ddptrain.distributed.sharding import shard_bounds
     model = Sequential.from_spec("20-16-5", dtype=np.float64, seed=1)
     shared = NodeMemory(comm, model.params.size, model.dtype)
     shared.place(model)
     np.testing.assert_array_equal(model.params, Sequential.from_spec("20-16-5", dtype=np.float64, seed=1).params)
-    shared.allgather_(model.params, None)   # every rank has read them before one writes
-    if shared.rank == shared.size - 1:
+    shared.sync()   # every rank has read them before one writes
+    if shared.node.rank == shared.node.size - 1:
         model.params[0] = 42.0   # written by one rank of the node...
-    shared.allgather_(model.params, None)
+    shared.sync()
     assert model.params[0] == 42.0   # ...read by all of them
     model.grads[...] = np.arange(model.grads.size) * (comm.rank + 1.0)
-    bounds = shard_bounds(model.grads.size, shared.size)
+    bounds = shard_bounds(model.grads.size, shared.node.size)
     mine = shared.reduce_scatter_(model.grads, bounds)
-    lo, hi = bounds[shared.rank], bounds[shared.rank + 1]
+    lo, hi = bounds[shared.node.rank], bounds[shared.node.rank + 1]
     np.testing.assert_array_equal(mine, np.arange(lo, hi) * sum(range(1, comm.size + 1)))
     shared.release(model)
 

@@ -1,0 +1,220 @@
+"""Communicators: the only module that imports mpi4py.
+
+Everything else receives a communicator object and calls the few collective
+operations below. ``SerialComm`` is the world of one process, where every
+collective is trivial; a plain ``python -m ddptrain`` runs through exactly the
+same training code with it. ``MPIComm`` wraps an mpi4py communicator.
+
+All collectives must be called by every rank, in the same order: never call
+one inside an ``if comm.rank == 0`` branch.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+ABORT_GRACE_SECONDS = 0.5
+
+
+class SerialComm:
+    """One process: rank 0 of a world of size 1."""
+
+    rank = 0
+    size = 1
+    library = "none (single process)"
+
+    def allreduce_(self, array):
+        """Sum ``array`` over all ranks, in place. Returns it."""
+        return array
+
+    def allreduce(self, value):
+        """Sum a Python number (or numpy array, as a copy) over all ranks."""
+        return value
+
+    def iallreduce_(self, array):
+        """Start summing ``array`` over all ranks, in place; returns a request: ``test()`` lets the sum make
+        progress and tells whether it is done, ``wait()`` waits for it. ``array`` must not be touched before."""
+        return DONE
+
+    def bcast(self, obj, root=0):
+        """Rank ``root``'s (picklable) ``obj``, on every rank."""
+        return obj
+
+    def bcast_(self, array, root=0):
+        """Overwrite ``array`` on every rank with rank ``root``'s, in place."""
+        return array
+
+    def allgather(self, obj):
+        return [obj]
+
+    def reduce_scatter_(self, array, bounds):
+        """Sum ``array`` over all ranks into this rank's slice ``array[bounds[rank]:bounds[rank + 1]]``, in place
+        (the rest of ``array`` is left as it was). Returns the slice."""
+        return array[bounds[0]:bounds[1]]
+
+    def allgather_(self, array, bounds):
+        """Every rank's slice ``array[bounds[r]:bounds[r + 1]]``, on every rank, in place. Returns ``array``."""
+        return array
+
+    def barrier(self):
+        pass
+
+    def split_by_node(self):
+        """``(node, across)``: the ranks that share this rank's memory, and the ranks at this rank's place
+        (its rank on its node) on every node. One process is both."""
+        return self, self
+
+    def allocate_shared(self, count, dtype):
+        """A ``SharedBlock`` of ``count`` zeros that every rank of this communicator (a node's) reaches in its
+        own memory: the same array everywhere. A collective."""
+        return SharedBlock(np.zeros(count, dtype=dtype), sync=lambda: None)
+
+    def free(self):
+        """Release a communicator that ``split_by_node`` made (a collective); the world stays."""
+
+    def abort(self, status):
+        sys.exit(status)
+
+
+class _Done:
+    """The request of a collective that finished when it started."""
+
+    def test(self):
+        return True
+
+    def wait(self):
+        pass
+
+
+DONE = _Done()
+
+
+class SharedBlock:
+    """An array in memory that the ranks of one node share (``allocate_shared``): what one rank writes,
+    the others read, once every rank has passed ``sync()``, a barrier that also orders the memory
+    accesses before it and after it (MPI's ``Win_sync``, barrier, ``Win_sync``)."""
+
+    def __init__(self, array, sync, free=lambda: None):
+        self.array, self.sync, self._free = array, sync, free
+
+    def free(self):
+        """Give the memory back (a collective); ``array`` must not be used after."""
+        self.array = None
+        self._free()
+
+
+class _MPIRequest:
+    def __init__(self, request):
+        self._request = request
+
+    def test(self):
+        return self._request.Test()
+
+    def wait(self):
+        self._request.Wait()
+
+
+class MPIComm:
+    """An mpi4py communicator behind the same small interface."""
+
+    def __init__(self, mpi_comm=None):
+        from mpi4py import MPI
+        self._MPI = MPI
+        self._comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
+        self.rank = self._comm.Get_rank()
+        self.size = self._comm.Get_size()
+        self.library = MPI.Get_library_version().splitlines()[0].strip()
+
+    def allreduce_(self, array):
+        # In place, on the contiguous buffer itself: no pickling, no copy.
+        self._comm.Allreduce(self._MPI.IN_PLACE, array, op=self._MPI.SUM)
+        return array
+
+    def allreduce(self, value):
+        if isinstance(value, np.ndarray):
+            out = np.array(value, copy=True)
+            return self.allreduce_(out)
+        return self._comm.allreduce(value, op=self._MPI.SUM)
+
+    def iallreduce_(self, array):
+        return _MPIRequest(self._comm.Iallreduce(self._MPI.IN_PLACE, array, op=self._MPI.SUM))
+
+    def bcast(self, obj, root=0):
+        return self._comm.bcast(obj, root=root)
+
+    def bcast_(self, array, root=0):
+        self._comm.Bcast(array, root=root)
+        return array
+
+    def allgather(self, obj):
+        return self._comm.allgather(obj)
+
+    def reduce_scatter_(self, array, bounds):
+        counts = [int(b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+        mine = array[bounds[self.rank]:bounds[self.rank + 1]]
+        received = self._received
+        if received is None or received.size < mine.size or received.dtype != array.dtype:
+            received = self._received = np.empty(max(counts), dtype=array.dtype)
+        self._comm.Reduce_scatter(array, received[:mine.size], recvcounts=counts, op=self._MPI.SUM)
+        mine[...] = received[:mine.size]
+        return mine
+
+    def allgather_(self, array, bounds):
+        counts = [int(b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+        kind = self._MPI.DOUBLE if array.dtype == np.float64 else self._MPI.FLOAT
+        self._comm.Allgatherv(self._MPI.IN_PLACE, [array, counts, [int(b) for b in bounds[:-1]], kind])
+        return array
+
+    _received = None   # reduce_scatter_'s receive buffer, kept
+
+    def barrier(self):
+        self._comm.Barrier()
+
+    def split_by_node(self):
+        MPI = self._MPI
+        node = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)   # ranks in world order
+        across = self._comm.Split(color=node.Get_rank(), key=self.rank)
+        return MPIComm(node), MPIComm(across)
+
+    def free(self):
+        # MPI has a few thousand communicator contexts: a process that trains again and again
+        # (ddptrain.train in a loop) must give back those each run made.
+        if self._comm != self._MPI.COMM_WORLD:
+            self._comm.Free()
+
+    def allocate_shared(self, count, dtype):
+        # Rank 0 of the node allocates all of it; the others map the same pages.
+        MPI, dtype = self._MPI, np.dtype(dtype)
+        window = MPI.Win.Allocate_shared(count * dtype.itemsize if self.rank == 0 else 0, dtype.itemsize,
+                                         comm=self._comm)
+        memory, _ = window.Shared_query(0)
+        array = np.frombuffer(memory, dtype=dtype, count=count)
+        window.Lock_all(MPI.MODE_NOCHECK)   # one passive epoch for the whole run: Sync orders the accesses
+        if self.rank == 0:
+            array[...] = 0
+        comm = self._comm
+
+        def sync():
+            window.Sync()
+            comm.Barrier()
+            window.Sync()
+
+        def free():
+            window.Unlock_all()
+            window.Free()
+
+        sync()
+        return SharedBlock(array, sync, free)
+
+    def abort(self, status):
+        # Ends every rank of the job: the other ranks may be blocked in a
+        # collective that will never complete.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Give the launcher a moment to pass on what this rank just printed: Hydra
+        # (mpiexec of MPICH) can drop output still in transit when it ends the job.
+        time.sleep(ABORT_GRACE_SECONDS)
+        self._comm.Abort(status)

@@ -1,0 +1,159 @@
+"""The basic layers: ``Flatten``, ``Linear``, ``ReLU``, and a standalone ``Softmax``."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ddptrain.nn.layer import Layer, ShapeError, shape_text
+
+
+class Flatten(Layer):
+    """``(batch, d1, d2, ...)`` -> ``(batch, d1 * d2 * ...)``: a view, no copy, for contiguous input."""
+
+    def __init__(self):
+        super().__init__()
+        self._input_shape = None
+
+    def output_shape(self, input_shape):
+        return (math.prod(input_shape),)
+
+    def forward(self, x):
+        self._input_shape = x.shape
+        return x.reshape(x.shape[0], math.prod(x.shape[1:]))   # not -1: a batch may be empty
+
+    def backward(self, dout, need_input_grad=True):
+        return dout.reshape(self._input_shape) if need_input_grad else None
+
+
+class Linear(Layer):
+    """``y = x @ W + b`` with ``W`` of shape ``(n_in, n_out)``.
+
+    ``init="he"`` draws ``W ~ N(0, 2/n_in)`` (for layers followed by ReLU);
+    ``init="glorot"`` draws ``W ~ U(-a, a)`` with ``a = sqrt(6/(n_in + n_out))``.
+    Biases start at zero; ``bias=False`` leaves them out (before a BatchNorm,
+    which would cancel them).
+    """
+
+    output_is_scratch = True        # backward needs the input and the weights, not the output
+    input_grad_is_scratch = True
+    takes_features = True
+
+    def __init__(self, n_in, n_out, init="he", bias=True):
+        super().__init__()
+        if init not in ("he", "glorot"):
+            raise ValueError(f"unknown init {init!r}")
+        self.n_in, self.n_out, self.init, self.bias = int(n_in), int(n_out), init, bool(bias)
+        self._x = None
+
+    def config(self):
+        return {"n_in": self.n_in, "n_out": self.n_out, "init": self.init, "bias": self.bias}
+
+    def label(self):
+        return f"Linear {self.n_in}->{self.n_out}"
+
+    def param_shapes(self):
+        return {"weight": (self.n_in, self.n_out), **({"bias": (self.n_out,)} if self.bias else {})}
+
+    def init_params(self, rng):
+        weight = self.params["weight"]
+        if self.init == "he":
+            weight[...] = rng.standard_normal(weight.shape) * math.sqrt(2.0 / self.n_in)
+        else:
+            limit = math.sqrt(6.0 / (self.n_in + self.n_out))
+            weight[...] = rng.uniform(-limit, limit, size=weight.shape)
+        if self.bias:
+            self.params["bias"][...] = 0
+
+    def output_shape(self, input_shape):
+        if tuple(input_shape) != (self.n_in,):
+            raise ShapeError(f"{self.name or 'Linear'} ({self.label()}) takes {self.n_in} features per sample, "
+                             f"not {shape_text(input_shape)}")
+        return (self.n_out,)
+
+    def flops(self, input_shape):
+        return 2 * self.n_in * self.n_out
+
+    def forward(self, x):
+        self._x = x
+        out = self._scratch.get("out", (x.shape[0], self.n_out), self.params["weight"].dtype)
+        self.backend.matmul(x, self.params["weight"], out=out)
+        if self.bias:
+            out += self.params["bias"]
+        return out
+
+    def backward(self, dout, need_input_grad=True):
+        # dL/dW = x^T dout and dL/db = sum over the batch of dout: sums over
+        # samples, so whatever normalisation the loss applied carries through.
+        self.backend.matmul(self._x.T, dout, out=self.grads["weight"])
+        if self.bias:
+            # The column sums of dout as a product with a vector of ones: BLAS
+            # does it about twice as fast as np.sum(dout, axis=0).
+            self.backend.matmul(self._scratch.constant(1, dout.shape[0], dout.dtype), dout, out=self.grads["bias"])
+        if not need_input_grad:
+            # The first layer's input is the data: skipping dx saves a third
+            # of that layer's (the largest) matrix products.
+            return None
+        dx = self._scratch.get("dx", (dout.shape[0], self.n_in), dout.dtype)
+        return self.backend.matmul(dout, self.params["weight"].T, out=dx)
+
+
+class ReLU(Layer):
+    """``y = max(x, 0)``; the gradient passes where the output is positive.
+
+    ``in_place`` is decided by ``Sequential``, never by hand: when the layer
+    before this one does not read its own output again (``output_is_scratch``)
+    and the layer after it does not read the gradient it returned
+    (``input_grad_is_scratch``), the forward overwrites its input and the
+    backward its incoming gradient instead of writing into arrays of its own:
+    two fewer activation-sized arrays to stream through the cache each step.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.in_place = False
+        self._out = None
+
+    def forward(self, x):
+        out = x if self.in_place else self._scratch.get("out", x.shape, x.dtype)
+        # Against zeros of one sample's shape, not the scalar 0: numpy's vectorised
+        # loop for maximum wants two arrays, and with a scalar operand it takes a loop
+        # about 2.5x slower (numpy 2.4, float32). The zeros broadcast over the batch.
+        zeros = self._scratch.constant(0, math.prod(x.shape[1:]), x.dtype).reshape(x.shape[1:])
+        self._out = np.maximum(x, zeros, out=out)
+        return out
+
+    def backward(self, dout, need_input_grad=True):
+        dx = dout if self.in_place else self._scratch.get("dx", dout.shape, dout.dtype)
+        passes = np.greater(self._out, 0, out=self._scratch.get("mask", self._out.shape, bool))
+        return np.multiply(dout, passes, out=dx)
+
+
+class Softmax(Layer):
+    """``s = exp(x - max x) / sum exp(x - max x)`` row by row.
+
+    Backward is the batched Jacobian-vector product. For one row the Jacobian
+    is ``J = diag(s) - s s^T``, so ``J^T g = s * g - s (s . g)``; for the batch
+    ``dx = s * (g - sum(g * s, axis=1, keepdims=True))``. That costs O(B*C)
+    and never builds a ``(B, C, C)`` Jacobian (nor an identity matrix).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._s = None
+
+    def forward(self, x):
+        s = self._scratch.get("out", x.shape, x.dtype)
+        np.subtract(x, x.max(axis=1, keepdims=True), out=s)   # exp never overflows
+        np.exp(s, out=s)
+        s /= s.sum(axis=1, keepdims=True)
+        self._s = s
+        return s
+
+    def backward(self, dout, need_input_grad=True):
+        s = self._s
+        dx = self._scratch.get("dx", dout.shape, dout.dtype)
+        np.subtract(dout, np.sum(dout * s, axis=1, keepdims=True), out=dx)
+        dx *= s
+        return dx

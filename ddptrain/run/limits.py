@@ -1,0 +1,77 @@
+"""One home for limits: what the options imply, checked against the machine before anything is allocated.
+
+An option can be valid on its own and still ask for more than the machine
+has: ``--model 784-100000000-10`` (300 GiB of parameters). (``--threads``
+beyond a rank's cores is refused where the threads are set, in
+``threads.py``.) ``check_resources`` estimates what a rank will allocate (the model
+with its gradients and optimiser state, its share of the data, the
+activations of its share of a batch) from the options and the data file's
+description alone, and refuses, with one line, what would not fit. It runs
+in ``--dry-run`` as in a run, before the model exists.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from ddptrain.errors import UserError
+from ddptrain.nn.model import input_shape_of
+
+GIB = 2 ** 30
+MEMORY_SHARE = 0.9    # of the memory available now, that the ranks of a host may plan to use
+
+
+def available_memory():
+    """Bytes of memory available to new allocations on this host (MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def estimate_rank_bytes(layers, config, info, world_size):
+    """``{part: bytes}`` one rank allocates for a model of ``layers`` (not yet in a model: no arrays) on this data."""
+    itemsize = np.dtype(config.dtype).itemsize
+    shape = input_shape_of(layers, info.image_shape)
+    n_params = sum(math.prod(size) for layer in layers for size in layer.param_shapes().values())
+    n_buffers = sum(math.prod(size) for layer in layers for size in layer.buffer_shapes().values())
+    per_sample, fixed = math.prod(shape), 0
+    for layer in layers:
+        output = layer.output_shape(shape)
+        # its output, its input gradient and its masks or normalised copies, and its work arrays
+        per_sample += 4 * math.prod(output) + layer.workspace(shape)
+        fixed += layer.block_bytes()
+        shape = output
+    rows = -(-min(config.batch_size, info.n_train) // world_size // config.accumulate)   # a micro-batch
+    eval_rows = min(config.eval_batch, -(-info.n_test // world_size))
+    pixels = math.prod(info.image_shape)
+    return {
+        # parameters, gradients, the momentum buffer and the optimiser's scratch array; the buffers
+        "the model and its optimiser": (4 * n_params + n_buffers) * itemsize,
+        # this rank's training shard and test block, as stored (a file's: uint8 pixels), with their labels
+        "this rank's data": (-(-info.n_train // world_size) + -(-info.n_test // world_size))
+        * (pixels * info.stored_dtype(config.dtype).itemsize + 8),
+        # what each layer keeps per sample, for a batch share and an evaluation chunk
+        "activations": (rows + eval_rows) * per_sample * itemsize + fixed,
+    }
+
+
+def check_resources(layers, config, info, world_size, ranks_on_host):
+    """A UserError if the options ask for more memory than this host has (cores: ``threads.py``)."""
+    parts = estimate_rank_bytes(layers, config, info, world_size)
+    needed, available = sum(parts.values()) * ranks_on_host, available_memory()
+    if available is not None and needed > MEMORY_SHARE * available:
+        detail = ", ".join(f"{name} {size / GIB:,.1f} GiB" for name, size in parts.items())
+        raise UserError(f"--model {config.model} with --batch-size {config.batch_size} needs about "
+                        f"{sum(parts.values()) / GIB:,.1f} GiB per rank ({detail}), {ranks_on_host} rank(s) on this "
+                        f"host, and it has {available / GIB:,.1f} GiB available")

@@ -1,0 +1,176 @@
+"""Everything only rank 0 does: printing (``Console``) and the run folder's files (``RunFolder``).
+
+``Console`` prints on rank 0 and does nothing elsewhere; it never
+communicates. Every method of ``RunFolder`` is collective: all ranks call
+it at the same point of the run, rank 0 does the work, and the outcome
+(success, or the error message) is broadcast, so that a failed write stops
+every rank with the same clear error instead of leaving the others waiting
+in their next collective. The broadcast sits outside the rank-0 branch: a
+collective inside one deadlocks.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from ddptrain.durable import write_atomically
+from ddptrain.errors import CheckpointError, UserError
+from ddptrain.run import checkpoint as ckpt_io
+from ddptrain.run.progress import Progress
+
+
+def run_on_rank0(comm, work, error_type=UserError, describe="failed"):
+    """Run ``work()`` on rank 0 and return its result on every rank.
+
+    If it fails there with a UserError or an OSError, every rank raises the
+    same error (``error_type`` with ``describe`` for an OSError), marked
+    ``all_ranks`` so that only rank 0 prints it.
+    """
+    result, error = None, None
+    if comm.rank == 0:
+        try:
+            result = work()
+        except UserError as exc:
+            error = (type(exc), str(exc))
+        except OSError as exc:
+            error = (error_type, f"{describe}: {exc.strerror or exc}")
+    result, error = comm.bcast((result, error))   # DDP: all ranks learn rank 0's outcome
+    if error is not None:
+        failure = error[0](error[1])
+        failure.all_ranks = True
+        raise failure
+    return result
+
+
+class Console:
+    """Printing on rank 0 only: start-up lines, progress, per-epoch lines, warnings."""
+
+    def __init__(self, rank, quiet=False, log_every=100):
+        self.is_rank0 = rank == 0
+        self.quiet = quiet
+        self._progress = Progress(log_every, quiet=quiet) if self.is_rank0 else None
+
+    def print(self, message, always=False):
+        """Print on rank 0 only (``always``: even with --quiet)."""
+        if self.is_rank0 and (always or not self.quiet):
+            self._progress.clear()
+            print(message, flush=True)
+
+    def progress(self, **step):
+        """After every step: a progress bar on a terminal, a line every --log-every steps otherwise."""
+        if self.is_rank0:
+            self._progress.update(**step)
+
+    def warn(self, message):
+        if self.is_rank0:
+            self._progress.clear()
+            print(message, file=sys.stderr, flush=True)
+
+
+class RunFolder:
+    """The run folder (``config.json``, ``metrics.jsonl``, ``checkpoints/``), written by rank 0 alone.
+
+    One run at a time: ``take`` locks the folder (``flock`` on ``RUN_DIR/.lock``)
+    until ``release`` or until the process ends, however it ends, so a killed
+    run leaves no stale lock behind.
+    """
+
+    LOCK = ".lock"
+
+    def __init__(self, comm, run_dir):
+        self.comm = comm
+        self.run_dir = Path(run_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self._lock = None
+
+    def take(self):
+        """Create the folder and lock it for this run; a UserError if another run holds it."""
+        def work():
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            lock = os.open(self.run_dir / self.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(lock, 400).decode(errors="replace").strip() or "another process"
+                os.close(lock)
+                raise UserError(f"the run folder {self.run_dir} is in use by another run ({holder}): wait for it "
+                                f"to end, or give another --run-dir") from None
+            except BaseException:
+                os.close(lock)
+                raise
+            self._lock = lock   # from here on, release() lets it go whatever happens next
+            os.ftruncate(lock, 0)
+            os.write(lock, f"pid {os.getpid()} on {socket.gethostname()} since "
+                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        run_on_rank0(self.comm, work, UserError, f"cannot write to the run folder {self.run_dir}")
+
+    def check_free(self):
+        """For --dry-run: a UserError if another run holds the folder (nothing is created)."""
+        def work():
+            try:
+                lock = os.open(self.run_dir / self.LOCK, os.O_RDONLY)
+            except FileNotFoundError:
+                return
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(f"the run folder {self.run_dir} is in use by another run: wait for it to end, "
+                                f"or give another --run-dir") from None
+            finally:
+                os.close(lock)
+        run_on_rank0(self.comm, work, UserError, f"cannot read the run folder {self.run_dir}")
+
+    def release(self):
+        if self._lock is not None:
+            os.close(self._lock)   # the lock goes with the descriptor
+            self._lock = None
+
+    def write_config(self, config_dict):
+        def work():
+            _replace(self.run_dir / "config.json", json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+        run_on_rank0(self.comm, work, UserError, f"cannot write to the run folder {self.run_dir}")
+
+    def append_metrics(self, record):
+        def work():
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+        run_on_rank0(self.comm, work, UserError, f"cannot append to {self.run_dir / 'metrics.jsonl'}")
+
+    def rewrite_metrics(self, records):
+        """``metrics.jsonl`` holds exactly ``records``: those of the checkpoint a run resumes from, or none
+        for a run that starts from the beginning. Whatever a stopped or killed run recorded after its
+        last checkpoint is recorded again as the steps run again, once."""
+        def work():
+            _replace(self.run_dir / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        run_on_rank0(self.comm, work, UserError, f"cannot write {self.run_dir / 'metrics.jsonl'}")
+
+    def has_step_checkpoints(self):
+        return run_on_rank0(self.comm, lambda: bool(ckpt_io.step_checkpoints(self.checkpoint_dir)))
+
+    def save_checkpoint(self, make_checkpoint, step, keep, is_best=False):
+        """Write ``step-<step>.h5`` (and ``best.h5`` when ``is_best``), keeping the ``keep`` newest.
+
+        ``make_checkpoint()`` builds the Checkpoint, on rank 0 only. A failed
+        write leaves every earlier checkpoint as it was and stops every rank
+        with the same CheckpointError.
+        """
+        path = ckpt_io.step_path(self.checkpoint_dir, step)
+
+        def work():
+            content = ckpt_io.encode(make_checkpoint())   # once, for best.h5 too
+            for target in [path, self.checkpoint_dir / "best.h5"] if is_best else [path]:
+                write_atomically(target, content)
+            ckpt_io.prune(self.checkpoint_dir, keep)
+        run_on_rank0(self.comm, work, CheckpointError, f"could not write checkpoint {path} (the previous ones "
+                                                       f"are intact)")
+        return path
+
+
+def _replace(path, text):
+    write_atomically(path, text.encode())

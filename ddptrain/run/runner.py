@@ -1,0 +1,242 @@
+"""Setting up a training run on every rank, then ``Trainer.fit``.
+
+Read ``_run`` and ``_train`` from the top: the start-up checks
+(``preflight``), the model and the two broadcasts that data parallelism needs,
+the start-up lines, the run folder, the optimiser and the gradient exchange,
+the checkpoint to resume from, this rank's shards, the trainer, and the loop.
+Every function here runs on every rank. What differs between ranks is only
+which rows they read; what only rank 0 does goes through ``rank0``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ddptrain import __version__
+from ddptrain.backends import denormals
+from ddptrain.data import sampler
+from ddptrain.data.format import DatasetInfo
+from ddptrain.distributed.exchange import make_exchange
+from ddptrain.distributed.slurm import describe_slurm
+from ddptrain.errors import EXIT_OK, EXIT_PREEMPTED
+from ddptrain.nn.layer import no_reduction
+from ddptrain.nn.losses import SoftmaxCrossEntropy
+from ddptrain.nn.model import Sequential
+from ddptrain.optim.schedule import peak_learning_rate
+from ddptrain.run.callbacks import Checkpointing, MetricsLog, ProgressReport
+from ddptrain.run.preflight import preflight
+from ddptrain.run.rank0 import Console, RunFolder, run_on_rank0
+from ddptrain.run.resume import load_checkpoint
+from ddptrain.run.signals import StopRequest
+from ddptrain.training.batches import Split
+from ddptrain.training.callbacks import BroadcastBuffers, ReplicaCheck
+from ddptrain.training.debug import DebugChecks
+from ddptrain.training.plan import TrainingPlan
+from ddptrain.training.step import TrainStep
+from ddptrain.training.trainer import Trainer
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a run ends with, the same on every rank (its metrics are sums over all ranks)."""
+
+    exit_status: int            # 0; EXIT_PREEMPTED when a signal stopped it (after a checkpoint)
+    run_dir: str
+    metrics: tuple = ()         # the per-epoch records of metrics.jsonl, this run's and those resumed
+    stopped_by: str = None      # the signal that stopped the run, if one did
+    steps: int = 0              # steps trained, resumed ones included
+    seconds: float = 0.0        # set-up and training, in this process
+    rank: int = 0               # this process's rank (to print a result once: on rank 0)
+    world_size: int = 1
+
+    def _last(self, key):
+        return self.metrics[-1][key] if self.metrics else None
+
+    @property
+    def epochs(self):
+        """Epochs finished."""
+        return self._last("epoch") or 0
+
+    @property
+    def test_accuracy(self):
+        """After the last epoch finished; None before the first."""
+        return self._last("test_accuracy")
+
+    @property
+    def test_loss(self):
+        return self._last("test_loss")
+
+    @property
+    def train_loss(self):
+        """The mean loss over the last finished epoch's training samples."""
+        return self._last("train_loss")
+
+    @property
+    def train_accuracy(self):
+        return self._last("train_accuracy")
+
+
+def run_training(config, comm, quiet=False, dry_run=False, callbacks=(), model=None, arrays=None):
+    """Train on every rank; returns the ``Result`` (exit status 0, or EXIT_PREEMPTED after a signal).
+
+    ``dry_run``: check everything (options, data, model, ranks), print the
+    start-up lines, write nothing. ``callbacks`` (``trainer.Callback``) run
+    after ddptrain's own, on every rank. ``model``: a ``Sequential`` to train
+    (in place) instead of ``config.model``'s; ``arrays``: ``Arrays`` to train
+    on instead of ``config.data``'s file.
+    """
+    # From the very start: a SIGUSR1 that SLURM sends while the ranks are still setting up
+    # is remembered, and the run stops (with a checkpoint) after its first step.
+    stop = StopRequest().install()
+    try:
+        with denormals.flushed(config.denormals == "flush"):   # this thread's setting comes back afterwards
+            return _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays)
+    finally:
+        stop.uninstall()
+
+
+def _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays):
+    started = time.perf_counter()
+    console = Console(comm.rank, quiet=quiet, log_every=config.log_every)
+    checked = preflight(comm, config, console, model, arrays)   # every check; nothing allocated or written
+    config, folder, info = checked.config, checked.folder, checked.info
+    if model is None:
+        model = Sequential(checked.layers, dtype=config.dtype, seed=config.seed, spec=checked.model_spec)
+    model.use_backend(checked.backend)
+    # DDP: batch statistics of the global batch (--batchnorm global), or of each rank's rows.
+    model.set_sum_over_ranks(comm.allreduce_ if config.batchnorm == "global" else no_reduction)
+    comm.bcast_(model.params)    # DDP: every replica starts from rank 0's parameters
+    comm.bcast_(model.buffers)   # DDP: and buffers
+    announce(console, comm, config, model, checked)
+    if dry_run:
+        folder.check_free()
+        console.print(f"dry run: the options, the data file, the model and the {comm.size} rank(s) check out; "
+                      f"nothing was trained or written", always=True)
+        return Result(EXIT_OK, folder.run_dir, seconds=time.perf_counter() - started, rank=comm.rank,
+                      world_size=comm.size)
+    try:
+        folder.take()   # one run at a time in a run folder
+        return _train(_Run(config, comm, console, folder, model, info, checked.backend, started), stop, callbacks)
+    finally:
+        folder.release()
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What the set-up established, for the training that follows."""
+
+    config: object
+    comm: object
+    console: Console
+    folder: RunFolder
+    model: Sequential
+    info: DatasetInfo   # info.path: the data file
+    backend: object     # backends.gemm.Backend
+    started: float
+
+
+def _train(run, stop, callbacks):
+    config, comm, console, folder, model, info = run.config, run.comm, run.console, run.folder, run.model, run.info
+    # DDP: how the ranks sum the gradient (distributed/exchange.py): through each node's shared memory, where
+    # each rank updates its slice of the parameters (the optimiser sharded over the node), or with MPI.
+    exchange = make_exchange(comm, config, model)
+    optimizer = exchange.sharded_optimizer(config.make_optimizer(run.backend))
+    # DDP: rank 0 reads and verifies the checkpoint and broadcasts it, so that every rank
+    # resumes from the same bytes or every rank stops with the same error.
+    checkpoint = run_on_rank0(comm, lambda: load_checkpoint(config, folder.checkpoint_dir, model, optimizer,
+                                                            info.n_train, console.warn))
+    folder.write_config(config.to_dict())   # once the run is known to go ahead
+    train, test = read_shards(info, comm, config, model)
+    step = TrainStep(model, SoftmaxCrossEntropy(), optimizer, exchange, config.clip_grad_norm or None,
+                     config.accumulate)
+    trainer = Trainer(step, TrainingPlan(config, info.n_train, comm.rank, comm.size), train, test, info.n_classes,
+                      stop, standard_callbacks(config, console, folder, model.buffers.size > 0) + list(callbacks))
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+        console.print(describe_resume(checkpoint, trainer.position, comm.size), always=True)
+    if comm.size > 1:
+        console.print(exchange.describe(), always=True)
+    exchange.attach(model)   # the parameters every rank holds (restored or broadcast): shared memory from now on
+    folder.rewrite_metrics(trainer.records)   # what the checkpoint recorded, or nothing: no record twice
+    console.print(f"set-up took {time.perf_counter() - run.started:.2f} s")
+
+    stopped_by = trainer.fit()
+    exchange.detach(model)   # the model keeps arrays of its own (a collective: not after an error)
+    result = Result(EXIT_PREEMPTED if stopped_by else EXIT_OK, folder.run_dir, tuple(trainer.metrics), stopped_by,
+                    trainer.position.step, time.perf_counter() - run.started, comm.rank, comm.size)
+    if stopped_by:
+        console.print(f"stopped by {stopped_by} at step {trainer.position.step}; checkpoint written; "
+                      f"resume with --resume auto --run-dir {folder.run_dir}", always=True)
+    elif trainer.metrics:
+        console.print(f"finished: test accuracy {100 * result.test_accuracy:.2f}% after {result.epochs} epochs, "
+                      f"{result.seconds:.1f} s in all; run folder {folder.run_dir}", always=True)
+    return result
+
+
+def read_shards(info, comm, config, model):
+    """This rank's training shard (its virtual shards) and its contiguous block of the test rows,
+    shaped as ``model`` takes them."""
+    blocks = sampler.owned_blocks(info.n_train, comm.rank, comm.size, config.virtual_shards)
+    train = read_split(info, "train", blocks, config.dtype, model)
+    test_rows = sampler.evaluation_block(info.n_test, comm.rank, comm.size)
+    return train, read_split(info, "test", [test_rows], config.dtype, model)
+
+
+def read_split(info, split, blocks, dtype, model):
+    """The rows of ``blocks`` of ``split`` of the data ``info`` describes, as a Split, images shaped as
+    ``model`` takes them."""
+    images, labels = info.read_rows(split, blocks, dtype=info.stored_dtype(dtype))   # a file's: uint8 pixels
+    return Split(model.as_input(images), labels, np.dtype(dtype))
+
+
+def standard_callbacks(config, console, folder, model_has_buffers):
+    """ddptrain's own work around the loop, in the order it runs after a step: check, report, record, save."""
+    callbacks = [ReplicaCheck(config.check_every), ProgressReport(console),
+                 MetricsLog(folder, config.metrics_every),
+                 Checkpointing(folder, config.checkpoint_every, config.keep)]
+    if config.batchnorm == "local" and model_has_buffers:
+        callbacks.insert(0, BroadcastBuffers())
+    if config.debug:
+        callbacks.insert(0, DebugChecks(console, seed=config.seed, per_rank_statistics=config.batchnorm == "local"))
+    return callbacks
+
+
+def describe_split(n_train, n_test, comm, config):
+    shards = sampler.shard_bounds(n_train, config.virtual_shards)
+    mine = len(sampler.owned_shards(0, comm.size, config.virtual_shards))
+    per_rank = -(-config.batch_size // comm.size)
+    return (f"data split: {n_train:,} training rows in {config.virtual_shards} virtual shards of "
+            f"~{int(np.diff(shards).mean()):,} rows; rank r reads shards r, r+{comm.size}, ... "
+            f"({mine} shards, ~{n_train // comm.size:,} rows each); "
+            f"{n_test:,} test rows in {comm.size} contiguous block(s); "
+            f"global batch {config.batch_size} = {per_rank if comm.size > 1 else config.batch_size}"
+            f"{' (at most)' if config.batch_size % comm.size else ''} per rank")
+
+
+def announce(console, comm, config, model, checked):
+    """The start-up lines, on rank 0."""
+    blas_threads, info = checked.blas_threads, checked.info
+    where = f" on {blas_threads.host_line}" if len(blas_threads.hosts) > 1 else ""
+    console.print(f"ddptrain {__version__}: {comm.size} rank{'s' if comm.size > 1 else ''}{where} ({comm.library}); "
+                  f"{blas_threads.description}; matrix products: {checked.gemm_choice.description}; "
+                  f"{denormals.describe(config.denormals)}", always=True)
+    console.print(f"model {model.summary()} ({model.params.size:,} parameters, {config.dtype}); data {info.path}; "
+                  f"run folder {checked.folder.run_dir}", always=True)
+    console.print(describe_split(info.n_train, info.n_test, comm, config), always=True)
+    console.print(f"peak learning rate {peak_learning_rate(config):.4g} ({config.lr_schedule}"
+                  f"{f', {config.warmup_epochs:g} warmup epochs' if config.warmup_epochs else ''}"
+                  f"{', linear scaling rule' if config.lr_scaling == 'linear' else ''}); "
+                  f"configuration: {config.to_json()}", always=True)
+    slurm_line = describe_slurm(comm.size)
+    if slurm_line:
+        console.print(slurm_line, always=True)
+
+
+def describe_resume(checkpoint, position, world_size):
+    written_by = checkpoint.state["world_size"]
+    return (f"resumed from {checkpoint.path}: epoch {position.epoch + 1}, step {position.step}"
+            + (f" (written by {written_by} ranks, resumed on {world_size}: the same batches, equal "
+               f"to an uninterrupted run up to rounding)" if written_by != world_size else ""))
