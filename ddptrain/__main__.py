@@ -13,7 +13,9 @@ from ddptrain.run.signals import remember_early_signals
 
 def main(argv=None):
     remember_early_signals()
-    from ddptrain.cli import main as run_command_line
+    from ddptrain.cli import (
+        main as run_command_line,  # after the line above: the slow imports start here
+    )
     return run_command_line(argv)
 
 

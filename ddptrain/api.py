@@ -20,10 +20,13 @@ from ddptrain.data.arrays import WHAT as IN_MEMORY
 from ddptrain.data.arrays import Arrays
 from ddptrain.data.readable import check_readable
 from ddptrain.distributed.launcher import launched_by_mpi
+from ddptrain.distributed.simulate import run_simulated
+from ddptrain.distributed.world import world
 from ddptrain.errors import DataError, UserError, same_on_every_rank
 from ddptrain.nn.model import Sequential
 from ddptrain.run.config import Config, coerce, make_config
 from ddptrain.run.ending import end_rank, message_of
+from ddptrain.run.runner import run_training
 
 # ddptrain.train's own arguments besides the Config fields (model and data are Config fields too).
 _OWN_ARGUMENTS = ("quiet", "dry_run", "callbacks")
@@ -94,8 +97,6 @@ def launch(config, quiet=False, dry_run=False, callbacks=(), model=None, arrays=
     met by every rank are raised on every rank, and one met by some ranks only
     ends the MPI job (``errors.end_rank``).
     """
-    from ddptrain.distributed.world import world
-    from ddptrain.run.runner import run_training
     with same_on_every_rank():
         if arrays is None:
             check_data_file(config.data)
@@ -103,7 +104,6 @@ def launch(config, quiet=False, dry_run=False, callbacks=(), model=None, arrays=
             raise UserError("--simulate-ranks runs the ranks as threads of one process: start it without "
                             "mpirun/srun")
     if config.simulate_ranks:
-        from ddptrain.distributed.simulate import run_simulated
         # Rank 0 trains the caller's model; the others train replicas of it, as MPI ranks would their own.
         return run_simulated(config.simulate_ranks, lambda comm: run_training(
             config, comm, quiet, dry_run, callbacks, model if model is None or comm.rank == 0 else model.replica(),

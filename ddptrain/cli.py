@@ -16,9 +16,11 @@ import argparse
 import sys
 import traceback
 
+from ddptrain import commands, plot
 from ddptrain.api import check_data_file, launch
 from ddptrain.data import datasets
 from ddptrain.distributed.launcher import rank_and_size
+from ddptrain.distributed.world import world
 from ddptrain.errors import UserError, same_on_every_rank
 from ddptrain.nn.spec import NAMED_MODELS
 from ddptrain.optim.optimizers import OPTIMIZERS
@@ -248,14 +250,10 @@ def main(argv=None, callbacks=()):
         if args.command == "prepare":
             return datasets.run(args)
         if args.command == "plot":
-            from ddptrain import plot
             return plot.run(args)
-        from ddptrain.distributed.world import world
         if args.command == "info":
-            from ddptrain import commands
             return commands.info(args, world())
         if args.command == "evaluate":
-            from ddptrain import commands
             with same_on_every_rank():
                 if args.data:   # without it, the checkpoint names the data: checked once it is known
                     check_data_file(args.data)
