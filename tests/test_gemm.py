@@ -289,3 +289,32 @@ def test_mkl_and_numpy_train_the_same_model_to_rounding(small_data, tmp_path):
         return final_params(run_dir)
 
     assert relative_error(train(tmp_path / "mkl", "mkl"), train(tmp_path / "numpy", "numpy")) < 1e-9
+
+
+GNU_OPENMP = "libgomp.so.1"
+
+
+@needs_mkl
+@pytest.mark.slow
+def test_mkl_is_refused_where_another_openmp_runtime_was_loaded_first():
+    """PyTorch's wheels load GNU's libgomp: MKL's threads, started afterwards on Intel's runtime, would split
+    their work by libgomp's thread numbers (all 0) and multiply wrongly. Asked for, MKL is refused in one
+    line; auto takes numpy's BLAS and says why. In a fresh process, which loads libgomp first."""
+    import ctypes.util
+    import subprocess
+    import sys
+
+    import helpers
+    if ctypes.util.find_library("gomp") is None:
+        pytest.skip("GNU's OpenMP runtime (libgomp, which gcc brings) is not installed here")
+    probe = (f"import ctypes; ctypes.CDLL({GNU_OPENMP!r}, mode=ctypes.RTLD_GLOBAL)\n"
+             "from ddptrain.backends import gemm\n"
+             "print(gemm.choose('auto', vendor='GenuineIntel').description)\n"
+             "gemm.choose('mkl')\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env=helpers.clean_env())
+    assert proc.returncode != 0
+    assert "(MKL is installed, but another OpenMP runtime is loaded in this process: " in proc.stdout
+    assert "libgomp" in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "ddptrain.errors.UserError: --gemm mkl: another OpenMP runtime is loaded in this process (")

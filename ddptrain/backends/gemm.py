@@ -79,13 +79,21 @@ def choose(request="auto", vendor=None):
     if request == "numpy":
         return Choice("numpy", f"numpy's {blas.library_name()}")
     version = mkl.mkl_installed()
+    foreign = mkl.foreign_openmp() if version is not None else None
     if request == "mkl":
         if version is None:
             raise UserError("--gemm mkl: MKL is not installed here (ddptrain's mkl extra: pip install -e '.[mkl]' "
                             "in its checkout installs the mkl and intel-openmp wheels)")
+        if foreign:
+            raise UserError(f"--gemm mkl: another OpenMP runtime is loaded in this process ({foreign}, PyTorch's, "
+                            f"say), with which MKL's threads would compute wrong products; use --gemm numpy, or "
+                            f"train in a process that has not imported it")
         return Choice("mkl", f"MKL {version}")
     if version is None:
         return Choice("numpy", f"numpy's {blas.library_name()} (MKL is not installed)")
+    if foreign:
+        return Choice("numpy", f"numpy's {blas.library_name()} (MKL is installed, but another OpenMP runtime is "
+                               f"loaded in this process: {foreign})")
     vendor = cpu_vendor() if vendor is None else vendor
     if vendor != "GenuineIntel":
         return Choice("numpy", f"numpy's {blas.library_name()} (MKL is installed, but this CPU is {vendor}'s, "

@@ -35,6 +35,7 @@ _INT_LIMIT = 2 ** 31                              # sizes and strides passed as 
 
 _MKL_RT = re.compile(r"libmkl_rt\.so(\.\d+)?$")     # libmkl_rt.so.2 in the 2025 wheels, .so.3 in 2026's
 _OPENMP = re.compile(r"libiomp5\.so$")
+_FOREIGN_OPENMP = re.compile(r"/libgomp[^/]*\.so")   # GNU's OpenMP runtime
 
 
 def _installed_file(distribution, name):
@@ -46,6 +47,28 @@ def _installed_file(distribution, name):
     for entry in dist.files or ():
         if name.search(str(entry)):
             return str(dist.locate_file(entry))
+    return None
+
+
+def foreign_openmp():
+    """Another OpenMP runtime already in this process (GNU's libgomp, which PyTorch's wheels load), by path,
+    while MKL is not loaded yet; else None.
+
+    MKL's threads run on Intel's runtime, but the ``omp_*`` functions they call
+    to split the work resolve to the runtime loaded first: with libgomp first,
+    every thread believes it is thread 0 and the products come out wrong.
+    Loaded before the other runtime, MKL is safe (its symbols win).
+    """
+    if _loaded is not None:
+        return None
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+            for line in maps:
+                path = line.split()[-1] if len(line.split()) >= 6 else ""
+                if _FOREIGN_OPENMP.search(path):
+                    return path
+    except OSError:
+        pass
     return None
 
 
