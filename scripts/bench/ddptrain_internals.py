@@ -1,0 +1,57 @@
+"""Every part of ddptrain the benchmark reaches beyond its public API: imported here, nowhere else.
+
+The public API (``ddptrain.train``, ``ddptrain.nn``, ``ddptrain.losses``,
+``ddptrain.optim``) is imported where it is used. Everything below lives in
+modules whose paths may change as the package is restructured: when they do,
+this file is the one to update, and the rest of the benchmark keeps its names.
+
+Importing this module starts no MPI (``ddptrain.comm`` loads mpi4py only when
+an ``MPIComm`` is made), so the benchmark's own process may import it too.
+"""
+
+from ddptrain.backends import gemm
+from ddptrain.backends.denormals import MODES as DENORMAL_MODES
+from ddptrain.backends.denormals import flushed as denormals_flushed
+from ddptrain.backends.threads import configure_blas_threads
+from ddptrain.data.datasets import ensure_prepared
+from ddptrain.data.format import inspect as inspect_data
+from ddptrain.data.format import read_rows
+from ddptrain.data.sampler import epoch_plan, owned_blocks
+from ddptrain.distributed.comm import MPIComm
+from ddptrain.distributed.exchange import make_exchange
+from ddptrain.distributed.launcher import rank_and_size
+from ddptrain.distributed.sharding import ShardedOptimizer
+from ddptrain.distributed.world import world
+from ddptrain.nn.layer import no_reduction
+from ddptrain.nn.model import layer_flops, training_flops
+from ddptrain.nn.spec import parse_spec
+from ddptrain.run.callbacks import Checkpointing
+from ddptrain.run.config import Config
+from ddptrain.run.rank0 import RunFolder
+from ddptrain.run.signals import StopRequest
+from ddptrain.training.batches import Batches, Split
+from ddptrain.training.evaluation import evaluate
+from ddptrain.training.plan import TrainingPlan
+from ddptrain.training.step import TrainStep
+from ddptrain.training.trainer import Trainer
+
+GEMMS = gemm.GEMMS   # the choices of ddptrain's --gemm
+
+
+def products_backend(request):
+    """The backend ddptrain's --gemm ``request`` multiplies with (``gemm.Backend``)."""
+    return gemm.backend(gemm.choose(request))
+
+
+def ensure_default_dataset():
+    """The prepared MNIST of the cache, prepared first if it is not there."""
+    return ensure_prepared("mnist")
+
+
+# Re-exported: the rest of the benchmark imports these names from here.
+__all__ = ["DENORMAL_MODES", "GEMMS", "Batches", "Checkpointing", "Config", "MPIComm",
+           "RunFolder", "ShardedOptimizer", "Split", "StopRequest", "TrainStep", "Trainer",
+           "TrainingPlan", "configure_blas_threads", "denormals_flushed", "ensure_default_dataset",
+           "epoch_plan", "evaluate", "gemm", "inspect_data", "layer_flops", "make_exchange",
+           "no_reduction", "owned_blocks", "parse_spec", "products_backend", "rank_and_size",
+           "read_rows", "training_flops", "world"]

@@ -1,0 +1,110 @@
+"""The targets' verdicts: issue 15's (ahead of PyTorch on every CPU) and issue 12's for the CNN.
+
+Each verdict is kept as data (``Verdict``), which the printed lines and the
+JSON output both come from: what is aimed at, the figure measured, the
+threshold, and the rows whose medians the figure is made of.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .environment import TORCH_INSTALL
+from .report import median_rate
+
+
+@dataclass
+class Verdict:
+    issue: int
+    target: str          # what is aimed at: "1 process >= 1.0x PyTorch 1 process at batch 128"
+    shown: str           # the figure as printed: "1.12x", "45%", "3.21 s", "not reached"
+    value: float | None  # the figure itself (a ratio, a fraction, seconds); None: not reached
+    need: float          # the threshold it is held to
+    compare: str         # how: ">=", "<=" or "<" the threshold
+    met: bool
+    # A ratio of rates: the best median of these ddptrain rows to the best of these PyTorch rows
+    # ("key@batch"); a share of the GEMM limit: "ddptrain" alone.
+    rows: dict = field(default_factory=dict)
+
+    def line(self):
+        return f"  [{'MET ' if self.met else 'MISSED'}] {self.target}: {self.shown}"
+
+    def as_json(self):
+        return asdict(self)
+
+
+def ratio_verdict(results, issue, target, need, mine, theirs, batch):
+    """The best median of the ddptrain rows ``mine`` against the best of the PyTorch rows ``theirs``
+    at ``batch``, held to at least ``need``; None where either side did not run."""
+    ours = {f"{key}@{batch}": median_rate(results, key, batch) for key in mine}
+    pytorch = {f"{key}@{batch}": median_rate(results, key, batch) for key in theirs}
+    ours, pytorch = ({k: r for k, r in side.items() if r} for side in (ours, pytorch))
+    if not ours or not pytorch:
+        return None
+    ratio = max(ours.values()) / max(pytorch.values())
+    return Verdict(issue, target, f"{ratio:.2f}x", ratio, need, ">=", ratio >= need,
+                   {"ddptrain": list(ours), "pytorch": list(pytorch)})
+
+
+def issue15_verdicts(results, limit, per_sample, tta):
+    """Issue 15's targets, on this run's CPU (its batch sizes are 128 and 512: none at others)."""
+    verdicts = []
+    for batch in (128, 512):
+        need = 1.15 if batch == 512 else 1.0
+        verdicts += [
+            ratio_verdict(results, 15, f"1 process >= {need}x PyTorch 1 process at batch {batch}",
+                          need, ["ddp1"], ["torch1"], batch),
+            ratio_verdict(results, 15, f"best launch >= 1.1x PyTorch's best at batch {batch}", 1.1,
+                          ["ddp1", "ddpP"], ["torch1", "torchP"], batch),
+            ratio_verdict(results, 15, f"2 ranks >= 2x PyTorch DDP at batch {batch}", 2,
+                          ["ddpP"], ["torchP"], batch)]
+    rate = median_rate(results, "ddpP", 512)
+    if rate:
+        fraction = rate * per_sample / limit
+        verdicts.append(Verdict(15, "2 ranks at batch 512 >= 82% of the GEMM limit",
+                                f"{100 * fraction:.0f}%", fraction, 0.82, ">=", fraction >= 0.82,
+                                {"ddptrain": ["ddpP@512"]}))
+    entry = results.get(("ddp1", 128))
+    profile = entry and entry["runs"][0].get("profile_ms")
+    if profile:
+        products = sum(ms for name, ms in profile.items()
+                       if name.startswith("matrix products") or "Allreduce" in name)
+        share = 1 - products / sum(profile.values())
+        verdicts.append(Verdict(15, "element-wise share of a step (all but the matrix products and "
+                                    "Allreduces), 1 process, batch 128 <= 15%",
+                                f"{100 * share:.0f}%", share, 0.15, "<=", share <= 0.15))
+    if tta is not None:
+        seconds = tta["median_seconds"]
+        verdicts.append(Verdict(15, "time to 98% test accuracy, 2 ranks, default options < 4 s",
+                                "not reached" if seconds is None else f"{seconds:.2f} s", seconds,
+                                4, "<", seconds is not None and seconds < 4))
+    return [verdict for verdict in verdicts if verdict is not None]
+
+
+def cnn_verdicts(results, batches, ranks):
+    """Issue 12's aims for the CNN rows."""
+    verdicts = []
+    for batch in batches:
+        verdicts += [
+            ratio_verdict(results, 12,
+                          f"ddptrain 1 process >= 0.8x PyTorch 1 process at batch {batch}", 0.8,
+                          ["cnn1"], ["tcnn1"], batch),
+            ratio_verdict(results, 12,
+                          f"ddptrain {ranks} ranks >= 1.5x PyTorch DDP at batch {batch}", 1.5,
+                          ["cnnP"], ["tcnnP"], batch)]
+    return [verdict for verdict in verdicts if verdict is not None]
+
+
+def verdict_lines(title, verdicts, use_torch):
+    lines = [title, *(verdict.line() for verdict in verdicts)]
+    if not use_torch:
+        lines.append(f"  (the PyTorch comparisons need PyTorch: {TORCH_INSTALL})")
+    return lines
+
+
+def issue15_title(isa):
+    limited = ", its vector code limited to AVX2" if isa == "avx2" else ""
+    return f"targets (issue 15, on this CPU{limited}):"
+
+
+CNN_TITLE = "targets for the CNN (issue 12):"
