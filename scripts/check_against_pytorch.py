@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""ddptrain's forward and backward against PyTorch's, on the same model with the same weights (float64).
+"""ddptrain's forward and backward against PyTorch's, on the same model with the same weights
+(float64).
 
 Builds a --model spec in ddptrain and, layer for layer, in PyTorch (the
 mapping of scripts/benchmark.py), copies ddptrain's initial weights into the
@@ -9,7 +10,8 @@ difference of the outputs and of every parameter's gradient. Dropout draws
 different masks in the two libraries: leave it out of the spec.
 
     .venv/bin/pip install torch==2.13.0    # PyTorch is never a dependency of ddptrain
-    .venv/bin/python scripts/check_against_pytorch.py --model conv16k5-bn-maxpool2-conv32k5-bn-maxpool2-flatten-128-10
+    .venv/bin/python scripts/check_against_pytorch.py \\
+        --model conv16k5-bn-maxpool2-conv32k5-bn-maxpool2-flatten-128-10
 
 Exits 1 when a difference exceeds 1e-10.
 """
@@ -30,8 +32,10 @@ TOLERANCE = 1e-10
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="conv16k5-bn-maxpool2-conv32k5-bn-maxpool2-flatten-128-10")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model",
+                        default="conv16k5-bn-maxpool2-conv32k5-bn-maxpool2-flatten-128-10")
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args(argv)
     import torch
@@ -57,7 +61,8 @@ def main(argv=None):
     out = model.forward(model.as_input(x))
     loss.forward(out, y, len(x))
     model.backward(loss.backward())
-    expected = reference(torch.from_numpy(x.reshape(len(x), *benchmark.torch_input_shape(args.model))))
+    expected = reference(torch.from_numpy(x.reshape(len(x),
+                                                    *benchmark.torch_input_shape(args.model))))
     torch.nn.functional.cross_entropy(expected, torch.from_numpy(y)).backward()
 
     def relative(a, b):
@@ -66,14 +71,17 @@ def main(argv=None):
     rows = [("output (logits)", relative(out, expected.detach().numpy()))]
     for layer, module in zip(ours, theirs):
         grad = module.weight.grad.numpy()
-        rows.append((f"{layer.name}.weight", relative(layer.grads["weight"], grad.T if grad.ndim == 2 else grad)))
+        rows.append((f"{layer.name}.weight",
+                     relative(layer.grads["weight"], grad.T if grad.ndim == 2 else grad)))
         if "bias" in layer.grads:
-            rows.append((f"{layer.name}.bias", relative(layer.grads["bias"], module.bias.grad.numpy())))
+            rows.append((f"{layer.name}.bias",
+                         relative(layer.grads["bias"], module.bias.grad.numpy())))
     print(f"{args.model} against PyTorch {torch.__version__}, float64, batch {args.batch}:")
     for name, difference in rows:
         print(f"  {name:<24} largest relative difference {difference:.1e}")
     worst = max(difference for _, difference in rows)
-    print(f"{'agree' if worst <= TOLERANCE else 'DIFFER'}: largest {worst:.1e} (tolerance {TOLERANCE:.0e})")
+    print(f"{'agree' if worst <= TOLERANCE else 'DIFFER'}: largest {worst:.1e} "
+          f"(tolerance {TOLERANCE:.0e})")
     return 0 if worst <= TOLERANCE else 1
 
 
