@@ -22,8 +22,9 @@ __version__ = "0.3.0"
 # Reached lazily, so that `import ddptrain` stays cheap (the command line imports what it runs).
 import importlib
 
-_PUBLIC = {"train": "api", "Arrays": "data.arrays", "gradcheck": "nn.gradcheck", "Result": "run.runner",
-           "UserError": "errors", "DataError": "errors", "CheckpointError": "errors", "NumericalError": "errors"}
+_PUBLIC = {"train": "api", "Arrays": "data.arrays", "gradcheck": "nn.gradcheck",
+           "Result": "run.runner", "UserError": "errors", "DataError": "errors",
+           "CheckpointError": "errors", "NumericalError": "errors"}
 _PUBLIC_MODULES = {"nn": "nn", "optim": "optim", "losses": "nn.losses"}
 
 __all__ = ["__version__", *_PUBLIC, *_PUBLIC_MODULES]

@@ -1,4 +1,5 @@
-"""The Python API: ``ddptrain.train(model, data=..., **options)``, and ``launch``, which the command line shares.
+"""The Python API: ``ddptrain.train(model, data=..., **options)``, and ``launch``, which the command
+line shares.
 
 A script that calls ``ddptrain.train`` runs unchanged in one process
 (``python my_experiment.py``), under ``mpiexec -n P`` or ``srun``, and with
@@ -33,7 +34,8 @@ _OWN_ARGUMENTS = ("quiet", "dry_run", "callbacks")
 
 
 def train(model=None, data=None, *, quiet=False, dry_run=False, callbacks=(), **options):
-    """Train ``model`` on ``data`` on every rank of this job; returns the ``runner.Result`` (every rank the same).
+    """Train ``model`` on ``data`` on every rank of this job; returns the ``runner.Result`` (every
+    rank the same).
 
     ``model``: an ``nn.Sequential`` of ddptrain layers (trained in place: it
     holds the final parameters afterwards), or a --model spec string
@@ -54,19 +56,22 @@ def train(model=None, data=None, *, quiet=False, dry_run=False, callbacks=(), **
     """
     with same_on_every_rank():
         config, model, arrays = _arguments(model, data, options)
-    return launch(config, quiet=quiet, dry_run=dry_run, callbacks=callbacks, model=model, arrays=arrays)
+    return launch(config, quiet=quiet, dry_run=dry_run, callbacks=callbacks, model=model,
+                  arrays=arrays)
 
 
 def _arguments(model, data, options):
-    """``(Config, model object or None, Arrays or None)`` from ``train``'s arguments; UserError if one is bad."""
+    """``(Config, model object or None, Arrays or None)`` from ``train``'s arguments; UserError if
+    one is bad."""
     fields = Config.__dataclass_fields__
     for name in options:
         if name not in fields or name in ("model", "data"):
             close = difflib.get_close_matches(name, [*fields, *_OWN_ARGUMENTS], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else " (the options are those of `python -m ddptrain " \
-                                                                   "train --help`, with '_' for '-')"
+            hint = (f" (did you mean {close[0]!r}?)" if close else " (the options are those of "
+                    "`python -m ddptrain train --help`, with '_' for '-')")
             raise UserError(f"ddptrain.train got an unknown option {name!r}{hint}")
-    values = {name: coerce(name, _plain(value), "ddptrain.train") for name, value in options.items()}
+    values = {name: coerce(name, _plain(value), "ddptrain.train")
+              for name, value in options.items()}
     if isinstance(model, Sequential):
         values["model"] = model.summary()
         values.setdefault("dtype", str(model.dtype))
@@ -74,8 +79,8 @@ def _arguments(model, data, options):
         values["model"] = model
         model = None
     elif model is not None:
-        raise UserError(f"ddptrain.train: model must be an nn.Sequential or a --model spec string, got "
-                        f"{type(model).__name__}")
+        raise UserError("ddptrain.train: model must be an nn.Sequential or a --model spec string, "
+                        f"got {type(model).__name__}")
     arrays = None
     if isinstance(data, (str, os.PathLike)):
         values["data"] = os.fspath(data)
@@ -101,13 +106,19 @@ def launch(config, quiet=False, dry_run=False, callbacks=(), model=None, arrays=
         if arrays is None:
             check_data_file(config.data)
         if config.simulate_ranks and launched_by_mpi():
-            raise UserError("--simulate-ranks runs the ranks as threads of one process: start it without "
-                            "mpirun/srun")
+            raise UserError("--simulate-ranks runs the ranks as threads of one process: start it "
+                            "without mpirun/srun")
     if config.simulate_ranks:
+<<<<<<< HEAD
         # Rank 0 trains the caller's model; the others train replicas of it, as MPI ranks would their own.
+=======
+        from ddptrain.distributed.simulate import run_simulated
+        # Rank 0 trains the caller's model; the others train replicas of it, as MPI ranks would
+        # their own.
+>>>>>>> wt-wrap
         return run_simulated(config.simulate_ranks, lambda comm: run_training(
-            config, comm, quiet, dry_run, callbacks, model if model is None or comm.rank == 0 else model.replica(),
-            arrays))
+            config, comm, quiet, dry_run, callbacks,
+            model if model is None or comm.rank == 0 else model.replica(), arrays))
     comm = world()
     try:
         return run_training(config, comm, quiet, dry_run, callbacks, model, arrays)
@@ -119,7 +130,8 @@ def launch(config, quiet=False, dry_run=False, callbacks=(), model=None, arrays=
 
 
 def check_data_file(path):
-    """Before MPI starts, while checking costs a fork (milliseconds): a damaged data file must not hang a rank.
+    """Before MPI starts, while checking costs a fork (milliseconds): a damaged data file must not
+    hang a rank.
 
     ``path`` given: a damaged file is refused here. Without it (or with the
     name of a known set), the cached file, if there is one, is checked but

@@ -74,11 +74,12 @@ def _named_models():
 
 
 _MODEL_HELP = (
-    "the network, as tokens joined by '-'. An MLP: layer sizes, input first and classes last (784-512-256-10). "
-    "A CNN starts with a convolution and takes its input from the data: conv<F>k<K>[s<S>][p<P>] (F filters of "
-    "KxK, stride S, P pixels of zero padding; then a ReLU), maxpool<K>[s<S>], avgpool<K>[s<S>], then 'flatten' "
-    "and layer sizes (conv32k3p1-bn-maxpool2-flatten-128-10). 'bn' after a size or conv adds batch "
-    "normalisation (before its ReLU), 'drop<p>' dropout (after it). Named models, whose defaults apply to the "
+    "the network, as tokens joined by '-'. An MLP: layer sizes, input first and classes last "
+    "(784-512-256-10). A CNN starts with a convolution and takes its input from the data: "
+    "conv<F>k<K>[s<S>][p<P>] (F filters of KxK, stride S, P pixels of zero padding; then a ReLU), "
+    "maxpool<K>[s<S>], avgpool<K>[s<S>], then 'flatten' and layer sizes "
+    "(conv32k3p1-bn-maxpool2-flatten-128-10). 'bn' after a size or conv adds batch normalisation "
+    "(before its ReLU), 'drop<p>' dropout (after it). Named models, whose defaults apply to the "
     "options you do not set: " + "{named}")
 
 
@@ -88,131 +89,148 @@ def _option(group, name, help, **kwargs):
     default = getattr(Config(), field)
     help = help.replace("{named}", _named_models()) if field == "model" else help
     shown = "" if kwargs.get("action") == "store_true" else f" (default: {default})"
-    group.add_argument(name, help=help.replace("%", "%%") + shown, default=argparse.SUPPRESS, **kwargs)
+    group.add_argument(name, help=help.replace("%", "%%") + shown,
+                       default=argparse.SUPPRESS, **kwargs)
 
 
 def _add_train_arguments(parser):
     parser.add_argument("--config", metavar="FILE.toml",
-                        help="read options from a TOML file (keys as the long options, e.g. batch-size = 256); "
-                             "options given on the command line override it")
+                        help="read options from a TOML file (keys as the long options, e.g. "
+                             "batch-size = 256); options given on the command line override it")
     parser.add_argument("--dry-run", action="store_true",
-                        help="check the options, the data file, the model and the number of ranks, then exit")
+                        help="check the options, the data file, the model and the number of "
+                             "ranks, then exit")
     group = parser.add_argument_group("data and model")
-    _option(group, "--data", "HDF5 data file, or a known set's name (mnist, fashion-mnist: prepared in the cache "
-            "on first use); default: MNIST", metavar="PATH|NAME")
+    _option(group, "--data", "HDF5 data file, or a known set's name (mnist, fashion-mnist: "
+            "prepared in the cache on first use); default: MNIST", metavar="PATH|NAME")
     _option(group, "--model", _MODEL_HELP, metavar="SPEC")
-    _option(group, "--batchnorm", "global: batch statistics of the whole global batch, the same for any number "
-            "of ranks (as PyTorch's SyncBatchNorm); local: each rank's own rows (as plain DDP), for comparison",
-            choices=BATCHNORM_MODES)
+    _option(group, "--batchnorm", "global: batch statistics of the whole global batch, the same "
+            "for any number of ranks (as PyTorch's SyncBatchNorm); local: each rank's own rows "
+            "(as plain DDP), for comparison", choices=BATCHNORM_MODES)
     _option(group, "--dtype", "floating-point type of parameters and data", choices=DTYPES)
 
     group = parser.add_argument_group("optimisation (the same for any number of ranks)")
     _option(group, "--epochs", "passes over the training set", type=int, metavar="N")
-    _option(group, "--batch-size", "GLOBAL batch in samples per step, shared by all ranks", type=int, metavar="N")
+    _option(group, "--batch-size", "GLOBAL batch in samples per step, shared by all ranks",
+            type=int, metavar="N")
     _option(group, "--lr", "peak learning rate", type=float, metavar="X")
     _option(group, "--lr-schedule", "after warmup: constant, cosine decay to 0, or step decay",
             choices=SCHEDULES)
-    _option(group, "--warmup-epochs", "linear warmup from 0, in epochs (may be fractional)", type=float,
+    _option(group, "--warmup-epochs", "linear warmup from 0, in epochs (may be fractional)",
+            type=float, metavar="E")
+    _option(group, "--step-size", "epochs between decays of the step schedule", type=int,
             metavar="E")
-    _option(group, "--step-size", "epochs between decays of the step schedule", type=int, metavar="E")
     _option(group, "--step-gamma", "factor of each step decay", type=float, metavar="X")
-    _option(group, "--lr-scaling", "linear: peak lr = lr * batch-size / reference-batch (Goyal et al. 2017)",
-            choices=LR_SCALINGS)
-    _option(group, "--reference-batch", "the batch size --lr is meant for, with --lr-scaling linear",
-            type=int, metavar="N")
-    _option(group, "--optimizer", "sgd: SGD with momentum; adam: Adam; adamw: Adam with decoupled weight decay "
-            "(PyTorch's formulas)", choices=tuple(OPTIMIZERS))
+    _option(group, "--lr-scaling", "linear: peak lr = lr * batch-size / reference-batch "
+            "(Goyal et al. 2017)", choices=LR_SCALINGS)
+    _option(group, "--reference-batch", "the batch size --lr is meant for, with --lr-scaling "
+            "linear", type=int, metavar="N")
+    _option(group, "--optimizer", "sgd: SGD with momentum; adam: Adam; adamw: Adam with decoupled "
+            "weight decay (PyTorch's formulas)", choices=tuple(OPTIMIZERS))
     _option(group, "--momentum", "SGD's momentum", type=float, metavar="X")
     _option(group, "--nesterov", "SGD's Nesterov momentum", action="store_true")
-    _option(group, "--beta1", "Adam's and AdamW's decay of the first moment", type=float, metavar="X")
-    _option(group, "--beta2", "Adam's and AdamW's decay of the second moment", type=float, metavar="X")
-    _option(group, "--eps", "Adam's and AdamW's epsilon, added outside the square root", type=float, metavar="X")
-    _option(group, "--weight-decay", "sgd and adam: L2 penalty added to the gradient of all parameters; adamw: "
-            "decoupled decay, parameters *= 1 - lr * X", type=float, metavar="X")
-    _option(group, "--accumulate", "gradient accumulation: each rank runs its share of the global batch as K "
-            "micro-batches (the activations of one only) and reduces the gradient once per step; the same "
-            "training as without (not with batch normalisation, refused)", type=int, metavar="K")
-    _option(group, "--shard-optimizer", "each rank keeps the optimiser state of 1/P of the parameters (ZeRO "
-            "stage 1): the gradient is reduce-scattered, each rank updates its slice, the parameters are "
-            "allgathered; checkpoints hold the whole state, so a run resumes on any number of ranks",
-            action="store_true")
-    _option(group, "--overlap-allreduce", "reduce the gradient in buckets of --bucket-mb while backward is still "
-            "running (non-blocking Allreduces, as PyTorch DDP): can hide communication between hosts",
-            action="store_true")
-    _option(group, "--exchange", "how the ranks sum the gradient: shared-memory (the ranks of a node share "
-            "one copy of the parameters in the node's memory, sum each other's gradients there, each updates "
-            "1/L of the parameters, and nodes exchange slices with MPI), allreduce (MPI Allreduce, every rank "
-            "updates every parameter), or auto: shared-memory where it works", choices=EXCHANGES)
-    _option(group, "--bucket-mb", "the size of --overlap-allreduce's buckets, in MiB", type=float, metavar="MB")
-    _option(group, "--clip-grad-norm", "clip the allreduced (global) gradient to this 2-norm, as PyTorch's "
-            "clip_grad_norm_; the norm is in the step records of --metrics-every; 0: no clipping", type=float,
+    _option(group, "--beta1", "Adam's and AdamW's decay of the first moment", type=float,
             metavar="X")
-    _option(group, "--seed", "fixes the initial parameters and the order of the batches", type=int, metavar="N")
+    _option(group, "--beta2", "Adam's and AdamW's decay of the second moment", type=float,
+            metavar="X")
+    _option(group, "--eps", "Adam's and AdamW's epsilon, added outside the square root", type=float,
+            metavar="X")
+    _option(group, "--weight-decay", "sgd and adam: L2 penalty added to the gradient of all "
+            "parameters; adamw: decoupled decay, parameters *= 1 - lr * X", type=float, metavar="X")
+    _option(group, "--accumulate", "gradient accumulation: each rank runs its share of the global "
+            "batch as K micro-batches (the activations of one only) and reduces the gradient once "
+            "per step; the same training as without (not with batch normalisation, refused)",
+            type=int, metavar="K")
+    _option(group, "--shard-optimizer", "each rank keeps the optimiser state of 1/P of the "
+            "parameters (ZeRO stage 1): the gradient is reduce-scattered, each rank updates its "
+            "slice, the parameters are allgathered; checkpoints hold the whole state, so a run "
+            "resumes on any number of ranks", action="store_true")
+    _option(group, "--overlap-allreduce", "reduce the gradient in buckets of --bucket-mb while "
+            "backward is still running (non-blocking Allreduces, as PyTorch DDP): can hide "
+            "communication between hosts", action="store_true")
+    _option(group, "--exchange", "how the ranks sum the gradient: shared-memory (the ranks of a "
+            "node share one copy of the parameters in the node's memory, sum each other's "
+            "gradients there, each updates 1/L of the parameters, and nodes exchange slices with "
+            "MPI), allreduce (MPI Allreduce, every rank updates every parameter), or auto: "
+            "shared-memory where it works", choices=EXCHANGES)
+    _option(group, "--bucket-mb", "the size of --overlap-allreduce's buckets, in MiB", type=float,
+            metavar="MB")
+    _option(group, "--clip-grad-norm", "clip the allreduced (global) gradient to this 2-norm, as "
+            "PyTorch's clip_grad_norm_; the norm is in the step records of --metrics-every; 0: no "
+            "clipping", type=float, metavar="X")
+    _option(group, "--seed", "fixes the initial parameters and the order of the batches", type=int,
+            metavar="N")
     _option(group, "--drop-last", "drop the last, shorter batch of each epoch", action="store_true")
-    _option(group, "--virtual-shards", "the training rows are cut into V blocks and the number of ranks must "
-            "divide V; keep V fixed to get the same batches on any number of ranks", type=int, metavar="V")
+    _option(group, "--virtual-shards", "the training rows are cut into V blocks and the number of "
+            "ranks must divide V; keep V fixed to get the same batches on any number of ranks",
+            type=int, metavar="V")
 
     group = parser.add_argument_group("outputs, checkpoints and resuming")
     _option(group, "--run-dir", "folder for config.json, metrics.jsonl and checkpoints/; default: "
             "runs/slurm-<job id> under SLURM, else runs/run-<date-time>", metavar="DIR")
-    _option(group, "--checkpoint-every", "also checkpoint every STEPS steps; 0: at the end of each epoch only",
-            type=int, metavar="STEPS")
+    _option(group, "--checkpoint-every", "also checkpoint every STEPS steps; 0: at the end of each "
+            "epoch only", type=int, metavar="STEPS")
     _option(group, "--keep", "keep the K newest checkpoints (plus best.h5)", type=int, metavar="K")
-    _option(group, "--resume", "'auto': the newest valid checkpoint in the run folder, if any; or a "
-            "checkpoint file", metavar="auto|PATH")
-    _option(group, "--log-every", "steps between progress lines (when the output is not a terminal)",
-            type=int, metavar="STEPS")
-    _option(group, "--metrics-every", "also append a record to metrics.jsonl every STEPS steps; 0: per epoch only",
-            type=int, metavar="STEPS")
-    group.add_argument("--quiet", action="store_true", help="print only the start-up lines, one line per epoch "
-                       "and errors")
+    _option(group, "--resume", "'auto': the newest valid checkpoint in the run folder, if any; or "
+            "a checkpoint file", metavar="auto|PATH")
+    _option(group, "--log-every", "steps between progress lines (when the output is not a "
+            "terminal)", type=int, metavar="STEPS")
+    _option(group, "--metrics-every", "also append a record to metrics.jsonl every STEPS steps; 0: "
+            "per epoch only", type=int, metavar="STEPS")
+    group.add_argument("--quiet", action="store_true", help="print only the start-up lines, one "
+                       "line per epoch and errors")
 
     group = parser.add_argument_group("parallelism and debugging")
-    _option(group, "--threads", "BLAS threads per rank; 0: the cores a rank may use, divided by the ranks "
-            "sharing them", type=int, metavar="N")
-    _option(group, "--gemm", "the library of the matrix products: numpy (numpy's BLAS, OpenBLAS in its wheels), "
-            "mkl (Intel's MKL: pip install -e '.[mkl]'), or auto: MKL where it is installed and the CPU is "
-            "Intel's, else numpy", choices=GEMMS)
-    _option(group, "--denormals", "flush (the default: floats below 1.2e-38 computed as zero, as TensorFlow "
-            "does; SGD's momentum makes them, and they are about 100x slower) or keep", choices=DENORMAL_MODES)
-    _option(group, "--check-every", "steps between checks that all ranks hold identical parameters", type=int,
-            metavar="STEPS")
+    _option(group, "--threads", "BLAS threads per rank; 0: the cores a rank may use, divided by "
+            "the ranks sharing them", type=int, metavar="N")
+    _option(group, "--gemm", "the library of the matrix products: numpy (numpy's BLAS, OpenBLAS in "
+            "its wheels), mkl (Intel's MKL: pip install -e '.[mkl]'), or auto: MKL where it is "
+            "installed and the CPU is Intel's, else numpy", choices=GEMMS)
+    _option(group, "--denormals", "flush (the default: floats below 1.2e-38 computed as zero, as "
+            "TensorFlow does; SGD's momentum makes them, and they are about 100x slower) or keep",
+            choices=DENORMAL_MODES)
+    _option(group, "--check-every", "steps between checks that all ranks hold identical parameters",
+            type=int, metavar="STEPS")
     _option(group, "--eval-batch", "rows per forward pass during evaluation", type=int, metavar="N")
-    _option(group, "--simulate-ranks", "run P ranks as threads of one process, without MPI (same batches "
-            "and parameters as mpirun -n P): debug the distributed logic with pdb", type=int, metavar="P")
-    _option(group, "--debug", "float64; check the allreduced gradient against finite differences of the "
-            "global-batch loss at the first step; NaN/Inf checks after every layer; replica check every step",
-            action="store_true")
+    _option(group, "--simulate-ranks", "run P ranks as threads of one process, without MPI "
+            "(same batches and parameters as mpirun -n P): debug the distributed logic with pdb",
+            type=int, metavar="P")
+    _option(group, "--debug", "float64; check the allreduced gradient against finite differences "
+            "of the global-batch loss at the first step; NaN/Inf checks after every layer; replica "
+            "check every step", action="store_true")
 
 
 def build_parser():
-    parser = _Parser(prog="ddptrain", description="Data-parallel training of a numpy MLP or CNN on image data in HDF5. "
-                     "Run as `python -m ddptrain` (one process) or `mpirun -n 4 python -m ddptrain`; the "
-                     "command 'train' is the default.")
+    parser = _Parser(prog="ddptrain", description="Data-parallel training of a numpy MLP or CNN on "
+                     "image data in HDF5. Run as `python -m ddptrain` (one process) or `mpirun -n "
+                     "4 python -m ddptrain`; the command 'train' is the default.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_train_arguments(commands.add_parser(
         "train", help="train (the default command)",
-        description="Train; the options may be given without the word 'train'. The batch size is the GLOBAL "
-                    "batch: with P ranks each rank trains on about batch-size/P samples per step."))
-    evaluate = commands.add_parser("evaluate", help="test loss, accuracy, per-class accuracy and confusion "
-                                   "matrix of a checkpoint")
+        description="Train; the options may be given without the word 'train'. The batch size is "
+                    "the GLOBAL batch: with P ranks each rank trains on about batch-size/P "
+                    "samples per step."))
+    evaluate = commands.add_parser("evaluate", help="test loss, accuracy, per-class accuracy and "
+                                   "confusion matrix of a checkpoint")
     evaluate.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint file (.h5)")
-    evaluate.add_argument("--data", metavar="PATH", help="data file, or a known set's name (default: the data the "
-                          "checkpoint was trained on, else the cached MNIST)")
+    evaluate.add_argument("--data", metavar="PATH", help="data file, or a known set's name "
+                          "(default: the data the checkpoint was trained on, else the "
+                          "cached MNIST)")
     evaluate.add_argument("--eval-batch", type=int, default=Config().eval_batch, metavar="N",
                           help="rows per forward pass (default: %(default)s)")
-    datasets.add_arguments(commands.add_parser("prepare", help="a data set (mnist, fashion-mnist, or IDX files of your "
-                                            "own) as the HDF5 data file"))
-    plot = commands.add_parser("plot", help="PNG curves of train and test loss and test accuracy of a run")
+    datasets.add_arguments(commands.add_parser("prepare", help="a data set (mnist, fashion-mnist, "
+                                               "or IDX files of your own) as the HDF5 data file"))
+    plot = commands.add_parser("plot", help="PNG curves of train and test loss and test "
+                               "accuracy of a run")
     plot.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (holding metrics.jsonl)")
     plot.add_argument("--output", metavar="FILE.png", help="default: RUN_DIR/curves.png")
-    info = commands.add_parser("info", help="versions, MPI library and world size, BLAS threads, the data file, a "
-                               "model's layers and FLOPs")
-    info.add_argument("--data", metavar="PATH", help="data file (or a known set's name) to describe (default: the "
-                      "cached MNIST, if any)")
+    info = commands.add_parser("info", help="versions, MPI library and world size, BLAS threads, "
+                               "the data file, a model's layers and FLOPs")
+    info.add_argument("--data", metavar="PATH", help="data file (or a known set's name) to "
+                      "describe (default: the cached MNIST, if any)")
     info.add_argument("--model", metavar="SPEC", default=Config().model,
-                      help="model to describe: its layers, parameters and FLOPs per sample on the data's images "
-                           "(default: %(default)s)")
+                      help="model to describe: its layers, parameters and FLOPs per sample on the "
+                           "data's images (default: %(default)s)")
     return parser
 
 
@@ -226,7 +244,8 @@ def config_from_args(args):
     for switch in SWITCHES:
         if values.pop(switch, False):
             setattr(args, switch, True)
-    given = {name: value for name, value in vars(args).items() if name in Config.__dataclass_fields__}
+    given = {name: value for name, value in vars(args).items()
+             if name in Config.__dataclass_fields__}
     return make_config({**values, **given})
 
 
@@ -255,14 +274,16 @@ def main(argv=None, callbacks=()):
             return commands.info(args, world())
         if args.command == "evaluate":
             with same_on_every_rank():
-                if args.data:   # without it, the checkpoint names the data: checked once it is known
+                # without it, the checkpoint names the data: checked once it is known
+                if args.data:
                     check_data_file(args.data)
             comm = world()
             return commands.evaluate(args, comm)
         # Training: the options become a Config, and the run is the one ddptrain.train launches.
         with same_on_every_rank():
             config = config_from_args(args)
-        return launch(config, quiet=args.quiet, dry_run=args.dry_run, callbacks=callbacks).exit_status
+        return launch(config, quiet=args.quiet, dry_run=args.dry_run,
+                      callbacks=callbacks).exit_status
     except UserError as error:
         return end_rank(str(error), error, comm)
     except SystemExit:

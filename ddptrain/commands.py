@@ -41,14 +41,14 @@ from ddptrain.training.evaluation import evaluate as evaluate_split
 
 
 def _data_for(checkpoint, given):
-    """--data (a file, or a known set's name), else the data the checkpoint was trained on, else the cached
-    MNIST."""
+    """--data (a file, or a known set's name), else the data the checkpoint was trained on, else the
+    cached MNIST."""
     trained_on = given or checkpoint.config.get("data")
     if trained_on in datasets.KNOWN_DATASETS or not trained_on:
         return str(datasets.ensure_prepared(trained_on or "mnist"))
     if trained_on == IN_MEMORY and not given:
-        raise UserError(f"{checkpoint.path}: the model was trained on {IN_MEMORY}: give the data to evaluate it "
-                        f"on with --data FILE")
+        raise UserError(f"{checkpoint.path}: the model was trained on {IN_MEMORY}: give the data "
+                        "to evaluate it on with --data FILE")
     if given or Path(trained_on).is_file():
         return trained_on
     return str(datasets.ensure_prepared("mnist"))
@@ -84,13 +84,14 @@ def evaluate(args, comm):
         info = data.inspect(path)
         if args.eval_batch < 1:
             raise UserError(f"--eval-batch must be positive, got {args.eval_batch}")
-        # The layers first, without arrays: their sizes are checked against the file's arrays, the data
-        # and the memory before the model allocates anything.
+        # The layers first, without arrays: their sizes are checked against the file's arrays, the
+        # data and the memory before the model allocates anything.
         layers = layers_from_description(checkpoint.model)
         check_description_fits(checkpoint, layers)
         check_fits_data(layers, info, f"{args.checkpoint}: model {checkpoint.model_summary}")
-        check_resources(layers, Config(dtype=checkpoint.dtype, batch_size=1, eval_batch=args.eval_batch), info,
-                        comm.size, blas_threads.ranks_on_host)
+        check_resources(layers, Config(dtype=checkpoint.dtype, batch_size=1,
+                                       eval_batch=args.eval_batch), info, comm.size,
+                        blas_threads.ranks_on_host)
     model = Sequential(layers, dtype=checkpoint.dtype, backend=backend)
     model.load_state(checkpoint.params, checkpoint.buffers)
     test_rows = evaluation_block(info.n_test, comm.rank, comm.size)
@@ -98,8 +99,8 @@ def evaluate(args, comm):
     result = evaluate_split(model, comm, test, info.n_classes, args.eval_batch)
     if comm.rank == 0:
         step = checkpoint.state.get("step")
-        print(f"checkpoint {args.checkpoint} (model {checkpoint.model_summary}, step {step}) on {path}, "
-              f"{info.n_test:,} test rows, {comm.size} rank(s)")
+        print(f"checkpoint {args.checkpoint} (model {checkpoint.model_summary}, step {step}) on "
+              f"{path}, {info.n_test:,} test rows, {comm.size} rank(s)")
         print(f"test loss {result.loss:.4f}  test accuracy {100 * result.accuracy:.2f}%")
         print("per-class accuracy:")
         print(format_per_class(result.per_class_accuracy, result.confusion, info.class_names))
@@ -135,12 +136,16 @@ def info(args, comm):
         f"products     {products.description} (--gemm auto)",
     ]
     for lib in threadpool_info():
-        kind = "BLAS" if lib.get("user_api") == "blas" else "OpenMP"   # MKL's threads run on an OpenMP runtime
-        # OpenBLAS names its kernel; MKL picks its code for each call, from the instruction set it settled on
-        kernel = lib.get("architecture") or (f"{backend.code_path()} kernels" if lib.get("internal_api") == "mkl"
+        # MKL's threads run on an OpenMP runtime
+        kind = "BLAS" if lib.get("user_api") == "blas" else "OpenMP"
+        # OpenBLAS names its kernel; MKL picks its code for each call, from the instruction set it
+        # settled on
+        kernel = lib.get("architecture") or (f"{backend.code_path()} kernels"
+                                             if lib.get("internal_api") == "mkl"
                                              and backend.name == "mkl" else "?")
         lines.append(f"{kind:<12} {lib.get('internal_api')} {lib.get('version')} "
-                     f"({kernel}, {lib.get('threading_layer', '?')}), {lib.get('num_threads')} threads now")
+                     f"({kernel}, {lib.get('threading_layer', '?')}), "
+                     f"{lib.get('num_threads')} threads now")
     lines.append(f"matplotlib   {_version('matplotlib')} (for `ddptrain plot`)")
     line, image_shape = _data_line(args.data)
     lines.append(line)
@@ -150,7 +155,8 @@ def info(args, comm):
 
 
 def model_lines(spec, image_shape):
-    """The model of ``spec`` on images of ``image_shape``: each layer's output, parameters and FLOPs."""
+    """The model of ``spec`` on images of ``image_shape``: each layer's output, parameters and
+    FLOPs."""
     try:
         parsed = parse_spec(spec)
         layers = parsed.layers(image_shape)
@@ -159,14 +165,14 @@ def model_lines(spec, image_shape):
     except UserError as error:
         return [f"model        {error} ({'x'.join(map(str, image_shape))} images)"]
     n_params = sum(math.prod(shape) for layer in layers for shape in layer.param_shapes().values())
-    lines = [f"model        {parsed.describe()} on {'x'.join(map(str, image_shape))} images: {n_params:,} parameters, "
-             f"{sum(f for *_, f in counts) / 1e6:.2f} MFLOP per image forward, "
-             f"{training_flops(counts) / 1e6:.2f} MFLOP per sample per training step",
+    lines = [f"model        {parsed.describe()} on {'x'.join(map(str, image_shape))} images: "
+             f"{n_params:,} parameters, {sum(f for *_, f in counts) / 1e6:.2f} MFLOP per image "
+             f"forward, {training_flops(counts) / 1e6:.2f} MFLOP per sample per training step",
              f"  {'layer':<12} {'':<32} {'output':>10} {'parameters':>11} {'MFLOP':>7}"]
     for layer, output, flops in counts:
         size = sum(math.prod(shape) for shape in layer.param_shapes().values())
-        lines.append(f"  {layer.name:<12} {layer.label():<32} {'x'.join(map(str, output)):>10} {size:>11,} "
-                     f"{flops / 1e6:>7.2f}")
+        lines.append(f"  {layer.name:<12} {layer.label():<32} {'x'.join(map(str, output)):>10} "
+                     f"{size:>11,} {flops / 1e6:>7.2f}")
     return lines
 
 
@@ -183,15 +189,16 @@ def _data_line(given):
         summary = data.inspect(path)
     except UserError as error:
         if known:
-            return (f"data         none prepared yet at {path} (`python -m ddptrain prepare {given or 'mnist'}` "
-                    f"makes it)"), None
+            return (f"data         none prepared yet at {path} (`python -m ddptrain prepare "
+                    f"{given or 'mnist'}` makes it)"), None
         return f"data         {error}", None
     source = summary.attrs.get("source", "unknown source")
-    return (f"data         {path}: {summary.n_train:,} training and {summary.n_test:,} test images of "
-            f"{summary.image_text} ({summary.n_features} values), {summary.n_classes} classes "
+    return (f"data         {path}: {summary.n_train:,} training and {summary.n_test:,} test images "
+            f"of {summary.image_text} ({summary.n_features} values), {summary.n_classes} classes "
             f"({_some(summary.class_names)}); source {source}"), summary.image_shape
 
 
 def _some(names, shown=10):
     """The first ``shown`` names, joined: a thousand class names do not fit in a line."""
-    return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
+    return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)"
+                                       if len(names) > shown else "")

@@ -1,4 +1,5 @@
-"""Making a written file survive a crash: fsync the file, rename it over the target, fsync the folder.
+"""Making a written file survive a crash: fsync the file, rename it over the target, fsync the
+folder.
 
 The data file (``data.write_dataset``), checkpoints, ``config.json`` and
 ``metrics.jsonl`` are all written by ``write_atomically``: to a temporary file
@@ -15,13 +16,15 @@ from pathlib import Path
 
 
 def temporary_path(path):
-    """Where ``write_atomically`` writes ``path`` first: ``.<name>.tmp-<pid>`` beside it (one per writer)."""
+    """Where ``write_atomically`` writes ``path`` first: ``.<name>.tmp-<pid>`` beside it (one per
+    writer)."""
     path = Path(path)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def write_atomically(path, content):
-    """Replace ``path`` by ``content`` (bytes-like), whole or not at all. OSError on failure, ``path`` as it was."""
+    """Replace ``path`` by ``content`` (bytes-like), whole or not at all. OSError on failure,
+    ``path`` as it was."""
     path = Path(path)
     tmp = temporary_path(path)
     try:
@@ -44,7 +47,8 @@ def fsync_file(path):
 
 
 def fsync_folder(folder):
-    """Make a rename in ``folder`` durable; best effort, as some file systems cannot fsync a folder."""
+    """Make a rename in ``folder`` durable; best effort, as some file systems cannot fsync a
+    folder."""
     try:
         fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:

@@ -19,7 +19,8 @@ class UserError(Exception):
 
 
 class SettingError(UserError, ValueError):
-    """A setting (of an optimiser, say) out of its range, named as the command-line option that sets it.
+    """A setting (of an optimiser, say) out of its range, named as the command-line option that sets
+    it.
 
     Raised by the class that owns the setting, which is the one place that
     checks it; a ValueError too, for code that builds such objects directly.

@@ -35,32 +35,36 @@ def _import_pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise UserError("plotting needs matplotlib, an optional extra: pip install 'ddptrain[plot]' "
-                        "(or pip install matplotlib)") from None
+        raise UserError("plotting needs matplotlib, an optional extra: pip install "
+                        "'ddptrain[plot]' (or pip install matplotlib)") from None
     matplotlib.use("Agg")   # files only, no display needed
     import matplotlib.pyplot as plt
     return plt
 
 
 def plot_run(run_dir, output=None):
-    """Write the curves of ``run_dir`` to ``output`` (default RUN_DIR/curves.png); returns the path."""
+    """Write the curves of ``run_dir`` to ``output`` (default RUN_DIR/curves.png); returns the
+    path."""
     epochs, steps = read_metrics(run_dir)
     plt = _import_pyplot()
     output = Path(output) if output else Path(run_dir) / "curves.png"
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
 
     if steps:
-        loss_axes.plot([r["step"] for r in steps], [r["train_loss"] for r in steps], color="tab:blue",
-                       alpha=0.35, linewidth=1, label="train loss (running, per step record)")
+        loss_axes.plot([r["step"] for r in steps], [r["train_loss"] for r in steps],
+                       color="tab:blue", alpha=0.35, linewidth=1,
+                       label="train loss (running, per step record)")
     if epochs:
         x = [r["step"] for r in epochs]
-        loss_axes.plot(x, [r["train_loss"] for r in epochs], "o-", color="tab:blue", label="train loss (epoch)")
-        loss_axes.plot(x, [r["test_loss"] for r in epochs], "s-", color="tab:orange", label="test loss")
+        loss_axes.plot(x, [r["train_loss"] for r in epochs], "o-", color="tab:blue",
+                       label="train loss (epoch)")
+        loss_axes.plot(x, [r["test_loss"] for r in epochs], "s-", color="tab:orange",
+                       label="test loss")
         accuracy_axes.plot(x, [100 * r["test_accuracy"] for r in epochs], "s-", color="tab:green",
                            label="test accuracy")
         if "train_accuracy" in epochs[0]:
-            accuracy_axes.plot(x, [100 * r["train_accuracy"] for r in epochs], "o--", color="tab:blue",
-                               label="train accuracy")
+            accuracy_axes.plot(x, [100 * r["train_accuracy"] for r in epochs], "o--",
+                               color="tab:blue", label="train accuracy")
     loss_axes.set(xlabel="step", ylabel="cross-entropy loss", title="loss")
     loss_axes.set_yscale("log")
     accuracy_axes.set(xlabel="step", ylabel="accuracy (%)", title="accuracy")

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The accuracy target of ``--model cnn``: final test accuracy and wall time of real runs, one per seed.
+"""The accuracy target of ``--model cnn``: final test accuracy and wall time of real runs, one per
+seed.
 
 Runs ``mpiexec -n P python -m ddptrain --model cnn --seed S`` (the model's own
 training defaults: no option tuned here) for each seed, and prints each run's
@@ -28,12 +29,15 @@ TARGET, MINUTES = 99.3, 10
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", help="HDF5 data file (default: ddptrain's MNIST in the cache, prepared if missing)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="HDF5 data file (default: ddptrain's MNIST in the cache, "
+                        "prepared if missing)")
     parser.add_argument("--model", default="cnn")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated (default: %(default)s)")
-    parser.add_argument("--train-args", default="", help="more options for python -m ddptrain, as one string")
+    parser.add_argument("--train-args", default="",
+                        help="more options for python -m ddptrain, as one string")
     parser.add_argument("--json", metavar="PATH", help="also write the runs to PATH")
     args = parser.parse_args(argv)
     data = args.data
@@ -48,17 +52,18 @@ def main(argv=None):
         run["seed"], run["final"] = seed, run["epochs"][-1]["accuracy"]
         runs.append(run)
         curve = ", ".join(f"{e['accuracy']:.2f}" for e in run["epochs"])
-        print(f"seed {seed}: final test accuracy {run['final']:.2f}% after {len(run['epochs'])} epochs, whole run "
-              f"{run['total_seconds']:.1f} s ({run['total_seconds'] / 60:.1f} min); test accuracy per epoch: {curve}",
-              flush=True)
+        print(f"seed {seed}: final test accuracy {run['final']:.2f}% after {len(run['epochs'])} "
+              f"epochs, whole run {run['total_seconds']:.1f} s ({run['total_seconds'] / 60:.1f} "
+              f"min); test accuracy per epoch: {curve}", flush=True)
     words = runs[0]["command"].split()
     seed_at = words.index("--seed")
     print(f"command: {' '.join(words[:seed_at] + ['--seed', 'S'] + words[seed_at + 2:])}")
     median = statistics.median(run["final"] for run in runs)
     slowest = max(run["total_seconds"] for run in runs)
     met = median >= TARGET and slowest < 60 * MINUTES
-    print(f"[{'MET ' if met else 'MISSED'}] median final test accuracy {median:.2f}% over {len(runs)} seeds "
-          f"(target {TARGET}%), slowest run {slowest / 60:.1f} min (target under {MINUTES} min)")
+    print(f"[{'MET ' if met else 'MISSED'}] median final test accuracy {median:.2f}% over "
+          f"{len(runs)} seeds (target {TARGET}%), slowest run {slowest / 60:.1f} min "
+          f"(target under {MINUTES} min)")
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=1))
     return 0 if met else 1

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Collect the results of a sweep (or any set of ddptrain run folders) into one table.
 
-    python3 scripts/collect_sweep.py --job 1234            the runs of array job 1234: runs/slurm-1234_*
+    python3 scripts/collect_sweep.py --job 1234            the runs of array job 1234:
+                                                           runs/slurm-1234_*
     python3 scripts/collect_sweep.py runs/slurm-1234_*     the same, by folder
     python3 scripts/collect_sweep.py --job 1234 --csv sweep.csv
 
@@ -23,8 +24,8 @@ import re
 import sys
 from pathlib import Path
 
-COLUMNS = ("run", "lr", "epochs", "train_loss", "test_loss", "test_accuracy", "best_test_accuracy", "seconds",
-           "status")
+COLUMNS = ("run", "lr", "epochs", "train_loss", "test_loss", "test_accuracy", "best_test_accuracy",
+           "seconds", "status")
 
 
 def read_run(folder):
@@ -45,7 +46,8 @@ def read_run(folder):
             records.append(json.loads(line))
         except ValueError:
             pass        # a line cut short by a kill: the epochs before it still count
-    by_epoch = {r["epoch"]: r for r in records if "epoch" in r}   # after a resume, the last record of an epoch wins
+    # after a resume, the last record of an epoch wins
+    by_epoch = {r["epoch"]: r for r in records if "epoch" in r}
     row.update(lr=config.get("lr"), epochs=f"{len(by_epoch)}/{config.get('epochs')}")
     if not by_epoch:
         return {**row, "status": "no finished epoch"}
@@ -87,7 +89,8 @@ def format_table(rows):
     scored = ([r for r in rows if r.get("status") == "finished"]
               or [r for r in rows if r.get("test_accuracy") is not None])
     best = max(scored, key=lambda r: r["test_accuracy"]) if scored else None
-    cells = [[_cell(r.get(c), c) + (" *" if c == "run" and r is best else "") for c in COLUMNS] for r in rows]
+    cells = [[_cell(r.get(c), c) + (" *" if c == "run" and r is best else "") for c in COLUMNS]
+             for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)) + " |",
              "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
@@ -99,18 +102,20 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="*", metavar="RUN_DIR", help="run folders")
     parser.add_argument("--job", metavar="ID", help="the array job's id: collects RUNS/slurm-ID_*")
-    parser.add_argument("--runs", default="runs", metavar="DIR", help="where the run folders are (default: runs)")
+    parser.add_argument("--runs", default="runs", metavar="DIR",
+                        help="where the run folders are (default: runs)")
     parser.add_argument("--csv", metavar="PATH", help="also write the table as CSV")
     args = parser.parse_args(argv)
 
     folders = [Path(f) for f in args.folders]
     if args.job:
-        folders += sorted(Path(args.runs).glob(f"slurm-{args.job}_*"), key=lambda p: _natural(p.name))
+        folders += sorted(Path(args.runs).glob(f"slurm-{args.job}_*"),
+                          key=lambda p: _natural(p.name))
     folders = [f for f in folders if f.is_dir()]
     if not folders:
-        print(f"collect_sweep: no run folders found"
-              f"{f' for job {args.job} in {args.runs}/' if args.job else ' (give RUN_DIRs or --job ID)'}",
-              file=sys.stderr)
+        where = (f" for job {args.job} in {args.runs}/" if args.job
+                 else " (give RUN_DIRs or --job ID)")
+        print(f"collect_sweep: no run folders found{where}", file=sys.stderr)
         return 2
     rows = collect(folders)
     print(format_table(rows))

@@ -1,4 +1,5 @@
-"""A model of your own, with a layer of your own, trained on Fashion-MNIST through ddptrain's Python API.
+"""A model of your own, with a layer of your own, trained on Fashion-MNIST through ddptrain's Python
+API.
 
     mpiexec -n 2 .venv/bin/python scripts/custom_model.py    # 2 ranks
     .venv/bin/python scripts/custom_model.py                 # one process: the same training
@@ -28,7 +29,8 @@ from ddptrain import nn
 
 
 class PReLU(nn.Layer):
-    """``y = x`` where ``x > 0``, ``y = a * x`` elsewhere, with one learnt slope ``a`` per feature."""
+    """``y = x`` where ``x > 0``, ``y = a * x`` elsewhere, with one learnt slope ``a`` per
+    feature."""
 
     def __init__(self, n_features, slope=0.25):
         super().__init__()
@@ -49,7 +51,8 @@ class PReLU(nn.Layer):
 
     def output_shape(self, input_shape):
         if tuple(input_shape) != (self.n_features,):
-            raise nn.ShapeError(f"{self.name} ({self.label()}) takes {self.n_features} features, not {input_shape}")
+            raise nn.ShapeError(f"{self.name} ({self.label()}) takes {self.n_features} features, "
+                                f"not {input_shape}")
         return (self.n_features,)
 
     def forward(self, x):
@@ -75,7 +78,8 @@ def build_model(dtype=np.float32, seed=0, hidden=(512, 256), n_inputs=784, n_cla
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="fashion-mnist", help="a data file, or a set's name (default: %(default)s)")
+    parser.add_argument("--data", default="fashion-mnist",
+                        help="a data file, or a set's name (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--run-dir", default=None, help="default: runs/<date-time>")
     parser.add_argument("--seed", type=int, default=0)
@@ -83,12 +87,14 @@ def main():
 
     ddptrain.gradcheck(PReLU(8), input_shape=(8,))   # raises if the backward above were wrong
     model = build_model(seed=args.seed)
-    result = ddptrain.train(model, data=args.data, epochs=args.epochs, batch_size=128, lr=0.05, momentum=0.9,
-                            nesterov=True, weight_decay=5e-4, seed=args.seed, run_dir=args.run_dir, quiet=True)
+    result = ddptrain.train(model, data=args.data, epochs=args.epochs, batch_size=128, lr=0.05,
+                            momentum=0.9, nesterov=True, weight_decay=5e-4, seed=args.seed,
+                            run_dir=args.run_dir, quiet=True)
     # Every rank holds the same result (and the same trained model): print it once.
     if result.rank == 0:
-        print(f"{model.summary()}: test accuracy {100 * result.test_accuracy:.2f}% after {result.epochs} epochs "
-              f"on {result.world_size} rank(s), in {result.seconds:.1f} s; run folder {result.run_dir}")
+        print(f"{model.summary()}: test accuracy {100 * result.test_accuracy:.2f}% after "
+              f"{result.epochs} epochs on {result.world_size} rank(s), in {result.seconds:.1f} s; "
+              f"run folder {result.run_dir}")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def command(data, ranks, train_args):
 
 
 def run_once(data, ranks=2, target=98.0, train_args=DEFAULT_OPTIONS, timeout=300):
-    """One run. Returns a dict: seconds to the target line (None if never reached), total seconds, epochs."""
+    """One run. Returns a dict: seconds to the target line (None if never reached), total seconds,
+    epochs."""
     args = shlex.split(train_args) if isinstance(train_args, str) else list(train_args)
     with tempfile.TemporaryDirectory(prefix="ddptrain-tta-") as tmp:
         argv = command(data, ranks, [*args, "--run-dir", str(Path(tmp) / "run")])
@@ -66,7 +67,8 @@ def run_once(data, ranks=2, target=98.0, train_args=DEFAULT_OPTIONS, timeout=300
             if match:
                 now = time.perf_counter() - started
                 accuracy = float(match.group(3))
-                epochs.append({"epoch": int(match.group(1)), "accuracy": accuracy, "at_seconds": now})
+                epochs.append({"epoch": int(match.group(1)), "accuracy": accuracy,
+                               "at_seconds": now})
                 if reached is None and accuracy >= target:
                     reached = now
         status = proc.wait(timeout=timeout)
@@ -75,13 +77,15 @@ def run_once(data, ranks=2, target=98.0, train_args=DEFAULT_OPTIONS, timeout=300
         metrics = ([json.loads(line) for line in metrics_path.read_text().splitlines()]
                    if metrics_path.exists() else [])
     if status != 0:
-        raise RuntimeError(f"{shlex.join(argv)} exited with status {status}:\n" + "\n".join(lines[-20:]))
-    return {"seconds_to_target": reached, "total_seconds": total, "epochs": epochs, "metrics": metrics,
-            "command": shlex.join(argv[:argv.index("--run-dir")])}
+        raise RuntimeError(f"{shlex.join(argv)} exited with status {status}:\n"
+                           + "\n".join(lines[-20:]))
+    return {"seconds_to_target": reached, "total_seconds": total, "epochs": epochs,
+            "metrics": metrics, "command": shlex.join(argv[:argv.index("--run-dir")])}
 
 
 def measure(data, ranks=2, target=98.0, train_args=DEFAULT_OPTIONS, repeats=3):
-    """``repeats`` runs; returns the runs and the median time to the target (None if any run missed it)."""
+    """``repeats`` runs; returns the runs and the median time to the target (None if any run missed
+    it)."""
     runs = [run_once(data, ranks, target, train_args) for _ in range(repeats)]
     times = [r["seconds_to_target"] for r in runs]
     median = statistics.median(times) if all(t is not None for t in times) else None
@@ -90,14 +94,17 @@ def measure(data, ranks=2, target=98.0, train_args=DEFAULT_OPTIONS, repeats=3):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", help="HDF5 data file (default: ddptrain's MNIST in the cache, prepared if missing)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="HDF5 data file (default: ddptrain's MNIST in the cache, "
+                        "prepared if missing)")
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--target", type=float, default=98.0, help="test accuracy in percent (default: 98.0)")
+    parser.add_argument("--target", type=float, default=98.0,
+                        help="test accuracy in percent (default: 98.0)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-args", default=DEFAULT_OPTIONS,
-                        help="options passed to python -m ddptrain, as one string: --train-args='--epochs 4' "
-                             "(default: %(default)r)")
+                        help="options passed to python -m ddptrain, as one string: "
+                             "--train-args='--epochs 4' (default: %(default)r)")
     args = parser.parse_args(argv)
     data = args.data
     if data is None:
@@ -106,9 +113,12 @@ def main(argv=None):
     result = measure(data, args.ranks, args.target, args.train_args, args.repeats)
     print(f"command: {result['command']}")
     for i, run in enumerate(result["runs"], 1):
-        accuracies = ", ".join(f"{e['accuracy']:.2f}% at {e['at_seconds']:.2f} s" for e in run["epochs"])
-        reached = "not reached" if run["seconds_to_target"] is None else f"{run['seconds_to_target']:.2f} s"
-        print(f"run {i}: {args.target:.1f}% {reached}; epochs: {accuracies}; whole run {run['total_seconds']:.2f} s")
+        accuracies = ", ".join(f"{e['accuracy']:.2f}% at {e['at_seconds']:.2f} s"
+                               for e in run["epochs"])
+        reached = ("not reached" if run["seconds_to_target"] is None
+                   else f"{run['seconds_to_target']:.2f} s")
+        print(f"run {i}: {args.target:.1f}% {reached}; epochs: {accuracies}; whole run "
+              f"{run['total_seconds']:.2f} s")
     if result["median_seconds"] is None:
         print(f"time to {args.target:.1f}% test accuracy: not reached in every run")
         return 1

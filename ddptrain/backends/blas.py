@@ -1,4 +1,5 @@
-"""Fused vector updates from the BLAS that numpy already loaded: ``axpby``, ``y = a * x + b * y`` in one pass.
+"""Fused vector updates from the BLAS that numpy already loaded: ``axpby``, ``y = a * x + b * y`` in
+one pass.
 
 numpy runs ``v *= m; v += g`` as two passes over memory, on one core; the
 BLAS's ``axpby`` does it in one, split over the BLAS's threads. SGD's update
@@ -33,7 +34,8 @@ _found = None   # {dtype: C function} of numpy's BLAS, looked up once
 
 def _candidates(kind):
     """Symbol names of cblas ``<kind>axpby`` (kind "s" or "d") in the builds ddptrain knows."""
-    return [f"{prefix}cblas_{kind}axpby{suffix}" for prefix in ("scipy_", "") for suffix in ("64_", "")]
+    return [f"{prefix}cblas_{kind}axpby{suffix}" for prefix in ("scipy_", "")
+            for suffix in ("64_", "")]
 
 
 def _look_up():
@@ -49,14 +51,15 @@ def _look_up():
             library = ctypes.CDLL(path)   # already loaded by numpy: this only finds it
         except OSError:
             continue
-        for dtype, kind, real in ((np.float32, "s", ctypes.c_float), (np.float64, "d", ctypes.c_double)):
+        for dtype, kind, real in ((np.float32, "s", ctypes.c_float),
+                                  (np.float64, "d", ctypes.c_double)):
             for name in _candidates(kind):
                 function = getattr(library, name, None)
                 if function is not None and np.dtype(dtype) not in found:
-                    # n and the strides as 64-bit integers: right for ILP64 builds, and read as their low
-                    # 32 bits, in registers, by LP64 ones.
-                    function.argtypes = [ctypes.c_int64, real, ctypes.c_void_p, ctypes.c_int64, real,
-                                         ctypes.c_void_p, ctypes.c_int64]
+                    # n and the strides as 64-bit integers: right for ILP64 builds, and read as
+                    # their low 32 bits, in registers, by LP64 ones.
+                    function.argtypes = [ctypes.c_int64, real, ctypes.c_void_p, ctypes.c_int64,
+                                         real, ctypes.c_void_p, ctypes.c_int64]
                     function.restype = None
                     found[np.dtype(dtype)] = function
                     break
@@ -64,11 +67,12 @@ def _look_up():
 
 
 def library_name():
-    """The name ``threadpoolctl`` gives numpy's BLAS (``openblas``, ``mkl``, ...), or ``BLAS``: the first
-    BLAS loaded, as numpy loads its own when it is imported (``mkl.Mkl`` later)."""
+    """The name ``threadpoolctl`` gives numpy's BLAS (``openblas``, ``mkl``, ...), or ``BLAS``: the
+    first BLAS loaded, as numpy loads its own when it is imported (``mkl.Mkl`` later)."""
     try:
         from threadpoolctl import threadpool_info
-        return next((lib["internal_api"] for lib in threadpool_info() if lib.get("user_api") == "blas"), "BLAS")
+        return next((lib["internal_api"] for lib in threadpool_info()
+                     if lib.get("user_api") == "blas"), "BLAS")
     except Exception:   # noqa: BLE001 - no threadpoolctl: a name is all this is for
         return "BLAS"
 
@@ -88,9 +92,11 @@ def _functions():
 
 
 def axpby(alpha, x, beta, y, functions=None):
-    """``y = alpha * x + beta * y``, in place, for contiguous 1-D arrays of one floating type; with the C
-    functions of ``functions`` (``{dtype: function}``, another BLAS's: ``mkl.Mkl.axpby``), or numpy's BLAS's."""
-    if x.shape != y.shape or x.dtype != y.dtype or not (x.flags.c_contiguous and y.flags.c_contiguous):
+    """``y = alpha * x + beta * y``, in place, for contiguous 1-D arrays of one floating type; with
+    the C functions of ``functions`` (``{dtype: function}``, another BLAS's: ``mkl.Mkl.axpby``), or
+    numpy's BLAS's."""
+    if x.shape != y.shape or x.dtype != y.dtype or not (x.flags.c_contiguous
+                                                        and y.flags.c_contiguous):
         raise ValueError("axpby needs two contiguous arrays of the same shape and type")
     function = (_functions() if functions is None else functions).get(y.dtype)
     if function is not None and y.size:

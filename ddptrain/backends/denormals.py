@@ -39,10 +39,12 @@ MODES = ("flush", "keep")
 
 
 class _X86_64_FENV(ctypes.Structure):
-    """glibc's x86-64 ``fenv_t``: the x87 FPU's environment (``fnstenv``'s 28 bytes), then SSE's MXCSR."""
+    """glibc's x86-64 ``fenv_t``: the x87 FPU's environment (``fnstenv``'s 28 bytes), then SSE's
+    MXCSR."""
 
     _fields_ = [("x87_environment", ctypes.c_ubyte * 28), ("control", ctypes.c_uint32)]
-    flush_bits = 0x8000 | 0x0040   # MXCSR's FTZ (flush results to zero) and DAZ (denormal inputs are zero)
+    # MXCSR's FTZ (flush results to zero) and DAZ (denormal inputs are zero)
+    flush_bits = 0x8000 | 0x0040
 
 
 class _AARCH64_FENV(ctypes.Structure):
@@ -64,7 +66,8 @@ def _libm():
 
 
 def _fenv_type():
-    """glibc's ``fenv_t`` on this machine, as a ctypes Structure, or None where it is not known here."""
+    """glibc's ``fenv_t`` on this machine, as a ctypes Structure, or None where it is not known
+    here."""
     if not sys.platform.startswith("linux"):
         return None
     return _FENV_TYPES.get(platform.machine())
@@ -77,7 +80,8 @@ def supported():
 
 @contextlib.contextmanager
 def flushed(enabled=True):
-    """Within the block, this thread (and threads it starts) computes with denormals flushed to zero."""
+    """Within the block, this thread (and threads it starts) computes with denormals flushed to
+    zero."""
     fenv_type = _fenv_type() if enabled else None
     libm = _libm() if fenv_type else None
     if libm is None:
@@ -100,4 +104,5 @@ def describe(mode):
     """For the start-up line."""
     if mode == "keep":
         return "denormals kept"
-    return "denormals flushed to zero" if supported() else "denormals kept (flushing is not known on this platform)"
+    return ("denormals flushed to zero" if supported() else "denormals kept (flushing is not known "
+            "on this platform)")

@@ -34,11 +34,13 @@ GEMMS = ("auto", "numpy", "mkl")
 @dataclass(frozen=True)
 class Choice:
     name: str          # "numpy" or "mkl"
-    description: str   # for the start-up line: "MKL 2026.2.0 (an Intel CPU)", "numpy's openblas (...)"
+    # for the start-up line: "MKL 2026.2.0 (an Intel CPU)", "numpy's openblas (...)"
+    description: str
 
     @property
     def reason(self):
-        """Why ``auto`` took this library, the description's parenthesis: ``MKL is not installed``; or ''."""
+        """Why ``auto`` took this library, the description's parenthesis: ``MKL is not installed``;
+        or ''."""
         return self.description.partition(" (")[2].removesuffix(")")
 
 
@@ -50,18 +52,21 @@ class Backend:
     matmul: Callable           # np.matmul(a, b, out=out)
     dot: Callable              # np.dot of two 1-D arrays
     axpby: Callable            # y = alpha * x + beta * y, in place (blas.axpby)
-    code_path: Optional[Callable] = None   # the instruction set of the library's kernels, where it says
+    # the instruction set of the library's kernels, where it says
+    code_path: Optional[Callable] = None
 
     def __repr__(self):
         return f"Backend({self.name!r})"
 
 
-# The plain path: numpy's matmul and dot, and the axpby of the BLAS numpy loaded (or numpy's own arithmetic).
+# The plain path: numpy's matmul and dot, and the axpby of the BLAS numpy loaded (or numpy's own
+# arithmetic).
 NUMPY = Backend("numpy", np.matmul, np.dot, blas.axpby)
 
 
 def cpu_vendor():
-    """``GenuineIntel``, ``AuthenticAMD``, ... from /proc/cpuinfo; ``unknown`` where it cannot be read."""
+    """``GenuineIntel``, ``AuthenticAMD``, ... from /proc/cpuinfo; ``unknown`` where it cannot be
+    read."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
             for line in cpuinfo:
@@ -73,7 +78,8 @@ def cpu_vendor():
 
 
 def choose(request="auto", vendor=None):
-    """The library for ``--gemm request``: a ``Choice``; a UserError where ``mkl`` is asked for and absent."""
+    """The library for ``--gemm request``: a ``Choice``; a UserError where ``mkl`` is asked for and
+    absent."""
     if request not in GEMMS:
         raise UserError(f"--gemm must be one of {', '.join(GEMMS)}, got {request!r}")
     if request == "numpy":
@@ -82,22 +88,24 @@ def choose(request="auto", vendor=None):
     foreign = mkl.foreign_openmp() if version is not None else None
     if request == "mkl":
         if version is None:
-            raise UserError("--gemm mkl: MKL is not installed here (ddptrain's mkl extra: pip install -e '.[mkl]' "
-                            "in its checkout installs the mkl and intel-openmp wheels)")
+            raise UserError("--gemm mkl: MKL is not installed here (ddptrain's mkl extra: pip "
+                            "install -e '.[mkl]' in its checkout installs the mkl and "
+                            "intel-openmp wheels)")
         if foreign:
-            raise UserError(f"--gemm mkl: another OpenMP runtime is loaded in this process ({foreign}, PyTorch's, "
-                            f"say), with which MKL's threads would compute wrong products; use --gemm numpy, or "
-                            f"train in a process that has not imported it")
+            raise UserError(f"--gemm mkl: another OpenMP runtime is loaded in this process "
+                            f"({foreign}, PyTorch's, say), with which MKL's threads would compute "
+                            f"wrong products; use --gemm numpy, or train in a process that has not "
+                            f"imported it")
         return Choice("mkl", f"MKL {version}")
     if version is None:
         return Choice("numpy", f"numpy's {blas.library_name()} (MKL is not installed)")
     if foreign:
-        return Choice("numpy", f"numpy's {blas.library_name()} (MKL is installed, but another OpenMP runtime is "
-                               f"loaded in this process: {foreign})")
+        return Choice("numpy", f"numpy's {blas.library_name()} (MKL is installed, but another "
+                      f"OpenMP runtime is loaded in this process: {foreign})")
     vendor = cpu_vendor() if vendor is None else vendor
     if vendor != "GenuineIntel":
-        return Choice("numpy", f"numpy's {blas.library_name()} (MKL is installed, but this CPU is {vendor}'s, "
-                               f"not Intel's)")
+        return Choice("numpy", f"numpy's {blas.library_name()} (MKL is installed, but this CPU is "
+                      f"{vendor}'s, not Intel's)")
     return Choice("mkl", f"MKL {version} (an Intel CPU)")
 
 
@@ -108,8 +116,9 @@ def backend(choice):
     try:
         library = mkl.load()
     except (OSError, AttributeError) as error:
-        raise UserError(f"--gemm mkl: MKL did not load ({error}); --gemm numpy multiplies with numpy's "
-                        f"BLAS") from None
-    # SGD's axpby is MKL's too: one pool of threads for a step, not two competing for the same cores.
-    return Backend("mkl", library.matmul, library.dot, functools.partial(blas.axpby, functions=library.axpby),
-                   library.code_path)
+        raise UserError(f"--gemm mkl: MKL did not load ({error}); --gemm numpy multiplies with "
+                        "numpy's BLAS") from None
+    # SGD's axpby is MKL's too: one pool of threads for a step, not two competing for the same
+    # cores.
+    return Backend("mkl", library.matmul, library.dot,
+                   functools.partial(blas.axpby, functions=library.axpby), library.code_path)

@@ -28,18 +28,21 @@ import numpy as np
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112   # cblas' enums
 _THREADING_INTEL = 0                             # MKL_Set_Threading_Layer
 _CBWR_AUTO, _CBWR_STRICT, _CBWR_SUCCESS = 2, 0x10000, 0
-# mkl_cbwr.h's branches: the instruction set of the kernels MKL picked for this CPU (MKL_CBWR_Get_Auto_Branch)
-_CBWR_BRANCHES = {2: "generic", 3: "compatible", 4: "SSE2", 6: "SSSE3", 7: "SSE4.1", 8: "SSE4.2", 9: "AVX", 10: "AVX2",
-                  12: "AVX-512", 14: "AVX-512 E1"}
+# mkl_cbwr.h's branches: the instruction set of the kernels MKL picked for this CPU
+# (MKL_CBWR_Get_Auto_Branch)
+_CBWR_BRANCHES = {2: "generic", 3: "compatible", 4: "SSE2", 6: "SSSE3", 7: "SSE4.1", 8: "SSE4.2",
+                  9: "AVX", 10: "AVX2", 12: "AVX-512", 14: "AVX-512 E1"}
 _INT_LIMIT = 2 ** 31                              # sizes and strides passed as C ints
 
-_MKL_RT = re.compile(r"libmkl_rt\.so(\.\d+)?$")     # libmkl_rt.so.2 in the 2025 wheels, .so.3 in 2026's
+# libmkl_rt.so.2 in the 2025 wheels, .so.3 in 2026's
+_MKL_RT = re.compile(r"libmkl_rt\.so(\.\d+)?$")
 _OPENMP = re.compile(r"libiomp5\.so$")
 _FOREIGN_OPENMP = re.compile(r"/libgomp[^/]*\.so")   # GNU's OpenMP runtime
 
 
 def _installed_file(distribution, name):
-    """The path of the file of an installed distribution whose name matches ``name`` (a regex), or None."""
+    """The path of the file of an installed distribution whose name matches ``name`` (a regex), or
+    None."""
     try:
         dist = importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -80,10 +83,12 @@ def mkl_installed():
 
 
 class Mkl:
-    """MKL's ``cblas_?gemm``, ``?gemv``, ``?dot`` and ``?axpby`` (``load`` makes the one of the process)."""
+    """MKL's ``cblas_?gemm``, ``?gemv``, ``?dot`` and ``?axpby`` (``load`` makes the one of the
+    process)."""
 
     def __init__(self):
-        # The OpenMP runtime first, globally: libmkl_rt looks its symbols up when it starts its threads.
+        # The OpenMP runtime first, globally: libmkl_rt looks its symbols up when it starts its
+        # threads.
         ctypes.CDLL(_installed_file("intel-openmp", _OPENMP), mode=ctypes.RTLD_GLOBAL)
         self.library = ctypes.CDLL(_installed_file("mkl", _MKL_RT), mode=ctypes.RTLD_GLOBAL)
         self.library.MKL_Set_Threading_Layer(_THREADING_INTEL)   # before any other call into MKL
@@ -92,14 +97,17 @@ class Mkl:
         self.version = importlib.metadata.version("mkl")
         i, p = ctypes.c_int, ctypes.c_void_p
         self._gemm, self._gemv, self._dot, self.axpby = {}, {}, {}, {}
-        for dtype, kind, real in ((np.float32, "s", ctypes.c_float), (np.float64, "d", ctypes.c_double)):
+        for dtype, kind, real in ((np.float32, "s", ctypes.c_float),
+                                  (np.float64, "d", ctypes.c_double)):
             dtype = np.dtype(dtype)
-            self._gemm[dtype] = _bind(self.library, f"cblas_{kind}gemm", [i, i, i, i, i, i, real, p, i, p, i, real,
-                                                                            p, i])
-            self._gemv[dtype] = _bind(self.library, f"cblas_{kind}gemv", [i, i, i, i, real, p, i, p, i, real, p, i])
+            self._gemm[dtype] = _bind(self.library, f"cblas_{kind}gemm",
+                                      [i, i, i, i, i, i, real, p, i, p, i, real, p, i])
+            self._gemv[dtype] = _bind(self.library, f"cblas_{kind}gemv",
+                                      [i, i, i, i, real, p, i, p, i, real, p, i])
             self._dot[dtype] = _bind(self.library, f"cblas_{kind}dot", [i, p, i, p, i], real)
-            self.axpby[dtype] = _bind(self.library, f"cblas_{kind}axpby", [ctypes.c_int64, real, p, ctypes.c_int64,
-                                                                          real, p, ctypes.c_int64])
+            self.axpby[dtype] = _bind(self.library, f"cblas_{kind}axpby",
+                                      [ctypes.c_int64, real, p, ctypes.c_int64, real, p,
+                                       ctypes.c_int64])
 
     def code_path(self):
         """The instruction set of the kernels MKL runs here: ``"AVX-512 E1"``, ``"AVX2"`` (with
@@ -108,10 +116,11 @@ class Mkl:
         return _CBWR_BRANCHES.get(branch, f"branch {branch}")
 
     def matmul(self, a, b, out=None):
-        """``np.matmul(a, b, out=out)``, by MKL where the operands' layout lets it read them in place."""
+        """``np.matmul(a, b, out=out)``, by MKL where the operands' layout lets it read them in
+        place."""
         gemm = self._gemm.get(a.dtype)
-        if (gemm is None or a.ndim != 2 or b.ndim != 2 or b.dtype != a.dtype or a.shape[1] != b.shape[0]
-                or 0 in a.shape or b.shape[1] == 0):
+        if (gemm is None or a.ndim != 2 or b.ndim != 2 or b.dtype != a.dtype
+                or a.shape[1] != b.shape[0] or 0 in a.shape or b.shape[1] == 0):
             return np.matmul(a, b, out=out)
         if out is None:
             out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
@@ -121,25 +130,30 @@ class Mkl:
                 or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
             return np.matmul(a, b, out=out)
         (trans_a, lda), (trans_b, ldb), (_, ldc) = a_layout, b_layout, c_rows
-        if max(*a.shape, b.shape[1], lda, ldb, ldc) >= _INT_LIMIT:   # MKL's LP64 interface counts in C ints
+        # MKL's LP64 interface counts in C ints
+        if max(*a.shape, b.shape[1], lda, ldb, ldc) >= _INT_LIMIT:
             return np.matmul(a, b, out=out)
         if a.shape[0] == 1:
-            # One row times a matrix (a bias gradient: ones @ dout): MKL's gemv is about 3x its gemm there.
-            # It reads b as stored, (k, n) or, for a .T view, (n, k), and multiplies x by its transpose or not.
+            # One row times a matrix (a bias gradient: ones @ dout): MKL's gemv is about 3x its gemm
+            # there. It reads b as stored, (k, n) or, for a .T view, (n, k), and multiplies x by its
+            # transpose or not.
             stored = b.shape if trans_b == _NO_TRANS else b.shape[::-1]
-            self._gemv[a.dtype](_ROW_MAJOR, _TRANS if trans_b == _NO_TRANS else _NO_TRANS, stored[0], stored[1], 1.0,
-                                b.ctypes.data, ldb, a.ctypes.data, a.strides[1] // a.itemsize, 0.0, out.ctypes.data,
+            self._gemv[a.dtype](_ROW_MAJOR, _TRANS if trans_b == _NO_TRANS else _NO_TRANS,
+                                stored[0], stored[1], 1.0, b.ctypes.data, ldb, a.ctypes.data,
+                                a.strides[1] // a.itemsize, 0.0, out.ctypes.data,
                                 out.strides[1] // out.itemsize)
             return out
-        gemm(_ROW_MAJOR, trans_a, trans_b, a.shape[0], b.shape[1], a.shape[1], 1.0, a.ctypes.data, lda,
-             b.ctypes.data, ldb, 0.0, out.ctypes.data, ldc)
+        gemm(_ROW_MAJOR, trans_a, trans_b, a.shape[0], b.shape[1], a.shape[1], 1.0, a.ctypes.data,
+             lda, b.ctypes.data, ldb, 0.0, out.ctypes.data, ldc)
         return out
 
     def dot(self, x, y):
-        """``np.dot(x, y)`` of two 1-D arrays, by MKL where they are contiguous and of one floating type."""
+        """``np.dot(x, y)`` of two 1-D arrays, by MKL where they are contiguous and of one floating
+        type."""
         function = self._dot.get(x.dtype)
-        if (function is None or x.ndim != 1 or y.shape != x.shape or y.dtype != x.dtype or not x.size
-                or not (x.flags.c_contiguous and y.flags.c_contiguous) or x.size >= _INT_LIMIT):
+        if (function is None or x.ndim != 1 or y.shape != x.shape or y.dtype != x.dtype
+                or not x.size or not (x.flags.c_contiguous and y.flags.c_contiguous)
+                or x.size >= _INT_LIMIT):
             return np.dot(x, y)
         return x.dtype.type(function(x.size, x.ctypes.data, 1, y.ctypes.data, 1))
 
@@ -151,10 +165,12 @@ def _bind(library, name, argtypes, restype=None):
 
 
 def _layout(matrix):
-    """``(transposed or not, leading dimension)`` for cblas, row-major, or None where cblas cannot read it.
+    """``(transposed or not, leading dimension)`` for cblas, row-major, or None where cblas cannot
+    read it.
 
-    Rows of unit-stride elements (a C-ordered array, or a slice of its columns) are read as they are; a
-    ``.T`` view of such an array (columns of unit stride) is read as the transpose of what it views.
+    Rows of unit-stride elements (a C-ordered array, or a slice of its columns) are read as they
+    are; a ``.T`` view of such an array (columns of unit stride) is read as the transpose of what it
+    views.
     """
     item = matrix.itemsize
     rows, cols = matrix.strides
@@ -170,8 +186,8 @@ _loaded = None   # the process's Mkl: loaded once, on first use, and never repla
 
 
 def load():
-    """The process's ``Mkl``, loaded on first use (simulated ranks are threads: one of them loads it).
-    OSError or AttributeError where the library does not load."""
+    """The process's ``Mkl``, loaded on first use (simulated ranks are threads: one of them loads
+    it). OSError or AttributeError where the library does not load."""
     global _loaded
     with _loading:
         if _loaded is None:

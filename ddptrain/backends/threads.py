@@ -11,7 +11,8 @@ from ddptrain.errors import UserError
 
 def usable_cores():
     """The cores this process may run on (its CPU affinity)."""
-    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    return (os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity")
+            else set(range(os.cpu_count() or 1)))
 
 
 @dataclass(frozen=True)
@@ -23,11 +24,13 @@ class BlasThreads:
 
     @property
     def host_line(self):
-        """``1 host`` or ``2 hosts (ddpt-h1: ranks 0-1, ddpt-h2: ranks 2-3)``, for the start-up output."""
+        """``1 host`` or ``2 hosts (ddpt-h1: ranks 0-1, ddpt-h2: ranks 2-3)``, for the start-up
+        output."""
         if len(self.hosts) == 1:
             return "1 host"
-        return f"{len(self.hosts)} hosts (" + ", ".join(f"{host}: {_ranks_text(ranks)}"
-                                                         for host, ranks in self.hosts.items()) + ")"
+        return (f"{len(self.hosts)} hosts ("
+                + ", ".join(f"{host}: {_ranks_text(ranks)}" for host, ranks in self.hosts.items())
+                + ")")
 
 
 def _ranks_text(ranks):
@@ -56,24 +59,26 @@ def configure_blas_threads(comm, requested=0, library=None):
     everyone = comm.allgather(me)   # DDP
     fewest = min(len(other_cores) for _, other_cores in everyone)
     if requested > fewest:
-        raise UserError(f"--threads {requested}: a rank here may use {fewest} cores; more threads than cores only "
-                        f"slow the matrix products down")
+        raise UserError(f"--threads {requested}: a rank here may use {fewest} cores; more threads "
+                        "than cores only slow the matrix products down")
     sharing = sum(1 for other in everyone if other == me)
     threads = requested or max(1, len(cores) // sharing)
     threadpool_limits(limits=threads, user_api="blas")
-    # The library of the matrix products (gemm.py): threadpool_limits set the threads of every BLAS loaded.
+    # The library of the matrix products (gemm.py): threadpool_limits set the threads of every BLAS
+    # loaded.
     blas = next((lib for lib in threadpool_info() if lib.get("user_api") == "blas"), {})
     library = "mkl" if library == "mkl" else blas.get("internal_api", "unknown BLAS")
     hosts = {}
     for rank, (host, _) in enumerate(everyone):
         hosts.setdefault(host, []).append(rank)
-    return BlasThreads(threads, _description(everyone, requested, library), ranks_on_host=len(hosts[me[0]]),
-                       hosts=hosts)
+    return BlasThreads(threads, _description(everyone, requested, library),
+                       ranks_on_host=len(hosts[me[0]]), hosts=hosts)
 
 
 def _description(everyone, requested, library):
-    """The threads of every rank, in a line: ``1 openblas thread per rank (2 cores shared by 2 rank(s))``, and
-    per host where hosts differ (rank 0 prints it for all of them)."""
+    """The threads of every rank, in a line:
+    ``1 openblas thread per rank (2 cores shared by 2 rank(s))``, and per host where hosts differ
+    (rank 0 prints it for all of them)."""
     def plural(n):
         return f"{n} {library} thread{'s' if n > 1 else ''} per rank"
 
@@ -83,12 +88,14 @@ def _description(everyone, requested, library):
     shares = {member: max(1, len(member[1]) // everyone.count(member)) for member in everyone}
     if len(shares) == 1:
         [(member, threads)] = shares.items()
-        return f"{plural(threads)} ({len(member[1])} cores shared by {everyone.count(member)} rank(s))"
+        return (f"{plural(threads)} ({len(member[1])} cores shared by "
+                f"{everyone.count(member)} rank(s))")
     alike = len({(len(cores), everyone.count((host, cores))) for host, cores in shares}) == 1
     hosts = {host for host, _ in shares}
     if alike and len(hosts) == len(shares):   # one group of ranks per host, all alike
         member, threads = next(iter(shares.items()))
-        return (f"{plural(threads)} ({len(member[1])} cores shared by {everyone.count(member)} rank(s) on each of "
-                f"{len(hosts)} hosts)")
-    return "; ".join(f"{host}: {plural(threads)} ({len(cores)} cores shared by {everyone.count((host, cores))} "
-                     f"rank(s))" for (host, cores), threads in shares.items())
+        return (f"{plural(threads)} ({len(member[1])} cores shared by {everyone.count(member)} "
+                f"rank(s) on each of {len(hosts)} hosts)")
+    return "; ".join(f"{host}: {plural(threads)} ({len(cores)} cores shared by "
+                     f"{everyone.count((host, cores))} rank(s))"
+                     for (host, cores), threads in shares.items())

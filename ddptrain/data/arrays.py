@@ -41,10 +41,12 @@ class Arrays:
                        "test": _checked_split("test", x_test, y_test)}
         shapes = [self.splits[split][0].shape[1:] for split in SPLITS]
         if shapes[0] != shapes[1]:
-            raise DataError(f"data: train images are {_text(shapes[0])} but test images are {_text(shapes[1])}")
+            raise DataError(f"data: train images are {_text(shapes[0])} but test images are "
+                            f"{_text(shapes[1])}")
         kinds = {images.dtype.kind == "u" for images, _ in self.splits.values()}
         if len(kinds) > 1:
-            raise DataError("data: train and test images must both be uint8 or both floating point, not one of each")
+            raise DataError("data: train and test images must both be uint8 or both floating "
+                            "point, not one of each")
         self.n_classes, self.class_names = _classes(self.splits, n_classes, class_names)
 
     @classmethod
@@ -54,39 +56,45 @@ class Arrays:
             return data
         if isinstance(data, (tuple, list)) and len(data) == 4:
             return cls(*data)
-        raise DataError(f"data must be a data file's path, a data set's name, or the arrays (x_train, y_train, "
-                        f"x_test, y_test); got {type(data).__name__}"
+        raise DataError("data must be a data file's path, a data set's name, or the arrays "
+                        f"(x_train, y_train, x_test, y_test); got {type(data).__name__}"
                         + (f" of {len(data)} items" if isinstance(data, (tuple, list)) else ""))
 
     def inspect(self):
         """The description a data file would have (``data.inspect``), reading from these arrays."""
-        return ArrayInfo(path=WHAT, n_train=len(self.splits["train"][1]), n_test=len(self.splits["test"][1]),
-                         image_shape=tuple(self.splits["train"][0].shape[1:]), n_classes=self.n_classes,
-                         attrs={"source": WHAT}, class_names=tuple(self.class_names), arrays=self)
+        return ArrayInfo(path=WHAT, n_train=len(self.splits["train"][1]),
+                         n_test=len(self.splits["test"][1]),
+                         image_shape=tuple(self.splits["train"][0].shape[1:]),
+                         n_classes=self.n_classes, attrs={"source": WHAT},
+                         class_names=tuple(self.class_names), arrays=self)
 
     def fingerprint(self):
-        """Shapes, types, class names and a CRC-32 of every array's bytes: equal on every rank, or the
-        ranks were given different data."""
+        """Shapes, types, class names and a CRC-32 of every array's bytes: equal on every rank, or
+        the ranks were given different data."""
         parts = [self.n_classes, tuple(self.class_names)]
         for images, labels in self.splits.values():
             for array in (images, labels):
-                parts += [array.shape, str(array.dtype), zlib.crc32(memoryview(np.ascontiguousarray(array)))]
+                parts += [array.shape, str(array.dtype),
+                          zlib.crc32(memoryview(np.ascontiguousarray(array)))]
         return tuple(parts)
 
     def read_rows(self, split, blocks, dtype=np.float32):
-        """The rows ``blocks`` of ``split`` as ``data.read_rows`` gives a file's: a copy, of ``dtype``."""
+        """The rows ``blocks`` of ``split`` as ``data.read_rows`` gives a file's: a copy, of
+        ``dtype``."""
         images, labels = self.splits[split]
         blocks = [(int(start), int(stop)) for start, stop in blocks]
         for start, stop in blocks:
             if not 0 <= start <= stop <= len(labels):
-                raise DataError(f"data: rows {start}:{stop} are outside the {split} images ({len(labels)} rows)")
+                raise DataError(f"data: rows {start}:{stop} are outside the {split} images "
+                                f"({len(labels)} rows)")
         n_rows = sum(stop - start for start, stop in blocks)
         x = np.empty((n_rows, *images.shape[1:]), dtype=dtype)
         y = np.empty(n_rows, dtype=np.int64)
         at = 0
         for start, stop in blocks:
             rows = stop - start
-            if images.dtype == np.uint8 and dtype != np.uint8:   # the file's scaling: the same values
+            # the file's scaling: the same values
+            if images.dtype == np.uint8 and dtype != np.uint8:
                 np.divide(images[start:stop], PIXEL_MAX, out=x[at:at + rows], dtype=dtype)
             else:   # floats, or the pixels as they are (stored_dtype)
                 x[at:at + rows] = images[start:stop]
@@ -105,8 +113,10 @@ class ArrayInfo(DatasetInfo):
         return self.arrays.read_rows(split, blocks, dtype)
 
     def stored_dtype(self, dtype):
-        """uint8 pixels stay pixels, as a file's do; floating-point images are kept as the model's floats."""
-        return np.dtype(np.uint8) if self.arrays.splits["train"][0].dtype == np.uint8 else np.dtype(dtype)
+        """uint8 pixels stay pixels, as a file's do; floating-point images are kept as the model's
+        floats."""
+        return (np.dtype(np.uint8) if self.arrays.splits["train"][0].dtype == np.uint8
+                else np.dtype(dtype))
 
 
 def _text(shape):
@@ -127,7 +137,7 @@ def _checked_split(split, images, labels):
 
 def _classes(splits, n_classes, class_names):
     try:
-        return check_classes({f"y_{split}": labels for split, (_, labels) in splits.items()}, n_classes,
-                             class_names)
+        return check_classes({f"y_{split}": labels for split, (_, labels) in splits.items()},
+                             n_classes, class_names)
     except ValueError as problem:
         raise DataError(f"data: {problem}") from None

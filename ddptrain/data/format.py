@@ -2,7 +2,8 @@
 
 Layout (written by ``write_dataset``, checked by ``inspect``)::
 
-    /train/images   (N, H, W) or (N, C, H, W) uint8, chunked by rows, uncompressed, Fletcher-32 per chunk
+    /train/images   (N, H, W) or (N, C, H, W) uint8, chunked by rows, uncompressed,
+                    Fletcher-32 per chunk
     /train/labels   (N,)      uint8 (uint16 beyond 256 classes), Fletcher-32
     /test/images    (M, ...)  uint8, the same image shape as /train/images
     /test/labels    (M,)
@@ -53,7 +54,8 @@ import numpy as np
 from ddptrain.errors import DataError
 
 FORMAT = "ddptrain-mnist"
-FORMAT_VERSION = 3                 # 1: ddptrain 0.1, without checksums; 2: MNIST only (both still read)
+# 1: ddptrain 0.1, without checksums; 2: MNIST only (both still read)
+FORMAT_VERSION = 3
 CHECK_SECONDS = 10                # the time a child process may take to read a file's metadata
 LEGACY_CLASSES = 10               # the class count of versions 1 and 2, which do not store it
 MAX_CLASSES = 4096                # a confusion matrix of 4096 x 4096 counts is 128 MiB
@@ -93,12 +95,13 @@ class DatasetInfo:
         return _hw(self.image_shape)
 
     def read_rows(self, split, blocks, dtype=np.float32):
-        """The rows ``blocks`` of ``split``: ``read_rows`` of this file (in-memory data overrides it)."""
+        """The rows ``blocks`` of ``split``: ``read_rows`` of this file (in-memory data overrides
+        it)."""
         return read_rows(self.path, split, blocks, dtype)
 
     def stored_dtype(self, dtype):
-        """What a rank keeps its rows as, for a model of ``dtype``: a file's uint8 pixels (a quarter of the
-        memory of float32), scaled when a batch is taken (``step.Split``)."""
+        """What a rank keeps its rows as, for a model of ``dtype``: a file's uint8 pixels (a quarter
+        of the memory of float32), scaled when a batch is taken (``step.Split``)."""
         return np.dtype(np.uint8)
 
 
@@ -138,7 +141,8 @@ def inspect(path, walk_chunks=False) -> DatasetInfo:
 
 
 def _check_is_file(path):
-    """A regular file this process may read: not missing, a folder, a FIFO or a device (which could block)."""
+    """A regular file this process may read: not missing, a folder, a FIFO or a device (which could
+    block)."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -148,7 +152,8 @@ def _check_is_file(path):
     if stat.S_ISDIR(mode):
         raise DataError(f"{path}: is a folder, not a data file")
     if not stat.S_ISREG(mode):
-        raise DataError(f"{path}: not a regular file (a FIFO, a socket or a device), not a data file")
+        raise DataError(f"{path}: not a regular file (a FIFO, a socket or a device), "
+                        "not a data file")
     if not os.access(path, os.R_OK):
         raise DataError(f"{path}: cannot read it (permission denied)")
 
@@ -178,7 +183,8 @@ class _open:
 
 
 def _walk_chunk_index(dataset):
-    """Visit every entry of a chunked dataset's chunk index (where a damaged index would mislead a read)."""
+    """Visit every entry of a chunked dataset's chunk index (where a damaged index would mislead a
+    read)."""
     if dataset.chunks is not None:
         for index in range(dataset.id.get_num_chunks()):
             dataset.id.get_chunk_info(index)
@@ -208,13 +214,14 @@ def _classes(f, version, path):
     count = _plain(f.attrs.get("n_classes")) if "n_classes" in f.attrs else None
     if count is None:
         if version is not None and version >= 3:
-            raise DataError(f"{path}: the root attribute 'n_classes' (the class count, which format_version "
-                            f"{version} requires) is missing")
+            raise DataError(f"{path}: the root attribute 'n_classes' (the class count, which "
+                            f"format_version {version} requires) is missing")
         count = LEGACY_CLASSES
     if not isinstance(count, int) or isinstance(count, bool):
         raise DataError(f"{path}: n_classes {count!r} is not a whole number")
     if not 2 <= count <= MAX_CLASSES:
-        raise DataError(f"{path}: n_classes is {count}; ddptrain handles 2 to {MAX_CLASSES} classes")
+        raise DataError(f"{path}: n_classes is {count}; ddptrain handles 2 to "
+                        f"{MAX_CLASSES} classes")
     if "class_names" not in f.attrs:
         return count, ()
     stored = f.attrs.get_id("class_names")   # its shape, before its values are read
@@ -331,7 +338,8 @@ def _damaged(error):
 def _failure(path, doing, error):
     """The DataError for an h5py exception: a damaged file said so, anything else as it is."""
     if _damaged(error):
-        return DataError(f"{path}: damaged: a checksum does not match ({doing}: {_one_line(error)})")
+        return DataError(f"{path}: damaged: a checksum does not match "
+                         f"({doing}: {_one_line(error)})")
     return DataError(f"{path}: {doing}: {_one_line(error)}")
 
 

@@ -1,4 +1,5 @@
-"""IDX files (the format of MNIST and Fashion-MNIST): parsing, MD5 checks, and conversion to the data file.
+"""IDX files (the format of MNIST and Fashion-MNIST): parsing, MD5 checks, and conversion to the
+data file.
 
 An IDX file is a big-endian header (two zero bytes, a type code, the number of
 dimensions, then each dimension as a 32-bit count) followed by the values. The
@@ -40,7 +41,8 @@ class ChecksumMismatch(DataError):
 
 
 def read_idx(path) -> np.ndarray:
-    """Read an IDX file, raw or gzipped, into a native-endian array of the shape its header gives."""
+    """Read an IDX file, raw or gzipped, into a native-endian array of the shape its header
+    gives."""
     return parse_idx(_read_uncompressed(path), os.fspath(path))
 
 
@@ -71,7 +73,8 @@ def parse_idx(data: bytes, name) -> np.ndarray:
 
 
 def _read_uncompressed(path) -> bytes:
-    """The content of ``path``, gunzipped if it is gzip data (recognised by its magic, not its name)."""
+    """The content of ``path``, gunzipped if it is gzip data (recognised by its magic, not its
+    name)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -99,14 +102,15 @@ def _verify_md5(data: bytes, expected: str, name, title="MNIST") -> str:
     """Return the MD5 of ``data``, or raise DataError if it is not ``expected``."""
     actual = _md5(data)
     if actual != expected:
-        raise ChecksumMismatch(f"{name}: md5 is {actual}, expected {expected} (damaged, or not the {title} file)")
+        raise ChecksumMismatch(f"{name}: md5 is {actual}, expected {expected} (damaged, or not the "
+                               f"{title} file)")
     return actual
 
 # ---------------------------------------------------------------- conversion
 
 
-def convert(contents, output, log, *, source, dataset, license=None, class_names=None, n_classes=None,
-            classes_from=None) -> pathlib.Path:
+def convert(contents, output, log, *, source, dataset, license=None, class_names=None,
+            n_classes=None, classes_from=None) -> pathlib.Path:
     """Parse the four IDX files and write them as the data file ``output``.
 
     ``contents``: the uncompressed files, keyed like ``IDX_FILES``; their
@@ -134,22 +138,25 @@ def convert(contents, output, log, *, source, dataset, license=None, class_names
 def _write(output, arrays, attrs, n_classes, class_names, source):
     try:
         write_dataset(output, arrays["train_images"], arrays["train_labels"], arrays["test_images"],
-                      arrays["test_labels"], attrs=attrs, n_classes=n_classes, class_names=class_names)
-    except ValueError as e:   # whatever the checks here let through: still one line, naming the source
+                      arrays["test_labels"], attrs=attrs, n_classes=n_classes,
+                      class_names=class_names)
+    # whatever the checks here let through: still one line, naming the source
+    except ValueError as e:
         raise DataError(f"{source}: {e}") from e
     except OSError as e:
         raise DataError(f"{output}: cannot write it: {e.strerror or e}") from e
 
 
 def parse_idx_set(contents, source) -> dict:
-    """The arrays of the four IDX files (bytes keyed like ``IDX_FILES``), checked to make a data set."""
+    """The arrays of the four IDX files (bytes keyed like ``IDX_FILES``), checked to make a data
+    set."""
     arrays = {key: parse_idx(data, f"{source}: {IDX_FILES[key]}") for key, data in contents.items()}
     for split in ("train", "test"):
         _check_idx_pair(arrays[f"{split}_images"], arrays[f"{split}_labels"], split, source)
     train_shape, test_shape = arrays["train_images"].shape[1:], arrays["test_images"].shape[1:]
     if train_shape != test_shape:
-        raise DataError(f"{source}: {IDX_FILES['train_images']} holds images of shape {train_shape} "
-                        f"but {IDX_FILES['test_images']} of shape {test_shape}")
+        raise DataError(f"{source}: {IDX_FILES['train_images']} holds images of shape "
+                        f"{train_shape} but {IDX_FILES['test_images']} of shape {test_shape}")
     return arrays
 
 
@@ -157,8 +164,8 @@ def _check_idx_pair(images, labels, split, source):
     images_name = IDX_FILES[f"{split}_images"]
     labels_name = IDX_FILES[f"{split}_labels"]
     if images.ndim not in (3, 4) or images.dtype != np.uint8 or 0 in images.shape[1:]:
-        raise DataError(f"{source}: {images_name} must hold uint8 images (N, H, W) or (N, C, H, W), "
-                        f"found {images.dtype} of shape {images.shape}")
+        raise DataError(f"{source}: {images_name} must hold uint8 images (N, H, W) or "
+                        f"(N, C, H, W), found {images.dtype} of shape {images.shape}")
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise DataError(f"{source}: {labels_name} must hold integer labels (N,), "
                         f"found {labels.dtype} of shape {labels.shape}")
@@ -183,7 +190,9 @@ def _class_count(arrays, given, source, classes_from) -> int:
         return given
     largest = max(int(values.max()) for values in labels.values())
     if largest == 0:
-        raise DataError(f"{source}: every label is 0, a single class: give the class count with --classes N")
+        raise DataError(f"{source}: every label is 0, a single class: give the class count "
+                        "with --classes N")
     if largest >= MAX_CLASSES:
-        raise DataError(f"{source}: the largest label is {largest}; ddptrain handles at most {MAX_CLASSES} classes")
+        raise DataError(f"{source}: the largest label is {largest}; ddptrain handles at most "
+                        f"{MAX_CLASSES} classes")
     return largest + 1

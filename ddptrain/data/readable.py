@@ -24,7 +24,8 @@ from ddptrain.errors import DataError
 
 
 def check_readable(path, seconds=None):
-    """Make sure that reading the file cannot hang or crash this process; DataError (one line) otherwise.
+    """Make sure that reading the file cannot hang or crash this process; DataError (one line)
+    otherwise.
 
     The file's metadata is first read by a child process (``inspect``, with
     its chunk index): if that does not finish within ``seconds``, or ends the
@@ -44,9 +45,11 @@ def check_readable(path, seconds=None):
     else:
         status, message = _run_in_new_process(path, seconds)
     if status == "hung":
-        raise DataError(f"{path}: damaged: HDF5 did not finish reading its metadata within {seconds} s")
+        raise DataError(f"{path}: damaged: HDF5 did not finish reading its metadata "
+                        f"within {seconds} s")
     if status != 0:
-        raise DataError(message or f"{path}: damaged: reading its metadata ended the reader ({status})")
+        raise DataError(message or f"{path}: damaged: reading its metadata ended the "
+                        f"reader ({status})")
     _checked[os.path.realpath(path)] = stamp
 
 
@@ -54,7 +57,8 @@ _checked = {}   # realpath -> (inode, size, mtime) of the files check_readable p
 
 
 def mark_checked(path):
-    """A file this process has just written whole (``writer.write_dataset``): not to be read again."""
+    """A file this process has just written whole (``writer.write_dataset``): not to be read
+    again."""
     _checked[os.path.realpath(path)] = _stamp(path)
 
 
@@ -80,7 +84,8 @@ def _run_in_forked_child(path, seconds):
         except DataError as error:
             status, message = 2, str(error)
         except BaseException as error:   # noqa: BLE001 - reported to the parent as damage
-            status, message = 3, f"{path}: damaged: reading its metadata failed ({_one_line(error)})"
+            status, message = (3, f"{path}: damaged: reading its metadata failed "
+                               f"({_one_line(error)})")
         os.write(write_end, message.encode()[:8192])
         os._exit(status)
     os.close(write_end)
@@ -98,7 +103,8 @@ def _run_in_forked_child(path, seconds):
         message = os.read(read_end, 8192).decode(errors="replace")
     finally:
         os.close(read_end)
-        if not reaped:   # hung, or this process was interrupted (Ctrl-C): no child outlives the check
+        # hung, or this process was interrupted (Ctrl-C): no child outlives the check
+        if not reaped:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
     if os.WIFSIGNALED(wait_status):
@@ -107,13 +113,15 @@ def _run_in_forked_child(path, seconds):
 
 
 def _run_in_new_process(path, seconds):
-    """The same as ``_run_in_forked_child``, in a new Python process (safe with threads and with MPI)."""
+    """The same as ``_run_in_forked_child``, in a new Python process (safe with threads and with
+    MPI)."""
     package_parent = str(Path(__file__).resolve().parents[2])
     env = environ_without_launcher()   # the child is not a rank of the launcher's job
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None,
+                                               [package_parent, os.environ.get("PYTHONPATH")]))
     try:
-        child = subprocess.run([sys.executable, "-c", _CHILD_CHECK, path], capture_output=True, text=True,
-                               timeout=seconds, env=env, stdin=subprocess.DEVNULL)
+        child = subprocess.run([sys.executable, "-c", _CHILD_CHECK, path], capture_output=True,
+                               text=True, timeout=seconds, env=env, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         return "hung", ""
     if child.returncode < 0:
@@ -132,6 +140,7 @@ except DataError as error:
     print(str(error).replace(chr(10), " "), file=sys.stderr)
     sys.exit(2)
 except BaseException as error:
-    print(f"{sys.argv[1]}: damaged: reading its metadata failed ({type(error).__name__})", file=sys.stderr)
+    print(f"{sys.argv[1]}: damaged: reading its metadata failed ({type(error).__name__})",
+          file=sys.stderr)
     sys.exit(3)
 """

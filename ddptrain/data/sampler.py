@@ -46,7 +46,8 @@ def shard_bounds(n, n_shards):
 
 
 def check_world(global_batch, world_size, n_shards=DEFAULT_VIRTUAL_SHARDS):
-    """Raise a UserError if this many ranks cannot share these shards and batches (whatever the data)."""
+    """Raise a UserError if this many ranks cannot share these shards and batches (whatever the
+    data)."""
     if global_batch < 1:
         raise UserError(f"--batch-size must be positive, got {global_batch}")
     if world_size < 1:
@@ -59,8 +60,8 @@ def check_world(global_batch, world_size, n_shards=DEFAULT_VIRTUAL_SHARDS):
             f"--virtual-shards must be a multiple of the number of ranks "
             f"(keep it fixed to compare runs on different numbers of ranks)")
     if global_batch < world_size:
-        raise UserError(f"--batch-size {global_batch} is smaller than the number of ranks ({world_size}): "
-                        f"every rank needs at least one sample per step")
+        raise UserError(f"--batch-size {global_batch} is smaller than the number of ranks "
+                        f"({world_size}): every rank needs at least one sample per step")
 
 
 def check_layout(n, global_batch, world_size, n_shards=DEFAULT_VIRTUAL_SHARDS):
@@ -124,7 +125,8 @@ class EpochPlan:
 
     def positions_in_batch(self, step):
         """Where this rank's rows of step ``step`` sit in its global batch (0 .. count - 1)."""
-        return self.positions[self.step_bounds[step]:self.step_bounds[step + 1]] - step * self.global_batch
+        return (self.positions[self.step_bounds[step]:self.step_bounds[step + 1]]
+                - step * self.global_batch)
 
 
 def epoch_plan(n, global_batch, rank, world_size, seed, epoch,

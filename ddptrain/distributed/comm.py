@@ -35,8 +35,9 @@ class SerialComm:
         return value
 
     def iallreduce_(self, array):
-        """Start summing ``array`` over all ranks, in place; returns a request: ``test()`` lets the sum make
-        progress and tells whether it is done, ``wait()`` waits for it. ``array`` must not be touched before."""
+        """Start summing ``array`` over all ranks, in place; returns a request: ``test()`` lets the
+        sum make progress and tells whether it is done, ``wait()`` waits for it. ``array`` must not
+        be touched before."""
         return DONE
 
     def bcast(self, obj, root=0):
@@ -51,25 +52,27 @@ class SerialComm:
         return [obj]
 
     def reduce_scatter_(self, array, bounds):
-        """Sum ``array`` over all ranks into this rank's slice ``array[bounds[rank]:bounds[rank + 1]]``, in place
-        (the rest of ``array`` is left as it was). Returns the slice."""
+        """Sum ``array`` over all ranks into this rank's slice
+        ``array[bounds[rank]:bounds[rank + 1]]``, in place (the rest of ``array`` is left as it
+        was). Returns the slice."""
         return array[bounds[0]:bounds[1]]
 
     def allgather_(self, array, bounds):
-        """Every rank's slice ``array[bounds[r]:bounds[r + 1]]``, on every rank, in place. Returns ``array``."""
+        """Every rank's slice ``array[bounds[r]:bounds[r + 1]]``, on every rank, in place. Returns
+        ``array``."""
         return array
 
     def barrier(self):
         pass
 
     def split_by_node(self):
-        """``(node, across)``: the ranks that share this rank's memory, and the ranks at this rank's place
-        (its rank on its node) on every node. One process is both."""
+        """``(node, across)``: the ranks that share this rank's memory, and the ranks at this rank's
+        place (its rank on its node) on every node. One process is both."""
         return self, self
 
     def allocate_shared(self, count, dtype):
-        """A ``SharedBlock`` of ``count`` zeros that every rank of this communicator (a node's) reaches in its
-        own memory: the same array everywhere. A collective."""
+        """A ``SharedBlock`` of ``count`` zeros that every rank of this communicator (a node's)
+        reaches in its own memory: the same array everywhere. A collective."""
         return SharedBlock(np.zeros(count, dtype=dtype), sync=lambda: None)
 
     def free(self):
@@ -93,9 +96,9 @@ DONE = _Done()
 
 
 class SharedBlock:
-    """An array in memory that the ranks of one node share (``allocate_shared``): what one rank writes,
-    the others read, once every rank has passed ``sync()``, a barrier that also orders the memory
-    accesses before it and after it (MPI's ``Win_sync``, barrier, ``Win_sync``)."""
+    """An array in memory that the ranks of one node share (``allocate_shared``): what one rank
+    writes, the others read, once every rank has passed ``sync()``, a barrier that also orders the
+    memory accesses before it and after it (MPI's ``Win_sync``, barrier, ``Win_sync``)."""
 
     def __init__(self, array, sync, free=lambda: None):
         self.array, self.sync, self._free = array, sync, free
@@ -165,7 +168,8 @@ class MPIComm:
     def allgather_(self, array, bounds):
         counts = [int(b - a) for a, b in zip(bounds[:-1], bounds[1:])]
         kind = self._MPI.DOUBLE if array.dtype == np.float64 else self._MPI.FLOAT
-        self._comm.Allgatherv(self._MPI.IN_PLACE, [array, counts, [int(b) for b in bounds[:-1]], kind])
+        self._comm.Allgatherv(self._MPI.IN_PLACE,
+                              [array, counts, [int(b) for b in bounds[:-1]], kind])
         return array
 
     _received = None   # reduce_scatter_'s receive buffer, kept
@@ -188,11 +192,12 @@ class MPIComm:
     def allocate_shared(self, count, dtype):
         # Rank 0 of the node allocates all of it; the others map the same pages.
         MPI, dtype = self._MPI, np.dtype(dtype)
-        window = MPI.Win.Allocate_shared(count * dtype.itemsize if self.rank == 0 else 0, dtype.itemsize,
-                                         comm=self._comm)
+        window = MPI.Win.Allocate_shared(count * dtype.itemsize if self.rank == 0 else 0,
+                                         dtype.itemsize, comm=self._comm)
         memory, _ = window.Shared_query(0)
         array = np.frombuffer(memory, dtype=dtype, count=count)
-        window.Lock_all(MPI.MODE_NOCHECK)   # one passive epoch for the whole run: Sync orders the accesses
+        # one passive epoch for the whole run: Sync orders the accesses
+        window.Lock_all(MPI.MODE_NOCHECK)
         if self.rank == 0:
             array[...] = 0
         comm = self._comm

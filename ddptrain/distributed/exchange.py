@@ -1,5 +1,5 @@
-"""The gradient exchange: how the ranks' shares of the gradient become the gradient of the global mean
-loss, and how each rank's update reaches every rank's parameters.
+"""The gradient exchange: how the ranks' shares of the gradient become the gradient of the global
+mean loss, and how each rank's update reaches every rank's parameters.
 
 One interface, four variants (PyTorch DDP's communication hooks play the same part):
 
@@ -50,14 +50,16 @@ class Allreduce:
 
     def __init__(self, comm, why=None):
         self.comm = comm   # the world: the step's totals are summed over it too
-        self.why = why     # why not the default exchange, for the start-up line (None: no reason to give)
+        # why not the default exchange, for the start-up line (None: no reason to give)
+        self.why = why
 
     def sharded_optimizer(self, optimizer):
         """The optimiser as this exchange runs it: as it is, or (sharded) over this rank's slice."""
         return optimizer
 
     def attach(self, model):
-        """Called once the parameters are final on every rank (restored or broadcast), before training."""
+        """Called once the parameters are final on every rank (restored or broadcast), before
+        training."""
 
     def detach(self, model):
         """Called after training (a collective): the model keeps arrays of its own."""
@@ -67,24 +69,28 @@ class Allreduce:
         return contextlib.nullcontext()
 
     def reduce_(self, grads):
-        """Sum the ranks' shares of ``grads`` in place (at least over the part this rank updates)."""
-        self.comm.allreduce_(grads)   # DDP: sum of the shares = gradient of the global mean, once a step
+        """Sum the ranks' shares of ``grads`` in place (at least over the part this rank
+        updates)."""
+        # DDP: sum of the shares = gradient of the global mean, once a step
+        self.comm.allreduce_(grads)
 
     def gather_gradient_(self, grads):
-        """Make all of the reduced gradient visible in ``grads`` (for hooks that read it: ``--debug``)."""
+        """Make all of the reduced gradient visible in ``grads`` (for hooks that read it:
+        ``--debug``)."""
 
     def owned(self, array):
         """The part of a flat array (the gradient, the parameters) that this rank updates."""
         return array
 
     def norm_share(self, squares):
-        """This rank's addend to the squared gradient norm, summed with the step's totals; ``squares`` is
-        the squared norm of ``owned(grads)``. Unsharded, every rank computes the norm itself: 0."""
+        """This rank's addend to the squared gradient norm, summed with the step's totals;
+        ``squares`` is the squared norm of ``owned(grads)``. Unsharded, every rank computes the norm
+        itself: 0."""
         return 0.0
 
     def global_norm(self, squares, summed):
-        """The gradient's 2-norm, the same on every rank, from ``squares`` (this rank's owned part) or
-        ``summed`` (the norm shares summed over the ranks)."""
+        """The gradient's 2-norm, the same on every rank, from ``squares`` (this rank's owned part)
+        or ``summed`` (the norm shares summed over the ranks)."""
         return float(np.sqrt(squares))   # every rank holds the whole reduced gradient
 
     def publish_(self, params):
@@ -99,15 +105,16 @@ class Allreduce:
 
 
 class BucketedAllreduce(Allreduce):
-    """``--overlap-allreduce``: the gradient reduced in buckets, each started as soon as backward has filled
-    it (``overlap.GradientBuckets``), and all of them waited for before the update."""
+    """``--overlap-allreduce``: the gradient reduced in buckets, each started as soon as backward
+    has filled it (``overlap.GradientBuckets``), and all of them waited for before the update."""
 
     def __init__(self, comm, model, bucket_bytes, why=None):
         super().__init__(comm, why)
         self.buckets = GradientBuckets(model, comm, bucket_bytes)
 
     def during_backward(self, model):
-        return self.buckets   # DDP: each bucket's Allreduce starts as soon as backward has filled it
+        # DDP: each bucket's Allreduce starts as soon as backward has filled it
+        return self.buckets
 
     def reduce_(self, grads):
         self.buckets.finish()
@@ -117,9 +124,9 @@ class BucketedAllreduce(Allreduce):
 
 
 class ReduceScatter(Allreduce):
-    """``--shard-optimizer`` (ZeRO-1, ``sharding.py``): a reduce-scatter gives each rank the sum of its slice
-    of the gradient, each rank updates that slice with its slice of the optimiser state, and an allgather
-    brings every rank's slice of the parameters to every rank."""
+    """``--shard-optimizer`` (ZeRO-1, ``sharding.py``): a reduce-scatter gives each rank the sum of
+    its slice of the gradient, each rank updates that slice with its slice of the optimiser state,
+    and an allgather brings every rank's slice of the parameters to every rank."""
 
     def __init__(self, comm, n_params, why=None):
         super().__init__(comm, why)
@@ -131,7 +138,8 @@ class ReduceScatter(Allreduce):
         return ShardedOptimizer(optimizer, self.comm, self.n_params)
 
     def reduce_(self, grads):
-        self.comm.reduce_scatter_(grads, self.bounds)   # DDP: each rank receives the sum of its slice only
+        # DDP: each rank receives the sum of its slice only
+        self.comm.reduce_scatter_(grads, self.bounds)
 
     def gather_gradient_(self, grads):
         self.comm.allgather_(grads, self.bounds)
@@ -153,9 +161,9 @@ class ReduceScatter(Allreduce):
 
 
 class NodeSharedMemory(ReduceScatter):
-    """The ranks of a node share one copy of the parameters and read each other's gradients in the node's
-    memory (``node_memory.py``): each sums and updates its slice there, with an Allreduce of that slice
-    across nodes; publishing the parameters is a barrier."""
+    """The ranks of a node share one copy of the parameters and read each other's gradients in the
+    node's memory (``node_memory.py``): each sums and updates its slice there, with an Allreduce of
+    that slice across nodes; publishing the parameters is a barrier."""
 
     def __init__(self, comm, model):
         self.memory = NodeMemory(comm, model.params.size, model.dtype)
@@ -168,7 +176,8 @@ class NodeSharedMemory(ReduceScatter):
         self._counts_in_norm = self.memory.across.rank == 0
 
     def sharded_optimizer(self, optimizer):
-        return ShardedOptimizer(optimizer, self.memory.node, self.n_params)   # the state sharded over the node
+        # the state sharded over the node
+        return ShardedOptimizer(optimizer, self.memory.node, self.n_params)
 
     def attach(self, model):
         self.memory.place(model)   # the parameters every rank holds, shared from now on
@@ -177,7 +186,8 @@ class NodeSharedMemory(ReduceScatter):
         self.memory.release(model)
 
     def reduce_(self, grads):
-        self.memory.reduce_scatter_(grads, self.bounds)   # DDP: the node's slots, then the other nodes
+        # DDP: the node's slots, then the other nodes
+        self.memory.reduce_scatter_(grads, self.bounds)
 
     def gather_gradient_(self, grads):
         self.memory.gather_gradient_(grads, self.bounds)
@@ -190,14 +200,15 @@ class NodeSharedMemory(ReduceScatter):
 
     def describe(self):
         node, nodes = self.memory.node, self.memory.across.size
-        return (f"gradients: summed in shared memory by the {node.size} ranks of "
-                f"{'each of the ' + str(nodes) + ' nodes, then across nodes by MPI' if nodes > 1 else 'this node'}"
+        where = ("each of the " + str(nodes) + " nodes, then across nodes by MPI" if nodes > 1
+                 else "this node")
+        return (f"gradients: summed in shared memory by the {node.size} ranks of {where}"
                 f"; each rank updates 1/{node.size} of the shared parameters")
 
 
 def choose_node_memory(comm, config, n_params):
-    """``(use_node_memory, why)``: whether the gradient goes through the nodes' shared memory, the same
-    verdict on every rank, and the reason when it does not. A collective."""
+    """``(use_node_memory, why)``: whether the gradient goes through the nodes' shared memory, the
+    same verdict on every rank, and the reason when it does not. A collective."""
     asked = config.exchange
     if asked == "allreduce" or comm.size == 1:
         return False, "asked for" if asked == "allreduce" else "one rank"
@@ -206,20 +217,23 @@ def choose_node_memory(comm, config, n_params):
         return False, f"{conflict} exchanges through MPI"
     node, across = comm.split_by_node()
     node_size = node.size
-    node.free()     # NodeMemory makes its own; a run that leaked two communicators would, in a process that
-    across.free()   # trains a thousand times (ddptrain.train in a loop), run out of MPI's contexts
+    # NodeMemory makes its own; a run that leaked two communicators would, in a process that
+    # trains a thousand times (ddptrain.train in a loop), run out of MPI's contexts
+    node.free()
+    across.free()
     itemsize = np.dtype(config.dtype).itemsize
     needed = (node_size + 1) * n_params * itemsize
     free = shared_memory_free()
     fits = free is None or free >= HEADROOM * needed
     layouts = comm.allgather((node_size, fits))
     if all(size == 1 for size, _ in layouts):
-        return False, "one rank per node"   # nothing to share: a node-level block would only add a copy
+        # nothing to share: a node-level block would only add a copy
+        return False, "one rank per node"
     if len({size for size, _ in layouts}) > 1:
         why = f"the nodes hold different numbers of ranks ({', '.join(str(s) for s, _ in layouts)})"
     elif not all(fit for _, fit in layouts):
-        why = (f"{SHARED_MEMORY_FOLDER} has less than {HEADROOM * needed / 2 ** 20:.0f} MiB free on some node "
-               f"(the parameters and {node_size} gradients)")
+        why = (f"{SHARED_MEMORY_FOLDER} has less than {HEADROOM * needed / 2 ** 20:.0f} MiB free "
+               f"on some node (the parameters and {node_size} gradients)")
     else:
         return True, None
     if asked == "shared-memory":
@@ -228,12 +242,13 @@ def choose_node_memory(comm, config, n_params):
 
 
 def make_exchange(comm, config, model):
-    """The gradient exchange that ``config`` asks for, for ``model`` on the ranks of ``comm``. A collective
-    (the node-memory variant allocates the node's shared block)."""
+    """The gradient exchange that ``config`` asks for, for ``model`` on the ranks of ``comm``. A
+    collective (the node-memory variant allocates the node's shared block)."""
     use_node_memory, why_not = choose_node_memory(comm, config, model.params.size)
     if use_node_memory:
         return NodeSharedMemory(comm, model)
-    why = why_not if config.exchange == "auto" else None   # said only where the default was not taken
+    # said only where the default was not taken
+    why = why_not if config.exchange == "auto" else None
     if config.shard_optimizer:
         return ReduceScatter(comm, model.params.size, why)
     if config.overlap_allreduce:

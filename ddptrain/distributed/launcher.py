@@ -41,7 +41,8 @@ def rank_and_size(environ=os.environ):
 
 
 def srun_task(environ=os.environ):
-    """``(task id, number of tasks)`` if srun itself started this process as a task of a step, else None."""
+    """``(task id, number of tasks)`` if srun itself started this process as a task of a step, else
+    None."""
     if "SLURM_STEP_ID" not in environ or any(name in environ for name in _MPIRUN_VARIABLES):
         return None
     procid = environ.get("SLURM_PROCID", "")
@@ -52,15 +53,18 @@ def srun_task(environ=os.environ):
 
 
 def environ_without_launcher(environ=os.environ):
-    """A copy of the environment without the MPI and SLURM variables of whatever started this process,
-    for starting a new, independent ddptrain job from within one (tests, benchmarks)."""
-    return {name: value for name, value in environ.items() if not name.startswith(_LAUNCHER_PREFIXES)}
+    """A copy of the environment without the MPI and SLURM variables of whatever started this
+    process, for starting a new, independent ddptrain job from within one (tests, benchmarks)."""
+    return {name: value for name, value in environ.items()
+            if not name.startswith(_LAUNCHER_PREFIXES)}
 
 
 def find_mpiexec():
-    """The mpiexec beside this interpreter (the PyPI mpich wheel puts it there), else the one on PATH."""
+    """The mpiexec beside this interpreter (the PyPI mpich wheel puts it there), else the one on
+    PATH."""
     beside = Path(sys.executable).parent / "mpiexec"
     found = str(beside) if beside.exists() else shutil.which("mpiexec")
     if found is None:
-        raise RuntimeError("no mpiexec: install the 'mpich' extra (pip install -e '.[mpich]') or a system MPI")
+        raise RuntimeError("no mpiexec: install the 'mpich' extra (pip install -e '.[mpich]') "
+                           "or a system MPI")
     return found

@@ -1,4 +1,5 @@
-"""The ranks of a node share their parameters, and read each other's gradients, in the node's own memory.
+"""The ranks of a node share their parameters, and read each other's gradients, in the node's own
+memory.
 
 With an MPI Allreduce every rank copies its gradient into MPI's buffers and
 the sum back out, and then applies the same update to its own copy of every
@@ -44,14 +45,16 @@ import numpy as np
 from ddptrain.errors import UserError
 
 SHARED_MEMORY_FOLDER = "/dev/shm"   # where MPICH and Open MPI put shared windows on Linux
-HEADROOM = 1.25                     # of the shared memory a node's block needs, free before it is made
+# of the shared memory a node's block needs, free before it is made
+HEADROOM = 1.25
 
 
 class NodeMemory:
-    """One node's block of shared memory: the parameters once, and a gradient slot for each of its ranks.
+    """One node's block of shared memory: the parameters once, and a gradient slot for each of its
+    ranks.
 
-    ``node``: the ranks of this node (this rank's place on it is ``node.rank``); ``across``: the ranks at
-    the same place on every node.
+    ``node``: the ranks of this node (this rank's place on it is ``node.rank``); ``across``: the
+    ranks at the same place on every node.
     """
 
     def __init__(self, comm, n_params, dtype):
@@ -63,22 +66,24 @@ class NodeMemory:
         except Exception as error:   # noqa: BLE001 - the MPI library's, whatever its type: one line, not a traceback
             size = count * np.dtype(dtype).itemsize
             amount = f"{size / 2 ** 20:.1f} MiB" if size >= 2 ** 20 else f"{size / 2 ** 10:.0f} KiB"
-            raise UserError(f"--exchange shared-memory: could not get {amount} of shared memory on this node "
-                            f"({type(error).__name__}: {error}); use --exchange allreduce") from error
+            raise UserError(f"--exchange shared-memory: could not get {amount} of shared memory on "
+                            f"this node ({type(error).__name__}: {error}); use --exchange "
+                            "allreduce") from error
         block = self._block.array.reshape(node.size + 1, n_params)
         self.params, self.slots = block[0], block[1:]
         self.grads = self.slots[node.rank]   # this rank's slot: its model's gradient, once placed
 
     def place(self, model):
-        """Put ``model``'s parameters (the same on every rank) and gradient into the shared memory."""
+        """Put ``model``'s parameters (the same on every rank) and gradient into the shared
+        memory."""
         if self.node.rank == 0:
             self.params[...] = model.params
         self._block.sync()
         model.use_arrays(params=self.params, grads=self.grads)
 
     def release(self, model):
-        """Give ``model`` private copies of its parameters and gradient, and the shared memory back (a
-        collective): a model trained through ``ddptrain.train`` outlives the run."""
+        """Give ``model`` private copies of its parameters and gradient, and the shared memory back
+        (a collective): a model trained through ``ddptrain.train`` outlives the run."""
         model.use_arrays(params=self.params.copy(), grads=self.grads.copy())
         self._block.sync()   # nobody frees what another rank is still copying
         self._block.free()
@@ -87,7 +92,8 @@ class NodeMemory:
         self.params = self.slots = self.grads = None
 
     def reduce_scatter_(self, grads, bounds):
-        """Sum every rank's gradient into this rank's slice of its own slot (``grads``); returns the slice."""
+        """Sum every rank's gradient into this rank's slice of its own slot (``grads``); returns the
+        slice."""
         self._check_slot(grads)
         place = self.node.rank
         lo, hi = bounds[place], bounds[place + 1]
@@ -101,8 +107,8 @@ class NodeMemory:
         return mine
 
     def gather_gradient_(self, grads, bounds):
-        """The other slots' reduced slices copied into this rank's slot (``grads``), for hooks that read all
-        of the gradient (``--debug``)."""
+        """The other slots' reduced slices copied into this rank's slot (``grads``), for hooks that
+        read all of the gradient (``--debug``)."""
         self._check_slot(grads)
         self._block.sync()
         for rank, slot in enumerate(self.slots):
@@ -111,12 +117,14 @@ class NodeMemory:
         self._block.sync()   # no slice changes (clipping) before every rank has copied it
 
     def sync(self):
-        """A barrier of the node's ranks: after it, every rank's writes to the block are seen by all."""
+        """A barrier of the node's ranks: after it, every rank's writes to the block are seen by
+        all."""
         self._block.sync()
 
     def _check_slot(self, grads):
         if grads is not self.grads:
-            raise ValueError("the model's gradient must be in its slot of the node's memory (place first)")
+            raise ValueError("the model's gradient must be in its slot of the node's memory "
+                             "(place first)")
 
 
 def shared_memory_free():

@@ -1,4 +1,5 @@
-"""``--overlap-allreduce``: the gradient is reduced in buckets while the backward pass is still running.
+"""``--overlap-allreduce``: the gradient is reduced in buckets while the backward pass is still
+running.
 
 Backward fills the flat gradient from the last layer to the first, and a
 layer's gradients are consecutive in the flat array, in layer order: once
@@ -42,7 +43,8 @@ def make_buckets(model, bucket_bytes):
     buckets, stop = [], offset
     for index in range(len(model.layers) - 1, -1, -1):
         start = bounds[index][0]
-        if bounds[index][1] > bounds[index][0] and (stop - start) * model.grads.itemsize >= bucket_bytes:
+        if (bounds[index][1] > bounds[index][0]
+                and (stop - start) * model.grads.itemsize >= bucket_bytes):
             buckets.append(Bucket(index, start, stop))
             stop = start
     if stop > 0:   # what is left: the first layers' gradients
@@ -52,7 +54,8 @@ def make_buckets(model, bucket_bytes):
 
 
 class GradientBuckets:
-    """Reduces ``model.grads`` bucket by bucket during backward; ``finish`` waits for all of them."""
+    """Reduces ``model.grads`` bucket by bucket during backward; ``finish`` waits for all of
+    them."""
 
     def __init__(self, model, comm, bucket_bytes):
         self.model, self.comm = model, comm
@@ -70,7 +73,8 @@ class GradientBuckets:
         return False
 
     def layer_done(self, index):
-        """Backward has filled the gradients of layer ``index``: start the buckets that are now final."""
+        """Backward has filled the gradients of layer ``index``: start the buckets that are now
+        final."""
         buckets = self.buckets
         while self._started < len(buckets) and buckets[self._started].first_layer >= index:
             self._start(buckets[self._started])
@@ -85,5 +89,6 @@ class GradientBuckets:
             request.wait()
 
     def _start(self, bucket):
-        self._requests.append(self.comm.iallreduce_(self.model.grads[bucket.start:bucket.stop]))  # DDP
+        # DDP
+        self._requests.append(self.comm.iallreduce_(self.model.grads[bucket.start:bucket.stop]))
         self._started += 1

@@ -33,7 +33,8 @@ import numpy as np
 
 
 def shard_bounds(n, size):
-    """Where each of ``size`` ranks' slices of ``n`` values starts, and the end: ``size + 1`` offsets."""
+    """Where each of ``size`` ranks' slices of ``n`` values starts, and the end: ``size + 1``
+    offsets."""
     return [n * rank // size for rank in range(size + 1)]
 
 
@@ -41,8 +42,8 @@ class ShardedOptimizer:
     """``optimizer`` applied to this rank's slice of the parameters; see the module docstring."""
 
     def __init__(self, optimizer, comm, n_params):
-        """``comm``: the ranks that share the state (the world, or a node's ranks); it gathers the state
-        for a checkpoint."""
+        """``comm``: the ranks that share the state (the world, or a node's ranks); it gathers the
+        state for a checkpoint."""
         self.optimizer, self.comm = optimizer, comm
         self.bounds = shard_bounds(n_params, comm.size)
         self.slice = slice(self.bounds[comm.rank], self.bounds[comm.rank + 1])
@@ -50,7 +51,8 @@ class ShardedOptimizer:
 
     @property
     def name(self):
-        """The optimiser's name in checkpoints: the inner one's (a sharded checkpoint is an unsharded one)."""
+        """The optimiser's name in checkpoints: the inner one's (a sharded checkpoint is an
+        unsharded one)."""
         return type(self.optimizer).__name__
 
     @property
@@ -58,14 +60,14 @@ class ShardedOptimizer:
         return self.optimizer.steps
 
     def step(self, params, grads, lr):
-        """Update this rank's slice of ``params`` from its slice of ``grads`` (which must hold the reduced
-        gradient there); the exchange publishes it to the other ranks. Also with an empty slice: every
-        rank's optimiser counts the same steps."""
+        """Update this rank's slice of ``params`` from its slice of ``grads`` (which must hold the
+        reduced gradient there); the exchange publishes it to the other ranks. Also with an empty
+        slice: every rank's optimiser counts the same steps."""
         self.optimizer.step(params[self.slice], grads[self.slice], lr)
 
     def state_dict(self):
-        """The whole state, as the unsharded optimiser would hold it: every rank's slices gathered (a
-        collective)."""
+        """The whole state, as the unsharded optimiser would hold it: every rank's slices gathered
+        (a collective)."""
         state = self.optimizer.state_dict()
         whole = {}
         for name in sorted(state):   # the same order on every rank
@@ -78,6 +80,7 @@ class ShardedOptimizer:
         return whole
 
     def load_state_dict(self, state):
-        """Keep this rank's slice of a whole state (from a checkpoint, sharded or not, of any rank count)."""
-        self.optimizer.load_state_dict({name: value[self.slice] if isinstance(value, np.ndarray) else value
-                                        for name, value in state.items()})
+        """Keep this rank's slice of a whole state (from a checkpoint, sharded or not, of any rank
+        count)."""
+        self.optimizer.load_state_dict({name: value[self.slice] if isinstance(value, np.ndarray)
+                                        else value for name, value in state.items()})

@@ -18,7 +18,8 @@ from ddptrain.distributed.comm import DONE, SerialComm, SharedBlock
 
 
 def run_simulated(size, rank_main):
-    """Run ``rank_main(comm)`` on ``size`` simulated ranks; rank 0's result, or the first rank's error."""
+    """Run ``rank_main(comm)`` on ``size`` simulated ranks; rank 0's result, or the first rank's
+    error."""
     comms = ThreadComm.create(size)
     errors = [None] * size
 
@@ -30,20 +31,22 @@ def run_simulated(size, rank_main):
             comm.break_collectives()        # wake every rank waiting in a collective
             return None
 
-    threads = [threading.Thread(target=run_rank, args=(comm,), name=f"rank {comm.rank}", daemon=True)
-               for comm in comms[1:]]
+    threads = [threading.Thread(target=run_rank, args=(comm,), name=f"rank {comm.rank}",
+                                daemon=True) for comm in comms[1:]]
     for thread in threads:
         thread.start()
     result = run_rank(comms[0])
     for thread in threads:
         thread.join()
     # The error that started it all, not the BrokenBarrierErrors it caused on the other ranks.
-    first = next((e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)),
+    first = next((e for e in errors if e is not None
+                  and not isinstance(e, threading.BrokenBarrierError)),
                  next((e for e in errors if e is not None), None))
     if first is not None:
         rank = errors.index(first)
         if rank and not getattr(first, "all_ranks", False):
-            first.args = (f"(simulated rank {rank}) {first.args[0] if first.args else ''}",) + first.args[1:]
+            first.args = ((f"(simulated rank {rank}) {first.args[0] if first.args else ''}",)
+                          + first.args[1:])
         raise first
     return result
 
@@ -96,7 +99,8 @@ class ThreadComm:
         return array
 
     def iallreduce_(self, array):
-        self.allreduce_(array)   # threads: done at once (what overlaps is the MPI ranks' communication)
+        # threads: done at once (what overlaps is the MPI ranks' communication)
+        self.allreduce_(array)
         return DONE
 
     def allreduce(self, value):

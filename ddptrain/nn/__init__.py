@@ -1,5 +1,6 @@
-"""The numpy network: layers with a hand-written forward and backward, a sequential model, the losses,
-and gradient checks. Nothing here knows about MPI, nor how the loss is normalised across ranks.
+"""The numpy network: layers with a hand-written forward and backward, a sequential model, the
+losses, and gradient checks. Nothing here knows about MPI, nor how the loss is normalised across
+ranks.
 
     layer.py          the Layer base class (parameters, buffers, scratch arrays)
     layers.py         Flatten, Linear, ReLU, and a standalone Softmax
@@ -22,5 +23,6 @@ from ddptrain.nn.model import Sequential
 from ddptrain.nn.normalization import BatchNorm
 from ddptrain.nn.pooling import AvgPool2d, MaxPool2d
 
-__all__ = ["AvgPool2d", "BatchContext", "BatchNorm", "Conv2d", "CrossEntropy", "Dropout", "Flatten", "Layer",
-           "Linear", "MaxPool2d", "ReLU", "Sequential", "ShapeError", "Softmax", "SoftmaxCrossEntropy"]
+__all__ = ["AvgPool2d", "BatchContext", "BatchNorm", "Conv2d", "CrossEntropy", "Dropout", "Flatten",
+           "Layer", "Linear", "MaxPool2d", "ReLU", "Sequential", "ShapeError", "Softmax",
+           "SoftmaxCrossEntropy"]

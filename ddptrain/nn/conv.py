@@ -2,7 +2,8 @@
 
 ``Conv2d`` computes, for each output channel ``f`` and output pixel ``(r, s)``,
 
-    y[n, f, r, s] = bias[f] + sum over c, i, j of weight[f, c, i, j] * x_pad[n, c, r * stride + i, s * stride + j]
+    y[n, f, r, s] = bias[f] + sum over c, i, j of weight[f, c, i, j]
+                                                  * x_pad[n, c, r * stride + i, s * stride + j]
 
 (a cross-correlation, as in PyTorch), where ``x_pad`` is the input with
 ``padding`` zeros around it. Written as one matrix product, this is
@@ -54,7 +55,8 @@ def conv_output_size(size, kernel, stride, padding):
 
 
 class Conv2d(Layer):
-    """A 2-D convolution with ``out_channels`` filters of ``kernel_size x kernel_size`` over ``in_channels``.
+    """A 2-D convolution with ``out_channels`` filters of ``kernel_size x kernel_size`` over
+    ``in_channels``.
 
     He initialisation (``N(0, 2 / fan_in)`` with ``fan_in = in_channels * k * k``),
     biases at zero; ``bias=False`` leaves them out (before a BatchNorm).
@@ -67,20 +69,25 @@ class Conv2d(Layer):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
         super().__init__()
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size, self.stride, self.padding, self.bias = int(kernel_size), int(stride), int(padding), bool(bias)
-        if min(self.in_channels, self.out_channels, self.kernel_size, self.stride) < 1 or self.padding < 0:
-            raise ValueError(f"Conv2d({in_channels}, {out_channels}, kernel_size={kernel_size}, stride={stride}, "
-                             f"padding={padding}): channels, kernel size and stride must be positive, padding not "
-                             f"negative")
+        self.kernel_size, self.stride, self.padding, self.bias = (int(kernel_size), int(stride),
+                                                                  int(padding), bool(bias))
+        if (min(self.in_channels, self.out_channels, self.kernel_size, self.stride) < 1
+                or self.padding < 0):
+            raise ValueError(f"Conv2d({in_channels}, {out_channels}, kernel_size={kernel_size}, "
+                             f"stride={stride}, padding={padding}): channels, kernel size and "
+                             "stride must be positive, padding not negative")
         self._shape = None   # (N, C, H, W) of the last forward's input
 
     def config(self):
-        return {"in_channels": self.in_channels, "out_channels": self.out_channels, "kernel_size": self.kernel_size,
-                "stride": self.stride, "padding": self.padding, "bias": self.bias}
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
+                "bias": self.bias}
 
     def label(self):
-        extra = "".join([f" stride {self.stride}"] * (self.stride != 1) + [f" pad {self.padding}"] * (self.padding > 0))
-        return f"Conv2d {self.in_channels}->{self.out_channels} {self.kernel_size}x{self.kernel_size}{extra}"
+        extra = "".join([f" stride {self.stride}"] * (self.stride != 1)
+                        + [f" pad {self.padding}"] * (self.padding > 0))
+        return (f"Conv2d {self.in_channels}->{self.out_channels} "
+                f"{self.kernel_size}x{self.kernel_size}{extra}")
 
     def param_shapes(self):
         k = self.kernel_size
@@ -96,14 +103,16 @@ class Conv2d(Layer):
 
     def output_shape(self, input_shape):
         if len(input_shape) != 3 or input_shape[0] != self.in_channels:
-            raise ShapeError(f"{self.name or 'Conv2d'} ({self.label()}) takes images of {self.in_channels} "
-                             f"channel(s) (C x H x W), not {shape_text(input_shape)}")
+            raise ShapeError(f"{self.name or 'Conv2d'} ({self.label()}) takes images of "
+                             f"{self.in_channels} channel(s) (C x H x W), not "
+                             f"{shape_text(input_shape)}")
         height, width = (conv_output_size(size, self.kernel_size, self.stride, self.padding)
                          for size in input_shape[1:])
         if height < 1 or width < 1:
             raise ShapeError(f"{self.name or 'Conv2d'} ({self.label()}) needs images of at least "
-                             f"{self.kernel_size - 2 * self.padding} x {self.kernel_size - 2 * self.padding} "
-                             f"pixels, not {shape_text(input_shape)}")
+                             f"{self.kernel_size - 2 * self.padding} x "
+                             f"{self.kernel_size - 2 * self.padding} pixels, not "
+                             f"{shape_text(input_shape)}")
         return (self.out_channels, height, width)
 
     def flops(self, input_shape):
@@ -112,27 +121,31 @@ class Conv2d(Layer):
         return 2 * self.out_channels * height * width * self.in_channels * self.kernel_size ** 2
 
     def workspace(self, input_shape):
-        """Values per sample kept in work arrays: the padded input (the im2col blocks have a fixed size)."""
+        """Values per sample kept in work arrays: the padded input (the im2col blocks have a fixed
+        size)."""
         channels, height, width = input_shape
         return channels * (height + 2 * self.padding) * (width + 2 * self.padding)
 
     def block_bytes(self):
-        """Bytes of this layer's work arrays that do not grow with the batch: cols and dcols, the wide
-        output and its gradient, for one block of samples (about ``4 * CHUNK_BYTES``)."""
+        """Bytes of this layer's work arrays that do not grow with the batch: cols and dcols, the
+        wide output and its gradient, for one block of samples (about ``4 * CHUNK_BYTES``)."""
         return 4 * self.CHUNK_BYTES
 
     # -- the geometry of one input size ------------------------------------------------------------
 
     def _geometry(self, height, width):
         k, stride, pad = self.kernel_size, self.stride, self.padding
-        out_height, out_width = conv_output_size(height, k, stride, pad), conv_output_size(width, k, stride, pad)
+        out_height, out_width = (conv_output_size(height, k, stride, pad),
+                                 conv_output_size(width, k, stride, pad))
         padded_height, padded_width = height + 2 * pad, width + 2 * pad
         # Stride 1: wide rows (the output row as long as a padded row; see the module's docstring).
         cols_width = padded_width if stride == 1 else out_width
-        return _Geometry(out_height, out_width, padded_height, padded_width, cols_width, out_height * cols_width)
+        return _Geometry(out_height, out_width, padded_height, padded_width, cols_width,
+                         out_height * cols_width)
 
     def _padded(self, n, geometry, name):
-        """The flat zero-bordered work array for ``n`` padded samples, with ``k - 1`` values of slack.
+        """The flat zero-bordered work array for ``n`` padded samples, with ``k - 1`` values of
+        slack.
 
         The last wide rows of the last sample read up to ``k - 1`` values past
         its end (only for wrapped pixels, which are dropped): the slack keeps
@@ -142,12 +155,16 @@ class Conv2d(Layer):
         return self._scratch.get(name, (size + self.kernel_size - 1,), self._dtype, zeroed=True)
 
     def _windows(self, padded, first, n, geometry):
-        """A strided view of ``padded`` from sample ``first`` on: ``(C, k, k, n, out rows, cols width)``."""
+        """A strided view of ``padded`` from sample ``first`` on:
+        ``(C, k, k, n, out rows, cols width)``."""
         item, stride, k = padded.itemsize, self.stride, self.kernel_size
-        row, channel = geometry.padded_width * item, geometry.padded_height * geometry.padded_width * item
+        row, channel = (geometry.padded_width * item,
+                        geometry.padded_height * geometry.padded_width * item)
         start = first * self.in_channels * geometry.padded_height * geometry.padded_width
-        return as_strided(padded[start:], shape=(self.in_channels, k, k, n, geometry.out_height, geometry.cols_width),
-                          strides=(channel, row, item, channel * self.in_channels, stride * row, stride * item))
+        return as_strided(padded[start:], shape=(self.in_channels, k, k, n, geometry.out_height,
+                                                 geometry.cols_width),
+                          strides=(channel, row, item, channel * self.in_channels, stride * row,
+                                   stride * item))
 
     def _chunks(self, n, geometry):
         """``(first, count)`` of the blocks of samples processed together, and the block size.
@@ -158,9 +175,11 @@ class Conv2d(Layer):
         blocks, which would stay in the cache, measured slower: the matrix
         products lose more than the copies gain (numpy 2.4, OpenBLAS 0.3.31).
         """
-        per_sample = (self.in_channels * self.kernel_size ** 2 + 1) * geometry.pixels * self._dtype.itemsize
+        per_sample = ((self.in_channels * self.kernel_size ** 2 + 1) * geometry.pixels
+                      * self._dtype.itemsize)
         blocks = -(-n // max(1, self.CHUNK_BYTES // per_sample))
-        # Blocks of equal size (to one sample), not full blocks and a remainder: a small product is a slow one.
+        # Blocks of equal size (to one sample), not full blocks and a remainder: a small product is
+        # a slow one.
         bounds = [n * i // blocks for i in range(blocks + 1)]
         chunks = [(first, last - first) for first, last in zip(bounds[:-1], bounds[1:])]
         return chunks, max((count for _, count in chunks), default=1)
@@ -168,7 +187,8 @@ class Conv2d(Layer):
     CHUNK_BYTES = 8 << 20
 
     def _im2col(self, padded, first, count, geometry, cols):
-        """Fill the first rows of ``cols`` with the windows of ``count`` samples from ``first`` on; return them."""
+        """Fill the first rows of ``cols`` with the windows of ``count`` samples from ``first`` on;
+        return them."""
         used = cols[:, :count * geometry.pixels]
         windows = self._windows(padded, first, count, geometry)
         used[:windows[:, :, :, 0, 0, 0].size].reshape(windows.shape)[...] = windows
@@ -179,39 +199,44 @@ class Conv2d(Layer):
         weight = self.params["weight"].reshape(self.out_channels, -1)
         if not self.bias:
             return weight
-        matrix = self._scratch.get("weight_matrix", (self.out_channels, weight.shape[1] + 1), self._dtype)
+        matrix = self._scratch.get("weight_matrix", (self.out_channels, weight.shape[1] + 1),
+                                   self._dtype)
         matrix[:, :-1] = weight
         matrix[:, -1] = self.params["bias"]
         return matrix
 
     def _work_arrays(self, block, geometry, wide_name):
-        """cols (with a row of ones for the bias) and a wide output (or its gradient), for ``block`` samples.
+        """cols (with a row of ones for the bias) and a wide output (or its gradient), for ``block``
+        samples.
 
         Flat arrays viewed as matrices, so that a smaller block (the last batch
         of an epoch) reuses the memory of a larger one.
         """
         rows = self.in_channels * self.kernel_size ** 2 + self.bias
         columns = block * geometry.pixels
-        cols = self._scratch.get("cols", (rows * columns,), self._dtype)[:rows * columns].reshape(rows, columns)
+        cols = self._scratch.get("cols", (rows * columns,),
+                                 self._dtype)[:rows * columns].reshape(rows, columns)
         if self.bias:
-            cols[-1] = 1   # the bias column of the weight matrix meets these ones: the bias, added by BLAS
+            # the bias column of the weight matrix meets these ones: the bias, added by BLAS
+            cols[-1] = 1
         wide = self._scratch.get(wide_name, (self.out_channels * columns,), self._dtype)
         wide = wide[:self.out_channels * columns].reshape(self.out_channels, columns)
         if wide_name == "dwide" and self._dwide_layout != (block, geometry.pixels):
-            # The wrapped pixels of the gradient's wide rows are never written, so that they stay 0 from
-            # one step to the next; a new layout puts them elsewhere.
+            # The wrapped pixels of the gradient's wide rows are never written, so that they stay 0
+            # from one step to the next; a new layout puts them elsewhere.
             wide[...] = 0
             self._dwide_layout = (block, geometry.pixels)
         return cols, wide
 
     _dwide_layout = None
-    _cols_hold = None   # (first sample, samples, block) whose windows cols holds since the last forward
+    # (first sample, samples, block) whose windows cols holds since the last forward
+    _cols_hold = None
 
     @property
     def _dtype(self):
         return self.params["weight"].dtype
 
-    # -- passes --------------------------------------------------------------------------------------
+    # -- passes ------------------------------------------------------------------------------------
 
     def forward(self, x):
         n, channels, height, width = x.shape
@@ -221,20 +246,25 @@ class Conv2d(Layer):
         padded = self._padded(n, geometry, "padded")
         body = padded[:n * channels * geometry.padded_height * geometry.padded_width]
         body = body.reshape(n, channels, geometry.padded_height, geometry.padded_width)
-        body[:, :, pad:pad + height, pad:pad + width] = x   # the border stays zero: nothing else writes it
+        # the border stays zero: nothing else writes it
+        body[:, :, pad:pad + height, pad:pad + width] = x
         padded[body.size:] = 0                              # the slack: read only by wrapped pixels
         self._padded_input = padded
 
-        out = self._scratch.get("out", (n, self.out_channels, geometry.out_height, geometry.out_width), self._dtype)
+        out = self._scratch.get("out", (n, self.out_channels, geometry.out_height,
+                                        geometry.out_width), self._dtype)
         chunks, block = self._chunks(n, geometry)
         cols, wide = self._work_arrays(block, geometry, "wide")
         weight = self._weight_matrix()
         for first, count in chunks:
-            wide_used = self.backend.matmul(weight, self._im2col(padded, first, count, geometry, cols),
-                                  out=wide[:, :count * geometry.pixels])
+            wide_used = self.backend.matmul(weight,
+                                            self._im2col(padded, first, count, geometry, cols),
+                                            out=wide[:, :count * geometry.pixels])
             # (F, samples, rows, wide row) -> (samples, F, rows, row): the wrapped pixels dropped.
-            wide_used = wide_used.reshape(self.out_channels, count, geometry.out_height, geometry.cols_width)
-            np.copyto(out[first:first + count], wide_used[..., :geometry.out_width].transpose(1, 0, 2, 3))
+            wide_used = wide_used.reshape(self.out_channels, count, geometry.out_height,
+                                          geometry.cols_width)
+            np.copyto(out[first:first + count],
+                      wide_used[..., :geometry.out_width].transpose(1, 0, 2, 3))
             self._cols_hold = (first, count, block)
         return out
 
@@ -244,32 +274,39 @@ class Conv2d(Layer):
         chunks, block = self._chunks(n, geometry)
         cols, dwide = self._work_arrays(block, geometry, "dwide")
         weight = self._weight_matrix()
-        # dW transposed, (C*k*k [+1], F), summed over the blocks: OpenBLAS makes cols @ dY.T, with the
-        # long dimension (samples x pixels) inside, about a third faster than dY @ cols.T.
+        # dW transposed, (C*k*k [+1], F), summed over the blocks: OpenBLAS makes cols @ dY.T, with
+        # the long dimension (samples x pixels) inside, about a third faster than dY @ cols.T.
         grad_t = self._scratch.get("grad_t", weight.shape[::-1], self._dtype)
         grad_part = self._scratch.get("grad_part", weight.shape[::-1], self._dtype)
         if need_input_grad:
-            weight_t = self._scratch.get("weight_t", (channels * k * k, self.out_channels), self._dtype)
-            np.copyto(weight_t, weight[:, :channels * k * k].T)   # contiguous: a faster product below
+            weight_t = self._scratch.get("weight_t", (channels * k * k, self.out_channels),
+                                         self._dtype)
+            # contiguous: a faster product below
+            np.copyto(weight_t, weight[:, :channels * k * k].T)
             size = channels * k * k * block * geometry.pixels
-            dcols = self._scratch.get("dcols", (size,), self._dtype)[:size].reshape(channels * k * k, -1)
+            dcols = self._scratch.get("dcols", (size,),
+                                      self._dtype)[:size].reshape(channels * k * k, -1)
             dpadded = self._padded(block, geometry, "dpadded")
             dbody = dpadded[:block * channels * geometry.padded_height * geometry.padded_width]
             dbody = dbody.reshape(block, channels, geometry.padded_height, geometry.padded_width)
             dx = self._scratch.get("dx", self._shape, self._dtype)
-        # Backwards through the blocks: cols still holds the last block's windows from the forward pass.
+        # Backwards through the blocks: cols still holds the last block's windows from the forward
+        # pass.
         for first, count in reversed(chunks):
             used = count * geometry.pixels
             if self._cols_hold == (first, count, block):
                 cols_used = cols[:, :used]
-            else:   # the windows again: cheaper than keeping every block's cols from the forward pass
+            # the windows again: cheaper than keeping every block's cols from the forward pass
+            else:
                 cols_used = self._im2col(self._padded_input, first, count, geometry, cols)
             self._cols_hold = None
             # dY of these samples as (F, samples * pixels), the layout of the wide output.
-            dwide_used = dwide[:, :used].reshape(self.out_channels, count, geometry.out_height, geometry.cols_width)
+            dwide_used = dwide[:, :used].reshape(self.out_channels, count, geometry.out_height,
+                                                 geometry.cols_width)
             dwide_used[..., :geometry.out_width] = dout[first:first + count].transpose(1, 0, 2, 3)
             dwide_used = dwide[:, :used]
-            self.backend.matmul(cols_used, dwide_used.T, out=grad_t if first == chunks[-1][0] else grad_part)
+            self.backend.matmul(cols_used, dwide_used.T,
+                                out=grad_t if first == chunks[-1][0] else grad_part)
             if first != chunks[-1][0]:
                 grad_t += grad_part
             if not need_input_grad:
@@ -277,8 +314,10 @@ class Conv2d(Layer):
             dcols_used = self.backend.matmul(weight_t, dwide_used, out=dcols[:, :used])
             # col2im: add each (c, i, j) row of dcols back onto the input values it was copied from.
             dpadded[...] = 0
-            dcols_used = dcols_used.reshape(channels, k, k, count, geometry.out_height, geometry.cols_width)
-            targets = self._windows(dpadded, 0, count, geometry)   # where each (c, i, j) row of cols came from
+            dcols_used = dcols_used.reshape(channels, k, k, count, geometry.out_height,
+                                            geometry.cols_width)
+            # where each (c, i, j) row of cols came from
+            targets = self._windows(dpadded, 0, count, geometry)
             for i in range(k):
                 for j in range(k):
                     np.add(targets[:, i, j], dcols_used[:, i, j], out=targets[:, i, j])
@@ -297,4 +336,5 @@ class _Geometry:
     def __init__(self, out_height, out_width, padded_height, padded_width, cols_width, pixels):
         self.out_height, self.out_width = out_height, out_width
         self.padded_height, self.padded_width = padded_height, padded_width
-        self.cols_width, self.pixels = cols_width, pixels   # columns of cols per sample: out rows x cols width
+        # columns of cols per sample: out rows x cols width
+        self.cols_width, self.pixels = cols_width, pixels

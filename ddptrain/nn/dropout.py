@@ -70,13 +70,15 @@ class Dropout(Layer):
 
     def mask(self, context, sample_size, dtype):
         """The ``(rows, sample_size)`` mask of the rows at ``context.positions``, already scaled."""
-        key = np.random.SeedSequence([context.seed, context.step, zlib.crc32((self.name or "").encode())])
+        key = np.random.SeedSequence([context.seed, context.step,
+                                      zlib.crc32((self.name or "").encode())])
         key = key.generate_state(1, np.uint64)[0]
         index = self._scratch.get("index", (len(context.positions), sample_size), np.uint64)
         if self._offsets is None or len(self._offsets) != sample_size:
-            self._offsets = np.arange(sample_size, dtype=np.uint64)   # each value's place in its sample
-        np.add(np.asarray(context.positions, dtype=np.uint64)[:, None] * np.uint64(sample_size), self._offsets,
-               out=index)
+            # each value's place in its sample
+            self._offsets = np.arange(sample_size, dtype=np.uint64)
+        np.add(np.asarray(context.positions, dtype=np.uint64)[:, None] * np.uint64(sample_size),
+               self._offsets, out=index)
         index *= _GOLDEN
         index += key
         _mix(index, self._scratch.get("shifted", index.shape, np.uint64))
@@ -96,8 +98,8 @@ class Dropout(Layer):
             context = BatchContext(seed=0, step=self._calls, positions=np.arange(len(x)))
             self._calls += 1
         if len(context.positions) != len(x):
-            raise ValueError(f"{self.name}: the batch context has {len(context.positions)} positions for "
-                             f"{len(x)} rows")
+            raise ValueError(f"{self.name}: the batch context has {len(context.positions)} "
+                             f"positions for {len(x)} rows")
         self._mask = self.mask(context, math.prod(x.shape[1:]), x.dtype).reshape(x.shape)
         out = self._scratch.get("out", x.shape, x.dtype)
         return np.multiply(x, self._mask, out=out)

@@ -31,7 +31,8 @@ class GradientError(AssertionError):
 
 @dataclass(frozen=True)
 class GradcheckResult:
-    """The relative error of each array's gradient: ``errors["input"]``, ``errors["linear1.weight"]``..."""
+    """The relative error of each array's gradient: ``errors["input"]``,
+    ``errors["linear1.weight"]``..."""
 
     errors: dict
     tolerance: float
@@ -48,8 +49,8 @@ class GradcheckResult:
         return ", ".join(f"{name} {error:.1e}" for name, error in self.errors.items())
 
 
-def gradcheck(layer, input_shape=None, x=None, batch=3, seed=0, eps=1e-6, tolerance=1e-6, coordinates=200,
-              raise_on_failure=True):
+def gradcheck(layer, input_shape=None, x=None, batch=3, seed=0, eps=1e-6, tolerance=1e-6,
+              coordinates=200, raise_on_failure=True):
     """Check ``layer``'s backward pass against finite differences; returns a ``GradcheckResult``.
 
     ``layer``: a new ``nn.Layer`` (gradcheck builds it into a float64 model
@@ -60,14 +61,18 @@ def gradcheck(layer, input_shape=None, x=None, batch=3, seed=0, eps=1e-6, tolera
     ``raise_on_failure`` is False).
     """
     if not isinstance(layer, (Layer, Sequential)):
-        raise TypeError(f"gradcheck takes an nn.Layer or an nn.Sequential, not {type(layer).__name__}")
-    model = layer if isinstance(layer, Sequential) else Sequential([layer], dtype=np.float64, seed=seed)
+        raise TypeError("gradcheck takes an nn.Layer or an nn.Sequential, not "
+                        f"{type(layer).__name__}")
+    model = (layer if isinstance(layer, Sequential)
+             else Sequential([layer], dtype=np.float64, seed=seed))
     if model.dtype != np.float64:
-        raise TypeError(f"gradcheck needs a float64 model (finite differences in {model.dtype} are too coarse)")
+        raise TypeError(f"gradcheck needs a float64 model (finite differences in {model.dtype} "
+                        "are too coarse)")
     rng = np.random.default_rng(seed)
     if x is None:
         if input_shape is None:
-            raise TypeError("gradcheck needs x (an input batch) or input_shape (one sample's shape)")
+            raise TypeError("gradcheck needs x (an input batch) or input_shape "
+                            "(one sample's shape)")
         x = rng.standard_normal((batch, *input_shape))
     x = np.array(x, dtype=np.float64)   # a copy of its own: perturbed in place
     weights = rng.standard_normal((len(x), *model.output_shape(x.shape[1:])))
@@ -96,14 +101,16 @@ def gradcheck(layer, input_shape=None, x=None, batch=3, seed=0, eps=1e-6, tolera
     result = GradcheckResult(errors, tolerance)
     if raise_on_failure and not result.passed:
         name, error = result.worst
-        raise GradientError(f"the gradient of {name} differs from finite differences by {error:.2e} (relative; "
-                            f"tolerance {tolerance:g}): {result}")
+        raise GradientError(f"the gradient of {name} differs from finite differences by "
+                            f"{error:.2e} (relative; tolerance {tolerance:g}): {result}")
     return result
 
 
 def _pick(size, coordinates, rng):
-    """Up to ``coordinates`` flat indices of an array of ``size`` values: all of them for a small array."""
-    return np.arange(size) if size <= coordinates else np.sort(rng.choice(size, coordinates, replace=False))
+    """Up to ``coordinates`` flat indices of an array of ``size`` values: all of them for a small
+    array."""
+    return (np.arange(size) if size <= coordinates
+            else np.sort(rng.choice(size, coordinates, replace=False)))
 
 
 def _relative_error(a, b):

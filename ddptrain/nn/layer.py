@@ -42,7 +42,8 @@ class ShapeError(UserError):
 
 
 def no_reduction(array):
-    """Summing an array over the ranks in one process (or for per-rank statistics): the array as it is."""
+    """Summing an array over the ranks in one process (or for per-rank statistics): the array as it
+    is."""
     return array
 
 
@@ -87,8 +88,10 @@ class Layer:
 
     # What Sequential may do around this layer without breaking it (see Sequential._plan_in_place):
     output_is_scratch = False       # backward never reads the array forward returned
-    input_grad_is_scratch = False   # nothing reads the array backward returned after the caller has it
-    takes_channels = False          # works on (C, H, W) samples: (H, W) images gain a channel axis before it
+    # nothing reads the array backward returned after the caller has it
+    input_grad_is_scratch = False
+    # works on (C, H, W) samples: (H, W) images gain a channel axis before it
+    takes_channels = False
     takes_features = False          # works on rows of features: images are flattened before it
 
     def __init_subclass__(cls, **kwargs):
@@ -101,7 +104,8 @@ class Layer:
         self.grads = {}      # name -> array of the same shape (a view into the flat gradients)
         self.buffers = {}    # name -> array (a view into the model's flat buffers)
         self.training = True
-        self.backend = NUMPY   # the library of the matrix products: Sequential.use_backend hands it on
+        # the library of the matrix products: Sequential.use_backend hands it on
+        self.backend = NUMPY
         self._scratch = _Scratch()
 
     def config(self):
@@ -127,7 +131,8 @@ class Layer:
         """Fill ``self.buffers`` in place with their initial values."""
 
     def output_shape(self, input_shape):
-        """The shape of one sample's output for one sample's input shape; ShapeError if it does not fit."""
+        """The shape of one sample's output for one sample's input shape; ShapeError if it does not
+        fit."""
         return tuple(input_shape)
 
     def flops(self, input_shape):
@@ -136,7 +141,8 @@ class Layer:
         return 0
 
     def workspace(self, input_shape):
-        """Values per sample this layer keeps in work arrays besides its output and input gradient."""
+        """Values per sample this layer keeps in work arrays besides its output and input
+        gradient."""
         return 0
 
     def block_bytes(self):

@@ -10,7 +10,8 @@ from ddptrain.nn.layer import Layer, ShapeError, shape_text
 
 
 class Flatten(Layer):
-    """``(batch, d1, d2, ...)`` -> ``(batch, d1 * d2 * ...)``: a view, no copy, for contiguous input."""
+    """``(batch, d1, d2, ...)`` -> ``(batch, d1 * d2 * ...)``: a view, no copy, for contiguous
+    input."""
 
     def __init__(self):
         super().__init__()
@@ -68,8 +69,8 @@ class Linear(Layer):
 
     def output_shape(self, input_shape):
         if tuple(input_shape) != (self.n_in,):
-            raise ShapeError(f"{self.name or 'Linear'} ({self.label()}) takes {self.n_in} features per sample, "
-                             f"not {shape_text(input_shape)}")
+            raise ShapeError(f"{self.name or 'Linear'} ({self.label()}) takes {self.n_in} features "
+                             f"per sample, not {shape_text(input_shape)}")
         return (self.n_out,)
 
     def flops(self, input_shape):
@@ -90,7 +91,8 @@ class Linear(Layer):
         if self.bias:
             # The column sums of dout as a product with a vector of ones: BLAS
             # does it about twice as fast as np.sum(dout, axis=0).
-            self.backend.matmul(self._scratch.constant(1, dout.shape[0], dout.dtype), dout, out=self.grads["bias"])
+            self.backend.matmul(self._scratch.constant(1, dout.shape[0], dout.dtype), dout,
+                                out=self.grads["bias"])
         if not need_input_grad:
             # The first layer's input is the data: skipping dx saves a third
             # of that layer's (the largest) matrix products.

@@ -89,8 +89,8 @@ class SoftmaxCrossEntropy:
         return -self._log_p / self._normaliser
 
     def _reuse(self, like):
-        if self._dlogits is None or self._dlogits.shape[0] < like.shape[0] or self._dlogits.shape[1:] != like.shape[1:] \
-                or self._dlogits.dtype != like.dtype:
+        if (self._dlogits is None or self._dlogits.shape[0] < like.shape[0]
+                or self._dlogits.shape[1:] != like.shape[1:] or self._dlogits.dtype != like.dtype):
             self._dlogits = np.empty_like(like)
         return self._dlogits[:like.shape[0]]
 

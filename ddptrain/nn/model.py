@@ -1,4 +1,5 @@
-"""A sequential model: layers applied in order, with all parameters, gradients and buffers in flat arrays.
+"""A sequential model: layers applied in order, with all parameters, gradients and buffers in flat
+arrays.
 
 Two things exist for speed and are worth knowing before reading on:
 
@@ -25,17 +26,20 @@ from ddptrain.nn.spec import parse_spec
 
 
 def layers_from_description(description):
-    """The layers of a model description (``Sequential.describe()``), named, without their arrays: what
-    they would allocate can be checked first. UserError for a type or arguments that do not build."""
+    """The layers of a model description (``Sequential.describe()``), named, without their arrays:
+    what they would allocate can be checked first. UserError for a type or arguments that do not
+    build."""
     layers = []
     for entry in description:
         kind = LAYER_TYPES.get(entry.get("type"))
         if kind is None:
-            raise UserError(f"unknown layer type {entry.get('type')!r} (import the module that defines it)")
+            raise UserError(f"unknown layer type {entry.get('type')!r} (import the module "
+                            "that defines it)")
         try:
             layer = kind(**entry.get("args", {}))
         except (TypeError, ValueError) as error:
-            raise UserError(f"layer {entry.get('name')!r} ({kind.__name__}) cannot be built: {error}") from None
+            raise UserError(f"layer {entry.get('name')!r} ({kind.__name__}) cannot be built: "
+                            f"{error}") from None
         layer.name = entry.get("name")
         layers.append(layer)
     try:
@@ -58,9 +62,9 @@ def name_layers(layers):
 
 
 def input_shape_of(layers, image_shape):
-    """One sample's shape as ``layers`` take it: ``(H, W)`` images gain a channel axis, ``(1, H, W)``, when
-    the first layer works on channels (a convolution), and are flattened to ``(H * W,)`` (``(C * H * W,)``)
-    when it works on rows of features (a Linear layer)."""
+    """One sample's shape as ``layers`` take it: ``(H, W)`` images gain a channel axis,
+    ``(1, H, W)``, when the first layer works on channels (a convolution), and are flattened to
+    ``(H * W,)`` (``(C * H * W,)``) when it works on rows of features (a Linear layer)."""
     image_shape = tuple(image_shape)
     if len(image_shape) == 2 and layers and layers[0].takes_channels:
         return (1, *image_shape)
@@ -70,8 +74,8 @@ def input_shape_of(layers, image_shape):
 
 
 def output_shape_of(layers, image_shape):
-    """One sample's output shape for one image of ``image_shape``; ShapeError naming the first layer that
-    does not fit."""
+    """One sample's output shape for one image of ``image_shape``; ShapeError naming the first layer
+    that does not fit."""
     shape = input_shape_of(layers, image_shape)
     for layer in layers:
         shape = layer.output_shape(shape)
@@ -79,9 +83,9 @@ def output_shape_of(layers, image_shape):
 
 
 def layer_flops(layers, image_shape):
-    """``(layer, output shape, FLOPs)`` of the forward pass for one image of ``image_shape``, layer by layer:
-    the matrix products' (2 per multiply-add); element-wise layers count 0. ShapeError naming the first
-    layer that does not fit."""
+    """``(layer, output shape, FLOPs)`` of the forward pass for one image of ``image_shape``, layer
+    by layer: the matrix products' (2 per multiply-add); element-wise layers count 0. ShapeError
+    naming the first layer that does not fit."""
     shape, counts = input_shape_of(layers, image_shape), []
     for layer in layers:
         output = layer.output_shape(shape)
@@ -91,16 +95,17 @@ def layer_flops(layers, image_shape):
 
 
 def training_flops(counts):
-    """FLOPs of a training step per sample from ``layer_flops``' counts: each matrix product's forward, its
-    weight gradient and its input gradient (the same count each), but no input gradient for the first
-    layer with parameters (nothing needs it)."""
+    """FLOPs of a training step per sample from ``layer_flops``' counts: each matrix product's
+    forward, its weight gradient and its input gradient (the same count each), but no input gradient
+    for the first layer with parameters (nothing needs it)."""
     total = 3 * sum(f for *_, f in counts)
     first = next((f for layer, _, f in counts if layer.param_shapes()), 0)
     return total - first
 
 
 def _flat_views(owners, array):
-    """Slice ``array`` into consecutive views of the shapes ``owners`` (``(layer, name, shape)``) lists."""
+    """Slice ``array`` into consecutive views of the shapes ``owners`` (``(layer, name, shape)``)
+    lists."""
     offset = 0
     for layer, name, shape in owners:
         size = math.prod(shape)
@@ -124,10 +129,13 @@ class Sequential:
         self.spec = spec   # the --model string it was built from, if any
         self.use_backend(backend)
         name_layers(self.layers)
-        buffer_owners = [(layer, name, shape) for layer in self.layers for name, shape in layer.buffer_shapes().items()]
-        params = np.zeros(sum(math.prod(shape) for *_, shape in self._param_owners()), dtype=self.dtype)
+        buffer_owners = [(layer, name, shape) for layer in self.layers
+                         for name, shape in layer.buffer_shapes().items()]
+        params = np.zeros(sum(math.prod(shape) for *_, shape in self._param_owners()),
+                          dtype=self.dtype)
         self._bind(params, np.zeros_like(params))
-        self.buffers = np.zeros(sum(math.prod(shape) for *_, shape in buffer_owners), dtype=self.dtype)
+        self.buffers = np.zeros(sum(math.prod(shape) for *_, shape in buffer_owners),
+                                dtype=self.dtype)
         for layer, name, view in _flat_views(buffer_owners, self.buffers):
             layer.buffers[name] = view
         # One generator for the whole model, consumed layer by layer, so the
@@ -143,30 +151,36 @@ class Sequential:
         self._plan_in_place()
 
     def _plan_in_place(self):
-        """Let each ReLU work in place where neither neighbour reads the array it would overwrite."""
+        """Let each ReLU work in place where neither neighbour reads the array it would
+        overwrite."""
         for i, layer in enumerate(self.layers):
             if isinstance(layer, ReLU):
-                layer.in_place = (0 < i < len(self.layers) - 1 and self.layers[i - 1].output_is_scratch
+                layer.in_place = (0 < i < len(self.layers) - 1
+                                  and self.layers[i - 1].output_is_scratch
                                   and self.layers[i + 1].input_grad_is_scratch)
 
     def use_backend(self, backend):
-        """Multiply with ``backend`` (``backends.gemm.Backend``) from now on: every layer's products."""
+        """Multiply with ``backend`` (``backends.gemm.Backend``) from now on: every layer's
+        products."""
         self.backend = backend
         for layer in self.layers:
             layer.backend = backend
 
     def use_arrays(self, params, grads):
-        """From now on keep the parameters in ``params`` and the gradient in ``grads``: flat arrays of this
-        model's size and dtype, whose values are taken as they are (the layers' views are made anew). What
-        ``node_memory`` uses to put them in memory that the ranks of a node share."""
+        """From now on keep the parameters in ``params`` and the gradient in ``grads``: flat arrays
+        of this model's size and dtype, whose values are taken as they are (the layers' views are
+        made anew). What ``node_memory`` uses to put them in memory that the ranks of a node
+        share."""
         for array in (params, grads):
-            if array.shape != self.params.shape or array.dtype != self.dtype or not array.flags.c_contiguous:
-                raise ValueError(f"use_arrays needs contiguous {self.params.size} {self.dtype} values, "
-                                 f"got {array.shape} {array.dtype}")
+            if (array.shape != self.params.shape or array.dtype != self.dtype
+                    or not array.flags.c_contiguous):
+                raise ValueError(f"use_arrays needs contiguous {self.params.size} {self.dtype} "
+                                 f"values, got {array.shape} {array.dtype}")
         self._bind(params, grads)
 
     def _param_owners(self):
-        return [(layer, name, shape) for layer in self.layers for name, shape in layer.param_shapes().items()]
+        return [(layer, name, shape) for layer in self.layers
+                for name, shape in layer.param_shapes().items()]
 
     def _bind(self, params, grads):
         """Keep the flat ``params`` and ``grads``, and give every layer its views of them."""
@@ -178,24 +192,25 @@ class Sequential:
             layer.grads[name] = view
 
     def replica(self):
-        """A model of copies of these layers holding the same parameters and buffers, in arrays of its own
-        (what each simulated rank trains). The layers' work arrays are not copied, nor what they were told
-        from outside (``set_sum_over_ranks``): a replica starts with fresh ones."""
+        """A model of copies of these layers holding the same parameters and buffers, in arrays of
+        its own (what each simulated rank trains). The layers' work arrays are not copied, nor what
+        they were told from outside (``set_sum_over_ranks``): a replica starts with fresh ones."""
         memo = {}
         for layer in self.layers:
             memo[id(layer._scratch)] = _Scratch()
             if "sum_over_ranks" in vars(layer):
                 memo[id(layer.sum_over_ranks)] = no_reduction
             memo[id(layer.backend)] = layer.backend   # a library's functions, shared, never copied
-        clone = Sequential(copy.deepcopy(self.layers, memo), dtype=self.dtype, spec=self.spec, backend=self.backend)
+        clone = Sequential(copy.deepcopy(self.layers, memo), dtype=self.dtype, spec=self.spec,
+                           backend=self.backend)
         clone.params[...] = self.params
         clone.buffers[...] = self.buffers
         return clone
 
     @classmethod
     def from_spec(cls, spec, dtype=np.float32, seed=0, input_shape=None):
-        """A model from a --model string: an MLP such as ``"784-512-bn-drop0.2-256-10"``, a CNN such as
-        ``"conv32k3p1-bn-maxpool2-flatten-128-10"``, or a name (``"cnn"``); see ``spec.py``.
+        """A model from a --model string: an MLP such as ``"784-512-bn-drop0.2-256-10"``, a CNN such
+        as ``"conv32k3p1-bn-maxpool2-flatten-128-10"``, or a name (``"cnn"``); see ``spec.py``.
 
         A CNN takes its input size from ``input_shape``, one image's shape
         (``(H, W)`` or ``(C, H, W)``). The output layer gives logits (no
@@ -207,7 +222,8 @@ class Sequential:
     # -- description -------------------------------------------------------------------------
 
     def describe(self):
-        """The layers' names, types and arguments (JSON values): what ``from_description`` rebuilds."""
+        """The layers' names, types and arguments (JSON values): what ``from_description``
+        rebuilds."""
         return [{"name": layer.name, "type": type(layer).__name__, "args": layer.config()}
                 for layer in self.layers]
 
@@ -228,28 +244,33 @@ class Sequential:
         return images.reshape(images.shape[0], *self.input_shape(images.shape[1:]))
 
     def output_shape(self, image_shape):
-        """The shape of one sample's output for one image; ShapeError naming the layer that does not fit."""
+        """The shape of one sample's output for one image; ShapeError naming the layer that does not
+        fit."""
         return output_shape_of(self.layers, image_shape)
 
     # -- named state ---------------------------------------------------------------------------
 
     def named_params(self):
-        return [(f"{layer.name}.{name}", array) for layer in self.layers for name, array in layer.params.items()]
+        return [(f"{layer.name}.{name}", array) for layer in self.layers
+                for name, array in layer.params.items()]
 
     def named_grads(self):
-        return [(f"{layer.name}.{name}", array) for layer in self.layers for name, array in layer.grads.items()]
+        return [(f"{layer.name}.{name}", array) for layer in self.layers
+                for name, array in layer.grads.items()]
 
     def named_buffers(self):
-        return [(f"{layer.name}.{name}", array) for layer in self.layers for name, array in layer.buffers.items()]
+        return [(f"{layer.name}.{name}", array) for layer in self.layers
+                for name, array in layer.buffers.items()]
 
     def load_state(self, params, buffers):
-        """Copy parameters and buffers in from ``{"linear1.weight": array, ...}`` mappings (a checkpoint's)."""
+        """Copy parameters and buffers in from ``{"linear1.weight": array, ...}`` mappings (a
+        checkpoint's)."""
         for name, array in self.named_params():
             array[...] = params[name]
         for name, array in self.named_buffers():
             array[...] = buffers[name]
 
-    # -- what layers learn from outside --------------------------------------------------------------
+    # -- what layers learn from outside ------------------------------------------------------------
 
     sum_over_ranks = staticmethod(no_reduction)   # what set_sum_over_ranks handed the layers last
 
@@ -262,7 +283,8 @@ class Sequential:
                 layer.sum_over_ranks = sum_over_ranks
 
     def set_batch_context(self, context):
-        """Tell the layers that draw per-sample randomness (Dropout) the step and the rows' positions."""
+        """Tell the layers that draw per-sample randomness (Dropout) the step and the rows'
+        positions."""
         for layer in self.layers:
             if hasattr(layer, "batch_context"):
                 layer.batch_context = context
@@ -287,8 +309,9 @@ class Sequential:
     # Called as observer("forward" | "backward", layer, array) after every layer when set;
     # --debug uses it to name the layer where a NaN appears, the benchmark to time the layers.
     observer = None
-    # Called as gradient_ready(index) once backward has filled the gradients of layers[index] (and of every
-    # layer after it): --overlap-allreduce starts reducing the ones that are final (distributed.overlap.GradientBuckets).
+    # Called as gradient_ready(index) once backward has filled the gradients of layers[index] (and
+    # of every layer after it): --overlap-allreduce starts reducing the ones that are final
+    # (distributed.overlap.GradientBuckets).
     gradient_ready = None
 
     def forward(self, x):

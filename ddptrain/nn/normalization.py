@@ -44,7 +44,8 @@ from ddptrain.nn.layer import Layer, ShapeError, no_reduction
 
 
 class BatchNorm(Layer):
-    """Batch normalisation over ``(N, C)`` or, per channel over N, H and W, ``(N, C, H, W)`` inputs."""
+    """Batch normalisation over ``(N, C)`` or, per channel over N, H and W, ``(N, C, H, W)``
+    inputs."""
 
     output_is_scratch = True        # backward reads x_hat, kept apart from the output
     input_grad_is_scratch = True
@@ -52,8 +53,8 @@ class BatchNorm(Layer):
     def __init__(self, num_features, eps=1e-5, momentum=0.1):
         super().__init__()
         if not (int(num_features) > 0 and eps > 0 and 0 <= momentum <= 1):
-            raise ValueError(f"BatchNorm({num_features}, eps={eps}, momentum={momentum}): needs a positive number "
-                             f"of features, eps > 0 and 0 <= momentum <= 1")
+            raise ValueError(f"BatchNorm({num_features}, eps={eps}, momentum={momentum}): needs a "
+                             "positive number of features, eps > 0 and 0 <= momentum <= 1")
         self.num_features, self.eps, self.momentum = int(num_features), float(eps), float(momentum)
         self.sum_over_ranks = no_reduction   # comm.allreduce_ for statistics of the global batch
         self._inv_std = None
@@ -81,17 +82,20 @@ class BatchNorm(Layer):
 
     def output_shape(self, input_shape):
         if len(input_shape) not in (1, 3) or input_shape[0] != self.num_features:
-            raise ShapeError(f"{self.name or 'BatchNorm'} ({self.label()}) takes {self.num_features} features or "
-                             f"channels per sample, not {'x'.join(map(str, input_shape))}")
+            raise ShapeError(f"{self.name or 'BatchNorm'} ({self.label()}) takes "
+                             f"{self.num_features} features or channels per sample, not "
+                             f"{'x'.join(map(str, input_shape))}")
         return tuple(input_shape)
 
     def values_per_channel(self, sample_shape):
-        """How many values of each channel one sample contributes to the statistics (H * W, or 1)."""
+        """How many values of each channel one sample contributes to the statistics (H * W, or
+        1)."""
         return math.prod(sample_shape[1:])
 
     def _groups(self, x):
         """``x`` as ``(N, C, S)``: S values of each channel per sample (H * W, or 1 for rows)."""
-        return x.reshape(x.shape[0], self.num_features, math.prod(x.shape[2:]))   # not -1: a batch may be empty
+        # not -1: a batch may be empty
+        return x.reshape(x.shape[0], self.num_features, math.prod(x.shape[2:]))
 
     def forward(self, x):
         x3 = self._groups(x)
@@ -100,7 +104,8 @@ class BatchNorm(Layer):
             self._update_running_statistics(mean, var, self._count)
         else:
             mean, var = self.buffers["running_mean"].astype(np.float64), self.buffers["running_var"]
-            self._x3 = x3   # for the weight gradient in evaluation mode (the input is not written before backward)
+            # for the weight gradient in evaluation mode (the input is not written before backward)
+            self._x3 = x3
         inv_std = 1.0 / np.sqrt(var.astype(np.float64) + self.eps)
         self._mean, self._inv_std = mean, inv_std
         # y = weight * (x - mean) * inv_std + bias = x * scale + shift: two passes over x.
@@ -113,9 +118,9 @@ class BatchNorm(Layer):
         return out
 
     def _group_sums(self, a3):
-        """Per group and channel, the sum of ``a3``'s values, ``(groups, C)``: a group is a sample's values
-        of a channel for images, all rows for rows. Products with a vector of ones: BLAS, about twice as
-        fast as ``a.sum(axis=...)``."""
+        """Per group and channel, the sum of ``a3``'s values, ``(groups, C)``: a group is a sample's
+        values of a channel for images, all rows for rows. Products with a vector of ones: BLAS,
+        about twice as fast as ``a.sum(axis=...)``."""
         n, _, per_sample = a3.shape
         if per_sample == 1:
             return np.matmul(self._scratch.constant(1, n, a3.dtype), a3[:, :, 0])[None, :]
@@ -128,7 +133,8 @@ class BatchNorm(Layer):
         return np.einsum("ncs,ncs->nc", a3, b3).astype(np.float64)
 
     def _batch_statistics(self, x3):
-        """The mean and biased variance of each channel over the global batch, and its count: one Allreduce.
+        """The mean and biased variance of each channel over the global batch, and its count: one
+        Allreduce.
 
         Per group first (a sample's values of a channel for images, all rows
         for rows): the mean of its values and their centred squares
@@ -143,18 +149,21 @@ class BatchNorm(Layer):
             self._centre, self._centred = np.zeros((1, channels)), x3
             local_mean = local_m2 = np.zeros(channels)
         else:
-            # A float32 mean of each group's values as its centre, then the exact correction from the centred
-            # values' own sum: (x - c) sums to S * (mean - c), and sum((x - c)^2) = M2 + S * (mean - c)^2.
+            # A float32 mean of each group's values as its centre, then the exact correction from
+            # the centred values' own sum: (x - c) sums to S * (mean - c), and sum((x - c)^2) = M2 +
+            # S * (mean - c)^2.
             centre = self._group_sums(x3) / x3.dtype.type(per_group)                 # (groups, C)
             centred = self._scratch.get("centred", x3.shape, x3.dtype)
             np.subtract(x3, centre[:, :, None], out=centred)
             centred_sum = self._group_sums(centred).astype(np.float64)
             group_m2 = self._group_dots(centred, centred) - centred_sum ** 2 / per_group
-            self._centre, self._centred = centre.astype(np.float64), centred   # backward: x = centre + centred
+            # backward: x = centre + centred
+            self._centre, self._centred = centre.astype(np.float64), centred
             group_mean = self._centre + centred_sum / per_group
             local_mean = group_mean.mean(axis=0)
             spread = group_mean - local_mean
-            # Chan et al.: the M2 of the union is the groups' M2 plus S * (group mean - mean)^2 each.
+            # Chan et al.: the M2 of the union is the groups' M2 plus S * (group mean - mean)^2
+            # each.
             local_m2 = group_m2.sum(axis=0) + per_group * np.einsum("gc,gc->c", spread, spread)
         shift = self.buffers["running_mean"].astype(np.float64)   # the same on every rank
         offset = local_mean - shift
@@ -176,7 +185,8 @@ class BatchNorm(Layer):
         scale = weight * inv_std
         dx = self._scratch.get("dx", dout.shape, dout.dtype) if need_input_grad else None
         if not self.training:
-            # Running statistics: x_hat = (x - mean) * inv_std with constants, so dx is a plain scaling.
+            # Running statistics: x_hat = (x - mean) * inv_std with constants, so dx is a plain
+            # scaling.
             dy_sum = dy3.sum(axis=(0, 2), dtype=np.float64)
             self.grads["bias"][...] = dy_sum
             dy_x_sum = np.einsum("ncs,ncs->c", dy3, self._x3, dtype=np.float64)
@@ -184,12 +194,15 @@ class BatchNorm(Layer):
             if need_input_grad:
                 np.multiply(dy3, scale.astype(dout.dtype)[:, None], out=self._groups(dx))
             return dx
-        # x_hat = (centred + centre - mean) * inv_std, with centred = x - centre, per group and channel.
-        group_offset = self._centre - self._mean                                       # (groups, C), float64
+        # x_hat = (centred + centre - mean) * inv_std, with centred = x - centre, per group and
+        # channel.
+        # (groups, C), float64
+        group_offset = self._centre - self._mean
         group_dy = self._group_sums(dy3).astype(np.float64)
         group_dy_centred = self._group_dots(dy3, self._centred)
         dy_sum = group_dy.sum(axis=0)
-        dy_xhat_sum = inv_std * (group_dy_centred.sum(axis=0) + np.einsum("nc,nc->c", group_dy, group_offset))
+        dy_xhat_sum = inv_std * (group_dy_centred.sum(axis=0)
+                                 + np.einsum("nc,nc->c", group_dy, group_offset))
         # This rank's shares of the parameter gradients; the step's gradient Allreduce adds them up.
         self.grads["bias"][...] = dy_sum
         self.grads["weight"][...] = dy_xhat_sum
@@ -197,11 +210,13 @@ class BatchNorm(Layer):
             return None
         sums = np.concatenate([dy_sum, dy_xhat_sum])
         self.sum_over_ranks(sums)   # DDP: the two sums over the global batch
-        mean_dy, mean_dy_xhat = sums[:self.num_features] / self._count, sums[self.num_features:] / self._count
+        mean_dy, mean_dy_xhat = (sums[:self.num_features] / self._count,
+                                 sums[self.num_features:] / self._count)
         # dx = scale * (dy - mean_dy - x_hat * mean_dy_xhat)
         #    = scale * (dy + ratio * centred) + constant,   per sample and channel:
         ratio = -inv_std * mean_dy_xhat
-        constant = scale * (ratio * group_offset - mean_dy)                               # (groups, C)
+        # (groups, C)
+        constant = scale * (ratio * group_offset - mean_dy)
         dx3 = self._groups(dx)
         np.multiply(self._centred, ratio.astype(dout.dtype)[:, None], out=dx3)
         dx3 += dy3

@@ -42,8 +42,8 @@ class _Pool2d(Layer):
         self.kernel_size = int(kernel_size)
         self.stride = self.kernel_size if stride is None else int(stride)
         if self.kernel_size < 1 or self.stride < 1:
-            raise ValueError(f"{type(self).__name__}(kernel_size={kernel_size}, stride={stride}): both must be "
-                             f"positive")
+            raise ValueError(f"{type(self).__name__}(kernel_size={kernel_size}, stride={stride}): "
+                             "both must be positive")
         self._shape = None
 
     def config(self):
@@ -55,12 +55,14 @@ class _Pool2d(Layer):
 
     def output_shape(self, input_shape):
         if len(input_shape) != 3:
-            raise ShapeError(f"{self.name or type(self).__name__} ({self.label()}) takes images with channels "
-                             f"(C x H x W), not {shape_text(input_shape)}")
-        height, width = (conv_output_size(size, self.kernel_size, self.stride, 0) for size in input_shape[1:])
+            raise ShapeError(f"{self.name or type(self).__name__} ({self.label()}) takes images "
+                             f"with channels (C x H x W), not {shape_text(input_shape)}")
+        height, width = (conv_output_size(size, self.kernel_size, self.stride, 0)
+                         for size in input_shape[1:])
         if height < 1 or width < 1:
-            raise ShapeError(f"{self.name or type(self).__name__} ({self.label()}) needs images of at least "
-                             f"{self.kernel_size} x {self.kernel_size} pixels, not {shape_text(input_shape)}")
+            raise ShapeError(f"{self.name or type(self).__name__} ({self.label()}) needs images of "
+                             f"at least {self.kernel_size} x {self.kernel_size} pixels, not "
+                             f"{shape_text(input_shape)}")
         return (input_shape[0], height, width)
 
     @property
@@ -69,7 +71,8 @@ class _Pool2d(Layer):
         return self.stride == self.kernel_size
 
     def _offsets(self, array, out_height, out_width):
-        """``(offset, view)`` for the ``k * k`` offsets of the window: the values at that offset of all windows."""
+        """``(offset, view)`` for the ``k * k`` offsets of the window: the values at that offset of
+        all windows."""
         k, stride = self.kernel_size, self.stride
         for i in range(k):
             for j in range(k):
@@ -77,13 +80,15 @@ class _Pool2d(Layer):
                                        j:j + stride * (out_width - 1) + 1:stride]
 
     def _stages(self, x):
-        """The two stages' inputs for tiling windows: ``k`` views of the row segments' values, and the array
-        shape that stage 1 gives (stage 2 pools its rows ``k`` at a time)."""
+        """The two stages' inputs for tiling windows: ``k`` views of the row segments' values, and
+        the array shape that stage 1 gives (stage 2 pools its rows ``k`` at a time)."""
         n, channels, height, width = x.shape
         k = self.kernel_size
         out_height, out_width = height // k, width // k
-        if height % k or width % k:   # the last rows or columns fit no window: pool a copy without them
-            cropped = self._scratch.get("cropped", (n, channels, out_height * k, out_width * k), x.dtype)
+        # the last rows or columns fit no window: pool a copy without them
+        if height % k or width % k:
+            cropped = self._scratch.get("cropped", (n, channels, out_height * k, out_width * k),
+                                        x.dtype)
             np.copyto(cropped, x[:, :, :out_height * k, :out_width * k])
             x = cropped
         segments = x.reshape(-1, k)                   # (n * C * rows * out columns, k)
@@ -99,9 +104,11 @@ class _Pool2d(Layer):
         if self._tiles:
             segments, rows_shape = self._stages(x)
             rows = self._scratch.get("rows", (segments[0].size,), x.dtype)
-            self._reduce(segments, rows, "columns")                            # each window row's segment
+            # each window row's segment
+            self._reduce(segments, rows, "columns")
             rows = rows.reshape(rows_shape)
-            self._reduce([rows[:, t] for t in range(self.kernel_size)], out.reshape(rows_shape[0], -1), "rows")
+            self._reduce([rows[:, t] for t in range(self.kernel_size)],
+                         out.reshape(rows_shape[0], -1), "rows")
         else:
             self._reduce([view for _, view in self._offsets(x, *out.shape[2:])], out, "offsets")
         return self._finish(out)
@@ -138,23 +145,30 @@ class _Pool2d(Layer):
 
 
 class MaxPool2d(_Pool2d):
-    """The maximum of each ``kernel_size x kernel_size`` window (stride: the kernel size by default)."""
+    """The maximum of each ``kernel_size x kernel_size`` window (stride: the kernel size by
+    default)."""
 
     def __init__(self, kernel_size, stride=None):
         super().__init__(kernel_size, stride)
-        self._which = {}   # per stage ("columns", "rows" or "offsets"): which view held each maximum
+        # per stage ("columns", "rows" or "offsets"): which view held each maximum
+        self._which = {}
 
     def _reduce(self, views, out, stage):
-        """``out`` = the maximum of ``views``; remembers, per value, the first view that holds it."""
-        which = self._scratch.get(f"which_{stage}", out.shape, np.uint8 if len(views) <= 256 else np.int32)
-        # per stage: the stages' shapes differ, and one array for both would be allocated again at every call
+        """``out`` = the maximum of ``views``; remembers, per value, the first view that holds
+        it."""
+        which = self._scratch.get(f"which_{stage}", out.shape,
+                                  np.uint8 if len(views) <= 256 else np.int32)
+        # per stage: the stages' shapes differ, and one array for both would be allocated again at
+        # every call
         larger = self._scratch.get(f"larger_{stage}", out.shape, bool)
         offset = self._scratch.get(f"offset_{stage}", out.shape, which.dtype)
         if len(views) == 1:   # a 1x1 window
             np.copyto(out, views[0])
             which[...] = 0
-        else:   # strictly greater: a tie keeps the earlier view (0/1 written straight into a uint8 array)
-            np.greater(views[1], views[0], out=which.view(np.bool_) if which.dtype == np.uint8 else larger)
+        # strictly greater: a tie keeps the earlier view (0/1 written straight into a uint8 array)
+        else:
+            np.greater(views[1], views[0],
+                       out=which.view(np.bool_) if which.dtype == np.uint8 else larger)
             if which.dtype != np.uint8:
                 np.copyto(which, larger)
             np.maximum(views[0], views[1], out=out)
@@ -186,7 +200,8 @@ class MaxPool2d(_Pool2d):
 
 
 class AvgPool2d(_Pool2d):
-    """The mean of each ``kernel_size x kernel_size`` window (stride: the kernel size by default)."""
+    """The mean of each ``kernel_size x kernel_size`` window (stride: the kernel size by
+    default)."""
 
     def _reduce(self, views, out, stage):
         np.copyto(out, views[0])
@@ -204,7 +219,8 @@ class AvgPool2d(_Pool2d):
 
     def _backward_offsets(self, dout, dx):
         dx[...] = 0
-        share = np.multiply(dout, 1.0 / self.kernel_size ** 2, out=self._scratch.get("share", dout.shape, dout.dtype))
+        share = np.multiply(dout, 1.0 / self.kernel_size ** 2,
+                            out=self._scratch.get("share", dout.shape, dout.dtype))
         for _, view in self._offsets(dx, *dout.shape[2:]):
             view += share
         return dx

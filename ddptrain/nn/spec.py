@@ -49,9 +49,9 @@ from ddptrain.nn.normalization import BatchNorm
 from ddptrain.nn.pooling import AvgPool2d, MaxPool2d
 
 GRAMMAR = ("tokens joined by '-': layer sizes (an MLP starts with its input size: 784-512-256-10), "
-           "conv<F>k<K>[s<S>][p<P>], maxpool<K>[s<S>], avgpool<K>[s<S>], flatten, and after a size or conv "
-           "'bn' (batch normalisation) and 'drop<p>' (dropout), such as conv32k3p1-bn-maxpool2-flatten-128-10; "
-           "or a named model (cnn, lenet5)")
+           "conv<F>k<K>[s<S>][p<P>], maxpool<K>[s<S>], avgpool<K>[s<S>], flatten, and after a size "
+           "or conv 'bn' (batch normalisation) and 'drop<p>' (dropout), such as "
+           "conv32k3p1-bn-maxpool2-flatten-128-10; or a named model (cnn, lenet5)")
 _SIZE = re.compile(r"[0-9]+")
 _DROP = re.compile(r"drop([0-9]*\.?[0-9]+)")
 _CONV = re.compile(r"conv([0-9]+)k([0-9]+)(?:s([0-9]+))?(?:p([0-9]+))?")
@@ -62,19 +62,21 @@ _POOL = re.compile(r"(max|avg)pool([0-9]+)(?:s([0-9]+))?")
 class NamedModel:
     spec: str
     about: str
-    defaults: dict = field(default_factory=dict)   # training options (Config fields) unless set otherwise
+    # training options (Config fields) unless set otherwise
+    defaults: dict = field(default_factory=dict)
 
 
 NAMED_MODELS = {
     "cnn": NamedModel(
         "conv16k5-bn-maxpool2-conv32k5-bn-maxpool2-flatten-128-drop0.3-10",
-        "two 5x5 convolutions (16 and 32 filters) with batch normalisation and max pooling, then 128 units with "
-        "dropout: at least 99.3% test accuracy on MNIST with its defaults",
-        {"epochs": 20, "batch_size": 128, "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
-         "lr_schedule": "cosine"}),
+        "two 5x5 convolutions (16 and 32 filters) with batch normalisation and max pooling, then "
+        "128 units with dropout: at least 99.3% test accuracy on MNIST with its defaults",
+        {"epochs": 20, "batch_size": 128, "lr": 0.05, "momentum": 0.9, "nesterov": True,
+         "weight_decay": 5e-4, "lr_schedule": "cosine"}),
     "lenet5": NamedModel(
         "conv6k5p2-avgpool2-conv16k5-avgpool2-flatten-120-84-10",
-        "LeCun et al. (1998), with ReLU: 5x5 convolutions and average pooling, then 120 and 84 units",
+        "LeCun et al. (1998), with ReLU: 5x5 convolutions and average pooling, then 120 and 84 "
+        "units",
         {"epochs": 10, "batch_size": 128, "lr": 0.05, "momentum": 0.9}),
 }
 
@@ -95,14 +97,16 @@ class Token:
         if self.kind == "size":
             text = str(self.size)
         elif self.kind == "conv":
-            text = (f"conv{self.size}k{self.kernel}" + (f"s{self.stride}" if self.stride != 1 else "")
+            text = (f"conv{self.size}k{self.kernel}"
+                    + (f"s{self.stride}" if self.stride != 1 else "")
                     + (f"p{self.padding}" if self.padding else ""))
         elif self.kind in ("maxpool", "avgpool"):
-            text = f"{self.kind}{self.kernel}" + (f"s{self.stride}" if self.stride != self.kernel else "")
+            text = f"{self.kind}{self.kernel}" + (f"s{self.stride}"
+                                                  if self.stride != self.kernel else "")
         else:
             text = self.kind
-        return "-".join([text] + ["bn"] * self.batchnorm + ([f"drop{self.dropout:g}"] if self.dropout is not None
-                                                              else []))
+        return "-".join([text] + ["bn"] * self.batchnorm
+                        + ([f"drop{self.dropout:g}"] if self.dropout is not None else []))
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,8 @@ class ModelSpec:
         return f"{self.name} ({self})" if self.name else str(self)
 
     def layers(self, input_shape=None):
-        """The layers, in order. ``input_shape``: one sample's shape (CNNs need it; an MLP's is its first size).
+        """The layers, in order. ``input_shape``: one sample's shape (CNNs need it; an MLP's is its
+        first size).
 
         ShapeError (a UserError) naming the token that does not fit the shape it receives.
         """
@@ -148,12 +153,13 @@ class ModelSpec:
                 except ShapeError as error:
                     problem = str(error)
             if problem is not None:
-                raise ShapeError(f"--model {self}: {str(token).split('-')[0]!r} (token {position + 1 + self.is_mlp}) "
-                                 f"does not fit its input of {_shape(shape)}: {problem}")
+                raise ShapeError(f"--model {self}: {str(token).split('-')[0]!r} "
+                                 f"(token {position + 1 + self.is_mlp}) does not fit its input of "
+                                 f"{_shape(shape)}: {problem}")
             if token.kind == "maxpool" and layers and isinstance(layers[-1], ReLU):
-                # ReLU then max pooling is built as max pooling then ReLU: max and ReLU commute, values and
-                # gradients alike (the largest value of a window is the one ReLU keeps largest), and the
-                # ReLU then runs on an array k * k times smaller.
+                # ReLU then max pooling is built as max pooling then ReLU: max and ReLU commute,
+                # values and gradients alike (the largest value of a window is the one ReLU keeps
+                # largest), and the ReLU then runs on an array k * k times smaller.
                 made, layers = made + [layers[-1]], layers[:-1]
             layers.extend(made)
             shape = received
@@ -163,14 +169,16 @@ class ModelSpec:
     def _token_layers(token, shape, last):
         """The layers of one token for an input sample of ``shape``."""
         if token.kind == "size":
-            made = [Linear(shape[0], token.size, init="glorot" if last else "he", bias=not token.batchnorm)]
-        elif token.kind == "conv":
-            made = [Conv2d(shape[0], token.size, token.kernel, stride=token.stride, padding=token.padding,
+            made = [Linear(shape[0], token.size, init="glorot" if last else "he",
                            bias=not token.batchnorm)]
+        elif token.kind == "conv":
+            made = [Conv2d(shape[0], token.size, token.kernel, stride=token.stride,
+                           padding=token.padding, bias=not token.batchnorm)]
         elif token.kind == "flatten":
             made = [Flatten()]
         else:
-            made = [(MaxPool2d if token.kind == "maxpool" else AvgPool2d)(token.kernel, stride=token.stride)]
+            made = [(MaxPool2d if token.kind == "maxpool"
+                     else AvgPool2d)(token.kernel, stride=token.stride)]
         if token.batchnorm:
             made.append(BatchNorm(token.size))
         if token.kind in ("size", "conv") and not last:
@@ -199,7 +207,8 @@ def named_model(text):
 
 
 def parse_spec(spec):
-    """The ModelSpec of a --model string (or name), or a UserError naming the token that is wrong."""
+    """The ModelSpec of a --model string (or name), or a UserError naming the token that is
+    wrong."""
     text = str(spec)
     named = named_model(text)
     if named is not None:
@@ -215,17 +224,19 @@ def parse_spec(spec):
         conv, pool = _CONV.fullmatch(word), _POOL.fullmatch(word)
         if word == "bn":
             if current is None or current.batchnorm or current.dropout is not None:
-                refuse(f"'bn' (token {position}) must follow a layer size or a convolution directly (it puts a "
-                       f"BatchNorm before its ReLU)")
+                refuse(f"'bn' (token {position}) must follow a layer size or a convolution "
+                       "directly (it puts a BatchNorm before its ReLU)")
             current = Token(**{**current.__dict__, "batchnorm": True})
             tokens[-1] = current
             continue
         if word.startswith("drop"):
             match = _DROP.fullmatch(word)
             if match is None or not 0 <= float(match.group(1)) < 1:
-                refuse(f"{word!r} (token {position}) is not a dropout probability in [0, 1), such as drop0.2")
+                refuse(f"{word!r} (token {position}) is not a dropout probability in [0, 1), "
+                       "such as drop0.2")
             if current is None or current.dropout is not None:
-                refuse(f"{word!r} (token {position}) must follow a layer size or a convolution (or its 'bn')")
+                refuse(f"{word!r} (token {position}) must follow a layer size or a convolution "
+                       "(or its 'bn')")
             current = Token(**{**current.__dict__, "dropout": float(match.group(1))})
             tokens[-1] = current
             continue
@@ -234,13 +245,17 @@ def parse_spec(spec):
             if current.size <= 0:
                 refuse(f"layer sizes must be positive, not {word!r} (token {position})")
         elif conv:
-            filters, kernel, stride, padding = (int(g) if g is not None else None for g in conv.groups())
-            current = Token("conv", size=filters, kernel=kernel, stride=stride or 1, padding=padding or 0)
+            filters, kernel, stride, padding = (int(g) if g is not None else None
+                                                for g in conv.groups())
+            current = Token("conv", size=filters, kernel=kernel, stride=stride or 1,
+                            padding=padding or 0)
             if filters <= 0 or kernel <= 0 or stride == 0:
-                refuse(f"{word!r} (token {position}): filters, kernel size and stride must be positive")
+                refuse(f"{word!r} (token {position}): filters, kernel size and stride "
+                       "must be positive")
         elif pool:
             kind, kernel, stride = pool.group(1) + "pool", int(pool.group(2)), pool.group(3)
-            tokens.append(Token(kind, kernel=kernel, stride=kernel if stride is None else int(stride)))
+            tokens.append(Token(kind, kernel=kernel,
+                                stride=kernel if stride is None else int(stride)))
             current = None
             if kernel <= 0 or stride == "0" or (stride and int(stride) <= 0):
                 refuse(f"{word!r} (token {position}): kernel size and stride must be positive")
@@ -250,20 +265,22 @@ def parse_spec(spec):
             current = None
             continue
         else:
-            refuse(f"{word!r} (token {position}) is not a layer size, conv<F>k<K>, maxpool<K>, avgpool<K>, "
-                   f"flatten, 'bn' or 'drop<p>'")
+            refuse(f"{word!r} (token {position}) is not a layer size, conv<F>k<K>, maxpool<K>, "
+                   "avgpool<K>, flatten, 'bn' or 'drop<p>'")
         tokens.append(current)
     _check_order(tokens, words, refuse)
     return ModelSpec(tuple(tokens))
 
 
 def _check_order(tokens, words, refuse):
-    """The order rules a single token cannot see: input first, flatten between conv and sizes, classes last."""
+    """The order rules a single token cannot see: input first, flatten between conv and sizes,
+    classes last."""
     if not tokens:
         refuse("it is empty")
     first, last = tokens[0], tokens[-1]
     if first.kind == "flatten":
-        refuse("it must start with the input size (an MLP) or a convolution or pooling (a CNN), not 'flatten'")
+        refuse("it must start with the input size (an MLP) or a convolution or pooling (a CNN), "
+               "not 'flatten'")
     if last.kind != "size" or last.batchnorm or last.dropout is not None:
         refuse(f"it must end with the output size (the number of classes), not {words[-1]!r}")
     if first.kind == "size":
@@ -272,11 +289,13 @@ def _check_order(tokens, words, refuse):
         if len(tokens) < 2:
             refuse("it needs at least an input and an output size")
         if any(token.kind != "size" for token in tokens):
-            refuse("an MLP (it starts with its input size) holds only layer sizes; a CNN starts with conv or pool")
+            refuse("an MLP (it starts with its input size) holds only layer sizes; a CNN starts "
+                   "with conv or pool")
         return
     flattens = [i for i, token in enumerate(tokens) if token.kind == "flatten"]
     sizes = [i for i, token in enumerate(tokens) if token.kind == "size"]
     if len(flattens) != 1 or flattens[0] > sizes[0]:
-        refuse("a CNN needs one 'flatten' between its last convolution or pooling and its first layer size")
+        refuse("a CNN needs one 'flatten' between its last convolution or pooling and its "
+               "first layer size")
     if any(token.kind != "size" for token in tokens[flattens[0] + 1:]):
         refuse("after 'flatten' come only layer sizes (convolutions and pooling go before it)")

@@ -18,7 +18,8 @@ same formulas, with at most the rounding of a fused multiply-add apart.
 Adam and AdamW follow ``torch.optim.Adam`` and ``torch.optim.AdamW``
 (amsgrad off) exactly, with ``t`` the step number from 1:
 
-    g = grad + weight_decay * param              (Adam's L2 term; AdamW: param *= 1 - lr * weight_decay)
+    g = grad + weight_decay * param              (Adam's L2 term;
+                                                  AdamW: param *= 1 - lr * weight_decay)
     m = m + (1 - beta1) * (g - m)                (PyTorch's lerp: beta1 * m + (1 - beta1) * g)
     v = beta2 * v + (1 - beta2) * g * g
     param -= lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
@@ -66,7 +67,8 @@ class SGD:
         ``params = params - lr * velocity``, each split over the BLAS's
         threads, with numpy's roundings (``blas`` says where they may differ).
         """
-        if self._scratch is None or self._scratch.shape != grads.shape or self._scratch.dtype != grads.dtype:
+        if (self._scratch is None or self._scratch.shape != grads.shape
+                or self._scratch.dtype != grads.dtype):
             self._scratch = np.empty_like(grads)
         scratch, cast, axpby = self._scratch, grads.dtype.type, self.backend.axpby
         g = grads
@@ -80,7 +82,8 @@ class SGD:
                 self._velocity = g.copy()
             else:
                 axpby(1.0, g, self.momentum, self._velocity)
-            if self.nesterov:   # params -= lr * (g + momentum * velocity), in two passes without a temporary
+            # params -= lr * (g + momentum * velocity), in two passes without a temporary
+            if self.nesterov:
                 axpby(-lr, g, 1.0, params)
                 axpby(-(lr * self.momentum), self._velocity, 1.0, params)
             else:
@@ -88,7 +91,8 @@ class SGD:
         self.steps += 1
 
     def state_dict(self):
-        """What training changed: ``steps`` and, after the first step with momentum, ``velocity``."""
+        """What training changed: ``steps`` and, after the first step with momentum,
+        ``velocity``."""
         state = {"steps": self.steps}
         if self._velocity is not None:
             state["velocity"] = self._velocity.copy()
@@ -101,7 +105,8 @@ class SGD:
 
 
 class Adam:
-    """Adam (Kingma and Ba), with PyTorch's formulas; ``weight_decay`` adds an L2 term to the gradient."""
+    """Adam (Kingma and Ba), with PyTorch's formulas; ``weight_decay`` adds an L2 term to the
+    gradient."""
 
     decoupled = False   # AdamW: the weight decay shrinks the parameters instead
 
@@ -112,15 +117,19 @@ class Adam:
         if not (math.isfinite(eps) and eps > 0):
             raise SettingError("eps", f"must be finite and positive, got {eps}")
         if not (math.isfinite(weight_decay) and weight_decay >= 0):
-            raise SettingError("weight_decay", f"must be finite and not negative, got {weight_decay}")
-        self.beta1, self.beta2, self.eps, self.weight_decay = float(beta1), float(beta2), float(eps), float(weight_decay)
+            raise SettingError("weight_decay",
+                               f"must be finite and not negative, got {weight_decay}")
+        self.beta1, self.beta2, self.eps, self.weight_decay = (float(beta1), float(beta2),
+                                                               float(eps), float(weight_decay))
         self.steps = 0
         self._m = self._v = None   # the moments, created (zero) on the first step
         self._scratch = self._work = None
 
     def step(self, params, grads, lr):
-        """Update ``params`` in place. ``grads`` is left unchanged; nothing is allocated after the first step."""
-        if self._scratch is None or self._scratch.shape != grads.shape or self._scratch.dtype != grads.dtype:
+        """Update ``params`` in place. ``grads`` is left unchanged; nothing is allocated after the
+        first step."""
+        if (self._scratch is None or self._scratch.shape != grads.shape
+                or self._scratch.dtype != grads.dtype):
             self._scratch, self._work = np.empty_like(grads), np.empty_like(grads)
         if self._m is None:
             self._m, self._v = np.zeros_like(grads), np.zeros_like(grads)
@@ -158,13 +167,15 @@ class Adam:
     def load_state_dict(self, state):
         self.steps = int(state["steps"])
         if "exp_avg" in state:
-            self._m, self._v = np.array(state["exp_avg"], copy=True), np.array(state["exp_avg_sq"], copy=True)
+            self._m, self._v = (np.array(state["exp_avg"], copy=True),
+                                np.array(state["exp_avg_sq"], copy=True))
         else:
             self._m = self._v = None
 
 
 class AdamW(Adam):
-    """AdamW (Loshchilov and Hutter): Adam with decoupled weight decay, ``param *= 1 - lr * weight_decay``."""
+    """AdamW (Loshchilov and Hutter): Adam with decoupled weight decay,
+    ``param *= 1 - lr * weight_decay``."""
 
     decoupled = True
 

@@ -1,4 +1,5 @@
-"""The run's callbacks around the loop: progress on rank 0's console, ``metrics.jsonl``, checkpoints.
+"""The run's callbacks around the loop: progress on rank 0's console, ``metrics.jsonl``,
+checkpoints.
 
 Each is small and does one thing. What only rank 0 does (printing, writing
 files) goes through ``rank0``.
@@ -27,17 +28,19 @@ class ProgressReport(Callback):
         pos = trainer.position
         self._steps, self._samples = self._steps + 1, self._samples + end.totals.samples
         elapsed = max(time.perf_counter() - self._started, 1e-9)
-        self.console.progress(epoch=pos.epoch + 1, epochs=trainer.plan.epochs, step_in_epoch=pos.step_in_epoch,
-                              steps_in_epoch=end.steps_in_epoch, global_step=pos.step,
-                              total_steps=trainer.plan.total_steps, loss=pos.sums.loss,
-                              accuracy=pos.sums.accuracy, lr=end.lr, samples_per_second=self._samples / elapsed,
+        self.console.progress(epoch=pos.epoch + 1, epochs=trainer.plan.epochs,
+                              step_in_epoch=pos.step_in_epoch, steps_in_epoch=end.steps_in_epoch,
+                              global_step=pos.step, total_steps=trainer.plan.total_steps,
+                              loss=pos.sums.loss, accuracy=pos.sums.accuracy, lr=end.lr,
+                              samples_per_second=self._samples / elapsed,
                               seconds_per_step=elapsed / self._steps)
 
     def on_epoch_end(self, trainer, record, is_best):
         self.console.print(f"epoch {record['epoch']}/{trainer.plan.epochs} done: train loss "
-                           f"{record['train_loss']:.4f}  test loss {record['test_loss']:.4f}  test accuracy "
-                           f"{100 * record['test_accuracy']:.2f}%  ({record['seconds']:.1f} s, "
-                           f"{record['samples_per_second']:,.0f} samples/s)", always=True)
+                           f"{record['train_loss']:.4f}  test loss {record['test_loss']:.4f}  test "
+                           f"accuracy {100 * record['test_accuracy']:.2f}%  "
+                           f"({record['seconds']:.1f} s, {record['samples_per_second']:,.0f} "
+                           "samples/s)", always=True)
 
 
 class MetricsLog(Callback):
@@ -52,7 +55,8 @@ class MetricsLog(Callback):
             record = {"kind": "step", "epoch": pos.epoch + 1, "step": pos.step, "lr": end.lr,
                       "train_loss": pos.sums.loss, "train_accuracy": pos.sums.accuracy,
                       "grad_norm": end.totals.grad_norm}
-            trainer.records.append(record)   # in the checkpoints too, so a resumed run rewrites it once
+            # in the checkpoints too, so a resumed run rewrites it once
+            trainer.records.append(record)
             self.run_folder.append_metrics(record)
 
     def on_epoch_end(self, trainer, record, is_best):
@@ -60,16 +64,16 @@ class MetricsLog(Callback):
 
 
 def make_checkpoint(trainer, optimizer_state):
-    """Everything a run needs to continue exactly where ``trainer`` stands (views: encode it at once).
-    ``optimizer_state``: the optimiser's whole ``state_dict()``, taken on every rank beforehand (a
-    collective when the optimiser is sharded; this function runs on rank 0 only)."""
+    """Everything a run needs to continue exactly where ``trainer`` stands (views: encode it at
+    once). ``optimizer_state``: the optimiser's whole ``state_dict()``, taken on every rank
+    beforehand (a collective when the optimiser is sharded; this function runs on rank 0 only)."""
     model, pos, plan = trainer.model, trainer.position, trainer.plan
     return Checkpoint(
         params=dict(model.named_params()), buffers=dict(model.named_buffers()),
         optimizer={"type": optimizer_name(trainer.optimizer), **optimizer_state},
         state={"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "step": pos.step,
-               "train_sums": pos.sums.to_dict(), "n_train": plan.n_train, "best_accuracy": trainer.best_accuracy,
-               "world_size": trainer.comm.size},
+               "train_sums": pos.sums.to_dict(), "n_train": plan.n_train,
+               "best_accuracy": trainer.best_accuracy, "world_size": trainer.comm.size},
         config=plan.config.to_dict(), metrics=list(trainer.records), model=model.describe(),
         model_summary=model.summary(), dtype=str(model.dtype))
 
@@ -82,7 +86,8 @@ class Checkpointing(Callback):
         self.run_folder, self.every, self.keep = run_folder, every, keep
 
     def save(self, trainer, is_best=False):
-        optimizer_state = trainer.optimizer.state_dict()   # on every rank: sharded, it gathers the slices
+        # on every rank: sharded, it gathers the slices
+        optimizer_state = trainer.optimizer.state_dict()
         path = self.run_folder.save_checkpoint(lambda: make_checkpoint(trainer, optimizer_state),
                                                trainer.position.step, self.keep, is_best)
         trainer.last_checkpoint = trainer.position.step
@@ -90,7 +95,8 @@ class Checkpointing(Callback):
 
     def on_step_end(self, trainer, end):
         pos = trainer.position
-        periodic = self.every and pos.step % self.every == 0 and pos.step_in_epoch < end.steps_in_epoch
+        periodic = (self.every and pos.step % self.every == 0
+                    and pos.step_in_epoch < end.steps_in_epoch)
         if end.stop or periodic:
             self.save(trainer)
 

@@ -1,4 +1,5 @@
-"""Checkpoints in HDF5 that cannot be half-written, and whose bytes are verified before HDF5 reads them.
+"""Checkpoints in HDF5 that cannot be half-written, and whose bytes are verified before HDF5 reads
+them.
 
 A checkpoint holds the parameters and buffers of the model, the optimiser's
 state, where training stands (epoch, global step, step within the epoch and
@@ -27,7 +28,8 @@ Only rank 0 calls ``save``; any rank may call ``load``.
 
 Layout (format 2)::
 
-    bytes 0-511              "ddptrain checkpoint\\nformat 2\\nsha256 <hex>\\nbytes <n>\\n", zero-padded
+    bytes 0-511              "ddptrain checkpoint\\nformat 2\\nsha256 <hex>\\nbytes <n>\\n",
+                             zero-padded
     /params/<name>           one dataset per parameter ("linear1.weight", ...)
     /buffers/<name>          one dataset per buffer (non-trained state such as running statistics)
     /optimizer/<name>        one dataset per array of the optimiser's state_dict ("velocity", ...)
@@ -61,7 +63,8 @@ FORMAT = "ddptrain-checkpoint"
 FORMAT_VERSION = 2
 HEADER_SIZE = 512                  # HDF5 user blocks are 512 bytes or a larger power of two
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-_HEADER = re.compile(rb"ddptrain checkpoint\nformat (\d{1,3})\nsha256 ([0-9a-f]{64})\nbytes (\d{1,15})\n\0*")
+_HEADER = re.compile(rb"ddptrain checkpoint\nformat (\d{1,3})\nsha256 ([0-9a-f]{64})\nbytes "
+                     rb"(\d{1,15})\n\0*")
 STEP_NAME = re.compile(r"^step-(\d{8,})\.h5$")
 TEMPORARY_NAME = re.compile(r"^\..+\.h5\.tmp-\d+$")
 ARRAY_GROUPS = ("params", "buffers", "optimizer")
@@ -89,7 +92,8 @@ def step_path(checkpoint_dir, step):
 
 
 def save(path, ckpt: Checkpoint):
-    """Write ``ckpt`` to ``path`` atomically (``durable.write_atomically``): OSError on failure, ``path`` as it was."""
+    """Write ``ckpt`` to ``path`` atomically (``durable.write_atomically``): OSError on failure,
+    ``path`` as it was."""
     write_atomically(path, encode(ckpt))
 
 
@@ -114,8 +118,8 @@ def encode(ckpt: Checkpoint):
         f.attrs.update(attrs)
     content = buffer.getbuffer()
     body = content[HEADER_SIZE:]
-    header = (f"ddptrain checkpoint\nformat {FORMAT_VERSION}\nsha256 {hashlib.sha256(body).hexdigest()}\n"
-              f"bytes {len(body)}\n")
+    header = (f"ddptrain checkpoint\nformat {FORMAT_VERSION}\nsha256 "
+              f"{hashlib.sha256(body).hexdigest()}\nbytes {len(body)}\n")
     content[:HEADER_SIZE] = header.encode().ljust(HEADER_SIZE, b"\0")
     return content
 
@@ -134,11 +138,12 @@ def verified_bytes(path):
             stored, length = _parse_header(path, header)
             size = os.fstat(f.fileno()).st_size
             if size != HEADER_SIZE + length:   # checked before reading: a wrong file may be huge
-                raise CheckpointError(f"{path}: truncated or extended checkpoint: {size} bytes, its header "
-                                      f"says {HEADER_SIZE + length}")
+                raise CheckpointError(f"{path}: truncated or extended checkpoint: {size} bytes, "
+                                      f"its header says {HEADER_SIZE + length}")
             data = header + f.read(length)
     except OSError as error:
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({error.strerror or error})") from None
+        raise CheckpointError(f"{path}: cannot read the checkpoint "
+                              f"({error.strerror or error})") from None
     if len(data) != HEADER_SIZE + length:   # it changed while being read
         raise CheckpointError(f"{path}: truncated checkpoint: {len(data)} bytes, its header says "
                               f"{HEADER_SIZE + length}")
@@ -152,14 +157,15 @@ def _parse_header(path, header):
     match = _HEADER.fullmatch(header)
     if match is None:
         if header.startswith(HDF5_SIGNATURE):
-            raise CheckpointError(f"{path}: not a ddptrain checkpoint: an HDF5 file without the verified header "
-                                  f"of format {FORMAT_VERSION} (checkpoints of ddptrain 0.1, format 1, cannot be "
-                                  f"checked before they are read and are not loaded)")
+            raise CheckpointError(f"{path}: not a ddptrain checkpoint: an HDF5 file without the "
+                                  f"verified header of format {FORMAT_VERSION} (checkpoints of "
+                                  "ddptrain 0.1, format 1, cannot be checked before they are read "
+                                  "and are not loaded)")
         raise CheckpointError(f"{path}: not a ddptrain checkpoint (no ddptrain header)")
     version = int(match.group(1))
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {version}, but this ddptrain reads format "
-                              f"{FORMAT_VERSION} only")
+        raise CheckpointError(f"{path}: checkpoint format {version}, but this ddptrain reads "
+                              f"format {FORMAT_VERSION} only")
     return match.group(2).decode(), int(match.group(3))
 
 
@@ -170,7 +176,8 @@ def load(path):
         with h5py.File(io.BytesIO(data), "r") as f:
             if _text(f.attrs.get("format")) != FORMAT:
                 raise CheckpointError(f"{path}: not a ddptrain checkpoint")
-            arrays = {group: {name: f[group][name][()] for name in f[group]} for group in ARRAY_GROUPS}
+            arrays = {group: {name: f[group][name][()] for name in f[group]}
+                      for group in ARRAY_GROUPS}
             attrs = {key: _text(f.attrs[key]) for key in
                      ("dtype", "model_summary", "model", "optimizer", "state", "config", "metrics")}
     except CheckpointError:
@@ -183,13 +190,15 @@ def load(path):
         return Checkpoint(params=arrays["params"], buffers=arrays["buffers"], optimizer=optimizer,
                           state=json.loads(attrs["state"]), config=json.loads(attrs["config"]),
                           metrics=json.loads(attrs["metrics"]), model=json.loads(attrs["model"]),
-                          model_summary=attrs["model_summary"], dtype=attrs["dtype"], path=str(path))
+                          model_summary=attrs["model_summary"], dtype=attrs["dtype"],
+                          path=str(path))
     except ValueError as error:
         raise CheckpointError(f"{path}: malformed metadata ({_short(error)})") from None
 
 
 def _text(value):
-    return value.decode() if isinstance(value, bytes) else value if isinstance(value, str) else str(value)
+    return (value.decode() if isinstance(value, bytes) else value if isinstance(value, str)
+            else str(value))
 
 
 def _short(error):
@@ -204,12 +213,14 @@ def step_checkpoints(checkpoint_dir):
     folder = Path(checkpoint_dir)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), folder / name) for name in os.listdir(folder) if (m := STEP_NAME.match(name))]
+    found = [(int(m.group(1)), folder / name) for name in os.listdir(folder)
+             if (m := STEP_NAME.match(name))]
     return [p for _, p in sorted(found, reverse=True)]
 
 
 def newest_valid(checkpoint_dir, warn=print, set_aside=False):
-    """The newest checkpoint in the folder that loads and verifies, skipping corrupt ones with a warning.
+    """The newest checkpoint in the folder that loads and verifies, skipping corrupt ones with a
+    warning.
 
     With ``set_aside``, a corrupt one is renamed ``<name>.corrupt``: kept for
     inspection, but no longer taken for the newest when pruning.
@@ -231,7 +242,8 @@ def newest_valid(checkpoint_dir, warn=print, set_aside=False):
 
 
 def prune(checkpoint_dir, keep):
-    """Delete all but the ``keep`` newest step checkpoints, and temporary files left by a killed writer."""
+    """Delete all but the ``keep`` newest step checkpoints, and temporary files left by a killed
+    writer."""
     for path in step_checkpoints(checkpoint_dir)[keep:]:
         path.unlink(missing_ok=True)
     for name in os.listdir(checkpoint_dir):

@@ -30,7 +30,8 @@ class Config:
     data: Optional[str] = None         # HDF5 file; None: the prepared MNIST in the cache
     model: str = "784-512-256-10"     # see spec.py: an MLP, a CNN, or a named model (cnn, lenet5)
     dtype: str = "float32"
-    batchnorm: str = "global"          # statistics of the global batch; "local": each rank's rows (plain DDP)
+    # statistics of the global batch; "local": each rank's rows (plain DDP)
+    batchnorm: str = "global"
     # optimisation; batch_size is the GLOBAL batch, shared by all ranks
     epochs: int = 5
     batch_size: int = 128
@@ -44,13 +45,16 @@ class Config:
     weight_decay: float = 0.0
     clip_grad_norm: float = 0.0        # clip the global gradient to this 2-norm; 0: no clipping
     accumulate: int = 1                # micro-batches per step on each rank (gradient accumulation)
-    shard_optimizer: bool = False      # each rank keeps the optimiser state of 1/P of the parameters (ZeRO-1)
-    overlap_allreduce: bool = False    # reduce the gradient in buckets during backward (as PyTorch DDP)
+    # each rank keeps the optimiser state of 1/P of the parameters (ZeRO-1)
+    shard_optimizer: bool = False
+    # reduce the gradient in buckets during backward (as PyTorch DDP)
+    overlap_allreduce: bool = False
     bucket_mb: float = 0.25            # --overlap-allreduce's bucket size, in MiB
     exchange: str = "auto"             # how ranks sum gradients: see node_memory.py
     lr_schedule: str = "cosine"
     warmup_epochs: float = 0.0
-    lr_scaling: str = "none"           # "linear": peak lr = lr * batch_size / reference_batch (Goyal et al.)
+    # "linear": peak lr = lr * batch_size / reference_batch (Goyal et al.)
+    lr_scaling: str = "none"
     reference_batch: int = 128         # the batch size --lr was chosen for
     step_size: int = 1                 # epochs between decays for the step schedule
     step_gamma: float = 0.1
@@ -63,9 +67,11 @@ class Config:
     keep: int = 3                      # newest step/epoch checkpoints kept
     resume: Optional[str] = None       # None, "auto" or a checkpoint path
     # machinery
-    threads: int = 0                   # BLAS threads per rank; 0: cores on this node / ranks on this node
+    # BLAS threads per rank; 0: cores on this node / ranks on this node
+    threads: int = 0
     gemm: str = "auto"                 # the library of the matrix products: see gemm.py
-    denormals: str = "flush"           # "keep": compute with denormal floats (slowly): see denormals.py
+    # "keep": compute with denormal floats (slowly): see denormals.py
+    denormals: str = "flush"
     check_every: int = 100             # steps between cross-rank parameter consistency checks
     log_every: int = 100               # steps between progress lines
     eval_batch: int = 2000
@@ -80,42 +86,45 @@ class Config:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def validated(self, check_spec=True):
-        """Return self, or raise a UserError naming the first invalid option. ``check_spec``: ``model`` is a
-        --model spec (not the summary of a model built in Python)."""
+        """Return self, or raise a UserError naming the first invalid option. ``check_spec``:
+        ``model`` is a --model spec (not the summary of a model built in Python)."""
         if check_spec:
             parse_spec(self.model)
-        for name, allowed in (("dtype", DTYPES), ("lr_scaling", LR_SCALINGS), ("lr_schedule", SCHEDULES),
-                              ("batchnorm", BATCHNORM_MODES), ("optimizer", tuple(OPTIMIZERS)),
-                              ("exchange", EXCHANGES), ("gemm", GEMMS),
-                              ("denormals", DENORMAL_MODES)):
+        for name, allowed in (("dtype", DTYPES), ("lr_scaling", LR_SCALINGS),
+                              ("lr_schedule", SCHEDULES), ("batchnorm", BATCHNORM_MODES),
+                              ("optimizer", tuple(OPTIMIZERS)), ("exchange", EXCHANGES),
+                              ("gemm", GEMMS), ("denormals", DENORMAL_MODES)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"{option_name(name)} must be one of {', '.join(allowed)}, "
                                 f"got {getattr(self, name)!r}")
         if self.debug and self.dtype != "float64":
-            raise UserError("--debug runs in float64: drop --dtype float32 (finite differences need the precision)")
-        positive = ("epochs", "batch_size", "virtual_shards", "check_every", "log_every", "eval_batch", "step_size",
-                    "keep", "reference_batch", "accumulate")
+            raise UserError("--debug runs in float64: drop --dtype float32 (finite differences "
+                            "need the precision)")
+        positive = ("epochs", "batch_size", "virtual_shards", "check_every", "log_every",
+                    "eval_batch", "step_size", "keep", "reference_batch", "accumulate")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise UserError(f"{option_name(name)} must be positive, got {getattr(self, name)}")
-        non_negative = ("lr", "warmup_epochs", "checkpoint_every", "threads", "seed", "step_gamma", "metrics_every",
-                        "simulate_ranks", "clip_grad_norm")
+        non_negative = ("lr", "warmup_epochs", "checkpoint_every", "threads", "seed", "step_gamma",
+                        "metrics_every", "simulate_ranks", "clip_grad_norm")
         for name in non_negative:
             if not getattr(self, name) >= 0:
-                raise UserError(f"{option_name(name)} must not be negative, got {getattr(self, name)}")
+                raise UserError(f"{option_name(name)} must not be negative, got "
+                                f"{getattr(self, name)}")
         for name in ("lr", "warmup_epochs", "step_gamma", "clip_grad_norm", "bucket_mb"):
             if not math.isfinite(getattr(self, name)):
                 raise UserError(f"{option_name(name)} must be finite, got {getattr(self, name)}")
         if not self.bucket_mb > 0:
             raise UserError(f"--bucket-mb must be positive, got {self.bucket_mb}")
         if self.overlap_allreduce and (self.accumulate > 1 or self.shard_optimizer):
-            other = f"--accumulate {self.accumulate}" if self.accumulate > 1 else "--shard-optimizer"
-            raise UserError(f"--overlap-allreduce with {other}: overlapping reduces one micro-batch's whole gradient "
-                            f"with Allreduce; drop one of them")
+            other = (f"--accumulate {self.accumulate}" if self.accumulate > 1
+                     else "--shard-optimizer")
+            raise UserError(f"--overlap-allreduce with {other}: overlapping reduces one "
+                            "micro-batch's whole gradient with Allreduce; drop one of them")
         conflict = self.option_exchanging_through_mpi
         if self.exchange == "shared-memory" and conflict:
-            raise UserError(f"--exchange shared-memory with {conflict}: {conflict} exchanges the gradient "
-                            f"through MPI; drop one of them")
+            raise UserError(f"--exchange shared-memory with {conflict}: {conflict} exchanges the "
+                            "gradient through MPI; drop one of them")
         if self.simulate_ranks:   # before a thread starts for each of them
             check_world(self.batch_size, self.simulate_ranks, self.virtual_shards)
         self.make_optimizer()   # the optimiser checks its own settings (SettingError)
@@ -123,33 +132,38 @@ class Config:
 
     @property
     def option_exchanging_through_mpi(self):
-        """The first option set that needs the gradient exchanged through MPI, not a node's shared memory
-        (``exchange.choose_node_memory``), or None. --debug's finite differences perturb each rank's
-        parameters, which the ranks of a node would otherwise share."""
-        return ("--overlap-allreduce" if self.overlap_allreduce else "--shard-optimizer" if self.shard_optimizer
-                else "--debug" if self.debug else None)
+        """The first option set that needs the gradient exchanged through MPI, not a node's shared
+        memory (``exchange.choose_node_memory``), or None. --debug's finite differences perturb each
+        rank's parameters, which the ranks of a node would otherwise share."""
+        return ("--overlap-allreduce" if self.overlap_allreduce else "--shard-optimizer"
+                if self.shard_optimizer else "--debug" if self.debug else None)
 
     def make_optimizer(self, backend=NUMPY):
-        """The optimiser of the options; ``backend`` (``backends.gemm.Backend``): whose axpby SGD updates with."""
+        """The optimiser of the options; ``backend`` (``backends.gemm.Backend``): whose axpby SGD
+        updates with."""
         if self.shard_optimizer and self.optimizer == "sgd" and not self.momentum:
             raise UserError("--shard-optimizer: SGD without --momentum keeps no state to shard")
         if self.optimizer == "sgd":
-            return SGD(momentum=self.momentum, weight_decay=self.weight_decay, nesterov=self.nesterov, backend=backend)
+            return SGD(momentum=self.momentum, weight_decay=self.weight_decay,
+                       nesterov=self.nesterov, backend=backend)
         if self.nesterov:
-            raise UserError(f"--nesterov is SGD's: drop it, or use --optimizer sgd (not {self.optimizer})")
+            raise UserError("--nesterov is SGD's: drop it, or use --optimizer sgd "
+                            f"(not {self.optimizer})")
         return OPTIMIZERS[self.optimizer](beta1=self.beta1, beta2=self.beta2, eps=self.eps,
                                           weight_decay=self.weight_decay)
 
 
 def make_config(values, model_given=False):
-    """The validated Config of the options set in ``values`` (Config fields), as the command line and
-    ``ddptrain.train`` make it: a named --model's defaults apply to the options left unset, and --debug
-    means float64 and a replica check every step. ``model_given``: the model is an object built in Python
-    (``values["model"]`` its summary), with no spec to check and no defaults to bring."""
+    """The validated Config of the options set in ``values`` (Config fields), as the command line
+    and ``ddptrain.train`` make it: a named --model's defaults apply to the options left unset, and
+    --debug means float64 and a replica check every step. ``model_given``: the model is an object
+    built in Python (``values["model"]`` its summary), with no spec to check and no defaults to
+    bring."""
     check_optimizer_options(values)   # what was set, before a named model's defaults
     values = dict(values) if model_given else with_model_defaults(values)
     if values.get("debug") and "dtype" not in values:
-        values["dtype"] = "float64"      # --debug means float64 unless float32 is asked for (and refused)
+        # --debug means float64 unless float32 is asked for (and refused)
+        values["dtype"] = "float64"
     if values.get("debug"):
         values.setdefault("check_every", 1)
     return Config(**values).validated(check_spec=not model_given)
@@ -184,24 +198,28 @@ def coerce(name, value, source):
     raise UserError(f"{source}: {option_name(name)} must be {kind.__name__}, got {value!r}")
 
 
-# The options that belong to one kind of optimiser: set with another, they are refused (check_optimizer_options).
+# The options that belong to one kind of optimiser: set with another, they are refused
+# (check_optimizer_options).
 SGD_OPTIONS, ADAM_OPTIONS = ("momentum", "nesterov"), ("beta1", "beta2", "eps")
 
 
 def with_model_defaults(values):
-    """``values`` (Config fields) with the training defaults of a named --model (``spec.NAMED_MODELS``)
-    added for the options that are not set: ``--model cnn`` trains the way that model is meant to. A
-    default for another optimiser than the one chosen (SGD's momentum with --optimizer adam) is left out."""
+    """``values`` (Config fields) with the training defaults of a named --model
+    (``spec.NAMED_MODELS``) added for the options that are not set: ``--model cnn`` trains the way
+    that model is meant to. A default for another optimiser than the one chosen (SGD's momentum with
+    --optimizer adam) is left out."""
     named = named_model(values.get("model", Config.model))
     if not named:
         return dict(values)
-    foreign = SGD_OPTIONS if values.get("optimizer", named.defaults.get("optimizer", "sgd")) != "sgd" else ()
+    foreign = SGD_OPTIONS if values.get("optimizer",
+                                        named.defaults.get("optimizer", "sgd")) != "sgd" else ()
     return {**{k: v for k, v in named.defaults.items() if k not in foreign}, **values}
 
 
 def check_optimizer_options(values):
-    """A UserError for an option of another optimiser than the one chosen: --momentum with adam, --beta1
-    with sgd (they would be silently ignored). ``values``: the options set, as Config fields."""
+    """A UserError for an option of another optimiser than the one chosen: --momentum with adam,
+    --beta1 with sgd (they would be silently ignored). ``values``: the options set, as Config
+    fields."""
     optimizer = values.get("optimizer", Config.optimizer)
     foreign = ADAM_OPTIONS if optimizer == "sgd" else SGD_OPTIONS
     for name in foreign:
@@ -251,7 +269,8 @@ def load_toml(path):
             raise UserError(f"{path}: unknown option {key!r}")
         if name in values:
             spellings = " or ".join(sorted({option_name(name)[2:], name}))
-            raise UserError(f"{path}: option {key!r} is set twice (as {spellings}, at the top or in [train])")
+            raise UserError(f"{path}: option {key!r} is set twice (as {spellings}, at the top "
+                            "or in [train])")
         values[name] = coerce(name, value, path) if name in fields else _switch(name, value, path)
     return values
 

@@ -1,4 +1,5 @@
-"""How a rank ends on an error: one line, printed once, an exit status, and an abort where others may wait."""
+"""How a rank ends on an error: one line, printed once, an exit status, and an abort where others
+may wait."""
 
 from __future__ import annotations
 

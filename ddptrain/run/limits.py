@@ -1,4 +1,5 @@
-"""One home for limits: what the options imply, checked against the machine before anything is allocated.
+"""One home for limits: what the options imply, checked against the machine before anything is
+allocated.
 
 An option can be valid on its own and still ask for more than the machine
 has: ``--model 784-100000000-10`` (300 GiB of parameters). (``--threads``
@@ -25,7 +26,8 @@ MEMORY_SHARE = 0.9    # of the memory available now, that the ranks of a host ma
 
 
 def available_memory():
-    """Bytes of memory available to new allocations on this host (MemAvailable), or None if unknown."""
+    """Bytes of memory available to new allocations on this host (MemAvailable), or None if
+    unknown."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -40,7 +42,8 @@ def available_memory():
 
 
 def estimate_rank_bytes(layers, config, info, world_size):
-    """``{part: bytes}`` one rank allocates for a model of ``layers`` (not yet in a model: no arrays) on this data."""
+    """``{part: bytes}`` one rank allocates for a model of ``layers`` (not yet in a model: no
+    arrays) on this data."""
     itemsize = np.dtype(config.dtype).itemsize
     shape = input_shape_of(layers, info.image_shape)
     n_params = sum(math.prod(size) for layer in layers for size in layer.param_shapes().values())
@@ -52,13 +55,15 @@ def estimate_rank_bytes(layers, config, info, world_size):
         per_sample += 4 * math.prod(output) + layer.workspace(shape)
         fixed += layer.block_bytes()
         shape = output
-    rows = -(-min(config.batch_size, info.n_train) // world_size // config.accumulate)   # a micro-batch
+    # a micro-batch
+    rows = -(-min(config.batch_size, info.n_train) // world_size // config.accumulate)
     eval_rows = min(config.eval_batch, -(-info.n_test // world_size))
     pixels = math.prod(info.image_shape)
     return {
         # parameters, gradients, the momentum buffer and the optimiser's scratch array; the buffers
         "the model and its optimiser": (4 * n_params + n_buffers) * itemsize,
-        # this rank's training shard and test block, as stored (a file's: uint8 pixels), with their labels
+        # this rank's training shard and test block, as stored (a file's: uint8 pixels), with their
+        # labels
         "this rank's data": (-(-info.n_train // world_size) + -(-info.n_test // world_size))
         * (pixels * info.stored_dtype(config.dtype).itemsize + 8),
         # what each layer keeps per sample, for a batch share and an evaluation chunk
@@ -73,5 +78,6 @@ def check_resources(layers, config, info, world_size, ranks_on_host):
     if available is not None and needed > MEMORY_SHARE * available:
         detail = ", ".join(f"{name} {size / GIB:,.1f} GiB" for name, size in parts.items())
         raise UserError(f"--model {config.model} with --batch-size {config.batch_size} needs about "
-                        f"{sum(parts.values()) / GIB:,.1f} GiB per rank ({detail}), {ranks_on_host} rank(s) on this "
-                        f"host, and it has {available / GIB:,.1f} GiB available")
+                        f"{sum(parts.values()) / GIB:,.1f} GiB per rank ({detail}), "
+                        f"{ranks_on_host} rank(s) on this host, and it has {available / GIB:,.1f} "
+                        "GiB available")

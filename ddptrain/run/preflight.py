@@ -1,4 +1,5 @@
-"""Every check a run makes before it allocates or writes anything, in one place, with one frozen result.
+"""Every check a run makes before it allocates or writes anything, in one place, with one frozen
+result.
 
 Data parallelism itself needs little at start-up: every rank must start from
 rank 0's parameters and buffers (two broadcasts, in ``runner``). Everything
@@ -57,21 +58,23 @@ class Preflight:
     hosts: tuple                 # each rank's host name, by rank
     folder: RunFolder            # rank 0's run folder (nothing written yet)
     info: DatasetInfo            # the data: its file (or arrays), its shapes and classes
-    layers: Optional[tuple]      # the --model's layers, checked, without arrays (None: the caller's model)
+    # the --model's layers, checked, without arrays (None: the caller's model)
+    layers: Optional[tuple]
     model_spec: Optional[str]    # the --model string they were built from, as the model records it
 
 
 def preflight(comm, config, console, model=None, arrays=None):
-    """Run every start-up check on every rank (a collective); the ``Preflight``, or the same UserError on
-    every rank. ``model``: the caller's Sequential, checked instead of building ``config.model``'s layers;
-    ``arrays``: in-memory data instead of ``config.data``'s file."""
+    """Run every start-up check on every rank (a collective); the ``Preflight``, or the same
+    UserError on every rank. ``model``: the caller's Sequential, checked instead of building
+    ``config.model``'s layers; ``arrays``: in-memory data instead of ``config.data``'s file."""
     with same_on_every_rank():
         gemm_choice = configure_gemm(comm, config.gemm)
         backend = gemm.backend(gemm_choice)
         blas_threads = configure_blas_threads(comm, config.threads, backend.name)
     hosts = hosts_by_rank(blas_threads.hosts)
     check_same_software(comm, hosts)   # DDP: across nodes, installations may differ
-    folder = RunFolder(comm, comm.bcast(config.run_dir or default_run_dir()))   # DDP: rank 0's name, everywhere
+    # DDP: rank 0's name, everywhere
+    folder = RunFolder(comm, comm.bcast(config.run_dir or default_run_dir()))
     info = open_data(comm, config, arrays, console.print, hosts)
     with same_on_every_rank():
         sampler.check_layout(info.n_train, config.batch_size, comm.size, config.virtual_shards)
@@ -81,52 +84,60 @@ def preflight(comm, config, console, model=None, arrays=None):
         check_given_model(comm, model, config, info, hosts)
         layers = model_spec = None
     with same_on_every_rank():
-        check_batch_statistics(model.layers if model is not None else layers, info, config, comm.size)
+        check_batch_statistics(model.layers if model is not None else layers, info,
+                               config, comm.size)
         if config.accumulate > 1 and any(isinstance(layer, BatchNorm) for layer in
                                          (model.layers if model is not None else layers)):
-            raise UserError(f"--accumulate {config.accumulate} with batch normalisation ({config.model}): its "
-                            f"statistics would be those of each micro-batch, and the run would not be the one "
-                            f"without accumulation; drop one of them")
-    config = resume_if_requeued(config, folder.has_step_checkpoints)   # SLURM requeue: --resume auto
+            raise UserError(f"--accumulate {config.accumulate} with batch normalisation "
+                            f"({config.model}): its statistics would be those of each micro-batch, "
+                            "and the run would not be the one without accumulation; "
+                            "drop one of them")
+    # SLURM requeue: --resume auto
+    config = resume_if_requeued(config, folder.has_step_checkpoints)
     return Preflight(config, backend, gemm_choice, blas_threads, tuple(hosts), folder, info,
                      None if layers is None else tuple(layers), model_spec)
 
 
 def configure_gemm(comm, request):
-    """The library ``--gemm request`` names (``gemm.choose``), the same on every rank: its ``Choice``. A
-    rank that cannot (no MKL on its node) stops every rank with its reason; ``auto`` takes MKL only where
-    every rank can, and numpy's BLAS on every rank otherwise. Made before the BLAS threads are set (they
-    are set for the library chosen), so before the hosts are known: a reason names the rank."""
+    """The library ``--gemm request`` names (``gemm.choose``), the same on every rank: its
+    ``Choice``. A rank that cannot (no MKL on its node) stops every rank with its reason; ``auto``
+    takes MKL only where every rank can, and numpy's BLAS on every rank otherwise. Made before the
+    BLAS threads are set (they are set for the library chosen), so before the hosts are known: a
+    reason names the rank."""
     # DDP: the verdict of every rank, so that no rank goes on alone into the collectives ahead
     choice = verdict_on_every_rank(comm, lambda: gemm.choose(request), hosts=None)
-    # DDP: auto picks per node (MKL where it is installed on an Intel CPU). Ranks whose nodes differ would
-    # round differently, and the start-up line, rank 0's, would name one library for all: so one library for
-    # every rank, numpy's unless every rank can take MKL.
+    # DDP: auto picks per node (MKL where it is installed on an Intel CPU). Ranks whose nodes differ
+    # would round differently, and the start-up line, rank 0's, would name one library for all: so
+    # one library for every rank, numpy's unless every rank can take MKL.
     if request == "auto":   # the same request on every rank: all of them gather, or none
         choices = comm.allgather(choice)
-        without_mkl = next((rank for rank, other in enumerate(choices) if other.name != "mkl"), None)
+        without_mkl = next((rank for rank, other in enumerate(choices) if other.name != "mkl"),
+                           None)
         if choice.name == "mkl" and without_mkl is not None:
-            choice = gemm.Choice("numpy", f"{gemm.choose('numpy').description} (MKL only if every rank can take "
-                                          f"it, and rank {without_mkl} cannot: {choices[without_mkl].reason})")
+            choice = gemm.Choice("numpy", f"{gemm.choose('numpy').description} (MKL only if every "
+                                 f"rank can take it, and rank {without_mkl} cannot: "
+                                 f"{choices[without_mkl].reason})")
     return choice
 
 
 def open_data(comm, config, arrays, rank0_print, hosts):
-    """The data's description (``DatasetInfo``), checked on every rank: the in-memory ``arrays`` (the same on
-    every rank), or the file of ``--data`` (a damaged one cannot hang a rank), the same file on every rank."""
+    """The data's description (``DatasetInfo``), checked on every rank: the in-memory ``arrays``
+    (the same on every rank), or the file of ``--data`` (a damaged one cannot hang a rank), the same
+    file on every rank."""
     if arrays is not None:
         check_same_arrays(comm, arrays)   # DDP: every rank must hold the same data
         return arrays.inspect()
     data_path = resolve_data_path(comm, config, rank0_print)
     run_on_rank0(comm, lambda: check_readable(data_path))   # DDP: a damaged file cannot hang a rank
-    info = verdict_on_every_rank(comm, lambda: inspect(data_path), hosts)   # DDP: each node its own view
+    # DDP: each node its own view
+    info = verdict_on_every_rank(comm, lambda: inspect(data_path), hosts)
     check_same_data_file(comm, info, hosts)
     return info
 
 
 def resolve_data_path(comm, config, rank0_print):
-    """The data file: --data (a path, or the name of a known set such as fashion-mnist, prepared in the
-    cache), or the prepared MNIST in the cache. Rank 0 prepares a set that is missing."""
+    """The data file: --data (a path, or the name of a known set such as fashion-mnist, prepared in
+    the cache), or the prepared MNIST in the cache. Rank 0 prepares a set that is missing."""
     if config.data and config.data not in datasets.KNOWN_DATASETS:
         return config.data
     name = config.data or "mnist"
@@ -134,8 +145,8 @@ def resolve_data_path(comm, config, rank0_print):
 
 
 def check_model_spec(comm, config, info, hosts):
-    """The layers of ``--model`` for this data, without arrays, checked against the data and the memory
-    before anything is allocated; and the spec's description."""
+    """The layers of ``--model`` for this data, without arrays, checked against the data and the
+    memory before anything is allocated; and the spec's description."""
     spec = parse_spec(config.model)
     with same_on_every_rank():
         layers = spec.layers(info.image_shape)
@@ -146,39 +157,43 @@ def check_model_spec(comm, config, info, hosts):
 
 
 def check_given_model(comm, model, config, info, hosts):
-    """A model built by the caller must take this data, in the run's dtype, and fit the memory with it."""
+    """A model built by the caller must take this data, in the run's dtype, and fit the memory with
+    it."""
     check_same_model(comm, model)   # DDP: every rank must train the same network
     with same_on_every_rank():
         if str(model.dtype) != config.dtype:
-            raise UserError(f"the model holds {model.dtype} parameters but the run is {config.dtype} (dtype="
-                            f"{config.dtype!r}): build it with nn.Sequential(layers, dtype=np.{config.dtype}) "
-                            f"or leave dtype unset")
+            raise UserError(f"the model holds {model.dtype} parameters but the run is "
+                            f"{config.dtype} (dtype={config.dtype!r}): build it with "
+                            f"nn.Sequential(layers, dtype=np.{config.dtype}) or leave dtype unset")
         check_fits_data(model.layers, info, f"the model ({model.summary()})")
     check_resources_on_every_rank(comm, model.layers, config, info, hosts)
 
 
 def check_resources_on_every_rank(comm, layers, config, info, hosts):
-    """Refuse options that ask for more memory than a host has; every rank stops if one must. ``hosts``: each
-    rank's host, whose ranks share its memory."""
+    """Refuse options that ask for more memory than a host has; every rank stops if one must.
+    ``hosts``: each rank's host, whose ranks share its memory."""
     ranks_on_host = hosts.count(hosts[comm.rank])
-    verdict_on_every_rank(comm, lambda: check_resources(layers, config, info, comm.size, ranks_on_host), hosts)
+    verdict_on_every_rank(comm, lambda: check_resources(layers, config, info, comm.size,
+                                                        ranks_on_host), hosts)
 
 
 def check_fits_data(layers, info, what):
-    """The layers must take the file's images and give one output per class (UserError otherwise)."""
+    """The layers must take the file's images and give one output per class (UserError
+    otherwise)."""
     try:
         shape = output_shape_of(layers, info.image_shape)
     except UserError as error:
         raise UserError(f"{what} does not fit {info.path}: its images are {info.image_text}, and "
                         f"{error}") from None
     if shape != (info.n_classes,):
-        raise UserError(f"{what} does not fit {info.path}: it gives {'x'.join(map(str, shape))} outputs per "
-                        f"image, and the data has {info.n_classes} classes")
+        raise UserError(f"{what} does not fit {info.path}: it gives {'x'.join(map(str, shape))} "
+                        f"outputs per image, and the data has {info.n_classes} classes")
 
 
 def check_batch_statistics(layers, info, config, world_size):
-    """Batch normalisation needs at least 2 values per channel to take a variance of: in every global
-    batch (--batchnorm global), or in every rank's share of one (local). UserError otherwise."""
+    """Batch normalisation needs at least 2 values per channel to take a variance of: in every
+    global batch (--batchnorm global), or in every rank's share of one (local). UserError
+    otherwise."""
     full = min(config.batch_size, info.n_train)
     last = 0 if config.drop_last else info.n_train % config.batch_size
     smallest = min(b for b in (full, last) if b)
@@ -186,16 +201,19 @@ def check_batch_statistics(layers, info, config, world_size):
     for layer in layers:
         if isinstance(layer, BatchNorm):
             per_sample = layer.values_per_channel(layer.output_shape(shape))
-            values = smallest * per_sample if config.batchnorm == "global" else smallest // world_size * per_sample
+            values = (smallest * per_sample if config.batchnorm == "global"
+                      else smallest // world_size * per_sample)
             if values < 2:
                 what = (f"a global batch of {smallest}" if smallest == full else
-                        f"the last, short global batch of an epoch ({info.n_train} rows in batches of "
-                        f"{config.batch_size})")
-                hint = "" if smallest == full else ": add --drop-last or choose another --batch-size"
+                        f"the last, short global batch of an epoch ({info.n_train} rows in batches "
+                        f"of {config.batch_size})")
+                hint = ("" if smallest == full
+                        else ": add --drop-last or choose another --batch-size")
                 if config.batchnorm == "global":
-                    raise UserError(f"--model {config.model}: batch normalisation needs at least 2 values per "
-                                    f"channel in every global batch, but {what} gives layer {layer.name} "
-                                    f"{values}{hint}")
-                raise UserError(f"--batchnorm local needs at least 2 values per channel on every rank, but a "
-                                f"rank's share of {what} gives layer {layer.name} {values}{hint}")
+                    raise UserError(f"--model {config.model}: batch normalisation needs at least 2 "
+                                    f"values per channel in every global batch, but {what} gives "
+                                    f"layer {layer.name} {values}{hint}")
+                raise UserError("--batchnorm local needs at least 2 values per channel on every "
+                                f"rank, but a rank's share of {what} gives layer {layer.name} "
+                                f"{values}{hint}")
         shape = layer.output_shape(shape)

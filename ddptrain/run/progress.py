@@ -30,8 +30,8 @@ class Progress:
         self._drawn = False
         self._last_draw = 0.0
 
-    def update(self, epoch, epochs, step_in_epoch, steps_in_epoch, global_step, total_steps, loss, accuracy,
-               lr, samples_per_second, seconds_per_step):
+    def update(self, epoch, epochs, step_in_epoch, steps_in_epoch, global_step, total_steps, loss,
+               accuracy, lr, samples_per_second, seconds_per_step):
         if self.quiet:
             return
         last_of_epoch = step_in_epoch == steps_in_epoch
@@ -48,7 +48,8 @@ class Progress:
         if self.interactive:
             done = int(self.BAR_WIDTH * step_in_epoch / steps_in_epoch)
             bar = "#" * done + "." * (self.BAR_WIDTH - done)
-            self.stream.write(f"\r\033[Kepoch {epoch}/{epochs} [{bar}] {step_in_epoch}/{steps_in_epoch}  {stats}")
+            self.stream.write(f"\r\033[Kepoch {epoch}/{epochs} [{bar}] "
+                              f"{step_in_epoch}/{steps_in_epoch}  {stats}")
             self.stream.flush()
             self._drawn, self._last_draw = True, now
         else:

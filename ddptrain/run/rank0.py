@@ -63,7 +63,8 @@ class Console:
             print(message, flush=True)
 
     def progress(self, **step):
-        """After every step: a progress bar on a terminal, a line every --log-every steps otherwise."""
+        """After every step: a progress bar on a terminal, a line every --log-every steps
+        otherwise."""
         if self.is_rank0:
             self._progress.update(**step)
 
@@ -74,7 +75,8 @@ class Console:
 
 
 class RunFolder:
-    """The run folder (``config.json``, ``metrics.jsonl``, ``checkpoints/``), written by rank 0 alone.
+    """The run folder (``config.json``, ``metrics.jsonl``, ``checkpoints/``), written by rank 0
+    alone.
 
     One run at a time: ``take`` locks the folder (``flock`` on ``RUN_DIR/.lock``)
     until ``release`` or until the process ends, however it ends, so a killed
@@ -99,8 +101,9 @@ class RunFolder:
             except BlockingIOError:
                 holder = os.read(lock, 400).decode(errors="replace").strip() or "another process"
                 os.close(lock)
-                raise UserError(f"the run folder {self.run_dir} is in use by another run ({holder}): wait for it "
-                                f"to end, or give another --run-dir") from None
+                raise UserError(f"the run folder {self.run_dir} is in use by another run "
+                                f"({holder}): wait for it to end, or give another "
+                                "--run-dir") from None
             except BaseException:
                 os.close(lock)
                 raise
@@ -120,8 +123,8 @@ class RunFolder:
             try:
                 fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise UserError(f"the run folder {self.run_dir} is in use by another run: wait for it to end, "
-                                f"or give another --run-dir") from None
+                raise UserError(f"the run folder {self.run_dir} is in use by another run: wait for "
+                                "it to end, or give another --run-dir") from None
             finally:
                 os.close(lock)
         run_on_rank0(self.comm, work, UserError, f"cannot read the run folder {self.run_dir}")
@@ -133,21 +136,24 @@ class RunFolder:
 
     def write_config(self, config_dict):
         def work():
-            _replace(self.run_dir / "config.json", json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+            _replace(self.run_dir / "config.json",
+                     json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
         run_on_rank0(self.comm, work, UserError, f"cannot write to the run folder {self.run_dir}")
 
     def append_metrics(self, record):
         def work():
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
-        run_on_rank0(self.comm, work, UserError, f"cannot append to {self.run_dir / 'metrics.jsonl'}")
+        run_on_rank0(self.comm, work, UserError,
+                     f"cannot append to {self.run_dir / 'metrics.jsonl'}")
 
     def rewrite_metrics(self, records):
-        """``metrics.jsonl`` holds exactly ``records``: those of the checkpoint a run resumes from, or none
-        for a run that starts from the beginning. Whatever a stopped or killed run recorded after its
-        last checkpoint is recorded again as the steps run again, once."""
+        """``metrics.jsonl`` holds exactly ``records``: those of the checkpoint a run resumes from,
+        or none for a run that starts from the beginning. Whatever a stopped or killed run recorded
+        after its last checkpoint is recorded again as the steps run again, once."""
         def work():
-            _replace(self.run_dir / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+            _replace(self.run_dir / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n"
+                                                             for r in records))
         run_on_rank0(self.comm, work, UserError, f"cannot write {self.run_dir / 'metrics.jsonl'}")
 
     def has_step_checkpoints(self):
@@ -167,8 +173,8 @@ class RunFolder:
             for target in [path, self.checkpoint_dir / "best.h5"] if is_best else [path]:
                 write_atomically(target, content)
             ckpt_io.prune(self.checkpoint_dir, keep)
-        run_on_rank0(self.comm, work, CheckpointError, f"could not write checkpoint {path} (the previous ones "
-                                                       f"are intact)")
+        run_on_rank0(self.comm, work, CheckpointError, f"could not write checkpoint {path} "
+                     "(the previous ones are intact)")
         return path
 
 

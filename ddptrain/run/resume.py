@@ -25,7 +25,8 @@ def _shape(array):
 
 
 def _first_difference(kind, theirs, mine):
-    """A few words on the first array that differs between the checkpoint's and the model's, or None."""
+    """A few words on the first array that differs between the checkpoint's and the model's, or
+    None."""
     for name in sorted(set(theirs) | set(mine)):
         if name not in mine:
             return f"it holds {kind} {name}, which the model has not"
@@ -46,13 +47,14 @@ def check_model_fits(checkpoint, model):
                               f"{model.summary()} ({difference})")
     stored = {str(a.dtype) for a in (*checkpoint.params.values(), *checkpoint.buffers.values())}
     if checkpoint.dtype != str(model.dtype) or stored - {checkpoint.dtype}:
-        raise CheckpointError(f"{where}: checkpoint holds {checkpoint.dtype} parameters, not {model.dtype} "
-                              f"(--dtype {checkpoint.dtype})")
+        raise CheckpointError(f"{where}: checkpoint holds {checkpoint.dtype} parameters, not "
+                              f"{model.dtype} (--dtype {checkpoint.dtype})")
 
 
 def check_description_fits(checkpoint, layers):
-    """Before a model is built from a checkpoint's description: its parameters and buffers must be the
-    arrays the checkpoint holds, so that a description cannot ask for more memory than the file holds."""
+    """Before a model is built from a checkpoint's description: its parameters and buffers must be
+    the arrays the checkpoint holds, so that a description cannot ask for more memory than the file
+    holds."""
     def shapes(group):
         return {f"{layer.name}.{name}": SimpleNamespace(shape=tuple(shape))
                 for layer in layers for name, shape in getattr(layer, group)().items()}
@@ -60,7 +62,8 @@ def check_description_fits(checkpoint, layers):
     difference = (_first_difference("parameter", checkpoint.params, shapes("param_shapes"))
                   or _first_difference("buffer", checkpoint.buffers, shapes("buffer_shapes")))
     if difference:
-        raise CheckpointError(f"{checkpoint.path}: its model description does not match its arrays ({difference})")
+        raise CheckpointError(f"{checkpoint.path}: its model description does not match its arrays "
+                              f"({difference})")
 
 
 def check_fits(checkpoint, model, optimizer, n_train, config):
@@ -72,19 +75,23 @@ def check_fits(checkpoint, model, optimizer, n_train, config):
         raise CheckpointError(f"{where}: checkpoint holds the state of optimiser {kind}, "
                               f"not {optimizer_name(optimizer)}")
     for name, array in checkpoint.optimizer.items():
-        if hasattr(array, "shape") and (array.shape != model.params.shape or array.dtype != model.dtype):
+        if hasattr(array, "shape") and (array.shape != model.params.shape
+                                        or array.dtype != model.dtype):
             raise CheckpointError(f"{where}: optimiser state {name} does not fit the model's "
                                   f"{model.params.size} {model.dtype} parameters")
     if checkpoint.state.get("n_train") != n_train:
-        raise CheckpointError(f"{where}: checkpoint was trained on {checkpoint.state.get('n_train')} rows, "
-                              f"this data file has {n_train}")
+        raise CheckpointError(f"{where}: checkpoint was trained on "
+                              f"{checkpoint.state.get('n_train')} rows, this data file has "
+                              f"{n_train}")
     for name in MUST_MATCH_ON_RESUME:
         saved, given = checkpoint.config.get(name), getattr(config, name)
         if saved != given:
             option = option_name(name)
-            hint = f"resume with {option}" if isinstance(saved, bool) and saved else \
-                f"resume without {option}" if isinstance(saved, bool) else f"resume with {option} {saved}"
-            raise CheckpointError(f"{where}: checkpoint was trained with {option} {saved}, not {given}; {hint}")
+            hint = (f"resume with {option}" if isinstance(saved, bool) and saved
+                    else f"resume without {option}" if isinstance(saved, bool)
+                    else f"resume with {option} {saved}")
+            raise CheckpointError(f"{where}: checkpoint was trained with {option} {saved}, not "
+                                  f"{given}; {hint}")
 
 
 def load_checkpoint(config, checkpoint_dir, model, optimizer, n_train, warn):
@@ -97,9 +104,11 @@ def load_checkpoint(config, checkpoint_dir, model, optimizer, n_train, warn):
     if not config.resume:
         return None
     if config.resume == "auto":
-        checkpoint = ckpt_io.newest_valid(checkpoint_dir, warn=warn, set_aside=True) or _best(checkpoint_dir, warn)
+        checkpoint = (ckpt_io.newest_valid(checkpoint_dir, warn=warn, set_aside=True)
+                      or _best(checkpoint_dir, warn))
         if checkpoint is None:
-            warn(f"--resume auto: no valid checkpoint in {checkpoint_dir}; starting from the beginning")
+            warn(f"--resume auto: no valid checkpoint in {checkpoint_dir}; starting from "
+                 "the beginning")
             return None
     else:
         checkpoint = ckpt_io.load(config.resume)
@@ -108,7 +117,8 @@ def load_checkpoint(config, checkpoint_dir, model, optimizer, n_train, warn):
 
 
 def _best(checkpoint_dir, warn):
-    """``best.h5``, when no step checkpoint is left to resume from; None if it is missing or damaged."""
+    """``best.h5``, when no step checkpoint is left to resume from; None if it is missing or
+    damaged."""
     path = Path(checkpoint_dir) / "best.h5"
     if not path.exists():
         return None

@@ -45,7 +45,8 @@ class Result:
 
     exit_status: int            # 0; EXIT_PREEMPTED when a signal stopped it (after a checkpoint)
     run_dir: str
-    metrics: tuple = ()         # the per-epoch records of metrics.jsonl, this run's and those resumed
+    # the per-epoch records of metrics.jsonl, this run's and those resumed
+    metrics: tuple = ()
     stopped_by: str = None      # the signal that stopped the run, if one did
     steps: int = 0              # steps trained, resumed ones included
     seconds: float = 0.0        # set-up and training, in this process
@@ -80,7 +81,8 @@ class Result:
 
 
 def run_training(config, comm, quiet=False, dry_run=False, callbacks=(), model=None, arrays=None):
-    """Train on every rank; returns the ``Result`` (exit status 0, or EXIT_PREEMPTED after a signal).
+    """Train on every rank; returns the ``Result`` (exit status 0, or EXIT_PREEMPTED after a
+    signal).
 
     ``dry_run``: check everything (options, data, model, ranks), print the
     start-up lines, write nothing. ``callbacks`` (``trainer.Callback``) run
@@ -92,7 +94,8 @@ def run_training(config, comm, quiet=False, dry_run=False, callbacks=(), model=N
     # is remembered, and the run stops (with a checkpoint) after its first step.
     stop = StopRequest().install()
     try:
-        with denormals.flushed(config.denormals == "flush"):   # this thread's setting comes back afterwards
+        # this thread's setting comes back afterwards
+        with denormals.flushed(config.denormals == "flush"):
             return _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays)
     finally:
         stop.uninstall()
@@ -101,10 +104,12 @@ def run_training(config, comm, quiet=False, dry_run=False, callbacks=(), model=N
 def _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays):
     started = time.perf_counter()
     console = Console(comm.rank, quiet=quiet, log_every=config.log_every)
-    checked = preflight(comm, config, console, model, arrays)   # every check; nothing allocated or written
+    # every check; nothing allocated or written
+    checked = preflight(comm, config, console, model, arrays)
     config, folder, info = checked.config, checked.folder, checked.info
     if model is None:
-        model = Sequential(checked.layers, dtype=config.dtype, seed=config.seed, spec=checked.model_spec)
+        model = Sequential(checked.layers, dtype=config.dtype, seed=config.seed,
+                           spec=checked.model_spec)
     model.use_backend(checked.backend)
     # DDP: batch statistics of the global batch (--batchnorm global), or of each rank's rows.
     model.set_sum_over_ranks(comm.allreduce_ if config.batchnorm == "global" else no_reduction)
@@ -113,13 +118,14 @@ def _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays):
     announce(console, comm, config, model, checked)
     if dry_run:
         folder.check_free()
-        console.print(f"dry run: the options, the data file, the model and the {comm.size} rank(s) check out; "
-                      f"nothing was trained or written", always=True)
-        return Result(EXIT_OK, folder.run_dir, seconds=time.perf_counter() - started, rank=comm.rank,
-                      world_size=comm.size)
+        console.print(f"dry run: the options, the data file, the model and the {comm.size} rank(s) "
+                      "check out; nothing was trained or written", always=True)
+        return Result(EXIT_OK, folder.run_dir, seconds=time.perf_counter() - started,
+                      rank=comm.rank, world_size=comm.size)
     try:
         folder.take()   # one run at a time in a run folder
-        return _train(_Run(config, comm, console, folder, model, info, checked.backend, started), stop, callbacks)
+        return _train(_Run(config, comm, console, folder, model, info, checked.backend, started),
+                      stop, callbacks)
     finally:
         folder.release()
 
@@ -139,40 +145,48 @@ class _Run:
 
 
 def _train(run, stop, callbacks):
-    config, comm, console, folder, model, info = run.config, run.comm, run.console, run.folder, run.model, run.info
-    # DDP: how the ranks sum the gradient (distributed/exchange.py): through each node's shared memory, where
-    # each rank updates its slice of the parameters (the optimiser sharded over the node), or with MPI.
+    config, comm, console, folder, model, info = (run.config, run.comm, run.console, run.folder,
+                                                  run.model, run.info)
+    # DDP: how the ranks sum the gradient (distributed/exchange.py): through each node's shared
+    # memory, where each rank updates its slice of the parameters (the optimiser sharded over the
+    # node), or with MPI.
     exchange = make_exchange(comm, config, model)
     optimizer = exchange.sharded_optimizer(config.make_optimizer(run.backend))
     # DDP: rank 0 reads and verifies the checkpoint and broadcasts it, so that every rank
     # resumes from the same bytes or every rank stops with the same error.
-    checkpoint = run_on_rank0(comm, lambda: load_checkpoint(config, folder.checkpoint_dir, model, optimizer,
-                                                            info.n_train, console.warn))
+    checkpoint = run_on_rank0(comm, lambda: load_checkpoint(config, folder.checkpoint_dir, model,
+                                                            optimizer, info.n_train, console.warn))
     folder.write_config(config.to_dict())   # once the run is known to go ahead
     train, test = read_shards(info, comm, config, model)
-    step = TrainStep(model, SoftmaxCrossEntropy(), optimizer, exchange, config.clip_grad_norm or None,
-                     config.accumulate)
-    trainer = Trainer(step, TrainingPlan(config, info.n_train, comm.rank, comm.size), train, test, info.n_classes,
-                      stop, standard_callbacks(config, console, folder, model.buffers.size > 0) + list(callbacks))
+    step = TrainStep(model, SoftmaxCrossEntropy(), optimizer, exchange,
+                     config.clip_grad_norm or None, config.accumulate)
+    trainer = Trainer(step, TrainingPlan(config, info.n_train, comm.rank, comm.size), train, test,
+                      info.n_classes, stop,
+                      standard_callbacks(config, console, folder, model.buffers.size > 0)
+                      + list(callbacks))
     if checkpoint is not None:
         trainer.restore(checkpoint)
         console.print(describe_resume(checkpoint, trainer.position, comm.size), always=True)
     if comm.size > 1:
         console.print(exchange.describe(), always=True)
-    exchange.attach(model)   # the parameters every rank holds (restored or broadcast): shared memory from now on
-    folder.rewrite_metrics(trainer.records)   # what the checkpoint recorded, or nothing: no record twice
+    # the parameters every rank holds (restored or broadcast): shared memory from now on
+    exchange.attach(model)
+    # what the checkpoint recorded, or nothing: no record twice
+    folder.rewrite_metrics(trainer.records)
     console.print(f"set-up took {time.perf_counter() - run.started:.2f} s")
 
     stopped_by = trainer.fit()
     exchange.detach(model)   # the model keeps arrays of its own (a collective: not after an error)
-    result = Result(EXIT_PREEMPTED if stopped_by else EXIT_OK, folder.run_dir, tuple(trainer.metrics), stopped_by,
-                    trainer.position.step, time.perf_counter() - run.started, comm.rank, comm.size)
+    result = Result(EXIT_PREEMPTED if stopped_by else EXIT_OK, folder.run_dir,
+                    tuple(trainer.metrics), stopped_by, trainer.position.step,
+                    time.perf_counter() - run.started, comm.rank, comm.size)
     if stopped_by:
-        console.print(f"stopped by {stopped_by} at step {trainer.position.step}; checkpoint written; "
-                      f"resume with --resume auto --run-dir {folder.run_dir}", always=True)
+        console.print(f"stopped by {stopped_by} at step {trainer.position.step}; checkpoint "
+                      f"written; resume with --resume auto --run-dir {folder.run_dir}", always=True)
     elif trainer.metrics:
-        console.print(f"finished: test accuracy {100 * result.test_accuracy:.2f}% after {result.epochs} epochs, "
-                      f"{result.seconds:.1f} s in all; run folder {folder.run_dir}", always=True)
+        console.print(f"finished: test accuracy {100 * result.test_accuracy:.2f}% after "
+                      f"{result.epochs} epochs, {result.seconds:.1f} s in all; run folder "
+                      f"{folder.run_dir}", always=True)
     return result
 
 
@@ -186,21 +200,24 @@ def read_shards(info, comm, config, model):
 
 
 def read_split(info, split, blocks, dtype, model):
-    """The rows of ``blocks`` of ``split`` of the data ``info`` describes, as a Split, images shaped as
-    ``model`` takes them."""
-    images, labels = info.read_rows(split, blocks, dtype=info.stored_dtype(dtype))   # a file's: uint8 pixels
+    """The rows of ``blocks`` of ``split`` of the data ``info`` describes, as a Split, images shaped
+    as ``model`` takes them."""
+    # a file's: uint8 pixels
+    images, labels = info.read_rows(split, blocks, dtype=info.stored_dtype(dtype))
     return Split(model.as_input(images), labels, np.dtype(dtype))
 
 
 def standard_callbacks(config, console, folder, model_has_buffers):
-    """ddptrain's own work around the loop, in the order it runs after a step: check, report, record, save."""
+    """ddptrain's own work around the loop, in the order it runs after a step: check, report,
+    record, save."""
     callbacks = [ReplicaCheck(config.check_every), ProgressReport(console),
                  MetricsLog(folder, config.metrics_every),
                  Checkpointing(folder, config.checkpoint_every, config.keep)]
     if config.batchnorm == "local" and model_has_buffers:
         callbacks.insert(0, BroadcastBuffers())
     if config.debug:
-        callbacks.insert(0, DebugChecks(console, seed=config.seed, per_rank_statistics=config.batchnorm == "local"))
+        callbacks.insert(0, DebugChecks(console, seed=config.seed,
+                                        per_rank_statistics=config.batchnorm == "local"))
     return callbacks
 
 
@@ -220,11 +237,12 @@ def announce(console, comm, config, model, checked):
     """The start-up lines, on rank 0."""
     blas_threads, info = checked.blas_threads, checked.info
     where = f" on {blas_threads.host_line}" if len(blas_threads.hosts) > 1 else ""
-    console.print(f"ddptrain {__version__}: {comm.size} rank{'s' if comm.size > 1 else ''}{where} ({comm.library}); "
-                  f"{blas_threads.description}; matrix products: {checked.gemm_choice.description}; "
-                  f"{denormals.describe(config.denormals)}", always=True)
-    console.print(f"model {model.summary()} ({model.params.size:,} parameters, {config.dtype}); data {info.path}; "
-                  f"run folder {checked.folder.run_dir}", always=True)
+    console.print(f"ddptrain {__version__}: {comm.size} rank{'s' if comm.size > 1 else ''}{where} "
+                  f"({comm.library}); {blas_threads.description}; matrix products: "
+                  f"{checked.gemm_choice.description}; {denormals.describe(config.denormals)}",
+                  always=True)
+    console.print(f"model {model.summary()} ({model.params.size:,} parameters, {config.dtype}); "
+                  f"data {info.path}; run folder {checked.folder.run_dir}", always=True)
     console.print(describe_split(info.n_train, info.n_test, comm, config), always=True)
     console.print(f"peak learning rate {peak_learning_rate(config):.4g} ({config.lr_schedule}"
                   f"{f', {config.warmup_epochs:g} warmup epochs' if config.warmup_epochs else ''}"

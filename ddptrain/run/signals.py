@@ -1,4 +1,5 @@
-"""Stop requests: SIGTERM, SIGUSR1 and SIGINT are remembered, and training stops after the current step.
+"""Stop requests: SIGTERM, SIGUSR1 and SIGINT are remembered, and training stops after the current
+step.
 
 From the program's first line (``__main__``) a signal is only remembered
 (``remember_early_signals``); a training run's ``StopRequest`` takes over what
@@ -25,15 +26,18 @@ def _remember(number, frame):
 
 
 def remember_early_signals():
-    """From now on, SIGTERM, SIGUSR1 and SIGINT are only remembered (until a StopRequest takes over)."""
+    """From now on, SIGTERM, SIGUSR1 and SIGINT are only remembered (until a StopRequest takes
+    over)."""
     for number in _numbers():
         signal.signal(number, _remember)
 
 
 def restore_default_signals():
-    """The usual handlers back (a command that is not training); a signal remembered meanwhile acts now."""
+    """The usual handlers back (a command that is not training); a signal remembered meanwhile acts
+    now."""
     for number in _numbers():
-        signal.signal(number, signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL)
+        signal.signal(number,
+                      signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL)
     if _early:
         os.kill(os.getpid(), getattr(signal, _early.pop(0)))
 

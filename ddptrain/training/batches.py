@@ -1,4 +1,5 @@
-"""This rank's rows: a split it holds in memory, and the rows of each global batch gathered from it."""
+"""This rank's rows: a split it holds in memory, and the rows of each global batch gathered from
+it."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ class Split:
             raise ValueError(f"a Split of {self.x.dtype} images needs the model's floating dtype")
 
     def as_input(self, x, out=None):
-        """Rows taken from ``self.x`` as the model takes them: pixels scaled into ``out`` (a new array if
-        None), or the floats themselves."""
+        """Rows taken from ``self.x`` as the model takes them: pixels scaled into ``out`` (a new
+        array if None), or the floats themselves."""
         if x.dtype == np.uint8:
             return np.divide(x, PIXEL_MAX, out=out, dtype=self.dtype)
         return x
@@ -43,8 +44,8 @@ class Batches:
     def __init__(self, split, max_rows):
         self.split = split
         self._x = np.empty((max_rows, *split.x.shape[1:]), dtype=split.dtype)
-        self._pixels = np.empty((max_rows, *split.x.shape[1:]), dtype=np.uint8) if split.x.dtype == np.uint8 \
-            else None
+        self._pixels = (np.empty((max_rows, *split.x.shape[1:]), dtype=np.uint8)
+                        if split.x.dtype == np.uint8 else None)
 
     def gather(self, rows):
         # mode="clip": with the default mode="raise", np.take fills a temporary and then
@@ -53,5 +54,6 @@ class Batches:
         if self._pixels is None:
             np.take(self.split.x, rows, axis=0, out=x, mode="clip")
         else:
-            self.split.as_input(np.take(self.split.x, rows, axis=0, out=self._pixels[:len(rows)], mode="clip"), x)
+            self.split.as_input(np.take(self.split.x, rows, axis=0, out=self._pixels[:len(rows)],
+                                        mode="clip"), x)
         return x, self.split.y[rows]

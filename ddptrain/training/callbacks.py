@@ -1,4 +1,5 @@
-"""Callbacks that keep the replicas identical: a check that they are, and rank 0's buffers broadcast.
+"""Callbacks that keep the replicas identical: a check that they are, and rank 0's buffers
+broadcast.
 
 The run's other callbacks (progress, metrics, checkpoints: rank 0's files)
 are in ``run/callbacks.py``; ``runner`` registers them all, in the order of
@@ -19,14 +20,16 @@ class ReplicaDivergence(RuntimeError):
 
 
 def state_digest(model):
-    """A short hash of the model's parameters and buffers: equal on every rank, or a replica diverged."""
+    """A short hash of the model's parameters and buffers: equal on every rank, or a replica
+    diverged."""
     h = hashlib.blake2b(model.params.tobytes(), digest_size=8)
     h.update(model.buffers.tobytes())
     return h.hexdigest()
 
 
 def check_replicas(model, comm, step):
-    """Stop with a clear error if the ranks' parameters or buffers are not bitwise identical. A collective."""
+    """Stop with a clear error if the ranks' parameters or buffers are not bitwise identical. A
+    collective."""
     digests = comm.allgather(state_digest(model))   # DDP
     if len(set(digests)) > 1:
         raise ReplicaDivergence(f"parameters or buffers differ across ranks at step {step}: "
@@ -34,7 +37,8 @@ def check_replicas(model, comm, step):
 
 
 class ReplicaCheck(Callback):
-    """Every ``every`` steps and at the end: every rank must hold the same parameters and buffers."""
+    """Every ``every`` steps and at the end: every rank must hold the same parameters and
+    buffers."""
 
     def __init__(self, every):
         self.every = every
@@ -48,7 +52,8 @@ class ReplicaCheck(Callback):
 
 
 class BroadcastBuffers(Callback):
-    """After every step, rank 0's buffers on every rank: what plain PyTorch DDP does (``broadcast_buffers``).
+    """After every step, rank 0's buffers on every rank: what plain PyTorch DDP does
+    (``broadcast_buffers``).
 
     For ``--batchnorm local``, where each rank's running statistics come from
     its own rows: the replicas stay identical, with rank 0's statistics.

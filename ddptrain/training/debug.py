@@ -43,7 +43,8 @@ def describe_layer(layer):
 
 
 class FiniteChecker:
-    """Called after each layer's forward and backward (``Sequential.observer``); raises on NaN or Inf."""
+    """Called after each layer's forward and backward (``Sequential.observer``); raises on NaN or
+    Inf."""
 
     def __init__(self):
         self.step = None
@@ -81,10 +82,12 @@ def sample_coordinates(model, seed=0):
 
 
 class GlobalBatch:
-    """The whole global batch of a step, gathered on every rank, and its loss as one process computes it."""
+    """The whole global batch of a step, gathered on every rank, and its loss as one process
+    computes it."""
 
     def __init__(self, comm, x, y, context, global_count):
-        # DDP (--debug only): every rank's rows, labels and positions in the global batch, in rank order.
+        # DDP (--debug only): every rank's rows, labels and positions in the global batch, in rank
+        # order.
         self.parts = comm.allgather((np.array(x), np.array(y), np.asarray(context.positions)))
         self.seed, self.step, self.count = context.seed, context.step, global_count
 
@@ -114,9 +117,10 @@ class GlobalBatch:
         return loss_fn.forward(model.forward(x), y, normaliser=self.count)
 
 
-def check_gradient(model, loss_fn, batch, step, per_rank_statistics=False, eps=1e-6, rtol=1e-5, atol=1e-9, seed=0):
-    """Compare ``model.grads`` (already allreduced) with central differences of the loss of ``batch``
-    (a ``GlobalBatch``).
+def check_gradient(model, loss_fn, batch, step, per_rank_statistics=False, eps=1e-6, rtol=1e-5,
+                   atol=1e-9, seed=0):
+    """Compare ``model.grads`` (already allreduced) with central differences of the loss of
+    ``batch`` (a ``GlobalBatch``).
 
     Returns the list of ``(name, index, backprop, numeric)`` checked; raises
     GradientCheckError naming the worst coordinate if any disagrees. The
@@ -127,8 +131,8 @@ def check_gradient(model, loss_fn, batch, step, per_rank_statistics=False, eps=1
         raise ValueError("the finite-difference check needs float64 parameters")
     buffers = model.buffers.copy()
     try:
-        checked, worst = _compare(model, lambda: batch.loss(model, loss_fn, per_rank_statistics), eps, rtol, atol,
-                                  seed)
+        checked, worst = _compare(model, lambda: batch.loss(model, loss_fn, per_rank_statistics),
+                                  eps, rtol, atol, seed)
     finally:
         model.buffers[...] = buffers
     if worst is not None:
@@ -137,10 +141,11 @@ def check_gradient(model, loss_fn, batch, step, per_rank_statistics=False, eps=1
         position = np.unravel_index(index, array.shape)
         ratio = backprop / numeric if numeric else float("inf")
         raise GradientCheckError(
-            f"gradient check failed at step {step}: {name}{list(map(int, position))}: backprop + allreduce "
-            f"gives {backprop:.6g}, finite differences of the global-batch loss give {numeric:.6g} "
-            f"(ratio {ratio:.4g}, relative error {error:.2g}). A ratio equal to the number of ranks, or to "
-            f"global/local batch size, points at a loss normalised by the local instead of the global batch")
+            f"gradient check failed at step {step}: {name}{list(map(int, position))}: backprop + "
+            f"allreduce gives {backprop:.6g}, finite differences of the global-batch loss give "
+            f"{numeric:.6g} (ratio {ratio:.4g}, relative error {error:.2g}). A ratio equal to the "
+            "number of ranks, or to global/local batch size, points at a loss normalised by the "
+            "local instead of the global batch")
     return checked
 
 
@@ -165,7 +170,8 @@ def _compare(model, loss, eps, rtol, atol, seed):
 
 
 class DebugChecks(Callback):
-    """``--debug``: NaN/Inf checks after every layer, and the finite-difference check at the first step.
+    """``--debug``: NaN/Inf checks after every layer, and the finite-difference check at the first
+    step.
 
     The gradient check runs inside the first step (``TrainStep.after_reduce``):
     after the Allreduce, before the update, on the very gradient the step applies.
@@ -191,6 +197,7 @@ class DebugChecks(Callback):
         checked = check_gradient(step.model, step.loss_fn, batch, self._trainer.position.step,
                                  self.per_rank_statistics, seed=self.seed)
         worst = max(abs(b - n) / max(abs(b), abs(n), 1e-9) for _, _, b, n in checked)
-        self.console.print(f"debug: at step {self._trainer.position.step} the allreduced gradient agrees with "
-                           f"finite differences of the global-batch loss on {len(checked)} coordinates "
-                           f"(worst relative error {worst:.1e})", always=True)
+        self.console.print(f"debug: at step {self._trainer.position.step} the allreduced gradient "
+                           "agrees with finite differences of the global-batch loss on "
+                           f"{len(checked)} coordinates (worst relative error {worst:.1e})",
+                           always=True)

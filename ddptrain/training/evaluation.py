@@ -1,4 +1,5 @@
-"""Evaluation of the current parameters on a whole split, every rank its rows, summed over the ranks."""
+"""Evaluation of the current parameters on a whole split, every rank its rows, summed over the
+ranks."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ class Evaluation:
 
 
 def evaluate(model, comm, split, n_classes, chunk=2000):
-    """Loss and accuracy of the current parameters on the whole split, in evaluation mode. Collective.
+    """Loss and accuracy of the current parameters on the whole split, in evaluation mode.
+    Collective.
 
     Each rank evaluates its rows; the per-sample loss sum and the confusion
     matrix are summed over the ranks, so the result is that of one process
@@ -47,7 +49,9 @@ def evaluate(model, comm, split, n_classes, chunk=2000):
                                      minlength=n_classes * n_classes).reshape(n_classes, n_classes)
     finally:
         model.train(was_training)
-    totals = comm.allreduce(np.concatenate([[loss_sum], confusion.ravel()]).astype(np.float64))  # DDP
+    # DDP
+    totals = comm.allreduce(np.concatenate([[loss_sum], confusion.ravel()]).astype(np.float64))
     confusion = totals[1:].round().astype(np.int64).reshape(n_classes, n_classes)
     n = confusion.sum()
-    return Evaluation(loss=float(totals[0] / n), accuracy=float(np.trace(confusion) / n), confusion=confusion)
+    return Evaluation(loss=float(totals[0] / n), accuracy=float(np.trace(confusion) / n),
+                      confusion=confusion)

@@ -19,7 +19,8 @@ class TrainingPlan:
         self.config, self.n_train, self.rank, self.world_size = config, n_train, rank, world_size
         self.epochs, self.seed = config.epochs, config.seed
         self.steps_per_epoch = steps_per_epoch(n_train, config.batch_size, config.drop_last)
-        # This rank's largest share of a global batch: ceil(B / P), where a batch holds at most every row.
+        # This rank's largest share of a global batch: ceil(B / P), where a batch holds at most
+        # every row.
         self.max_local_rows = -(-min(config.batch_size, n_train) // world_size)
 
     @property

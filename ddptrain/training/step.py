@@ -1,4 +1,5 @@
-"""One data-parallel training step: the unit that the trainer, ``--debug`` and the benchmark all run.
+"""One data-parallel training step: the unit that the trainer, ``--debug`` and the benchmark all
+run.
 
 Follow one step (``TrainStep.__call__``): this rank's rows of the global
 batch (gathered by ``batches.Batches``) go forward through the model; the
@@ -50,10 +51,11 @@ def count_correct(logits, labels):
 
 
 def local_gradient(model, loss_fn, x, y, global_count):
-    """Fill ``model.grads`` with this rank's share, for the rows ``(x, y)``, of the gradient of the mean
-    loss over a global batch of ``global_count`` samples; returns the rows' share of the loss and their
-    correct predictions. The loss is normalised by the global count, so the shares of all the rows of the
-    global batch, however they are split (over ranks, or over micro-batches), sum to that gradient."""
+    """Fill ``model.grads`` with this rank's share, for the rows ``(x, y)``, of the gradient of the
+    mean loss over a global batch of ``global_count`` samples; returns the rows' share of the loss
+    and their correct predictions. The loss is normalised by the global count, so the shares of all
+    the rows of the global batch, however they are split (over ranks, or over micro-batches), sum to
+    that gradient."""
     logits = model.forward(x)
     loss_share = loss_fn.forward(logits, y, normaliser=global_count)
     correct = count_correct(logits, y)
@@ -62,14 +64,15 @@ def local_gradient(model, loss_fn, x, y, global_count):
 
 
 def micro_batch_bounds(rows, micro_batches):
-    """``(start, stop)`` of ``micro_batches`` nearly equal, consecutive slices of ``rows`` rows (some empty
-    when there are fewer rows than micro-batches)."""
+    """``(start, stop)`` of ``micro_batches`` nearly equal, consecutive slices of ``rows`` rows
+    (some empty when there are fewer rows than micro-batches)."""
     edges = [rows * i // micro_batches for i in range(micro_batches + 1)]
     return list(zip(edges[:-1], edges[1:]))
 
 
 def clip_gradient(grads, norm, max_norm):
-    """PyTorch's ``clip_grad_norm_``: scale ``grads`` in place by ``max_norm / (norm + 1e-6)`` when below 1."""
+    """PyTorch's ``clip_grad_norm_``: scale ``grads`` in place by ``max_norm / (norm + 1e-6)`` when
+    below 1."""
     scale = max_norm / (norm + 1e-6)
     if scale < 1:
         grads *= grads.dtype.type(scale)
@@ -89,16 +92,19 @@ class TrainStep:
     """
 
     def __init__(self, model, loss_fn, optimizer, exchange, clip_grad_norm=None, micro_batches=1):
-        self.model, self.loss_fn, self.optimizer, self.exchange = model, loss_fn, optimizer, exchange
+        self.model, self.loss_fn, self.optimizer, self.exchange = (model, loss_fn,
+                                                                   optimizer, exchange)
         self.comm = exchange.comm
         self.clip_grad_norm = clip_grad_norm
         self.micro_batches = micro_batches
         self._accumulated = None
         self.after_reduce = []
-        self._totals = np.zeros(5)   # loss sum, correct, samples, ranks asked to stop, squared gradient norm
+        # loss sum, correct, samples, ranks asked to stop, squared gradient norm
+        self._totals = np.zeros(5)
 
     def __call__(self, x, y, global_count, lr, stop_requested=False, context=None):
-        """Train on this rank's ``(x, y)`` of a global batch of ``global_count``; returns the StepTotals.
+        """Train on this rank's ``(x, y)`` of a global batch of ``global_count``; returns the
+        StepTotals.
 
         ``context`` (a ``dropout.BatchContext``: the seed, the global step and
         the rows' positions in the global batch) is what Dropout draws its masks from.
@@ -106,15 +112,18 @@ class TrainStep:
         model, exchange = self.model, self.exchange
         with exchange.during_backward(model):
             loss_share, correct = self._local_gradient(x, y, global_count, context)
-        exchange.reduce_(model.grads)   # DDP: the ranks' shares summed: the gradient of the global mean loss
+        # DDP: the ranks' shares summed: the gradient of the global mean loss
+        exchange.reduce_(model.grads)
         if self.after_reduce:
             exchange.gather_gradient_(model.grads)   # the hooks (--debug) see all of it
             for hook in self.after_reduce:
                 hook(x, y, global_count, context)
-        grads = exchange.owned(model.grads)   # what this rank updates: all of it, or (sharded) its slice
+        # what this rank updates: all of it, or (sharded) its slice
+        grads = exchange.owned(model.grads)
         squares = model.backend.dot(grads, grads)
         totals = self._totals
-        totals[:] = (loss_share * global_count, correct, len(y), stop_requested, exchange.norm_share(squares))
+        totals[:] = (loss_share * global_count, correct, len(y), stop_requested,
+                     exchange.norm_share(squares))
         self.comm.allreduce_(totals)   # DDP: global totals, and whether a signal reached any rank
         norm = exchange.global_norm(squares, totals[4])
         # Checked before the update, so the parameters in memory stay the last good ones.
@@ -128,11 +137,11 @@ class TrainStep:
                           stop_requested=bool(totals[3]), grad_norm=norm)
 
     def _local_gradient(self, x, y, global_count, context):
-        """This rank's share of the gradient in ``model.grads``, not yet reduced; its share of the loss and
-        its correct predictions. With ``micro_batches`` K > 1 (gradient accumulation) the rows go forward
-        and backward K slices at a time (the activations of a slice only), each slice's gradient
-        normalised by the *global* count and summed here; the caller reduces it once for the whole step,
-        as DDP's ``no_sync`` does."""
+        """This rank's share of the gradient in ``model.grads``, not yet reduced; its share of the
+        loss and its correct predictions. With ``micro_batches`` K > 1 (gradient accumulation) the
+        rows go forward and backward K slices at a time (the activations of a slice only), each
+        slice's gradient normalised by the *global* count and summed here; the caller reduces it
+        once for the whole step, as DDP's ``no_sync`` does."""
         model = self.model
         if self.micro_batches == 1:
             model.set_batch_context(context)
@@ -145,8 +154,10 @@ class TrainStep:
             if start == stop:
                 continue   # fewer rows than micro-batches: this slice adds nothing
             model.set_batch_context(None if context is None else
-                                    BatchContext(context.seed, context.step, context.positions[start:stop]))
-            share, right = local_gradient(model, self.loss_fn, x[start:stop], y[start:stop], global_count)
+                                    BatchContext(context.seed, context.step,
+                                                 context.positions[start:stop]))
+            share, right = local_gradient(model, self.loss_fn, x[start:stop], y[start:stop],
+                                          global_count)
             accumulated += model.grads
             loss_share, correct = loss_share + share, correct + right
         np.copyto(model.grads, accumulated)

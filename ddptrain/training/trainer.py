@@ -25,7 +25,8 @@ from ddptrain.training.step import NonFiniteStep, StepTotals
 
 @dataclass
 class EpochSums:
-    """Global sums (over every rank) of the epoch so far: per-sample losses, right predictions, samples."""
+    """Global sums (over every rank) of the epoch so far: per-sample losses, right predictions,
+    samples."""
 
     loss_sum: float = 0.0
     correct: int = 0
@@ -109,7 +110,8 @@ class Trainer:
         self.stop, self.callbacks = stop, list(callbacks)
         self.batches = Batches(train, plan.max_local_rows)
         self.position = Position()
-        self.records = []            # what metrics.jsonl holds: a record per finished epoch, and step records
+        # what metrics.jsonl holds: a record per finished epoch, and step records
+        self.records = []
         self.best_accuracy = -1.0    # the best test accuracy so far
         self.last_checkpoint = None  # the step of the newest checkpoint written (or resumed from)
         self.stopped_by = None
@@ -136,20 +138,24 @@ class Trainer:
             getattr(callback, hook)(self, *args)
 
     def fit(self):
-        """Train until the last epoch ends or a stop is requested. Returns the signal's name, or None."""
-        # An overflow is found by the step's finite check and reported in one line, not by numpy's warnings.
+        """Train until the last epoch ends or a stop is requested. Returns the signal's name, or
+        None."""
+        # An overflow is found by the step's finite check and reported in one line, not by numpy's
+        # warnings.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             return self._fit()
 
     def _fit(self):
         self._call("on_fit_start")
         for epoch in range(self.position.epoch, self.plan.epochs):
-            # A resumed epoch was partly trained before: its speed counts only what this run trained.
+            # A resumed epoch was partly trained before: its speed counts only what this run
+            # trained.
             started, seen_before = time.perf_counter(), self.position.sums.samples
             self._call("on_epoch_start")
             if not self._run_epoch(epoch):
                 return self.stopped_by
-            evaluation = evaluate(self.model, self.comm, self.test, self.n_classes, self.plan.config.eval_batch)
+            evaluation = evaluate(self.model, self.comm, self.test, self.n_classes,
+                                  self.plan.config.eval_batch)
             self._end_epoch(evaluation, time.perf_counter() - started, seen_before)
         self._call("on_fit_end")
         return None
@@ -162,10 +168,12 @@ class Trainer:
             lr = self.plan.lr(pos.step)
             context = BatchContext(self.plan.seed, pos.step, plan.positions_in_batch(t))
             try:
-                totals = self.train_step(x, y, int(plan.global_counts[t]), lr, self.stop.requested, context)
+                totals = self.train_step(x, y, int(plan.global_counts[t]), lr,
+                                         self.stop.requested, context)
             except NonFiniteStep as error:
-                raise NumericalError(f"{error} at step {pos.step} (epoch {epoch + 1}, learning rate {lr:.4g}); "
-                                     f"training stopped before the update. {self._what_is_kept()}") from None
+                raise NumericalError(f"{error} at step {pos.step} (epoch {epoch + 1}, learning "
+                                     f"rate {lr:.4g}); training stopped before the update. "
+                                     f"{self._what_is_kept()}") from None
             pos.sums.add(totals)
             pos.step, pos.step_in_epoch = pos.step + 1, t + 1
             end = StepEnd(totals, lr, plan.n_steps)
@@ -178,9 +186,9 @@ class Trainer:
     def _what_is_kept(self):
         if self.last_checkpoint is None:
             return "No checkpoint was written: start again with a lower --lr"
-        return (f"The checkpoints written before are kept (the newest: step {self.last_checkpoint}); if the loss "
-                f"was growing, they may hold diverged parameters: resume from an earlier one or start again with "
-                f"a lower --lr")
+        return ("The checkpoints written before are kept (the newest: step "
+                f"{self.last_checkpoint}); if the loss was growing, they may hold diverged "
+                "parameters: resume from an earlier one or start again with a lower --lr")
 
     def _end_epoch(self, evaluation, seconds, seen_before):
         pos = self.position
@@ -201,8 +209,8 @@ class Trainer:
         self.model.load_state(checkpoint.params, checkpoint.buffers)
         self.optimizer.load_state_dict(checkpoint.optimizer)
         state = checkpoint.state
-        self.position = Position(epoch=state["epoch"], step_in_epoch=state["step_in_epoch"], step=state["step"],
-                                 sums=EpochSums(**state["train_sums"]))
+        self.position = Position(epoch=state["epoch"], step_in_epoch=state["step_in_epoch"],
+                                 step=state["step"], sums=EpochSums(**state["train_sums"]))
         self.records = list(checkpoint.metrics)
         self.best_accuracy = state["best_accuracy"]
         self.last_checkpoint = state["step"]
