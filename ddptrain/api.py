@@ -109,13 +109,8 @@ def launch(config, quiet=False, dry_run=False, callbacks=(), model=None, arrays=
             raise UserError("--simulate-ranks runs the ranks as threads of one process: start it "
                             "without mpirun/srun")
     if config.simulate_ranks:
-<<<<<<< HEAD
-        # Rank 0 trains the caller's model; the others train replicas of it, as MPI ranks would their own.
-=======
-        from ddptrain.distributed.simulate import run_simulated
         # Rank 0 trains the caller's model; the others train replicas of it, as MPI ranks would
         # their own.
->>>>>>> wt-wrap
         return run_simulated(config.simulate_ranks, lambda comm: run_training(
             config, comm, quiet, dry_run, callbacks,
             model if model is None or comm.rank == 0 else model.replica(), arrays))

@@ -10,9 +10,10 @@ both. Dropout draws different masks in the two libraries, so the specs leave
 it out (``cnn`` is here without its dropout).
 
 The comparisons run in a fresh interpreter, never in the test session's:
-once torch is imported into a process it stays, and ddptrain's MKL products
-(--gemm mkl, loaded through ctypes) come out wrong in a process that imported
-torch first, which would fail later tests (tests/test_gemm.py's).
+once torch is imported into a process it stays, with its OpenMP runtime
+(libgomp), beside which ddptrain refuses MKL (its threads would multiply
+wrongly there): the MKL tests after this module (tests/test_gemm.py's) could
+not run.
 
 PyTorch is never a dependency of ddptrain: ``.venv/bin/pip install
 torch==2.13.0``. Without it, this module is skipped.
@@ -29,8 +30,7 @@ import helpers
 import numpy as np
 import pytest
 
-from ddptrain.losses import SoftmaxCrossEntropy
-from ddptrain.nn import Sequential
+from ddptrain.nn import Sequential, SoftmaxCrossEntropy
 from ddptrain.optim import SGD
 
 pytestmark = [

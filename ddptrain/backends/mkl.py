@@ -54,8 +54,8 @@ def _installed_file(distribution, name):
 
 
 def foreign_openmp():
-    """Another OpenMP runtime already in this process (GNU's libgomp, which PyTorch's wheels load), by path,
-    while MKL is not loaded yet; else None.
+    """Another OpenMP runtime already in this process (GNU's libgomp, which PyTorch's wheels
+    load), by path, while MKL is not loaded yet; else None.
 
     MKL's threads run on Intel's runtime, but the ``omp_*`` functions they call
     to split the work resolve to the runtime loaded first: with libgomp first,

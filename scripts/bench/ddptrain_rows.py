@@ -126,7 +126,8 @@ def worker_ddptrain(args):
     """ddptrain: its TrainStep on this rank's share of each global batch. Rank 0 writes the
     results."""
     comm = world()
-    backend = products_backend(args.gemm)   # before the threads: set for the library that multiplies
+    # before the threads: they are set for the library that multiplies
+    backend = products_backend(args.gemm)
     blas_threads = configure_blas_threads(comm, args.threads_per_rank, backend.name)
     started = time.perf_counter()
     train_x, train_y, n_train = load_shard(args.data, comm.rank, comm.size, "train",

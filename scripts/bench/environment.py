@@ -18,7 +18,6 @@ import sys
 
 import numpy as np
 
-
 TORCH_INSTALL = "pip install torch==2.13.0"
 # OpenBLAS reads these, which change its kernel: the header shows their values.
 OPENBLAS_SETTINGS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")

@@ -8,8 +8,15 @@ import numpy as np
 
 from ddptrain.nn import Linear
 
-from .ddptrain_internals import (epoch_plan, inspect_data, layer_flops, owned_blocks, parse_spec,
-                                 read_rows, training_flops)
+from .ddptrain_internals import (
+    epoch_plan,
+    inspect_data,
+    layer_flops,
+    owned_blocks,
+    parse_spec,
+    read_rows,
+    training_flops,
+)
 
 RANDOM = "random"   # --data random: images of MNIST's shape drawn at random, no file
 
