@@ -17,8 +17,9 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import ddptrain  # noqa: E402
 from custom_model import build_model  # noqa: E402
+
+import ddptrain  # noqa: E402
 
 
 def arrays_of(path):

@@ -1,3 +1,5 @@
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -6,6 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))   # the shared test helpers: helpers.py
 
+import helpers  # noqa: E402
 from helpers import make_dataset  # noqa: E402
 
 
@@ -35,7 +38,6 @@ def no_shared_memory_left_behind(request):
     if request.node.get_closest_marker("slow") is None:
         yield
         return
-    import helpers
     before = helpers.mpich_segments()
     yield
     helpers.remove_orphaned_segments(before)
@@ -54,3 +56,20 @@ def numpy_products_between_tests():
 def small_data(tmp_path_factory):
     """A 240 + 60 row data set of 8x8 images (fits the model spec '64-16-10')."""
     return make_dataset(tmp_path_factory.mktemp("data") / "small.h5")
+
+
+@pytest.fixture
+def started():
+    """``helpers.start``, for a test that acts on a run in the background: whatever of it still runs when the
+    test ends (after a failed assertion, say) is killed, with its process group."""
+    runs = []
+
+    def start(*args, **kwargs):
+        runs.append(helpers.start(*args, **kwargs))
+        return runs[-1]
+
+    yield start
+    for run in runs:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.communicate()

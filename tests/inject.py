@@ -16,6 +16,8 @@ fault fires just before that step runs), and ``rank`` limits it to one rank::
     checkpoint-write:step=6        rank 0's checkpoint of step 6 fails after its temporary
                                    file is written, before the rename (as a full disk would)
     delay:seconds=0.05             every rank sleeps before each step (room for outside signals)
+    wait:until=PATH[:step=N]       every rank waits before step N (without step: before each step)
+                                   until the file PATH exists: the run goes on when the test says so
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from ddptrain import checkpoint as ckpt_io, cli, durable
 from ddptrain.trainer import Callback
 
-KINDS = ("raise", "nan", "signal", "checkpoint-write", "delay")
+KINDS = ("raise", "nan", "signal", "checkpoint-write", "delay", "wait")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Fault:
     rank: int | None = None
     signal_name: str = "SIGUSR1"
     seconds: float = 0.0
+    until: str | None = None   # a path, for "wait"
 
     def fires(self, step, rank):
         return (self.step is None or self.step == step) and (self.rank is None or self.rank == rank)
@@ -65,10 +68,14 @@ def parse(text):
                 values[key] = int(value)
             elif key == "seconds":
                 values[key] = float(value)
+            elif key == "until":
+                values[key] = value
             else:
                 raise ValueError(f"cannot read {field!r} in {text!r}")
-        if kind != "delay" and "step" not in values:
+        if kind not in ("delay", "wait") and "step" not in values:
             raise ValueError(f"fault {item!r} needs step=N")
+        if (kind == "wait") != ("until" in values):
+            raise ValueError(f"only a wait, and every wait, takes until=PATH: {item!r}")
         faults.append(Fault(kind, **values))
     return faults
 
@@ -86,6 +93,9 @@ class FaultInjection(Callback):
                 continue
             if fault.kind == "delay":
                 time.sleep(fault.seconds)
+            elif fault.kind == "wait":
+                while not os.path.exists(fault.until):
+                    time.sleep(0.01)
             elif fault.kind == "raise":
                 raise InjectedFault(f"injected on rank {rank} before step {step}")
             elif fault.kind == "nan":

@@ -9,8 +9,8 @@ import helpers
 from ddptrain import cli
 from ddptrain.commands import model_lines
 from ddptrain.config import with_model_defaults
-from ddptrain.errors import UserError
 from ddptrain.conv import Conv2d
+from ddptrain.errors import UserError
 from ddptrain.nn import Flatten, Linear, ReLU, Sequential, ShapeError
 from ddptrain.pooling import MaxPool2d
 from ddptrain.spec import NAMED_MODELS, Token, parse_spec

@@ -1,5 +1,5 @@
-"""Preemption, crashes, numerical faults and bad input (issue 4, points 3 to 6): the job always
-ends within seconds, with a documented status, a clear message, and its checkpoints intact.
+"""Preemption, crashes, numerical faults and bad input: the job always ends within seconds, with a
+documented status, a clear message, and its checkpoints intact.
 
 Runs go through ``python -m ddptrain`` (under mpiexec where ranks matter). Faults that cannot be
 provoked from outside are injected through ddptrain's callbacks by ``tests/inject.py``. Training
@@ -39,67 +39,13 @@ def slow_args(data, run_dir):
 
 
 @pytest.fixture
-def background():
-    """Start ddptrain in the background; whatever is still running at the end is killed."""
-    started = []
-
+def background(started):
+    """Start ddptrain in the background, each step DELAY seconds long; whatever still runs at the end is
+    killed (``started``)."""
     def start(arguments, ranks=None, fault=None):
-        proc = helpers.start(arguments, ranks=ranks, faults=",".join(filter(None, [f"delay:seconds={DELAY}", fault])))
-        started.append(proc)
-        return proc
+        return started(arguments, ranks=ranks, faults=",".join(filter(None, [f"delay:seconds={DELAY}", fault])))
 
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-
-
-def wait_for(path, proc, timeout=30):
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if proc.poll() is not None:
-            pytest.fail(f"ddptrain ended early with {proc.returncode}: {proc.communicate()[1]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"{path} did not appear within {timeout} s")
-        time.sleep(0.02)
-
-
-def rank_pids(launcher_pid, ranks, timeout=30):
-    """{rank: pid} of the ranks under an mpiexec, found in /proc (PMI_RANK in their environment)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = {}
-        for pid in descendants(launcher_pid):
-            try:
-                environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-            except OSError:
-                continue
-            for item in environ:
-                if item.startswith(b"PMI_RANK="):
-                    found[int(item[len(b"PMI_RANK="):])] = pid
-        if len(found) == ranks or time.monotonic() > deadline:
-            assert len(found) == ranks, f"found the ranks {found}"
-            return found
-        time.sleep(0.05)
-
-
-def descendants(pid):
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+    return start
 
 
 def finish(proc, since):
@@ -108,14 +54,14 @@ def finish(proc, since):
     return out, err, time.monotonic() - since
 
 
-# ---------------------------------------------------------------- 3. preemption
+# ---------------------------------------------------------------- preemption
 
 
 def test_a_signal_to_one_rank_mid_epoch_stops_every_rank_with_a_checkpoint_and_status_3(small_data, tmp_path,
                                                                                        background):
     proc = background(slow_args(small_data, tmp_path / "run"), ranks=3)
-    wait_for(ckpt_io.step_path(tmp_path / "run" / "checkpoints", 5), proc)
-    os.kill(rank_pids(proc.pid, 3)[1], signal.SIGUSR1)
+    proc.wait_for_path(ckpt_io.step_path(tmp_path / "run" / "checkpoints", 5))
+    os.kill(helpers.rank_pids(proc.pid, 3)[1], signal.SIGUSR1)
     signalled = time.monotonic()
     out, err, seconds = finish(proc, signalled)
     assert proc.returncode == EXIT_PREEMPTED, err
@@ -132,7 +78,7 @@ def test_a_signal_to_one_rank_mid_epoch_stops_every_rank_with_a_checkpoint_and_s
 def test_sigterm_or_ctrl_c_stops_the_job_with_a_checkpoint_and_status_3(small_data, tmp_path, background,
                                                                         ranks, name):
     proc = background(slow_args(small_data, tmp_path / "run"), ranks=ranks)
-    wait_for(ckpt_io.step_path(tmp_path / "run" / "checkpoints", 5), proc)
+    proc.wait_for_path(ckpt_io.step_path(tmp_path / "run" / "checkpoints", 5))
     os.kill(proc.pid, getattr(signal, name))          # mpiexec passes it on to every rank
     out, err, seconds = finish(proc, time.monotonic())
     assert proc.returncode == EXIT_PREEMPTED, err
@@ -143,8 +89,8 @@ def test_sigterm_or_ctrl_c_stops_the_job_with_a_checkpoint_and_status_3(small_da
 
 def test_more_signals_during_the_shutdown_neither_hang_nor_change_the_status(small_data, tmp_path, background):
     proc = background(slow_args(small_data, tmp_path / "run"), ranks=2)
-    wait_for(ckpt_io.step_path(tmp_path / "run" / "checkpoints", 5), proc)
-    pids = rank_pids(proc.pid, 2).values()
+    proc.wait_for_path(ckpt_io.step_path(tmp_path / "run" / "checkpoints", 5))
+    pids = helpers.rank_pids(proc.pid, 2).values()
     started = time.monotonic()
     while proc.poll() is None and time.monotonic() - started < SECONDS_TO_STOP:
         for pid in pids:                                # SIGTERM to every rank every few ms until it ends
@@ -159,7 +105,7 @@ def test_more_signals_during_the_shutdown_neither_hang_nor_change_the_status(sma
     assert ckpt_io.newest_valid(tmp_path / "run" / "checkpoints") is not None
 
 
-# ---------------------------------------------------------------- 4. no hangs
+# ---------------------------------------------------------------- no hangs
 
 
 @pytest.mark.parametrize("runner", [[], ["-m", "mpi4py"]], ids=["python", "python -m mpi4py"])
@@ -180,8 +126,8 @@ def test_an_exception_on_rank_1_of_3_ends_the_job_within_seconds_naming_the_rank
 
 def test_a_rank_killed_by_sigkill_ends_the_job(small_data, tmp_path, background):
     proc = background(slow_args(small_data, tmp_path / "run"), ranks=3)
-    wait_for(ckpt_io.step_path(tmp_path / "run" / "checkpoints", 5), proc)
-    os.kill(rank_pids(proc.pid, 3)[1], signal.SIGKILL)
+    proc.wait_for_path(ckpt_io.step_path(tmp_path / "run" / "checkpoints", 5))
+    os.kill(helpers.rank_pids(proc.pid, 3)[1], signal.SIGKILL)
     out, err, seconds = finish(proc, time.monotonic())
     assert proc.returncode == signal.SIGKILL            # mpiexec (Hydra) kills the other ranks, exits 9
     assert "BAD TERMINATION" in out + err and "signal 9" in out + err
@@ -189,7 +135,7 @@ def test_a_rank_killed_by_sigkill_ends_the_job(small_data, tmp_path, background)
     assert ckpt_io.newest_valid(tmp_path / "run" / "checkpoints").state["step"] >= 5
 
 
-# ---------------------------------------------------------------- 5. numerical faults
+# ---------------------------------------------------------------- numerical faults
 
 
 def test_a_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(small_data, tmp_path):
@@ -204,7 +150,7 @@ def test_a_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint
     assert last_good.state["step"] == 15 and all(np.isfinite(a).all() for a in last_good.params.values())
 
 
-# ---------------------------------------------------------------- 6. bad input, and a failed write
+# ---------------------------------------------------------------- bad input, and a failed write
 
 
 def test_a_nan_before_any_checkpoint_says_that_none_was_written(small_data, tmp_path):

@@ -5,7 +5,17 @@ import pytest
 
 from ddptrain.errors import UserError
 from ddptrain.losses import SoftmaxCrossEntropy
-from ddptrain.nn import BatchNorm, Dropout, Flatten, Layer, Linear, ReLU, Sequential, ShapeError, Softmax
+from ddptrain.nn import (
+    BatchNorm,
+    Dropout,
+    Flatten,
+    Layer,
+    Linear,
+    ReLU,
+    Sequential,
+    ShapeError,
+    Softmax,
+)
 from ddptrain.spec import Token, parse_spec
 from helpers import numerical_grad, rel_error
 

@@ -22,6 +22,7 @@ from ddptrain.launcher import environ_without_launcher
 from ddptrain.threads import _description
 
 RANKS_PER_HOST = 2
+HOST_2_RANKS = range(RANKS_PER_HOST, 2 * RANKS_PER_HOST)   # ranks 0-1 run on host 1, ranks 2-3 on host 2
 OPTIONS = ["--model", "64-32-10", "--dtype", "float64", "--batch-size", "32", "--lr", "0.1", "--threads", "0"]
 
 
@@ -45,27 +46,20 @@ def run(argv, timeout=120):
 
 
 def start(argv):
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=helpers.ROOT,
-                            env=environ_without_launcher(), start_new_session=True)
+    return helpers.Running(argv, env=environ_without_launcher(), cwd=helpers.ROOT)
 
 
 def ranks_on(hosts, host):
-    """The pids of ddptrain's ranks on ``host`` (not Hydra's proxy)."""
-    pids = []
-    for pid in hosts.pids(host):
-        try:
-            words = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if any(b"ddptrain" in word or b"inject.py" in word for word in words) and b"hydra" not in words[0]:
-            pids.append(pid)
-    return pids
+    """``{rank: pid}`` of the ranks running on ``host``: the processes in its namespace that mpiexec started
+    as ranks (``helpers.launched_rank``), never Hydra's proxy or the shells that start it."""
+    return helpers.ranks_among(hosts.pids(host))
 
 
-def wait_for_ranks(hosts, host, count, seconds=30):
+def wait_for_ranks(hosts, host, ranks, seconds=30):
+    """``{rank: pid}`` of ``host``'s ranks once all of ``ranks`` run there."""
     deadline = time.monotonic() + seconds
-    while len(ranks_on(hosts, host)) < count:
-        assert time.monotonic() < deadline, f"{count} ranks never started on {host}"
+    while set(ranks_on(hosts, host)) != set(ranks):
+        assert time.monotonic() < deadline, f"ranks {ranks} never all ran on {host}: {ranks_on(hosts, host)}"
         time.sleep(0.05)
     return ranks_on(hosts, host)
 
@@ -151,7 +145,8 @@ def test_a_rank_killed_on_host_2_ends_the_whole_job_within_seconds(hosts, small_
     job = start(train_argv(hosts, small_data, tmp_path / "run", "--epochs", "1000"))
     try:
         wait_for_training(tmp_path / "run")
-        victim = wait_for_ranks(hosts, hosts.hosts[1], RANKS_PER_HOST)[0]
+        first_on_host_2 = RANKS_PER_HOST
+        victim = wait_for_ranks(hosts, hosts.hosts[1], HOST_2_RANKS)[first_on_host_2]
         os.kill(victim, signal.SIGKILL)
         killed = time.monotonic()
         _, err = job.communicate(timeout=60)
@@ -181,9 +176,9 @@ def test_sigterm_to_the_ranks_of_host_2_stops_every_rank_after_the_same_step_and
     run_dir = tmp_path / "run"
     job = start(train_argv(hosts, small_data, run_dir, "--epochs", "3", faults="delay:seconds=0.05"))
     try:
-        wait_for_training(run_dir)
-        time.sleep(0.3)
-        for pid in wait_for_ranks(hosts, hosts.hosts[1], RANKS_PER_HOST):
+        # Rank 0's last line before its first step: the signals land in training, not in the start-up.
+        job.wait_for_line("set-up took")
+        for pid in wait_for_ranks(hosts, hosts.hosts[1], HOST_2_RANKS).values():
             os.kill(pid, signal.SIGTERM)
         out, err = job.communicate(timeout=60)
     finally:

@@ -9,8 +9,8 @@ import pytest
 import ddptrain
 from ddptrain import cli, node_memory
 from ddptrain.config import Config
-from ddptrain.node_memory import NodeMemory, choose_exchange
 from ddptrain.nn import Sequential
+from ddptrain.node_memory import NodeMemory, choose_exchange
 from ddptrain.sharding import shard_bounds
 from helpers import final_params, metrics_records, model_spec, on_simulated_ranks, relative_error
 

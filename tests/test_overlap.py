@@ -9,7 +9,7 @@ from ddptrain.errors import UserError
 from ddptrain.losses import SoftmaxCrossEntropy
 from ddptrain.nn import Sequential
 from ddptrain.optim import SGD
-from ddptrain.overlap import GradientBuckets, make_buckets
+from ddptrain.overlap import make_buckets
 from ddptrain.step import TrainStep
 
 

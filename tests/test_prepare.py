@@ -19,12 +19,16 @@ import sys
 import numpy as np
 import pytest
 
+import test_mnist
 from ddptrain import cli, data, datasets, mnist
 from ddptrain.errors import DataError, UserError
 from ddptrain.launcher import environ_without_launcher, find_mpiexec
-from test_mnist import REPO, checksums, contents, idx_bytes, md5, quiet, write_idx_dir  # noqa: F401 (fixtures)
+from test_mnist import REPO, idx_bytes, md5, quiet, write_idx_dir
 
 FASHION = datasets.FASHION_MNIST
+
+# The tiny MNIST set's fixtures, shared with test_mnist.py.
+contents, checksums = test_mnist.contents, test_mnist.checksums
 
 
 @pytest.fixture(autouse=True)

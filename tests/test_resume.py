@@ -1,4 +1,4 @@
-"""Resuming (issue 4, point 2): a run stopped at step s and resumed ends exactly where an
+"""Resuming: a run stopped at step s and resumed ends exactly where an
 uninterrupted run ends: bitwise on the same number of ranks, within float tolerance on another.
 
 The runs: 240 training rows, global batch 16 (15 steps per epoch), 3 epochs (45 steps). The

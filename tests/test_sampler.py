@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ddptrain.errors import UserError
-from ddptrain.sampler import (epoch_plan, global_batches, owned_blocks, shard_bounds, steps_per_epoch)
+from ddptrain.sampler import epoch_plan, global_batches, owned_blocks, shard_bounds, steps_per_epoch
 
 RANK_COUNTS = [1, 2, 3, 4, 6, 8]   # every divisor of the default 24 virtual shards up to 8
 SIZES = [(1003, 64), (240, 32), (96, 9), (50, 24), (1000, 100)]

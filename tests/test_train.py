@@ -7,6 +7,7 @@ from ddptrain import checkpoint as ckpt_io, data
 from ddptrain.callbacks import Checkpointing
 from ddptrain.comm import SerialComm
 from ddptrain.config import Config
+from ddptrain.evaluation import evaluate
 from ddptrain.losses import SoftmaxCrossEntropy
 from ddptrain.nn import Flatten, Linear, Sequential
 from ddptrain.optim import SGD
@@ -14,7 +15,6 @@ from ddptrain.plan import TrainingPlan
 from ddptrain.rank0 import RunFolder
 from ddptrain.runner import run_training
 from ddptrain.signals import StopRequest
-from ddptrain.evaluation import evaluate
 from ddptrain.step import Batches, NonFiniteStep, Split, TrainStep
 from ddptrain.trainer import Callback, Trainer
 from helpers import Tally, model_spec

@@ -4,7 +4,6 @@ import json
 
 import h5py
 import numpy as np
-
 import pytest
 
 import helpers
