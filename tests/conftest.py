@@ -22,19 +22,23 @@ def pytest_ignore_collect(collection_path, config):
 
 @pytest.fixture(autouse=True)
 def processes_only_in_slow_tests(request, monkeypatch):
-    """A test that starts a process must be marked ``slow``: ``pytest -m "not slow"`` is then the fast subset.
+    """A test that starts a process must be marked ``slow``: ``pytest -m "not slow"`` is then the
+    fast subset.
 
     (Not under mpiexec: tests/mpi runs only from the slow tests/test_mpi.py.)
     """
-    if request.node.get_closest_marker("slow") is None and not request.config.getoption("with_mpi", default=False):
+    under_mpiexec = request.config.getoption("with_mpi", default=False)
+    if request.node.get_closest_marker("slow") is None and not under_mpiexec:
         def refuse(*args, **kwargs):
-            raise AssertionError(f"{request.node.nodeid} starts a process: mark it @pytest.mark.slow")
+            raise AssertionError(f"{request.node.nodeid} starts a process: mark it "
+                                 f"@pytest.mark.slow")
         monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 
 
 @pytest.fixture(autouse=True)
 def no_shared_memory_left_behind(request):
-    """A test that starts ranks, and kills some, leaves no orphaned MPICH segment in /dev/shm (memory)."""
+    """A test that starts ranks, and kills some, leaves no orphaned MPICH segment in /dev/shm
+    (memory)."""
     if request.node.get_closest_marker("slow") is None:
         yield
         return
@@ -45,8 +49,8 @@ def no_shared_memory_left_behind(request):
 
 @pytest.fixture(autouse=True)
 def numpy_products_between_tests():
-    """A run picks the library of the matrix products for its process (``gemm.use``); each test starts with
-    numpy's, the library before any run, whatever the test before it ran."""
+    """A run picks the library of the matrix products for its process (``gemm.use``); each test
+    starts with numpy's, the library before any run, whatever the test before it ran."""
     from ddptrain import gemm
     yield
     gemm.use(gemm.Choice("numpy", "numpy"))
@@ -60,8 +64,8 @@ def small_data(tmp_path_factory):
 
 @pytest.fixture
 def started():
-    """``helpers.start``, for a test that acts on a run in the background: whatever of it still runs when the
-    test ends (after a failed assertion, say) is killed, with its process group."""
+    """``helpers.start``, for a test that acts on a run in the background: whatever of it still runs
+    when the test ends (after a failed assertion, say) is killed, with its process group."""
     runs = []
 
     def start(*args, **kwargs):

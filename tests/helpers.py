@@ -1,4 +1,5 @@
-"""What the tests share: small data sets, running ddptrain as a user would, finite differences, damage.
+"""What the tests share: small data sets, running ddptrain as a user would, finite differences,
+damage.
 
 Imported as ``from helpers import ...``: ``tests/`` has no ``__init__.py``,
 and ``conftest.py`` puts this folder on ``sys.path``.
@@ -79,8 +80,8 @@ def clean_env(extra=None):
 
 def run(args, ranks=None, timeout=120, env=None, cwd=None, faults=None):
     """Run ddptrain to completion; returns the CompletedProcess (stdout and stderr as text)."""
-    return subprocess.run(command(args, ranks, faults), capture_output=True, text=True, timeout=timeout,
-                          env=clean_env(env), cwd=cwd or ROOT)
+    return subprocess.run(command(args, ranks, faults), capture_output=True, text=True,
+                          timeout=timeout, env=clean_env(env), cwd=cwd or ROOT)
 
 
 def start(args, ranks=None, env=None, cwd=None, faults=None):
@@ -89,22 +90,25 @@ def start(args, ranks=None, env=None, cwd=None, faults=None):
 
 
 class Running:
-    """A process started in the background, in a session of its own, whose output is read as it comes.
+    """A process started in the background, in a session of its own, whose output is read as it
+    comes.
 
-    A test that acts on a running process (a signal, a second run on its folder) first waits for a line
-    that says the process got there (``wait_for_line``), rather than sleeping a guessed time: a loaded
-    machine makes any guess wrong. Otherwise used as a ``Popen``: ``pid``, ``poll``, ``returncode``,
-    ``communicate``.
+    A test that acts on a running process (a signal, a second run on its folder) first waits for a
+    line that says the process got there (``wait_for_line``), rather than sleeping a guessed time: a
+    loaded machine makes any guess wrong. Otherwise used as a ``Popen``: ``pid``, ``poll``,
+    ``returncode``, ``communicate``.
     """
 
     def __init__(self, argv, env, cwd):
-        self.popen = subprocess.Popen(list(map(str, argv)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, env=env, cwd=cwd, start_new_session=True)
+        self.popen = subprocess.Popen(list(map(str, argv)), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                                      start_new_session=True)
         self.pid = self.popen.pid
         self._lines = {"stdout": [], "stderr": []}
         self._open = {"stdout": True, "stderr": True}
         self._arrived = threading.Condition()
-        self._readers = [threading.Thread(target=self._read, args=(name,), daemon=True) for name in self._lines]
+        self._readers = [threading.Thread(target=self._read, args=(name,),
+                                          daemon=True) for name in self._lines]
         for reader in self._readers:
             reader.start()
 
@@ -119,7 +123,8 @@ class Running:
 
     def wait_for_line(self, text, stream="stdout", timeout=60):
         """The first line of ``stream`` that contains ``text``, once the process has printed it; an
-        AssertionError, with what it printed, if it closes ``stream`` (ends) or ``timeout`` passes first."""
+        AssertionError, with what it printed, if it closes ``stream`` (ends) or ``timeout`` passes
+        first."""
         deadline = time.monotonic() + timeout
         with self._arrived:
             while True:
@@ -129,21 +134,25 @@ class Running:
                 left = deadline - time.monotonic()
                 if not self._open[stream] or left <= 0:
                     why = "ended" if not self._open[stream] else f"printed none within {timeout} s"
-                    raise AssertionError(f"no line with {text!r} on its {stream}: it {why}\n{self._printed()}")
+                    raise AssertionError(f"no line with {text!r} on its {stream}: it "
+                                         f"{why}\n{self._printed()}")
                 self._arrived.wait(left)
 
     def wait_for_path(self, path, timeout=60):
-        """Until ``path`` exists (a file the process writes); an AssertionError, with what it printed, if
-        the process ends or ``timeout`` passes first."""
+        """Until ``path`` exists (a file the process writes); an AssertionError, with what it
+        printed, if the process ends or ``timeout`` passes first."""
         deadline = time.monotonic() + timeout
         while not os.path.exists(path):
             if self.poll() is not None:
-                raise AssertionError(f"it ended ({self.returncode}) before writing {path}\n{self._printed()}")
-            assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s\n{self._printed()}"
+                raise AssertionError(f"it ended ({self.returncode}) before writing "
+                                     f"{path}\n{self._printed()}")
+            assert time.monotonic() < deadline, (f"{path} did not appear within {timeout} s\n"
+                                                 f"{self._printed()}")
             time.sleep(0.01)
 
     def _printed(self):
-        return "".join(f"--- {name} ---\n{''.join(lines)[-3000:]}" for name, lines in self._lines.items())
+        return "".join(f"--- {name} ---\n{''.join(lines)[-3000:]}" for name,
+                       lines in self._lines.items())
 
     def poll(self):
         return self.popen.poll()
@@ -161,9 +170,9 @@ class Running:
 
 
 def wait_until_mapped(pid, library, timeout=30):
-    """Until process ``pid`` has a file whose name contains ``library`` mapped (/proc/PID/maps): how a test
-    sees that a process got to an import (``_multiarray_umath``: numpy's; ``libhdf5``: h5py's) without
-    asking it. An AssertionError if the process ends or ``timeout`` passes first."""
+    """Until process ``pid`` has a file whose name contains ``library`` mapped (/proc/PID/maps): how
+    a test sees that a process got to an import (``_multiarray_umath``: numpy's; ``libhdf5``:
+    h5py's) without asking it. An AssertionError if the process ends or ``timeout`` passes first."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -172,7 +181,7 @@ def wait_until_mapped(pid, library, timeout=30):
                     return
         except OSError:
             raise AssertionError(f"process {pid} ended before it loaded {library}") from None
-        assert time.monotonic() < deadline, f"process {pid} did not load {library} within {timeout} s"
+        assert time.monotonic() < deadline, f"process {pid} did not load {library} in {timeout} s"
         time.sleep(0.002)   # an import takes tens of milliseconds: a poll lands well inside it
 
 
@@ -180,8 +189,8 @@ def wait_until_mapped(pid, library, timeout=30):
 
 
 def _environ(pid):
-    """The environment process ``pid`` started with (``/proc/PID/environ``: readable as root or its user),
-    as a dict of bytes; None if the process is gone."""
+    """The environment process ``pid`` started with (``/proc/PID/environ``: readable as root or its
+    user), as a dict of bytes; None if the process is gone."""
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
             return dict(item.partition(b"=")[::2] for item in f.read().split(b"\0") if item)
@@ -192,7 +201,8 @@ def _environ(pid):
 def _parent(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])   # the command in (...) may hold spaces
+            # the command in (...) may hold spaces
+            return int(f.read().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return None
 
@@ -200,11 +210,11 @@ def _parent(pid):
 def launched_rank(pid):
     """The rank that an MPI launcher started process ``pid`` as, or None if it is no rank.
 
-    A rank is a process with ``PMI_RANK`` in its environment, set by Hydra's proxy for the program it
-    starts, whose parent has none: that leaves out the proxy, the shells and launchers around it (whose
-    command lines may well hold the word ``ddptrain``, from the path of the checkout), and the children a
-    rank forks, which inherit its environment. The tests start their jobs without a launcher's variables
-    (``clean_env``), so nothing else carries ``PMI_RANK``.
+    A rank is a process with ``PMI_RANK`` in its environment, set by Hydra's proxy for the program
+    it starts, whose parent has none: that leaves out the proxy, the shells and launchers around it
+    (whose command lines may well hold the word ``ddptrain``, from the path of the checkout), and
+    the children a rank forks, which inherit its environment. The tests start their jobs without a
+    launcher's variables (``clean_env``), so nothing else carries ``PMI_RANK``.
     """
     environ = _environ(pid)
     if environ is None or not environ.get(b"PMI_RANK", b"").isdigit():
@@ -242,13 +252,14 @@ def descendants(pid):
 
 
 def rank_pids(launcher_pid, ranks, timeout=30):
-    """``{rank: pid}`` of the ``ranks`` ranks under mpiexec ``launcher_pid``, once all of them run."""
+    """``{rank: pid}`` of the ``ranks`` ranks under mpiexec ``launcher_pid``, once all of them
+    run."""
     deadline = time.monotonic() + timeout
     while True:
         found = ranks_among(descendants(launcher_pid))
         if len(found) == ranks:
             return found
-        assert time.monotonic() < deadline, f"found only the ranks {found} of {ranks} within {timeout} s"
+        assert time.monotonic() < deadline, f"found only ranks {found} of {ranks} in {timeout} s"
         time.sleep(0.02)
 
 
@@ -257,7 +268,8 @@ def error_lines(stderr):
 
 
 def in_process(argv, capsys):
-    """``(status, stderr lines)`` of the command line ``argv`` run in this process (no process started)."""
+    """``(status, stderr lines)`` of the command line ``argv`` run in this process (no process
+    started)."""
     from ddptrain import cli
     status = cli.main([str(a) for a in argv])
     return status, error_lines(capsys.readouterr().err)
@@ -275,10 +287,12 @@ def mpich_segments():
 
 
 def remove_orphaned_segments(before, grace=2.0):
-    """Remove the MPICH segments made since ``before`` (a ``mpich_segments()``) that no process maps any more.
+    """Remove the MPICH segments made since ``before`` (a ``mpich_segments()``) that no process maps
+    any more.
 
-    Ranks that a test kills (or that abort) never unlink their segments, and /dev/shm is memory: a few MB
-    per such test, for as long as the machine runs. Segments still mapped belong to live jobs and stay.
+    Ranks that a test kills (or that abort) never unlink their segments, and /dev/shm is memory: a
+    few MB per such test, for as long as the machine runs. Segments still mapped belong to live jobs
+    and stay.
     """
     deadline = time.monotonic() + grace
     while True:
@@ -289,7 +303,8 @@ def remove_orphaned_segments(before, grace=2.0):
                 os.unlink(f"/dev/shm/{name}")
             except OSError:
                 pass
-        # A rank the launcher is still ending maps its segment a moment longer: wait for it, a little.
+        # A rank the launcher is still ending maps its segment a moment longer: wait for it, a
+        # little.
         if not mapped or time.monotonic() > deadline:
             return
         time.sleep(0.05)
@@ -328,7 +343,8 @@ def relative_error(a, b):
 
 
 class Tally(Layer):
-    """A buffer that counts the rows the layer saw in training mode (none in evaluation); passes x through."""
+    """A buffer that counts the rows the layer saw in training mode (none in evaluation); passes x
+    through."""
 
     def buffer_shapes(self):
         return {"rows": (1,)}
@@ -399,7 +415,8 @@ def numerical_grad(f, x, eps=1e-6, indices=None):
 
 
 def random_indices(x, k, seed=0):
-    """Up to ``k`` distinct flat indices into ``x``, drawn reproducibly (all of them if ``x`` is small)."""
+    """Up to ``k`` distinct flat indices into ``x``, drawn reproducibly (all of them if ``x`` is
+    small)."""
     size = np.asarray(x).size
     if size <= k:
         return np.arange(size)

@@ -1,4 +1,5 @@
-"""Run ddptrain's command line with faults injected: how the tests provoke what they cannot from outside.
+"""Run ddptrain's command line with faults injected: how the tests provoke what they cannot from
+outside.
 
     python tests/inject.py FAULTS [ddptrain arguments ...]
     mpiexec -n 3 python tests/inject.py raise:rank=1:step=3 --data ...
@@ -105,7 +106,8 @@ class FaultInjection(Callback):
 
 
 def fail_checkpoint_writes(steps):
-    """Make rank 0's write of the checkpoints of ``steps`` fail like a full disk, before their rename."""
+    """Make rank 0's write of the checkpoints of ``steps`` fail like a full disk, before their
+    rename."""
     real_fsync = durable.fsync_file
     doomed = {f".{ckpt_io.step_path('', step).name}.tmp-" for step in steps}
 
@@ -119,7 +121,8 @@ def fail_checkpoint_writes(steps):
 def main(argv):
     faults = parse(argv[0])
     fail_checkpoint_writes([f.step for f in faults if f.kind == "checkpoint-write"])
-    return cli.main(argv[1:], callbacks=[FaultInjection([f for f in faults if f.kind != "checkpoint-write"])])
+    return cli.main(argv[1:],
+                    callbacks=[FaultInjection([f for f in faults if f.kind != "checkpoint-write"])])
 
 
 if __name__ == "__main__":

@@ -153,7 +153,8 @@ def test_softmax_backward_is_the_per_row_jacobian_vector_product():
 
 
 def test_softmax_backward_on_a_large_batch_needs_memory_linear_in_the_batch():
-    """A (B, B) identity or a (B, C, C) Jacobian would need 3.2 GB or 16 MB here; O(B*C) is 1.6 MB."""
+    """A (B, B) identity or a (B, C, C) Jacobian would need 3.2 GB or 16 MB here; O(B*C) is 1.6
+    MB."""
     batch, classes = 20000, 10
     rng = np.random.default_rng(4)
     x = rng.standard_normal((batch, classes))

