@@ -1,4 +1,5 @@
-"""A script that trains through ``ddptrain.train``, as a user's would, and saves what each rank ends with.
+"""A script that trains through ``ddptrain.train``, as a user's would, and saves what each rank ends
+with.
 
     [mpiexec -n P] python tests/api_job.py DATA OUT_DIR [arrays]
 
@@ -24,15 +25,17 @@ import ddptrain  # noqa: E402
 
 def arrays_of(path):
     with h5py.File(path, "r") as f:
-        return tuple(f[f"{split}/{name}"][()] for split in ("train", "test") for name in ("images", "labels"))
+        return tuple(f[f"{split}/{name}"][()] for split in ("train", "test")
+                     for name in ("images", "labels"))
 
 
 def main(data, out_dir, source="file"):
     out_dir = Path(out_dir)
     model = build_model(dtype=np.float64, seed=3, hidden=(16,), n_inputs=64)
-    result = ddptrain.train(model, data=arrays_of(data) if source == "arrays" else data, epochs=2, batch_size=32,
-                            lr=0.1, optimizer="adamw", weight_decay=0.01, virtual_shards=12, seed=5,
-                            run_dir=str(out_dir / f"run-{source}"), quiet=True)
+    result = ddptrain.train(model, data=arrays_of(data) if source == "arrays" else data, epochs=2,
+                            batch_size=32, lr=0.1, optimizer="adamw", weight_decay=0.01,
+                            virtual_shards=12, seed=5, run_dir=str(out_dir / f"run-{source}"),
+                            quiet=True)
     np.savez(out_dir / f"rank{result.rank}.npz", params=model.params,
              metrics=json.dumps(result.metrics), world_size=result.world_size)
 

@@ -1,3 +1,5 @@
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -6,6 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))   # the shared test helpers: helpers.py
 
+import helpers  # noqa: E402
 from helpers import make_dataset  # noqa: E402
 
 
@@ -19,23 +22,26 @@ def pytest_ignore_collect(collection_path, config):
 
 @pytest.fixture(autouse=True)
 def processes_only_in_slow_tests(request, monkeypatch):
-    """A test that starts a process must be marked ``slow``: ``pytest -m "not slow"`` is then the fast subset.
+    """A test that starts a process must be marked ``slow``: ``pytest -m "not slow"`` is then the
+    fast subset.
 
     (Not under mpiexec: tests/mpi runs only from the slow tests/test_mpi.py.)
     """
-    if request.node.get_closest_marker("slow") is None and not request.config.getoption("with_mpi", default=False):
+    under_mpiexec = request.config.getoption("with_mpi", default=False)
+    if request.node.get_closest_marker("slow") is None and not under_mpiexec:
         def refuse(*args, **kwargs):
-            raise AssertionError(f"{request.node.nodeid} starts a process: mark it @pytest.mark.slow")
+            raise AssertionError(f"{request.node.nodeid} starts a process: mark it "
+                                 f"@pytest.mark.slow")
         monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 
 
 @pytest.fixture(autouse=True)
 def no_shared_memory_left_behind(request):
-    """A test that starts ranks, and kills some, leaves no orphaned MPICH segment in /dev/shm (memory)."""
+    """A test that starts ranks, and kills some, leaves no orphaned MPICH segment in /dev/shm
+    (memory)."""
     if request.node.get_closest_marker("slow") is None:
         yield
         return
-    import helpers
     before = helpers.mpich_segments()
     yield
     helpers.remove_orphaned_segments(before)
@@ -45,3 +51,20 @@ def no_shared_memory_left_behind(request):
 def small_data(tmp_path_factory):
     """A 240 + 60 row data set of 8x8 images (fits the model spec '64-16-10')."""
     return make_dataset(tmp_path_factory.mktemp("data") / "small.h5")
+
+
+@pytest.fixture
+def started():
+    """``helpers.start``, for a test that acts on a run in the background: whatever of it still runs
+    when the test ends (after a failed assertion, say) is killed, with its process group."""
+    runs = []
+
+    def start(*args, **kwargs):
+        runs.append(helpers.start(*args, **kwargs))
+        return runs[-1]
+
+    yield start
+    for run in runs:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.communicate()

@@ -47,7 +47,8 @@ LAUNCHER = ROOT / "scripts" / "fake-hosts-launcher"
 
 
 def _ip(*args, check=True):
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, stdin=subprocess.DEVNULL)
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check,
+                          stdin=subprocess.DEVNULL)
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,8 +67,9 @@ def why_unavailable() -> str | None:
         if made.returncode != 0:
             return f"cannot create a network namespace: {made.stderr.strip()}"
         try:
-            inside = subprocess.run(["ip", "netns", "exec", probe, "unshare", "--uts", "--ipc", "true"],
-                                    capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            inside = subprocess.run(["ip", "netns", "exec", probe, "unshare", "--uts", "--ipc",
+                                     "true"], capture_output=True, text=True,
+                                    stdin=subprocess.DEVNULL)
             if inside.returncode != 0:
                 return f"cannot create UTS/IPC namespaces: {inside.stderr.strip()}"
         finally:
@@ -78,13 +80,16 @@ def why_unavailable() -> str | None:
 
 
 def _apt_install(package, tool):
-    """Install a Debian package as the SLURM tests do (root, apt-get): a bare CI machine may lack iproute2."""
+    """Install a Debian package as the SLURM tests do (root, apt-get): a bare CI machine may lack
+    iproute2."""
     if shutil.which("apt-get") is None:
         return False
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     command = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package]
-    if subprocess.run(command, env=env, capture_output=True, stdin=subprocess.DEVNULL).returncode != 0:
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, stdin=subprocess.DEVNULL)
+    if subprocess.run(command, env=env, capture_output=True,
+                      stdin=subprocess.DEVNULL).returncode != 0:
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True,
+                       stdin=subprocess.DEVNULL)
         subprocess.run(command, env=env, capture_output=True, stdin=subprocess.DEVNULL)
     return shutil.which(tool) is not None
 
@@ -95,7 +100,8 @@ def namespaces() -> set[str]:
 
 
 class FakeHosts:
-    """``n`` fake hosts ``PREFIX-h1 .. PREFIX-hN``: ``up`` on entering the ``with``, ``down`` on leaving it.
+    """``n`` fake hosts ``PREFIX-h1 .. PREFIX-hN``: ``up`` on entering the ``with``, ``down`` on
+    leaving it.
 
     ``down`` runs also when the body raises; entering first removes leftovers of
     the same prefix (of a run that crashed). Use a prefix of your own in tests,
@@ -114,8 +120,8 @@ class FakeHosts:
         proc = subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True,
                               stdin=subprocess.DEVNULL, timeout=60)
         if proc.returncode != 0:
-            raise RuntimeError(f"fake-hosts.sh {' '.join(map(str, args))} failed ({proc.returncode}):\n"
-                               f"{proc.stderr.strip()}")
+            raise RuntimeError(f"fake-hosts.sh {' '.join(map(str, args))} failed "
+                               f"({proc.returncode}):\n{proc.stderr.strip()}")
         return proc.stdout
 
     def up(self):
@@ -177,8 +183,9 @@ class FakeHosts:
         spec = ",".join(f"{host}:{ranks_per_host}" for host in self.hosts)
         genv = [word for name, value in (env or {}).items() for word in ("-genv", name, str(value))]
         return self.run_argv(self.hosts[0], [
-            mpiexec or find_mpiexec(), "-hosts", spec, "-launcher", "ssh", "-launcher-exec", str(LAUNCHER),
-            *genv, "-n", str(ranks_per_host * len(self.hosts)), *map(str, program_argv)])
+            mpiexec or find_mpiexec(), "-hosts", spec, "-launcher", "ssh", "-launcher-exec",
+            str(LAUNCHER), *genv, "-n", str(ranks_per_host * len(self.hosts)),
+            *map(str, program_argv)])
 
     # ------------------------------------------------------------ looking
 
@@ -187,7 +194,8 @@ class FakeHosts:
         return sorted(int(pid) for pid in _ip("netns", "pids", host).stdout.split())
 
     def veth_bytes(self, host: str) -> tuple[int, int]:
-        """``(received, sent)`` bytes of ``host``'s link to the switch, as its ``eth0`` counts them."""
+        """``(received, sent)`` bytes of ``host``'s link to the switch, as its ``eth0`` counts
+        them."""
         link = json.loads(_ip("-n", host, "-s", "-j", "link", "show", "dev", "eth0").stdout)[0]
         stats = link["stats64"]
         return stats["rx"]["bytes"], stats["tx"]["bytes"]

@@ -1,4 +1,5 @@
-"""Flip one bit of a file, run ddptrain on the damaged copy, report; for each case of a list (tests/test_fuzz.py).
+"""Flip one bit of a file, run ddptrain on the damaged copy, report; for each case of a list
+(tests/test_fuzz.py).
 
     python tests/flip_and_run.py CASES.json
 
@@ -36,11 +37,13 @@ def run(argv):
 
 
 def train(data, run_dir):
-    """One epoch of one step on ``data``; the trained parameters (or None) and the run's status and stderr."""
-    status, err, _ = run(["--data", data, "--model", "64-16-10", "--epochs", "1", "--batch-size", "240",
-                          "--threads", "1", "--quiet", "--run-dir", run_dir])
+    """One epoch of one step on ``data``; the trained parameters (or None) and the run's status and
+    stderr."""
+    status, err, _ = run(["--data", data, "--model", "64-16-10", "--epochs", "1", "--batch-size",
+                          "240", "--threads", "1", "--quiet", "--run-dir", run_dir])
     final = ckpt_io.step_checkpoints(Path(run_dir) / "checkpoints")
-    params = None if status or not final else {n: a.tolist() for n, a in ckpt_io.load(final[0]).params.items()}
+    params = None if status or not final else {n: a.tolist() for n,
+                                               a in ckpt_io.load(final[0]).params.items()}
     return status, err, params
 
 
@@ -60,14 +63,16 @@ def main(spec_path):
     for i, (position, bit) in enumerate(spec["cases"]):
         damaged = bytearray(original)
         damaged[position] ^= 1 << bit
-        path = work / f"case-{i}{pristine.suffix}"   # a new file each time: nothing is cached by path
+        # a new file each time: nothing is cached by path
+        path = work / f"case-{i}{pristine.suffix}"
         path.write_bytes(damaged)
         print(f"START {i}", flush=True)
         if spec["kind"] == "data":
             status, err, result = train(str(path), str(work / f"run-{i}"))
         else:
             status, err, result = evaluate(str(path), spec["data"])
-        print(json.dumps({"case": i, "status": status, "stderr": err, "same": result == reference}), flush=True)
+        print(json.dumps({"case": i, "status": status, "stderr": err, "same": result == reference}),
+              flush=True)
         path.unlink()
 
 

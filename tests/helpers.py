@@ -1,4 +1,5 @@
-"""What the tests share: small data sets, running ddptrain as a user would, finite differences, damage.
+"""What the tests share: small data sets, running ddptrain as a user would, finite differences,
+damage.
 
 Imported as ``from helpers import ...``: ``tests/`` has no ``__init__.py``,
 and ``conftest.py`` puts this folder on ``sys.path``.
@@ -80,18 +81,199 @@ def clean_env(extra=None):
 
 def run(args, ranks=None, timeout=120, env=None, cwd=None, faults=None):
     """Run ddptrain to completion; returns the CompletedProcess (stdout and stderr as text)."""
-    return subprocess.run(command(args, ranks, faults), capture_output=True, text=True, timeout=timeout,
-                          env=clean_env(env), cwd=cwd or ROOT)
+    return subprocess.run(command(args, ranks, faults), capture_output=True, text=True,
+                          timeout=timeout, env=clean_env(env), cwd=cwd or ROOT)
 
 
 def start(args, ranks=None, env=None, cwd=None, faults=None):
-    """Start ddptrain in the background (for signal tests); returns the Popen."""
-    return subprocess.Popen(command(args, ranks, faults), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=clean_env(env), cwd=cwd or ROOT, start_new_session=True)
+    """Start ddptrain in the background (for signal tests); returns it as a ``Running``."""
+    return Running(command(args, ranks, faults), env=clean_env(env), cwd=cwd or ROOT)
+
+
+class Running:
+    """A process started in the background, in a session of its own, whose output is read as it
+    comes.
+
+    A test that acts on a running process (a signal, a second run on its folder) first waits for a
+    line that says the process got there (``wait_for_line``), rather than sleeping a guessed time: a
+    loaded machine makes any guess wrong. Otherwise used as a ``Popen``: ``pid``, ``poll``,
+    ``returncode``, ``communicate``.
+    """
+
+    def __init__(self, argv, env, cwd):
+        self.popen = subprocess.Popen(list(map(str, argv)), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                                      start_new_session=True)
+        self.pid = self.popen.pid
+        self._lines = {"stdout": [], "stderr": []}
+        self._open = {"stdout": True, "stderr": True}
+        self._arrived = threading.Condition()
+        self._readers = [threading.Thread(target=self._read, args=(name,),
+                                          daemon=True) for name in self._lines]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, name):
+        for line in getattr(self.popen, name):
+            with self._arrived:
+                self._lines[name].append(line)
+                self._arrived.notify_all()
+        with self._arrived:
+            self._open[name] = False
+            self._arrived.notify_all()
+
+    def wait_for_line(self, text, stream="stdout", timeout=60):
+        """The first line of ``stream`` that contains ``text``, once the process has printed it; an
+        AssertionError, with what it printed, if it closes ``stream`` (ends) or ``timeout`` passes
+        first."""
+        deadline = time.monotonic() + timeout
+        with self._arrived:
+            while True:
+                found = next((line for line in self._lines[stream] if text in line), None)
+                if found is not None:
+                    return found
+                left = deadline - time.monotonic()
+                if not self._open[stream] or left <= 0:
+                    why = "ended" if not self._open[stream] else f"printed none within {timeout} s"
+                    raise AssertionError(f"no line with {text!r} on its {stream}: it "
+                                         f"{why}\n{self._printed()}")
+                self._arrived.wait(left)
+
+    def wait_for_path(self, path, timeout=60):
+        """Until ``path`` exists (a file the process writes); an AssertionError, with what it
+        printed, if the process ends or ``timeout`` passes first."""
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(path):
+            if self.poll() is not None:
+                raise AssertionError(f"it ended ({self.returncode}) before writing "
+                                     f"{path}\n{self._printed()}")
+            assert time.monotonic() < deadline, (f"{path} did not appear within {timeout} s\n"
+                                                 f"{self._printed()}")
+            time.sleep(0.01)
+
+    def _printed(self):
+        return "".join(f"--- {name} ---\n{''.join(lines)[-3000:]}" for name,
+                       lines in self._lines.items())
+
+    def poll(self):
+        return self.popen.poll()
+
+    @property
+    def returncode(self):
+        return self.popen.returncode
+
+    def communicate(self, timeout=60):
+        """Wait for the process to end; ``(stdout, stderr)``, all of it."""
+        self.popen.wait(timeout=timeout)
+        for reader in self._readers:
+            reader.join(timeout=timeout)
+        return "".join(self._lines["stdout"]), "".join(self._lines["stderr"])
+
+
+def wait_until_mapped(pid, library, timeout=30):
+    """Until process ``pid`` has a file whose name contains ``library`` mapped (/proc/PID/maps): how
+    a test sees that a process got to an import (``_multiarray_umath``: numpy's; ``libhdf5``:
+    h5py's) without asking it. An AssertionError if the process ends or ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                if library in maps.read():
+                    return
+        except OSError:
+            raise AssertionError(f"process {pid} ended before it loaded {library}") from None
+        assert time.monotonic() < deadline, f"process {pid} did not load {library} in {timeout} s"
+        time.sleep(0.002)   # an import takes tens of milliseconds: a poll lands well inside it
+
+
+# ---------------------------------------------------------------- the ranks of a running job
+
+
+def _environ(pid):
+    """The environment process ``pid`` started with (``/proc/PID/environ``: readable as root or its
+    user), as a dict of bytes; None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return dict(item.partition(b"=")[::2] for item in f.read().split(b"\0") if item)
+    except OSError:
+        return None
+
+
+def _parent(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # the command in (...) may hold spaces
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def launched_rank(pid):
+    """The rank that an MPI launcher started process ``pid`` as, or None if it is no rank.
+
+    A rank is a process with ``PMI_RANK`` in its environment, set by Hydra's proxy for the program
+    it starts, whose parent has none: that leaves out the proxy, the shells and launchers around it
+    (whose command lines may well hold the word ``ddptrain``, from the path of the checkout), and
+    the children a rank forks, which inherit its environment. The tests start their jobs without a
+    launcher's variables (``clean_env``), so nothing else carries ``PMI_RANK``.
+    """
+    environ = _environ(pid)
+    if environ is None or not environ.get(b"PMI_RANK", b"").isdigit():
+        return None
+    parent = _environ(_parent(pid))
+    if parent is not None and b"PMI_RANK" in parent:
+        return None
+    return int(environ[b"PMI_RANK"])
+
+
+def ranks_among(pids):
+    """``{rank: pid}`` of the ranks among ``pids``."""
+    ranks = {}
+    for pid in pids:
+        rank = launched_rank(pid)
+        if rank is not None:
+            ranks[rank] = pid
+    return ranks
+
+
+def descendants(pid):
+    """The pids of every process below ``pid`` in the process tree."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            parent = _parent(entry)
+            if parent is not None:
+                children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def rank_pids(launcher_pid, ranks, timeout=30):
+    """``{rank: pid}`` of the ``ranks`` ranks under mpiexec ``launcher_pid``, once all of them
+    run."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = ranks_among(descendants(launcher_pid))
+        if len(found) == ranks:
+            return found
+        assert time.monotonic() < deadline, f"found only ranks {found} of {ranks} in {timeout} s"
+        time.sleep(0.02)
 
 
 def error_lines(stderr):
     return [line for line in stderr.splitlines() if line.strip()]
+
+
+def in_process(argv, capsys):
+    """``(status, stderr lines)`` of the command line ``argv`` run in this process (no process
+    started)."""
+    from ddptrain import cli
+    status = cli.main([str(a) for a in argv])
+    return status, error_lines(capsys.readouterr().err)
 
 
 # ---------------------------------------------------------------- what a run leaves behind
@@ -106,10 +288,12 @@ def mpich_segments():
 
 
 def remove_orphaned_segments(before, grace=2.0):
-    """Remove the MPICH segments made since ``before`` (a ``mpich_segments()``) that no process maps any more.
+    """Remove the MPICH segments made since ``before`` (a ``mpich_segments()``) that no process maps
+    any more.
 
-    Ranks that a test kills (or that abort) never unlink their segments, and /dev/shm is memory: a few MB
-    per such test, for as long as the machine runs. Segments still mapped belong to live jobs and stay.
+    Ranks that a test kills (or that abort) never unlink their segments, and /dev/shm is memory: a
+    few MB per such test, for as long as the machine runs. Segments still mapped belong to live jobs
+    and stay.
     """
     deadline = time.monotonic() + grace
     while True:
@@ -120,7 +304,8 @@ def remove_orphaned_segments(before, grace=2.0):
                 os.unlink(f"/dev/shm/{name}")
             except OSError:
                 pass
-        # A rank the launcher is still ending maps its segment a moment longer: wait for it, a little.
+        # A rank the launcher is still ending maps its segment a moment longer: wait for it, a
+        # little.
         if not mapped or time.monotonic() > deadline:
             return
         time.sleep(0.05)
@@ -159,7 +344,8 @@ def relative_error(a, b):
 
 
 class Tally(Layer):
-    """A buffer that counts the rows the layer saw in training mode (none in evaluation); passes x through."""
+    """A buffer that counts the rows the layer saw in training mode (none in evaluation); passes x
+    through."""
 
     def buffer_shapes(self):
         return {"rows": (1,)}
@@ -230,7 +416,8 @@ def numerical_grad(f, x, eps=1e-6, indices=None):
 
 
 def random_indices(x, k, seed=0):
-    """Up to ``k`` distinct flat indices into ``x``, drawn reproducibly (all of them if ``x`` is small)."""
+    """Up to ``k`` distinct flat indices into ``x``, drawn reproducibly (all of them if ``x`` is
+    small)."""
     size = np.asarray(x).size
     if size <= k:
         return np.arange(size)
@@ -273,13 +460,17 @@ def on_simulated_ranks(size, work):
 
 
 def one_hot(labels, n_classes, dtype=np.float32):
-    """Rows of ``n_classes`` probabilities, 1 at each label: targets for the losses' soft-label paths."""
+    """Rows of ``n_classes`` probabilities, 1 at each label: targets for the losses' soft-label
+    paths."""
     out = np.zeros((len(labels), n_classes), dtype=dtype)
     out[np.arange(len(labels)), labels] = 1
     return out
 
 
 def global_batches(n, global_batch, seed, epoch, n_shards=None, drop_last=False):
-    """The global batches of one epoch as sorted arrays of file rows: what every rank count must train."""
-    plan = epoch_plan(n, global_batch, 0, 1, seed, epoch, n_shards or DEFAULT_VIRTUAL_SHARDS, drop_last)
-    return [np.sort(plan.global_rows[plan.step_bounds[t]:plan.step_bounds[t + 1]]) for t in range(plan.n_steps)]
+    """The global batches of one epoch as sorted arrays of file rows: what every rank count must
+    train."""
+    plan = epoch_plan(n, global_batch, 0, 1, seed, epoch, n_shards or DEFAULT_VIRTUAL_SHARDS,
+                      drop_last)
+    return [np.sort(plan.global_rows[plan.step_bounds[t]:plan.step_bounds[t + 1]])
+            for t in range(plan.n_steps)]

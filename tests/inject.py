@@ -1,4 +1,5 @@
-"""Run ddptrain's command line with faults injected: how the tests provoke what they cannot from outside.
+"""Run ddptrain's command line with faults injected: how the tests provoke what they cannot from
+outside.
 
     python tests/inject.py FAULTS [ddptrain arguments ...]
     mpiexec -n 3 python tests/inject.py raise:rank=1:step=3 --data ...
@@ -16,6 +17,8 @@ fault fires just before that step runs), and ``rank`` limits it to one rank::
     checkpoint-write:step=6        rank 0's checkpoint of step 6 fails after its temporary
                                    file is written, before the rename (as a full disk would)
     delay:seconds=0.05             every rank sleeps before each step (room for outside signals)
+    wait:until=PATH[:step=N]       every rank waits before step N (without step: before each step)
+                                   until the file PATH exists: the run goes on when the test says so
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from ddptrain import cli, durable
 from ddptrain.run import checkpoint as ckpt_io
 from ddptrain.training.trainer import Callback
 
-KINDS = ("raise", "nan", "signal", "checkpoint-write", "delay")
+KINDS = ("raise", "nan", "signal", "checkpoint-write", "delay", "wait")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class Fault:
     rank: int | None = None
     signal_name: str = "SIGUSR1"
     seconds: float = 0.0
+    until: str | None = None   # a path, for "wait"
 
     def fires(self, step, rank):
         return (self.step is None or self.step == step) and (self.rank is None or self.rank == rank)
@@ -66,10 +70,14 @@ def parse(text):
                 values[key] = int(value)
             elif key == "seconds":
                 values[key] = float(value)
+            elif key == "until":
+                values[key] = value
             else:
                 raise ValueError(f"cannot read {field!r} in {text!r}")
-        if kind != "delay" and "step" not in values:
+        if kind not in ("delay", "wait") and "step" not in values:
             raise ValueError(f"fault {item!r} needs step=N")
+        if (kind == "wait") != ("until" in values):
+            raise ValueError(f"only a wait, and every wait, takes until=PATH: {item!r}")
         faults.append(Fault(kind, **values))
     return faults
 
@@ -87,6 +95,9 @@ class FaultInjection(Callback):
                 continue
             if fault.kind == "delay":
                 time.sleep(fault.seconds)
+            elif fault.kind == "wait":
+                while not os.path.exists(fault.until):
+                    time.sleep(0.01)
             elif fault.kind == "raise":
                 raise InjectedFault(f"injected on rank {rank} before step {step}")
             elif fault.kind == "nan":
@@ -96,7 +107,8 @@ class FaultInjection(Callback):
 
 
 def fail_checkpoint_writes(steps):
-    """Make rank 0's write of the checkpoints of ``steps`` fail like a full disk, before their rename."""
+    """Make rank 0's write of the checkpoints of ``steps`` fail like a full disk, before their
+    rename."""
     real_fsync = durable.fsync_file
     doomed = {f".{ckpt_io.step_path('', step).name}.tmp-" for step in steps}
 
@@ -110,7 +122,8 @@ def fail_checkpoint_writes(steps):
 def main(argv):
     faults = parse(argv[0])
     fail_checkpoint_writes([f.step for f in faults if f.kind == "checkpoint-write"])
-    return cli.main(argv[1:], callbacks=[FaultInjection([f for f in faults if f.kind != "checkpoint-write"])])
+    return cli.main(argv[1:],
+                    callbacks=[FaultInjection([f for f in faults if f.kind != "checkpoint-write"])])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Adam and AdamW against a hand-written float64 loop of PyTorch's formulas, their state, and the options."""
+"""Adam and AdamW against a hand-written float64 loop of PyTorch's formulas, their state, and the
+options."""
 
 import math
 
@@ -18,7 +19,8 @@ SETTINGS = {
 
 
 def reference(params, grads_per_step, lrs, beta1, beta2, eps, weight_decay, decoupled):
-    """torch.optim.Adam / AdamW (amsgrad off), element by element, as PyTorch's _single_tensor_adam writes it."""
+    """torch.optim.Adam / AdamW (amsgrad off), element by element, as PyTorch's _single_tensor_adam
+    writes it."""
     param = [float(p) for p in params]
     m, v = [0.0] * len(param), [0.0] * len(param)
     for t, (grads, lr) in enumerate(zip(grads_per_step, lrs), start=1):
@@ -29,7 +31,8 @@ def reference(params, grads_per_step, lrs, beta1, beta2, eps, weight_decay, deco
             else:
                 g += weight_decay * param[i]
             m[i] += (1 - beta1) * (g - m[i])                     # exp_avg.lerp_(grad, 1 - beta1)
-            v[i] = beta2 * v[i] + (1 - beta2) * g * g             # exp_avg_sq.mul_(beta2).addcmul_(...)
+            # exp_avg_sq.mul_(beta2).addcmul_(...)
+            v[i] = beta2 * v[i] + (1 - beta2) * g * g
             denom = math.sqrt(v[i]) / math.sqrt(1 - beta2 ** t) + eps
             param[i] -= lr / (1 - beta1 ** t) * m[i] / denom
     return np.array(param)
@@ -53,7 +56,8 @@ def test_adam_and_adamw_follow_pytorch_s_formulas_over_several_steps(kind, setti
 
 
 def test_adam_s_l2_term_and_adamw_s_decoupled_decay_differ():
-    """The test above would pass for both if weight decay were ignored: here it must move the result."""
+    """The test above would pass for both if weight decay were ignored: here it must move the
+    result."""
     params, grads = problem()
     results = {}
     for kind in (Adam, AdamW):
@@ -70,7 +74,8 @@ def test_adam_s_l2_term_and_adamw_s_decoupled_decay_differ():
 
 
 def test_the_first_step_moves_each_parameter_by_about_lr():
-    """Bias correction: after one step m/sqrt(v) is +-1, so each parameter moves by lr (up to eps)."""
+    """Bias correction: after one step m/sqrt(v) is +-1, so each parameter moves by lr (up to
+    eps)."""
     params, grads = problem()
     before = params.copy()
     Adam().step(params, grads[0], 0.01)
@@ -127,9 +132,10 @@ def config(*argv):
 
 
 def test_the_optimizer_option_chooses_the_optimiser_with_its_settings():
-    optimizer = config("--optimizer", "adamw", "--beta1", "0.8", "--eps", "1e-6", "--weight-decay", "0.05") \
-        .make_optimizer()
-    assert isinstance(optimizer, AdamW) and (optimizer.beta1, optimizer.beta2, optimizer.eps) == (0.8, 0.999, 1e-6)
+    optimizer = config("--optimizer", "adamw", "--beta1", "0.8", "--eps", "1e-6",
+                       "--weight-decay", "0.05").make_optimizer()
+    assert isinstance(optimizer, AdamW) and (optimizer.beta1, optimizer.beta2,
+                                             optimizer.eps) == (0.8, 0.999, 1e-6)
     assert optimizer.weight_decay == 0.05
     assert type(config().make_optimizer()).__name__ == "SGD"
     # a named model's SGD defaults (cnn: Nesterov momentum) step aside for Adam
@@ -137,7 +143,8 @@ def test_the_optimizer_option_chooses_the_optimiser_with_its_settings():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--optimizer", "adam", "--momentum", "0.5"], "--momentum is SGD's, and the optimiser is adam"),
+    (["--optimizer", "adam", "--momentum", "0.5"],
+     "--momentum is SGD's, and the optimiser is adam"),
     (["--optimizer", "adamw", "--nesterov"], "--nesterov is SGD's, and the optimiser is adamw"),
     (["--beta1", "0.8"], "--beta1 is Adam's and AdamW's, and the optimiser is sgd"),
     (["--optimizer", "adam", "--beta2", "1.5"], "--beta2 must be in [0, 1), got 1.5"),
@@ -149,30 +156,33 @@ def test_an_option_of_another_optimiser_or_a_bad_value_is_refused(argv, message)
 
 def train(small_data, run_dir, *options):
     from helpers import model_spec
-    return cli.main(["--data", small_data, "--model", model_spec(), "--optimizer", "adamw", "--lr", "0.01",
-                     "--weight-decay", "0.01", "--lr-schedule", "constant", "--batch-size", "16", "--quiet",
-                     "--run-dir", str(run_dir), *options])
+    return cli.main(["--data", small_data, "--model", model_spec(), "--optimizer", "adamw", "--lr",
+                     "0.01", "--weight-decay", "0.01", "--lr-schedule", "constant", "--batch-size",
+                     "16", "--quiet", "--run-dir", str(run_dir), *options])
 
 
 def test_adamw_trains_and_resumes_bitwise_from_its_checkpoint(small_data, tmp_path):
-    from helpers import final_params, metrics_records
-
     from ddptrain.run import checkpoint as ckpt_io
+    from helpers import final_params, metrics_records
     assert train(small_data, tmp_path / "whole", "--epochs", "2") == 0
     records = metrics_records(tmp_path / "whole")
-    assert records[-1]["train_loss"] < records[0]["train_loss"] and records[-1]["test_accuracy"] > 0.5
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert records[-1]["test_accuracy"] > 0.5
     assert train(small_data, tmp_path / "resumed", "--epochs", "1") == 0
     saved = ckpt_io.newest_valid(tmp_path / "resumed" / "checkpoints")
     assert saved.optimizer["type"] == "AdamW" and saved.optimizer["steps"] == 15
     assert saved.optimizer["exp_avg"].shape == saved.optimizer["exp_avg_sq"].shape == (sum(
         a.size for a in saved.params.values()),)
     assert train(small_data, tmp_path / "resumed", "--epochs", "2", "--resume", "auto") == 0
-    np.testing.assert_array_equal(final_params(tmp_path / "resumed"), final_params(tmp_path / "whole"))
+    np.testing.assert_array_equal(final_params(tmp_path / "resumed"),
+                                  final_params(tmp_path / "whole"))
 
 
 def test_a_checkpoint_of_another_optimiser_is_refused_with_one_line(small_data, tmp_path, capsys):
     assert train(small_data, tmp_path / "r", "--epochs", "1") == 0
     capsys.readouterr()
-    assert train(small_data, tmp_path / "r", "--epochs", "2", "--resume", "auto", "--optimizer", "adam") == 2
+    assert train(small_data, tmp_path / "r", "--epochs", "2", "--resume", "auto", "--optimizer",
+                 "adam") == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "checkpoint holds the state of optimiser AdamW, not Adam" in err, err
+    assert err.count("\n") == 1, err
+    assert "checkpoint holds the state of optimiser AdamW, not Adam" in err, err

@@ -26,12 +26,12 @@ import json
 import subprocess
 import sys
 
-import helpers
 import numpy as np
 import pytest
 
+import helpers
 from ddptrain.nn import Sequential, SoftmaxCrossEntropy
-from ddptrain.optim import SGD
+from ddptrain.optim.optimizers import SGD
 
 pytestmark = [
     pytest.mark.slow,   # each model is compared in a process of its own

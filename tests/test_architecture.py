@@ -1,4 +1,5 @@
-"""The shape of the package: layered packages, no import cycles, small modules, no MPI in the network.
+"""The shape of the package: layered packages, no import cycles, small modules, no MPI in the
+network.
 
 These are the promises a new contributor reads the code by (docs/design.md#reading-the-code): each
 package imports only those below it, so any module can be read knowing only what lies beneath.
@@ -32,7 +33,8 @@ def imports(path, known, top_level_only):
     found = set()
     for node in nodes:
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            for candidate in [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]:
+            for candidate in [node.module] + [f"{node.module}.{alias.name}"
+                                              for alias in node.names]:
                 if candidate in known:
                     found.add(candidate)
         elif isinstance(node, ast.Import):
@@ -47,7 +49,8 @@ def layer_of(module):
 
 def test_no_module_imports_one_from_a_package_above_its_own():
     known = modules()
-    upward = [(module, imported) for module, path in known.items() for imported in imports(path, known, False)
+    upward = [(module, imported) for module, path in known.items()
+              for imported in imports(path, known, False)
               if layer_of(module) is not None and layer_of(imported) is not None
               and layer_of(imported) > layer_of(module)]
     assert upward == []
@@ -56,7 +59,8 @@ def test_no_module_imports_one_from_a_package_above_its_own():
 def test_the_imports_between_modules_have_no_cycle():
     known = modules()
     graph = {module: {imported for imported in imports(path, known, True)
-                      if not imported.startswith(module + ".")}   # a package's __init__ importing its own modules
+                      # a package's __init__ importing its own modules
+                      if not imported.startswith(module + ".")}
              for module, path in known.items()}
     visiting, done, cycles = set(), set(), []
 
@@ -77,7 +81,8 @@ def test_the_imports_between_modules_have_no_cycle():
 
 
 def test_every_module_is_short_enough_to_read_in_one_sitting():
-    long = {name: n for name, path in modules().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    long = {name: n for name, path in modules().items()
+            if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert long == {}
 
 
@@ -85,8 +90,10 @@ def test_only_the_communicator_module_imports_mpi4py_and_the_network_knows_nothi
     for name, path in modules().items():
         text = path.read_text()
         if name != "ddptrain.distributed.comm":
-            assert "mpi4py" not in text or "import mpi4py" not in text and "from mpi4py" not in text, name
+            assert ("mpi4py" not in text
+                    or "import mpi4py" not in text and "from mpi4py" not in text), name
         if name.startswith(("ddptrain.nn", "ddptrain.optim")):
             tree = ast.parse(text)
-            imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+            imported = {node.module for node in ast.walk(tree)
+                        if isinstance(node, ast.ImportFrom) and node.module}
             assert not any(module.startswith("ddptrain.distributed") for module in imported), name

@@ -2,7 +2,7 @@
 
 Most tests share one run (a module fixture): the tests' small data set and
 tiny models, one round of two repetitions at global batch 128 (the batch size
-of issue 15's targets, which --quick's batch 32 would leave out), no
+of the MLP's targets, which --quick's batch 32 would leave out), no
 time-to-accuracy runs. Nothing is timed for real: the tests check what the
 JSON holds and that its ratios and verdicts follow from the rates it holds,
 never how fast anything ran. Where PyTorch is not installed the runs pass
@@ -20,10 +20,11 @@ import statistics
 import subprocess
 import sys
 
-import fakehosts
-import helpers
 import numpy as np
 import pytest
+
+import fakehosts
+import helpers
 from helpers import model_spec
 
 pytestmark = pytest.mark.slow   # every test here starts processes
@@ -142,12 +143,12 @@ def test_every_verdict_in_the_json_follows_from_the_figures_it_holds_and_is_prin
     products = sum(ms for name, ms in profile.items()
                    if name.startswith("matrix products") or "Allreduce" in name)
     assert share["value"] == pytest.approx(1 - products / sum(profile.values()), rel=1e-12)
-    with_pytorch = [(15, f"1 process >= 1.0x PyTorch 1 process at batch {BATCH}"),
-                    (15, f"best launch >= 1.1x PyTorch's best at batch {BATCH}"),
-                    (15, f"2 ranks >= 2x PyTorch DDP at batch {BATCH}"),
-                    (12, f"ddptrain 1 process >= 0.8x PyTorch 1 process at batch {BATCH}"),
-                    (12, f"ddptrain 2 ranks >= 1.5x PyTorch DDP at batch {BATCH}")]
-    assert {(v["issue"], v["target"]) for v in verdicts} == {(15, share["target"])} | (
+    with_pytorch = [("mlp", f"1 process >= 1.0x PyTorch 1 process at batch {BATCH}"),
+                    ("mlp", f"best launch >= 1.1x PyTorch's best at batch {BATCH}"),
+                    ("mlp", f"2 ranks >= 2x PyTorch DDP at batch {BATCH}"),
+                    ("cnn", f"ddptrain 1 process >= 0.8x PyTorch 1 process at batch {BATCH}"),
+                    ("cnn", f"ddptrain 2 ranks >= 1.5x PyTorch DDP at batch {BATCH}")]
+    assert {(v["group"], v["target"]) for v in verdicts} == {("mlp", share["target"])} | (
         set(with_pytorch) if HAS_TORCH else set())
 
 
@@ -238,7 +239,7 @@ def test_the_benchmark_can_hold_every_library_to_avx2_and_the_json_shows_the_cod
     # --quick's settings
     assert (header["rounds"], header["repeats"], header["samples"]) == (1, 2, 256)
     assert header["batch_sizes"] == [32]
-    assert "targets (issue 15, on this CPU, its vector code limited to AVX2):" in out
+    assert "targets of the MLP (on this CPU, its vector code limited to AVX2):" in out
     # What the workers report they ran, not what was asked: on an AVX-512 CPU each would say more
     # unlimited.
     for name, row in result["rows"].items():

@@ -9,7 +9,6 @@ import os
 import h5py
 import numpy as np
 import pytest
-from helpers import flip_a_byte_of, flip_byte_at, model_spec
 
 from ddptrain import durable
 from ddptrain.distributed.comm import SerialComm
@@ -19,6 +18,7 @@ from ddptrain.run import checkpoint as ckpt_io
 from ddptrain.run.checkpoint import Checkpoint
 from ddptrain.run.config import Config
 from ddptrain.run.runner import run_training
+from helpers import flip_a_byte_of, flip_byte_at, model_spec
 
 STEPS_PER_EPOCH = 15     # the 240 training rows of small_data in global batches of 16
 
@@ -26,15 +26,17 @@ STEPS_PER_EPOCH = 15     # the 240 training rows of small_data in global batches
 def sample_checkpoint(seed=0, step=7):
     rng = np.random.default_rng(seed)
     model = Sequential.from_spec("64-16-10")
-    params = {name: rng.standard_normal(array.shape).astype(np.float32) for name, array in model.named_params()}
-    return Checkpoint(params=params, buffers={"norm1.running_mean": rng.standard_normal(16).astype(np.float32)},
-                      optimizer={"type": "SGD", "steps": step,
-                                 "velocity": rng.standard_normal(1210).astype(np.float32)},
-                      state={"epoch": 0, "step_in_epoch": step, "step": step,
-                             "train_sums": {"loss_sum": 1.5, "correct": 3, "samples": 16},
-                             "n_train": 240, "best_accuracy": -1.0, "world_size": 2},
-                      config={"model": "64-16-10", "seed": seed}, metrics=[{"epoch": 1, "test_accuracy": 0.5}],
-                      model=model.describe(), model_summary="64-16-10", dtype="float32")
+    params = {name: rng.standard_normal(array.shape).astype(np.float32) for name,
+              array in model.named_params()}
+    return Checkpoint(
+        params=params, buffers={"norm1.running_mean": rng.standard_normal(16).astype(np.float32)},
+        optimizer={"type": "SGD", "steps": step,
+                   "velocity": rng.standard_normal(1210).astype(np.float32)},
+        state={"epoch": 0, "step_in_epoch": step, "step": step,
+               "train_sums": {"loss_sum": 1.5, "correct": 3, "samples": 16}, "n_train": 240,
+               "best_accuracy": -1.0, "world_size": 2}, config={"model": "64-16-10", "seed": seed},
+        metrics=[{"epoch": 1, "test_accuracy": 0.5}], model=model.describe(),
+        model_summary="64-16-10", dtype="float32")
 
 
 def assert_same(loaded, saved):
@@ -47,8 +49,10 @@ def assert_same(loaded, saved):
     for name, value in saved.optimizer.items():
         assert np.array_equal(loaded.optimizer[name], value) if isinstance(value, np.ndarray) else \
             loaded.optimizer[name] == value
-    assert (loaded.state, loaded.config, loaded.metrics) == (saved.state, saved.config, saved.metrics)
-    assert (loaded.model, loaded.model_summary, loaded.dtype) == (saved.model, saved.model_summary, saved.dtype)
+    assert (loaded.state, loaded.config, loaded.metrics) == (saved.state, saved.config,
+                                                             saved.metrics)
+    assert (loaded.model, loaded.model_summary, loaded.dtype) == (saved.model, saved.model_summary,
+                                                                  saved.dtype)
 
 
 def leftovers(folder):
@@ -69,32 +73,37 @@ def test_a_checkpoint_begins_with_the_sha256_and_length_of_the_rest_of_the_file(
     content = (tmp_path / "c.h5").read_bytes()
     rest = content[ckpt_io.HEADER_SIZE:]
     assert content[:ckpt_io.HEADER_SIZE].rstrip(b"\0") == (
-        f"ddptrain checkpoint\nformat 2\nsha256 {hashlib.sha256(rest).hexdigest()}\nbytes {len(rest)}\n".encode())
+        f"ddptrain checkpoint\nformat 2\nsha256 {hashlib.sha256(rest).hexdigest()}\nbytes "
+        f"{len(rest)}\n".encode())
     assert rest.startswith(b"\x89HDF\r\n\x1a\n")            # HDF5 right after its user block
 
 
 def test_a_checkpoint_is_an_ordinary_hdf5_file_with_every_array_under_its_own_name(tmp_path):
     saved = sample_checkpoint()
     ckpt_io.save(tmp_path / "c.h5", saved)
-    with h5py.File(tmp_path / "c.h5", "r") as f:        # h5py, h5dump and HDFView skip the user block
+    # h5py, h5dump and HDFView skip the user block
+    with h5py.File(tmp_path / "c.h5", "r") as f:
         assert sorted(f["params"]) == sorted(saved.params)
         assert list(f["buffers"]) == ["norm1.running_mean"] and list(f["optimizer"]) == ["velocity"]
         assert json.loads(f.attrs["optimizer"]) == {"type": "SGD", "steps": 7}
         assert json.loads(f.attrs["model"])[1] == {"name": "linear1", "type": "Linear",
-                                                   "args": {"n_in": 64, "n_out": 16, "init": "he", "bias": True}}
+                                                   "args": {"n_in": 64, "n_out": 16, "init": "he",
+                                                            "bias": True}}
 
 
 def test_save_writes_through_a_temporary_file_and_leaves_none_behind(tmp_path, monkeypatch):
     renames = []
     real_replace = os.replace
-    monkeypatch.setattr(ckpt_io.os, "replace", lambda a, b: (renames.append((a, b)), real_replace(a, b)))
+    monkeypatch.setattr(ckpt_io.os, "replace",
+                        lambda a, b: (renames.append((a, b)), real_replace(a, b)))
     ckpt_io.save(tmp_path / "c.h5", sample_checkpoint())
     [(source, target)] = renames
     assert os.path.dirname(source) == str(tmp_path) and str(target) == str(tmp_path / "c.h5")
     assert leftovers(tmp_path) == []
 
 
-def test_a_write_that_fails_before_the_rename_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+def test_a_write_that_fails_before_the_rename_leaves_the_previous_checkpoint_intact(
+        tmp_path, monkeypatch):
     previous = sample_checkpoint(seed=1)
     ckpt_io.save(tmp_path / "c.h5", previous)
 
@@ -116,7 +125,8 @@ def test_a_corrupted_byte_in_the_data_is_caught_by_the_checksum(tmp_path):
 
 @pytest.mark.parametrize("change", ["attribute", "datatype"])
 def test_changed_metadata_is_refused_before_hdf5_reads_it(tmp_path, monkeypatch, change):
-    """An edited attribute, or the flipped bit that turns float32 into uint32 (the values unchanged)."""
+    """An edited attribute, or the flipped bit that turns float32 into uint32 (the values
+    unchanged)."""
     path = tmp_path / "c.h5"
     ckpt_io.save(path, sample_checkpoint())
     content = path.read_bytes()
@@ -124,8 +134,10 @@ def test_changed_metadata_is_refused_before_hdf5_reads_it(tmp_path, monkeypatch,
         at = content.index(b'"step": 7', ckpt_io.HEADER_SIZE) + len(b'"step": ')
         flip_byte_at(path, at, mask=ord("7") ^ ord("8"))   # the position says step 8
     else:
-        # The float32 datatype message: version 1, class 1 (floating point), IEEE little-endian, 4 bytes.
-        at = content.index(bytes([0x11, 0x20, 0x1f, 0x00, 0x04, 0x00, 0x00, 0x00]), ckpt_io.HEADER_SIZE)
+        # The float32 datatype message: version 1, class 1 (floating point), IEEE little-endian, 4
+        # bytes.
+        at = content.index(bytes([0x11, 0x20, 0x1f, 0x00, 0x04, 0x00, 0x00, 0x00]),
+                           ckpt_io.HEADER_SIZE)
         flip_byte_at(path, at, mask=0x01)   # class 0: an integer of the same size
     opened = []
     monkeypatch.setattr(ckpt_io.h5py, "File", lambda *a, **k: opened.append(a))
@@ -135,7 +147,8 @@ def test_changed_metadata_is_refused_before_hdf5_reads_it(tmp_path, monkeypatch,
 
 
 def test_a_file_rewritten_by_hdf5_itself_is_refused(tmp_path):
-    """h5py keeps the user block when it edits a file: the old header no longer matches what follows."""
+    """h5py keeps the user block when it edits a file: the old header no longer matches what
+    follows."""
     ckpt_io.save(tmp_path / "c.h5", sample_checkpoint())
     with h5py.File(tmp_path / "c.h5", "a") as f:
         f.attrs["state"] = json.dumps({**json.loads(f.attrs["state"]), "step": 8})
@@ -147,8 +160,8 @@ def test_a_truncated_checkpoint_is_refused(tmp_path):
     ckpt_io.save(tmp_path / "c.h5", sample_checkpoint())
     size = os.path.getsize(tmp_path / "c.h5")
     os.truncate(tmp_path / "c.h5", size // 2)
-    with pytest.raises(CheckpointError, match=f"truncated or extended checkpoint: {size // 2} bytes, its header "
-                                              f"says {size}"):
+    with pytest.raises(CheckpointError, match=f"truncated or extended checkpoint: {size // 2} "
+                                              f"bytes, its header says {size}"):
         ckpt_io.load(tmp_path / "c.h5")
 
 
@@ -161,9 +174,10 @@ def test_a_format_1_checkpoint_of_ddptrain_0_1_is_refused_with_the_reason(tmp_pa
     with h5py.File(tmp_path / "old.h5", "w") as f:     # the layout ddptrain 0.1 wrote
         f.create_group("params").create_dataset("0.weight", data=np.zeros((64, 16), np.float32))
         f.attrs.update({"format": "ddptrain-checkpoint", "format_version": 1, "sha256": "0" * 64})
-    with pytest.raises(CheckpointError, match=r"old.h5: not a ddptrain checkpoint: an HDF5 file without the "
-                                              r"verified header of format 2 \(checkpoints of ddptrain 0.1, format 1, "
-                                              r"cannot be checked before they are read and are not loaded\)"):
+    with pytest.raises(CheckpointError, match=r"old.h5: not a ddptrain checkpoint: an HDF5 file "
+                                              r"without the verified header of format 2 "
+                                              r"\(checkpoints of ddptrain 0.1, format 1, cannot be "
+                                              r"checked before they are read and are not loaded\)"):
         ckpt_io.load(tmp_path / "old.h5")
 
 
@@ -181,7 +195,8 @@ def test_newest_valid_skips_a_corrupt_newest_checkpoint_with_a_warning(tmp_path)
     found = ckpt_io.newest_valid(tmp_path, warn=warnings.append)
     assert found.state["step"] == 5
     [warning] = warnings
-    assert warning.startswith("warning: skipping") and "step-00000009.h5" in warning and "checksum" in warning
+    assert warning.startswith("warning: skipping")
+    assert "step-00000009.h5" in warning and "checksum" in warning
 
 
 def test_newest_valid_can_set_a_corrupt_checkpoint_aside_without_deleting_it(tmp_path):
@@ -212,7 +227,8 @@ def test_step_checkpoints_are_ordered_by_step_even_past_eight_digits(tmp_path):
 
 
 def train_in_process(small_data, run_dir, **options):
-    values = dict(data=small_data, model=model_spec(), batch_size=16, epochs=2, threads=1, run_dir=str(run_dir))
+    values = dict(data=small_data, model=model_spec(), batch_size=16, epochs=2, threads=1,
+                  run_dir=str(run_dir))
     values.update(options)
     assert run_training(Config(**values).validated(), SerialComm(), quiet=True).exit_status == 0
     return run_dir / "checkpoints"
@@ -227,7 +243,8 @@ def test_a_run_checkpoints_every_n_steps_and_at_the_end_of_every_epoch(small_dat
     assert steps_on_disk(folder) == [4, 8, 12, 15, 16, 20, 24, 28, 30]
 
 
-def test_without_checkpoint_every_a_run_checkpoints_at_the_end_of_every_epoch_only(small_data, tmp_path):
+def test_without_checkpoint_every_a_run_checkpoints_at_the_end_of_every_epoch_only(
+        small_data, tmp_path):
     folder = train_in_process(small_data, tmp_path / "run", epochs=3, keep=100)
     assert steps_on_disk(folder) == [15, 30, 45]
 
@@ -238,16 +255,19 @@ def test_a_run_keeps_the_k_newest_checkpoints_and_best(small_data, tmp_path):
     assert sorted(os.listdir(folder)) == ["best.h5", "step-00000028.h5", "step-00000030.h5"]
 
 
-def test_a_checkpoint_holds_parameters_optimizer_position_configuration_and_metrics(small_data, tmp_path):
+def test_a_checkpoint_holds_parameters_optimizer_position_configuration_and_metrics(
+        small_data, tmp_path):
     folder = train_in_process(small_data, tmp_path / "run", checkpoint_every=20, keep=100)
     mid = ckpt_io.load(ckpt_io.step_path(folder, 20))
-    assert sorted(mid.params) == ["linear1.bias", "linear1.weight", "linear2.bias", "linear2.weight"]
+    assert sorted(mid.params) == ["linear1.bias", "linear1.weight", "linear2.bias",
+                                  "linear2.weight"]
     assert mid.buffers == {}                                # an MLP has no buffers
     assert sorted(mid.optimizer) == ["steps", "type", "velocity"]
     assert (mid.optimizer["type"], mid.optimizer["steps"]) == ("SGD", 20)
     assert mid.optimizer["velocity"].shape == (64 * 16 + 16 + 16 * 10 + 10,)
     assert np.isfinite(mid.optimizer["velocity"]).all()
-    assert (mid.state["epoch"], mid.state["step"], mid.state["step_in_epoch"]) == (1, 20, 20 - STEPS_PER_EPOCH)
+    position = (mid.state["epoch"], mid.state["step"], mid.state["step_in_epoch"])
+    assert position == (1, 20, 20 - STEPS_PER_EPOCH)
     assert mid.state["train_sums"]["samples"] == 5 * 16    # samples seen so far in epoch 2
     assert mid.state["n_train"] == 240 and mid.state["world_size"] == 1
     assert mid.config == json.loads((tmp_path / "run" / "config.json").read_text())
@@ -259,9 +279,11 @@ def test_a_checkpoint_holds_parameters_optimizer_position_configuration_and_metr
 
 def test_best_holds_the_epoch_with_the_highest_test_accuracy(small_data, tmp_path):
     folder = train_in_process(small_data, tmp_path / "run", epochs=4, keep=100)
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     best_record = max(records, key=lambda r: r["test_accuracy"])      # the first of equals
-    assert best_record is not records[-1]                             # else "best" could mean "last"
+    # else "best" could mean "last"
+    assert best_record is not records[-1]
     best = ckpt_io.load(folder / "best.h5")
     assert best.state["step"] == best_record["step"]
     at_that_step = ckpt_io.load(ckpt_io.step_path(folder, best_record["step"]))

@@ -1,4 +1,5 @@
-"""The command line as a user meets it: help, config files, dry runs, evaluate, info, plot, progress."""
+"""The command line as a user meets it: help, config files, dry runs, evaluate, info, plot,
+progress."""
 
 import io
 import json
@@ -7,13 +8,13 @@ import pty
 import subprocess
 import sys
 
-import helpers
 import pytest
-from helpers import model_spec
 
+import helpers
 from ddptrain import __version__, cli
 from ddptrain.run import checkpoint
 from ddptrain.run.progress import Progress
+from helpers import model_spec
 
 SMALL = ["--model", model_spec(), "--batch-size", "32"]
 
@@ -43,7 +44,8 @@ def test_train_help_groups_the_options_with_units_and_defaults():
     for group in ("data and model:", "optimisation", "outputs, checkpoints and resuming:",
                   "parallelism and debugging:"):
         assert group in out
-    assert "GLOBAL batch in samples per step, shared by all ranks (default: 128)" in " ".join(out.split())
+    words = " ".join(out.split())   # the help as one line, however argparse wrapped it
+    assert "GLOBAL batch in samples per step, shared by all ranks (default: 128)" in words
     assert "--simulate-ranks P" in out and "--config FILE.toml" in out
 
 
@@ -61,15 +63,18 @@ def test_the_ddptrain_console_script_is_installed():
 @pytest.mark.slow
 def test_a_toml_config_sets_options_and_the_command_line_overrides_it(small_data, tmp_path):
     config_file = tmp_path / "run.toml"
-    config_file.write_text(f'data = "{small_data}"\nmodel = "{model_spec()}"\nbatch-size = 48\nepochs = 2\n'
-                           f'[train]\nlr = 0.05\n')
+    config_file.write_text(f'data = "{small_data}"\nmodel = "{model_spec()}"\nbatch-size = '
+                           f'48\nepochs = 2\n[train]\nlr = 0.05\n')
     run_dir = tmp_path / "run"
     proc = helpers.run(["--config", config_file, "--epochs", "1", "--run-dir", run_dir])
     assert proc.returncode == 0, proc.stderr
     saved = json.loads((run_dir / "config.json").read_text())
-    assert (saved["batch_size"], saved["lr"], saved["epochs"]) == (48, 0.05, 1)   # file, file, command line
-    assert '"batch_size": 48' in proc.stdout                                       # printed at start
-    assert checkpoint.newest_valid(run_dir / "checkpoints").config == saved        # and in every checkpoint
+    # file, file, command line
+    assert (saved["batch_size"], saved["lr"], saved["epochs"]) == (48, 0.05, 1)
+    # printed at start
+    assert '"batch_size": 48' in proc.stdout
+    # and in every checkpoint
+    assert checkpoint.newest_valid(run_dir / "checkpoints").config == saved
 
 
 @pytest.mark.parametrize("content, message", [
@@ -96,7 +101,8 @@ def test_dry_run_checks_everything_and_writes_nothing(small_data, tmp_path):
 
 @pytest.mark.slow
 def test_dry_run_refuses_a_rank_count_that_does_not_fit(small_data, tmp_path):
-    proc = helpers.run(["--data", small_data, *SMALL, "--virtual-shards", "3", "--dry-run"], ranks=2)
+    proc = helpers.run(["--data", small_data, *SMALL, "--virtual-shards", "3", "--dry-run"],
+                       ranks=2)
     assert proc.returncode == 2
     assert "2 ranks cannot share 3 virtual shards" in proc.stderr and proc.stderr.count("\n") == 1
 
@@ -114,13 +120,14 @@ def test_evaluate_reports_accuracy_per_class_and_the_confusion_matrix(trained_ru
     final = checkpoint.step_checkpoints(trained_run / "checkpoints")[0]
     proc = helpers.run(["evaluate", final, "--data", small_data])
     assert proc.returncode == 0, proc.stderr
-    last_epoch = [json.loads(l) for l in (trained_run / "metrics.jsonl").read_text().splitlines()
-                  if '"kind": "step"' not in l][-1]
+    records = (trained_run / "metrics.jsonl").read_text().splitlines()
+    last_epoch = [json.loads(line) for line in records if '"kind": "step"' not in line][-1]
     assert f"test accuracy {100 * last_epoch['test_accuracy']:.2f}%" in proc.stdout
     assert "per-class accuracy:\nclass  name   accuracy    rows\n    0  0     " in proc.stdout
     assert "true\\pred" in proc.stdout
     matrix = [line.split()[1:] for line in proc.stdout.split("true\\pred")[1].splitlines()[1:]]
-    assert len(matrix) == 10 and sum(int(v) for row in matrix for v in row) == 60   # every test row, once
+    # every test row, once
+    assert len(matrix) == 10 and sum(int(v) for row in matrix for v in row) == 60
 
 
 @pytest.mark.slow
@@ -129,7 +136,8 @@ def test_evaluate_under_mpi_gives_the_same_numbers(trained_run, small_data):
     one = helpers.run(["evaluate", final, "--data", small_data])
     two = helpers.run(["evaluate", final, "--data", small_data], ranks=2)
     assert two.returncode == 0, two.stderr
-    assert one.stdout.split("\n", 1)[1] == two.stdout.split("\n", 1)[1]   # all but the line naming the ranks
+    # all but the line naming the ranks
+    assert one.stdout.split("\n", 1)[1] == two.stdout.split("\n", 1)[1]
 
 
 @pytest.mark.slow
@@ -144,13 +152,15 @@ def test_evaluate_refuses_a_corrupt_checkpoint(tmp_path):
 def test_info_names_versions_the_mpi_library_blas_threads_and_the_data(small_data):
     proc = helpers.run(["info", "--data", small_data], ranks=2)
     assert proc.returncode == 0, proc.stderr
-    for text in ("numpy", "h5py", "mpi4py", "MPICH", "world size 2", "openblas", "thread", "products     ",
-                 "240 training and 60 test images of 8x8 (64 values), 10 classes (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)"):
+    for text in ("numpy", "h5py", "mpi4py", "MPICH", "world size 2", "openblas", "thread",
+                 "products     ", "240 training and 60 test images of 8x8 (64 values), 10 classes "
+                                  "(0, 1, 2, 3, 4, 5, 6, 7, 8, 9)"):
         assert text.lower() in proc.stdout.lower(), text
     versions = [line for line in proc.stdout.splitlines() if line.startswith("ddptrain ")]
     assert versions == [f"ddptrain     {__version__}"]   # printed by rank 0 alone
     for blas in (line for line in proc.stdout.splitlines() if line.startswith("BLAS ")):
-        assert "(?," not in blas, blas   # each library names its kernel: OpenBLAS's, or MKL's instruction set
+        # each library names its kernel: OpenBLAS's, or MKL's instruction set
+        assert "(?," not in blas, blas
 
 
 @pytest.mark.slow
@@ -168,7 +178,8 @@ def test_plot_writes_a_png_of_the_curves(trained_run, tmp_path):
 def test_plot_without_matplotlib_says_how_to_install_it(trained_run, tmp_path):
     blocker = tmp_path / "blocker" / "matplotlib"
     blocker.mkdir(parents=True)
-    (blocker / "__init__.py").write_text("raise ImportError('matplotlib is not installed (simulated)')\n")
+    (blocker / "__init__.py").write_text("raise ImportError('matplotlib is not installed "
+                                         "(simulated)')\n")
     proc = helpers.run(["plot", trained_run], env={"PYTHONPATH": str(blocker.parent)})
     assert proc.returncode == 2
     assert "pip install 'ddptrain[plot]'" in proc.stderr and proc.stderr.count("\n") == 1
@@ -184,7 +195,8 @@ def test_plot_of_a_folder_without_metrics_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_step_records_are_added_to_metrics_jsonl_when_asked(trained_run):
-    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r.get("kind") == "step"]
     assert [r["step"] for r in steps] == [4, 8, 12, 16]
     assert [r["epoch"] for r in records if r.get("kind") != "step"] == [1, 2]
@@ -194,16 +206,17 @@ def test_step_records_are_added_to_metrics_jsonl_when_asked(trained_run):
 def test_progress_lines_every_n_steps_when_the_output_is_not_a_terminal(small_data, tmp_path):
     proc = helpers.run(["--data", small_data, *SMALL, "--epochs", "1", "--log-every", "3",
                        "--run-dir", tmp_path / "run"])
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("epoch 1/1  step")]
-    assert [l.split()[3] for l in lines] == ["3/8", "6/8", "8/8"]
-    assert all("samples/s" in l and "left" in l and "\r" not in l for l in lines)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch 1/1  step")]
+    assert [line.split()[3] for line in lines] == ["3/8", "6/8", "8/8"]
+    assert all("samples/s" in line and "left" in line and "\r" not in line for line in lines)
 
 
 @pytest.mark.slow
 def test_quiet_prints_no_progress_lines(small_data, tmp_path):
-    proc = helpers.run(["--data", small_data, *SMALL, "--epochs", "1", "--log-every", "1", "--quiet",
-                       "--run-dir", tmp_path / "run"])
-    assert proc.returncode == 0 and "step 1/8" not in proc.stdout and "epoch 1/1 done" in proc.stdout
+    proc = helpers.run(["--data", small_data, *SMALL, "--epochs", "1", "--log-every", "1",
+                        "--quiet", "--run-dir", tmp_path / "run"])
+    assert proc.returncode == 0
+    assert "step 1/8" not in proc.stdout and "epoch 1/1 done" in proc.stdout
 
 
 def test_on_a_terminal_progress_is_a_bar_redrawn_in_place():
@@ -232,8 +245,8 @@ def test_on_a_real_terminal_training_shows_a_progress_bar(small_data, tmp_path):
     """stdout is a pseudo-terminal, as when a user runs ddptrain in a shell."""
     main, secondary = pty.openpty()
     proc = subprocess.Popen(helpers.command(["--data", small_data, *SMALL, "--epochs", "1",
-                                            "--run-dir", tmp_path / "run"]),
-                            stdout=secondary, stderr=subprocess.PIPE, env=helpers.clean_env(), cwd=helpers.ROOT)
+                                             "--run-dir", tmp_path / "run"]), stdout=secondary,
+                            stderr=subprocess.PIPE, env=helpers.clean_env(), cwd=helpers.ROOT)
     os.close(secondary)
     output = b""
     while True:

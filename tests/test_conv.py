@@ -4,7 +4,6 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from helpers import numerical_grad, rel_error
 
 from ddptrain.nn.conv import Conv2d
 from ddptrain.nn.layer import ShapeError
@@ -12,6 +11,7 @@ from ddptrain.nn.layers import Flatten, Linear, ReLU
 from ddptrain.nn.model import Sequential
 from ddptrain.nn.normalization import BatchNorm
 from ddptrain.nn.pooling import AvgPool2d, MaxPool2d
+from helpers import numerical_grad, rel_error
 
 TOL = 1e-7
 
@@ -20,7 +20,8 @@ def built(layer, seed=0):
     """``layer`` inside a float64 model (so it has parameters), biases made non-zero."""
     Sequential([layer], dtype=np.float64, seed=seed)
     if "bias" in layer.params:
-        layer.params["bias"][...] = np.random.default_rng(seed + 1).standard_normal(layer.params["bias"].shape)
+        bias_rng = np.random.default_rng(seed + 1)
+        layer.params["bias"][...] = bias_rng.standard_normal(layer.params["bias"].shape)
     return layer
 
 
@@ -29,8 +30,12 @@ def gradients(layer, x, seed=3):
     g = np.random.default_rng(seed).standard_normal(layer.forward(x).shape)
     dx = layer.backward(g).copy()
     analytic = {"x": dx, **{name: grad.copy() for name, grad in layer.grads.items()}}
-    loss = lambda _: np.sum(g * layer.forward(x))   # noqa: E731 - reads x and the parameters in place
-    numeric = {"x": numerical_grad(loss, x), **{name: numerical_grad(loss, p) for name, p in layer.params.items()}}
+
+    def loss(_):   # reads x and the parameters in place, as numerical_grad perturbs them
+        return np.sum(g * layer.forward(x))
+
+    numeric = {"x": numerical_grad(loss, x),
+               **{name: numerical_grad(loss, p) for name, p in layer.params.items()}}
     return analytic, numeric
 
 
@@ -48,13 +53,15 @@ CONV_CASES = [
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "in{}-out{}-k{}-s{}-p{}-{}x{}".format(*c))
+@pytest.mark.parametrize("case", CONV_CASES,
+                         ids=lambda c: "in{}-out{}-k{}-s{}-p{}-{}x{}".format(*c))
 def test_conv2d_gradients_match_finite_differences(case, bias):
     c_in, c_out, k, stride, pad, height, width = case
     layer = built(Conv2d(c_in, c_out, k, stride=stride, padding=pad, bias=bias))
     x = np.random.default_rng(1).standard_normal((3, c_in, height, width))
     analytic, numeric = gradients(layer, x)
-    assert analytic.keys() == numeric.keys() == ({"x", "weight", "bias"} if bias else {"x", "weight"})
+    expected = {"x", "weight", "bias"} if bias else {"x", "weight"}
+    assert analytic.keys() == numeric.keys() == expected
     for name in analytic:
         assert rel_error(analytic[name], numeric[name]) < TOL, name
 
@@ -73,7 +80,8 @@ def reference_conv(x, weight, bias, stride, pad):
     return out
 
 
-@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "in{}-out{}-k{}-s{}-p{}-{}x{}".format(*c))
+@pytest.mark.parametrize("case", CONV_CASES,
+                         ids=lambda c: "in{}-out{}-k{}-s{}-p{}-{}x{}".format(*c))
 def test_conv2d_forward_equals_the_definition(case):
     c_in, c_out, k, stride, pad, height, width = case
     layer = built(Conv2d(c_in, c_out, k, stride=stride, padding=pad))
@@ -90,9 +98,11 @@ def test_a_small_convolution_worked_by_hand():
     # top left window 0 1 / 3 4: 0*1 + 1*2 + 3*3 + 4*4 = 27, plus the bias
     np.testing.assert_array_equal(layer.forward(x), [[[[37, 47], [67, 77]]]])
     dx = layer.backward(np.ones((1, 1, 2, 2)))
-    # every pixel gets the weights of the windows it is in: the corner only w[0,0], the centre all four
+    # every pixel gets the weights of the windows it is in: the corner only w[0,0], the centre all
+    # four
     np.testing.assert_array_equal(dx, [[[[1, 3, 2], [4, 10, 6], [3, 7, 4]]]])
-    np.testing.assert_array_equal(layer.grads["weight"], [[[[8, 12], [20, 24]]]])   # sums of the windows' pixels
+    # sums of the windows' pixels
+    np.testing.assert_array_equal(layer.grads["weight"], [[[[8, 12], [20, 24]]]])
     np.testing.assert_array_equal(layer.grads["bias"], [4])
 
 
@@ -100,7 +110,8 @@ def test_padding_adds_zeros_around_the_image():
     layer = built(Conv2d(1, 1, 3, padding=1, bias=False))
     layer.params["weight"][...] = 1
     out = layer.forward(np.ones((1, 1, 3, 3)))
-    np.testing.assert_array_equal(out, [[[[4, 6, 4], [6, 9, 6], [4, 6, 4]]]])   # neighbours inside the image
+    # neighbours inside the image
+    np.testing.assert_array_equal(out, [[[[4, 6, 4], [6, 9, 6], [4, 6, 4]]]])
 
 
 # ---------------------------------------------------------------- pooling
@@ -121,7 +132,8 @@ POOL_CASES = [
 def test_pooling_input_gradient_matches_finite_differences(kind, case):
     k, stride, height, width = case
     layer = built(kind(k, stride=stride))
-    # Distinct values, at least 1e-3 apart, so that no finite-difference step changes which value is the maximum.
+    # Distinct values, at least 1e-3 apart, so that no finite-difference step changes which value is
+    # the maximum.
     values = np.random.default_rng(4).permutation(2 * 3 * height * width) * 1e-3
     x = values.reshape(2, 3, height, width)
     analytic, numeric = gradients(layer, x)
@@ -129,23 +141,28 @@ def test_pooling_input_gradient_matches_finite_differences(kind, case):
 
 
 def test_pooling_by_hand():
-    x = np.array([[1, 2, 5, 6], [3, 4, 7, 9], [0, 0, 1, 1], [0, -1, 1, 2]], dtype=np.float64).reshape(1, 1, 4, 4)
+    x = np.array([[1, 2, 5, 6], [3, 4, 7, 9], [0, 0, 1, 1], [0, -1, 1, 2]],
+                 dtype=np.float64).reshape(1, 1, 4, 4)
     maxpool, avgpool = built(MaxPool2d(2)), built(AvgPool2d(2))
     np.testing.assert_array_equal(maxpool.forward(x), [[[[4, 9], [0, 2]]]])
     np.testing.assert_array_equal(avgpool.forward(x), [[[[2.5, 6.75], [-0.25, 1.25]]]])
     dx = maxpool.backward(np.array([[[[1.0, 2.0], [3.0, 4.0]]]]))
-    np.testing.assert_array_equal(dx[0, 0], [[0, 0, 0, 0], [0, 1, 0, 2], [3, 0, 0, 0], [0, 0, 0, 4]])
+    np.testing.assert_array_equal(dx[0, 0],
+                                  [[0, 0, 0, 0], [0, 1, 0, 2], [3, 0, 0, 0], [0, 0, 0, 4]])
     dx = avgpool.backward(np.array([[[[4.0, 8.0], [0.0, 4.0]]]]))
-    np.testing.assert_array_equal(dx[0, 0], [[1, 1, 2, 2], [1, 1, 2, 2], [0, 0, 1, 1], [0, 0, 1, 1]])
+    np.testing.assert_array_equal(dx[0, 0],
+                                  [[1, 1, 2, 2], [1, 1, 2, 2], [0, 0, 1, 1], [0, 0, 1, 1]])
 
 
 def test_max_pooling_ties_send_the_gradient_to_the_first_maximum_of_the_window():
     # Every window ties; the bottom left window's maximum sits twice in its second row.
-    x = np.array([[7, 7, 1, 1], [7, 7, 1, 1], [0, 0, 3, 5], [2, 2, 5, 5]], dtype=np.float64).reshape(1, 1, 4, 4)
+    x = np.array([[7, 7, 1, 1], [7, 7, 1, 1], [0, 0, 3, 5], [2, 2, 5, 5]],
+                 dtype=np.float64).reshape(1, 1, 4, 4)
     layer = built(MaxPool2d(2))
     layer.forward(x)
     dx = layer.backward(np.ones((1, 1, 2, 2)))
-    np.testing.assert_array_equal(dx[0, 0], [[1, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0]])
+    np.testing.assert_array_equal(dx[0, 0],
+                                  [[1, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0]])
     layer.forward(x)
     np.testing.assert_array_equal(layer.backward(np.ones((1, 1, 2, 2))), dx)   # and every time
 
@@ -155,17 +172,22 @@ def test_overlapping_max_pooling_adds_the_gradients_of_a_pixel_shared_by_windows
     x[0, 0, 1, 1] = 1   # the maximum of all four 2x2 windows of stride 1
     layer = built(MaxPool2d(2, stride=1))
     layer.forward(x)
-    np.testing.assert_array_equal(layer.backward(np.ones((1, 1, 2, 2)))[0, 0], [[0, 0, 0], [0, 4, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(layer.backward(np.ones((1, 1, 2, 2)))[0, 0],
+                                  [[0, 0, 0], [0, 4, 0], [0, 0, 0]])
 
 
 # ---------------------------------------------------------------- shapes and buffers
 
 def test_shapes_that_do_not_fit_name_the_layer_and_the_shape():
-    with pytest.raises(ShapeError, match=r"conv2d1 \(Conv2d 3->8 3x3\) takes images of 3 channel\(s\).*not 1x28x28"):
+    with pytest.raises(ShapeError,
+                       match=r"conv2d1 \(Conv2d 3->8 3x3\) takes images of 3 channel\(s\).*not "
+                             r"1x28x28"):
         Sequential([Conv2d(3, 8, 3)]).output_shape((1, 28, 28))
     with pytest.raises(ShapeError, match=r"at least 5 x 5 pixels, not 1x4x4"):
         Sequential([Conv2d(1, 8, 5)]).output_shape((1, 4, 4))
-    with pytest.raises(ShapeError, match=r"maxpool2d2 \(MaxPool2d 2x2\) needs images of at least 2 x 2.*not 8x1x1"):
+    with pytest.raises(ShapeError,
+                       match=r"maxpool2d2 \(MaxPool2d 2x2\) needs images of at least 2 x 2.*not "
+                             r"8x1x1"):
         Sequential([MaxPool2d(2), MaxPool2d(2)]).output_shape((8, 3, 3))
 
 
@@ -184,14 +206,16 @@ def test_a_small_cnn_end_to_end_matches_finite_differences():
     assert rel_error(dx, numerical_grad(loss, x)) < 1e-6
 
 
-@pytest.mark.parametrize("make", [lambda: Conv2d(2, 4, 3, padding=1), lambda: MaxPool2d(2), lambda: AvgPool2d(2)],
-                         ids=["conv", "maxpool", "avgpool"])
+@pytest.mark.parametrize("make",
+                         [lambda: Conv2d(2, 4, 3, padding=1), lambda: MaxPool2d(2),
+                          lambda: AvgPool2d(2)], ids=["conv", "maxpool", "avgpool"])
 def test_work_arrays_are_reused_from_step_to_step(make):
     layer = built(make())
     x = np.random.default_rng(0).standard_normal((8, 2, 8, 8))
     out = layer.forward(x)
     dx = layer.backward(np.ones_like(out))
-    again_out = layer.forward(x[:5])      # a smaller batch (the last of an epoch) fits in the same memory
+    # a smaller batch (the last of an epoch) fits in the same memory
+    again_out = layer.forward(x[:5])
     again_dx = layer.backward(np.ones_like(again_out))
     assert np.shares_memory(out, again_out) and np.shares_memory(dx, again_dx)
 
@@ -229,7 +253,8 @@ def test_a_cnn_training_step_allocates_no_activation_sized_array_once_warm():
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    smallest_conv_output = 512 * 32 * 8 * 8 * 4   # the second convolution's: 4 MiB (the first's is 19 MiB)
+    # the second convolution's: 4 MiB (the first's is 19 MiB)
+    smallest_conv_output = 512 * 32 * 8 * 8 * 4
     # What a step allocates are per-channel (and per sample and channel) vectors and numpy's own
     # iteration buffers: a few hundred kilobytes, not one convolution's output or work array.
     assert peak < smallest_conv_output / 4, f"a step allocated {peak:,} bytes at its peak"

@@ -76,8 +76,9 @@ def test_write_dataset_stores_format_and_given_attributes(data_file):
 
 
 def test_write_dataset_uses_hdf5_s_checksummed_format_with_checksums_on_every_chunk(data_file):
-    """Superblock version 2 or later (checksums on all metadata), Fletcher-32 on the data, and attributes of
-    fixed length (a variable-length string would live in the global heap, which has no checksum)."""
+    """Superblock version 2 or later (checksums on all metadata), Fletcher-32 on the data, and
+    attributes of fixed length (a variable-length string would live in the global heap, which has no
+    checksum)."""
     with open(data_file, "rb") as f:
         assert f.read(9)[8] >= 2
     with h5py.File(data_file, "r") as f:
@@ -205,7 +206,8 @@ def test_inspect_rejects_float_labels(data_file):
 
 def test_inspect_rejects_images_and_labels_of_different_lengths(data_file):
     edit(data_file, replace_dataset("train/labels", np.zeros(N_TRAIN - 1, np.uint8)))
-    assert_data_error(data_file, f"'train/images' has {N_TRAIN} rows but 'train/labels' has {N_TRAIN - 1}")
+    assert_data_error(data_file,
+                      f"'train/images' has {N_TRAIN} rows but 'train/labels' has {N_TRAIN - 1}")
 
 
 def test_inspect_rejects_labels_out_of_range(data_file):
@@ -240,7 +242,8 @@ def test_inspect_rejects_another_format(data_file):
 
 def test_inspect_rejects_a_newer_format_version(data_file):
     edit(data_file, lambda f: f.attrs.__setitem__("format_version", 4))
-    assert_data_error(data_file, "format_version 4 is newer than this ddptrain reads (1 to 3); update ddptrain")
+    assert_data_error(data_file, "format_version 4 is newer than this ddptrain reads (1 to 3); "
+                                 "update ddptrain")
 
 
 def test_inspect_reads_format_1_files_of_ddptrain_0_1(data_file):
@@ -265,8 +268,8 @@ def test_inspect_accepts_a_file_without_format_attributes(data_file):
 
 
 def write_like_version(path, version, splits):
-    """A file as ddptrain 0.1 (format 1: no checksums) or 0.2 (format 2) wrote it: MNIST's layout, no class
-    count, no class names."""
+    """A file as ddptrain 0.1 (format 1: no checksums) or 0.2 (format 2) wrote it: MNIST's layout,
+    no class count, no class names."""
     with h5py.File(path, "w", libver="latest" if version == 2 else "earliest") as f:
         f.attrs["format"], f.attrs["format_version"] = np.bytes_(b"ddptrain-mnist"), version
         for split, (images, labels) in zip(("train", "test"), (splits[:2], splits[2:])):
@@ -275,7 +278,8 @@ def write_like_version(path, version, splits):
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_files_of_earlier_versions_load_as_ten_classes_named_by_their_digits(tmp_path, splits, version):
+def test_files_of_earlier_versions_load_as_ten_classes_named_by_their_digits(
+        tmp_path, splits, version):
     path = tmp_path / f"v{version}.h5"
     write_like_version(path, version, splits)
     info = data.inspect(path)
@@ -292,7 +296,8 @@ def test_colour_images_of_32x32_in_5_classes_with_names(tmp_path):
     path = tmp_path / "colour.h5"
     write_dataset(path, images[:20], labels[:20], images[20:], labels[20:], class_names=names)
     info = data.inspect(path)
-    assert (info.image_shape, info.n_features, info.image_text) == ((3, 32, 32), 3 * 32 * 32, "3x32x32")
+    assert info.image_shape == (3, 32, 32) and info.n_features == 3 * 32 * 32
+    assert info.image_text == "3x32x32"
     assert (info.n_classes, info.class_names) == (5, tuple(names))
     x, y = data.read_rows(path, "train", [(5, 9)], dtype=np.float64)
     np.testing.assert_array_equal(x, images[5:9] / 255.0)
@@ -321,33 +326,38 @@ def test_more_than_256_classes_keep_their_labels(tmp_path):
     ({"n_classes": 1}, "the class count must be a whole number from 2 to 4096"),
     ({"class_names": [""] * 10}, "a class name must be a non-empty string"),
 ])
-def test_write_dataset_refuses_classes_that_do_not_fit_the_labels(tmp_path, splits, arguments, problem):
+def test_write_dataset_refuses_classes_that_do_not_fit_the_labels(
+        tmp_path, splits, arguments, problem):
     with pytest.raises(ValueError, match=re.escape(problem)):
         write_dataset(tmp_path / "x.h5", *splits, **arguments)
 
 
 def test_write_dataset_refuses_splits_with_different_channels(tmp_path):
     colour, grey = np.zeros((4, 3, 5, 5), np.uint8), np.zeros((4, 5, 5), np.uint8)
-    with pytest.raises(ValueError, match=r"train images have 3 channel\(s\) but test images have 1"):
+    with pytest.raises(ValueError,
+                       match=r"train images have 3 channel\(s\) but test images have 1"):
         write_dataset(tmp_path / "x.h5", colour, np.arange(4) % 2, grey, np.arange(4) % 2)
 
 
 @pytest.mark.parametrize("change, problem", [
-    (lambda f: f["train/labels"].__setitem__(0, 10), "label 10 in 'train/labels' is outside 0..9 (the file has "
-                                                     "10 classes)"),
-    (lambda f: f.attrs.__delitem__("n_classes"), "the root attribute 'n_classes' (the class count, which "
-                                                 "format_version 3 requires) is missing"),
-    (lambda f: f.attrs.__setitem__("n_classes", 1), "n_classes is 1; ddptrain handles 2 to 4096 classes"),
-    (lambda f: f.attrs.__setitem__("n_classes", 10 ** 6), "n_classes is 1000000; ddptrain handles 2 to 4096"),
+    (lambda f: f["train/labels"].__setitem__(0, 10),
+     "label 10 in 'train/labels' is outside 0..9 (the file has 10 classes)"),
+    (lambda f: f.attrs.__delitem__("n_classes"), "the root attribute 'n_classes' (the class count, "
+                                                 "which format_version 3 requires) is missing"),
+    (lambda f: f.attrs.__setitem__("n_classes", 1),
+     "n_classes is 1; ddptrain handles 2 to 4096 classes"),
+    (lambda f: f.attrs.__setitem__("n_classes", 10 ** 6),
+     "n_classes is 1000000; ddptrain handles 2 to 4096"),
     (lambda f: f.attrs.__setitem__("n_classes", 2.5), "n_classes 2.5 is not a whole number"),
-    (lambda f: f.attrs.__setitem__("class_names", np.array([b"a", b"b"])), "class_names holds 2 names for 10 "
-                                                                           "classes"),
+    (lambda f: f.attrs.__setitem__("class_names", np.array([b"a", b"b"])),
+     "class_names holds 2 names for 10 classes"),
     (lambda f: f.attrs.__setitem__("class_names", 7), "class_names must be a list of 10 strings"),
     (replace_dataset("test/images", np.zeros((N_TEST, 3, H, W), np.uint8)),
      "train images have 1 channel(s) but test images have 3"),
-    (replace_dataset("test/images", np.zeros((N_TEST, H, W + 1), np.uint8)), "train images are 4x5 but test "
-                                                                            "images are 4x6"),
-    (replace_dataset("train/images", np.zeros((N_TRAIN, 0, H, W), np.uint8)), "must be uint8 (N, H, W) or"),
+    (replace_dataset("test/images", np.zeros((N_TEST, H, W + 1), np.uint8)),
+     "train images are 4x5 but test images are 4x6"),
+    (replace_dataset("train/images", np.zeros((N_TRAIN, 0, H, W), np.uint8)),
+     "must be uint8 (N, H, W) or"),
 ])
 def test_each_malformed_variant_is_one_line(data_file, change, problem):
     edit(data_file, change)
@@ -383,8 +393,9 @@ def test_read_rows_honours_the_requested_dtype(data_file, splits):
 def test_read_rows_of_every_rank_together_cover_the_split_once(data_file, splits):
     train_labels = splits[1]
     world_size, n_shards = 3, 6
-    labels = [data.read_rows(data_file, "train", owned_blocks(N_TRAIN, rank, world_size, n_shards))[1]
-              for rank in range(world_size)]
+    labels = [data.read_rows(data_file, "train",
+                             owned_blocks(N_TRAIN, rank, world_size,
+                                          n_shards))[1] for rank in range(world_size)]
     assert sum(len(part) for part in labels) == N_TRAIN
     # Rank r owns shards r, r+P, ...: rank 0's first block is the first shard.
     first_shard_size = owned_blocks(N_TRAIN, 0, world_size, n_shards)[0][1]
@@ -397,7 +408,8 @@ def test_read_rows_of_no_blocks_is_empty(data_file):
 
 
 def test_read_rows_rejects_blocks_outside_the_split(data_file):
-    with pytest.raises(DataError, match=rf"rows 15:{N_TEST + 1} are outside 'test/images' \({N_TEST} rows\)"):
+    with pytest.raises(DataError,
+                       match=rf"rows 15:{N_TEST + 1} are outside 'test/images' \({N_TEST} rows\)"):
         data.read_rows(data_file, "test", [(15, N_TEST + 1)])
 
 

@@ -1,27 +1,28 @@
 """--debug finds where a gradient is wrong; --simulate-ranks runs P ranks in one process."""
 
-import helpers
 import numpy as np
 import pytest
-from helpers import final_params, model_spec, relative_error
 
+import helpers
 from ddptrain import cli
 from ddptrain.errors import NumericalError
 from ddptrain.nn.losses import SoftmaxCrossEntropy
 from ddptrain.nn.model import Sequential
 from ddptrain.training import step
 from ddptrain.training.debug import FiniteChecker
+from helpers import final_params, model_spec, relative_error
 
 SMALL = ["--model", model_spec(), "--batch-size", "30", "--epochs", "2"]
 
 
 @pytest.mark.slow
 def test_simulated_ranks_train_the_parameters_of_mpiexec_and_of_one_process(small_data, tmp_path):
-    runs = {"simulated": ([*SMALL, "--simulate-ranks", "4"], None), "mpiexec": (SMALL, 4), "single": (SMALL, None)}
+    runs = {"simulated": ([*SMALL, "--simulate-ranks", "4"], None), "mpiexec": (SMALL, 4),
+            "single": (SMALL, None)}
     params = {}
     for name, (args, ranks) in runs.items():
-        proc = helpers.run(["--data", small_data, "--dtype", "float64", "--run-dir", tmp_path / name, *args],
-                          ranks=ranks)
+        proc = helpers.run(["--data", small_data, "--dtype", "float64", "--run-dir",
+                            tmp_path / name, *args], ranks=ranks)
         assert proc.returncode == 0, proc.stderr
         params[name] = final_params(tmp_path / name)
     assert relative_error(params["simulated"], params["mpiexec"]) < 1e-9
@@ -29,7 +30,8 @@ def test_simulated_ranks_train_the_parameters_of_mpiexec_and_of_one_process(smal
 
 
 def test_simulated_ranks_report_the_split_like_real_ranks(small_data, tmp_path, capsys):
-    assert cli.main(["--data", small_data, *SMALL, "--simulate-ranks", "3", "--run-dir", str(tmp_path / "run")]) == 0
+    assert cli.main(["--data", small_data, *SMALL, "--simulate-ranks", "3", "--run-dir",
+                     str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "3 ranks (simulated (threads of one process))" in out
     assert "global batch 30 = 10 per rank" in out
@@ -44,7 +46,8 @@ def test_simulated_ranks_refuse_to_run_under_mpiexec(small_data):
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", [None, 2])
 def test_debug_mode_confirms_a_correct_gradient(small_data, tmp_path, ranks):
-    proc = helpers.run(["--data", small_data, *SMALL, "--debug", "--run-dir", tmp_path / "run"], ranks=ranks)
+    proc = helpers.run(["--data", small_data, *SMALL, "--debug", "--run-dir", tmp_path / "run"],
+                       ranks=ranks)
     assert proc.returncode == 0, proc.stderr
     assert "float64" in proc.stdout
     assert "debug: at step 0 the allreduced gradient agrees with finite differences" in proc.stdout
@@ -83,8 +86,8 @@ def test_a_nan_is_reported_with_the_layer_it_appeared_in():
     model.observer = FiniteChecker()
     model.observer.step = 7
     model.layers[3].params["weight"][1, 1] = np.nan   # the second Linear
-    with pytest.raises(NumericalError, match=r"output of layer linear2 \(Linear 5->4\) during the forward pass of "
-                                             r"step 7"):
+    with pytest.raises(NumericalError, match=r"output of layer linear2 \(Linear 5->4\) during the "
+                                             r"forward pass of step 7"):
         model.forward(np.ones((2, 6)))
 
 

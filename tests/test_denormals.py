@@ -1,25 +1,27 @@
-"""Denormal floats flushed to zero while a run trains (``--denormals flush``, the default): inside the run
-a float32 below 1.2e-38 computes as zero, in the rank's thread and the threads it starts; outside, and with
-``--denormals keep``, arithmetic is IEEE's; the model trained is the same."""
+"""Denormal floats flushed to zero while a run trains (``--denormals flush``, the default): inside
+the run a float32 below 1.2e-38 computes as zero, in the rank's thread and the threads it starts;
+outside, and with ``--denormals keep``, arithmetic is IEEE's; the model trained is the same."""
 
 import threading
 
 import numpy as np
 import pytest
-from helpers import final_params, metrics_records, model_spec
 
 from ddptrain import cli
 from ddptrain.backends import denormals
 from ddptrain.errors import UserError
 from ddptrain.training.trainer import Callback
+from helpers import final_params, metrics_records, model_spec
 
-needs_flushing = pytest.mark.skipif(not denormals.supported(), reason="flushing is known on x86-64 and AArch64 Linux")
+needs_flushing = pytest.mark.skipif(not denormals.supported(),
+                                    reason="flushing is known on x86-64 and AArch64 Linux")
 
 DENORMAL = np.float32(1e-39)   # below float32's smallest normal number, 1.18e-38
 
 
 def survives(value=DENORMAL):
-    """Whether a denormal comes out of a multiplication by one as itself (IEEE) rather than zero (flushed)."""
+    """Whether a denormal comes out of a multiplication by one as itself (IEEE) rather than zero
+    (flushed)."""
     return bool(np.array([value], np.float32) * np.float32(1.0) != 0)
 
 

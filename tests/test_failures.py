@@ -1,5 +1,5 @@
-"""Preemption, crashes, numerical faults and bad input (issue 4, points 3 to 6): the job always
-ends within seconds, with a documented status, a clear message, and its checkpoints intact.
+"""Preemption, crashes, numerical faults and bad input: the job always ends within seconds, with a
+documented status, a clear message, and its checkpoints intact.
 
 Runs go through ``python -m ddptrain`` (under mpiexec where ranks matter). Faults that cannot be
 provoked from outside are injected through ddptrain's callbacks by ``tests/inject.py``. Training
@@ -14,13 +14,13 @@ import sys
 import time
 
 import h5py
-import helpers
 import numpy as np
 import pytest
-from helpers import error_lines, flip_a_byte_of, make_dataset, model_spec
 
+import helpers
 from ddptrain.errors import EXIT_FAILURE, EXIT_PREEMPTED, EXIT_USAGE
 from ddptrain.run import checkpoint as ckpt_io
+from helpers import error_lines, flip_a_byte_of, make_dataset, model_spec
 
 pytestmark = pytest.mark.slow   # every test here starts ddptrain processes
 
@@ -29,77 +29,26 @@ SECONDS_TO_STOP = 10  # what "within seconds" means here; measured: well under 1
 
 
 def args(data, run_dir, *extra):
-    return ["--data", data, "--model", model_spec(), "--batch-size", "16", "--epochs", "3", "--threads", "1",
-            "--quiet", "--run-dir", run_dir, *extra]
+    return ["--data", data, "--model", model_spec(), "--batch-size", "16", "--epochs", "3",
+            "--threads", "1", "--quiet", "--run-dir", run_dir, *extra]
 
 
 def slow_args(data, run_dir):
-    """Two epochs of 30 steps, a checkpoint every 5 steps: the first one shows that training is under way."""
-    return args(data, run_dir, "--batch-size", "8", "--epochs", "2", "--checkpoint-every", "5", "--keep", "100")
+    """Two epochs of 30 steps, a checkpoint every 5 steps: the first one shows that training is
+    under way."""
+    return args(data, run_dir, "--batch-size", "8", "--epochs", "2", "--checkpoint-every", "5",
+                "--keep", "100")
 
 
 @pytest.fixture
-def background():
-    """Start ddptrain in the background; whatever is still running at the end is killed."""
-    started = []
-
+def background(started):
+    """Start ddptrain in the background, each step DELAY seconds long; whatever still runs at the
+    end is killed (``started``)."""
     def start(arguments, ranks=None, fault=None):
-        proc = helpers.start(arguments, ranks=ranks, faults=",".join(filter(None, [f"delay:seconds={DELAY}", fault])))
-        started.append(proc)
-        return proc
+        return started(arguments, ranks=ranks,
+                       faults=",".join(filter(None, [f"delay:seconds={DELAY}", fault])))
 
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-
-
-def wait_for(path, proc, timeout=30):
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if proc.poll() is not None:
-            pytest.fail(f"ddptrain ended early with {proc.returncode}: {proc.communicate()[1]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"{path} did not appear within {timeout} s")
-        time.sleep(0.02)
-
-
-def rank_pids(launcher_pid, ranks, timeout=30):
-    """{rank: pid} of the ranks under an mpiexec, found in /proc (PMI_RANK in their environment)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = {}
-        for pid in descendants(launcher_pid):
-            try:
-                environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-            except OSError:
-                continue
-            for item in environ:
-                if item.startswith(b"PMI_RANK="):
-                    found[int(item[len(b"PMI_RANK="):])] = pid
-        if len(found) == ranks or time.monotonic() > deadline:
-            assert len(found) == ranks, f"found the ranks {found}"
-            return found
-        time.sleep(0.05)
-
-
-def descendants(pid):
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+    return start
 
 
 def finish(proc, since):
@@ -108,14 +57,14 @@ def finish(proc, since):
     return out, err, time.monotonic() - since
 
 
-# ---------------------------------------------------------------- 3. preemption
+# ---------------------------------------------------------------- preemption
 
 
-def test_a_signal_to_one_rank_mid_epoch_stops_every_rank_with_a_checkpoint_and_status_3(small_data, tmp_path,
-                                                                                       background):
+def test_a_signal_to_one_rank_mid_epoch_stops_every_rank_with_a_checkpoint_and_status_3(
+        small_data, tmp_path, background):
     proc = background(slow_args(small_data, tmp_path / "run"), ranks=3)
-    wait_for(ckpt_io.step_path(tmp_path / "run" / "checkpoints", 5), proc)
-    os.kill(rank_pids(proc.pid, 3)[1], signal.SIGUSR1)
+    proc.wait_for_path(ckpt_io.step_path(tmp_path / "run" / "checkpoints", 5))
+    os.kill(helpers.rank_pids(proc.pid, 3)[1], signal.SIGUSR1)
     signalled = time.monotonic()
     out, err, seconds = finish(proc, signalled)
     assert proc.returncode == EXIT_PREEMPTED, err
@@ -129,10 +78,10 @@ def test_a_signal_to_one_rank_mid_epoch_stops_every_rank_with_a_checkpoint_and_s
 
 @pytest.mark.parametrize("ranks, name", [(2, "SIGTERM"), (2, "SIGINT"), (None, "SIGTERM")],
                          ids=["mpiexec-SIGTERM", "mpiexec-ctrl-c", "single-process-SIGTERM"])
-def test_sigterm_or_ctrl_c_stops_the_job_with_a_checkpoint_and_status_3(small_data, tmp_path, background,
-                                                                        ranks, name):
+def test_sigterm_or_ctrl_c_stops_the_job_with_a_checkpoint_and_status_3(
+        small_data, tmp_path, background, ranks, name):
     proc = background(slow_args(small_data, tmp_path / "run"), ranks=ranks)
-    wait_for(ckpt_io.step_path(tmp_path / "run" / "checkpoints", 5), proc)
+    proc.wait_for_path(ckpt_io.step_path(tmp_path / "run" / "checkpoints", 5))
     os.kill(proc.pid, getattr(signal, name))          # mpiexec passes it on to every rank
     out, err, seconds = finish(proc, time.monotonic())
     assert proc.returncode == EXIT_PREEMPTED, err
@@ -141,13 +90,15 @@ def test_sigterm_or_ctrl_c_stops_the_job_with_a_checkpoint_and_status_3(small_da
     assert f"stopped by {name} at step {step}; checkpoint written; resume with --resume auto" in out
 
 
-def test_more_signals_during_the_shutdown_neither_hang_nor_change_the_status(small_data, tmp_path, background):
+def test_more_signals_during_the_shutdown_neither_hang_nor_change_the_status(
+        small_data, tmp_path, background):
     proc = background(slow_args(small_data, tmp_path / "run"), ranks=2)
-    wait_for(ckpt_io.step_path(tmp_path / "run" / "checkpoints", 5), proc)
-    pids = rank_pids(proc.pid, 2).values()
+    proc.wait_for_path(ckpt_io.step_path(tmp_path / "run" / "checkpoints", 5))
+    pids = helpers.rank_pids(proc.pid, 2).values()
     started = time.monotonic()
     while proc.poll() is None and time.monotonic() - started < SECONDS_TO_STOP:
-        for pid in pids:                                # SIGTERM to every rank every few ms until it ends
+        # SIGTERM to every rank every few ms until it ends
+        for pid in pids:
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -159,82 +110,94 @@ def test_more_signals_during_the_shutdown_neither_hang_nor_change_the_status(sma
     assert ckpt_io.newest_valid(tmp_path / "run" / "checkpoints") is not None
 
 
-# ---------------------------------------------------------------- 4. no hangs
+# ---------------------------------------------------------------- no hangs
 
 
 @pytest.mark.parametrize("runner", [[], ["-m", "mpi4py"]], ids=["python", "python -m mpi4py"])
-def test_an_exception_on_rank_1_of_3_ends_the_job_within_seconds_naming_the_rank_once(small_data, tmp_path,
-                                                                                       runner):
-    command = [helpers.mpiexec(), "-n", "3", sys.executable, *runner, helpers.INJECT, "raise:rank=1:step=3",
-               *args(small_data, tmp_path / "run")]
+def test_an_exception_on_rank_1_of_3_ends_the_job_within_seconds_naming_the_rank_once(
+        small_data, tmp_path, runner):
+    command = [helpers.mpiexec(), "-n", "3", sys.executable, *runner, helpers.INJECT,
+               "raise:rank=1:step=3", *args(small_data, tmp_path / "run")]
     started = time.monotonic()
-    proc = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=60, cwd=helpers.ROOT,
-                          env=helpers.clean_env())
+    proc = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=60,
+                          cwd=helpers.ROOT, env=helpers.clean_env())
     seconds = time.monotonic() - started
     assert proc.returncode == EXIT_FAILURE, proc.stderr
     assert seconds < 20                                 # start-up included; measured: about 1 s
-    assert proc.stderr.count("ddptrain: error on rank 1 of 3: InjectedFault: injected on rank 1 before step 3") == 1
+    assert proc.stderr.count("ddptrain: error on rank 1 of 3: InjectedFault: injected on rank 1 "
+                             "before step 3") == 1
     assert proc.stderr.count("ddptrain: error") == 1   # the ranks left waiting print nothing
     assert "[rank 1] Traceback" in proc.stderr
 
 
 def test_a_rank_killed_by_sigkill_ends_the_job(small_data, tmp_path, background):
     proc = background(slow_args(small_data, tmp_path / "run"), ranks=3)
-    wait_for(ckpt_io.step_path(tmp_path / "run" / "checkpoints", 5), proc)
-    os.kill(rank_pids(proc.pid, 3)[1], signal.SIGKILL)
+    proc.wait_for_path(ckpt_io.step_path(tmp_path / "run" / "checkpoints", 5))
+    os.kill(helpers.rank_pids(proc.pid, 3)[1], signal.SIGKILL)
     out, err, seconds = finish(proc, time.monotonic())
-    assert proc.returncode == signal.SIGKILL            # mpiexec (Hydra) kills the other ranks, exits 9
+    # mpiexec (Hydra) kills the other ranks, exits 9
+    assert proc.returncode == signal.SIGKILL
     assert "BAD TERMINATION" in out + err and "signal 9" in out + err
     assert seconds < SECONDS_TO_STOP
     assert ckpt_io.newest_valid(tmp_path / "run" / "checkpoints").state["step"] >= 5
 
 
-# ---------------------------------------------------------------- 5. numerical faults
+# ---------------------------------------------------------------- numerical faults
 
 
-def test_a_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(small_data, tmp_path):
-    proc = helpers.run(args(small_data, tmp_path / "run"), ranks=2, timeout=60, faults="nan:step=20:rank=1")
+def test_a_nan_stops_training_naming_the_step_and_keeps_the_last_good_checkpoint(
+        small_data, tmp_path):
+    proc = helpers.run(args(small_data, tmp_path / "run"), ranks=2, timeout=60,
+                       faults="nan:step=20:rank=1")
     assert proc.returncode == EXIT_FAILURE
     [line] = error_lines(proc.stderr)
-    assert line.startswith("ddptrain: error: NumericalError: NaN or Inf in the loss or gradients at step 20 ")
+    assert line.startswith("ddptrain: error: NumericalError: NaN or Inf in the loss or gradients "
+                           "at step 20 ")
     assert "The checkpoints written before are kept (the newest: step 15)" in line
     folder = tmp_path / "run" / "checkpoints"
     assert sorted(os.listdir(folder)) == ["best.h5", "step-00000015.h5"]
     last_good = ckpt_io.newest_valid(folder)            # what --resume auto would take
-    assert last_good.state["step"] == 15 and all(np.isfinite(a).all() for a in last_good.params.values())
+    assert last_good.state["step"] == 15
+    assert all(np.isfinite(a).all() for a in last_good.params.values())
 
 
-# ---------------------------------------------------------------- 6. bad input, and a failed write
+# ---------------------------------------------------------------- bad input, and a failed write
 
 
 def test_a_nan_before_any_checkpoint_says_that_none_was_written(small_data, tmp_path):
     proc = helpers.run(args(small_data, tmp_path / "run"), timeout=60, faults="nan:step=3")
     assert proc.returncode == EXIT_FAILURE
     [line] = error_lines(proc.stderr)    # no numpy warnings before it either
-    assert "at step 3 " in line and line.endswith("No checkpoint was written: start again with a lower --lr")
+    assert "at step 3 " in line and line.endswith("No checkpoint was written: start again with a "
+                                                  "lower --lr")
     assert os.listdir(tmp_path / "run" / "checkpoints") == []
 
 
-def test_a_failed_checkpoint_write_stops_every_rank_and_keeps_the_previous_checkpoint(small_data, tmp_path):
+def test_a_failed_checkpoint_write_stops_every_rank_and_keeps_the_previous_checkpoint(
+        small_data, tmp_path):
     proc = helpers.run(args(small_data, tmp_path / "run"), ranks=2, timeout=60,
                        faults="checkpoint-write:step=30")   # full disk, before the rename
     assert proc.returncode == EXIT_USAGE
     [line] = error_lines(proc.stderr)
     folder = tmp_path / "run" / "checkpoints"
-    assert line == (f"ddptrain: error: could not write checkpoint {folder / 'step-00000030.h5'} (the previous "
-                    f"ones are intact): No space left on device (injected by the test)")
-    assert sorted(os.listdir(folder)) == ["best.h5", "step-00000015.h5"]     # no temporary file either
+    assert line == (f"ddptrain: error: could not write checkpoint {folder / 'step-00000030.h5'} "
+                    f"(the previous ones are intact): No space left on device (injected by the "
+                    f"test)")
+    # no temporary file either
+    assert sorted(os.listdir(folder)) == ["best.h5", "step-00000015.h5"]
     assert ckpt_io.load(folder / "step-00000015.h5").state["step"] == 15     # checksum verified
     assert ckpt_io.load(folder / "best.h5").state["step"] == 15
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A data file, and the epoch-1 checkpoints of a 64-16-10 and of a 64-8-10 model trained on it."""
+    """A data file, and the epoch-1 checkpoints of a 64-16-10 and of a 64-8-10 model trained on
+    it."""
     folder = tmp_path_factory.mktemp("trained")
     data = make_dataset(folder / "data.h5")
     for model in ("64-16-10", "64-8-10"):
-        proc = helpers.run(args(data, folder / model, "--epochs", "1", "--model", model), timeout=60)
+        proc = helpers.run(args(data, folder / model, "--epochs", "1", "--model", model),
+                           timeout=60)
         assert proc.returncode == 0, proc.stderr
     return folder
 
@@ -284,26 +247,36 @@ def labels_with(value):
 # (what is wrong, extra arguments given tmp_path and the trained fixture, what the one line says)
 BAD_INPUTS = [
     ("data file missing", lambda t, r: ["--data", t / "absent.h5"], "absent.h5: no such file"),
-    ("data file corrupt", lambda t, r: ["--data", bad_data(t, garbage)], "bad.h5: not an HDF5 file"),
+    ("data file corrupt", lambda t, r: ["--data", bad_data(t, garbage)],
+     "bad.h5: not an HDF5 file"),
     ("data file truncated", lambda t, r: ["--data", bad_data(t, truncate)], "truncated"),
-    ("dataset missing", lambda t, r: ["--data", bad_data(t, edit(lambda f: f.__delitem__("test/labels")))],
+    ("dataset missing",
+     lambda t, r: ["--data", bad_data(t, edit(lambda f: f.__delitem__("test/labels")))],
      "bad.h5: dataset 'test/labels' is missing"),
-    ("images of the wrong shape", lambda t, r: ["--data", bad_data(t, replace("train/images",
-                                                                               np.zeros((240, 64), np.uint8)))],
-     "bad.h5: 'train/images' must be uint8 (N, H, W) or (N, C, H, W), found 2-D uint8 of shape (240, 64)"),
-    ("label out of range", lambda t, r: ["--data", bad_data(t, replace("test/labels", labels_with(10)))],
+    ("images of the wrong shape",
+     lambda t, r: ["--data", bad_data(t, replace("train/images", np.zeros((240, 64), np.uint8)))],
+     "bad.h5: 'train/images' must be uint8 (N, H, W) or (N, C, H, W), found 2-D uint8 of shape "
+     "(240, 64)"),
+    ("label out of range",
+     lambda t, r: ["--data", bad_data(t, replace("test/labels", labels_with(10)))],
      "bad.h5: label 10 in 'test/labels' is outside 0..9"),
     ("checkpoint corrupt", lambda t, r: ["--resume", copy_checkpoint(r, t, change=flip_a_byte_of)],
      "given.h5: checksum mismatch, the checkpoint is corrupt"),
     ("checkpoint truncated", lambda t, r: ["--resume", copy_checkpoint(r, t, change=truncate)],
      "given.h5: truncated or extended checkpoint"),
-    ("checkpoint of another model", lambda t, r: ["--resume", copy_checkpoint(r, t, model="64-8-10")],
-     "given.h5: checkpoint is for model 64-8-10, not 64-16-10 (parameter linear1.bias is 8 there, 16 here)"),
-    ("checkpoint missing", lambda t, r: ["--resume", t / "absent.h5"], "absent.h5: no such checkpoint"),
-    ("checkpoint is not one", lambda t, r: ["--resume", r / "data.h5"], "data.h5: not a ddptrain checkpoint"),
-    ("run folder unwritable", lambda t, r: ["--run-dir", shutil.copy(r / "data.h5", t / "a-file") / "run"],
+    ("checkpoint of another model",
+     lambda t, r: ["--resume", copy_checkpoint(r, t, model="64-8-10")],
+     "given.h5: checkpoint is for model 64-8-10, not 64-16-10 (parameter linear1.bias is 8 there, "
+     "16 here)"),
+    ("checkpoint missing", lambda t, r: ["--resume", t / "absent.h5"],
+     "absent.h5: no such checkpoint"),
+    ("checkpoint is not one", lambda t, r: ["--resume", r / "data.h5"],
+     "data.h5: not a ddptrain checkpoint"),
+    ("run folder unwritable",
+     lambda t, r: ["--run-dir", shutil.copy(r / "data.h5", t / "a-file") / "run"],
      "cannot write to the run folder"),
-    ("negative batch size", lambda t, r: ["--batch-size", "-16"], "--batch-size must be positive, got -16"),
+    ("negative batch size", lambda t, r: ["--batch-size", "-16"],
+     "--batch-size must be positive, got -16"),
     ("unknown model spec", lambda t, r: ["--model", "64-x-10"],
      "--model '64-x-10': 'x' (token 2) is not a layer size"),
     ("model that does not fit the data", lambda t, r: ["--model", "784-16-10"],
@@ -314,7 +287,8 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("make_args, message", [case[1:] for case in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+@pytest.mark.parametrize("make_args, message", [case[1:] for case in BAD_INPUTS],
+                         ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_is_refused_with_one_line_and_status_2(trained, tmp_path, make_args, message):
     extra = make_args(tmp_path, trained)
     given = [p for p in extra if os.path.isfile(str(p))]
@@ -323,11 +297,13 @@ def test_bad_input_is_refused_with_one_line_and_status_2(trained, tmp_path, make
     assert proc.returncode == EXIT_USAGE, proc.stderr
     [line] = error_lines(proc.stderr)
     assert line.startswith("ddptrain: error: ") and message in line
-    assert {p: open(p, "rb").read() for p in before} == before      # nothing given is changed or removed
+    # nothing given is changed or removed
+    assert {p: open(p, "rb").read() for p in before} == before
 
 
 def test_a_global_batch_smaller_than_the_ranks_is_refused_once_with_status_2(small_data, tmp_path):
     proc = helpers.run(args(small_data, tmp_path / "run", "--batch-size", "2"), ranks=3, timeout=60)
     assert proc.returncode == EXIT_USAGE
-    assert error_lines(proc.stderr) == ["ddptrain: error: --batch-size 2 is smaller than the number of ranks (3): "
-                                        "every rank needs at least one sample per step"]
+    assert error_lines(proc.stderr) == ["ddptrain: error: --batch-size 2 is smaller than the "
+                                        "number of ranks (3): every rank needs at least one sample "
+                                        "per step"]

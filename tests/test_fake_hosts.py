@@ -1,4 +1,5 @@
-"""The fake hosts of scripts/fake-hosts.sh (network namespaces) that multi-node tests run MPI across.
+"""The fake hosts of scripts/fake-hosts.sh (network namespaces) that multi-node tests run MPI
+across.
 
 Skipped unless fake hosts can be made here (root; see fakehosts.why_unavailable).
 """
@@ -9,9 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import fakehosts
 import pytest
 
+import fakehosts
 from ddptrain.distributed.launcher import environ_without_launcher, find_mpiexec
 
 pytestmark = pytest.mark.slow   # every test here starts processes
@@ -32,7 +33,8 @@ correct = True
 for _ in range({repetitions}):
     world.Allreduce(x, total)
     correct = correct and bool(np.all(total == size * (size + 1) / 2))
-seen = {{"rank": rank, "size": size, "processor": MPI.Get_processor_name(), "hostname": socket.gethostname(),
+seen = {{"rank": rank, "size": size, "processor": MPI.Get_processor_name(),
+        "hostname": socket.gethostname(),
         "shared": world.Split_type(MPI.COMM_TYPE_SHARED).Get_size(), "allreduce_correct": correct}}
 with open(f"{{sys.argv[1]}}/rank-{{rank}}.json", "w") as f:
     json.dump(seen, f)
@@ -48,12 +50,14 @@ def available():
 
 
 def machine_network():
-    """What the machine's own network namespace has: its links, addresses and routes, and /etc/hosts."""
+    """What the machine's own network namespace has: its links, addresses and routes, and
+    /etc/hosts."""
     def ip(*args):   # without the lifetimes, which count down
         out = subprocess.run(["ip", *args], capture_output=True, text=True, check=True).stdout
         return re.sub(r"\b(valid_lft|preferred_lft|expires)\s+\S+", "", out)
     return {"links": ip("-o", "link", "show"), "addresses": ip("-o", "addr", "show"),
-            "routes": ip("route", "show", "table", "all"), "etc_hosts": Path("/etc/hosts").read_text()}
+            "routes": ip("route", "show", "table", "all"),
+            "etc_hosts": Path("/etc/hosts").read_text()}
 
 
 def ours():
@@ -66,9 +70,10 @@ def our_etc_netns():
 
 
 def links_in(namespace):
-    """``{name: link}`` of a namespace's links (``ip -j link``), names without the ``@peer`` tail."""
-    out = subprocess.run(["ip", "-n", namespace, "-j", "link", "show"], capture_output=True, text=True,
-                         check=True).stdout
+    """``{name: link}`` of a namespace's links (``ip -j link``), names without the ``@peer``
+    tail."""
+    out = subprocess.run(["ip", "-n", namespace, "-j", "link", "show"], capture_output=True,
+                         text=True, check=True).stdout
     return {link["ifname"]: link for link in json.loads(out)}
 
 
@@ -78,7 +83,8 @@ def test_up_makes_exactly_the_named_hosts_and_down_removes_them(available):
         assert hosts.hosts == [f"{PREFIX}-h1", f"{PREFIX}-h2"]
         assert ours() == {f"{PREFIX}-h1", f"{PREFIX}-h2", f"{PREFIX}-net"}
         assert our_etc_netns() == [f"{PREFIX}-h1", f"{PREFIX}-h2"]
-        assert machine_network() == before_network       # nothing added to the machine's own network
+        # nothing added to the machine's own network
+        assert machine_network() == before_network
 
         switch = links_in(hosts.switch_namespace)
         assert set(switch) == {"lo", hosts.bridge, f"{PREFIX}-h1-v", f"{PREFIX}-h2-v"}
@@ -95,20 +101,23 @@ def test_up_makes_exactly_the_named_hosts_and_down_removes_them(available):
 
         # On a host: its hostname, its /etc/hosts, its address, and the others' names resolve.
         other = hosts.hosts[1]
-        probe = ("import socket; print(socket.gethostname(), socket.gethostbyname(socket.gethostname()),"
-                 f" socket.gethostbyname({other!r}))")
-        out = subprocess.run(hosts.run_argv(hosts.hosts[0], [sys.executable, "-c", probe]), capture_output=True,
-                             text=True, check=True, stdin=subprocess.DEVNULL).stdout.split()
+        probe = ("import socket; print(socket.gethostname(), "
+                 "socket.gethostbyname(socket.gethostname())," f" socket.gethostbyname({other!r}))")
+        out = subprocess.run(hosts.run_argv(hosts.hosts[0], [sys.executable, "-c", probe]),
+                             capture_output=True, text=True, check=True,
+                             stdin=subprocess.DEVNULL).stdout.split()
         assert out == [hosts.hosts[0], hosts.address(hosts.hosts[0]), hosts.address(other)]
         assert hosts.pids(hosts.hosts[0]) == []          # nothing left running there
     assert ours() == set() and our_etc_netns() == []
     assert machine_network() == before_network
 
 
-def test_up_removes_the_leftovers_of_a_crashed_run_and_down_succeeds_when_nothing_is_there(available):
+def test_up_removes_the_leftovers_of_a_crashed_run_and_down_succeeds_when_nothing_is_there(
+        available):
     subprocess.run([str(fakehosts.SCRIPT), "up", "3", PREFIX], check=True, capture_output=True)
     assert len(ours()) == 4
-    with fakehosts.FakeHosts(n=2, prefix=PREFIX) as hosts:     # no `down` in between: as after a crash
+    # no `down` in between: as after a crash
+    with fakehosts.FakeHosts(n=2, prefix=PREFIX) as hosts:
         assert ours() == hosts.namespaces() == {f"{PREFIX}-h1", f"{PREFIX}-h2", f"{PREFIX}-net"}
         assert our_etc_netns() == [f"{PREFIX}-h1", f"{PREFIX}-h2"]
     assert ours() == set() and our_etc_netns() == []
@@ -119,7 +128,7 @@ def test_down_runs_when_the_body_raises(available):
     with pytest.raises(ZeroDivisionError):
         with fakehosts.FakeHosts(n=2, prefix=PREFIX) as hosts:
             assert ours() == hosts.namespaces()
-            1 / 0
+            raise ZeroDivisionError("the body fails")
     assert ours() == set()
 
 
@@ -130,8 +139,8 @@ def test_two_hosts_of_two_ranks_group_by_host_and_allreduce_over_the_network(ava
         h1, h2 = hosts.hosts
         before = {host: hosts.veth_bytes(host) for host in hosts.hosts}
         argv = hosts.mpiexec_argv(2, [sys.executable, program, tmp_path], mpiexec=find_mpiexec())
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=environ_without_launcher(),
-                              stdin=subprocess.DEVNULL)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                              env=environ_without_launcher(), stdin=subprocess.DEVNULL)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         after = {host: hosts.veth_bytes(host) for host in hosts.hosts}
         assert hosts.pids(h1) == [] and hosts.pids(h2) == []     # the ranks and proxies are gone

@@ -5,10 +5,10 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from helpers import numerical_grad, rel_error
 
 from ddptrain.nn.layers import Linear, ReLU, Softmax
 from ddptrain.nn.model import Sequential
+from helpers import numerical_grad, rel_error
 
 TOL = 1e-7   # central differences in float64 agree to ~1e-9 here
 
@@ -154,7 +154,8 @@ def test_softmax_backward_is_the_per_row_jacobian_vector_product():
 
 
 def test_softmax_backward_on_a_large_batch_needs_memory_linear_in_the_batch():
-    """A (B, B) identity or a (B, C, C) Jacobian would need 3.2 GB or 16 MB here; O(B*C) is 1.6 MB."""
+    """A (B, B) identity or a (B, C, C) Jacobian would need 3.2 GB or 16 MB here; O(B*C) is 1.6
+    MB."""
     batch, classes = 20000, 10
     rng = np.random.default_rng(4)
     x = rng.standard_normal((batch, classes))

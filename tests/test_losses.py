@@ -1,14 +1,15 @@
-"""The fused SoftmaxCrossEntropy and the chained Softmax + CrossEntropy, against finite differences."""
+"""The fused SoftmaxCrossEntropy and the chained Softmax + CrossEntropy, against finite
+differences."""
 
 import contextlib
 import warnings
 
 import numpy as np
 import pytest
-from helpers import numerical_grad, one_hot, rel_error
 
 from ddptrain.nn.layers import Softmax
 from ddptrain.nn.losses import CrossEntropy, SoftmaxCrossEntropy, log_softmax, softmax
+from helpers import numerical_grad, one_hot, rel_error
 
 TOL = 1e-7
 B, C = 6, 5
@@ -61,7 +62,8 @@ def test_fused_backward_is_softmax_minus_targets_over_the_normaliser(kind):
     z, y = make_logits(), make_targets(kind)
     loss = SoftmaxCrossEntropy()
     loss.forward(z, y, 3 * B)
-    np.testing.assert_allclose(loss.backward(), (softmax(z) - as_distribution(y)) / (3 * B), rtol=1e-13, atol=1e-17)
+    np.testing.assert_allclose(loss.backward(), (softmax(z) - as_distribution(y)) / (3 * B),
+                               rtol=1e-13, atol=1e-17)
 
 
 @pytest.mark.parametrize("kind", LABEL_KINDS)
@@ -143,7 +145,8 @@ def test_a_non_positive_normaliser_is_refused(normaliser):
     (1, 2000.0, [[1.0, -1.0]]),
     (0, 0.0, [[0.0, 0.0]]),
 ])
-def test_logits_of_plus_minus_1000_give_the_exact_loss_and_grad(dtype, label, expected_loss, expected_grad):
+def test_logits_of_plus_minus_1000_give_the_exact_loss_and_grad(dtype, label, expected_loss,
+                                                                expected_grad):
     z = np.array([[1000.0, -1000.0]], dtype=dtype)
     loss = SoftmaxCrossEntropy()
     with no_floating_point_trouble():

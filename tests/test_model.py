@@ -1,8 +1,8 @@
-"""A whole model with the fused loss against finite differences, its flat buffers, and additivity."""
+"""A whole model with the fused loss against finite differences, its flat buffers, and
+additivity."""
 
 import numpy as np
 import pytest
-from helpers import numerical_grad, rel_error
 
 from ddptrain.errors import UserError
 from ddptrain.nn import BatchNorm, Dropout, Sequential
@@ -10,9 +10,11 @@ from ddptrain.nn.layer import Layer, ShapeError
 from ddptrain.nn.layers import Flatten, Linear, ReLU, Softmax
 from ddptrain.nn.losses import SoftmaxCrossEntropy
 from ddptrain.nn.spec import Token, parse_spec
+from helpers import numerical_grad, rel_error
 
 SPEC = "20-16-12-5"
-PARAM_NAMES = ["linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias", "linear3.weight", "linear3.bias"]
+PARAM_NAMES = ["linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias", "linear3.weight",
+               "linear3.bias"]
 
 
 def make_batch(batch=8, seed=0, kind="labels"):
@@ -58,7 +60,8 @@ def test_every_parameter_grad_matches_finite_differences(name, kind):
     normaliser = 3 * len(x)
     loss_and_grads(model, x, y, normaliser)
     analytic = dict(model.named_grads())[name].copy()
-    numeric = numerical_grad(lambda _: loss_only(model, x, y, normaliser), dict(model.named_params())[name])
+    numeric = numerical_grad(lambda _: loss_only(model, x, y, normaliser),
+                             dict(model.named_params())[name])
     assert rel_error(analytic, numeric) < 1e-6
 
 
@@ -101,7 +104,8 @@ def test_from_spec_builds_flatten_then_linear_relu_layers_ending_in_logits():
     model = Sequential.from_spec(SPEC, dtype=np.float64)
     assert [type(layer) for layer in model.layers] == [Flatten, Linear, ReLU, Linear, ReLU, Linear]
     assert [name for name, _ in model.named_params()] == PARAM_NAMES
-    assert (model.output_shape((20,)), model.output_shape((4, 5)), model.summary()) == ((5,), (5,), SPEC)
+    assert model.output_shape((20,)) == model.output_shape((4, 5)) == (5,)
+    assert model.summary() == SPEC
     assert model.params.size == 20 * 16 + 16 + 16 * 12 + 12 + 12 * 5 + 5
 
 
@@ -117,7 +121,8 @@ def test_a_batch_of_no_rows_passes_forward_and_backward():
     model = make_model()
     loss = SoftmaxCrossEntropy()
     logits = model.forward(np.zeros((0, 4, 5)))
-    assert logits.shape == (0, 5) and loss.forward(logits, np.zeros(0, dtype=np.int64), normaliser=8) == 0.0
+    assert logits.shape == (0, 5) and loss.forward(logits, np.zeros(0, dtype=np.int64),
+                                                   normaliser=8) == 0.0
     model.backward(loss.backward())
     assert not model.grads.any()
 
@@ -131,7 +136,8 @@ def test_a_sample_shape_that_does_not_fit_names_the_layer(sample_shape, message)
         Sequential.from_spec(SPEC).output_shape(sample_shape)
 
 
-# ---------------------------------------------------------------- names, descriptions, buffers, modes
+# ---------------------------------------------------------------- names, descriptions, buffers,
+# modes
 
 class Scale(Layer):
     """A layer with a buffer (a running maximum) and a mode, as batch normalisation will have."""
@@ -170,11 +176,13 @@ class Scale(Layer):
 def test_names_are_type_and_number_so_inserting_a_layer_of_another_type_renames_nothing():
     plain = Sequential([Linear(4, 3), ReLU(), Linear(3, 2)])
     inserted = Sequential([Linear(4, 3), Scale(3), ReLU(), Linear(3, 2)])
-    assert [n for n, _ in plain.named_params()] == ["linear1.weight", "linear1.bias", "linear2.weight",
-                                                     "linear2.bias"]
-    assert [n for n, _ in inserted.named_params()] == ["linear1.weight", "linear1.bias", "scale1.gain",
-                                                        "linear2.weight", "linear2.bias"]
-    assert [layer.name for layer in Sequential([named_linear("encoder"), ReLU()]).layers] == ["encoder", "relu1"]
+    assert [n for n, _ in plain.named_params()] == ["linear1.weight", "linear1.bias",
+                                                    "linear2.weight", "linear2.bias"]
+    assert [n for n, _ in inserted.named_params()] == ["linear1.weight", "linear1.bias",
+                                                       "scale1.gain", "linear2.weight",
+                                                       "linear2.bias"]
+    assert [layer.name for layer in Sequential([named_linear("encoder"),
+                                                ReLU()]).layers] == ["encoder", "relu1"]
 
 
 def named_linear(name):
@@ -189,12 +197,14 @@ def test_a_repeated_layer_name_is_refused():
 
 
 def test_a_model_is_rebuilt_from_its_description_with_the_same_names_and_shapes():
-    model = Sequential([Flatten(), Linear(6, 5, init="glorot"), Scale(5), ReLU(), Linear(5, 2)], seed=3)
+    model = Sequential([Flatten(), Linear(6, 5, init="glorot"), Scale(5), ReLU(), Linear(5, 2)],
+                       seed=3)
     description = model.describe()
     assert description[2] == {"name": "scale1", "type": "Scale", "args": {"n": 5}}
     again = Sequential.from_description(description, seed=3)
     assert again.describe() == description
-    assert [(n, a.shape) for n, a in again.named_params()] == [(n, a.shape) for n, a in model.named_params()]
+    assert [(n, a.shape) for n, a in again.named_params()] == [(n, a.shape) for n,
+                                                               a in model.named_params()]
     np.testing.assert_array_equal(again.params, model.params)
 
 
@@ -208,7 +218,8 @@ def test_a_description_of_an_unknown_layer_type_is_a_user_error():
 def test_buffers_live_in_one_flat_array_and_load_with_the_parameters():
     model = Sequential([Linear(4, 3), Scale(3), Linear(3, 2)], dtype=np.float64)
     assert [n for n, _ in model.named_buffers()] == ["scale1.running_max", "scale1.calls"]
-    assert model.buffers.size == 4 and all(np.shares_memory(a, model.buffers) for _, a in model.named_buffers())
+    assert model.buffers.size == 4 and all(np.shares_memory(a, model.buffers) for _,
+                                           a in model.named_buffers())
     np.testing.assert_array_equal(model.buffers, [-1, -1, -1, 0])
     other = Sequential([Linear(4, 3), Scale(3), Linear(3, 2)], dtype=np.float64, seed=9)
     other.forward(np.ones((2, 4)))
@@ -241,11 +252,11 @@ class ReadsItsOutput(Layer):
 
 
 def test_relus_work_in_place_only_between_layers_that_never_read_those_arrays_again():
-    model = Sequential([Flatten(), Linear(4, 3), ReLU(), Linear(3, 3), ReLU(), Softmax(), ReLU(), ReadsItsOutput(),
-                        ReLU(), Linear(3, 2), ReLU()])
+    model = Sequential([Flatten(), Linear(4, 3), ReLU(), Linear(3, 3), ReLU(), Softmax(), ReLU(),
+                        ReadsItsOutput(), ReLU(), Linear(3, 2), ReLU()])
     in_place = {layer.name: layer.in_place for layer in model.layers if isinstance(layer, ReLU)}
     assert in_place == {"relu1": True,    # between two Linear layers
-                        "relu2": False,   # the Softmax after it does not declare its input gradient scratch
+                        "relu2": False,   # the Softmax after it: no scratch input gradient declared
                         "relu3": False,   # the Softmax before it reads its output in its backward
                         "relu4": False,   # so does the layer before this one
                         "relu5": False}   # the last layer: its gradient is the loss's
@@ -274,7 +285,8 @@ def test_a_relu_first_in_the_model_never_overwrites_the_data():
 
 def test_named_params_are_views_laid_out_in_order_in_the_flat_params():
     model = make_model()
-    np.testing.assert_array_equal(np.concatenate([a.ravel() for _, a in model.named_params()]), model.params)
+    np.testing.assert_array_equal(np.concatenate([a.ravel() for _, a in model.named_params()]),
+                                  model.params)
     for _, array in model.named_params():
         assert np.shares_memory(array, model.params)
     weight = dict(model.named_params())["linear2.weight"]
@@ -316,26 +328,32 @@ BN_PLACE = "must follow a layer size or a convolution directly"
     ("784-bn-10", "the input size cannot take 'bn' or 'drop<p>'"),
     ("784-64-bn-bn-10", f"'bn' (token 4) {BN_PLACE}"),
     ("784-64-drop0.1-bn-10", f"'bn' (token 4) {BN_PLACE}"),
-    ("784-64-drop0.1-drop0.2-10", "'drop0.2' (token 4) must follow a layer size or a convolution (or its 'bn')"),
+    ("784-64-drop0.1-drop0.2-10",
+     "'drop0.2' (token 4) must follow a layer size or a convolution (or its 'bn')"),
     ("784-drop0.1-10", "the input size cannot take 'bn' or 'drop<p>'"),
     ("784-64-drop1.0-10", "'drop1.0' (token 3) is not a dropout probability in [0, 1)"),
     ("784-64-drop-0.1-10", "'drop' (token 3) is not a dropout probability in [0, 1)"),
     ("784-64-dropout-10", "'dropout' (token 3) is not a dropout probability in [0, 1)"),
     ("784-64-10-bn", "it must end with the output size (the number of classes), not 'bn'"),
-    ("784-64-10-drop0.5", "it must end with the output size (the number of classes), not 'drop0.5'"),
+    ("784-64-10-drop0.5",
+     "it must end with the output size (the number of classes), not 'drop0.5'"),
     # convolutional networks
     ("784-conv8k3-10", "an MLP (it starts with its input size) holds only layer sizes"),
     ("conv0k3-flatten-10", "'conv0k3' (token 1): filters, kernel size and stride must be positive"),
     ("conv8k0-flatten-10", "'conv8k0' (token 1): filters, kernel size and stride must be positive"),
-    ("conv8k3s0-flatten-10", "'conv8k3s0' (token 1): filters, kernel size and stride must be positive"),
+    ("conv8k3s0-flatten-10",
+     "'conv8k3s0' (token 1): filters, kernel size and stride must be positive"),
     ("conv8k3p-flatten-10", f"'conv8k3p' (token 1) {NOT_A_TOKEN}"),
     ("conv8k3p1s2-flatten-10", f"'conv8k3p1s2' (token 1) {NOT_A_TOKEN}"),   # stride before padding
     ("maxpool0-flatten-10", "'maxpool0' (token 1): kernel size and stride must be positive"),
-    ("conv8k3-maxpool2s0-flatten-10", "'maxpool2s0' (token 2): kernel size and stride must be positive"),
-    ("conv8k3-10", "a CNN needs one 'flatten' between its last convolution or pooling and its first layer size"),
+    ("conv8k3-maxpool2s0-flatten-10",
+     "'maxpool2s0' (token 2): kernel size and stride must be positive"),
+    ("conv8k3-10",
+     "a CNN needs one 'flatten' between its last convolution or pooling and its first layer size"),
     ("conv8k3-flatten-flatten-10", "a CNN needs one 'flatten'"),
     ("conv8k3-flatten", "it must end with the output size (the number of classes), not 'flatten'"),
-    ("flatten-10", "it must start with the input size (an MLP) or a convolution or pooling (a CNN)"),
+    ("flatten-10",
+     "it must start with the input size (an MLP) or a convolution or pooling (a CNN)"),
     ("conv8k3-maxpool2-bn-flatten-10", f"'bn' (token 3) {BN_PLACE}"),
     ("conv8k3-flatten-10-maxpool2-10", "after 'flatten' come only layer sizes"),
     ("Cnn", f"'Cnn' (token 1) {NOT_A_TOKEN}"),
@@ -349,8 +367,8 @@ def test_a_malformed_spec_is_one_line_naming_what_is_wrong(spec, problem):
 
 
 def test_parse_spec_reads_sizes_batch_normalisation_and_dropout():
-    assert parse_spec("784-512-256-10").tokens == (Token("size", 784), Token("size", 512), Token("size", 256),
-                                                   Token("size", 10))
+    assert parse_spec("784-512-256-10").tokens == (Token("size", 784), Token("size", 512),
+                                                   Token("size", 256), Token("size", 10))
     parsed = parse_spec("784-512-bn-drop0.20-256-drop.5-10")
     assert parsed.tokens == (Token("size", 784), Token("size", 512, batchnorm=True, dropout=0.2),
                              Token("size", 256, dropout=0.5), Token("size", 10))
@@ -360,13 +378,15 @@ def test_parse_spec_reads_sizes_batch_normalisation_and_dropout():
 def test_bn_goes_after_its_linear_layer_before_the_relu_and_drop_after_the_relu():
     model = Sequential.from_spec("20-16-bn-drop0.3-12-bn-5")
     assert [layer.label() for layer in model.layers] == [
-        "Flatten", "Linear 20->16", "BatchNorm 16", "ReLU", "Dropout 0.3", "Linear 16->12", "BatchNorm 12", "ReLU",
-        "Linear 12->5"]
-    assert [name for name, _ in model.named_params()] == [   # no bias before a BatchNorm: it would cancel
-        "linear1.weight", "batchnorm1.weight", "batchnorm1.bias", "linear2.weight", "batchnorm2.weight",
-        "batchnorm2.bias", "linear3.weight", "linear3.bias"]
+        "Flatten", "Linear 20->16", "BatchNorm 16", "ReLU", "Dropout 0.3", "Linear 16->12",
+        "BatchNorm 12", "ReLU", "Linear 12->5"]
+    # no bias before a BatchNorm: the normalisation would cancel it
+    assert [name for name, _ in model.named_params()] == [
+        "linear1.weight", "batchnorm1.weight", "batchnorm1.bias", "linear2.weight",
+        "batchnorm2.weight", "batchnorm2.bias", "linear3.weight", "linear3.bias"]
     assert [name for name, _ in model.named_buffers()] == [
-        "batchnorm1.running_mean", "batchnorm1.running_var", "batchnorm2.running_mean", "batchnorm2.running_var"]
+        "batchnorm1.running_mean", "batchnorm1.running_var", "batchnorm2.running_mean",
+        "batchnorm2.running_var"]
     assert isinstance(model.layers[2], BatchNorm) and isinstance(model.layers[4], Dropout)
     assert model.layers[3].in_place                          # between BatchNorm and Dropout: safe
     assert model.summary() == "20-16-bn-drop0.3-12-bn-5"
@@ -378,7 +398,8 @@ PIECES = [5, 1, 10]   # an uneven split of a batch of 16
 
 
 def test_summing_piece_grads_normalised_by_the_global_batch_gives_the_full_batch_grad():
-    """What each rank computes with ``normaliser=N`` sums (Allreduce) to the global mean gradient."""
+    """What each rank computes with ``normaliser=N`` sums (Allreduce) to the global mean
+    gradient."""
     model = make_model()
     x, y = make_batch(batch=sum(PIECES), seed=3)
     full_loss, full_grad, _ = loss_and_grads(model, x, y, len(x))

@@ -1,20 +1,22 @@
 """BatchNorm: its backward against finite differences, PyTorch's conventions, and statistics of the
-global batch however it is split across (simulated) ranks; Dropout masks that do not depend on the split."""
+global batch however it is split across (simulated) ranks; Dropout masks that do not depend on the
+split."""
 
 import numpy as np
 import pytest
-from helpers import numerical_grad, on_simulated_ranks, rel_error
 
 from ddptrain.nn.dropout import BatchContext, Dropout
 from ddptrain.nn.losses import SoftmaxCrossEntropy
 from ddptrain.nn.model import Sequential
 from ddptrain.nn.normalization import BatchNorm
+from helpers import numerical_grad, on_simulated_ranks, rel_error
 
 TOL = 1e-7
 
 
 def batchnorm(channels, seed=0, dtype=np.float64):
-    """A BatchNorm in a model of its own (so that it has parameters), with generic weight and bias."""
+    """A BatchNorm in a model of its own (so that it has parameters), with generic weight and
+    bias."""
     layer = BatchNorm(channels)
     Sequential([layer], dtype=dtype)
     rng = np.random.default_rng(seed)
@@ -37,7 +39,8 @@ def case(shape, seed=1):
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_batchnorm_gradients_match_finite_differences(shape, mode):
-    """Input, weight and bias, in training mode (batch statistics) and evaluation mode (running ones)."""
+    """Input, weight and bias, in training mode (batch statistics) and evaluation mode (running
+    ones)."""
     layer = batchnorm(shape[1])
     layer.buffers["running_mean"][...] = [0.3, -0.2, 0.1, 0.5]
     layer.buffers["running_var"][...] = [1.5, 0.7, 2.0, 1.1]
@@ -56,20 +59,23 @@ def test_batchnorm_gradients_match_finite_differences(shape, mode):
     assert rel_error(dx, numerical_grad(loss, x.copy())) < TOL
     for name in ("weight", "bias"):
         analytic = layer.grads[name].copy()
-        assert rel_error(analytic, numerical_grad(lambda _: loss(x), layer.params[name])) < TOL, name
+        assert rel_error(analytic,
+                         numerical_grad(lambda _: loss(x), layer.params[name])) < TOL, name
 
 
-def test_batchnorm_normalises_each_channel_with_the_biased_variance_and_updates_running_statistics():
+def test_batchnorm_normalises_each_channel_by_its_biased_variance_and_updates_running_statistics():
     layer = batchnorm(3)
     layer.params["weight"][...] = 1
     layer.params["bias"][...] = 0
     x = np.random.default_rng(2).standard_normal((5, 3, 2, 2)) * [[[[2.0]], [[0.5]], [[3.0]]]] + 4
     out = layer.forward(x)
     mean, var = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))          # biased, as for normalising
-    np.testing.assert_allclose(out, (x - mean[:, None, None]) / np.sqrt(var[:, None, None] + 1e-5), atol=1e-12)
+    np.testing.assert_allclose(out, (x - mean[:, None, None]) / np.sqrt(var[:, None, None] + 1e-5),
+                               atol=1e-12)
     count = 5 * 2 * 2
     np.testing.assert_allclose(layer.buffers["running_mean"], 0.1 * mean, rtol=1e-12)
-    np.testing.assert_allclose(layer.buffers["running_var"], 0.9 + 0.1 * var * count / (count - 1), rtol=1e-12)
+    np.testing.assert_allclose(layer.buffers["running_var"], 0.9 + 0.1 * var * count / (count - 1),
+                               rtol=1e-12)
 
 
 def test_evaluation_uses_the_running_statistics_and_leaves_them_alone():
@@ -78,14 +84,16 @@ def test_evaluation_uses_the_running_statistics_and_leaves_them_alone():
     layer.buffers["running_var"][...] = [4.0, 0.25]
     layer.training = False
     x = np.array([[3.0, 0.0], [1.0, -1.0]])
-    expected = (x - [1.0, -1.0]) / np.sqrt([4.0 + 1e-5, 0.25 + 1e-5]) * layer.params["weight"] + layer.params["bias"]
+    normalised = (x - [1.0, -1.0]) / np.sqrt([4.0 + 1e-5, 0.25 + 1e-5])
+    expected = normalised * layer.params["weight"] + layer.params["bias"]
     np.testing.assert_allclose(layer.forward(x), expected, rtol=1e-12)
     np.testing.assert_array_equal(layer.buffers["running_mean"], [1.0, -1.0])
 
 
 @pytest.mark.parametrize("shape", [(4096, 2), (64, 2, 8, 8)], ids=["rows", "images"])
 def test_float32_statistics_do_not_cancel_when_the_mean_dwarfs_the_spread(shape):
-    """Values near 10,000 with a spread of 1: sum(x**2) - n * mean**2 in float32 loses every digit."""
+    """Values near 10,000 with a spread of 1: sum(x**2) - n * mean**2 in float32 loses every
+    digit."""
     rng = np.random.default_rng(3)
     x = (10_000 + rng.standard_normal(shape)).astype(np.float32)
     layer = batchnorm(2, dtype=np.float32)
@@ -101,7 +109,8 @@ def test_float32_statistics_do_not_cancel_when_the_mean_dwarfs_the_spread(shape)
 # ---------------------------------------------------------------- the global batch across ranks
 
 
-UNEVEN = [0, 1, 5, 11]   # rows of a 11-row batch per rank: sizes 1, 4, 6 (and none on a fourth rank)
+# rows of a 11-row batch per rank: sizes 1, 4, 6 (and none on a fourth rank)
+UNEVEN = [0, 1, 5, 11]
 
 
 @pytest.mark.parametrize("shape", [(11, 3), (11, 3, 2, 2)], ids=["rows", "images"])
@@ -121,13 +130,15 @@ def test_global_statistics_give_every_rank_the_single_process_output_and_gradien
         part_out = layer.forward(x[lo:hi]).copy()
         part_dx = layer.backward(g[lo:hi]).copy()
         grads = comm.allreduce(np.concatenate([layer.grads["weight"], layer.grads["bias"]]))
-        return part_out, part_dx, grads, layer.buffers["running_mean"].copy(), layer.buffers["running_var"].copy()
+        running = layer.buffers["running_mean"].copy(), layer.buffers["running_var"].copy()
+        return part_out, part_dx, grads, *running
 
     results = on_simulated_ranks(ranks, rank_work)
     assert rel_error(np.concatenate([r[0] for r in results]), out) < 1e-12
     assert rel_error(np.concatenate([r[1] for r in results]), dx) < 1e-12
     for _, _, grads, running_mean, running_var in results:
-        assert rel_error(grads, np.concatenate([single.grads["weight"], single.grads["bias"]])) < 1e-12
+        assert rel_error(grads,
+                         np.concatenate([single.grads["weight"], single.grads["bias"]])) < 1e-12
         assert rel_error(running_mean, single.buffers["running_mean"]) < 1e-12
         assert rel_error(running_var, single.buffers["running_var"]) < 1e-12
 
@@ -155,7 +166,10 @@ def test_the_allreduced_gradient_matches_finite_differences_of_the_global_batch_
 
     grads = on_simulated_ranks(3, rank_work)
     reference = model()
-    whole = lambda _: SoftmaxCrossEntropy().forward(reference.forward(x), y, normaliser=len(x))   # noqa: E731
+
+    def whole(_):   # the loss of the whole batch, as numerical_grad sets reference's parameters
+        return SoftmaxCrossEntropy().forward(reference.forward(x), y, normaliser=len(x))
+
     numeric = numerical_grad(whole, reference.params)
     for rank_grads in grads:
         assert rel_error(rank_grads, numeric) < 1e-6
@@ -170,7 +184,8 @@ def test_per_rank_statistics_are_not_the_global_batch_s():
         lo, hi = UNEVEN[comm.rank], UNEVEN[comm.rank + 1]
         return batchnorm(3).forward(x[lo:hi]).copy()   # no sum_over_ranks: local statistics
 
-    local = np.concatenate(on_simulated_ranks(3, rank_work)[1:])   # rank 0's single row normalises to 0
+    # rank 0's single row normalises to 0
+    local = np.concatenate(on_simulated_ranks(3, rank_work)[1:])
     assert rel_error(local, single[1:]) > 0.1
 
 
@@ -197,20 +212,23 @@ def test_a_dropout_mask_depends_on_the_step_and_the_position_not_on_the_split():
         np.testing.assert_array_equal(part, full[positions])
     later = dropout(0.3)
     later.batch_context = BatchContext(seed=7, step=5, positions=np.arange(12))
-    assert not np.array_equal(later.forward(x), full)                      # another step, another mask
+    # another step, another mask
+    assert not np.array_equal(later.forward(x), full)
     other = dropout(0.3, name="dropout2")
     other.batch_context = whole.batch_context
-    assert not np.array_equal(other.forward(x), full)                      # another layer, another mask
+    # another layer, another mask
+    assert not np.array_equal(other.forward(x), full)
 
 
-def test_dropout_keeps_a_fraction_1_minus_p_scaled_by_its_inverse_and_is_the_identity_in_evaluation():
+def test_dropout_keeps_a_fraction_1_minus_p_scaled_by_its_inverse_and_is_the_identity_in_eval():
     layer = dropout(0.25)
     layer.batch_context = BatchContext(seed=0, step=0, positions=np.arange(400))
     out = layer.forward(np.ones((400, 100)))
     kept = out != 0
     assert abs(kept.mean() - 0.75) < 0.01 and np.allclose(out[kept], 1 / 0.75)
     g = np.random.default_rng(8).standard_normal((400, 100))
-    np.testing.assert_array_equal(layer.backward(g), g * out)              # the same mask, the same scale
+    # the same mask, the same scale
+    np.testing.assert_array_equal(layer.backward(g), g * out)
     layer.training = False
     x = np.arange(6.0).reshape(2, 3)
     assert layer.forward(x) is x
@@ -227,44 +245,51 @@ def test_a_dropout_probability_outside_0_to_1_is_refused(p):
 
 def train(small_data, tmp_path, *options):
     from ddptrain import cli
-    return cli.main(["--data", small_data, "--epochs", "1", "--quiet", "--run-dir", str(tmp_path / "run"),
-                     *map(str, options)])
+    return cli.main(["--data", small_data, "--epochs", "1", "--quiet", "--run-dir",
+                     str(tmp_path / "run"), *map(str, options)])
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--model", "64-16-bn-10", "--batch-size", "1"],
-     "--model 64-16-bn-10: batch normalisation needs at least 2 values per channel in every global batch, "
-     "but a global batch of 1 gives layer batchnorm1 1"),
-    (["--model", "64-16-bn-10", "--batch-size", "239"],
-     "but the last, short global batch of an epoch (240 rows in batches of 239) gives layer batchnorm1 1: "
-     "add --drop-last or choose another --batch-size"),
-    (["--model", "64-16-bn-10", "--batch-size", "3", "--simulate-ranks", "2", "--batchnorm", "local"],
-     "--batchnorm local needs at least 2 values per channel on every rank, but a rank's share of a global "
-     "batch of 3 gives layer batchnorm1 1"),
+    (["--model", "64-16-bn-10", "--batch-size", "1"], "--model 64-16-bn-10: batch normalisation "
+                                                      "needs at least 2 values per channel in "
+                                                      "every global batch, but a global batch of 1 "
+                                                      "gives layer batchnorm1 1"),
+    (["--model", "64-16-bn-10", "--batch-size", "239"], "but the last, short global batch of an "
+                                                        "epoch (240 rows in batches of 239) gives "
+                                                        "layer batchnorm1 1: add --drop-last or "
+                                                        "choose another --batch-size"),
+    (["--model", "64-16-bn-10", "--batch-size", "3", "--simulate-ranks", "2", "--batchnorm",
+      "local"], "--batchnorm local needs at least 2 values per channel on every rank, but a rank's "
+                "share of a global batch of 3 gives layer batchnorm1 1"),
     (["--model", "64-bn-16-10"], "the input size cannot take 'bn' or 'drop<p>'"),
     (["--model", "64-16-drop1.0-10"], "'drop1.0' (token 3) is not a dropout probability in [0, 1)"),
     (["--model", "64-16-drop-0.1-10"], "'drop' (token 3) is not a dropout probability in [0, 1)"),
-    (["--model", "64-16-10-bn"], "it must end with the output size (the number of classes), not 'bn'"),
+    (["--model", "64-16-10-bn"],
+     "it must end with the output size (the number of classes), not 'bn'"),
     (["--model", "64-16-bn-10", "--batchnorm", "sync"], "--batchnorm: invalid choice: 'sync'"),
-], ids=["global-batch-of-1", "last-batch-of-1", "local-share-of-1", "bn-first", "drop1.0", "drop-0.1",
-        "bn-after-the-output", "unknown-mode"])
-def test_batch_normalisation_that_cannot_work_is_refused_at_start_with_one_line(small_data, tmp_path, capsys,
-                                                                               options, message):
+],
+                         ids=["global-batch-of-1", "last-batch-of-1", "local-share-of-1",
+                              "bn-first", "drop1.0", "drop-0.1", "bn-after-the-output",
+                              "unknown-mode"])
+def test_batch_normalisation_that_cannot_work_is_refused_at_start_with_one_line(
+        small_data, tmp_path, capsys, options, message):
     assert train(small_data, tmp_path, *options) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("ddptrain: error: ") and message in err, err
     assert not (tmp_path / "run").exists()
 
 
-def test_debug_confirms_the_gradient_of_a_model_with_batchnorm_and_dropout_on_simulated_ranks(small_data, tmp_path,
-                                                                                             capsys):
-    assert train(small_data, tmp_path, "--model", "64-16-bn-drop0.3-10", "--batch-size", "29", "--debug",
-                 "--simulate-ranks", "3") == 0
+def test_debug_confirms_the_gradient_of_a_model_with_batchnorm_and_dropout_on_simulated_ranks(
+        small_data, tmp_path, capsys):
+    assert train(small_data, tmp_path, "--model", "64-16-bn-drop0.3-10", "--batch-size", "29",
+                 "--debug", "--simulate-ranks", "3") == 0
     assert "the allreduced gradient agrees with finite differences" in capsys.readouterr().out
 
 
-def test_debug_catches_batch_statistics_taken_over_each_rank_s_rows_only(small_data, tmp_path, monkeypatch, capsys):
-    """The bug plain DDP has by design, injected into global mode: the layers never see the other ranks."""
+def test_debug_catches_batch_statistics_taken_over_each_rank_s_rows_only(
+        small_data, tmp_path, monkeypatch, capsys):
+    """The bug plain DDP has by design, injected into global mode: the layers never see the other
+    ranks."""
     monkeypatch.setattr(Sequential, "set_sum_over_ranks", lambda model, sum_over_ranks: None)
     assert train(small_data, tmp_path, "--model", "64-16-bn-10", "--batch-size", "29", "--debug",
                  "--simulate-ranks", "3") == 1

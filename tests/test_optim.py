@@ -31,7 +31,9 @@ def reference_sgd(params, grads_per_step, lrs, momentum, weight_decay, nesterov)
     return param
 
 
-def problem(n=50, steps=len(LRS), seed=0, dtype=np.float64):
+def problem(n=50, steps=None, seed=0, dtype=np.float64):
+    """Parameters, and a gradient for each of ``steps`` steps (one per rate of LRS unless told)."""
+    steps = len(LRS) if steps is None else steps
     rng = np.random.default_rng(seed)
     params = rng.standard_normal(n).astype(dtype)
     grads_per_step = [rng.standard_normal(n).astype(dtype) for _ in range(steps)]
@@ -56,8 +58,10 @@ def test_plain_sgd_step_is_params_minus_lr_times_grad():
     params, (grad, *_) = problem()
     expected = params - 0.1 * grad
     SGD().step(params, grad, 0.1)
-    # The BLAS's axpby (blas.py) may fuse the multiply and the subtraction: one rounding instead of two.
-    np.testing.assert_allclose(params, expected, rtol=0, atol=4 * np.spacing(np.abs(expected).max()))
+    # The BLAS's axpby (blas.py) may fuse the multiply and the subtraction: one rounding instead of
+    # two.
+    np.testing.assert_allclose(params, expected, rtol=0,
+                               atol=4 * np.spacing(np.abs(expected).max()))
 
 
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
@@ -72,7 +76,8 @@ def test_step_leaves_the_grads_unchanged(config):
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 def test_float32_params_stay_float32_and_track_the_reference(config):
     params, grads_per_step = problem(dtype=np.float32)
-    expected = reference_sgd(params.astype(np.float64), [g.astype(np.float64) for g in grads_per_step], LRS, **config)
+    expected = reference_sgd(params.astype(np.float64),
+                             [g.astype(np.float64) for g in grads_per_step], LRS, **config)
     actual = run(SGD(**config), params, grads_per_step, LRS)
     assert actual.dtype == np.float32
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)

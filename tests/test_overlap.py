@@ -1,4 +1,5 @@
-"""--overlap-allreduce: the flat gradient in buckets, each reduced as soon as backward has filled it."""
+"""--overlap-allreduce: the flat gradient in buckets, each reduced as soon as backward has filled
+it."""
 
 import numpy as np
 import pytest
@@ -18,15 +19,19 @@ def test_buckets_are_tails_of_the_flat_gradient_in_the_order_backward_fills_them
     model = Sequential.from_spec("784-512-256-10")   # float32: 401,920 + 131,328 + 2,570 values
     buckets = make_buckets(model, bucket_bytes=2 ** 18)
     sizes = [bucket.stop - bucket.start for bucket in buckets]
-    assert sizes == [131_328 + 2_570, 401_920]   # the last two layers together reach 256 KiB, then the first
-    assert [bucket.first_layer for bucket in buckets] == [3, 1]   # flatten1, linear1, relu1, linear2, ...
+    # the last two layers together reach 256 KiB, then the first
+    assert sizes == [131_328 + 2_570, 401_920]
+    # flatten1, linear1, relu1, linear2, ...
+    assert [bucket.first_layer for bucket in buckets] == [3, 1]
     assert buckets[0].stop == model.grads.size and buckets[-1].start == 0
-    assert all(a.start == b.stop for a, b in zip(buckets, buckets[1:]))   # every value in exactly one bucket
+    # every value in exactly one bucket
+    assert all(a.start == b.stop for a, b in zip(buckets, buckets[1:]))
 
 
 def test_one_bucket_when_the_model_is_smaller_than_a_bucket():
     model = Sequential.from_spec("20-8-5")
-    assert [(b.first_layer, b.start, b.stop) for b in make_buckets(model, 2 ** 20)] == [(1, 0, model.grads.size)]
+    buckets = make_buckets(model, 2 ** 20)
+    assert [(b.first_layer, b.start, b.stop) for b in buckets] == [(1, 0, model.grads.size)]
 
 
 class Recorder(SerialComm):
@@ -43,10 +48,12 @@ class Recorder(SerialComm):
 def test_each_bucket_starts_as_soon_as_its_last_layer_is_done_and_the_step_equals_one_allreduce():
     x = np.random.default_rng(0).standard_normal((16, 784))
     y = np.arange(16) % 10
-    plain, overlapped = (Sequential.from_spec("784-512-256-10", dtype=np.float64, seed=2) for _ in range(2))
+    plain, overlapped = (Sequential.from_spec("784-512-256-10", dtype=np.float64,
+                                              seed=2) for _ in range(2))
     log = []
     overlapped.observer = lambda kind, layer, out: log.append((kind, layer.name))
-    TrainStep(plain, SoftmaxCrossEntropy(), SGD(momentum=0.9), Allreduce(SerialComm()))(x, y, 16, lr=0.1)
+    TrainStep(plain, SoftmaxCrossEntropy(), SGD(momentum=0.9),
+              Allreduce(SerialComm()))(x, y, 16, lr=0.1)
     step = TrainStep(overlapped, SoftmaxCrossEntropy(), SGD(momentum=0.9),
                      BucketedAllreduce(Recorder(log), overlapped, bucket_bytes=2 ** 18))
     step(x, y, 16, lr=0.1)

@@ -1,4 +1,5 @@
-"""``prepare`` by name: sets of one's own (--idx-dir --name), Fashion-MNIST and its sources, the cache.
+"""``prepare`` by name: sets of one's own (--idx-dir --name), Fashion-MNIST and its sources, the
+cache.
 
 Every test but the last builds tiny IDX files; no test touches the network
 (the mirrors are file:// folders, and any other URL fails the test). The
@@ -18,15 +19,18 @@ import sys
 
 import numpy as np
 import pytest
-from test_mnist import REPO, checksums, contents, idx_bytes, md5, quiet, write_idx_dir  # noqa: F401 (fixtures)
 
+import test_mnist
 from ddptrain import cli
-from ddptrain.data import datasets, fetch, idx
-from ddptrain.data import format as data
+from ddptrain.data import datasets, fetch, format as data, idx
 from ddptrain.distributed.launcher import environ_without_launcher, find_mpiexec
 from ddptrain.errors import DataError, UserError
+from test_mnist import REPO, idx_bytes, md5, quiet, write_idx_dir
 
 FASHION = datasets.FASHION_MNIST
+
+# The tiny MNIST set's fixtures, shared with test_mnist.py.
+contents, checksums = test_mnist.contents, test_mnist.checksums
 
 
 @pytest.fixture(autouse=True)
@@ -48,14 +52,17 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache" / "ddptrain"
 
 
-def own_set(folder, image_shape=(5, 4), train_labels=(0, 3, 6, 2, 1), test_labels=(6, 0, 4), compress=False):
+def own_set(folder, image_shape=(5, 4), train_labels=(0, 3, 6, 2, 1), test_labels=(6, 0, 4),
+            compress=False):
     """IDX files of a set of one's own in ``folder``; returns the folder."""
     rng = np.random.default_rng(1)
-    arrays = {"train_images": rng.integers(0, 256, (len(train_labels), *image_shape), dtype=np.uint8),
+    arrays = {"train_images": rng.integers(0, 256, (len(train_labels), *image_shape),
+                                           dtype=np.uint8),
               "train_labels": np.array(train_labels, np.uint8),
               "test_images": rng.integers(0, 256, (len(test_labels), *image_shape), dtype=np.uint8),
               "test_labels": np.array(test_labels, np.uint8)}
-    write_idx_dir(folder, {key: idx_bytes(array) for key, array in arrays.items()}, compress=compress)
+    write_idx_dir(folder, {key: idx_bytes(array) for key, array in arrays.items()},
+                  compress=compress)
     return folder
 
 
@@ -75,7 +82,8 @@ def prepare(argv):
 
 def test_a_set_of_one_s_own_is_written_unverified_with_the_class_count_inferred(tmp_path, capsys):
     folder = own_set(tmp_path / "idx")
-    assert prepare(["--idx-dir", folder, "--name", "my-digits", "--output", tmp_path / "out.h5"]) == 0
+    assert prepare(["--idx-dir", folder, "--name", "my-digits", "--output",
+                    tmp_path / "out.h5"]) == 0
     info = data.inspect(tmp_path / "out.h5")
     assert (info.n_train, info.n_test, info.image_shape) == (5, 3, (5, 4))
     assert info.n_classes == 7 and info.class_names == ("0", "1", "2", "3", "4", "5", "6")
@@ -83,7 +91,8 @@ def test_a_set_of_one_s_own_is_written_unverified_with_the_class_count_inferred(
     assert info.attrs["md5_train_labels"] == md5((folder / "train-labels-idx1-ubyte").read_bytes())
     assert "license" not in info.attrs
     summary = capsys.readouterr().out.splitlines()[-1]
-    assert summary.startswith(f"{tmp_path / 'out.h5'}: 5 training and 3 test images of 5x4, 7 classes")
+    assert summary.startswith(f"{tmp_path / 'out.h5'}: 5 training and 3 test images of 5x4, 7 "
+                              f"classes")
     assert "my-digits" in summary
 
 
@@ -129,9 +138,10 @@ def test_a_label_at_or_above_classes_is_refused_in_one_line(tmp_path):
 
 
 def test_a_label_beyond_the_class_names_is_refused(tmp_path):
-    with pytest.raises(DataError, match=r"holds label \d, but --class-names \(2 names\) allows only 0..1"):
-        prepare(["--idx-dir", own_set(tmp_path / "idx"), "--name", "pets", "--class-names", "cat,dog",
-                 "--output", tmp_path / "out.h5"])
+    with pytest.raises(DataError,
+                       match=r"holds label \d, but --class-names \(2 names\) allows only 0..1"):
+        prepare(["--idx-dir", own_set(tmp_path / "idx"), "--name", "pets", "--class-names",
+                 "cat,dog", "--output", tmp_path / "out.h5"])
 
 
 @pytest.mark.parametrize("options, message", [
@@ -142,7 +152,8 @@ def test_a_label_beyond_the_class_names_is_refused(tmp_path):
 ])
 def test_inconsistent_class_options_are_refused(tmp_path, options, message):
     with pytest.raises(UserError, match=message):
-        prepare(["--idx-dir", own_set(tmp_path / "idx"), "--name", "mine", *options, "--output", tmp_path / "o.h5"])
+        prepare(["--idx-dir", own_set(tmp_path / "idx"), "--name", "mine", *options, "--output",
+                 tmp_path / "o.h5"])
 
 
 def test_all_labels_zero_needs_classes(tmp_path):
@@ -154,8 +165,8 @@ def test_all_labels_zero_needs_classes(tmp_path):
 def test_images_of_different_shapes_in_the_two_splits_are_refused(tmp_path):
     folder = own_set(tmp_path / "idx")
     (folder / "t10k-images-idx3-ubyte").write_bytes(idx_bytes(np.zeros((3, 4, 4), np.uint8)))
-    with pytest.raises(DataError, match=r"train-images-idx3-ubyte holds images of shape \(5, 4\) but "
-                                        r"t10k-images-idx3-ubyte of shape \(4, 4\)"):
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte holds images of shape \(5, 4\) "
+                                        r"but t10k-images-idx3-ubyte of shape \(4, 4\)"):
         prepare(["--idx-dir", folder, "--name", "mine", "--output", tmp_path / "out.h5"])
 
 
@@ -180,18 +191,22 @@ def test_a_name_given_twice_must_agree(tmp_path):
 
 
 def test_an_unknown_name_without_idx_dir_is_refused(tmp_path):
-    with pytest.raises(UserError, match=r"unknown data set 'my-digits' \(known: mnist, fashion-mnist\).*--idx-dir"):
+    with pytest.raises(UserError,
+                       match=r"unknown data set 'my-digits' \(known: mnist, "
+                             r"fashion-mnist\).*--idx-dir"):
         prepare(["my-digits"])
 
 
 def test_idx_dir_without_a_name_means_mnist_and_is_verified(tmp_path):
-    with pytest.raises(DataError, match=r"\(damaged, or not the MNIST file\); for a set of your own, give it a "
-                                        r"name: --name NAME"):
+    with pytest.raises(DataError, match=r"\(damaged, or not the MNIST file\); for a set of your "
+                                        r"own, give it a name: --name NAME"):
         prepare(["--idx-dir", own_set(tmp_path / "idx"), "--output", tmp_path / "out.h5"])
 
 
 def test_class_options_are_refused_for_a_known_set(tmp_path):
-    with pytest.raises(UserError, match="--classes and --class-names are for a set of one's own, not fashion-mnist"):
+    with pytest.raises(UserError,
+                       match="--classes and --class-names are for a set of one's own, not "
+                             "fashion-mnist"):
         prepare(["fashion-mnist", "--idx-dir", own_set(tmp_path / "idx"), "--classes", 10])
 
 
@@ -199,7 +214,8 @@ def test_the_command_line_prints_the_problem_in_one_line_with_status_2(tmp_path,
     status = cli.main(["prepare", "--name", "../x", "--idx-dir", str(own_set(tmp_path / "idx"))])
     err = capsys.readouterr().err
     assert status == 2
-    assert err.startswith("ddptrain: error: --name '../x': a data set's name") and len(err.splitlines()) == 1
+    assert err.startswith("ddptrain: error: --name '../x': a data set's name")
+    assert len(err.splitlines()) == 1
 
 
 # ---------------------------------------------------------------- Fashion-MNIST
@@ -214,19 +230,23 @@ def mirror(tmp_path, contents):
 
 @pytest.fixture
 def debian_folder(tmp_path, contents):
-    """The tiny set as a Debian package lays it out: .gz files compressed again, so not the mirror's bytes."""
+    """The tiny set as a Debian package lays it out: .gz files compressed again, so not the mirror's
+    bytes."""
     folder = tmp_path / "debian"
     folder.mkdir()
     for key, content in contents.items():
-        (folder / f"{idx.IDX_FILES[key]}.gz").write_bytes(gzip.compress(content, compresslevel=1, mtime=1))
+        compressed = gzip.compress(content, compresslevel=1, mtime=1)
+        (folder / f"{idx.IDX_FILES[key]}.gz").write_bytes(compressed)
     return folder
 
 
 @pytest.fixture
 def tiny_fashion(monkeypatch, tmp_path, checksums, mirror, debian_folder):
-    """Fashion-MNIST is the tiny set, from `debian_folder`, then an empty mirror, then `mirror`; returns the set."""
+    """Fashion-MNIST is the tiny set, from `debian_folder`, then an empty mirror, then `mirror`;
+    returns the set."""
     url, gz_checksums = mirror
-    tiny = dataclasses.replace(FASHION, md5=checksums, md5_gz=gz_checksums, debian_dir=str(debian_folder),
+    tiny = dataclasses.replace(FASHION, md5=checksums, md5_gz=gz_checksums,
+                               debian_dir=str(debian_folder),
                                mirrors=((tmp_path / "empty").as_uri() + "/", url))
     monkeypatch.setitem(datasets.KNOWN_DATASETS, "fashion-mnist", tiny)
     return tiny
@@ -234,11 +254,13 @@ def tiny_fashion(monkeypatch, tmp_path, checksums, mirror, debian_folder):
 
 def test_fashion_mnist_from_idx_dir_refuses_files_that_are_not_fashion_mnist(tmp_path):
     with pytest.raises(DataError) as caught:
-        prepare(["fashion-mnist", "--idx-dir", own_set(tmp_path / "idx"), "--output", tmp_path / "out.h5"])
+        prepare(["fashion-mnist", "--idx-dir", own_set(tmp_path / "idx"), "--output",
+                 tmp_path / "out.h5"])
     message = str(caught.value)
     assert "\n" not in message
-    assert f"train-images-idx3-ubyte: md5 is {md5((tmp_path / 'idx' / 'train-images-idx3-ubyte').read_bytes())}, " \
-           f"expected f4a8712d7a061bf5bd6d2ca38dc4d50a (damaged, or not the Fashion-MNIST file)" in message
+    found = md5((tmp_path / "idx" / "train-images-idx3-ubyte").read_bytes())
+    assert (f"train-images-idx3-ubyte: md5 is {found}, expected f4a8712d7a061bf5bd6d2ca38dc4d50a "
+            f"(damaged, or not the Fashion-MNIST file)") in message
     assert not (tmp_path / "out.h5").exists()
 
 
@@ -261,33 +283,39 @@ def test_a_fashion_mnist_file_has_its_class_names_and_license(tiny_fashion, tmp_
     assert info.attrs["dataset"] == "fashion-mnist"
 
 
-def test_without_the_debian_package_the_mirrors_are_tried_in_turn(tiny_fashion, monkeypatch, tmp_path, mirror):
+def test_without_the_debian_package_the_mirrors_are_tried_in_turn(
+        tiny_fashion, monkeypatch, tmp_path, mirror):
     monkeypatch.setitem(datasets.KNOWN_DATASETS, "fashion-mnist",
-                        dataclasses.replace(tiny_fashion, debian_dir=str(tmp_path / "not-installed")))
+                        dataclasses.replace(tiny_fashion,
+                                            debian_dir=str(tmp_path / "not-installed")))
     lines = []
     path = datasets.prepare("fashion-mnist", tmp_path / "out.h5", log=lines.append)
     assert data.inspect(path).attrs["source"] == mirror[0]
     failures = [line for line in lines if "failed" in line]
-    assert failures[0] == (f"Debian package failed: the Debian package dataset-fashion-mnist is not installed "
-                           f"({tmp_path / 'not-installed'} does not exist)")
-    assert failures[1].startswith("mirror failed: ") and (tmp_path / "empty").as_uri() in failures[1]
+    assert failures[0] == (f"Debian package failed: the Debian package dataset-fashion-mnist is "
+                           f"not installed ({tmp_path / 'not-installed'} does not exist)")
+    assert failures[1].startswith("mirror failed: ")
+    assert (tmp_path / "empty").as_uri() in failures[1]
     assert len(failures) == 2
 
 
-def test_a_debian_file_with_the_wrong_content_falls_back_to_the_mirrors(tiny_fashion, debian_folder, tmp_path,
-                                                                       mirror):
-    (debian_folder / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(6, np.uint8))))
+def test_a_debian_file_with_the_wrong_content_falls_back_to_the_mirrors(
+        tiny_fashion, debian_folder, tmp_path, mirror):
+    damaged_labels = gzip.compress(idx_bytes(np.zeros(6, np.uint8)))
+    (debian_folder / "t10k-labels-idx1-ubyte.gz").write_bytes(damaged_labels)
     lines = []
     path = datasets.prepare("fashion-mnist", tmp_path / "out.h5", log=lines.append)
     assert data.inspect(path).attrs["source"] == mirror[0]
-    assert any(line.startswith("Debian package failed: ") and "t10k-labels-idx1-ubyte.gz: md5 is" in line
-               for line in lines)
+    assert any(line.startswith("Debian package failed: ")
+               and "t10k-labels-idx1-ubyte.gz: md5 is" in line for line in lines)
 
 
-def test_when_every_source_fails_one_line_says_what_failed_and_how_to_get_it(tiny_fashion, monkeypatch, tmp_path):
+def test_when_every_source_fails_one_line_says_what_failed_and_how_to_get_it(
+        tiny_fashion, monkeypatch, tmp_path):
     nowhere = (tmp_path / "nowhere").as_uri() + "/"
     monkeypatch.setitem(datasets.KNOWN_DATASETS, "fashion-mnist",
-                        dataclasses.replace(tiny_fashion, debian_dir=str(tmp_path / "not-installed"),
+                        dataclasses.replace(tiny_fashion,
+                                            debian_dir=str(tmp_path / "not-installed"),
                                             mirrors=(nowhere,)))
     with pytest.raises(DataError) as caught:
         datasets.prepare("fashion-mnist", tmp_path / "out.h5", log=quiet)
@@ -301,12 +329,14 @@ def test_when_every_source_fails_one_line_says_what_failed_and_how_to_get_it(tin
 
 
 def test_the_published_fashion_mnist_locations_are_tried_in_order():
-    assert FASHION.mirrors == ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-                               "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/")
+    assert FASHION.mirrors == (
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/")
     assert FASHION.debian_dir == "/usr/share/datasets/fashion-mnist" and FASHION.npm_package is None
 
 
-# ---------------------------------------------------------------- the cache: cached_path, ensure_prepared
+# ---------------------------------------------------------------- the cache: cached_path,
+# ensure_prepared
 
 
 def test_known_datasets_are_mnist_and_fashion_mnist():
@@ -314,7 +344,8 @@ def test_known_datasets_are_mnist_and_fashion_mnist():
     assert datasets.KNOWN_DATASETS["mnist"].class_names == tuple("0123456789")
 
 
-def test_cached_path_is_name_h5_in_the_cache_and_DDPTRAIN_DATA_names_mnist_only(cache, monkeypatch, tmp_path):
+def test_cached_path_is_name_h5_in_the_cache_and_DDPTRAIN_DATA_names_mnist_only(
+        cache, monkeypatch, tmp_path):
     assert datasets.cached_path("mnist") == cache / "mnist.h5"
     monkeypatch.setenv("DDPTRAIN_DATA", str(tmp_path / "mine.h5"))
     assert datasets.cached_path("mnist") == tmp_path / "mine.h5"
@@ -326,7 +357,8 @@ def test_ensure_prepared_prepares_a_known_set_once(tiny_fashion, cache):
     lines = []
     assert datasets.ensure_prepared("fashion-mnist", log=lines.append) == cache / "fashion-mnist.h5"
     path = cache / "fashion-mnist.h5"
-    assert lines[0] == f"no data file given and none at {path}: preparing Fashion-MNIST there (once)"
+    assert lines[0] == (f"no data file given and none at {path}: preparing Fashion-MNIST there "
+                        f"(once)")
     lines.clear()
     assert datasets.ensure_prepared("fashion-mnist", log=lines.append) == cache / "fashion-mnist.h5"
     assert lines == []
@@ -337,19 +369,22 @@ def test_ensure_prepared_replaces_an_unusable_known_file(tiny_fashion, cache):
     (cache / "fashion-mnist.h5").write_text("garbage")
     lines = []
     datasets.ensure_prepared("fashion-mnist", log=lines.append)
-    assert lines[0].startswith(f"the Fashion-MNIST file at {cache / 'fashion-mnist.h5'} is unusable (")
+    assert lines[0].startswith(f"the Fashion-MNIST file at {cache / 'fashion-mnist.h5'} is "
+                               f"unusable (")
     assert data.inspect(cache / "fashion-mnist.h5").attrs["dataset"] == "fashion-mnist"
 
 
 def test_ensure_prepared_finds_a_set_of_one_s_own_but_cannot_make_it(tmp_path, cache):
-    with pytest.raises(DataError, match=r"my-digits.h5 of the set my-digits is missing: prepare it with "
-                                        r"`python -m ddptrain prepare --idx-dir DIR --name my-digits`"):
+    with pytest.raises(DataError, match=r"my-digits.h5 of the set my-digits is missing: prepare it "
+                                        r"with `python -m ddptrain prepare --idx-dir DIR --name "
+                                        r"my-digits`"):
         datasets.ensure_prepared("my-digits", log=quiet)
     prepare(["my-digits", "--idx-dir", own_set(tmp_path / "idx")])
     assert datasets.ensure_prepared("my-digits", log=quiet) == cache / "my-digits.h5"
 
 
-# ---------------------------------------------------------------- the real Fashion-MNIST, from Debian
+# ---------------------------------------------------------------- the real Fashion-MNIST, from
+# Debian
 
 
 def why_debian_package_cannot_be_installed():
@@ -357,27 +392,31 @@ def why_debian_package_cannot_be_installed():
     if os.path.isdir(FASHION.debian_dir):
         return None
     if not shutil.which("apt-get"):
-        return "the Debian package dataset-fashion-mnist is not installed and there is no apt-get (Debian/Ubuntu)"
+        return ("the Debian package dataset-fashion-mnist is not installed and there is no apt-get "
+                "(Debian/Ubuntu)")
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return "the Debian package dataset-fashion-mnist is not installed, and installing it with apt-get needs root"
+        return ("the Debian package dataset-fashion-mnist is not installed, and installing it with "
+                "apt-get needs root")
     return None
 
 
 def install_debian_package():
-    """``apt-get install dataset-fashion-mnist``; once more after ``apt-get update`` if the package lists are stale."""
+    """``apt-get install dataset-fashion-mnist``; once more after ``apt-get update`` if the package
+    lists are stale."""
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     command = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", FASHION.debian_package]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=900)
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"apt-get install {FASHION.debian_package} failed:\n{done.stderr[-4000:]}"
+    assert done.returncode == 0, (f"apt-get install {FASHION.debian_package} failed:\n"
+                                  f"{done.stderr[-4000:]}")
 
 
 @pytest.fixture(scope="module")
 def prepared_fashion(tmp_path_factory):
-    """``python -m ddptrain prepare fashion-mnist`` from the Debian package (installed first if need be):
-    ``(the data file, the finished process)``."""
+    """``python -m ddptrain prepare fashion-mnist`` from the Debian package (installed first if need
+    be): ``(the data file, the finished process)``."""
     reason = why_debian_package_cannot_be_installed()
     if reason:
         pytest.skip(reason)
@@ -400,8 +439,9 @@ def test_prepare_fashion_mnist_from_the_debian_package(prepared_fashion):
     assert info.n_classes == 10 and info.class_names == FASHION.class_names
     assert info.attrs["source"] == FASHION.debian_dir
     assert info.attrs["md5_train_images"] == "f4a8712d7a061bf5bd6d2ca38dc4d50a"
-    assert done.stdout.splitlines()[-1] == (f"{path}: 60000 training and 10000 test images of 28x28, "
-                                            f"10 classes; data set fashion-mnist (source: {FASHION.debian_dir})")
+    assert done.stdout.splitlines()[-1] == (f"{path}: 60000 training and 10000 test images of "
+                                            f"28x28, 10 classes; data set fashion-mnist (source: "
+                                            f"{FASHION.debian_dir})")
 
 
 @pytest.mark.slow   # real data: about 35 s on 2 cores
@@ -409,9 +449,10 @@ def test_the_default_mlp_on_2_ranks_reaches_89_percent_on_fashion_mnist(prepared
     """The default model and options, but 15 epochs: 89.68% on an Intel Xeon (30 Nov 2026)."""
     path, done = prepared_fashion
     assert done.returncode == 0, done.stderr
-    run = subprocess.run([find_mpiexec(), "-n", "2", sys.executable, "-m", "ddptrain", "--data", str(path),
-                          "--epochs", "15", "--run-dir", str(tmp_path / "run"), "--quiet"],
-                         capture_output=True, text=True, cwd=REPO, timeout=600, env=environ_without_launcher())
+    run = subprocess.run([find_mpiexec(), "-n", "2", sys.executable, "-m", "ddptrain", "--data",
+                          str(path), "--epochs", "15", "--run-dir", str(tmp_path / "run"),
+                          "--quiet"], capture_output=True, text=True, cwd=REPO, timeout=600,
+                         env=environ_without_launcher())
     assert run.returncode == 0, run.stderr[-3000:]
-    final = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    final = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["epoch"] == 15 and final["test_accuracy"] >= 0.89, final

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-from helpers import global_batches
 
 from ddptrain.data.sampler import epoch_plan, owned_blocks, shard_bounds, steps_per_epoch
 from ddptrain.errors import UserError
+from helpers import global_batches
 
 RANK_COUNTS = [1, 2, 3, 4, 6, 8]   # every divisor of the default 24 virtual shards up to 8
 SIZES = [(1003, 64), (240, 32), (96, 9), (50, 24), (1000, 100)]
@@ -21,7 +21,8 @@ def test_the_union_of_local_batches_is_the_same_global_batch_for_any_rank_count(
     expected = global_batches(n, batch, seed=3, epoch=1)
     per_rank = plans(n, batch, ranks)
     for step, global_batch in enumerate(expected):
-        union = np.concatenate([p.global_rows[p.step_bounds[step]:p.step_bounds[step + 1]] for p in per_rank])
+        union = np.concatenate(
+            [p.global_rows[p.step_bounds[step]:p.step_bounds[step + 1]] for p in per_rank])
         assert np.array_equal(np.sort(union), global_batch), f"step {step}"
 
 
@@ -98,8 +99,10 @@ def test_with_840_virtual_shards_every_rank_count_from_1_to_8_gets_the_same_glob
     expected = global_batches(n, batch, seed=3, epoch=1, n_shards=shards)
     per_rank = [epoch_plan(n, batch, r, ranks, 3, 1, n_shards=shards) for r in range(ranks)]
     for step, global_batch in enumerate(expected):
-        union = np.concatenate([p.global_rows[p.step_bounds[step]:p.step_bounds[step + 1]] for p in per_rank])
+        union = np.concatenate(
+            [p.global_rows[p.step_bounds[step]:p.step_bounds[step + 1]] for p in per_rank])
         assert np.array_equal(np.sort(union), global_batch)
-    owned = [np.concatenate([np.arange(a, b) for a, b in owned_blocks(n, r, ranks, shards)]) for r in range(ranks)]
+    owned = [np.concatenate([np.arange(a, b) for a,
+                             b in owned_blocks(n, r, ranks, shards)]) for r in range(ranks)]
     assert all(np.isin(p.global_rows, mine).all() for p, mine in zip(per_rank, owned))
     assert np.array_equal(np.sort(np.concatenate([p.global_rows for p in per_rank])), np.arange(n))

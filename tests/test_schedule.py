@@ -1,4 +1,5 @@
-"""The learning rate: a pure function of the global step (warmup, cosine or step decay, the scaling rule)."""
+"""The learning rate: a pure function of the global step (warmup, cosine or step decay, the scaling
+rule)."""
 
 import numpy as np
 import pytest
@@ -24,6 +25,6 @@ def test_step_decay_multiplies_by_gamma_every_step_size_epochs():
 
 
 def test_the_linear_scaling_rule_scales_the_peak_with_the_global_batch():
-    assert schedule(lr_schedule="constant", lr_scaling="linear", batch_size=512, reference_batch=128)[0] == \
-        pytest.approx(1.6)
+    assert schedule(lr_schedule="constant", lr_scaling="linear", batch_size=512,
+                    reference_batch=128)[0] == pytest.approx(1.6)
     assert schedule(lr_schedule="constant", batch_size=512)[0] == pytest.approx(0.4)

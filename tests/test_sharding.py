@@ -3,7 +3,6 @@ unsharded optimiser trains; its checkpoints resume on any number of ranks, shard
 
 import numpy as np
 import pytest
-from helpers import final_params, metrics_records, model_spec, on_simulated_ranks, relative_error
 
 from ddptrain import cli
 from ddptrain.distributed.comm import SerialComm
@@ -11,15 +10,16 @@ from ddptrain.distributed.exchange import ReduceScatter
 from ddptrain.distributed.sharding import ShardedOptimizer, shard_bounds
 from ddptrain.optim.optimizers import SGD, AdamW
 from ddptrain.run import checkpoint as ckpt_io
+from helpers import final_params, metrics_records, model_spec, on_simulated_ranks, relative_error
 
 OPTIMIZERS = {"sgd": ["--optimizer", "sgd", "--momentum", "0.9"],
               "adamw": ["--optimizer", "adamw", "--lr", "0.01", "--weight-decay", "0.01"]}
 
 
 def train(small_data, run_dir, *options, epochs=2):
-    return cli.main(["--data", small_data, "--model", model_spec(), "--dtype", "float64", "--batch-size", "29",
-                     "--epochs", str(epochs), "--lr-schedule", "constant", "--quiet", "--run-dir", str(run_dir),
-                     *map(str, options)])
+    return cli.main(["--data", small_data, "--model", model_spec(), "--dtype", "float64",
+                     "--batch-size", "29", "--epochs", str(epochs), "--lr-schedule", "constant",
+                     "--quiet", "--run-dir", str(run_dir), *map(str, options)])
 
 
 def test_the_slices_cover_the_parameters_unevenly_when_p_does_not_divide_them():
@@ -29,12 +29,14 @@ def test_the_slices_cover_the_parameters_unevenly_when_p_does_not_divide_them():
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("ranks", [2, 3, 4])
-def test_sharded_on_p_ranks_trains_the_parameters_of_the_unsharded_optimiser(small_data, tmp_path, optimizer,
-                                                                             ranks):
-    assert train(small_data, tmp_path / "plain", *OPTIMIZERS[optimizer], "--simulate-ranks", ranks) == 0
-    assert train(small_data, tmp_path / "sharded", *OPTIMIZERS[optimizer], "--simulate-ranks", ranks,
-                 "--shard-optimizer") == 0
-    assert relative_error(final_params(tmp_path / "sharded"), final_params(tmp_path / "plain")) < 1e-12
+def test_sharded_on_p_ranks_trains_the_parameters_of_the_unsharded_optimiser(
+        small_data, tmp_path, optimizer, ranks):
+    assert train(small_data, tmp_path / "plain", *OPTIMIZERS[optimizer], "--simulate-ranks",
+                 ranks) == 0
+    assert train(small_data, tmp_path / "sharded", *OPTIMIZERS[optimizer], "--simulate-ranks",
+                 ranks, "--shard-optimizer") == 0
+    assert relative_error(final_params(tmp_path / "sharded"),
+                          final_params(tmp_path / "plain")) < 1e-12
     assert [r["test_accuracy"] for r in metrics_records(tmp_path / "sharded")] == \
         [r["test_accuracy"] for r in metrics_records(tmp_path / "plain")]
 
@@ -42,7 +44,8 @@ def test_sharded_on_p_ranks_trains_the_parameters_of_the_unsharded_optimiser(sma
 def test_in_one_process_sharded_and_unsharded_are_bitwise_equal(small_data, tmp_path):
     assert train(small_data, tmp_path / "plain", *OPTIMIZERS["adamw"]) == 0
     assert train(small_data, tmp_path / "sharded", *OPTIMIZERS["adamw"], "--shard-optimizer") == 0
-    np.testing.assert_array_equal(final_params(tmp_path / "sharded"), final_params(tmp_path / "plain"))
+    np.testing.assert_array_equal(final_params(tmp_path / "sharded"),
+                                  final_params(tmp_path / "plain"))
 
 
 def test_each_rank_holds_a_third_of_the_state_and_the_checkpoint_all_of_it(small_data, tmp_path):
@@ -58,13 +61,15 @@ def test_each_rank_holds_a_third_of_the_state_and_the_checkpoint_all_of_it(small
         exchange = ReduceScatter(comm, n)
         optimizer = exchange.sharded_optimizer(AdamW())
         params = np.zeros(n)
-        reduced = grads * comm.size   # what every rank would hold after an Allreduce of equal shares
+        # what every rank would hold after an Allreduce of equal shares
+        reduced = grads * comm.size
         optimizer.step(params, reduced.copy(), 0.01)
         exchange.publish_(params)   # every rank's updated slice, on every rank
         return state_bytes(optimizer), optimizer.state_dict(), params
 
     results = on_simulated_ranks(3, step_on_rank)
-    assert [memory for memory, *_ in results] == [2 * 333 * 8, 2 * 333 * 8, 2 * 334 * 8]   # m and v of a slice
+    # m and v of a slice
+    assert [memory for memory, *_ in results] == [2 * 333 * 8, 2 * 333 * 8, 2 * 334 * 8]
     whole = AdamW()
     unsharded_params = np.zeros(n)
     whole.step(unsharded_params, grads * 3, 0.01)
@@ -74,29 +79,36 @@ def test_each_rank_holds_a_third_of_the_state_and_the_checkpoint_all_of_it(small
         np.testing.assert_array_equal(state["exp_avg_sq"], whole.state_dict()["exp_avg_sq"])
 
 
-@pytest.mark.parametrize("then", [["--simulate-ranks", 2], ["--simulate-ranks", 4, "--shard-optimizer"], []],
-                         ids=["2-ranks-unsharded", "4-ranks-sharded", "one-process"])
-def test_a_sharded_checkpoint_resumes_on_another_number_of_ranks_sharded_or_not(small_data, tmp_path, then):
+@pytest.mark.parametrize("then",
+                         [["--simulate-ranks", 2], ["--simulate-ranks", 4, "--shard-optimizer"],
+                          []], ids=["2-ranks-unsharded", "4-ranks-sharded", "one-process"])
+def test_a_sharded_checkpoint_resumes_on_another_number_of_ranks_sharded_or_not(
+        small_data, tmp_path, then):
     options = OPTIMIZERS["adamw"]
-    assert train(small_data, tmp_path / "whole", *options, "--simulate-ranks", 3, "--shard-optimizer") == 0
-    assert train(small_data, tmp_path / "resumed", *options, "--simulate-ranks", 3, "--shard-optimizer",
-                 epochs=1) == 0
+    assert train(small_data, tmp_path / "whole", *options, "--simulate-ranks", 3,
+                 "--shard-optimizer") == 0
+    assert train(small_data, tmp_path / "resumed", *options, "--simulate-ranks", 3,
+                 "--shard-optimizer", epochs=1) == 0
     saved = ckpt_io.newest_valid(tmp_path / "resumed" / "checkpoints")
     n = sum(a.size for a in saved.params.values())
-    assert saved.optimizer["type"] == "AdamW" and saved.optimizer["exp_avg"].shape == (n,)   # the whole state
+    # the whole state
+    assert saved.optimizer["type"] == "AdamW" and saved.optimizer["exp_avg"].shape == (n,)
     assert train(small_data, tmp_path / "resumed", *options, *then, "--resume", "auto") == 0
-    assert relative_error(final_params(tmp_path / "resumed"), final_params(tmp_path / "whole")) < 1e-12
+    assert relative_error(final_params(tmp_path / "resumed"),
+                          final_params(tmp_path / "whole")) < 1e-12
 
 
 def test_debug_checks_the_gradient_of_a_sharded_run(small_data, tmp_path, capsys):
-    assert train(small_data, tmp_path / "r", "--debug", "--simulate-ranks", 3, "--shard-optimizer", epochs=1) == 0
+    assert train(small_data, tmp_path / "r", "--debug", "--simulate-ranks", 3, "--shard-optimizer",
+                 epochs=1) == 0
     assert "the allreduced gradient agrees with finite differences" in capsys.readouterr().out
 
 
 def test_sharding_an_optimiser_without_state_is_refused_with_one_line(small_data, tmp_path, capsys):
     assert train(small_data, tmp_path / "r", "--momentum", "0", "--shard-optimizer") == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--shard-optimizer: SGD without --momentum keeps no state to shard" in err
+    assert err.count("\n") == 1
+    assert "--shard-optimizer: SGD without --momentum keeps no state to shard" in err
 
 
 def test_one_process_sharding_is_the_plain_optimiser():

@@ -1,4 +1,5 @@
-"""SLURM: slurm/train.sbatch and slurm/sweep.sbatch submitted to a real cluster, and ddptrain's SLURM handling.
+"""SLURM: slurm/train.sbatch and slurm/sweep.sbatch submitted to a real cluster, and ddptrain's
+SLURM handling.
 
 The cluster tests start a one-node cluster (munged, slurmctld, slurmd) with
 ``scripts/slurm-cluster.sh``, which installs SLURM with apt the first time,
@@ -25,13 +26,13 @@ from types import SimpleNamespace
 import h5py
 import numpy as np
 import pytest
-from helpers import ROOT, clean_env, make_dataset, run
 
 from ddptrain import __version__
 from ddptrain.distributed.launcher import srun_task
 from ddptrain.distributed.slurm import check_srun_world, default_run_dir, slurm_restart_count
 from ddptrain.errors import UserError
 from ddptrain.run import checkpoint as ckpt_io
+from helpers import ROOT, clean_env, make_dataset, run
 
 TRAIN = ROOT / "slurm" / "train.sbatch"
 SWEEP = ROOT / "slurm" / "sweep.sbatch"
@@ -41,8 +42,8 @@ SMALL_ARGS = ["--model", "64-16-10", "--epochs", "3", "--batch-size", "16", "--q
 # The preemption runs: 1,500 steps an epoch, about 0.1 s an epoch; SIGUSR1 arrives after the first.
 LONG_EPOCHS = 30
 LONG_ARGS = ["--model", "64-16-10", "--epochs", str(LONG_EPOCHS), "--batch-size", "16", "--quiet"]
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE"}
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                "BOOT_FAIL", "DEADLINE"}
 
 
 # ---- without a cluster ---------------------------------------------------------------------------
@@ -75,13 +76,15 @@ def test_srun_tasks_are_told_apart_from_mpirun_ranks():
 
 
 def fake_world(rank, size, claims=None):
-    """A communicator stand-in whose allgather returns ``claims`` (every rank's (rank, procid, ntasks))."""
+    """A communicator stand-in whose allgather returns ``claims`` (every rank's (rank, procid,
+    ntasks))."""
     return SimpleNamespace(rank=rank, size=size, allgather=lambda mine: claims or [mine])
 
 
 def test_a_world_that_is_not_the_srun_step_is_refused():
     # the common mistake: srun without a PMI the MPI library speaks gives N worlds of size 1
-    with pytest.raises(UserError, match=r"srun started 4 tasks .* 4 separate worlds of size 1.*--mpi=pmi2"):
+    with pytest.raises(UserError,
+                       match=r"srun started 4 tasks .* 4 separate worlds of size 1.*--mpi=pmi2"):
         check_srun_world(fake_world(0, 1), (2, 4))
     # ranks that are not the tasks srun numbered
     claims = [(0, 1, 2), (1, 0, 2)]
@@ -97,17 +100,19 @@ def test_a_world_that_is_not_the_srun_step_is_refused():
 
 @pytest.mark.slow
 def test_a_requeued_job_resumes_by_itself(small_data, tmp_path):
-    """SLURM_RESTART_COUNT > 0: ddptrain continues from the job's newest checkpoint without --resume."""
+    """SLURM_RESTART_COUNT > 0: ddptrain continues from the job's newest checkpoint without
+    --resume."""
     job = {"SLURM_JOB_ID": "4242"}
-    first = run(["--data", small_data, "--model", "64-16-10", "--epochs", "2", "--batch-size", "16", "--quiet"],
-                env=job, cwd=tmp_path)
+    first = run(["--data", small_data, "--model", "64-16-10", "--epochs", "2", "--batch-size", "16",
+                 "--quiet"], env=job, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "run folder runs/slurm-4242" in first.stdout and "resumed" not in first.stdout
-    again = run(["--data", small_data, "--model", "64-16-10", "--epochs", "3", "--batch-size", "16", "--quiet"],
-                env={**job, "SLURM_RESTART_COUNT": "1"}, cwd=tmp_path)
+    again = run(["--data", small_data, "--model", "64-16-10", "--epochs", "3", "--batch-size", "16",
+                 "--quiet"], env={**job, "SLURM_RESTART_COUNT": "1"}, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "SLURM job 4242, restart 1" in again.stdout
-    assert "resumed from runs/slurm-4242/checkpoints/step-00000030.h5: epoch 3, step 30" in again.stdout
+    assert ("resumed from runs/slurm-4242/checkpoints/step-00000030.h5: epoch 3, "
+            "step 30") in again.stdout
     assert "after 3 epochs" in again.stdout
 
 
@@ -117,19 +122,21 @@ def test_collect_sweep_makes_one_table(tmp_path):
         folder = tmp_path / "runs" / f"slurm-90_{task}"
         folder.mkdir(parents=True)
         (folder / "config.json").write_text(json.dumps({"lr": lr, "epochs": 2}))
-        lines = [json.dumps({"epoch": e + 1, "train_loss": 1.0, "test_loss": 1.5, "test_accuracy": a,
-                             "seconds": 0.5}) for e, a in enumerate(accuracies)]
-        (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n" + '{"epoch": 2, "train_lo')  # cut short
-    result = subprocess.run([sys.executable, str(COLLECT), "--job", "90", "--runs", str(tmp_path / "runs"),
-                             "--csv", str(tmp_path / "sweep.csv")], capture_output=True, text=True)
+        lines = [json.dumps({"epoch": e + 1, "train_loss": 1.0, "test_loss": 1.5,
+                             "test_accuracy": a, "seconds": 0.5}) for e, a in enumerate(accuracies)]
+        # cut short
+        (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n" + '{"epoch": 2, "train_lo')
+    result = subprocess.run([sys.executable, str(COLLECT), "--job", "90", "--runs",
+                             str(tmp_path / "runs"), "--csv", str(tmp_path / "sweep.csv")],
+                            capture_output=True, text=True)
     assert result.returncode == 1, result.stderr    # one run has not finished its epochs
     rows = [line for line in result.stdout.splitlines() if line.startswith("| slurm-")]
     assert [row.split("|")[2].strip() for row in rows] == ["0.01", "0.1", "0.3"]   # sorted by rate
     assert "slurm-90_0 *" in rows[2] and "60.00%" in rows[2] and "finished" in rows[2]
     assert "1/2" in rows[1] and "incomplete" in rows[1]
     assert (tmp_path / "sweep.csv").read_text().startswith("run,lr,epochs,")
-    nothing = subprocess.run([sys.executable, str(COLLECT), "--job", "91", "--runs", str(tmp_path / "runs")],
-                             capture_output=True, text=True)
+    nothing = subprocess.run([sys.executable, str(COLLECT), "--job", "91", "--runs",
+                              str(tmp_path / "runs")], capture_output=True, text=True)
     assert nothing.returncode == 2 and "no run folders" in nothing.stderr
 
 
@@ -141,7 +148,8 @@ def test_batch_scripts_parse_and_want_sbatch():
     assert outside.returncode == 2 and "submit me with sbatch" in outside.stderr
 
 
-# ---- on a real cluster -----------------------------------------------------------------------------
+# ---- on a real cluster
+# -----------------------------------------------------------------------------
 
 
 def why_no_slurm():
@@ -149,9 +157,11 @@ def why_no_slurm():
     if os.environ.get("DDPTRAIN_NO_SLURM"):
         return "DDPTRAIN_NO_SLURM is set"
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return "the SLURM tests need root (slurmd runs as root, SLURM is installed with apt); CI runs them as root"
+        return ("the SLURM tests need root (slurmd runs as root, SLURM is installed with apt); CI "
+                "runs them as root")
     path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
-    have_slurm = all(shutil.which(p, path=path) for p in ("slurmctld", "slurmd", "sbatch", "munged"))
+    have_slurm = all(shutil.which(p, path=path) for p in ("slurmctld", "slurmd", "sbatch",
+                                                          "munged"))
     if not have_slurm and not shutil.which("apt-get"):
         return "SLURM is not installed and there is no apt-get to install it (Debian/Ubuntu)"
     return None
@@ -165,12 +175,15 @@ class Cluster:
         self.jobs = []
 
     def command(self, *argv, check=True, timeout=60):
-        return subprocess.run(argv, capture_output=True, text=True, env=self.env, timeout=timeout, check=check)
+        return subprocess.run(argv, capture_output=True, text=True, env=self.env, timeout=timeout,
+                              check=check)
 
     def sbatch(self, script, args, cwd, options=(), env=None):
-        """Submit ``script`` with ddptrain options ``args`` from ``cwd``; returns the job id (str)."""
-        result = subprocess.run(["sbatch", "--parsable", *options, str(script), *map(str, args)], cwd=cwd,
-                                capture_output=True, text=True, env={**self.env, **(env or {})}, timeout=60)
+        """Submit ``script`` with ddptrain options ``args`` from ``cwd``; returns the job id
+        (str)."""
+        result = subprocess.run(["sbatch", "--parsable", *options, str(script), *map(str, args)],
+                                cwd=cwd, capture_output=True, text=True,
+                                env={**self.env, **(env or {})}, timeout=60)
         assert result.returncode == 0, f"sbatch failed: {result.stderr}"
         job = result.stdout.strip().split(";")[0]
         self.jobs.append(job)
@@ -179,10 +192,12 @@ class Cluster:
     def show(self, job):
         """``scontrol show job`` as one dict per job (an array gives one per task)."""
         result = self.command("scontrol", "show", "job", "-o", job)
-        return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in result.stdout.splitlines() if line.strip()]
+        return [dict(re.findall(r"(\w+)=(\S*)",
+                                line)) for line in result.stdout.splitlines() if line.strip()]
 
     def wait(self, job, timeout, count=1, restarted=False, out=None):
-        """Wait until the job (all ``count`` tasks of an array) reached a final state; returns show().
+        """Wait until the job (all ``count`` tasks of an array) reached a final state; returns
+        show().
 
         ``restarted``: a final state counts once some task was restarted, or after
         5 s more of it (then the caller's assertions say what happened).
@@ -249,7 +264,8 @@ def pid_alive(pid):
 
 @pytest.fixture(scope="module")
 def cluster():
-    """The test cluster: started (and installed) if it is not running, stopped by the last test session using it.
+    """The test cluster: started (and installed) if it is not running, stopped by the last test
+    session using it.
 
     A cluster that was running before any test session started it (someone's
     own) is used and left running. Each session using a cluster the tests
@@ -260,14 +276,16 @@ def cluster():
         pytest.skip(reason)
     script_env = clean_env()
     script_env["PATH"] = script_env.get("PATH", "") + ":/usr/sbin:/sbin"
-    conf = subprocess.run(["bash", str(CLUSTER_SCRIPT), "env"], env=script_env, capture_output=True, text=True,
-                          check=True).stdout.strip().split("=", 1)[1]
+    conf = subprocess.run(["bash", str(CLUSTER_SCRIPT), "env"], env=script_env, capture_output=True,
+                          text=True, check=True).stdout.strip().split("=", 1)[1]
     sessions = Path(conf).parent.parent / "test-sessions"
-    status = subprocess.run(["bash", str(CLUSTER_SCRIPT), "status"], env=script_env, capture_output=True)
+    status = subprocess.run(["bash", str(CLUSTER_SCRIPT), "status"], env=script_env,
+                            capture_output=True)
     if status.returncode != 0:
-        started = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start"], env=script_env, capture_output=True,
-                                 text=True, timeout=900)
-        assert started.returncode == 0, f"could not start the SLURM cluster:\n{started.stderr[-4000:]}"
+        started = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start"], env=script_env,
+                                 capture_output=True, text=True, timeout=900)
+        assert started.returncode == 0, (f"could not start the SLURM cluster:\n"
+                                         f"{started.stderr[-4000:]}")
         sessions.mkdir(parents=True, exist_ok=True)
         (sessions / "started-by-tests").touch()
     mine = sessions / str(os.getpid())
@@ -280,16 +298,19 @@ def cluster():
     finally:
         jobs.cancel_leftovers()
         mine.unlink(missing_ok=True)
-        others = [f for f in sessions.glob("[0-9]*") if pid_alive(int(f.name))] if sessions.is_dir() else []
+        found = sessions.glob("[0-9]*") if sessions.is_dir() else []
+        others = [f for f in found if pid_alive(int(f.name))]
         if (sessions / "started-by-tests").exists() and not others:
             (sessions / "started-by-tests").unlink(missing_ok=True)
-            subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], env=script_env, capture_output=True, timeout=120)
+            subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], env=script_env,
+                           capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
 def long_data(tmp_path_factory):
     """24,000 + 600 rows of 8x8 images: 1,500 steps an epoch at --batch-size 16."""
-    return make_dataset(tmp_path_factory.mktemp("slurm-data") / "long.h5", n_train=24000, n_test=600)
+    return make_dataset(tmp_path_factory.mktemp("slurm-data") / "long.h5", n_train=24000,
+                        n_test=600)
 
 
 def final_params(run_dir):
@@ -307,7 +328,8 @@ def assert_same_params(a, b):
 
 
 def metrics_epochs(run_dir):
-    return [json.loads(line)["epoch"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    records = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["epoch"] for line in records]
 
 
 @pytest.mark.slow
@@ -319,7 +341,8 @@ def test_train_job_completes(cluster, small_data, tmp_path, ntasks, launcher):
     [record] = cluster.wait(job, timeout=90, out=out)
     assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0"), report(out)
     text = out.read_text()
-    assert f"ddptrain {__version__}: {ntasks} ranks" in text, report(out)   # one MPI world of ntasks ranks
+    # one MPI world of ntasks ranks
+    assert f"ddptrain {__version__}: {ntasks} ranks" in text, report(out)
     assert f"SLURM job {job}" in text and "finished: test accuracy" in text, report(out)
     run_dir = tmp_path / "runs" / f"slurm-{job}"
     assert metrics_epochs(run_dir) == [1, 2, 3]     # written once, by rank 0
@@ -331,11 +354,12 @@ def test_train_job_completes(cluster, small_data, tmp_path, ntasks, launcher):
 
 @pytest.mark.slow
 def test_srun_without_pmi_is_refused(cluster, small_data, tmp_path):
-    result = cluster.command("srun", "--ntasks=2", "--mpi=none", "--chdir", str(tmp_path), sys.executable,
-                             "-m", "ddptrain", "--data", small_data, *SMALL_ARGS, "--run-dir", "lonely",
-                             check=False)
+    result = cluster.command("srun", "--ntasks=2", "--mpi=none", "--chdir", str(tmp_path),
+                             sys.executable, "-m", "ddptrain", "--data", small_data, *SMALL_ARGS,
+                             "--run-dir", "lonely", check=False)
     assert result.returncode != 0
-    assert "srun started 2 tasks" in result.stderr and "separate worlds of size 1" in result.stderr, result.stderr
+    assert "srun started 2 tasks" in result.stderr, result.stderr
+    assert "separate worlds of size 1" in result.stderr, result.stderr
     assert result.stderr.count("ddptrain: error") == 1          # said once, by task 0
     assert not (tmp_path / "lonely").exists()
 
@@ -352,16 +376,19 @@ def reference(cluster, long_data, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])
-def test_preempted_job_checkpoints_requeues_and_resumes(cluster, long_data, tmp_path, request, launcher):
-    job = cluster.sbatch(TRAIN, ["--data", long_data, *LONG_ARGS], cwd=tmp_path, options=["--ntasks=2"],
-                         env={"DDPTRAIN_LAUNCHER": launcher})
+def test_preempted_job_checkpoints_requeues_and_resumes(cluster, long_data, tmp_path, request,
+                                                        launcher):
+    job = cluster.sbatch(TRAIN, ["--data", long_data, *LONG_ARGS], cwd=tmp_path,
+                         options=["--ntasks=2"], env={"DDPTRAIN_LAUNCHER": launcher})
     out = tmp_path / f"slurm-{job}.out"
     cluster.wait_for_text(out, f"epoch 1/{LONG_EPOCHS} done", job, timeout=90)
-    cluster.command("scancel", "--signal=USR1", job)       # what --signal=USR1@120 does before the time limit
+    # what --signal=USR1@120 does before the time limit
+    cluster.command("scancel", "--signal=USR1", job)
     reference = request.getfixturevalue("reference")       # runs while the job waits to start again
     [record] = cluster.wait(job, timeout=180, restarted=True, out=out)
 
-    assert (record["JobState"], record["Restarts"], record["ExitCode"]) == ("COMPLETED", "1", "0:0"), report(out)
+    final_state = (record["JobState"], record["Restarts"], record["ExitCode"])
+    assert final_state == ("COMPLETED", "1", "0:0"), report(out)
     text = out.read_text()
     assert re.search(r"stopped by SIGUSR1 at step \d+; checkpoint written", text), report(out)
     assert f"requeuing job {job};" in text and f"job {job} restart 1 on" in text, report(out)
@@ -369,16 +396,20 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, long_data, tmp_
     resumed = re.search(rf"resumed from runs/slurm-{job}/checkpoints/step-(\d+)\.h5", text)
     assert resumed and 0 < int(resumed.group(1)) < LONG_EPOCHS * 1500, report(out)
     assert text.count("finished: test accuracy") == 1
-    assert sorted(os.listdir(tmp_path)) == ["runs", f"slurm-{job}.out"]   # one output file for both runs
+    # one output file for both runs
+    assert sorted(os.listdir(tmp_path)) == ["runs", f"slurm-{job}.out"]
     run_dir = tmp_path / "runs" / f"slurm-{job}"
     assert metrics_epochs(run_dir) == list(range(1, LONG_EPOCHS + 1))
-    assert_same_params(final_params(run_dir), reference)    # bitwise: the preemption changed nothing
+    # bitwise: the preemption changed nothing
+    assert_same_params(final_params(run_dir), reference)
 
 
 @pytest.mark.slow
 def test_sigusr1_during_start_up_still_requeues(cluster, small_data, tmp_path):
-    """A SIGUSR1 that reaches the ranks before training (and its handler) started: requeued all the same."""
-    job = cluster.sbatch(TRAIN, ["--data", small_data, *SMALL_ARGS], cwd=tmp_path, options=["--ntasks=2"])
+    """A SIGUSR1 that reaches the ranks before training (and its handler) started: requeued all the
+    same."""
+    job = cluster.sbatch(TRAIN, ["--data", small_data, *SMALL_ARGS], cwd=tmp_path,
+                         options=["--ntasks=2"])
     out = tmp_path / f"slurm-{job}.out"
     deadline = time.monotonic() + 60
     # Until a task process of the job's step exists: before that, SLURM has no task to signal
@@ -388,7 +419,8 @@ def test_sigusr1_during_start_up_still_requeues(cluster, small_data, tmp_path):
         time.sleep(0.01)
     cluster.command("scancel", "--signal=USR1", job)
     [record] = cluster.wait(job, timeout=120, restarted=True, out=out)
-    assert (record["JobState"], record["Restarts"], record["ExitCode"]) == ("COMPLETED", "1", "0:0"), report(out)
+    final_state = (record["JobState"], record["Restarts"], record["ExitCode"])
+    assert final_state == ("COMPLETED", "1", "0:0"), report(out)
     text = out.read_text()
     assert f"requeuing job {job};" in text and "finished: test accuracy" in text, report(out)
     assert metrics_epochs(tmp_path / "runs" / f"slurm-{job}") == [1, 2, 3]
@@ -406,30 +438,34 @@ def test_sweep_array_trains_every_rate_and_collects_a_table(cluster, small_data,
     rates = {int(folder.name.split("_")[1]): json.loads((folder / "config.json").read_text())["lr"]
              for folder in (tmp_path / "runs").glob(f"slurm-{array}_*")}
     assert rates == {0: 0.01, 1: 0.03, 2: 0.1, 3: 0.3}
-    table = subprocess.run([sys.executable, str(COLLECT), "--job", array, "--runs", str(tmp_path / "runs")],
-                           capture_output=True, text=True)
+    table = subprocess.run([sys.executable, str(COLLECT), "--job", array, "--runs",
+                            str(tmp_path / "runs")], capture_output=True, text=True)
     assert table.returncode == 0, table.stdout + table.stderr
     rows = [line for line in table.stdout.splitlines() if line.startswith(f"| slurm-{array}_")]
-    assert [row.split("|")[2].strip() for row in rows] == ["0.01", "0.03", "0.1", "0.3"], table.stdout
-    assert all("3/3" in row and "finished" in row for row in rows) and sum("*" in row for row in rows) == 1
+    assert [row.split("|")[2].strip() for row in rows] == ["0.01", "0.03", "0.1",
+                                                           "0.3"], table.stdout
+    assert all("3/3" in row and "finished" in row for row in rows)
+    assert sum("*" in row for row in rows) == 1
     print(table.stdout)
 
 
 @pytest.mark.slow
 def test_preempted_array_task_requeues_alone(cluster, long_data, tmp_path):
-    """Task 1 of a two-task array is preempted; only it restarts, and it ends where task 0 (same rate) does."""
+    """Task 1 of a two-task array is preempted; only it restarts, and it ends where task 0 (same
+    rate) does."""
     array = cluster.sbatch(SWEEP, ["--data", long_data, *LONG_ARGS], cwd=tmp_path,
-                           options=["--array=0-1", "--ntasks=1"],   # one rank each: 2 cores, 2 tasks
+                           options=["--array=0-1", "--ntasks=1"],   # a rank each: 2 cores, 2 tasks
                            env={"DDPTRAIN_SWEEP_LRS": "0.1 0.1"})
     out = tmp_path / f"slurm-{array}_1.out"
     cluster.wait_for_text(out, f"epoch 1/{LONG_EPOCHS} done", array, timeout=90)
     cluster.command("scancel", "--signal=USR1", f"{array}_1")
-    records = {r["ArrayTaskId"]: r for r in cluster.wait(array, timeout=180, count=2, restarted=True, out=out)}
+    records = {r["ArrayTaskId"]: r for r in cluster.wait(array, timeout=180, count=2,
+                                                         restarted=True, out=out)}
     assert (records["1"]["JobState"], records["1"]["Restarts"]) == ("COMPLETED", "1"), report(out)
     assert (records["0"]["JobState"], records["0"]["Restarts"]) == ("COMPLETED", "0"), \
         report(tmp_path / f"slurm-{array}_0.out")
     text = out.read_text()
-    assert f"requeuing job {array}_1;" in text and f"resumed from runs/slurm-{array}_1/checkpoints/" in text, \
-        report(out)
+    assert f"requeuing job {array}_1;" in text, report(out)
+    assert f"resumed from runs/slurm-{array}_1/checkpoints/" in text, report(out)
     assert_same_params(final_params(tmp_path / "runs" / f"slurm-{array}_1"),
                        final_params(tmp_path / "runs" / f"slurm-{array}_0"))

@@ -1,8 +1,8 @@
-"""The step and the loop: one named TrainStep, callbacks around the loop, state that survives a checkpoint."""
+"""The step and the loop: one named TrainStep, callbacks around the loop, state that survives a
+checkpoint."""
 
 import numpy as np
 import pytest
-from helpers import Tally, model_spec
 
 from ddptrain.data import format as data
 from ddptrain.distributed.comm import SerialComm
@@ -22,6 +22,7 @@ from ddptrain.training.evaluation import evaluate
 from ddptrain.training.plan import TrainingPlan
 from ddptrain.training.step import NonFiniteStep, TrainStep
 from ddptrain.training.trainer import Callback, Trainer
+from helpers import Tally, model_spec
 
 
 def small_step(momentum=0.9):
@@ -49,7 +50,8 @@ def test_a_step_with_a_nan_stops_before_the_update():
     x, y = np.ones((2, 4)), np.array([0, 1])
     x[1, 2] = np.nan
     before = step.model.params.copy()
-    with np.errstate(invalid="ignore"), pytest.raises(NonFiniteStep, match="NaN or Inf in the loss or gradients"):
+    with np.errstate(invalid="ignore"), pytest.raises(NonFiniteStep,
+                                                      match="NaN or Inf in the loss or gradients"):
         step(x, y, global_count=2, lr=0.1)
     np.testing.assert_array_equal(step.model.params, before)   # the last good parameters
     assert step.optimizer.steps == 0
@@ -59,7 +61,8 @@ def test_a_step_runs_its_after_reduce_hooks_on_the_reduced_gradient_before_the_u
     step = small_step()
     seen = []
     step.after_reduce.append(
-        lambda x, y, n, context: seen.append((step.model.grads.copy(), step.model.params.copy(), n)))
+        lambda x, y, n, context: seen.append((step.model.grads.copy(), step.model.params.copy(),
+                                              n)))
     before = step.model.params.copy()
     step(np.ones((3, 4)), np.array([0, 1, 0]), global_count=3, lr=0.1)
     [(grads, params, count)] = seen
@@ -94,7 +97,8 @@ class Recorder(Callback):
 
 
 def trainer_folder(trainer):
-    return next(c.run_folder.checkpoint_dir for c in trainer.callbacks if isinstance(c, Checkpointing))
+    return next(
+        c.run_folder.checkpoint_dir for c in trainer.callbacks if isinstance(c, Checkpointing))
 
 
 def test_callbacks_see_every_hook_in_order_after_ddptrain_s_own(small_data, tmp_path):
@@ -104,13 +108,14 @@ def test_callbacks_see_every_hook_in_order_after_ddptrain_s_own(small_data, tmp_
     assert run_training(config, SerialComm(), quiet=True, callbacks=[recorder]).exit_status == 0
 
     def epoch(e):   # 240 rows in global batches of 100: 3 steps an epoch, the last of 40 samples
-        return [f"epoch_start {e}", f"step_start {3 * e}", f"step_end {3 * e + 1} 100", f"step_start {3 * e + 1}",
-                f"step_end {3 * e + 2} 100", f"step_start {3 * e + 2}", f"step_end {3 * e + 3} 40",
-                f"epoch_end {e + 1} saved=True"]
+        return [f"epoch_start {e}", f"step_start {3 * e}", f"step_end {3 * e + 1} 100",
+                f"step_start {3 * e + 1}", f"step_end {3 * e + 2} 100", f"step_start {3 * e + 2}",
+                f"step_end {3 * e + 3} 40", f"epoch_end {e + 1} saved=True"]
     assert recorder.calls == ["fit_start", *epoch(0), *epoch(1), "fit_end"]
 
 
-def test_buffers_are_checkpointed_evaluation_leaves_them_alone_and_restore_brings_them_back(small_data, tmp_path):
+def test_buffers_are_checkpointed_evaluation_leaves_them_alone_and_restore_brings_them_back(
+        small_data, tmp_path):
     config = Config(batch_size=16, epochs=2)
     info = data.inspect(small_data)
     train = Split(*data.read_rows(small_data, "train", [(0, info.n_train)], dtype=np.float64))
@@ -118,9 +123,10 @@ def test_buffers_are_checkpointed_evaluation_leaves_them_alone_and_restore_bring
 
     def trainer(callbacks=()):
         model = Sequential([Tally(), Flatten(), Linear(64, 10)], dtype=np.float64)
-        return Trainer(TrainStep(model, SoftmaxCrossEntropy(), SGD(momentum=0.9), Allreduce(SerialComm())),
-                       TrainingPlan(config, info.n_train, 0, 1), train, test, info.n_classes, StopRequest(),
-                       callbacks)
+        return Trainer(TrainStep(model, SoftmaxCrossEntropy(), SGD(momentum=0.9),
+                                 Allreduce(SerialComm())),
+                       TrainingPlan(config, info.n_train, 0, 1), train, test, info.n_classes,
+                       StopRequest(), callbacks)
 
     folder = RunFolder(SerialComm(), tmp_path / "run")
     folder.take()
@@ -128,7 +134,8 @@ def test_buffers_are_checkpointed_evaluation_leaves_them_alone_and_restore_bring
     first = trainer([Checkpointing(folder)])
     assert first.fit() is None
     saved = ckpt_io.load(ckpt_io.step_path(folder.checkpoint_dir, 15))
-    assert saved.buffers == {"tally1.rows": np.array([240.0])}   # the 240 training rows, not the 60 test rows
+    # the 240 training rows, not the 60 test rows
+    assert saved.buffers == {"tally1.rows": np.array([240.0])}
     assert first.model.buffers[0] == 480                          # after the second epoch
 
     again = trainer()
@@ -144,8 +151,9 @@ def test_buffers_are_checkpointed_evaluation_leaves_them_alone_and_restore_bring
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_a_shard_kept_as_uint8_pixels_gives_the_batches_of_one_kept_as_floats(small_data, dtype):
-    """A rank keeps a file's pixels (a quarter of float32's memory) and scales the rows it gathers: the same
-    operation as scaling at load, so the same bits, in training batches and in evaluation."""
+    """A rank keeps a file's pixels (a quarter of float32's memory) and scales the rows it gathers:
+    the same operation as scaling at load, so the same bits, in training batches and in
+    evaluation."""
     info = data.inspect(small_data)
     pixels, labels = data.read_rows(small_data, "train", [(0, info.n_train)], dtype=np.uint8)
     floats, _ = data.read_rows(small_data, "train", [(0, info.n_train)], dtype=dtype)
@@ -158,8 +166,10 @@ def test_a_shard_kept_as_uint8_pixels_gives_the_batches_of_one_kept_as_floats(sm
     np.testing.assert_array_equal(y, y_floats)
 
     model = Sequential.from_spec(model_spec(), dtype=dtype, seed=0)
-    on_pixels = evaluate(model, SerialComm(), Split(model.as_input(pixels), labels, dtype), info.n_classes, chunk=50)
-    on_floats = evaluate(model, SerialComm(), Split(model.as_input(floats), labels), info.n_classes, chunk=50)
+    on_pixels = evaluate(model, SerialComm(), Split(model.as_input(pixels), labels, dtype),
+                         info.n_classes, chunk=50)
+    on_floats = evaluate(model, SerialComm(), Split(model.as_input(floats), labels), info.n_classes,
+                         chunk=50)
     assert (on_pixels.loss, on_pixels.accuracy) == (on_floats.loss, on_floats.accuracy)
 
 
@@ -176,7 +186,7 @@ def test_the_memory_estimate_counts_a_file_s_pixels_as_bytes_and_float_arrays_as
     rows = info.n_train + info.n_test
     config = Config(dtype="float32")
     assert estimate_rank_bytes(layers, config, info, 1)["this rank's data"] == rows * (64 + 8)
+    sizes = (info.n_train, info.n_train, info.n_test, info.n_test)   # images, labels of each split
     floats = Arrays(*(np.zeros((n, 8, 8), np.float32) if k % 2 == 0 else np.zeros(n, np.int64)
-                      for k, n in enumerate((info.n_train, info.n_train, info.n_test, info.n_test))),
-                    n_classes=10).inspect()
+                      for k, n in enumerate(sizes)), n_classes=10).inspect()
     assert estimate_rank_bytes(layers, config, floats, 1)["this rank's data"] == rows * (64 * 4 + 8)

@@ -24,7 +24,7 @@ from .launching import free_port, launch
 from .notes import notes
 from .report import add_figures, table
 from .rows import plan_rows, row_models
-from .targets import CNN_TITLE, cnn_verdicts, issue15_title, issue15_verdicts, verdict_lines
+from .targets import CNN_TITLE, cnn_verdicts, mlp_title, mlp_verdicts, verdict_lines
 from .workload import RANDOM, flops_per_sample, use_images_of, with_batchnorm
 
 
@@ -87,9 +87,9 @@ def run_benchmark(opts):
     print("\n".join(notes(results, batches, models, ranks, opts.bn_model)), flush=True)
 
     tta = time_to_accuracy_runs(opts, ranks)
-    verdicts = issue15_verdicts(results, limit, per_sample, tta)
+    verdicts = mlp_verdicts(results, limit, per_sample, tta)
     print()
-    print("\n".join(verdict_lines(issue15_title(opts.isa), verdicts, use_torch)))
+    print("\n".join(verdict_lines(mlp_title(opts.isa), verdicts, use_torch)))
     if not opts.no_cnn:
         cnn = cnn_verdicts(results, batches, ranks)
         print("\n".join(verdict_lines(CNN_TITLE, cnn, use_torch)))

@@ -1,4 +1,4 @@
-"""The targets' verdicts: issue 15's (ahead of PyTorch on every CPU) and issue 12's for the CNN.
+"""The targets' verdicts: the MLP's (ahead of PyTorch on every CPU) and the CNN's.
 
 Each verdict is kept as data (``Verdict``), which the printed lines and the
 JSON output both come from: what is aimed at, the figure measured, the
@@ -15,7 +15,7 @@ from .report import median_rate
 
 @dataclass
 class Verdict:
-    issue: int
+    group: str           # whose targets: "mlp" or "cnn"
     target: str          # what is aimed at: "1 process >= 1.0x PyTorch 1 process at batch 128"
     shown: str           # the figure as printed: "1.12x", "45%", "3.21 s", "not reached"
     value: float | None  # the figure itself (a ratio, a fraction, seconds); None: not reached
@@ -33,7 +33,7 @@ class Verdict:
         return asdict(self)
 
 
-def ratio_verdict(results, issue, target, need, mine, theirs, batch):
+def ratio_verdict(results, group, target, need, mine, theirs, batch):
     """The best median of the ddptrain rows ``mine`` against the best of the PyTorch rows ``theirs``
     at ``batch``, held to at least ``need``; None where either side did not run."""
     ours = {f"{key}@{batch}": median_rate(results, key, batch) for key in mine}
@@ -42,26 +42,26 @@ def ratio_verdict(results, issue, target, need, mine, theirs, batch):
     if not ours or not pytorch:
         return None
     ratio = max(ours.values()) / max(pytorch.values())
-    return Verdict(issue, target, f"{ratio:.2f}x", ratio, need, ">=", ratio >= need,
+    return Verdict(group, target, f"{ratio:.2f}x", ratio, need, ">=", ratio >= need,
                    {"ddptrain": list(ours), "pytorch": list(pytorch)})
 
 
-def issue15_verdicts(results, limit, per_sample, tta):
-    """Issue 15's targets, on this run's CPU (its batch sizes are 128 and 512: none at others)."""
+def mlp_verdicts(results, limit, per_sample, tta):
+    """The MLP's targets, on this run's CPU (at batch sizes 128 and 512: none at others)."""
     verdicts = []
     for batch in (128, 512):
         need = 1.15 if batch == 512 else 1.0
         verdicts += [
-            ratio_verdict(results, 15, f"1 process >= {need}x PyTorch 1 process at batch {batch}",
+            ratio_verdict(results, "mlp", f"1 process >= {need}x PyTorch 1 process at batch {batch}",
                           need, ["ddp1"], ["torch1"], batch),
-            ratio_verdict(results, 15, f"best launch >= 1.1x PyTorch's best at batch {batch}", 1.1,
+            ratio_verdict(results, "mlp", f"best launch >= 1.1x PyTorch's best at batch {batch}", 1.1,
                           ["ddp1", "ddpP"], ["torch1", "torchP"], batch),
-            ratio_verdict(results, 15, f"2 ranks >= 2x PyTorch DDP at batch {batch}", 2,
+            ratio_verdict(results, "mlp", f"2 ranks >= 2x PyTorch DDP at batch {batch}", 2,
                           ["ddpP"], ["torchP"], batch)]
     rate = median_rate(results, "ddpP", 512)
     if rate:
         fraction = rate * per_sample / limit
-        verdicts.append(Verdict(15, "2 ranks at batch 512 >= 82% of the GEMM limit",
+        verdicts.append(Verdict("mlp", "2 ranks at batch 512 >= 82% of the GEMM limit",
                                 f"{100 * fraction:.0f}%", fraction, 0.82, ">=", fraction >= 0.82,
                                 {"ddptrain": ["ddpP@512"]}))
     entry = results.get(("ddp1", 128))
@@ -70,26 +70,26 @@ def issue15_verdicts(results, limit, per_sample, tta):
         products = sum(ms for name, ms in profile.items()
                        if name.startswith("matrix products") or "Allreduce" in name)
         share = 1 - products / sum(profile.values())
-        verdicts.append(Verdict(15, "element-wise share of a step (all but the matrix products and "
+        verdicts.append(Verdict("mlp", "element-wise share of a step (all but the matrix products and "
                                     "Allreduces), 1 process, batch 128 <= 15%",
                                 f"{100 * share:.0f}%", share, 0.15, "<=", share <= 0.15))
     if tta is not None:
         seconds = tta["median_seconds"]
-        verdicts.append(Verdict(15, "time to 98% test accuracy, 2 ranks, default options < 4 s",
+        verdicts.append(Verdict("mlp", "time to 98% test accuracy, 2 ranks, default options < 4 s",
                                 "not reached" if seconds is None else f"{seconds:.2f} s", seconds,
                                 4, "<", seconds is not None and seconds < 4))
     return [verdict for verdict in verdicts if verdict is not None]
 
 
 def cnn_verdicts(results, batches, ranks):
-    """Issue 12's aims for the CNN rows."""
+    """The CNN rows' targets."""
     verdicts = []
     for batch in batches:
         verdicts += [
-            ratio_verdict(results, 12,
+            ratio_verdict(results, "cnn",
                           f"ddptrain 1 process >= 0.8x PyTorch 1 process at batch {batch}", 0.8,
                           ["cnn1"], ["tcnn1"], batch),
-            ratio_verdict(results, 12,
+            ratio_verdict(results, "cnn",
                           f"ddptrain {ranks} ranks >= 1.5x PyTorch DDP at batch {batch}", 1.5,
                           ["cnnP"], ["tcnnP"], batch)]
     return [verdict for verdict in verdicts if verdict is not None]
@@ -102,9 +102,9 @@ def verdict_lines(title, verdicts, use_torch):
     return lines
 
 
-def issue15_title(isa):
+def mlp_title(isa):
     limited = ", its vector code limited to AVX2" if isa == "avx2" else ""
-    return f"targets (issue 15, on this CPU{limited}):"
+    return f"targets of the MLP (on this CPU{limited}):"
 
 
-CNN_TITLE = "targets for the CNN (issue 12):"
+CNN_TITLE = "targets of the CNN:"
