@@ -17,8 +17,7 @@ import os
 import traceback
 
 from ddptrain.data import datasets
-from ddptrain.data.arrays import WHAT as IN_MEMORY
-from ddptrain.data.arrays import Arrays
+from ddptrain.data.arrays import WHAT as IN_MEMORY, Arrays
 from ddptrain.data.readable import check_readable
 from ddptrain.distributed.launcher import launched_by_mpi
 from ddptrain.distributed.simulate import run_simulated

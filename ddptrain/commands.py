@@ -16,8 +16,7 @@ import numpy as np
 from ddptrain import __version__
 from ddptrain.backends import gemm
 from ddptrain.backends.threads import configure_blas_threads
-from ddptrain.data import datasets
-from ddptrain.data import format as data
+from ddptrain.data import datasets, format as data
 from ddptrain.data.arrays import WHAT as IN_MEMORY
 from ddptrain.data.readable import check_readable
 from ddptrain.data.sampler import evaluation_block

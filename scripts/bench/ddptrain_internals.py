@@ -10,12 +10,10 @@ an ``MPIComm`` is made), so the benchmark's own process may import it too.
 """
 
 from ddptrain.backends import gemm
-from ddptrain.backends.denormals import MODES as DENORMAL_MODES
-from ddptrain.backends.denormals import flushed as denormals_flushed
+from ddptrain.backends.denormals import MODES as DENORMAL_MODES, flushed as denormals_flushed
 from ddptrain.backends.threads import configure_blas_threads
 from ddptrain.data.datasets import ensure_prepared
-from ddptrain.data.format import inspect as inspect_data
-from ddptrain.data.format import read_rows
+from ddptrain.data.format import inspect as inspect_data, read_rows
 from ddptrain.data.sampler import epoch_plan, owned_blocks
 from ddptrain.distributed.comm import MPIComm
 from ddptrain.distributed.exchange import make_exchange

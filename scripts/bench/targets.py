@@ -52,10 +52,11 @@ def mlp_verdicts(results, limit, per_sample, tta):
     for batch in (128, 512):
         need = 1.15 if batch == 512 else 1.0
         verdicts += [
-            ratio_verdict(results, "mlp", f"1 process >= {need}x PyTorch 1 process at batch {batch}",
+            ratio_verdict(results, "mlp",
+                          f"1 process >= {need}x PyTorch 1 process at batch {batch}",
                           need, ["ddp1"], ["torch1"], batch),
-            ratio_verdict(results, "mlp", f"best launch >= 1.1x PyTorch's best at batch {batch}", 1.1,
-                          ["ddp1", "ddpP"], ["torch1", "torchP"], batch),
+            ratio_verdict(results, "mlp", f"best launch >= 1.1x PyTorch's best at batch {batch}",
+                          1.1, ["ddp1", "ddpP"], ["torch1", "torchP"], batch),
             ratio_verdict(results, "mlp", f"2 ranks >= 2x PyTorch DDP at batch {batch}", 2,
                           ["ddpP"], ["torchP"], batch)]
     rate = median_rate(results, "ddpP", 512)
@@ -70,8 +71,8 @@ def mlp_verdicts(results, limit, per_sample, tta):
         products = sum(ms for name, ms in profile.items()
                        if name.startswith("matrix products") or "Allreduce" in name)
         share = 1 - products / sum(profile.values())
-        verdicts.append(Verdict("mlp", "element-wise share of a step (all but the matrix products and "
-                                    "Allreduces), 1 process, batch 128 <= 15%",
+        verdicts.append(Verdict("mlp", "element-wise share of a step (all but the matrix products "
+                                       "and Allreduces), 1 process, batch 128 <= 15%",
                                 f"{100 * share:.0f}%", share, 0.15, "<=", share <= 0.15))
     if tta is not None:
         seconds = tta["median_seconds"]
