@@ -92,9 +92,8 @@ class TrainStep:
     """
 
     def __init__(self, model, loss_fn, optimizer, exchange, clip_grad_norm=None, micro_batches=1):
-        self.model, self.loss_fn, self.optimizer, self.exchange = (model, loss_fn,
-                                                                   optimizer, exchange)
-        self.comm = exchange.comm
+        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.exchange, self.comm = exchange, exchange.comm
         self.clip_grad_norm = clip_grad_norm
         self.micro_batches = micro_batches
         self._accumulated = None
