@@ -12,19 +12,19 @@ The packages, from the bottom up (each imports only those above it in this list)
 
 The public API, importable from here: ``train``, ``Arrays`` (in-memory
 data), ``gradcheck`` (a layer's gradients against finite differences),
-``Result``, the errors ``UserError``, ``DataError``, ``CheckpointError`` and
-``NumericalError``, and the packages ``nn`` and ``optim`` (``losses`` is
-``nn.losses``).
+``Result``, ``Callback`` (the hooks around the training loop), the errors
+``UserError``, ``DataError``, ``CheckpointError`` and ``NumericalError``, and
+the packages ``nn`` and ``optim`` (``losses`` is ``nn.losses``).
 """
 
 __version__ = "0.3.0"
 
-# Reached lazily, so that `import ddptrain` stays cheap (the command line imports what it runs).
 import importlib
 
+# Reached lazily, so that `import ddptrain` stays cheap (the command line imports what it runs).
 _PUBLIC = {"train": "api", "Arrays": "data.arrays", "gradcheck": "nn.gradcheck",
-           "Result": "run.runner", "UserError": "errors", "DataError": "errors",
-           "CheckpointError": "errors", "NumericalError": "errors"}
+           "Result": "run.runner", "Callback": "training.trainer", "UserError": "errors",
+           "DataError": "errors", "CheckpointError": "errors", "NumericalError": "errors"}
 _PUBLIC_MODULES = {"nn": "nn", "optim": "optim", "losses": "nn.losses"}
 
 __all__ = ["__version__", *_PUBLIC, *_PUBLIC_MODULES]

@@ -375,3 +375,27 @@ def test_a_process_can_train_again_and_again_without_running_out_of_mpi_resource
                           env=helpers.clean_env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "trained 1100 times on 2 ranks" in proc.stdout, proc.stdout[-2000:]
+
+
+
+def test_the_public_api_is_reachable_from_the_package_and_names_what_it_promises():
+    import importlib
+
+    names = ["train", "Arrays", "gradcheck", "Result", "Callback", "UserError", "DataError",
+             "CheckpointError", "NumericalError", "nn", "optim", "losses"]
+    assert set(names) <= set(ddptrain.__all__)
+    for name in names:
+        assert getattr(ddptrain, name) is not None, name
+    assert ddptrain.Callback is importlib.import_module("ddptrain.training.trainer").Callback
+    assert ddptrain.losses.SoftmaxCrossEntropy is nn.SoftmaxCrossEntropy
+    assert not hasattr(ddptrain, "Trainer")   # an internal name, not the package's
+
+
+@pytest.mark.slow
+def test_importing_the_package_loads_none_of_its_modules_until_a_name_is_used():
+    """The command line imports only what it runs: ``import ddptrain`` alone loads no module of it
+    (nor numpy), in a fresh process."""
+    probe = ("import sys, ddptrain\n"
+             "print(sorted(m for m in sys.modules if m.startswith(('ddptrain.', 'numpy'))))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -97,3 +97,20 @@ def test_only_the_communicator_module_imports_mpi4py_and_the_network_knows_nothi
             imported = {node.module for node in ast.walk(tree)
                         if isinstance(node, ast.ImportFrom) and node.module}
             assert not any(module.startswith("ddptrain.distributed") for module in imported), name
+
+
+
+def test_the_training_step_knows_the_gradient_exchange_only_by_its_interface():
+    """One step for every exchange: TrainStep calls the exchange's methods and names none of its
+    variants (the variant is chosen once, by distributed.exchange.make_exchange)."""
+    tree = ast.parse((PACKAGE / "training" / "step.py").read_text())
+    step = next(node for node in tree.body if isinstance(node, ast.ClassDef)
+                and node.name == "TrainStep")
+    names = {node.id for node in ast.walk(step) if isinstance(node, ast.Name)}
+    attributes = {node.attr for node in ast.walk(step) if isinstance(node, ast.Attribute)}
+    variants = {"Allreduce", "BucketedAllreduce", "ReduceScatter", "NodeSharedMemory",
+                "ShardedOptimizer", "NodeMemory", "GradientBuckets", "sharded", "buckets"}
+    assert (names | attributes) & variants == set()
+    assert "isinstance" not in names
+    interface = {"during_backward", "reduce_", "owned", "norm_share", "global_norm", "publish_"}
+    assert interface <= attributes
