@@ -38,7 +38,7 @@ from ddptrain.run.config import (
     make_config,
 )
 from ddptrain.run.ending import end_rank, message_of
-from ddptrain.run.signals import restore_default_signals
+from ddptrain.run.signals import ignore_stop_signals, restore_default_signals
 
 COMMANDS = ("train", "evaluate", "prepare", "plot", "info")
 
@@ -282,8 +282,10 @@ def main(argv=None, callbacks=()):
         # Training: the options become a Config, and the run is the one ddptrain.train launches.
         with same_on_every_rank():
             config = config_from_args(args)
-        return launch(config, quiet=args.quiet, dry_run=args.dry_run,
-                      callbacks=callbacks).exit_status
+        status = launch(config, quiet=args.quiet, dry_run=args.dry_run,
+                        callbacks=callbacks).exit_status
+        ignore_stop_signals()   # the run is over: a late signal cannot change its status now
+        return status
     except UserError as error:
         return end_rank(str(error), error, comm)
     except SystemExit:

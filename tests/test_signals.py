@@ -88,3 +88,22 @@ def test_ctrl_c_twice_to_mpiexec_force_aborts_the_ranks_but_loses_no_checkpoint(
     assert again.returncode == 0, again.stderr
     assert [r["epoch"] for r in metrics_records(run)] == [1, 2, 3]
     assert not [name for name in os.listdir(run / "checkpoints") if ".tmp" in name]
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1", "SIGINT"])
+@pytest.mark.parametrize("ranks", [None, 2], ids=["one-process", "two-ranks"])
+def test_a_stop_signal_after_the_run_finished_leaves_its_status_0(small_data, tmp_path, started,
+                                                                   name, ranks):
+    """The run is over once it prints 'finished:': a signal then (a scheduler's SIGTERM at the end
+    of the job, say) must not turn its status 0 into a kill; to mpiexec, which passes it on to the
+    ranks, or to the one process."""
+    run = started(["--data", small_data, *SMALL, "--epochs", "1", "--run-dir", tmp_path / "run"],
+                  ranks=ranks)
+    run.wait_for_line("finished: test accuracy")
+    try:
+        os.kill(run.pid, getattr(signal, name))
+    except ProcessLookupError:
+        pass   # it ended first: what the test asks of it, too
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 0, err
+    assert "Traceback" not in err

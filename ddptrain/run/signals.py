@@ -42,6 +42,20 @@ def restore_default_signals():
         os.kill(os.getpid(), getattr(signal, _early.pop(0)))
 
 
+def ignore_stop_signals():
+    """The command is over: SIGTERM, SIGUSR1 and SIGINT are ignored from now on.
+
+    A training run that finished has nothing left that a signal could stop,
+    and its status is decided. A late signal (a scheduler's SIGTERM at the end
+    of the job, Ctrl-C to mpiexec) would otherwise find Python's defaults,
+    which Python puts back as the interpreter exits and MPI finalises, and
+    turn a status 0 into a kill.
+    """
+    for number in _numbers():
+        signal.signal(number, signal.SIG_IGN)
+    _early.clear()
+
+
 class StopRequest:
     """Remembers that SIGTERM, SIGUSR1 or SIGINT arrived; training stops after the current step.
 
