@@ -173,6 +173,9 @@ def _add_train_arguments(parser):
     _option(group, "--keep", "keep the K newest checkpoints (plus best.h5)", type=int, metavar="K")
     _option(group, "--resume", "'auto': the newest valid checkpoint in the run folder, if any; or "
             "a checkpoint file", metavar="auto|PATH")
+    _option(group, "--allow-other-data", "resume even on a data file whose content checksum "
+            "(content_sha256) is not the one the checkpoint was trained on: a re-encoded copy",
+            action="store_true")
     _option(group, "--log-every", "steps between progress lines (when the output is not a "
             "terminal)", type=int, metavar="STEPS")
     _option(group, "--metrics-every", "also append a record to metrics.jsonl every STEPS steps; 0: "

@@ -25,18 +25,21 @@ STEPS_PER_EPOCH = 15     # the 240 training rows of small_data in global batches
 
 def sample_checkpoint(seed=0, step=7):
     rng = np.random.default_rng(seed)
-    model = Sequential.from_spec("64-16-10")
-    params = {name: rng.standard_normal(array.shape).astype(np.float32) for name,
-              array in model.named_params()}
+    model = Sequential.from_spec("64-16-bn-10")
+
+    def random_like(arrays):
+        return {name: rng.standard_normal(array.shape).astype(np.float32) for name, array in arrays}
+
     return Checkpoint(
-        params=params, buffers={"norm1.running_mean": rng.standard_normal(16).astype(np.float32)},
+        params=random_like(model.named_params()), buffers=random_like(model.named_buffers()),
         optimizer={"type": "SGD", "steps": step,
-                   "velocity": rng.standard_normal(1210).astype(np.float32)},
+                   "velocity": rng.standard_normal(model.params.size).astype(np.float32)},
         state={"epoch": 0, "step_in_epoch": step, "step": step,
                "train_sums": {"loss_sum": 1.5, "correct": 3, "samples": 16}, "n_train": 240,
-               "best_accuracy": -1.0, "world_size": 2}, config={"model": "64-16-10", "seed": seed},
+               "best_accuracy": -1.0, "world_size": 2},
+        config={"model": "64-16-bn-10", "seed": seed},
         metrics=[{"epoch": 1, "test_accuracy": 0.5}], model=model.describe(),
-        model_summary="64-16-10", dtype="float32")
+        model_summary="64-16-bn-10", dtype="float32")
 
 
 def assert_same(loaded, saved):
@@ -84,11 +87,12 @@ def test_a_checkpoint_is_an_ordinary_hdf5_file_with_every_array_under_its_own_na
     # h5py, h5dump and HDFView skip the user block
     with h5py.File(tmp_path / "c.h5", "r") as f:
         assert sorted(f["params"]) == sorted(saved.params)
-        assert list(f["buffers"]) == ["norm1.running_mean"] and list(f["optimizer"]) == ["velocity"]
+        assert list(f["buffers"]) == ["batchnorm1.running_mean", "batchnorm1.running_var"]
+        assert list(f["optimizer"]) == ["velocity"]
         assert json.loads(f.attrs["optimizer"]) == {"type": "SGD", "steps": 7}
         assert json.loads(f.attrs["model"])[1] == {"name": "linear1", "type": "Linear",
                                                    "args": {"n_in": 64, "n_out": 16, "init": "he",
-                                                            "bias": True}}
+                                                            "bias": False}}   # bn shifts
 
 
 def test_save_writes_through_a_temporary_file_and_leaves_none_behind(tmp_path, monkeypatch):

@@ -63,17 +63,20 @@ class MetricsLog(Callback):
         self.run_folder.append_metrics(record)
 
 
-def make_checkpoint(trainer, optimizer_state):
+def make_checkpoint(trainer, optimizer_state, data_sha256=None):
     """Everything a run needs to continue exactly where ``trainer`` stands (views: encode it at
     once). ``optimizer_state``: the optimiser's whole ``state_dict()``, taken on every rank
-    beforehand (a collective when the optimiser is sharded; this function runs on rank 0 only)."""
+    beforehand (a collective when the optimiser is sharded; this function runs on rank 0 only).
+    ``data_sha256``: the data file's ``content_sha256`` (None: it has none), so that a resumed run
+    can tell another data file of as many rows."""
     model, pos, plan = trainer.model, trainer.position, trainer.plan
     return Checkpoint(
         params=dict(model.named_params()), buffers=dict(model.named_buffers()),
         optimizer={"type": optimizer_name(trainer.optimizer), **optimizer_state},
         state={"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "step": pos.step,
                "train_sums": pos.sums.to_dict(), "n_train": plan.n_train,
-               "best_accuracy": trainer.best_accuracy, "world_size": trainer.comm.size},
+               "best_accuracy": trainer.best_accuracy, "world_size": trainer.comm.size,
+               "data_sha256": data_sha256},
         config=plan.config.to_dict(), metrics=list(trainer.records), model=model.describe(),
         model_summary=model.summary(), dtype=str(model.dtype))
 
@@ -82,13 +85,15 @@ class Checkpointing(Callback):
     """A checkpoint at the end of every epoch (and ``best.h5`` after the best one so far), every
     ``every`` steps within an epoch (0: never), and after the step in which a stop was requested."""
 
-    def __init__(self, run_folder, every=0, keep=3):
+    def __init__(self, run_folder, every=0, keep=3, data_sha256=None):
         self.run_folder, self.every, self.keep = run_folder, every, keep
+        self.data_sha256 = data_sha256
 
     def save(self, trainer, is_best=False):
         # on every rank: sharded, it gathers the slices
         optimizer_state = trainer.optimizer.state_dict()
-        path = self.run_folder.save_checkpoint(lambda: make_checkpoint(trainer, optimizer_state),
+        path = self.run_folder.save_checkpoint(lambda: make_checkpoint(trainer, optimizer_state,
+                                                                       self.data_sha256),
                                                trainer.position.step, self.keep, is_best)
         trainer.last_checkpoint = trainer.position.step
         return path

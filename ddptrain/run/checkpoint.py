@@ -36,7 +36,8 @@ Layout (format 2)::
     attrs: format, format_version, dtype, model_summary,
            model (JSON: the layers' names, types and arguments),
            optimizer (JSON: the optimiser's type and the rest of its state_dict, e.g. steps),
-           state (JSON: epoch, step, step_in_epoch, train_sums, n_train, best_accuracy, world_size),
+           state (JSON: epoch, step, step_in_epoch, train_sums, n_train, best_accuracy, world_size,
+                  data_sha256: the data file's content_sha256, absent in older checkpoints),
            config (JSON), metrics (JSON list of per-epoch records)
 
 Format 1 (ddptrain 0.1) had no header: its files cannot be verified before
@@ -58,6 +59,7 @@ import numpy as np
 
 from ddptrain.durable import write_atomically
 from ddptrain.errors import CheckpointError
+from ddptrain.run import checkpoint_contents as contents
 
 FORMAT = "ddptrain-checkpoint"
 FORMAT_VERSION = 2
@@ -68,6 +70,8 @@ _HEADER = re.compile(rb"ddptrain checkpoint\nformat (\d{1,3})\nsha256 ([0-9a-f]{
 STEP_NAME = re.compile(r"^step-(\d{8,})\.h5$")
 TEMPORARY_NAME = re.compile(r"^\..+\.h5\.tmp-\d+$")
 ARRAY_GROUPS = ("params", "buffers", "optimizer")
+JSON_ATTRS = ("model", "optimizer", "state", "config", "metrics")
+METADATA = ("dtype", "model_summary", *JSON_ATTRS)
 
 
 @dataclass
@@ -170,30 +174,57 @@ def _parse_header(path, header):
 
 
 def load(path):
-    """Read and verify a checkpoint. Raises CheckpointError naming the file and the problem."""
+    """Read and verify a checkpoint. Raises CheckpointError naming the file and the problem.
+
+    Verified bytes prove only that the file is the one written: its metadata
+    and the storage, type and shape of every array are then checked
+    (``checkpoint_contents``) before any array is read.
+    """
     data = verified_bytes(path)
     try:
         with h5py.File(io.BytesIO(data), "r") as f:
             if _text(f.attrs.get("format")) != FORMAT:
                 raise CheckpointError(f"{path}: not a ddptrain checkpoint")
+            metadata = _metadata(path, {key: _text(f.attrs[key]) for key in METADATA})
+            shapes, found = contents.expected_shapes(metadata)
+            found = found or contents.array_problems(f, shapes, metadata["dtype"], len(data))
+            if found:
+                raise CheckpointError(_refusal(path, found))
             arrays = {group: {name: f[group][name][()] for name in f[group]}
                       for group in ARRAY_GROUPS}
-            attrs = {key: _text(f.attrs[key]) for key in
-                     ("dtype", "model_summary", "model", "optimizer", "state", "config", "metrics")}
     except CheckpointError:
         raise
     except (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError) as error:
         # Verified bytes that HDF5 cannot read: written by something else than this ddptrain.
         raise CheckpointError(f"{path}: unreadable checkpoint ({_short(error)})") from None
-    try:
-        optimizer = {**json.loads(attrs["optimizer"]), **arrays["optimizer"]}
-        return Checkpoint(params=arrays["params"], buffers=arrays["buffers"], optimizer=optimizer,
-                          state=json.loads(attrs["state"]), config=json.loads(attrs["config"]),
-                          metrics=json.loads(attrs["metrics"]), model=json.loads(attrs["model"]),
-                          model_summary=attrs["model_summary"], dtype=attrs["dtype"],
-                          path=str(path))
-    except ValueError as error:
-        raise CheckpointError(f"{path}: malformed metadata ({_short(error)})") from None
+    return Checkpoint(params=arrays["params"], buffers=arrays["buffers"],
+                      optimizer={**metadata["optimizer"], **arrays["optimizer"]},
+                      state=metadata["state"], config=metadata["config"],
+                      metrics=metadata["metrics"], model=metadata["model"],
+                      model_summary=metadata["model_summary"], dtype=metadata["dtype"],
+                      path=str(path))
+
+
+def _metadata(path, attrs):
+    """The attributes, JSON ones parsed, once they match ``checkpoint_contents.SCHEMA``."""
+    metadata = dict(attrs)
+    for key in JSON_ATTRS:
+        try:
+            metadata[key] = json.loads(attrs[key])
+        except ValueError as error:
+            raise CheckpointError(f"{path}: malformed metadata ({key}: {_short(error)})") from None
+        except RecursionError:   # [[[[...]]]] deeper than Python's stack
+            raise CheckpointError(f"{path}: malformed metadata ({key}: nested too deep)") from None
+    found = contents.metadata_problems(metadata)
+    if found:
+        raise CheckpointError(_refusal(path, found))
+    return metadata
+
+
+def _refusal(path, problems, shown=5):
+    """One line naming the first ``shown`` problems of a checkpoint ddptrain did not write."""
+    more = f" (and {len(problems) - shown} more)" if len(problems) > shown else ""
+    return f"{path}: malformed checkpoint: {'; '.join(problems[:shown])}{more}"
 
 
 def _text(value):

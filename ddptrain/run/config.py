@@ -66,6 +66,8 @@ class Config:
     checkpoint_every: int = 0          # steps; 0: only at the end of each epoch
     keep: int = 3                      # newest step/epoch checkpoints kept
     resume: Optional[str] = None       # None, "auto" or a checkpoint path
+    # resume on a data file whose content_sha256 is not the checkpoint's (a re-encoded copy)
+    allow_other_data: bool = False
     # machinery
     # BLAS threads per rank; 0: cores on this node / ranks on this node
     threads: int = 0

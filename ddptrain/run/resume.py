@@ -2,7 +2,8 @@
 
 A checkpoint fits when it holds a parameter and a buffer of the same name,
 shape and dtype for every one of the model's, state for the same optimiser,
-was trained on as many rows, and on the same sequence of global batches.
+was trained on as many rows of the same data (its ``content_sha256``, unless
+``--allow-other-data``), and on the same sequence of global batches.
 """
 
 from __future__ import annotations
@@ -94,12 +95,39 @@ def check_fits(checkpoint, model, optimizer, n_train, config):
                                   f"{given}; {hint}")
 
 
-def load_checkpoint(config, checkpoint_dir, model, optimizer, n_train, warn):
+def data_sha256(info):
+    """The ``content_sha256`` attribute of the data file ``info`` describes, or None (a file
+    without one, in-memory arrays)."""
+    value = info.attrs.get("content_sha256")
+    return value if isinstance(value, str) else None
+
+
+def check_same_data(checkpoint, checksum, allow_other_data, warn):
+    """Refuse a checkpoint trained on other data than the file of checksum ``checksum`` (as many
+    rows, other values), unless ``allow_other_data``; say so when they cannot be compared."""
+    where, state = checkpoint.path, checkpoint.state
+    recorded = state.get("data_sha256")
+    if recorded is None or checksum is None:
+        why = ("it was written before checkpoints recorded it" if "data_sha256" not in state
+               else "its data file had none" if recorded is None else "this data file has none")
+        warn(f"warning: {where}: the data could not be compared with the data the checkpoint was "
+             f"trained on (no content_sha256: {why})")
+    elif recorded != checksum:
+        if not allow_other_data:
+            raise CheckpointError(f"{where}: checkpoint was trained on data of content_sha256 "
+                                  f"{recorded}, this data file's is {checksum}; resume with "
+                                  "--allow-other-data if it holds the same data")
+        warn(f"warning: {where}: checkpoint was trained on data of content_sha256 {recorded}, this "
+             f"data file's is {checksum}; resuming on it (--allow-other-data)")
+
+
+def load_checkpoint(config, checkpoint_dir, model, optimizer, data, warn):
     """Rank 0: the verified checkpoint to resume from (fitting this run), or None to start fresh.
 
     ``--resume auto`` takes the newest step checkpoint in the folder that
     verifies (setting damaged ones aside with a warning), else ``best.h5`` (a
     fresh start would overwrite it); ``--resume PATH`` takes that file.
+    ``data``: the DatasetInfo of the data this run trains on.
     """
     if not config.resume:
         return None
@@ -112,7 +140,8 @@ def load_checkpoint(config, checkpoint_dir, model, optimizer, n_train, warn):
             return None
     else:
         checkpoint = ckpt_io.load(config.resume)
-    check_fits(checkpoint, model, optimizer, n_train, config)
+    check_fits(checkpoint, model, optimizer, data.n_train, config)
+    check_same_data(checkpoint, data_sha256(data), config.allow_other_data, warn)
     return checkpoint
 
 

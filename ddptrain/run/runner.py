@@ -29,7 +29,7 @@ from ddptrain.optim.schedule import peak_learning_rate
 from ddptrain.run.callbacks import Checkpointing, MetricsLog, ProgressReport
 from ddptrain.run.preflight import preflight
 from ddptrain.run.rank0 import Console, RunFolder, run_on_rank0
-from ddptrain.run.resume import load_checkpoint
+from ddptrain.run.resume import data_sha256, load_checkpoint
 from ddptrain.run.signals import StopRequest
 from ddptrain.training.batches import Split
 from ddptrain.training.callbacks import BroadcastBuffers, ReplicaCheck
@@ -155,14 +155,15 @@ def _train(run, stop, callbacks):
     # DDP: rank 0 reads and verifies the checkpoint and broadcasts it, so that every rank
     # resumes from the same bytes or every rank stops with the same error.
     checkpoint = run_on_rank0(comm, lambda: load_checkpoint(config, folder.checkpoint_dir, model,
-                                                            optimizer, info.n_train, console.warn))
+                                                            optimizer, info, console.warn))
     folder.write_config(config.to_dict())   # once the run is known to go ahead
     train, test = read_shards(info, comm, config, model)
     step = TrainStep(model, SoftmaxCrossEntropy(), optimizer, exchange,
                      config.clip_grad_norm or None, config.accumulate)
     trainer = Trainer(step, TrainingPlan(config, info.n_train, comm.rank, comm.size), train, test,
                       info.n_classes, stop,
-                      standard_callbacks(config, console, folder, model.buffers.size > 0)
+                      standard_callbacks(config, console, folder, model.buffers.size > 0,
+                                         data_sha256(info))
                       + list(callbacks))
     if checkpoint is not None:
         trainer.restore(checkpoint)
@@ -207,12 +208,12 @@ def read_split(info, split, blocks, dtype, model):
     return Split(model.as_input(images), labels, np.dtype(dtype))
 
 
-def standard_callbacks(config, console, folder, model_has_buffers):
+def standard_callbacks(config, console, folder, model_has_buffers, data_checksum=None):
     """ddptrain's own work around the loop, in the order it runs after a step: check, report,
     record, save."""
     callbacks = [ReplicaCheck(config.check_every), ProgressReport(console),
                  MetricsLog(folder, config.metrics_every),
-                 Checkpointing(folder, config.checkpoint_every, config.keep)]
+                 Checkpointing(folder, config.checkpoint_every, config.keep, data_checksum)]
     if config.batchnorm == "local" and model_has_buffers:
         callbacks.insert(0, BroadcastBuffers())
     if config.debug:
