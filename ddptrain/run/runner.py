@@ -212,7 +212,7 @@ def standard_callbacks(config, console, folder, model_has_buffers):
     record, save."""
     callbacks = [ReplicaCheck(config.check_every), ProgressReport(console),
                  MetricsLog(folder, config.metrics_every),
-                 Checkpointing(folder, config.checkpoint_every, config.keep)]
+                 Checkpointing(folder, config.checkpoint_every, config.keep, console.warn)]
     if config.batchnorm == "local" and model_has_buffers:
         callbacks.insert(0, BroadcastBuffers())
     if config.debug:
