@@ -6,9 +6,11 @@ it the command says so and exits with status 2.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+from ddptrain.durable import write_atomically
 from ddptrain.errors import EXIT_OK, UserError
 
 
@@ -74,7 +76,9 @@ def plot_run(run_dir, output=None):
     figure.suptitle(f"ddptrain run {Path(run_dir).resolve().name}")
     figure.tight_layout()
     try:
-        figure.savefig(output, dpi=100)
+        png = io.BytesIO()   # durable writes it: whole or not at all, and through no link
+        figure.savefig(png, format="png", dpi=100)
+        write_atomically(output, png.getbuffer())
     except OSError as error:
         raise UserError(f"{output}: cannot write the plot ({error.strerror or error})") from None
     finally:

@@ -16,6 +16,8 @@ fault fires just before that step runs), and ``rank`` limits it to one rank::
     signal:rank=1:step=4:SIGUSR1   rank 1 sends itself SIGUSR1 (SIGTERM, SIGINT, ...)
     checkpoint-write:step=6        rank 0's checkpoint of step 6 fails after its temporary
                                    file is written, before the rename (as a full disk would)
+    best-write                     every write of best.h5 fails so (a disk with room for the
+                                   step checkpoints only)
     delay:seconds=0.05             every rank sleeps before each step (room for outside signals)
     wait:until=PATH[:step=N]       every rank waits before step N (without step: before each step)
                                    until the file PATH exists: the run goes on when the test says so
@@ -34,7 +36,8 @@ from ddptrain import cli, durable
 from ddptrain.run import checkpoint as ckpt_io
 from ddptrain.training.trainer import Callback
 
-KINDS = ("raise", "nan", "signal", "checkpoint-write", "delay", "wait")
+KINDS = ("raise", "nan", "signal", "checkpoint-write", "best-write", "delay", "wait")
+WRITE_FAULTS = ("checkpoint-write", "best-write")
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,7 @@ def parse(text):
                 values[key] = value
             else:
                 raise ValueError(f"cannot read {field!r} in {text!r}")
-        if kind not in ("delay", "wait") and "step" not in values:
+        if kind not in ("delay", "wait", "best-write") and "step" not in values:
             raise ValueError(f"fault {item!r} needs step=N")
         if (kind == "wait") != ("until" in values):
             raise ValueError(f"only a wait, and every wait, takes until=PATH: {item!r}")
@@ -106,11 +109,13 @@ class FaultInjection(Callback):
                 os.kill(os.getpid(), getattr(signal, fault.signal_name))
 
 
-def fail_checkpoint_writes(steps):
-    """Make rank 0's write of the checkpoints of ``steps`` fail like a full disk, before their
-    rename."""
+def fail_checkpoint_writes(steps, best=False):
+    """Make rank 0's write of the checkpoints of ``steps`` (and of every ``best.h5``, if ``best``)
+    fail like a full disk, before their rename."""
     real_fsync = durable.fsync_file
-    doomed = {f".{ckpt_io.step_path('', step).name}.tmp-" for step in steps}
+    doomed = {durable.temporary_prefix(ckpt_io.step_path("", step)) for step in steps}
+    if best:
+        doomed.add(durable.temporary_prefix("best.h5"))
 
     def fsync_file(path):
         if any(os.path.basename(path).startswith(prefix) for prefix in doomed):
@@ -121,9 +126,10 @@ def fail_checkpoint_writes(steps):
 
 def main(argv):
     faults = parse(argv[0])
-    fail_checkpoint_writes([f.step for f in faults if f.kind == "checkpoint-write"])
+    fail_checkpoint_writes([f.step for f in faults if f.kind == "checkpoint-write"],
+                           best=any(f.kind == "best-write" for f in faults))
     return cli.main(argv[1:],
-                    callbacks=[FaultInjection([f for f in faults if f.kind != "checkpoint-write"])])
+                    callbacks=[FaultInjection([f for f in faults if f.kind not in WRITE_FAULTS])])
 
 
 if __name__ == "__main__":

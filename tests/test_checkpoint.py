@@ -292,3 +292,39 @@ def test_best_holds_the_epoch_with_the_highest_test_accuracy(small_data, tmp_pat
     assert best.state["step"] == best_record["step"]
     at_that_step = ckpt_io.load(ckpt_io.step_path(folder, best_record["step"]))
     assert all(np.array_equal(best.params[n], at_that_step.params[n]) for n in best.params)
+
+
+# ---------------------------------------------------------------- best.h5 on a full disk
+
+
+@pytest.fixture
+def best_cannot_be_written(monkeypatch):
+    """Every write of best.h5 fails like a full disk, after its temporary file is written: a disk
+    with room for the step checkpoints only."""
+    real_fsync = durable.fsync_file
+
+    def fsync_file(path):
+        if os.path.basename(path).startswith(durable.temporary_prefix("best.h5")):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(path)
+    monkeypatch.setattr(durable, "fsync_file", fsync_file)
+
+
+def test_a_failed_write_of_best_is_a_warning_naming_it_and_old_step_checkpoints_are_still_pruned(
+        small_data, tmp_path, capsys, best_cannot_be_written):
+    folder = train_in_process(small_data, tmp_path / "run", epochs=3, keep=1)
+    assert sorted(os.listdir(folder)) == ["step-00000045.h5"]   # pruned; no best.h5, no temporary
+    warnings = capsys.readouterr().err.splitlines()
+    assert warnings[0] == (f"warning: could not write {folder / 'best.h5'}: No space left on "
+                           "device; it is left as it was, and step-00000015.h5 holds the best "
+                           "model so far (the run goes on, and can resume from it)")
+    assert all(line.startswith(f"warning: could not write {folder / 'best.h5'}: ")
+               for line in warnings)
+
+
+def test_a_run_resumes_on_a_disk_where_best_cannot_be_written(small_data, tmp_path,
+                                                              best_cannot_be_written):
+    folder = train_in_process(small_data, tmp_path / "run", epochs=2, keep=1)
+    folder = train_in_process(small_data, tmp_path / "run", epochs=3, keep=1, resume="auto")
+    assert steps_on_disk(folder) == [45]
+    assert ckpt_io.load(ckpt_io.step_path(folder, 45)).state["epoch"] == 3

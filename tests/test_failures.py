@@ -307,3 +307,22 @@ def test_a_global_batch_smaller_than_the_ranks_is_refused_once_with_status_2(sma
     assert error_lines(proc.stderr) == ["ddptrain: error: --batch-size 2 is smaller than the "
                                         "number of ranks (3): every rank needs at least one sample "
                                         "per step"]
+
+
+def test_a_failed_write_of_best_is_one_warning_and_the_run_and_its_resumption_go_on(
+        small_data, tmp_path):
+    """A disk with room for the step checkpoints but not for best.h5: the warning names best.h5,
+    the step checkpoints are pruned to --keep, and the run resumes on that disk."""
+    run, folder = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    proc = helpers.run(args(small_data, run, "--keep", "1"), ranks=2, timeout=60,
+                       faults="best-write")
+    assert proc.returncode == 0, proc.stderr
+    lines = error_lines(proc.stderr)
+    assert lines and all(line.startswith(f"warning: could not write {folder / 'best.h5'}: No space "
+                                         "left on device (injected by the test); it is left as "
+                                         "it was, and step-") for line in lines)
+    assert sorted(os.listdir(folder)) == ["step-00000045.h5"]
+    again = helpers.run(args(small_data, run, "--keep", "1", "--epochs", "4", "--resume", "auto"),
+                        ranks=2, timeout=60, faults="best-write")
+    assert again.returncode == 0, again.stderr
+    assert sorted(os.listdir(folder)) == ["step-00000060.h5"]

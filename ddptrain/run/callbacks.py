@@ -85,8 +85,8 @@ class Checkpointing(Callback):
     """A checkpoint at the end of every epoch (and ``best.h5`` after the best one so far), every
     ``every`` steps within an epoch (0: never), and after the step in which a stop was requested."""
 
-    def __init__(self, run_folder, every=0, keep=3, data_sha256=None):
-        self.run_folder, self.every, self.keep = run_folder, every, keep
+    def __init__(self, run_folder, every=0, keep=3, data_sha256=None, warn=print):
+        self.run_folder, self.every, self.keep, self.warn = run_folder, every, keep, warn
         self.data_sha256 = data_sha256
 
     def save(self, trainer, is_best=False):
@@ -94,7 +94,8 @@ class Checkpointing(Callback):
         optimizer_state = trainer.optimizer.state_dict()
         path = self.run_folder.save_checkpoint(lambda: make_checkpoint(trainer, optimizer_state,
                                                                        self.data_sha256),
-                                               trainer.position.step, self.keep, is_best)
+                                               trainer.position.step, self.keep, is_best,
+                                               self.warn)
         trainer.last_checkpoint = trainer.position.step
         return path
 

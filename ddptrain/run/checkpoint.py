@@ -20,9 +20,10 @@ sees it: no damaged file can make h5py hang, crash or return wrong values.
 The file is still an ordinary HDF5 file for h5py, h5dump or HDFView.
 
 **Never half-written.** The file is built in memory, header included, then
-written to a temporary file in the same folder, fsynced and renamed over
-the target: a reader sees the old file or the new one, never a mix, and a
-full disk is a plain OSError (HDF5 never writes to the disk itself).
+written to a temporary file in the same folder (never through a symbolic
+link), fsynced and renamed over the target: a reader sees the old file or the
+new one, never a mix, and a full disk is a plain OSError (HDF5 never writes to
+the disk itself).
 
 Only rank 0 calls ``save``; any rank may call ``load``.
 
@@ -68,7 +69,8 @@ HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _HEADER = re.compile(rb"ddptrain checkpoint\nformat (\d{1,3})\nsha256 ([0-9a-f]{64})\nbytes "
                      rb"(\d{1,15})\n\0*")
 STEP_NAME = re.compile(r"^step-(\d{8,})\.h5$")
-TEMPORARY_NAME = re.compile(r"^\..+\.h5\.tmp-\d+$")
+# durable.write_atomically's temporary files (random hex; a pid in those of ddptrain 0.3 and before)
+TEMPORARY_NAME = re.compile(r"^\..+\.h5\.tmp-[0-9a-f]+$")
 ARRAY_GROUPS = ("params", "buffers", "optimizer")
 JSON_ATTRS = ("model", "optimizer", "state", "config", "metrics")
 METADATA = ("dtype", "model_summary", *JSON_ATTRS)
@@ -274,9 +276,9 @@ def newest_valid(checkpoint_dir, warn=print, set_aside=False):
 
 def prune(checkpoint_dir, keep):
     """Delete all but the ``keep`` newest step checkpoints, and temporary files left by a killed
-    writer."""
+    writer (every one: the run that prunes holds the folder, and its own writes are done)."""
     for path in step_checkpoints(checkpoint_dir)[keep:]:
         path.unlink(missing_ok=True)
     for name in os.listdir(checkpoint_dir):
-        if TEMPORARY_NAME.match(name) and not name.endswith(f".tmp-{os.getpid()}"):
+        if TEMPORARY_NAME.match(name):
             (Path(checkpoint_dir) / name).unlink(missing_ok=True)

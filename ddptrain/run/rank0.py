@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from ddptrain.durable import write_atomically
+from ddptrain.durable import NO_FOLLOW, append, open_lock_file, write_atomically
 from ddptrain.errors import CheckpointError, UserError
 from ddptrain.run import checkpoint as ckpt_io
 from ddptrain.run.progress import Progress
@@ -81,9 +81,14 @@ class RunFolder:
     One run at a time: ``take`` locks the folder (``flock`` on ``RUN_DIR/.lock``)
     until ``release`` or until the process ends, however it ends, so a killed
     run leaves no stale lock behind.
+
+    A folder in which any of those is a symbolic link is refused: a run writes
+    its own files there and nowhere else (every write goes through
+    ``durable``, which never follows a link, should one be planted later).
     """
 
     LOCK = ".lock"
+    FILES = ("config.json", "metrics.jsonl", LOCK, "checkpoints")
 
     def __init__(self, comm, run_dir):
         self.comm = comm
@@ -94,8 +99,9 @@ class RunFolder:
     def take(self):
         """Create the folder and lock it for this run; a UserError if another run holds it."""
         def work():
+            self._refuse_links()
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            lock = os.open(self.run_dir / self.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            lock = open_lock_file(self.run_dir / self.LOCK)
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -116,8 +122,9 @@ class RunFolder:
     def check_free(self):
         """For --dry-run: a UserError if another run holds the folder (nothing is created)."""
         def work():
+            self._refuse_links()
             try:
-                lock = os.open(self.run_dir / self.LOCK, os.O_RDONLY)
+                lock = os.open(self.run_dir / self.LOCK, os.O_RDONLY | NO_FOLLOW)
             except FileNotFoundError:
                 return
             try:
@@ -128,6 +135,18 @@ class RunFolder:
             finally:
                 os.close(lock)
         run_on_rank0(self.comm, work, UserError, f"cannot read the run folder {self.run_dir}")
+
+    def _refuse_links(self):
+        """A UserError naming the first of the run's files (or of ``checkpoints/``'s) that is a
+        symbolic link."""
+        files = [self.run_dir / name for name in self.FILES]
+        if self.checkpoint_dir.is_dir() and not self.checkpoint_dir.is_symlink():
+            files += sorted(self.checkpoint_dir.iterdir())
+        for path in files:
+            if path.is_symlink():
+                raise UserError(f"{path} is a symbolic link (to {os.readlink(path)}): a run "
+                                "writes its own files in its folder and follows no link out of "
+                                "it; remove the link, or give another --run-dir")
 
     def release(self):
         if self._lock is not None:
@@ -142,8 +161,7 @@ class RunFolder:
 
     def append_metrics(self, record):
         def work():
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record, sort_keys=True) + "\n")
+            append(self.run_dir / "metrics.jsonl", json.dumps(record, sort_keys=True) + "\n")
         run_on_rank0(self.comm, work, UserError,
                      f"cannot append to {self.run_dir / 'metrics.jsonl'}")
 
@@ -159,20 +177,32 @@ class RunFolder:
     def has_step_checkpoints(self):
         return run_on_rank0(self.comm, lambda: bool(ckpt_io.step_checkpoints(self.checkpoint_dir)))
 
-    def save_checkpoint(self, make_checkpoint, step, keep, is_best=False):
-        """Write ``step-<step>.h5`` (and ``best.h5`` when ``is_best``), keeping the ``keep`` newest.
+    def save_checkpoint(self, make_checkpoint, step, keep, is_best=False, warn=print):
+        """Write ``step-<step>.h5``, delete all but the ``keep`` newest, then write ``best.h5`` when
+        ``is_best``.
 
         ``make_checkpoint()`` builds the Checkpoint, on rank 0 only. A failed
-        write leaves every earlier checkpoint as it was and stops every rank
-        with the same CheckpointError.
+        write of the step checkpoint leaves every earlier checkpoint as it was
+        and stops every rank with the same CheckpointError. Once it is written,
+        the run can resume from it: a failed write of ``best.h5`` (a copy, for
+        evaluation) is a warning (``warn``, on rank 0) naming it, and the run
+        goes on, with ``best.h5`` as it was.
         """
         path = ckpt_io.step_path(self.checkpoint_dir, step)
+        best = self.checkpoint_dir / "best.h5"
 
         def work():
             content = ckpt_io.encode(make_checkpoint())   # once, for best.h5 too
-            for target in [path, self.checkpoint_dir / "best.h5"] if is_best else [path]:
-                write_atomically(target, content)
+            write_atomically(path, content)
+            # before best.h5: on a full disk, the space of the step checkpoints it deletes
             ckpt_io.prune(self.checkpoint_dir, keep)
+            if is_best:
+                try:
+                    write_atomically(best, content)
+                except OSError as error:
+                    warn(f"warning: could not write {best}: {error.strerror or error}; it is left "
+                         f"as it was, and {path.name} holds the best model so far (the run goes "
+                         "on, and can resume from it)")
         run_on_rank0(self.comm, work, CheckpointError, f"could not write checkpoint {path} "
                      "(the previous ones are intact)")
         return path

@@ -213,7 +213,8 @@ def standard_callbacks(config, console, folder, model_has_buffers, data_checksum
     record, save."""
     callbacks = [ReplicaCheck(config.check_every), ProgressReport(console),
                  MetricsLog(folder, config.metrics_every),
-                 Checkpointing(folder, config.checkpoint_every, config.keep, data_checksum)]
+                 Checkpointing(folder, config.checkpoint_every, config.keep, data_checksum,
+                               console.warn)]
     if config.batchnorm == "local" and model_has_buffers:
         callbacks.insert(0, BroadcastBuffers())
     if config.debug:
