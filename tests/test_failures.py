@@ -326,3 +326,13 @@ def test_a_failed_write_of_best_is_one_warning_and_the_run_and_its_resumption_go
                         ranks=2, timeout=60, faults="best-write")
     assert again.returncode == 0, again.stderr
     assert sorted(os.listdir(folder)) == ["step-00000060.h5"]
+
+
+def test_a_job_that_aborts_leaves_no_shared_memory_segment_behind(small_data, tmp_path):
+    """An abort skips MPI's own clean-up: the aborting rank removes the names of the node's
+    shared-memory segments (MPICH's, and the shared-memory exchange's windows) it maps, or /dev/shm,
+    which is memory, would keep a segment per failed job."""
+    before = helpers.mpich_segments()
+    done = helpers.run(args(small_data, tmp_path / "run"), ranks=2, faults="raise:rank=1:step=3")
+    assert done.returncode == EXIT_FAILURE, done.stderr
+    assert helpers.mpich_segments() - before == set()

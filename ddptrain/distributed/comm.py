@@ -11,12 +11,37 @@ one inside an ``if comm.rank == 0`` branch.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 import numpy as np
 
 ABORT_GRACE_SECONDS = 0.5
+
+
+SHARED_MEMORY_FOLDER = "/dev/shm/"
+# The files that MPI libraries put their node's shared memory in: MPICH's, Open MPI's (vader, sm).
+MPI_SEGMENT_PREFIXES = ("mpich_", "vader_segment", "sm_segment")
+
+
+def unlink_mapped_segments():
+    """Remove the names of the MPI shared-memory segments this process maps, on the way out of an
+    aborted job (the memory itself goes once the last rank unmaps it). Only this process's own: a
+    segment it maps is its job's, never another job's on the node."""
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+            fields = (line.split(None, 5) for line in maps)
+            paths = {field[5].strip() for field in fields if len(field) == 6}
+    except OSError:
+        return
+    for path in paths:
+        name = path[len(SHARED_MEMORY_FOLDER):]
+        if path.startswith(SHARED_MEMORY_FOLDER) and name.startswith(MPI_SEGMENT_PREFIXES):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass   # another rank of the node removed it first
 
 
 class SerialComm:
@@ -219,6 +244,8 @@ class MPIComm:
         # collective that will never complete.
         sys.stdout.flush()
         sys.stderr.flush()
+        # An aborted job never runs MPI's own clean-up: /dev/shm (memory) would keep its segments.
+        unlink_mapped_segments()
         # Give the launcher a moment to pass on what this rank just printed: Hydra
         # (mpiexec of MPICH) can drop output still in transit when it ends the job.
         time.sleep(ABORT_GRACE_SECONDS)
