@@ -21,7 +21,7 @@ from ddptrain.api import check_data_file, launch
 from ddptrain.data import datasets
 from ddptrain.distributed.launcher import rank_and_size
 from ddptrain.distributed.world import world
-from ddptrain.errors import UserError, same_on_every_rank
+from ddptrain.errors import StartUpInterrupted, UserError, same_on_every_rank
 from ddptrain.nn.spec import NAMED_MODELS
 from ddptrain.optim.optimizers import OPTIMIZERS
 from ddptrain.run.config import (
@@ -284,7 +284,7 @@ def main(argv=None, callbacks=()):
             config = config_from_args(args)
         return launch(config, quiet=args.quiet, dry_run=args.dry_run,
                       callbacks=callbacks).exit_status
-    except UserError as error:
+    except (UserError, StartUpInterrupted) as error:
         return end_rank(str(error), error, comm)
     except SystemExit:
         raise

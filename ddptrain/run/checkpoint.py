@@ -58,6 +58,7 @@ import numpy as np
 
 from ddptrain.durable import write_atomically
 from ddptrain.errors import CheckpointError
+from ddptrain.files import open_regular
 
 FORMAT = "ddptrain-checkpoint"
 FORMAT_VERSION = 2
@@ -130,10 +131,8 @@ def encode(ckpt: Checkpoint):
 def verified_bytes(path):
     """The whole file, once its header, length and SHA-256 check out; CheckpointError otherwise."""
     path = Path(path)
-    if not path.is_file():   # also refuses a FIFO or a device, which could block a read forever
-        raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "checkpoint", CheckpointError, missing="no such checkpoint") as f:
             header = f.read(HEADER_SIZE)
             stored, length = _parse_header(path, header)
             size = os.fstat(f.fileno()).st_size
