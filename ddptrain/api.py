@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import os
 import traceback
+from collections.abc import Iterable
 
 from ddptrain.data import datasets
 from ddptrain.data.arrays import WHAT as IN_MEMORY, Arrays
@@ -27,6 +28,7 @@ from ddptrain.nn.model import Sequential
 from ddptrain.run.config import Config, coerce, make_config
 from ddptrain.run.ending import end_rank, message_of
 from ddptrain.run.runner import run_training
+from ddptrain.training.trainer import Callback
 
 # ddptrain.train's own arguments besides the Config fields (model and data are Config fields too).
 _OWN_ARGUMENTS = ("quiet", "dry_run", "callbacks")
@@ -55,6 +57,7 @@ def train(model=None, data=None, *, quiet=False, dry_run=False, callbacks=(), **
     """
     with same_on_every_rank():
         config, model, arrays = _arguments(model, data, options)
+        callbacks = _callbacks(callbacks)
     return launch(config, quiet=quiet, dry_run=dry_run, callbacks=callbacks, model=model,
                   arrays=arrays)
 
@@ -87,6 +90,22 @@ def _arguments(model, data, options):
         arrays = Arrays.of(data)
         values["data"] = IN_MEMORY
     return make_config(values, model_given=model is not None), model, arrays
+
+
+def _callbacks(callbacks):
+    """``callbacks`` as a tuple, each with every hook of ``Callback``; a UserError otherwise, raised
+    before the run folder is made (not a TypeError from the trainer once the run is under way)."""
+    if isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Iterable):
+        raise UserError("ddptrain.train: callbacks must be a list of ddptrain.Callback objects, "
+                        f"got {type(callbacks).__name__}")
+    callbacks = tuple(callbacks)
+    hooks = [name for name in vars(Callback) if name.startswith("on_")]
+    for position, callback in enumerate(callbacks):
+        missing = [name for name in hooks if not callable(getattr(callback, name, None))]
+        if missing:
+            raise UserError(f"ddptrain.train: callbacks[{position}] is not a ddptrain.Callback: "
+                            f"{type(callback).__name__} has no {missing[0]}()")
+    return callbacks
 
 
 def _plain(value):

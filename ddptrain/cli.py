@@ -21,7 +21,7 @@ from ddptrain.api import check_data_file, launch
 from ddptrain.data import datasets
 from ddptrain.distributed.launcher import rank_and_size
 from ddptrain.distributed.world import world
-from ddptrain.errors import UserError, same_on_every_rank
+from ddptrain.errors import StartUpInterrupted, UserError, same_on_every_rank
 from ddptrain.nn.spec import NAMED_MODELS
 from ddptrain.optim.optimizers import OPTIMIZERS
 from ddptrain.run.config import (
@@ -289,7 +289,7 @@ def main(argv=None, callbacks=()):
                         callbacks=callbacks).exit_status
         ignore_stop_signals()   # the run is over: a late signal cannot change its status now
         return status
-    except UserError as error:
+    except (UserError, StartUpInterrupted) as error:
         return end_rank(str(error), error, comm)
     except SystemExit:
         raise

@@ -50,6 +50,18 @@ class NumericalError(Exception):
     show_traceback = False
 
 
+class StartUpInterrupted(Exception):
+    """A stop signal ended the start-up while it waited on something outside the program
+    (``files.waiting``): nothing was trained. Its status is 128 + the signal's number, as a shell
+    reports a process that the signal ended (143 for SIGTERM, 130 for SIGINT)."""
+
+    show_traceback = False
+
+    def __init__(self, number, name):
+        self.exit_status = 128 + number
+        super().__init__(f"stopped by {name} during the start-up, before training")
+
+
 class same_on_every_rank:
     """Context manager: UserErrors raised inside are met identically by every rank.
 

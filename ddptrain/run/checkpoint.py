@@ -60,6 +60,7 @@ import numpy as np
 
 from ddptrain.durable import write_atomically
 from ddptrain.errors import CheckpointError
+from ddptrain.files import open_regular
 from ddptrain.run import checkpoint_contents as contents
 
 FORMAT = "ddptrain-checkpoint"
@@ -136,10 +137,8 @@ def encode(ckpt: Checkpoint):
 def verified_bytes(path):
     """The whole file, once its header, length and SHA-256 check out; CheckpointError otherwise."""
     path = Path(path)
-    if not path.is_file():   # also refuses a FIFO or a device, which could block a read forever
-        raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "checkpoint", CheckpointError, missing="no such checkpoint") as f:
             header = f.read(HEADER_SIZE)
             stored, length = _parse_header(path, header)
             size = os.fstat(f.fileno()).st_size

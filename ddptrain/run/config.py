@@ -14,6 +14,7 @@ from ddptrain.backends.denormals import MODES as DENORMAL_MODES
 from ddptrain.backends.gemm import GEMMS, NUMPY
 from ddptrain.data.sampler import DEFAULT_VIRTUAL_SHARDS, check_world
 from ddptrain.errors import UserError
+from ddptrain.files import open_regular
 from ddptrain.nn.spec import named_model, parse_spec
 from ddptrain.optim.optimizers import OPTIMIZERS, SGD
 
@@ -22,6 +23,10 @@ SCHEDULES = ("constant", "cosine", "step")
 LR_SCALINGS = ("none", "linear")
 BATCHNORM_MODES = ("global", "local")
 EXCHANGES = ("auto", "shared-memory", "allreduce")   # exchange.choose_node_memory
+MAX_CONFIG_BYTES = 1024 * 1024   # a configuration file is a few lines: more is another file
+# The largest value of a count (--epochs, --batch-size, ...) and of --warmup-epochs: beyond it the
+# arithmetic of sampler and schedule leaves C integers (an OverflowError, long after --dry-run).
+MAX_COUNT = 2 ** 31 - 1
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,14 @@ class Config:
         for name in ("lr", "warmup_epochs", "step_gamma", "clip_grad_norm", "bucket_mb"):
             if not math.isfinite(getattr(self, name)):
                 raise UserError(f"{option_name(name)} must be finite, got {getattr(self, name)}")
+        for name in (*positive, "checkpoint_every", "threads", "metrics_every", "simulate_ranks",
+                     "warmup_epochs"):
+            if getattr(self, name) > MAX_COUNT:
+                raise UserError(f"{option_name(name)} must be at most {MAX_COUNT:,}, got "
+                                f"{getattr(self, name)}")
+        if self.accumulate > self.batch_size:
+            raise UserError(f"--accumulate {self.accumulate} with --batch-size {self.batch_size}: "
+                            "each micro-batch needs a row of the global batch")
         if not self.bucket_mb > 0:
             raise UserError(f"--bucket-mb must be positive, got {self.bucket_mb}")
         if self.overlap_allreduce and (self.accumulate > 1 or self.shard_optimizer):
@@ -249,13 +262,15 @@ def load_toml(path):
     except ModuleNotFoundError:   # Python < 3.11
         import tomli as tomllib
     path = Path(path)
+    with open_regular(path, "configuration file", missing="no such configuration file") as f:
+        content = f.read(MAX_CONFIG_BYTES + 1)
+    if len(content) > MAX_CONFIG_BYTES:
+        raise UserError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB: not a configuration "
+                        "file")
     try:
-        with open(path, "rb") as f:
-            table = tomllib.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such configuration file") from None
-    except OSError as error:
-        raise UserError(f"{path}: cannot read the configuration file ({error.strerror})") from None
+        table = tomllib.loads(content.decode("utf-8"))
+    except RecursionError:   # tomllib parses nested arrays and tables by recursion
+        raise UserError(f"{path}: not valid TOML (nested too deeply)") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not valid TOML (it is not UTF-8 text)") from None
     except tomllib.TOMLDecodeError as error:

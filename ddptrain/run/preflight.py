@@ -39,7 +39,8 @@ from ddptrain.distributed.agreement import (
     verdict_on_every_rank,
 )
 from ddptrain.distributed.slurm import default_run_dir, resume_if_requeued
-from ddptrain.errors import UserError, same_on_every_rank
+from ddptrain.errors import CheckpointError, UserError, same_on_every_rank
+from ddptrain.files import check_regular_file
 from ddptrain.nn.model import input_shape_of, name_layers, output_shape_of
 from ddptrain.nn.normalization import BatchNorm
 from ddptrain.nn.spec import parse_spec
@@ -92,6 +93,9 @@ def preflight(comm, config, console, model=None, arrays=None):
                             f"({config.model}): its statistics would be those of each micro-batch, "
                             "and the run would not be the one without accumulation; "
                             "drop one of them")
+    if config.resume not in (None, "auto"):   # rank 0 reads it (resume.load_checkpoint): there
+        run_on_rank0(comm, lambda: check_regular_file(config.resume, "checkpoint", CheckpointError,
+                                                      "no such checkpoint"))
     # SLURM requeue: --resume auto
     config = resume_if_requeued(config, folder.has_step_checkpoints)
     return Preflight(config, backend, gemm_choice, blas_threads, tuple(hosts), folder, info,

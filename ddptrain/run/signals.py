@@ -4,7 +4,11 @@ step.
 From the program's first line (``__main__``) a signal is only remembered
 (``remember_early_signals``); a training run's ``StopRequest`` takes over what
 was remembered, and other commands get the usual behaviour back
-(``restore_default_signals``).
+(``restore_default_signals``). Only while the start-up waits on something
+outside the program (``files.waiting``: a download, say) does a signal end it
+at once, as ``errors.StartUpInterrupted``: the wait raises it (PEP 475 retries an
+interrupted system call only when the handler returns), and status 128 + the
+signal's number says so, as a shell reports a process that a signal ended.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import os
 import signal
 import threading
+
+from ddptrain import files
 
 SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 _early = []   # the names of the signals remembered before a StopRequest was installed
@@ -23,6 +29,7 @@ def _numbers():
 
 def _remember(number, frame):
     _early.append(signal.Signals(number).name)
+    files.stop_signal_arrived(number)   # ends a wait of the start-up, now or when one begins
 
 
 def remember_early_signals():
@@ -38,6 +45,7 @@ def restore_default_signals():
     for number in _numbers():
         signal.signal(number,
                       signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL)
+    files.stop_signal_arrived(None)
     if _early:
         os.kill(os.getpid(), getattr(signal, _early.pop(0)))
 
@@ -75,6 +83,7 @@ class StopRequest:
         if _early:   # arrived while the program started: the run stops after its first step
             self.signal_name = _early[0]
             _early.clear()
+            files.stop_signal_arrived(None)
         return self
 
     def uninstall(self):
