@@ -150,7 +150,7 @@ def check_data_file(path):
     name of a known set), the cached file, if there is one, is checked but
     not refused: the run prepares it again if it is damaged
     (``datasets.ensure_prepared``). What passes here is not checked again
-    once MPI runs (``data.check_readable``).
+    once MPI runs (``readable.check_readable``).
     """
     if path and path not in datasets.KNOWN_DATASETS:
         check_readable(path)

@@ -1,6 +1,6 @@
 """Every file ddptrain writes is opened here, and never through a symbolic link.
 
-Whole files (the data file of ``data.write_dataset``, checkpoints,
+Whole files (the data file of ``writer.write_dataset``, checkpoints,
 ``config.json``, ``metrics.jsonl`` when a run starts, the plot) are written by
 ``write_atomically``: to a temporary file in the target's folder, fsynced,
 renamed over the target only once it is complete and on disk, so a reader never

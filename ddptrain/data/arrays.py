@@ -61,7 +61,7 @@ class Arrays:
                         + (f" of {len(data)} items" if isinstance(data, (tuple, list)) else ""))
 
     def inspect(self):
-        """The description a data file would have (``data.inspect``), reading from these arrays."""
+        """The description a data file would have (``format.inspect``), from these arrays."""
         return ArrayInfo(path=WHAT, n_train=len(self.splits["train"][1]),
                          n_test=len(self.splits["test"][1]),
                          image_shape=tuple(self.splits["train"][0].shape[1:]),
@@ -79,7 +79,7 @@ class Arrays:
         return tuple(parts)
 
     def read_rows(self, split, blocks, dtype=np.float32):
-        """The rows ``blocks`` of ``split`` as ``data.read_rows`` gives a file's: a copy, of
+        """The rows ``blocks`` of ``split`` as ``format.read_rows`` gives a file's: a copy, of
         ``dtype``."""
         images, labels = self.splits[split]
         blocks = [(int(start), int(stop)) for start, stop in blocks]

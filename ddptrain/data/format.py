@@ -101,7 +101,7 @@ class DatasetInfo:
 
     def stored_dtype(self, dtype):
         """What a rank keeps its rows as, for a model of ``dtype``: a file's uint8 pixels (a quarter
-        of the memory of float32), scaled when a batch is taken (``step.Split``)."""
+        of the memory of float32), scaled when a batch is taken (``batches.Split``)."""
         return np.dtype(np.uint8)
 
 

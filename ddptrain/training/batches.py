@@ -17,7 +17,7 @@ class Split:
     A data file's images stay as their uint8 pixels, a quarter of the memory
     of float32 (and of the memory traffic of gathering a batch), and become
     the model's floats, pixel/255, as rows are taken (``as_input``): the
-    operation ``data.read_rows`` would have applied at load, so the same
+    operation ``format.read_rows`` would have applied at load, so the same
     values. Floating-point images (in-memory arrays) are kept as given.
     """
 

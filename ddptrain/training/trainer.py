@@ -3,10 +3,11 @@
 ``Trainer.fit`` is the loop and nothing else: for each step it gathers this
 rank's rows of the global batch (``TrainingPlan``, ``Batches``), runs the
 step (``step.TrainStep``: forward, loss normalised by the global batch,
-backward, Allreduce, finite check, update) and adds up the step's totals.
-Everything around the loop is a callback (``Callback``): progress, metrics,
-replica checks, checkpoints and --debug's checks (``callbacks.py``,
-``debug.py``), and whatever a user or a test registers.
+backward, the gradient exchange, finite check, update) and adds up the
+step's totals. Everything around the loop is a callback (``Callback``):
+replica checks (``callbacks.py``), --debug's checks (``debug.py``),
+progress, metrics and checkpoints (``run/callbacks.py``), and whatever a
+user or a test registers.
 """
 
 from __future__ import annotations
