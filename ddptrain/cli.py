@@ -198,6 +198,10 @@ def _add_train_arguments(parser):
     _option(group, "--simulate-ranks", "run P ranks as threads of one process, without MPI "
             "(same batches and parameters as mpirun -n P): debug the distributed logic with pdb",
             type=int, metavar="P")
+    _option(group, "--stall-timeout", "a rank that waits longer than SECONDS inside a collective "
+            "(for a stopped or hung rank) ends the job (status 1), naming the ranks that never "
+            "arrived; more than the longest checkpoint write. 0: wait forever", type=float,
+            metavar="SECONDS")
     _option(group, "--debug", "float64; check the allreduced gradient against finite differences "
             "of the global-batch loss at the first step; NaN/Inf checks after every layer; replica "
             "check every step", action="store_true")

@@ -11,6 +11,7 @@ one inside an ``if comm.rank == 0`` branch.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -42,6 +43,47 @@ def unlink_mapped_segments():
                 os.unlink(path)
             except OSError:
                 pass   # another rank of the node removed it first
+
+
+class CollectiveClock:
+    """What this process's watchdog (``watchdog.py``) reads: how many collectives it has entered,
+    over all of its communicators, and since when it has been inside the one it is in.
+
+    Every rank enters the same collectives in the same order, so a rank that has entered fewer than
+    a waiting rank never reached the one that rank waits in. ``slot``: this rank's counter in its
+    node's shared memory, where the watchdogs of the node read it (None while nothing watches).
+    """
+
+    def __init__(self):
+        self.entered = 0
+        self.since = None   # time.monotonic() on entering the collective it is in; None outside
+        self.slot = None
+
+    def enter(self):
+        self.entered += 1
+        self.since = time.monotonic()
+        if self.slot is not None:
+            self.slot[0] = self.entered   # a memory store: the whole per-collective cost
+
+    def leave(self):
+        self.since = None
+
+
+CLOCK = CollectiveClock()   # one per process: the ranks are processes
+
+
+def _collective(method):
+    """``method`` counted and timed by ``CLOCK``; a collective inside another counts once."""
+    @functools.wraps(method)
+    def counted(*args, **kwargs):
+        if CLOCK.since is not None:
+            return method(*args, **kwargs)
+        CLOCK.enter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            CLOCK.leave()
+    return counted
 
 
 class SerialComm:
@@ -141,6 +183,7 @@ class _MPIRequest:
     def test(self):
         return self._request.Test()
 
+    @_collective   # where a non-blocking collective waits for the other ranks
     def wait(self):
         self._request.Wait()
 
@@ -156,30 +199,37 @@ class MPIComm:
         self.size = self._comm.Get_size()
         self.library = MPI.Get_library_version().splitlines()[0].strip()
 
+    @_collective
     def allreduce_(self, array):
         # In place, on the contiguous buffer itself: no pickling, no copy.
         self._comm.Allreduce(self._MPI.IN_PLACE, array, op=self._MPI.SUM)
         return array
 
+    @_collective
     def allreduce(self, value):
         if isinstance(value, np.ndarray):
             out = np.array(value, copy=True)
             return self.allreduce_(out)
         return self._comm.allreduce(value, op=self._MPI.SUM)
 
+    @_collective
     def iallreduce_(self, array):
         return _MPIRequest(self._comm.Iallreduce(self._MPI.IN_PLACE, array, op=self._MPI.SUM))
 
+    @_collective
     def bcast(self, obj, root=0):
         return self._comm.bcast(obj, root=root)
 
+    @_collective
     def bcast_(self, array, root=0):
         self._comm.Bcast(array, root=root)
         return array
 
+    @_collective
     def allgather(self, obj):
         return self._comm.allgather(obj)
 
+    @_collective
     def reduce_scatter_(self, array, bounds):
         counts = [int(b - a) for a, b in zip(bounds[:-1], bounds[1:])]
         mine = array[bounds[self.rank]:bounds[self.rank + 1]]
@@ -190,6 +240,7 @@ class MPIComm:
         mine[...] = received[:mine.size]
         return mine
 
+    @_collective
     def allgather_(self, array, bounds):
         counts = [int(b - a) for a, b in zip(bounds[:-1], bounds[1:])]
         kind = self._MPI.DOUBLE if array.dtype == np.float64 else self._MPI.FLOAT
@@ -199,21 +250,25 @@ class MPIComm:
 
     _received = None   # reduce_scatter_'s receive buffer, kept
 
+    @_collective
     def barrier(self):
         self._comm.Barrier()
 
+    @_collective
     def split_by_node(self):
         MPI = self._MPI
         node = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)   # ranks in world order
         across = self._comm.Split(color=node.Get_rank(), key=self.rank)
         return MPIComm(node), MPIComm(across)
 
+    @_collective
     def free(self):
         # MPI has a few thousand communicator contexts: a process that trains again and again
         # (ddptrain.train in a loop) must give back those each run made.
         if self._comm != self._MPI.COMM_WORLD:
             self._comm.Free()
 
+    @_collective
     def allocate_shared(self, count, dtype):
         # Rank 0 of the node allocates all of it; the others map the same pages.
         MPI, dtype = self._MPI, np.dtype(dtype)
@@ -227,6 +282,7 @@ class MPIComm:
             array[...] = 0
         comm = self._comm
 
+        @_collective
         def sync():
             window.Sync()
             comm.Barrier()

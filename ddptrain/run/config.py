@@ -85,6 +85,8 @@ class Config:
     metrics_every: int = 0             # steps between step records in metrics.jsonl; 0: epochs only
     debug: bool = False                # float64, finite-difference check, per-layer NaN checks
     simulate_ranks: int = 0            # >0: that many ranks as threads of one process
+    # seconds a rank may wait inside one collective before it ends the job; 0: forever
+    stall_timeout: float = 0.0
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -113,12 +115,13 @@ class Config:
             if not getattr(self, name) > 0:
                 raise UserError(f"{option_name(name)} must be positive, got {getattr(self, name)}")
         non_negative = ("lr", "warmup_epochs", "checkpoint_every", "threads", "seed", "step_gamma",
-                        "metrics_every", "simulate_ranks", "clip_grad_norm")
+                        "metrics_every", "simulate_ranks", "clip_grad_norm", "stall_timeout")
         for name in non_negative:
             if not getattr(self, name) >= 0:
                 raise UserError(f"{option_name(name)} must not be negative, got "
                                 f"{getattr(self, name)}")
-        for name in ("lr", "warmup_epochs", "step_gamma", "clip_grad_norm", "bucket_mb"):
+        for name in ("lr", "warmup_epochs", "step_gamma", "clip_grad_norm", "bucket_mb",
+                     "stall_timeout"):
             if not math.isfinite(getattr(self, name)):
                 raise UserError(f"{option_name(name)} must be finite, got {getattr(self, name)}")
         for name in (*positive, "checkpoint_every", "threads", "metrics_every", "simulate_ranks",

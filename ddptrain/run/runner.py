@@ -21,6 +21,7 @@ from ddptrain.data import sampler
 from ddptrain.data.format import DatasetInfo
 from ddptrain.distributed.exchange import make_exchange
 from ddptrain.distributed.slurm import describe_slurm
+from ddptrain.distributed.watchdog import watch_for_stalls
 from ddptrain.errors import EXIT_OK, EXIT_PREEMPTED
 from ddptrain.nn.layer import no_reduction
 from ddptrain.nn.losses import SoftmaxCrossEntropy
@@ -93,11 +94,18 @@ def run_training(config, comm, quiet=False, dry_run=False, callbacks=(), model=N
     # From the very start: a SIGUSR1 that SLURM sends while the ranks are still setting up
     # is remembered, and the run stops (with a checkpoint) after its first step.
     stop = StopRequest().install()
+    # DDP: --stall-timeout: a rank left waiting for a stopped one ends the job
+    watchdog = watch_for_stalls(comm, config.stall_timeout)
+    ended = False
     try:
         # this thread's setting comes back afterwards
         with denormals.flushed(config.denormals == "flush"):
-            return _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays)
+            result = _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays)
+        ended = True
+        return result
     finally:
+        if watchdog is not None:
+            watchdog.stop(release=ended)   # its memory back: a collective, not after an error
         stop.uninstall()
 
 
