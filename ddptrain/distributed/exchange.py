@@ -128,14 +128,17 @@ class ReduceScatter(Allreduce):
     its slice of the gradient, each rank updates that slice with its slice of the optimiser state,
     and an allgather brings every rank's slice of the parameters to every rank."""
 
-    def __init__(self, comm, n_params, why=None):
+    def __init__(self, comm, n_params, why=None, sharers=None):
+        """``sharers``: the ranks that split the parameters into slices and share the optimiser
+        state (default: ``comm``, every rank)."""
         super().__init__(comm, why)
-        self.bounds = shard_bounds(n_params, comm.size)
-        self.slice = slice(self.bounds[comm.rank], self.bounds[comm.rank + 1])
+        self.sharers = comm if sharers is None else sharers
+        self.bounds = shard_bounds(n_params, self.sharers.size)
+        self.slice = slice(self.bounds[self.sharers.rank], self.bounds[self.sharers.rank + 1])
         self.n_params = n_params
 
     def sharded_optimizer(self, optimizer):
-        return ShardedOptimizer(optimizer, self.comm, self.n_params)
+        return ShardedOptimizer(optimizer, self.sharers, self.n_params)
 
     def reduce_(self, grads):
         # DDP: each rank receives the sum of its slice only
@@ -167,17 +170,10 @@ class NodeSharedMemory(ReduceScatter):
 
     def __init__(self, comm, model):
         self.memory = NodeMemory(comm, model.params.size, model.dtype)
-        node = self.memory.node
-        Allreduce.__init__(self, comm)
-        self.bounds = shard_bounds(model.params.size, node.size)
-        self.slice = slice(self.bounds[node.rank], self.bounds[node.rank + 1])
-        self.n_params = model.params.size
+        # the node's ranks split the parameters and the optimiser state
+        super().__init__(comm, model.params.size, sharers=self.memory.node)
         # Every node holds the same reduced gradient: node 0's slices alone add up to its norm.
         self._counts_in_norm = self.memory.across.rank == 0
-
-    def sharded_optimizer(self, optimizer):
-        # the state sharded over the node
-        return ShardedOptimizer(optimizer, self.memory.node, self.n_params)
 
     def attach(self, model):
         self.memory.place(model)   # the parameters every rank holds, shared from now on

@@ -84,11 +84,10 @@ def preflight(comm, config, console, model=None, arrays=None):
     else:
         check_given_model(comm, model, config, info, hosts)
         layers = model_spec = None
+    trained = model.layers if model is not None else layers
     with same_on_every_rank():
-        check_batch_statistics(model.layers if model is not None else layers, info,
-                               config, comm.size)
-        if config.accumulate > 1 and any(isinstance(layer, BatchNorm) for layer in
-                                         (model.layers if model is not None else layers)):
+        check_batch_statistics(trained, info, config, comm.size)
+        if config.accumulate > 1 and any(isinstance(layer, BatchNorm) for layer in trained):
             raise UserError(f"--accumulate {config.accumulate} with batch normalisation "
                             f"({config.model}): its statistics would be those of each micro-batch, "
                             "and the run would not be the one without accumulation; "
