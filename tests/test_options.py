@@ -44,6 +44,15 @@ def test_a_batch_larger_than_the_data_is_one_batch_of_every_row(small_data, tmp_
     assert [r["step"] for r in metrics_records(tmp_path / "run")] == [1, 2]
 
 
+def assert_configuration_refused(tmp_path, capsys, content, message):
+    """A --config file of ``content`` (bytes) is refused, also by a dry run, in the one line
+    ``message`` names it with, status 2."""
+    (tmp_path / "run.toml").write_bytes(content)
+    status, lines = in_process(["--config", tmp_path / "run.toml", "--dry-run"], capsys)
+    assert status == EXIT_USAGE and lines == [f"ddptrain: error: {tmp_path / 'run.toml'}: "
+                                              f"{message}"]
+
+
 @pytest.mark.parametrize("content, message", [
     (b"lr = 0.1\n\xff\xfe = 1\n", "not valid TOML (it is not UTF-8 text)"),
     (b"train = 5\n", "'train' must be a table of options ([train]), not 5"),
@@ -56,10 +65,7 @@ def test_a_batch_larger_than_the_data_is_one_batch_of_every_row(small_data, tmp_
 ])
 def test_a_bad_configuration_file_is_refused_in_one_line_that_names_it(tmp_path, capsys, content,
                                                                         message):
-    (tmp_path / "run.toml").write_bytes(content)
-    status, lines = in_process(["--config", tmp_path / "run.toml", "--dry-run"], capsys)
-    assert status == EXIT_USAGE and lines == [f"ddptrain: error: {tmp_path / 'run.toml'}: "
-                                              f"{message}"]
+    assert_configuration_refused(tmp_path, capsys, content, message)
 
 
 def test_quiet_and_dry_run_may_be_set_in_a_configuration_file(small_data, tmp_path, capsys):
@@ -109,7 +115,4 @@ def test_more_micro_batches_than_rows_in_the_global_batch_are_refused(small_data
 ], ids=["nested", "huge"])
 def test_a_deeply_nested_or_huge_configuration_file_is_one_line(tmp_path, capsys, content,
                                                                 message):
-    (tmp_path / "run.toml").write_text(content)
-    status, lines = in_process(["--config", tmp_path / "run.toml", "--dry-run"], capsys)
-    assert status == EXIT_USAGE and lines == [f"ddptrain: error: {tmp_path / 'run.toml'}: "
-                                              f"{message}"]
+    assert_configuration_refused(tmp_path, capsys, content.encode(), message)
