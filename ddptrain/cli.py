@@ -16,7 +16,7 @@ import argparse
 import sys
 import traceback
 
-from ddptrain import commands, plot
+from ddptrain import commands, plot, supervisor
 from ddptrain.api import check_data_file, launch
 from ddptrain.data import datasets
 from ddptrain.distributed.launcher import rank_and_size
@@ -227,6 +227,10 @@ def build_parser():
                           help="rows per forward pass (default: %(default)s)")
     datasets.add_arguments(commands.add_parser("prepare", help="a data set (mnist, fashion-mnist, "
                                                "or IDX files of your own) as the HDF5 data file"))
+    # for --help only: main hands `launch ...` to the supervisor before parsing
+    commands.add_parser("launch", add_help=False, help="mpiexec -n N python -m ddptrain OPTIONS, "
+                        "passing stop signals on only once every rank can take them (see "
+                        "ddptrain launch --help)")
     plot = commands.add_parser("plot", help="PNG curves of train and test loss and test "
                                "accuracy of a run")
     plot.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (holding metrics.jsonl)")
@@ -270,6 +274,9 @@ def main(argv=None, callbacks=()):
     """
     comm = None
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if argv[:1] == ["launch"]:   # mpiexec under a supervisor: nothing of MPI in this process
+            return supervisor.main(argv[1:])
         args = parse(argv)
         if args.command != "train":
             restore_default_signals()   # only a training run stops cleanly after a step

@@ -32,6 +32,7 @@ from ddptrain.run.preflight import preflight
 from ddptrain.run.rank0 import Console, RunFolder, run_on_rank0
 from ddptrain.run.resume import data_sha256, load_checkpoint
 from ddptrain.run.signals import StopRequest
+from ddptrain.run.supervised import report_ready
 from ddptrain.training.batches import Split
 from ddptrain.training.callbacks import BroadcastBuffers, ReplicaCheck
 from ddptrain.training.debug import DebugChecks
@@ -98,6 +99,7 @@ def run_training(config, comm, quiet=False, dry_run=False, callbacks=(), model=N
     watchdog = watch_for_stalls(comm, config.stall_timeout)
     ended = False
     try:
+        report_ready(comm)   # to ddptrain launch, if it started this job: it passes signals on now
         # this thread's setting comes back afterwards
         with denormals.flushed(config.denormals == "flush"):
             result = _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays)

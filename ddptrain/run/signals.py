@@ -39,6 +39,15 @@ def remember_early_signals():
         signal.signal(number, _remember)
 
 
+def take_early_signals():
+    """The names of the signals remembered so far, in order; they are forgotten here (a handler of
+    the caller's takes over)."""
+    taken = list(_early)
+    _early.clear()
+    files.stop_signal_arrived(None)
+    return taken
+
+
 def restore_default_signals():
     """The usual handlers back (a command that is not training); a signal remembered meanwhile acts
     now."""
