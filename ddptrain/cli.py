@@ -28,6 +28,7 @@ from ddptrain.run.config import (
     BATCHNORM_MODES,
     DENORMAL_MODES,
     DTYPES,
+    EARLY_STOP_METRICS,
     EXCHANGES,
     GEMMS,
     LR_SCALINGS,
@@ -111,6 +112,16 @@ def _add_train_arguments(parser):
 
     group = parser.add_argument_group("optimisation (the same for any number of ranks)")
     _option(group, "--epochs", "passes over the training set", type=int, metavar="N")
+    _option(group, "--early-stop", "stop after PATIENCE epochs in a row in which the test loss "
+            "(--early-stop-metric) has not improved on its best by more than "
+            "--early-stop-min-delta: every rank after the same epoch, with a checkpoint, best.h5 "
+            "holding the best epoch by that metric, status 0; 0: never", type=int,
+            metavar="PATIENCE")
+    _option(group, "--early-stop-min-delta", "what a test value must beat the best by to count as "
+            "an improvement, in the metric's units (an accuracy is from 0 to 1)", type=float,
+            metavar="X")
+    _option(group, "--early-stop-metric", "what early stopping watches (lower loss, higher "
+            "accuracy is better)", choices=tuple(EARLY_STOP_METRICS))
     _option(group, "--batch-size", "GLOBAL batch in samples per step, shared by all ranks",
             type=int, metavar="N")
     _option(group, "--lr", "peak learning rate", type=float, metavar="X")

@@ -91,6 +91,10 @@ def test_json_nested_deeper_than_the_stack_is_refused(trained, tmp_path, capsys)
     assert_refused(refusals(trained, forged, tmp_path, capsys), forged, "state: nested too deep")
 
 
+# early stopping's state (--early-stop) as a checkpoint holds it
+EARLY_STOP = {"metric": "test_loss", "min_delta": 0.0, "best": 0.5, "best_epoch": 1,
+              "bad_epochs": 0}
+
 WRONG_TYPES = {
     "config is a list": ("config", lambda config: [], "config must be an object"),
     "a config option of another type": ("config", lambda c: {**c, "seed": "0"}, "config.seed"),
@@ -109,6 +113,30 @@ WRONG_TYPES = {
     "metrics is an object": ("metrics", lambda metrics: {}, "metrics must be a list"),
     "optimiser steps as a string": ("optimizer", lambda o: {**o, "steps": "15"},
                                     "optimizer.steps"),
+    "early stopping's state as a list": ("state", lambda s: {**s, "early_stop": [3]},
+                                         "state.early_stop must be an object"),
+    "early stopping on another metric": (
+        "state", lambda s: {**s, "early_stop": {**EARLY_STOP, "metric": "train_loss"}},
+        "state.early_stop.metric must be test_loss or test_accuracy"),
+    "early stopping's best as a string": (
+        "state", lambda s: {**s, "early_stop": {**EARLY_STOP, "best": "0.3"}},
+        "state.early_stop.best must be a finite number or null"),
+    "early stopping's best of NaN": (
+        "state", lambda s: {**s, "early_stop": {**EARLY_STOP, "best": float("nan")}},
+        "state.early_stop.best"),
+    "a negative minimum change": (
+        "state", lambda s: {**s, "early_stop": {**EARLY_STOP, "min_delta": -1}},
+        "state.early_stop.min_delta must be a finite number from 0"),
+    "epochs without improvement of 1e30": (
+        "state", lambda s: {**s, "early_stop": {**EARLY_STOP, "bad_epochs": 1e30}},
+        "state.early_stop.bad_epochs must be an integer"),
+    "early stopping's best epoch missing": (
+        "state", lambda s: {**s, "early_stop": {k: v for k, v in EARLY_STOP.items()
+                                                if k != "best_epoch"}},
+        "state.early_stop.best_epoch is missing"),
+    "an unknown key in early stopping's state": (
+        "state", lambda s: {**s, "early_stop": {**EARLY_STOP, "patience": 3}},
+        "state.early_stop holds an unexpected key 'patience'"),
 }
 
 
@@ -238,6 +266,12 @@ def test_resuming_on_other_data_of_as_many_rows_is_refused_unless_allowed(traine
                                 "--allow-other-data"], capsys)
     assert status == 0
     assert any("resuming on it (--allow-other-data)" in line for line in lines), lines
+
+
+def test_early_stopping_s_state_as_ddptrain_writes_it_loads(trained, tmp_path):
+    forged = hostile(trained[1], tmp_path / "forged.h5",
+                     set_json("state", lambda s: {**s, "early_stop": EARLY_STOP}))
+    assert ckpt_io.load(forged).state["early_stop"] == EARLY_STOP
 
 
 def test_a_checkpoint_from_before_data_checksums_resumes_saying_the_data_was_not_compared(

@@ -25,7 +25,7 @@ def args(data, run_dir, *extra):
 @pytest.mark.parametrize("value, message", [
     ("-1", "--stall-timeout must not be negative, got -1.0"),
     ("inf", "--stall-timeout must be finite, got inf"),
-    ("nan", "--stall-timeout must not be negative, got nan"),
+    ("nan", "--stall-timeout must be a number, got nan"),
 ])
 def test_a_negative_or_infinite_stall_timeout_is_refused_in_one_line(tmp_path, capsys, value,
                                                                      message):

@@ -70,13 +70,15 @@ def make_checkpoint(trainer, optimizer_state, data_sha256=None):
     ``data_sha256``: the data file's ``content_sha256`` (None: it has none), so that a resumed run
     can tell another data file of as many rows."""
     model, pos, plan = trainer.model, trainer.position, trainer.plan
+    early_stop = ({"early_stop": trainer.early_stopping.state_dict()}
+                  if trainer.early_stopping is not None else {})
     return Checkpoint(
         params=dict(model.named_params()), buffers=dict(model.named_buffers()),
         optimizer={"type": optimizer_name(trainer.optimizer), **optimizer_state},
         state={"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "step": pos.step,
                "train_sums": pos.sums.to_dict(), "n_train": plan.n_train,
                "best_accuracy": trainer.best_accuracy, "world_size": trainer.comm.size,
-               "data_sha256": data_sha256},
+               "data_sha256": data_sha256, **early_stop},
         config=plan.config.to_dict(), metrics=list(trainer.records), model=model.describe(),
         model_summary=model.summary(), dtype=str(model.dtype))
 

@@ -40,6 +40,7 @@ from ddptrain.run.schema import (
     Text,
     problems,
 )
+from ddptrain.training.early_stopping import METRICS as EARLY_STOP_METRICS
 
 SHA256 = Text(r"[0-9a-f]{64}", 64, "64 hexadecimal digits")
 NAME = Text(r"[A-Za-z_][A-Za-z0-9_]{0,199}", 200, "a name (letters, digits, _)")
@@ -74,7 +75,14 @@ SCHEMA = {
         "n_train": Integer(1), "best_accuracy": Number(-1, 1), "world_size": Integer(1),
         # the data file's content_sha256 (null: it had none); absent from older checkpoints
         "data_sha256": OneOf((SHA256, None), "64 hexadecimal digits or null"),
-    }, optional=("data_sha256",)),
+        # early stopping's state (training/early_stopping.py): absent without --early-stop, and
+        # from older checkpoints
+        "early_stop": Record({
+            "metric": Text("|".join(EARLY_STOP_METRICS), what=" or ".join(EARLY_STOP_METRICS)),
+            "min_delta": Number(0), "best": OneOf((Number(), None), "a finite number or null"),
+            "best_epoch": Integer(), "bad_epochs": Integer(),
+        }),
+    }, optional=("data_sha256", "early_stop")),
     "config": _config_schema(),
     "metrics": ListOf(MapOf(SCALAR, 100)),
 }

@@ -17,6 +17,7 @@ from ddptrain.errors import UserError
 from ddptrain.files import open_regular
 from ddptrain.nn.spec import named_model, parse_spec
 from ddptrain.optim.optimizers import OPTIMIZERS, SGD
+from ddptrain.training.early_stopping import METRICS as EARLY_STOP_METRICS
 
 DTYPES = ("float32", "float64")
 SCHEDULES = ("constant", "cosine", "step")
@@ -65,6 +66,10 @@ class Config:
     step_gamma: float = 0.1
     seed: int = 0
     drop_last: bool = False
+    # stop after this many epochs in which early_stop_metric has not improved; 0: never
+    early_stop: int = 0
+    early_stop_min_delta: float = 0.0    # what an improvement must beat the best by
+    early_stop_metric: str = "test_loss"   # or test_accuracy
     virtual_shards: int = DEFAULT_VIRTUAL_SHARDS
     # outputs
     run_dir: Optional[str] = None      # None: runs/<SLURM job id or date-time>
@@ -102,7 +107,8 @@ class Config:
         for name, allowed in (("dtype", DTYPES), ("lr_scaling", LR_SCALINGS),
                               ("lr_schedule", SCHEDULES), ("batchnorm", BATCHNORM_MODES),
                               ("optimizer", tuple(OPTIMIZERS)), ("exchange", EXCHANGES),
-                              ("gemm", GEMMS), ("denormals", DENORMAL_MODES)):
+                              ("gemm", GEMMS), ("denormals", DENORMAL_MODES),
+                              ("early_stop_metric", tuple(EARLY_STOP_METRICS))):
             if getattr(self, name) not in allowed:
                 raise UserError(f"{option_name(name)} must be one of {', '.join(allowed)}, "
                                 f"got {getattr(self, name)!r}")
@@ -115,20 +121,27 @@ class Config:
             if not getattr(self, name) > 0:
                 raise UserError(f"{option_name(name)} must be positive, got {getattr(self, name)}")
         non_negative = ("lr", "warmup_epochs", "checkpoint_every", "threads", "seed", "step_gamma",
-                        "metrics_every", "simulate_ranks", "clip_grad_norm", "stall_timeout")
+                        "metrics_every", "simulate_ranks", "clip_grad_norm", "stall_timeout",
+                        "early_stop", "early_stop_min_delta")
         for name in non_negative:
+            if getattr(self, name) != getattr(self, name):   # NaN: neither negative nor not
+                raise UserError(f"{option_name(name)} must be a number, got nan")
             if not getattr(self, name) >= 0:
                 raise UserError(f"{option_name(name)} must not be negative, got "
                                 f"{getattr(self, name)}")
         for name in ("lr", "warmup_epochs", "step_gamma", "clip_grad_norm", "bucket_mb",
-                     "stall_timeout"):
+                     "stall_timeout", "early_stop_min_delta"):
             if not math.isfinite(getattr(self, name)):
                 raise UserError(f"{option_name(name)} must be finite, got {getattr(self, name)}")
         for name in (*positive, "checkpoint_every", "threads", "metrics_every", "simulate_ranks",
-                     "warmup_epochs"):
+                     "warmup_epochs", "early_stop"):
             if getattr(self, name) > MAX_COUNT:
                 raise UserError(f"{option_name(name)} must be at most {MAX_COUNT:,}, got "
                                 f"{getattr(self, name)}")
+        if self.early_stop_metric == "test_accuracy" and self.early_stop_min_delta >= 1:
+            raise UserError(f"--early-stop-min-delta {self.early_stop_min_delta:g} with "
+                            "--early-stop-metric test_accuracy: an accuracy (from 0 to 1) never "
+                            "improves by that much")
         if self.accumulate > self.batch_size:
             raise UserError(f"--accumulate {self.accumulate} with --batch-size {self.batch_size}: "
                             "each micro-batch needs a row of the global batch")
@@ -178,6 +191,7 @@ def make_config(values, model_given=False):
     built in Python (``values["model"]`` its summary), with no spec to check and no defaults to
     bring."""
     check_optimizer_options(values)   # what was set, before a named model's defaults
+    check_early_stop_options(values)
     values = dict(values) if model_given else with_model_defaults(values)
     if values.get("debug") and "dtype" not in values:
         # --debug means float64 unless float32 is asked for (and refused)
@@ -245,6 +259,17 @@ def check_optimizer_options(values):
             owner = "Adam's and AdamW's" if name in ADAM_OPTIONS else "SGD's"
             raise UserError(f"{option_name(name)} is {owner}, and the optimiser is {optimizer} "
                             f"(--optimizer {'adam' if name in ADAM_OPTIONS else 'sgd'} uses it)")
+
+
+def check_early_stop_options(values):
+    """A UserError for early stopping's settings without ``--early-stop`` (they would be silently
+    ignored). ``values``: the options set, as Config fields."""
+    if values.get("early_stop", Config.early_stop):
+        return
+    for name in ("early_stop_min_delta", "early_stop_metric"):
+        if name in values:
+            raise UserError(f"{option_name(name)} is early stopping's, which is off: give "
+                            "--early-stop PATIENCE too")
 
 
 # Keys a configuration file may hold besides the Config fields: the train command's own switches.

@@ -36,6 +36,7 @@ from ddptrain.run.supervised import report_ready
 from ddptrain.training.batches import Split
 from ddptrain.training.callbacks import BroadcastBuffers, ReplicaCheck
 from ddptrain.training.debug import DebugChecks
+from ddptrain.training.early_stopping import EarlyStopping
 from ddptrain.training.plan import TrainingPlan
 from ddptrain.training.step import TrainStep
 from ddptrain.training.trainer import Trainer
@@ -54,6 +55,15 @@ class Result:
     seconds: float = 0.0        # set-up and training, in this process
     rank: int = 0               # this process's rank (to print a result once: on rank 0)
     world_size: int = 1
+    # the epoch after which early stopping (--early-stop) ended the run, in this run or in the
+    # one it resumed; None if it did not
+    stopped_early_at: int = None
+    # with --early-stop: the best epoch by its metric, the one best.h5 holds (None before any)
+    best_epoch: int = None
+
+    @property
+    def stopped_early(self):
+        return self.stopped_early_at is not None
 
     def _last(self, key):
         return self.metrics[-1][key] if self.metrics else None
@@ -175,26 +185,38 @@ def _train(run, stop, callbacks):
                       standard_callbacks(config, console, folder, model.buffers.size > 0,
                                          data_sha256(info))
                       + list(callbacks))
+    # a run that early stopping ended resumes only to say so (a SLURM requeue, --resume auto)
+    done = False
     if checkpoint is not None:
         trainer.restore(checkpoint)
-        console.print(describe_resume(checkpoint, trainer.position, comm.size), always=True)
-    if comm.size > 1:
+        done = trainer.early_stop_due and trainer.position.epoch < trainer.plan.epochs
+        console.print(describe_done(checkpoint, trainer) if done else
+                      describe_resume(checkpoint, trainer.position, comm.size), always=True)
+    if comm.size > 1 and not done:
         console.print(exchange.describe(), always=True)
     # the parameters every rank holds (restored or broadcast): shared memory from now on
     exchange.attach(model)
     # what the checkpoint recorded, or nothing: no record twice
     folder.rewrite_metrics(trainer.records)
-    console.print(f"set-up took {time.perf_counter() - run.started:.2f} s")
+    if not done:
+        console.print(f"set-up took {time.perf_counter() - run.started:.2f} s")
 
-    stopped_by = trainer.fit()
+    stopped_by = trainer.fit()   # at once where done: it stops before the next epoch
     exchange.detach(model)   # the model keeps arrays of its own (a collective: not after an error)
+    early = trainer.early_stopping
     result = Result(EXIT_PREEMPTED if stopped_by else EXIT_OK, folder.run_dir,
                     tuple(trainer.metrics), stopped_by, trainer.position.step,
-                    time.perf_counter() - run.started, comm.rank, comm.size)
+                    time.perf_counter() - run.started, comm.rank, comm.size,
+                    trainer.stopped_early_at, (early.best_epoch or None) if early else None)
     if stopped_by:
         console.print(f"stopped by {stopped_by} at step {trainer.position.step}; checkpoint "
                       f"written; resume with --resume auto --run-dir {folder.run_dir}", always=True)
-    elif trainer.metrics:
+    elif result.stopped_early and not done:
+        console.print(f"stopped early after epoch {result.epochs} of {trainer.plan.epochs}: "
+                      f"{early.why_stopped()}; checkpoint written, best.h5 holds epoch "
+                      f"{early.best_epoch}; test accuracy {100 * result.test_accuracy:.2f}%, "
+                      f"{result.seconds:.1f} s in all; run folder {folder.run_dir}", always=True)
+    elif trainer.metrics and not done:
         console.print(f"finished: test accuracy {100 * result.test_accuracy:.2f}% after "
                       f"{result.epochs} epochs, {result.seconds:.1f} s in all; run folder "
                       f"{folder.run_dir}", always=True)
@@ -260,9 +282,21 @@ def announce(console, comm, config, model, checked):
                   f"{f', {config.warmup_epochs:g} warmup epochs' if config.warmup_epochs else ''}"
                   f"{', linear scaling rule' if config.lr_scaling == 'linear' else ''}); "
                   f"configuration: {config.to_json()}", always=True)
+    early_stopping = EarlyStopping.of(config)
+    if early_stopping is not None:
+        console.print(early_stopping.describe(), always=True)
     slurm_line = describe_slurm(comm.size)
     if slurm_line:
         console.print(slurm_line, always=True)
+
+
+def describe_done(checkpoint, trainer):
+    """The one line of a run resumed after early stopping ended it: nothing is trained."""
+    early = trainer.early_stopping
+    best = f"; best.h5 holds epoch {early.best_epoch}" if early.best_epoch else ""
+    return (f"resumed from {checkpoint.path}: the run is done: early stopping ended it after epoch "
+            f"{trainer.position.epoch} of {trainer.plan.epochs}: {early.why_stopped()}{best}; "
+            "nothing to train (a larger --early-stop, or none, trains on)")
 
 
 def describe_resume(checkpoint, position, world_size):

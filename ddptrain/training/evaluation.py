@@ -28,7 +28,8 @@ def evaluate(model, comm, split, n_classes, chunk=2000):
 
     Each rank evaluates its rows; the per-sample loss sum and the confusion
     matrix are summed over the ranks, so the result is that of one process
-    evaluating every row (up to the order of floating-point additions).
+    evaluating every row (up to the order of floating-point additions), and
+    bitwise the same on every rank.
 
     Every rank runs the same number of forward passes: a rank with fewer
     rows passes empty batches at the end (the loop count is padded, never the
@@ -49,8 +50,13 @@ def evaluate(model, comm, split, n_classes, chunk=2000):
                                      minlength=n_classes * n_classes).reshape(n_classes, n_classes)
     finally:
         model.train(was_training)
-    # DDP
-    totals = comm.allreduce(np.concatenate([[loss_sum], confusion.ravel()]).astype(np.float64))
+    # DDP: every rank adds the ranks' sums itself, in rank order: the same bits on every rank,
+    # which an Allreduce does not promise (its order of additions may differ between ranks), so
+    # that a decision taken on each rank from them (early stopping) is the same everywhere.
+    mine = np.concatenate([[loss_sum], confusion.ravel()]).astype(np.float64)
+    totals = np.zeros_like(mine)
+    for sums in comm.allgather(mine):
+        totals += sums
     confusion = totals[1:].round().astype(np.int64).reshape(n_classes, n_classes)
     n = confusion.sum()
     return Evaluation(loss=float(totals[0] / n), accuracy=float(np.trace(confusion) / n),

@@ -20,6 +20,7 @@ import numpy as np
 from ddptrain.errors import NumericalError
 from ddptrain.nn.dropout import BatchContext
 from ddptrain.training.batches import Batches
+from ddptrain.training.early_stopping import EarlyStopping
 from ddptrain.training.evaluation import evaluate
 from ddptrain.training.step import NonFiniteStep, StepTotals
 
@@ -103,7 +104,9 @@ class Trainer:
     """Runs the epochs of ``plan`` with ``train_step`` on this rank's rows (``train``, ``test``).
 
     ``stop`` tells whether a signal asked this rank to stop; the loop ends
-    after the step in which any rank was asked, on every rank.
+    after the step in which any rank was asked, on every rank. With
+    ``--early-stop`` (``plan.config.early_stop``) it also ends after the epoch
+    at which the test metric has not improved for that many epochs.
     """
 
     def __init__(self, train_step, plan, train, test, n_classes, stop, callbacks=()):
@@ -116,6 +119,8 @@ class Trainer:
         self.best_accuracy = -1.0    # the best test accuracy so far
         self.last_checkpoint = None  # the step of the newest checkpoint written (or resumed from)
         self.stopped_by = None
+        self.early_stopping = EarlyStopping.of(plan.config)   # None without --early-stop
+        self.stopped_early_at = None   # the epoch after which early stopping ended the run
 
     @property
     def metrics(self):
@@ -149,6 +154,10 @@ class Trainer:
     def _fit(self):
         self._call("on_fit_start")
         for epoch in range(self.position.epoch, self.plan.epochs):
+            if self.early_stop_due:
+                # DDP: every rank holds the same records, so every rank stops here
+                self.stopped_early_at = self.position.epoch
+                break
             # A resumed epoch was partly trained before: its speed counts only what this run
             # trained.
             started, seen_before = time.perf_counter(), self.position.sums.samples
@@ -200,7 +209,11 @@ class Trainer:
             "seconds": seconds, "samples_per_second": (pos.sums.samples - seen_before) / seconds,
         }
         self.records.append(record)
-        is_best = evaluation.accuracy > self.best_accuracy
+        if self.early_stopping is not None:
+            # best.h5: the best epoch by early stopping's metric, the one it counts patience from
+            is_best = self.early_stopping.update(record)
+        else:
+            is_best = evaluation.accuracy > self.best_accuracy
         self.best_accuracy = max(self.best_accuracy, evaluation.accuracy)
         self.position = Position(epoch=pos.epoch + 1, step=pos.step)
         self._call("on_epoch_end", record, is_best)
@@ -215,3 +228,11 @@ class Trainer:
         self.records = list(checkpoint.metrics)
         self.best_accuracy = state["best_accuracy"]
         self.last_checkpoint = state["step"]
+        if self.early_stopping is not None:
+            self.early_stopping.restore(state.get("early_stop"), self.metrics)
+
+    @property
+    def early_stop_due(self):
+        """Whether early stopping ends the run here: at the end of an epoch (or on resuming),
+        ``--early-stop`` epochs without improvement."""
+        return self.early_stopping is not None and self.early_stopping.due

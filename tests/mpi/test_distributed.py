@@ -252,6 +252,32 @@ def test_evaluation_over_ranks_equals_one_process_evaluating_everything(comm, da
     assert np.array_equal(mine.confusion, whole.confusion)
 
 
+def test_every_rank_holds_the_same_bits_of_an_evaluation(comm, dataset):
+    """What each rank decides from an evaluation (early stopping) is the same on every rank."""
+    model = Sequential.from_spec(model_spec(), dtype=np.float64, seed=3)
+    info = data.inspect(dataset)
+    rows = evaluation_block(info.n_test, comm.rank, comm.size)
+    mine = evaluate(model, comm, Split(*data.read_rows(dataset, "test", [rows], np.float64)), 10)
+    assert len(set(comm.allgather((mine.loss.hex(), mine.accuracy.hex())))) == 1
+
+
+def test_early_stopping_stops_every_rank_after_the_epoch_one_process_stops_after(
+        comm, shared_dir, dataset):
+    # At a constant --lr 0.3 the test loss is best at epoch 3: --early-stop 3 stops after epoch 6.
+    config = dict(data=dataset, model=model_spec(), dtype="float64", epochs=12, batch_size=16,
+                  lr=0.3, lr_schedule="constant", early_stop=3, log_every=1000, threads=1)
+    distributed = run_training(Config(**config, run_dir=str(shared_dir / f"early-p{comm.size}")),
+                               comm, quiet=True)
+    single = run_training(Config(**config, run_dir=str(shared_dir / f"early-serial-{comm.rank}")),
+                          SerialComm(), quiet=True)
+    assert single.stopped_early_at == 6
+    everyone = comm.allgather((distributed.stopped_early_at, distributed.best_epoch))
+    assert everyone == [(single.stopped_early_at, single.best_epoch)] * comm.size
+    for mine, theirs in zip(distributed.metrics, single.metrics, strict=True):
+        assert mine["test_loss"] == pytest.approx(theirs["test_loss"], rel=1e-9)
+        assert mine["test_accuracy"] == theirs["test_accuracy"]
+
+
 def test_each_rank_reads_only_its_own_shard_and_together_they_read_every_row(
         comm, shared_dir, dataset, monkeypatch):
     reads = []
