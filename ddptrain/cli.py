@@ -1,4 +1,4 @@
-"""Command line: ``python -m ddptrain [train|evaluate|prepare|plot|info] [options]``.
+"""Command line: ``python -m ddptrain [train|evaluate|export|prepare|plot|info] [options]``.
 
 Exit statuses (see ``errors``): 0 success, 1 unexpected failure, 2 bad input,
 3 stopped by a signal after writing a checkpoint.
@@ -16,7 +16,7 @@ import argparse
 import sys
 import traceback
 
-from ddptrain import commands, plot, supervisor
+from ddptrain import commands, export, plot, supervisor
 from ddptrain.api import check_data_file, launch
 from ddptrain.data import datasets
 from ddptrain.distributed.launcher import rank_and_size
@@ -41,7 +41,7 @@ from ddptrain.run.config import (
 from ddptrain.run.ending import end_rank, message_of
 from ddptrain.run.signals import ignore_stop_signals, restore_default_signals
 
-COMMANDS = ("train", "evaluate", "prepare", "plot", "info")
+COMMANDS = ("train", "evaluate", "export", "prepare", "plot", "info")
 
 
 class Interrupted(Exception):
@@ -218,6 +218,23 @@ def _add_train_arguments(parser):
             "check every step", action="store_true")
 
 
+def _add_export_arguments(parser):
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint file (.h5)")
+    parser.add_argument("--format", required=True, choices=tuple(export.FORMATS),
+                        help="onnx: the model, from the raw images to the logits and "
+                             "probabilities (needs the onnx extra); safetensors: the parameters "
+                             "and buffers under their ddptrain names (needs the safetensors extra)")
+    parser.add_argument("--output", metavar="PATH", help="default: beside the checkpoint, "
+                        "best.h5 -> best.onnx or best.safetensors")
+    parser.add_argument("--force", action="store_true", help="replace PATH if it exists")
+    parser.add_argument("--data", metavar="PATH", help="data file, or a known set's name, whose "
+                        "images the model takes: their shape and class names (default: the data "
+                        "the checkpoint was trained on, else the cached MNIST)")
+    parser.add_argument("--input", choices=export.INPUTS, default="pixels", help="onnx: the "
+                        "input is uint8 pixels as the data file stores them (pixels, the "
+                        "default), or float32 values already divided by 255 (scaled)")
+
+
 def build_parser():
     parser = _Parser(prog="ddptrain", description="Data-parallel training of a numpy MLP or CNN on "
                      "image data in HDF5. Run as `python -m ddptrain` (one process) or `mpirun -n "
@@ -236,6 +253,10 @@ def build_parser():
                           "cached MNIST)")
     evaluate.add_argument("--eval-batch", type=int, default=Config().eval_batch, metavar="N",
                           help="rows per forward pass (default: %(default)s)")
+    _add_export_arguments(commands.add_parser(
+        "export", help="a checkpoint's model as ONNX, or its parameters and buffers as "
+        "safetensors", description="Export a checkpoint (verified as evaluate verifies it) for "
+        "other runtimes and frameworks; see docs/export.md."))
     datasets.add_arguments(commands.add_parser("prepare", help="a data set (mnist, fashion-mnist, "
                                                "or IDX files of your own) as the HDF5 data file"))
     # for --help only: main hands `launch ...` to the supervisor before parsing
@@ -297,6 +318,8 @@ def main(argv=None, callbacks=()):
             return plot.run(args)
         if args.command == "info":
             return commands.info(args, world())
+        if args.command == "export":
+            return export.run(args)
         if args.command == "evaluate":
             with same_on_every_rank():
                 # without it, the checkpoint names the data: checked once it is known

@@ -39,15 +39,15 @@ from ddptrain.run.runner import read_split
 from ddptrain.training.evaluation import evaluate as evaluate_split
 
 
-def _data_for(checkpoint, given):
+def data_for(checkpoint, given):
     """--data (a file, or a known set's name), else the data the checkpoint was trained on, else the
-    cached MNIST."""
+    cached MNIST: what ``evaluate`` evaluates on, and whose images ``export``'s model takes."""
     trained_on = given or checkpoint.config.get("data")
     if trained_on in datasets.KNOWN_DATASETS or not trained_on:
         return str(datasets.ensure_prepared(trained_on or "mnist"))
     if trained_on == IN_MEMORY and not given:
-        raise UserError(f"{checkpoint.path}: the model was trained on {IN_MEMORY}: give the data "
-                        "to evaluate it on with --data FILE")
+        raise UserError(f"{checkpoint.path}: the model was trained on {IN_MEMORY}: give a data "
+                        "file of its kind of images with --data FILE")
     if given or Path(trained_on).is_file():
         return trained_on
     return str(datasets.ensure_prepared("mnist"))
@@ -78,7 +78,7 @@ def evaluate(args, comm):
     blas_threads = configure_blas_threads(comm, library=backend.name)
     with same_on_every_rank():
         checkpoint = ckpt_io.load(args.checkpoint)
-        path = run_on_rank0(comm, lambda: _data_for(checkpoint, args.data))
+        path = run_on_rank0(comm, lambda: data_for(checkpoint, args.data))
         run_on_rank0(comm, lambda: check_readable(path))
         info = data.inspect(path)
         if args.eval_batch < 1:
