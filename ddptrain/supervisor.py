@@ -180,7 +180,7 @@ class Supervisor:
                 if key.data == "signal":
                     os.read(wakeup_read, 512)
                 elif _token_matches(listener, token):
-                    self.ranks_ready = False
+                    self.ranks_ready = True
         selector.close()
 
     def _pass_on(self, job):
