@@ -191,6 +191,11 @@ def _add_train_arguments(parser):
             "terminal)", type=int, metavar="STEPS")
     _option(group, "--metrics-every", "also append a record to metrics.jsonl every STEPS steps; 0: "
             "per epoch only", type=int, metavar="STEPS")
+    _option(group, "--tensorboard", "also write metrics.jsonl's records (per step: loss, learning "
+            "rate, gradient norm, samples/s; per epoch: train and test loss and accuracy), a "
+            "histogram of each parameter every epoch and the configuration as TensorBoard events "
+            "in RUN_DIR/tensorboard (rank 0, with tensorboardX: pip install -e '.[tensorboard]'); "
+            "sets --metrics-every 10 unless it is given", action="store_true")
     group.add_argument("--quiet", action="store_true", help="print only the start-up lines, one "
                        "line per epoch and errors")
 

@@ -100,6 +100,21 @@ def test_only_the_communicator_module_imports_mpi4py_and_the_network_knows_nothi
             assert not any(module.startswith("ddptrain.distributed") for module in imported), name
 
 
+def test_only_rank_0_s_module_imports_tensorboardx_and_only_when_it_writes_events():
+    """tensorboardX is an optional extra that rank 0 alone loads (for --tensorboard): imported
+    inside a function of run/rank0.py, never at the top of a module, so that no other rank and no
+    run without --tensorboard loads it."""
+    importers = {}
+    for name, path in modules().items():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            found = ([node.module] if isinstance(node, ast.ImportFrom) and node.module
+                     else [alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [])
+            if any(module.split(".")[0] == "tensorboardX" for module in found):
+                importers.setdefault(name, []).append(node in tree.body)
+    assert importers == {"ddptrain.run.rank0": [False, False, False]}
+
 
 def test_the_training_step_knows_the_gradient_exchange_only_by_its_interface():
     """One step for every exchange: TrainStep calls the exchange's methods and names none of its

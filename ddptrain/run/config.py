@@ -28,6 +28,9 @@ MAX_CONFIG_BYTES = 1024 * 1024   # a configuration file is a few lines: more is 
 # The largest value of a count (--epochs, --batch-size, ...) and of --warmup-epochs: beyond it the
 # arithmetic of sampler and schedule leaves C integers (an OverflowError, long after --dry-run).
 MAX_COUNT = 2 ** 31 - 1
+# --tensorboard's step records, unless --metrics-every says otherwise: TensorBoard's curves are
+# metrics.jsonl's records, and a curve with a point per epoch is no curve.
+TENSORBOARD_METRICS_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,8 @@ class Config:
     log_every: int = 100               # steps between progress lines
     eval_batch: int = 2000
     metrics_every: int = 0             # steps between step records in metrics.jsonl; 0: epochs only
+    # metrics.jsonl's records, and histograms of the parameters, as TensorBoard events (rank 0)
+    tensorboard: bool = False
     debug: bool = False                # float64, finite-difference check, per-layer NaN checks
     simulate_ranks: int = 0            # >0: that many ranks as threads of one process
     # seconds a rank may wait inside one collective before it ends the job; 0: forever
@@ -186,8 +191,9 @@ class Config:
 
 def make_config(values, model_given=False):
     """The validated Config of the options set in ``values`` (Config fields), as the command line
-    and ``ddptrain.train`` make it: a named --model's defaults apply to the options left unset, and
-    --debug means float64 and a replica check every step. ``model_given``: the model is an object
+    and ``ddptrain.train`` make it: a named --model's defaults apply to the options left unset,
+    --debug means float64 and a replica check every step, and --tensorboard a step record every
+    ``TENSORBOARD_METRICS_EVERY`` steps. ``model_given``: the model is an object
     built in Python (``values["model"]`` its summary), with no spec to check and no defaults to
     bring."""
     check_optimizer_options(values)   # what was set, before a named model's defaults
@@ -198,6 +204,8 @@ def make_config(values, model_given=False):
         values["dtype"] = "float64"
     if values.get("debug"):
         values.setdefault("check_every", 1)
+    if values.get("tensorboard"):
+        values.setdefault("metrics_every", TENSORBOARD_METRICS_EVERY)
     return Config(**values).validated(check_spec=not model_given)
 
 

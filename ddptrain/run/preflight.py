@@ -9,7 +9,7 @@ rank with the same one-line error rather than leave one rank waiting in a
 collective:
 
 1. the library of the matrix products and the BLAS threads of each rank;
-2. the same ddptrain, numpy and MPI on every host;
+2. the same ddptrain, numpy and MPI on every host; tensorboardX on rank 0 for --tensorboard;
 3. the data: the same file (or the same in-memory arrays) on every rank,
    readable without hanging, and enough rows for the ranks and the batch;
 4. the model: its layers take the data's images and give one output per
@@ -45,7 +45,7 @@ from ddptrain.nn.model import input_shape_of, name_layers, output_shape_of
 from ddptrain.nn.normalization import BatchNorm
 from ddptrain.nn.spec import parse_spec
 from ddptrain.run.limits import check_resources
-from ddptrain.run.rank0 import RunFolder, run_on_rank0
+from ddptrain.run.rank0 import RunFolder, import_tensorboardx, run_on_rank0
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,8 @@ def preflight(comm, config, console, model=None, arrays=None):
         blas_threads = configure_blas_threads(comm, config.threads, backend.name)
     hosts = hosts_by_rank(blas_threads.hosts)
     check_same_software(comm, hosts)   # DDP: across nodes, installations may differ
+    if config.tensorboard:   # rank 0 writes the events: only rank 0 needs tensorboardX, and loads
+        run_on_rank0(comm, lambda: import_tensorboardx() and None)
     # DDP: rank 0's name, everywhere
     folder = RunFolder(comm, comm.bcast(config.run_dir or default_run_dir()))
     info = open_data(comm, config, arrays, console.print, hosts)

@@ -1,4 +1,5 @@
-"""Everything only rank 0 does: printing (``Console``) and the run folder's files (``RunFolder``).
+"""Everything only rank 0 does: printing (``Console``), the run folder's files (``RunFolder``) and
+its TensorBoard events (``EventFile``).
 
 ``Console`` prints on rank 0 and does nothing elsewhere; it never
 communicates. Every method of ``RunFolder`` is collective: all ranks call
@@ -14,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import socket
 import sys
 import time
@@ -75,8 +77,8 @@ class Console:
 
 
 class RunFolder:
-    """The run folder (``config.json``, ``metrics.jsonl``, ``checkpoints/``), written by rank 0
-    alone.
+    """The run folder (``config.json``, ``metrics.jsonl``, ``checkpoints/``, ``tensorboard/``),
+    written by rank 0 alone.
 
     One run at a time: ``take`` locks the folder (``flock`` on ``RUN_DIR/.lock``)
     until ``release`` or until the process ends, however it ends, so a killed
@@ -88,13 +90,16 @@ class RunFolder:
     """
 
     LOCK = ".lock"
-    FILES = ("config.json", "metrics.jsonl", LOCK, "checkpoints")
+    TENSORBOARD = "tensorboard"
+    FILES = ("config.json", "metrics.jsonl", LOCK, "checkpoints", TENSORBOARD)
 
     def __init__(self, comm, run_dir):
         self.comm = comm
         self.run_dir = Path(run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.tensorboard_dir = self.run_dir / self.TENSORBOARD
         self._lock = None
+        self._events = None   # rank 0's EventFile, once open_events has opened it
 
     def take(self):
         """Create the folder and lock it for this run; a UserError if another run holds it."""
@@ -149,9 +154,30 @@ class RunFolder:
                                 "it; remove the link, or give another --run-dir")
 
     def release(self):
+        if self._events is not None:   # however the run ends: what it wrote is complete
+            self._events.close()
+            self._events = None
         if self._lock is not None:
             os.close(self._lock)   # the lock goes with the descriptor
             self._lock = None
+
+    def open_events(self, step, warn):
+        """A new event file in ``tensorboard/`` (created if missing) for a run that starts at
+        ``step``: the ``EventFile`` on rank 0, None elsewhere. Collective; a UserError on every rank
+        if it cannot be created. ``warn``: how a later failed write is reported (rank 0).
+
+        The file purges the events of earlier files from ``step`` on (``EventFile``): those that a
+        stopped or killed run wrote at the steps this one runs again. In a folder that holds no
+        event file yet (the run's earlier part ran without --tensorboard, or in another folder),
+        from step 0: the records of the run's history are all to be written."""
+        def work():
+            self.tensorboard_dir.mkdir(exist_ok=True)
+            self._refuse_links()   # the folder, made or found: never a link out of the run folder
+            existing = event_files(self.tensorboard_dir)
+            self._events = EventFile(self.tensorboard_dir, purge_step=step if existing else 0,
+                                     number=len(existing) + 1, warn=warn)
+        run_on_rank0(self.comm, work, UserError, f"cannot write to {self.tensorboard_dir}")
+        return self._events
 
     def write_config(self, config_dict):
         def work():
@@ -210,3 +236,90 @@ class RunFolder:
 
 def _replace(path, text):
     write_atomically(path, text.encode())
+
+
+EVENT_FILE_PREFIX = "events.out.tfevents."   # tensorboardX's names, which TensorBoard looks for
+
+
+def event_files(folder):
+    """The TensorBoard event files in ``folder``, in the order TensorBoard reads them (by name)."""
+    return sorted(path for path in Path(folder).iterdir()
+                  if path.name.startswith(EVENT_FILE_PREFIX))
+
+
+def import_tensorboardx():
+    """tensorboardX's ``summary`` module, ``EventsWriter`` and ``event_pb2``, imported here, on the
+    rank that writes the events: the other ranks never load it. A UserError if it cannot be
+    imported."""
+    try:
+        from tensorboardX import summary
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto import event_pb2
+    except ImportError as error:
+        raise UserError(f"--tensorboard needs tensorboardX, which cannot be imported here "
+                        f"({error}): pip install -e '.[tensorboard]' (or pip install "
+                        "tensorboardX)") from None
+    return summary, EventsWriter, event_pb2
+
+
+class EventFile:
+    """One run's TensorBoard event file, on rank 0: scalars, histograms and text, each event encoded
+    by tensorboardX and written at once.
+
+    Through tensorboardX's ``EventsWriter`` rather than its ``SummaryWriter``, which hands events to
+    a thread of its own through a queue of 10: a write that fails there (a full disk) ends that
+    thread, the queue fills, and rank 0 waits forever in its next event, with every other rank
+    waiting for it. Here a failed write is an OSError where it is made: a warning (``warn``), and
+    the run goes on without events. ``flush`` puts what was written on disk (tensorboardX fsyncs),
+    so that what was flushed before a checkpoint survives a kill.
+
+    The first event after tensorboardX's own (the file version) is a SessionLog START at
+    ``purge_step``, as ``SummaryWriter(purge_step=...)`` writes: TensorBoard then drops the events
+    of earlier files at that step or later, those of a stopped or killed run that the resumed one
+    writes again. Files are read in the order of their names, which begin with the time in
+    seconds: ``number`` (the count of files before it, and this one) puts this file after those of
+    an earlier run in the same second. The random end of the name makes it one nobody can have
+    planted a link at (``durable``'s rule).
+    """
+
+    def __init__(self, folder, purge_step, number, warn):
+        self._summary, events_writer, self._pb = import_tensorboardx()
+        self.folder, self.purge_step, self._warn = Path(folder), purge_step, warn
+        self._writer = events_writer(str(self.folder / "events"),
+                                     f".{number:06d}.{secrets.token_hex(8)}")
+        self._write(self._pb.Event(step=purge_step, wall_time=time.time(), session_log=(
+            self._pb.SessionLog(status=self._pb.SessionLog.START))))
+
+    def scalar(self, tag, value, step):
+        self._add(self._summary.scalar(tag, float(value)), step)
+
+    def histogram(self, tag, values, step):
+        # 64 equal bins between the smallest and largest value: one pass over the values
+        self._add(self._summary.histogram(tag, values, bins=64), step)
+
+    def text(self, tag, text, step):
+        self._add(self._summary.text(tag, text), step)
+
+    def _add(self, summary, step):
+        self._write(self._pb.Event(step=step, wall_time=time.time(), summary=summary))
+
+    def _write(self, event):
+        self._guarded(lambda writer: writer.write_event(event))
+
+    def flush(self):
+        self._guarded(lambda writer: writer.flush())
+
+    def close(self):
+        self._guarded(lambda writer: writer.close())
+        self._writer = None
+
+    def _guarded(self, work):
+        if self._writer is None:   # closed, or stopped by a failed write
+            return
+        try:
+            work(self._writer)
+        except OSError as error:
+            self._writer = None
+            self._warn(f"warning: could not write TensorBoard's events in {self.folder}: "
+                       f"{error.strerror or error}; the run goes on without them (metrics.jsonl "
+                       "holds every record)")

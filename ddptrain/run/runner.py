@@ -27,7 +27,7 @@ from ddptrain.nn.layer import no_reduction
 from ddptrain.nn.losses import SoftmaxCrossEntropy
 from ddptrain.nn.model import Sequential
 from ddptrain.optim.schedule import peak_learning_rate
-from ddptrain.run.callbacks import Checkpointing, MetricsLog, ProgressReport
+from ddptrain.run.callbacks import Checkpointing, MetricsLog, ProgressReport, TensorBoardLog
 from ddptrain.run.preflight import preflight
 from ddptrain.run.rank0 import Console, RunFolder, run_on_rank0
 from ddptrain.run.resume import data_sha256, load_checkpoint
@@ -245,6 +245,9 @@ def standard_callbacks(config, console, folder, model_has_buffers, data_checksum
     record, save."""
     callbacks = [ReplicaCheck(config.check_every), ProgressReport(console),
                  MetricsLog(folder, config.metrics_every),
+                 # after the records it writes, before the checkpoint that may follow them
+                 *([TensorBoardLog(folder, console, config.checkpoint_every)]
+                   if config.tensorboard else []),
                  Checkpointing(folder, config.checkpoint_every, config.keep, data_checksum,
                                console.warn)]
     if config.batchnorm == "local" and model_has_buffers:
