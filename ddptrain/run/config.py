@@ -27,6 +27,8 @@ MAX_CONFIG_BYTES = 1024 * 1024   # a configuration file is a few lines: more is 
 # The largest value of a count (--epochs, --batch-size, ...) and of --warmup-epochs: beyond it the
 # arithmetic of sampler and schedule leaves C integers (an OverflowError, long after --dry-run).
 MAX_COUNT = 2 ** 31 - 1
+# --profile's most steps: each holds a few dozen spans per rank (about 3 KB of timeline per rank)
+MAX_PROFILE_STEPS = 10_000
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class Config:
     log_every: int = 100               # steps between progress lines
     eval_batch: int = 2000
     metrics_every: int = 0             # steps between step records in metrics.jsonl; 0: epochs only
+    profile: int = 0                   # steps recorded in RUN_DIR/timeline.json; 0: none
     debug: bool = False                # float64, finite-difference check, per-layer NaN checks
     simulate_ranks: int = 0            # >0: that many ranks as threads of one process
     # seconds a rank may wait inside one collective before it ends the job; 0: forever
@@ -115,7 +118,8 @@ class Config:
             if not getattr(self, name) > 0:
                 raise UserError(f"{option_name(name)} must be positive, got {getattr(self, name)}")
         non_negative = ("lr", "warmup_epochs", "checkpoint_every", "threads", "seed", "step_gamma",
-                        "metrics_every", "simulate_ranks", "clip_grad_norm", "stall_timeout")
+                        "metrics_every", "simulate_ranks", "clip_grad_norm", "stall_timeout",
+                        "profile")
         for name in non_negative:
             if not getattr(self, name) >= 0:
                 raise UserError(f"{option_name(name)} must not be negative, got "
@@ -129,6 +133,9 @@ class Config:
             if getattr(self, name) > MAX_COUNT:
                 raise UserError(f"{option_name(name)} must be at most {MAX_COUNT:,}, got "
                                 f"{getattr(self, name)}")
+        if self.profile > MAX_PROFILE_STEPS:
+            raise UserError(f"--profile must be at most {MAX_PROFILE_STEPS:,} steps, got "
+                            f"{self.profile}")
         if self.accumulate > self.batch_size:
             raise UserError(f"--accumulate {self.accumulate} with --batch-size {self.batch_size}: "
                             "each micro-batch needs a row of the global batch")
