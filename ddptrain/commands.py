@@ -41,6 +41,7 @@ from ddptrain.run.rank0 import run_on_rank0, timeline_paths
 from ddptrain.run.resume import check_description_fits
 from ddptrain.run.runner import read_split
 from ddptrain.training.evaluation import evaluate as evaluate_split
+from ddptrain.training.profiler import clocks_phrase
 from ddptrain.training.trace import format_phases, read_trace
 
 
@@ -310,7 +311,7 @@ def _timeline_about(about):
     if isinstance(steps, list) and len(steps) == 2:
         parts.append(f"steps {steps[0]} to {steps[1]} on {about.get('ranks')} rank(s)")
     if isinstance(clock, dict) and isinstance(clock.get("uncertainty_us_max"), (int, float)):
-        parts.append(f"clocks aligned to within {clock['uncertainty_us_max']:.0f} us")
+        parts.append(clocks_phrase(clock["uncertainty_us_max"]))
     if isinstance(cost, dict) and isinstance(cost.get("per_step_us"), (int, float)):
         share = cost.get("share_of_step")
         parts.append(f"recording cost about {cost['per_step_us']:.0f} us a step"

@@ -6,8 +6,11 @@ change to what is trained, nothing left wrapped afterwards, the timelines of ear
 and `ddptrain info RUN_DIR` summarising the share of the step per phase per rank.
 """
 
+import errno
 import json
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from ddptrain import cli, commands
 from ddptrain.distributed.clocks import Offset, clock_offsets
 from ddptrain.errors import EXIT_USAGE, UserError
 from ddptrain.nn.model import Sequential
+from ddptrain.run import rank0
 from ddptrain.training.trace import build_trace, format_phases, phase_shares
 from ddptrain.training.trainer import Callback
 from helpers import final_params, in_process, on_simulated_ranks, run
@@ -294,6 +298,23 @@ def test_a_resumed_run_writes_a_new_timeline_and_keeps_the_old_one(small_data, t
     assert steps_of(first, 0) == [1, 2, 3] and steps_of(second, 0) == [9, 10, 11]
     assert "earlier attempts' timelines: timeline.json" in "\n".join(
         commands.run_lines(tmp_path / "run"))
+
+
+def test_a_timeline_that_cannot_be_written_is_a_warning_and_the_run_goes_on(small_data, tmp_path,
+                                                                             monkeypatch, capsys):
+    written = rank0.write_atomically
+
+    def full_disk_for_timelines(path, content):
+        if Path(path).name.startswith("timeline"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written(path, content)
+
+    monkeypatch.setattr(rank0, "write_atomically", full_disk_for_timelines)
+    result = ddptrain.train(BN_MODEL, data=small_data, run_dir=str(tmp_path / "run"), profile=3,
+                            **OPTIONS)
+    assert result.exit_status == 0 and result.epochs == 2
+    assert "warning: could not write the timeline" in capsys.readouterr().err
+    assert not list((tmp_path / "run").glob("*timeline*"))
 
 
 # ---------------------------------------------------------------- the option

@@ -175,13 +175,19 @@ class RunFolder:
                                                              for r in records))
         run_on_rank0(self.comm, work, UserError, f"cannot write {self.run_dir / 'metrics.jsonl'}")
 
-    def write_timeline(self, trace):
+    def write_timeline(self, trace, warn=print):
         """Write ``trace`` (rank 0's; None on the others) as ``timeline.json``, or, where a run
         before this one left one, as the first free ``timeline-<n>.json``: a resumed run keeps
-        the timelines of the attempts before it. Returns the path, on every rank."""
+        the timelines of the attempts before it. Returns the path, on every rank; None where the
+        write failed, which is a warning (``warn``, on rank 0): the training goes on."""
         def work():
             path = timeline_paths(self.run_dir, free=True)[-1]
-            write_atomically(path, json.dumps(trace, separators=(",", ":")).encode())
+            try:
+                write_atomically(path, json.dumps(trace, separators=(",", ":")).encode())
+            except OSError as error:
+                warn(f"warning: could not write the timeline {path}: {error.strerror or error}; "
+                     "the run goes on without it")
+                return None
             return path
         return run_on_rank0(self.comm, work, UserError,
                             f"cannot write the timeline in the run folder {self.run_dir}")

@@ -247,7 +247,7 @@ def make_profiler(config, console, folder, callbacks, about):
         return None
     saves = [(callback, "save", "checkpoint", "checkpoint") for callback in callbacks
              if isinstance(callback, Checkpointing)]
-    return Profiler(config.profile, folder.write_timeline,
+    return Profiler(config.profile, lambda trace: folder.write_timeline(trace, console.warn),
                     lambda line: console.print(line, always=True), about, saves)
 
 

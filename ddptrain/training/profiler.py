@@ -82,6 +82,13 @@ def span_cost(clock=time.perf_counter_ns, calls=2000):
     return max(0.0, min(costs))
 
 
+def clocks_phrase(uncertainty_us):
+    """How well the ranks' clocks are aligned, in words."""
+    if uncertainty_us == 0:
+        return "one host, one clock"
+    return f"clocks aligned to within {uncertainty_us:.0f} us"
+
+
 class Wrapped:
     """Attributes of objects replaced by timed versions of themselves, until ``restore``."""
 
@@ -173,7 +180,8 @@ def instrument(wrapped, trainer, profiler, also=()):
 
 class Profiler(Callback):
     """Records ``steps`` steps after the first on every rank, then hands rank 0's trace to
-    ``write`` (called on every rank: a collective that writes on rank 0, returning the path).
+    ``write`` (called on every rank: a collective that writes on rank 0, returning the path, or
+    None if the write failed).
 
     Put it first among the callbacks: a step starts when its ``on_step_start`` does. ``finish``
     (after ``fit``, on every rank) ends a window the run did not reach the end of; ``restore``
@@ -188,7 +196,7 @@ class Profiler(Callback):
         self.recorder = self.wrapped = None
         self.steps_seen = []       # (step, start, stop, first span, end of its spans)
         self._step = None          # (step, start, index of its first span) while one runs
-        self._opened = None        # (rank 0's offsets, this rank's clock then)
+        self._opened = None        # (rank 0's offsets, this rank's clock, a span's cost) then
         self.done = False
 
     @property
@@ -252,11 +260,11 @@ class Profiler(Callback):
         if comm.rank == 0:
             trace = build_trace(ranks, offsets, closing, self.about)
         path = self.write(trace)
-        if self.steps_seen:
-            stats = trace["otherData"] if trace else None
+        if self.steps_seen and path is not None:
+            about = trace["otherData"] if trace else None   # rank 0's: the others print nothing
             self.report(f"timeline of steps {self.steps_seen[0][0]} to {self.steps_seen[-1][0]} on "
                         f"{comm.size} rank(s) written to {path}"
-                        + (f" (clocks aligned to within {stats['clock']['uncertainty_us_max']:.0f}"
-                           f" us; recording cost about "
-                           f"{stats['overhead']['per_step_us']:.0f} us a step)" if stats else ""))
+                        + (f" ({clocks_phrase(about['clock']['uncertainty_us_max'])}; recording "
+                           f"cost about {about['overhead']['per_step_us']:.0f} us a step)"
+                           if about else ""))
         return path
