@@ -275,6 +275,12 @@ def test_info_prints_what_the_run_folder_holds_and_the_share_of_the_step_per_ran
                                                                                          abs=0.5)
 
 
+def test_info_of_a_run_without_a_timeline_says_how_to_record_one(small_data, tmp_path):
+    ddptrain.train(BN_MODEL, data=small_data, run_dir=str(tmp_path / "run"), **OPTIONS)
+    lines = commands.run_lines(tmp_path / "run")
+    assert lines[-1] == "timeline     none (train with --profile STEPS to record one)"
+
+
 def test_info_of_a_folder_without_a_run_says_so(tmp_path):
     with pytest.raises(UserError, match="no config.json: not a ddptrain run folder"):
         commands.run_lines(tmp_path)
