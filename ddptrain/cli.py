@@ -196,6 +196,9 @@ def _add_train_arguments(parser):
             "histogram of each parameter every epoch and the configuration as TensorBoard events "
             "in RUN_DIR/tensorboard (rank 0, with tensorboardX: pip install -e '.[tensorboard]'); "
             "sets --metrics-every 10 unless it is given", action="store_true")
+    _option(group, "--profile", "record a timeline of STEPS steps (after the first) on every rank: "
+            "RUN_DIR/timeline.json, for Perfetto or chrome://tracing; `ddptrain info RUN_DIR` "
+            "summarises it; 0: none", type=int, metavar="STEPS")
     group.add_argument("--quiet", action="store_true", help="print only the start-up lines, one "
                        "line per epoch and errors")
 
@@ -273,7 +276,10 @@ def build_parser():
     plot.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (holding metrics.jsonl)")
     plot.add_argument("--output", metavar="FILE.png", help="default: RUN_DIR/curves.png")
     info = commands.add_parser("info", help="versions, MPI library and world size, BLAS threads, "
-                               "the data file, a model's layers and FLOPs")
+                               "the data file, a model's layers and FLOPs; or what a run folder "
+                               "holds, with its timeline's share of the step per phase per rank")
+    info.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help="a run folder: its "
+                      "configuration, checkpoints, metrics and timeline (--profile)")
     info.add_argument("--data", metavar="PATH", help="data file (or a known set's name) to "
                       "describe (default: the cached MNIST, if any)")
     info.add_argument("--model", metavar="SPEC", default=Config().model,

@@ -1,11 +1,14 @@
 """The ``evaluate`` and ``info`` commands.
 
 ``evaluate`` runs on any number of ranks, like training: each rank evaluates
-its block of the test set and rank 0 prints the totals.
+its block of the test set and rank 0 prints the totals. ``info`` describes
+the machine, a data file and a model; ``info RUN_DIR`` what a run folder
+holds, with the summary of its timeline (``--profile``).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import sys
@@ -21,6 +24,7 @@ from ddptrain.data.arrays import WHAT as IN_MEMORY
 from ddptrain.data.readable import check_readable
 from ddptrain.data.sampler import evaluation_block
 from ddptrain.errors import EXIT_OK, UserError, same_on_every_rank
+from ddptrain.files import open_regular
 from ddptrain.nn.model import (
     Sequential,
     layer_flops,
@@ -33,10 +37,12 @@ from ddptrain.run import checkpoint as ckpt_io
 from ddptrain.run.config import Config
 from ddptrain.run.limits import check_resources
 from ddptrain.run.preflight import check_fits_data, configure_gemm
-from ddptrain.run.rank0 import run_on_rank0
+from ddptrain.run.rank0 import run_on_rank0, timeline_paths
 from ddptrain.run.resume import check_description_fits
 from ddptrain.run.runner import read_split
 from ddptrain.training.evaluation import evaluate as evaluate_split
+from ddptrain.training.profiler import clocks_phrase
+from ddptrain.training.trace import format_phases, read_trace
 
 
 def data_for(checkpoint, given):
@@ -117,7 +123,13 @@ def _version(module_name):
 
 
 def info(args, comm):
-    """Versions, MPI library and world size, BLAS and its threads, the data file's summary."""
+    """Versions, MPI library and world size, BLAS and its threads, the data file's summary; or,
+    given a run folder, what it holds."""
+    if getattr(args, "run_dir", None):
+        lines = run_lines(args.run_dir)   # on every rank: the same files, the same errors
+        if comm.rank == 0:
+            print("\n".join(lines))
+        return EXIT_OK
     products = configure_gemm(comm, "auto")   # what a run with the default --gemm multiplies with
     backend = gemm.backend(products)
     thread_line = configure_blas_threads(comm, library=backend.name).description
@@ -201,3 +213,108 @@ def _some(names, shown=10):
     """The first ``shown`` names, joined: a thousand class names do not fit in a line."""
     return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)"
                                        if len(names) > shown else "")
+
+
+# ---------------------------------------------------------------- info RUN_DIR
+
+
+def run_lines(run_dir):
+    """What the run folder ``run_dir`` holds: its configuration, checkpoints, metrics and
+    timelines, the newest timeline as a table of the share of the step per phase per rank."""
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        raise UserError(f"{run_dir}: no such run folder")
+    config = _json_file(folder / "config.json")
+    if config is None:
+        raise UserError(f"{run_dir}: no config.json: not a ddptrain run folder (or its run had "
+                        "not started)")
+    lines = [f"run folder   {folder}", _config_line(config), _checkpoints_line(folder),
+             _metrics_line(folder)]
+    timelines = timeline_paths(folder)
+    if not timelines:
+        lines.append("timeline     none (train with --profile STEPS to record one)")
+        return lines
+    trace = read_trace(timelines[-1])
+    about = trace.get("otherData") if isinstance(trace.get("otherData"), dict) else {}
+    lines.append(f"timeline     {timelines[-1]}{_timeline_about(about)}")
+    if len(timelines) > 1:
+        lines.append(f"             earlier attempts' timelines: "
+                     f"{', '.join(path.name for path in timelines[:-1])}")
+    return lines + format_phases(trace)
+
+
+def _json_file(path):
+    """The JSON object in ``path``; None if there is no such file; a UserError if it is not
+    one."""
+    if not path.exists():
+        return None
+    with open_regular(path, "JSON file") as f:
+        try:
+            value = json.loads(f.read(2 ** 20 + 1))
+        except (ValueError, RecursionError):
+            value = None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return value
+
+
+def _config_line(config):
+    get = config.get
+    return (f"config       model {get('model')} ({get('dtype')}), data {get('data') or 'mnist'}, "
+            f"{_count(get('epochs'), 'epoch')} of global batch {get('batch_size')}, "
+            f"{get('optimizer')} at lr {get('lr')} ({get('lr_schedule')}), seed {get('seed')}")
+
+
+def _checkpoints_line(folder):
+    steps = ckpt_io.step_checkpoints(folder / "checkpoints")
+    if not steps:
+        return "checkpoints  none"
+    best = folder / "checkpoints" / "best.h5"
+    newest, size = steps[0], steps[0].stat().st_size
+    older = f", {len(steps) - 1} older" if len(steps) > 1 else ""
+    return (f"checkpoints  newest {newest.name} (step {int(newest.stem[5:])}, "
+            f"{size / 2 ** 20:.2f} MiB){older}{'; best.h5' if best.is_file() else ''}")
+
+
+def _metrics_line(folder):
+    path = folder / "metrics.jsonl"
+    if not path.exists():
+        return "metrics      none"
+    with open_regular(path, "metrics file") as f:
+        records = []
+        for line in f.read().decode("utf-8", errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    epochs = [r for r in records if isinstance(r, dict) and r.get("kind") != "step"
+              and isinstance(r.get("test_accuracy"), (int, float))]
+    if not epochs:
+        return f"metrics      {len(records)} records, no finished epoch"
+    last = epochs[-1]
+    best = max(epochs, key=lambda r: r["test_accuracy"])
+    seconds = sum(r["seconds"] for r in epochs if isinstance(r.get("seconds"), (int, float)))
+    return (f"metrics      {_count(len(epochs), 'epoch')}: test accuracy "
+            f"{100 * last['test_accuracy']:.2f}% after epoch {last.get('epoch')} (best "
+            f"{100 * best['test_accuracy']:.2f}%, epoch {best.get('epoch')}), {seconds:.1f} s of "
+            "epochs")
+
+
+def _count(number, noun):
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _timeline_about(about):
+    """The timeline's window, ranks, clock alignment and recording cost, from its otherData."""
+    steps, clock, cost = about.get("steps"), about.get("clock"), about.get("overhead")
+    parts = []
+    if isinstance(steps, list) and len(steps) == 2:
+        parts.append(f"steps {steps[0]} to {steps[1]} on {about.get('ranks')} rank(s)")
+    if isinstance(clock, dict) and isinstance(clock.get("uncertainty_us_max"), (int, float)):
+        parts.append(clocks_phrase(clock["uncertainty_us_max"]))
+    if isinstance(cost, dict) and isinstance(cost.get("per_step_us"), (int, float)):
+        share = cost.get("share_of_step")
+        parts.append(f"recording cost about {cost['per_step_us']:.0f} us a step"
+                     + (f" ({100 * share:.2g}% of a step)" if isinstance(share, (int, float))
+                        else ""))
+    return f": {', '.join(parts)}" if parts else ""

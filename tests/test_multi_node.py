@@ -7,6 +7,7 @@ rank that dies, raises or is signalled on host 2 ends or stops the ranks of host
 where namespaces cannot be made (not root, or no `ip`), with the reason.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -217,6 +218,32 @@ def test_sigterm_to_the_ranks_of_host_2_stops_every_rank_after_the_same_step_and
     assert straight.returncode == 0, straight.stderr[-2000:]
     np.testing.assert_array_equal(helpers.final_params(run_dir),
                                   helpers.final_params(tmp_path / "straight"))
+
+
+# -- the timeline across hosts
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_timeline_across_hosts_measures_their_clocks_offsets_within_the_uncertainty_it_states(
+        hosts, small_data, tmp_path):
+    """The fake hosts share one kernel, so every rank's clock is truly rank 0's: the offsets the
+    timeline measured over the network, at either end of its window, must lie within the
+    uncertainty it states."""
+    proc = run(train_argv(hosts, small_data, tmp_path / "run", "--epochs", "1", "--profile", "4"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trace = json.loads((tmp_path / "run" / "timeline.json").read_text())
+    h1, h2 = hosts.hosts
+    names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"]
+             if e["name"] == "process_name"}
+    assert names == {0: f"rank 0 ({h1})", 1: f"rank 1 ({h1})", 2: f"rank 2 ({h2})",
+                     3: f"rank 3 ({h2})"}
+    clock = trace["otherData"]["clock"]
+    for offset, drift, uncertainty in zip(clock["offset_us"], clock["drift_us"],
+                                          clock["uncertainty_us"]):
+        assert abs(offset) <= uncertainty and abs(offset + drift) <= uncertainty, clock
+        assert uncertainty < 10_000   # microseconds: a round trip of the network, not a guess
+    assert clock["uncertainty_us_max"] > 0   # measured across hosts, not assumed to be one clock
 
 
 # -- BLAS threads per host (no namespaces needed)

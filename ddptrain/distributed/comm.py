@@ -118,6 +118,10 @@ class SerialComm:
     def allgather(self, obj):
         return [obj]
 
+    def gather(self, obj, root=0):
+        """Every rank's (picklable) ``obj``, in rank order, on rank ``root``; None elsewhere."""
+        return [obj]
+
     def reduce_scatter_(self, array, bounds):
         """Sum ``array`` over all ranks into this rank's slice
         ``array[bounds[rank]:bounds[rank + 1]]``, in place (the rest of ``array`` is left as it
@@ -228,6 +232,10 @@ class MPIComm:
     @_collective
     def allgather(self, obj):
         return self._comm.allgather(obj)
+
+    @_collective
+    def gather(self, obj, root=0):
+        return self._comm.gather(obj, root=root)
 
     @_collective
     def reduce_scatter_(self, array, bounds):

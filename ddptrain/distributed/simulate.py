@@ -122,6 +122,10 @@ class ThreadComm:
     def allgather(self, obj):
         return self._exchange(obj)
 
+    def gather(self, obj, root=0):
+        values = self._exchange(obj)
+        return values if self.rank == root else None
+
     def reduce_scatter_(self, array, bounds):
         lo, hi = bounds[self.rank], bounds[self.rank + 1]
         values = self._exchange(array.copy())

@@ -31,6 +31,8 @@ MAX_COUNT = 2 ** 31 - 1
 # --tensorboard's step records, unless --metrics-every says otherwise: TensorBoard's curves are
 # metrics.jsonl's records, and a curve with a point per epoch is no curve.
 TENSORBOARD_METRICS_EVERY = 10
+# --profile's most steps: each holds a few dozen spans per rank (about 3 KB of timeline per rank)
+MAX_PROFILE_STEPS = 10_000
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class Config:
     metrics_every: int = 0             # steps between step records in metrics.jsonl; 0: epochs only
     # metrics.jsonl's records, and histograms of the parameters, as TensorBoard events (rank 0)
     tensorboard: bool = False
+    profile: int = 0                   # steps recorded in RUN_DIR/timeline.json; 0: none
     debug: bool = False                # float64, finite-difference check, per-layer NaN checks
     simulate_ranks: int = 0            # >0: that many ranks as threads of one process
     # seconds a rank may wait inside one collective before it ends the job; 0: forever
@@ -127,7 +130,7 @@ class Config:
                 raise UserError(f"{option_name(name)} must be positive, got {getattr(self, name)}")
         non_negative = ("lr", "warmup_epochs", "checkpoint_every", "threads", "seed", "step_gamma",
                         "metrics_every", "simulate_ranks", "clip_grad_norm", "stall_timeout",
-                        "early_stop", "early_stop_min_delta")
+                        "early_stop", "early_stop_min_delta", "profile")
         for name in non_negative:
             if getattr(self, name) != getattr(self, name):   # NaN: neither negative nor not
                 raise UserError(f"{option_name(name)} must be a number, got nan")
@@ -147,6 +150,9 @@ class Config:
             raise UserError(f"--early-stop-min-delta {self.early_stop_min_delta:g} with "
                             "--early-stop-metric test_accuracy: an accuracy (from 0 to 1) never "
                             "improves by that much")
+        if self.profile > MAX_PROFILE_STEPS:
+            raise UserError(f"--profile must be at most {MAX_PROFILE_STEPS:,} steps, got "
+                            f"{self.profile}")
         if self.accumulate > self.batch_size:
             raise UserError(f"--accumulate {self.accumulate} with --batch-size {self.batch_size}: "
                             "each micro-batch needs a row of the global batch")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import secrets
 import socket
 import sys
@@ -200,6 +201,23 @@ class RunFolder:
                                                              for r in records))
         run_on_rank0(self.comm, work, UserError, f"cannot write {self.run_dir / 'metrics.jsonl'}")
 
+    def write_timeline(self, trace, warn=print):
+        """Write ``trace`` (rank 0's; None on the others) as ``timeline.json``, or, where a run
+        before this one left one, as the first free ``timeline-<n>.json``: a resumed run keeps
+        the timelines of the attempts before it. Returns the path, on every rank; None where the
+        write failed, which is a warning (``warn``, on rank 0): the training goes on."""
+        def work():
+            path = timeline_paths(self.run_dir, free=True)[-1]
+            try:
+                write_atomically(path, json.dumps(trace, separators=(",", ":")).encode())
+            except OSError as error:
+                warn(f"warning: could not write the timeline {path}: {error.strerror or error}; "
+                     "the run goes on without it")
+                return None
+            return path
+        return run_on_rank0(self.comm, work, UserError,
+                            f"cannot write the timeline in the run folder {self.run_dir}")
+
     def has_step_checkpoints(self):
         return run_on_rank0(self.comm, lambda: bool(ckpt_io.step_checkpoints(self.checkpoint_dir)))
 
@@ -232,6 +250,26 @@ class RunFolder:
         run_on_rank0(self.comm, work, CheckpointError, f"could not write checkpoint {path} "
                      "(the previous ones are intact)")
         return path
+
+
+TIMELINE = re.compile(r"timeline(?:-([1-9][0-9]{0,8}))?\.json")
+
+
+def timeline_paths(run_dir, free=False):
+    """The timelines in ``run_dir``, oldest first (``timeline.json``, ``timeline-2.json``, ...);
+    ``free``: and then the name the next one gets."""
+    numbers = []
+    if Path(run_dir).is_dir():
+        numbers = sorted(int(m.group(1) or 1) for name in os.listdir(run_dir)
+                         if (m := TIMELINE.fullmatch(name)))
+    paths = [Path(run_dir) / _timeline_name(n) for n in numbers]
+    if free:
+        paths.append(Path(run_dir) / _timeline_name(numbers[-1] + 1 if numbers else 1))
+    return paths
+
+
+def _timeline_name(number):
+    return "timeline.json" if number == 1 else f"timeline-{number}.json"
 
 
 def _replace(path, text):

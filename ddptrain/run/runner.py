@@ -38,6 +38,7 @@ from ddptrain.training.callbacks import BroadcastBuffers, ReplicaCheck
 from ddptrain.training.debug import DebugChecks
 from ddptrain.training.early_stopping import EarlyStopping
 from ddptrain.training.plan import TrainingPlan
+from ddptrain.training.profiler import Profiler
 from ddptrain.training.step import TrainStep
 from ddptrain.training.trainer import Trainer
 
@@ -180,11 +181,13 @@ def _train(run, stop, callbacks):
     train, test = read_shards(info, comm, config, model)
     step = TrainStep(model, SoftmaxCrossEntropy(), optimizer, exchange,
                      config.clip_grad_norm or None, config.accumulate)
+    callbacks = standard_callbacks(config, console, folder, model.buffers.size > 0,
+                                   data_sha256(info)) + list(callbacks)
+    profiler = make_profiler(config, console, folder, callbacks,
+                             {"ddptrain": __version__, "model": model.summary(),
+                              "exchange": exchange.describe(), "config": config.to_dict()})
     trainer = Trainer(step, TrainingPlan(config, info.n_train, comm.rank, comm.size), train, test,
-                      info.n_classes, stop,
-                      standard_callbacks(config, console, folder, model.buffers.size > 0,
-                                         data_sha256(info))
-                      + list(callbacks))
+                      info.n_classes, stop, ([profiler] if profiler else []) + callbacks)
     # a run that early stopping ended resumes only to say so (a SLURM requeue, --resume auto)
     done = False
     if checkpoint is not None:
@@ -201,7 +204,13 @@ def _train(run, stop, callbacks):
     if not done:
         console.print(f"set-up took {time.perf_counter() - run.started:.2f} s")
 
-    stopped_by = trainer.fit()   # at once where done: it stops before the next epoch
+    try:
+        stopped_by = trainer.fit()   # at once where done: it stops before the next epoch
+    finally:
+        if profiler:
+            profiler.restore()   # the model's layers as they were, however the run ended
+    if profiler:
+        profiler.finish(trainer)   # a window the run ended inside (a collective)
     exchange.detach(model)   # the model keeps arrays of its own (a collective: not after an error)
     early = trainer.early_stopping
     result = Result(EXIT_PREEMPTED if stopped_by else EXIT_OK, folder.run_dir,
@@ -256,6 +265,17 @@ def standard_callbacks(config, console, folder, model_has_buffers, data_checksum
         callbacks.insert(0, DebugChecks(console, seed=config.seed,
                                         per_rank_statistics=config.batchnorm == "local"))
     return callbacks
+
+
+def make_profiler(config, console, folder, callbacks, about):
+    """--profile's recorder, the first callback (None without --profile), with the checkpoint
+    writes of ``callbacks`` among the spans it records."""
+    if not config.profile:
+        return None
+    saves = [(callback, "save", "checkpoint", "checkpoint") for callback in callbacks
+             if isinstance(callback, Checkpointing)]
+    return Profiler(config.profile, lambda trace: folder.write_timeline(trace, console.warn),
+                    lambda line: console.print(line, always=True), about, saves)
 
 
 def describe_split(n_train, n_test, comm, config):

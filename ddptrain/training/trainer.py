@@ -21,7 +21,7 @@ from ddptrain.errors import NumericalError
 from ddptrain.nn.dropout import BatchContext
 from ddptrain.training.batches import Batches
 from ddptrain.training.early_stopping import EarlyStopping
-from ddptrain.training.evaluation import evaluate
+from ddptrain.training.evaluation import evaluate as evaluate_split
 from ddptrain.training.step import NonFiniteStep, StepTotals
 
 
@@ -164,11 +164,16 @@ class Trainer:
             self._call("on_epoch_start")
             if not self._run_epoch(epoch):
                 return self.stopped_by
-            evaluation = evaluate(self.model, self.comm, self.test, self.n_classes,
-                                  self.plan.config.eval_batch)
+            evaluation = self.evaluate()
             self._end_epoch(evaluation, time.perf_counter() - started, seen_before)
         self._call("on_fit_end")
         return None
+
+    def evaluate(self):
+        """The test split's loss and accuracy with the current parameters: every rank its rows,
+        summed (a collective)."""
+        return evaluate_split(self.model, self.comm, self.test, self.n_classes,
+                              self.plan.config.eval_batch)
 
     def _run_epoch(self, epoch):
         plan, pos = self.plan.epoch(epoch), self.position
