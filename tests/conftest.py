@@ -47,6 +47,18 @@ def no_shared_memory_left_behind(request):
     helpers.remove_orphaned_segments(before)
 
 
+@pytest.fixture(autouse=True)
+def default_stop_signals():
+    """Each test starts with Python's own handlers of the stop signals. A command line run in this
+    process ignores them once it has finished (run/signals.py); left so, they would be ignored by
+    every process a later test starts too (an ignored signal stays ignored across exec), and a
+    signal sent to one before its first line would be lost."""
+    yield
+    for name in ("SIGTERM", "SIGUSR1"):
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory):
     """A 240 + 60 row data set of 8x8 images (fits the model spec '64-16-10')."""
