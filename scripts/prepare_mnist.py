@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Write an HDF5 data file that ddptrain trains on: MNIST, Fashion-MNIST, or IDX files of your own.
+"""Write an HDF5 data file that ddptrain trains on: MNIST, Fashion-MNIST, or a set of your own.
 
-    python scripts/prepare_mnist.py [NAME] [--idx-dir DIR] [--name NAME] [--classes N]
-                                    [--class-names A,B,...] [--output FILE]
+    python scripts/prepare_mnist.py [NAME] [--idx-dir DIR | --npy-dir DIR] [--name NAME]
+                                    [--classes N] [--class-names A,B,...] [--output FILE]
 
 The same as ``python -m ddptrain prepare``.
 

