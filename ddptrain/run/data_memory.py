@@ -148,9 +148,9 @@ def _window_words(info, config, block_rows):
 
 
 def _power_of_two(room):
-    """The largest power of two of MiB within ``room`` bytes: a figure that the free memory moving a
+    """The largest power of two of bytes within ``room``: a figure that the free memory moving a
     little does not change (it fixes the order of the batches)."""
-    return MIB * 2 ** max(0, int(math.log2(max(room, MIB) / MIB)))
+    return 2 ** int(math.log2(room)) if room >= 1 else 0
 
 
 def describe(order, info, config, world_size, limit, in_memory=None):
