@@ -11,6 +11,8 @@ pixels, an int64 label).
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -31,6 +33,7 @@ from ddptrain.data.stream_order import (
     shard_blocks,
     streamed_epoch_plan,
 )
+from ddptrain.data.writer import write_dataset
 from ddptrain.distributed.comm import SerialComm
 from ddptrain.errors import CheckpointError, DataError, NumericalError
 from ddptrain.nn.model import Sequential
@@ -402,3 +405,63 @@ def test_the_thread_reads_the_next_window_of_each_shard_while_the_step_runs(data
         # read ahead: the window after the one step 1 trains on, in every shard; and no further,
         # each shard's two slots being full
         assert stream.bytes_read == first_two
+
+
+# -- under mpiexec ---------------------------------------------------------------------------------
+
+LIMIT, OVERHEAD = 32 * 2 ** 20, 32 * 2 ** 20
+LARGE_ROWS = 24 * 341 * 10   # 3x32x32 images: 341 rows a chunk, 10 chunks a virtual shard
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory):
+    """240 MiB of training rows, 7.5 times the --data-memory of the 2 ranks together."""
+    rng = np.random.default_rng(0)
+    images = np.frombuffer(rng.bytes(LARGE_ROWS * 3072), np.uint8).reshape(-1, 3, 32, 32)
+    labels = rng.integers(0, 10, LARGE_ROWS)
+    path = tmp_path_factory.mktemp("large") / "large.h5"
+    write_dataset(path, images, labels, images[:1000], labels[:1000])
+    return str(path)
+
+
+def peaks(data, tmp_path, data_memory):
+    """Each rank's peak resident memory above what it held before training, in bytes."""
+    out = tmp_path / f"peaks-{data_memory}"
+    out.mkdir()
+    proc = subprocess.run(
+        [helpers.mpiexec(), "-n", "2", sys.executable, str(helpers.ROOT / "tests" /
+                                                                  "memory_job.py"),
+         data, str(tmp_path / f"run-{data_memory}"), str(out), data_memory],
+        capture_output=True, text=True, timeout=120, env=helpers.clean_env(), cwd=helpers.ROOT)
+    assert proc.returncode == 0, proc.stderr
+    reports = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+    return [report["peak"] - report["before"] for report in reports]
+
+
+@pytest.mark.slow
+def test_each_rank_of_a_streamed_run_holds_its_model_its_data_memory_and_a_stated_overhead(
+        large, tmp_path):
+    """The overhead: the batch and evaluation arrays (12 MB here), HDF5's chunk caches, MPI's
+    buffers and what Python allocates as it runs; a rank that held its shard, 120 MiB, would pass
+    the bound by far."""
+    model = 4 * (3072 * 16 + 16 + 16 * 10 + 10) * 4   # parameters, gradients, momentum, scratch
+    bound = model + LIMIT + OVERHEAD
+    assert all(peak <= bound for peak in peaks(large, tmp_path, "32M"))
+    assert all(peak > bound for peak in peaks(large, tmp_path, "0"))
+
+
+@pytest.mark.slow
+def test_a_damaged_chunk_under_mpiexec_ends_the_job_in_the_in_memory_path_s_one_line(
+        data, tmp_path):
+    damaged = damage_a_training_chunk(data, tmp_path)   # a chunk of shard 14: rank 0's of 2
+    lines = {}
+    for how, extra in (("memory", []), ("streamed", ["--data-memory", window_memory(1, 2)])):
+        proc = helpers.run(["--data", damaged, "--model", model_spec(), "--batch-size", 32,
+                            "--epochs", 1, "--run-dir", tmp_path / how, *extra], ranks=2,
+                           timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        lines[how] = [line for line in helpers.error_lines(proc.stderr)
+                      if line.startswith("ddptrain: error")]
+    assert lines["streamed"] == lines["memory"]
+    assert lines["memory"][0].startswith(f"ddptrain: error on rank 0 of 2: {damaged}: damaged: a "
+                                         "checksum does not match (cannot read 'train' rows:")
