@@ -48,10 +48,12 @@ class WindowStream:
         self.images = np.empty((layout.buffer_rows, *image_shape), dtype=dtype)
         self.labels = np.empty(layout.buffer_rows, dtype=np.int64)
         n_owned = len(layout.shards)
+        # Windows by key (epoch << 32 | window), shard by shard: the next each reads; every one
+        # before this given back; the one each slot holds (-1: none).
         self._changed = threading.Condition()
-        self._next = [None] * n_owned       # (epoch, window) each shard reads next
-        self._released = [None] * n_owned   # (epoch, window): every window before it given back
-        self._owner = [[None] * SLOTS for _ in range(n_owned)]   # (epoch, window) in each slot
+        self._next = np.zeros(n_owned, dtype=np.int64)
+        self._released = np.zeros(n_owned, dtype=np.int64)
+        self._owner = np.full((n_owned, SLOTS), -1, dtype=np.int64)
         self._epochs = {}                   # epoch -> its windows and first steps, shard by shard
         self._error = None
         self._closing = False
@@ -64,16 +66,17 @@ class WindowStream:
     def wait_for(self, plan: StreamedEpochPlan, step):
         """Until every window step ``step`` of ``plan`` trains on is in its slot; the read's
         DataError if one failed."""
+        epoch = plan.epoch << 32
         with self._changed:
             if self._thread is None:
-                self._start(plan.epoch, plan.first_window[step])
-            for j, window in enumerate(plan.first_window[step]):
-                self._give_back(j, (plan.epoch, int(window)))
-            self._changed.notify_all()
-            needed = [(j, (plan.epoch, int(w))) for j, w in enumerate(plan.last_window[step])
-                      if w >= 0]
+                self._start(epoch + plan.first_window[step])
+            self._give_back(epoch + plan.first_window[step])
+            last = plan.last_window[step]
+            needed = np.where(last >= 0, epoch + last, -1)
+            if (self._next > needed).all():
+                return
             started = time.perf_counter()
-            while not all(self._next[j] > window for j, window in needed):
+            while not (self._next > needed).all():
                 if self._error is not None:
                     raise self._error
                 self._changed.wait()
@@ -82,11 +85,11 @@ class WindowStream:
     def done_with(self, plan: StreamedEpochPlan, step):
         """Step ``step``'s rows are gathered: give back the windows no later step of the plan
         trains on (after its last step, every window of its epoch)."""
-        last = step + 1 == plan.n_steps
         with self._changed:
-            for j, window in enumerate(plan.first_window[step + 1]):
-                self._give_back(j, (plan.epoch + 1, 0) if last else (plan.epoch, int(window)))
-            self._changed.notify_all()
+            if step + 1 == plan.n_steps:
+                self._give_back(np.full(len(self._released), (plan.epoch + 1) << 32))
+            else:
+                self._give_back((plan.epoch << 32) + plan.first_window[step + 1])
 
     def close(self):
         """Stop the thread (after the read under way, if any); the buffer stays readable."""
@@ -103,13 +106,14 @@ class WindowStream:
         self.close()
         return False
 
-    def _give_back(self, j, window):
-        if self._released[j] is None or window > self._released[j]:
-            self._released[j] = window
+    def _give_back(self, windows):
+        """Every window before ``windows`` (keys, shard by shard) is given back. Under the lock."""
+        if (windows > self._released).any():
+            np.maximum(self._released, windows, out=self._released)
+            self._changed.notify_all()
 
-    def _start(self, epoch, windows):
-        self._next = [(epoch, int(w)) for w in windows]
-        self._released = list(self._next)
+    def _start(self, windows):
+        self._next[:] = self._released[:] = windows
         self._thread = threading.Thread(target=self._read_ahead, name="ddptrain-stream",
                                         daemon=True)
         self._thread.start()
@@ -131,8 +135,8 @@ class WindowStream:
                     start = self.layout.slot_start(j, window)
                     self.bytes_read += reader.read(blocks, self.images, self.labels, start)
                     with self._changed:
-                        self._owner[j][window % SLOTS] = (epoch, window)
-                        self._next[j] = (epoch, window + 1)
+                        self._owner[j, window % SLOTS] = _key(epoch, window)
+                        self._next[j] = _key(epoch, window + 1)
                         self._changed.notify_all()
         except BaseException as error:   # noqa: BLE001 - raised in the trainer by wait_for
             with self._changed:
@@ -147,8 +151,7 @@ class WindowStream:
             epoch, window = self._next_shard_window(j)
             if epoch >= self.epochs:
                 continue
-            owner = self._owner[j][window % SLOTS]
-            if owner is not None and owner >= self._released[j]:
+            if self._owner[j, window % SLOTS] >= self._released[j]:
                 continue   # its slot still holds a window a step needs
             windows, steps = self._epoch(epoch)[j]
             if first is None or (epoch, steps[window]) < first:
@@ -158,13 +161,13 @@ class WindowStream:
     def _next_shard_window(self, j):
         """The window shard ``j`` reads next, past the end of an epoch (and the windows no step
         reaches) into the next."""
-        epoch, window = self._next[j]
+        epoch, window = divmod(int(self._next[j]), 1 << 32)
         while epoch < self.epochs:
             windows, steps = self._epoch(epoch)[j]
             if window < windows.count and steps[window] >= 0:
                 break
             epoch, window = epoch + 1, 0
-        self._next[j] = (epoch, window)
+        self._next[j] = _key(epoch, window)
         return epoch, window
 
     def _epoch(self, epoch):
@@ -180,6 +183,11 @@ class WindowStream:
                 shards.append((windows, lay.first_steps(windows, j)))
             self._epochs[epoch] = shards
         return self._epochs[epoch]
+
+
+def _key(epoch, window):
+    """A window's key: windows compare as (epoch, window) do."""
+    return (epoch << 32) + window
 
 
 class FileRows:

@@ -58,6 +58,11 @@ def parser():
     p.add_argument("--isa", choices=("native", "avx2"), default="native",
                    help="the vector instructions every library may use in every row: the CPU's own "
                         "(default), or AVX2 only, to measure a CPU without AVX-512 on one with it")
+    p.add_argument("--stream-memory", default="20M", metavar="SIZE",
+                   help="the --data-memory per rank of the streamed row (default: %(default)s; the "
+                        "MNIST file's shards hold 23 MiB per rank on 2 ranks)")
+    p.add_argument("--no-stream", action="store_true",
+                   help="skip the rows of streamed shards and the reads of the file")
     p.add_argument("--json", metavar="PATH", help="also write every measurement to PATH")
     p.add_argument("--quick", action="store_true",
                    help="tiny settings, to check that the benchmark runs (numbers meaningless)")
@@ -76,6 +81,7 @@ def parser():
     p.add_argument("--bucket-mb", type=float, default=0.25, help=argparse.SUPPRESS)
     p.add_argument("--exchange", default="auto", help=argparse.SUPPRESS)
     p.add_argument("--batchnorm", default="global", help=argparse.SUPPRESS)
+    p.add_argument("--stream", help=argparse.SUPPRESS)   # "memory", or --data-memory
     return p
 
 
