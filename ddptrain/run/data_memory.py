@@ -164,8 +164,9 @@ def describe(order, info, config, world_size, limit, in_memory=None):
     return (f"data: {why}each rank holds {SLOTS} windows of {order.window_blocks} block(s) of "
             f"{order.block_rows:,} rows for each of its {config.virtual_shards // world_size} "
             f"virtual shards, the next read ahead by a thread: {format_size(held)} of "
-            f"{format_size(limit)}; rows shuffled within windows of up to {window_rows:,} rows, "
-            f"{format_size(window_rows * rows * config.virtual_shards)} across the shards")
+            f"{format_size(limit)}; rows are shuffled within windows, each step drawing from "
+            f"{config.virtual_shards} windows of up to {window_rows:,} rows "
+            "(docs/data.md#streaming-data-larger-than-memory)")
 
 
 def order_for_resume(plan, saved, info, config, world_size, where):

@@ -13,6 +13,7 @@ train (what the stream gives).
 from __future__ import annotations
 
 import os
+import statistics
 import time
 
 from .ddptrain_internals import (
@@ -126,8 +127,7 @@ def stream_lines(results, reads, batches, ranks, opts):
                          f"; rank 0's steps waited {1e3 * run.get('stream_waited', 0):.0f} ms in "
                          "all for the stream (warmup included)")
     if reads:
-        disk, stream = (sorted(reads[key])[len(reads[key]) // 2]
-                        for key in ("disk_mib_s", "stream_mib_s"))
+        disk, stream = (statistics.median(reads[key]) for key in ("disk_mib_s", "stream_mib_s"))
         lines.append(f"reading {reads['file_bytes'] / 2 ** 20:,.0f} MiB from the disk (page cache "
                      f"emptied of the file first): a plain sequential read {disk:,.0f} MiB/s, "
                      f"ddptrain's stream (one epoch's windows, HDF5's checksums verified) "
@@ -145,8 +145,7 @@ def stream_verdicts(results, reads):
                                 f"{ratio:.2f}x", ratio, NEED, ">=", ratio >= NEED,
                                 {"ddptrain": ["ddpPs@512", "ddpPm@512"]}))
     if reads:
-        disk = sorted(reads["disk_mib_s"])[len(reads["disk_mib_s"]) // 2]
-        stream = sorted(reads["stream_mib_s"])[len(reads["stream_mib_s"]) // 2]
+        disk, stream = (statistics.median(reads[key]) for key in ("disk_mib_s", "stream_mib_s"))
         verdicts.append(Verdict("stream", "the stream reads the file at the disk's speed "
                                 "(>= 0.8x a plain sequential read)", f"{stream / disk:.2f}x",
                                 stream / disk, 0.8, ">=", stream / disk >= 0.8))
