@@ -24,6 +24,7 @@ window; ``close`` stops the thread on every way out of training.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -132,6 +133,10 @@ class WindowStream:
                         if self._closing:
                             return
                     j, epoch, window, blocks = job
+                    # the disk fetches this shard's next window while this one is read and checked
+                    following = self._window_after(j, epoch, window)
+                    if following is not None:
+                        reader.prefetch(following)
                     start = self.layout.slot_start(j, window)
                     self.bytes_read += reader.read(blocks, self.images, self.labels, start)
                     with self._changed:
@@ -157,6 +162,15 @@ class WindowStream:
             if first is None or (epoch, steps[window]) < first:
                 best, first = (j, epoch, window, windows.blocks[window]), (epoch, steps[window])
         return best
+
+    def _window_after(self, j, epoch, window):
+        """The blocks of the window shard ``j`` reads after ``window`` of ``epoch``, or None."""
+        windows, _ = self._epoch(epoch)[j]
+        if window + 1 < windows.count:
+            return windows.blocks[window + 1]
+        if epoch + 1 < self.epochs:
+            return self._epoch(epoch + 1)[j][0].blocks[0]
+        return None
 
     def _next_shard_window(self, j):
         """The window shard ``j`` reads next, past the end of an epoch (and the windows no step
@@ -209,11 +223,30 @@ class _FileReader:
         self._file = _open(self.path).__enter__()
         self.images = self._file[f"{self.split}/images"]
         self.labels = self._file[f"{self.split}/labels"]
+        self._fd = os.open(self.path, os.O_RDONLY)
         return self
 
     def __exit__(self, *exc):
+        os.close(self._fd)
         self._file.close()
         return False
+
+    def prefetch(self, blocks):
+        """Ask the kernel to read the chunks of ``blocks`` into its page cache now, in the
+        background (``posix_fadvise``): the disk serves many requests at once, where one read at
+        a time waits for each. A hint: any failure is left to the read."""
+        try:
+            for dataset in (self.images, self.labels):
+                rows = dataset.chunks and dataset.chunks[0]
+                if not rows:
+                    continue
+                for start in sorted({int(a) // rows * rows for a, _ in blocks}):
+                    info = dataset.id.get_chunk_info_by_coord((start,) + (0,) * (dataset.ndim - 1))
+                    if info.byte_offset is not None:
+                        os.posix_fadvise(self._fd, info.byte_offset, info.size,
+                                         os.POSIX_FADV_WILLNEED)
+        except (*_H5PY_ERRORS, AttributeError):
+            pass
 
     def read(self, blocks, images, labels, at):
         """Read ``blocks`` (in file order) into ``images``/``labels`` from row ``at``; the bytes
@@ -240,6 +273,9 @@ class ArrayRows:
 
     def opened(self):
         return self
+
+    def prefetch(self, blocks):
+        pass   # in memory already
 
     def __enter__(self):
         return self

@@ -67,7 +67,8 @@ def parser():
     p.add_argument("--quick", action="store_true",
                    help="tiny settings, to check that the benchmark runs (numbers meaningless)")
     # Internal: one measurement in this process (started by the benchmark itself).
-    p.add_argument("--worker", choices=("ddptrain", "torch", "gemm"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("ddptrain", "torch", "gemm", "stream-read"),
+                   help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--threads-per-rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -89,12 +90,14 @@ def run_worker(opts):
     """One measurement in this process, its result written to ``--out``."""
     from .ddptrain_rows import worker_ddptrain
     from .gemm_limit import worker_gemm
+    from .streaming import worker_stream_read
     from .torch_rows import worker_torch
 
     use_images_of(opts.data)
     # ddptrain's rows flush denormals as its runs do (--denormals); PyTorch's keep its default.
     with denormals_flushed(opts.worker == "ddptrain" and opts.denormals == "flush"):
-        {"ddptrain": worker_ddptrain, "torch": worker_torch, "gemm": worker_gemm}[opts.worker](opts)
+        {"ddptrain": worker_ddptrain, "torch": worker_torch, "gemm": worker_gemm,
+         "stream-read": worker_stream_read}[opts.worker](opts)
     return 0
 
 

@@ -5,16 +5,18 @@ run does (``workload.EpochSteps``), with each rank's shard in memory and
 streamed through ``--stream-memory`` per rank (ddptrain's ``--data-memory``).
 In the same run the data file is read twice with the page cache emptied of
 it first (``posix_fadvise(DONTNEED)``): once plainly, in order, 16 MiB at a
-time (what the disk gives), and once as the streamed rows of one epoch,
-every window of every shard, by ddptrain's reading thread with nothing to
-train (what the stream gives).
+time (what the disk gives), and once by the ranks' reading threads, each
+streaming the windows of its shards for one epoch with nothing to train
+(what the streams give).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 from .ddptrain_internals import (
     Config,
@@ -25,7 +27,9 @@ from .ddptrain_internals import (
     inspect_data,
     plan_data,
     stream_parse_size,
+    world,
 )
+from .launching import launch
 from .report import median_rate
 from .targets import Verdict
 from .workload import RANDOM
@@ -77,37 +81,41 @@ def sequential_read(path, block=16 * 2 ** 20):
     return total / 2 ** 20 / (time.perf_counter() - started)
 
 
-def stream_read(path, batch, ranks, data_memory):
-    """MiB/s at which ddptrain's reading thread gives one process the streamed rows of an epoch
-    (every window of every shard: the windows of ``ranks`` ranks of ``data_memory``), from the
-    disk, with no step in between."""
-    _forget(path)
-    training, stream = rank_rows(path, batch, 0, 1, _together(data_memory, ranks))
-    if stream is None:
-        return None
-    plan = StreamedEpochPlan(training.layout, 0)
+def worker_stream_read(args):
+    """The ranks of ``measure_reads``'s streamed read: each streams its shards' windows of one
+    epoch, with no step in between, from the disk (rank 0 empties the page cache of the file
+    first); rank 0 writes the MiB/s of all of them together."""
+    comm = world()
+    if comm.rank == 0:
+        _forget(args.data)
+    training, stream = rank_rows(args.data, args.batch, comm.rank, comm.size, args.stream)
+    plan = None if stream is None else StreamedEpochPlan(training.layout, 0)
+    comm.barrier()
     started = time.perf_counter()
-    with stream:
-        for step in range(plan.n_steps):
-            stream.wait_for(plan, step)
-            stream.done_with(plan, step)
-    return stream.bytes_read / 2 ** 20 / (time.perf_counter() - started)
-
-
-def _together(data_memory, ranks):
-    """One process's --data-memory for the windows of ``ranks`` ranks of ``data_memory`` each."""
-    return str(stream_parse_size(data_memory) * ranks)
+    if stream is not None:
+        with stream:
+            for step in range(plan.n_steps):
+                stream.wait_for(plan, step)
+                stream.done_with(plan, step)
+    seconds = max(comm.allgather(time.perf_counter() - started))
+    total = sum(comm.allgather(0 if stream is None else stream.bytes_read))
+    if comm.rank == 0:
+        Path(args.out).write_text(json.dumps(
+            {"mib_s": total / 2 ** 20 / seconds if stream is not None else None}))
 
 
 def measure_reads(opts, batch, ranks):
-    """The disk's and the stream's read rates, alternated, ``opts.rounds`` times each; None where
-    there is no file to read (random data) or nothing is streamed."""
+    """The disk's and the streams' read rates (MiB/s), alternated, ``opts.rounds`` times each: a
+    plain sequential read in this process, and ``ranks`` ranks streaming their shards (each
+    rank's thread reads its own); None where there is no file to read (random data) or nothing
+    is streamed."""
     if opts.data == RANDOM or opts.no_stream:
         return None
     disk, stream = [], []
     for _ in range(max(1, opts.rounds)):
         disk.append(sequential_read(opts.data))
-        rate = stream_read(opts.data, batch, ranks, opts.stream_memory)
+        rate = launch("stream-read", ranks, 1, batch, 1, 0, 1, opts,
+                      ("--stream", opts.stream_memory))["mib_s"]
         if rate is None:
             return None
         stream.append(rate)
@@ -129,10 +137,10 @@ def stream_lines(results, reads, batches, ranks, opts):
     if reads:
         disk, stream = (statistics.median(reads[key]) for key in ("disk_mib_s", "stream_mib_s"))
         lines.append(f"reading {reads['file_bytes'] / 2 ** 20:,.0f} MiB from the disk (page cache "
-                     f"emptied of the file first): a plain sequential read {disk:,.0f} MiB/s, "
-                     f"ddptrain's stream (one epoch's windows, HDF5's checksums verified) "
-                     f"{stream:,.0f} MiB/s, {stream / disk:.2f}x (medians of "
-                     f"{len(reads['disk_mib_s'])})")
+                     f"emptied of the file first): a plain sequential read {disk:,.0f} MiB/s; "
+                     f"{ranks} ranks streaming their shards (one epoch's windows, HDF5's "
+                     f"checksums verified, one thread each) {stream:,.0f} MiB/s, "
+                     f"{stream / disk:.2f}x (medians of {len(reads['disk_mib_s'])})")
     return lines
 
 
