@@ -280,8 +280,9 @@ def test_a_shard_that_does_not_fit_the_memory_limits_finds_is_streamed_saying_so
     parts = limits.estimate_rank_bytes(layers, Config(model=model_spec(), **{
         k: v for k, v in OPTIONS.items() if k != "quiet"}), info, 1)
     beside = sum(parts.values()) - parts["this rank's data"]
-    # room for 20,000 bytes of data beside the model: not the 38,880 in memory, but windows of 1
-    monkeypatch.setattr(limits, "available_memory", lambda: (beside + 20_000) / limits.MEMORY_SHARE)
+    # room for 30,000 bytes of data beside the model: not the 38,880 of the shard and test rows in
+    # memory; less a chunk of test rows (4,320), 16 KiB for windows of 1 block (13.5 KiB)
+    monkeypatch.setattr(limits, "available_memory", lambda: (beside + 30_000) / limits.MEMORY_SHARE)
     result = train(data, tmp_path / "auto", quiet=False)
     out = capsys.readouterr().out
     assert result.exit_status == 0

@@ -106,7 +106,9 @@ def plan_data(config, info, world_size, room, in_memory, block_rows):
                         f"--data-memory {format_size(given)}")
     if not given and (room is None or in_memory <= room):
         return DataPlan(None, room, False)
-    limit = given or _power_of_two(room)
+    # automatic: what the host has beside the model, less a chunk of test rows read at evaluation
+    limit = given or _power_of_two(room - min(config.eval_batch, info.n_test) * row_bytes(info,
+                                                                                        config))
     block_rows = block_rows or block_rows_for(info.image_shape,
                                               info.stored_dtype(config.dtype).itemsize)
     order = largest_order(info, config, world_size, limit, block_rows)
