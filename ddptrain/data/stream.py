@@ -59,6 +59,7 @@ class WindowStream:
         self._error = None
         self._closing = False
         self._thread = None
+        self._waited = None                 # (epoch, step) of the last wait_for that returned
         self.bytes_read = 0
         self.seconds_waited = 0.0           # the steps' time waiting for windows (not overlapped)
 
@@ -67,29 +68,31 @@ class WindowStream:
     def wait_for(self, plan: StreamedEpochPlan, step):
         """Until every window step ``step`` of ``plan`` trains on is in its slot; the read's
         DataError if one failed."""
+        if self._waited == (plan.epoch, step - 1) and not plan.reaches[step]:
+            self._waited = (plan.epoch, step)   # nothing the step before did not need
+            return
         epoch = plan.epoch << 32
         with self._changed:
             if self._thread is None:
                 self._start(epoch + plan.first_window[step])
-            self._give_back(epoch + plan.first_window[step])
             last = plan.last_window[step]
             needed = np.where(last >= 0, epoch + last, -1)
-            if (self._next > needed).all():
-                return
             started = time.perf_counter()
             while not (self._next > needed).all():
                 if self._error is not None:
                     raise self._error
                 self._changed.wait()
             self.seconds_waited += time.perf_counter() - started
+        self._waited = (plan.epoch, step)
 
     def done_with(self, plan: StreamedEpochPlan, step):
         """Step ``step``'s rows are gathered: give back the windows no later step of the plan
         trains on (after its last step, every window of its epoch)."""
-        with self._changed:
-            if step + 1 == plan.n_steps:
+        if step + 1 == plan.n_steps:
+            with self._changed:
                 self._give_back(np.full(len(self._released), (plan.epoch + 1) << 32))
-            else:
+        elif plan.gives_back[step]:
+            with self._changed:
                 self._give_back((plan.epoch << 32) + plan.first_window[step + 1])
 
     def close(self):

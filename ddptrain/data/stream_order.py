@@ -174,7 +174,9 @@ class StreamedEpochPlan:
     ``local_rows`` are rows of the rank's buffer (``StreamLayout.slot_start``);
     ``first_window[t, j]`` is the lowest window of its ``j``-th shard that step
     ``t`` or a later one trains on (row ``n_steps``: past the epoch), and
-    ``last_window[t, j]`` the highest that step ``t`` trains on (-1: none).
+    ``last_window[t, j]`` the highest that step ``t`` trains on (-1: none);
+    ``gives_back[t]``: whether a window is done with after step ``t``;
+    ``reaches[t]``: whether step ``t`` needs a window no earlier step needed.
     """
 
     def __init__(self, layout, epoch):
@@ -202,6 +204,12 @@ class StreamedEpochPlan:
             self.local_rows[j::n_owned] = (offsets[:count]
                                            + (j * SLOTS + which % SLOTS) * lay.capacity)
             self._windows_of_steps(j, n_owned, windows, count)
+        # The steps at which a window is given back, and those that need a window no earlier step
+        # of the epoch needed: the stream has work at those only.
+        self.gives_back = (self.first_window[1:] != self.first_window[:-1]).any(axis=1)
+        reached = np.maximum.accumulate(self.last_window, axis=0)
+        self.reaches = np.ones(len(self.last_window), dtype=bool)
+        self.reaches[1:] = (self.last_window[1:] > reached[:-1]).any(axis=1)
 
     def _windows_of_steps(self, j, n_owned, windows, count):
         first = np.clip(-(-(self.step_bounds - j) // n_owned), 0, count)   # shard rows by step
