@@ -157,9 +157,13 @@ def worker_ddptrain(args):
     # (N, 1, 28, 28) for a CNN: a view
     train_x, test_x = model.as_input(train_x), model.as_input(test_x)
     steps = Steps(args, comm, model, train_x, train_y, n_train, training, stream)
+    # Streamed: the same epochs from the shard in memory, a repetition after each streamed one, in
+    # this launch: the machine's moods fall on both alike.
+    twin = None if stream is None else in_memory_twin(args, comm, backend)
 
     step = steps.run(0, args.warmup)
-    rates, allreduce_fractions, batchnorm_fractions = [], [], []
+    twin_step = twin.run(0, args.warmup) if twin else 0
+    rates, allreduce_fractions, batchnorm_fractions, memory_rates = [], [], [], []
     for _ in range(args.repeats):
         comm.barrier()
         steps.reset_timers()
@@ -168,6 +172,12 @@ def worker_ddptrain(args):
         comm.barrier()
         elapsed = time.perf_counter() - began
         rates.append(args.steps * args.batch / elapsed)
+        if twin:
+            comm.barrier()
+            began = time.perf_counter()
+            twin_step = twin.run(twin_step, args.steps)
+            comm.barrier()
+            memory_rates.append(args.steps * args.batch / (time.perf_counter() - began))
         allreduce_fractions.append(comm.allreduce(steps.exchanged_seconds() / elapsed) / comm.size)
         batchnorm_seconds = steps.batchnorm_timer.seconds
         batchnorm_fractions.append(comm.allreduce(batchnorm_seconds / elapsed) / comm.size)
@@ -198,11 +208,22 @@ def worker_ddptrain(args):
         result.update(end_to_end(args, comm, train_step, test_x, test_y, n_train))
     if stream is not None:
         stream.close()
-        result.update(stream_waited=stream.seconds_waited, data_line=data_line(args, comm))
+        result.update(stream_waited=stream.seconds_waited, data_line=data_line(args, comm),
+                      memory_rates=memory_rates)
     rss = comm.allgather(max_rss_mib())   # DDP
     result["max_rss_mib"] = rss
     if comm.rank == 0:
         Path(args.out).write_text(json.dumps(result))
+
+
+def in_memory_twin(args, comm, backend):
+    """The Steps of a streamed row's twin: the same epochs, this rank's shard in memory."""
+    training, _ = rank_rows(args.data, args.batch, comm.rank, comm.size, None)
+    x, y, n_train = load_shard(args.data, comm.rank, comm.size, "train",
+                               train_blocks(comm.rank, comm.size))
+    model = Sequential.from_spec(args.model, dtype=np.float32, seed=0, input_shape=workload.IMAGE)
+    model.use_backend(backend)
+    return Steps(args, comm, model, model.as_input(x), y, n_train, training)
 
 
 def data_line(args, comm):
