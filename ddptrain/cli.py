@@ -38,10 +38,19 @@ from ddptrain.run.config import (
     load_toml,
     make_config,
 )
+from ddptrain.run.data_memory import SIZE_HELP, parse_size
 from ddptrain.run.ending import end_rank, message_of
 from ddptrain.run.signals import ignore_stop_signals, restore_default_signals
 
 COMMANDS = ("train", "evaluate", "export", "prepare", "plot", "info")
+
+
+def _size(text):
+    """--data-memory's argument: bytes (``data_memory.parse_size``)."""
+    try:
+        return parse_size(text)
+    except ValueError as problem:
+        raise argparse.ArgumentTypeError(f"must be {problem}") from None
 
 
 class Interrupted(Exception):
@@ -175,6 +184,12 @@ def _add_train_arguments(parser):
     _option(group, "--virtual-shards", "the training rows are cut into V blocks and the number of "
             "ranks must divide V; keep V fixed to get the same batches on any number of ranks",
             type=int, metavar="V")
+    _option(group, "--data-memory", "the most memory each rank holds of the training rows: "
+            "beyond it, each rank streams its shard from the file through windows read ahead by a "
+            "thread, and rows are shuffled within windows; the same batches on any number of "
+            "ranks P with the same P x SIZE (docs/data.md#streaming). SIZE: " + SIZE_HELP + "; 0: "
+            "in memory where the host has room for it, streamed (said in one line) otherwise",
+            type=_size, metavar="SIZE")
 
     group = parser.add_argument_group("outputs, checkpoints and resuming")
     _option(group, "--run-dir", "folder for config.json, metrics.jsonl and checkpoints/; default: "

@@ -52,6 +52,30 @@ def make_dataset(path, n_train=240, n_test=60, side=8, n_classes=10, seed=0):
     return str(path)
 
 
+def make_chunked_dataset(path, n_train=480, n_test=60, side=8, chunk_rows=16, n_classes=10, seed=0):
+    """``make_dataset``'s kind of data, its training images chunked by ``chunk_rows`` rows (the
+    writer chunks by about 1 MiB): a small file whose virtual shards span several chunks, to stream.
+    Written with h5py in the layout ``format.py`` describes."""
+    from ddptrain.data.format import FORMAT, FORMAT_VERSION
+    from ddptrain.data.writer import content_sha256
+    rng = np.random.default_rng(seed)
+    templates = rng.uniform(0, 255, size=(n_classes, side, side))
+    splits = {"train": make_images(n_train, side, n_classes, rng, templates),
+              "test": make_images(n_test, side, n_classes, rng, templates)}
+    with h5py.File(path, "w", libver="latest") as f:
+        f.attrs.update({"format": np.bytes_(FORMAT), "format_version": FORMAT_VERSION,
+                        "n_classes": n_classes,
+                        "class_names": np.array([str(c).encode() for c in range(n_classes)]),
+                        "content_sha256": np.bytes_(content_sha256(splits).encode())})
+        for split, (images, labels) in splits.items():
+            rows = chunk_rows if split == "train" else len(images)
+            f.create_dataset(f"{split}/images", data=images, chunks=(rows, side, side),
+                             fletcher32=True)
+            f.create_dataset(f"{split}/labels", data=labels, chunks=(min(rows, len(labels)),),
+                             fletcher32=True)
+    return str(path)
+
+
 def model_spec(side=8, hidden=(16,), n_classes=10):
     """The MLP spec that fits ``make_dataset(side=side)``."""
     return "-".join(str(s) for s in (side * side, *hidden, n_classes))

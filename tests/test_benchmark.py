@@ -70,7 +70,8 @@ def runs_of(rows, key):
 
 
 def expected_row_keys(header):
-    keys = {"ddp1", "ddpP", "ddpP0", "ddpPa", "ddpPz", "ddpPbn", "ddpPbnl", "cnn1", "cnnP", "ddpPo"}
+    keys = {"ddp1", "ddpP", "ddpP0", "ddpPa", "ddpPz", "ddpPbn", "ddpPbnl", "cnn1", "cnnP", "ddpPo",
+            "ddpPs"}
     if header["gemm"]["library"] == "mkl":   # then numpy's own BLAS is measured beside it
         keys |= {"ddp1n", "ddpPn"}
     if HAS_TORCH:
@@ -224,6 +225,27 @@ def test_without_pytorch_the_json_has_only_ddptrain_rows_and_its_header_says_why
         {"ddp1n", "ddpPn"} if header["gemm"]["library"] == "mkl" else set())
     assert all(row["vs_pytorch"] is None for row in result["rows"].values())
     assert "(the PyTorch comparisons need PyTorch: pip install torch==2.13.0)" in out
+
+
+def test_the_streamed_row_trains_a_run_s_epochs_from_windows_against_its_twin_in_memory(tmp_path):
+    chunked = helpers.make_chunked_dataset(tmp_path / "chunked.h5", chunk_rows=4)
+    result, out = run_benchmark(tmp_path, "--quick", "--data", chunked, "--model", model_spec(),
+                                "--no-bn", "--no-cnn", "--no-hosts", "--no-torch",
+                                "--stream-memory", "7K")
+    row = result["rows"]["ddpPs@32"]
+    run = row["runs"][0]
+    assert run["data_line"].startswith("data: streamed (--data-memory): each rank holds 2 windows "
+                                       "of 1 block(s) of 4 rows")
+    assert run["stream_waited"] >= 0 and len(run["memory_rates"]) == len(run["rates"]) == 2
+    ratio = statistics.median(row["rates"]) / statistics.median(run["memory_rates"])
+    assert f"streamed shards, 2 ranks, batch 32: {ratio:.2f}x the step rate" in out
+    reads = result["stream_reads"]
+    assert reads["file_bytes"] > 0 and all(rate > 0 for key in ("disk_mib_s", "load_mib_s",
+                                                                "stream_mib_s")
+                                           for rate in reads[key])
+    disk, stream = next(v for v in result["targets"] if v["group"] == "stream"
+                        and "disk" in v["target"]), statistics.median(reads["stream_mib_s"])
+    assert disk["value"] == pytest.approx(stream / statistics.median(reads["disk_mib_s"]))
 
 
 @pytest.mark.skipif("avx2" not in environment.cpu_flags(),

@@ -79,6 +79,7 @@ class DatasetInfo:
     n_classes: int
     attrs: dict          # the file's root attributes, as plain Python values
     class_names: tuple = ()   # n_classes names; "0", "1", ... where the file has none
+    chunk_rows: int = 0       # rows per chunk of the training images (0: not chunked)
 
     def __post_init__(self):
         if not self.class_names:
@@ -131,13 +132,14 @@ def inspect(path, walk_chunks=False) -> DatasetInfo:
                 raise DataError(f"{path}: {different}")
             _check_storage_fits_in_file(f, path)
             attrs = _plain_attrs(f.attrs)
+            chunks = f["train/images"].chunks
     except DataError:
         raise
     except _H5PY_ERRORS as e:
         raise _failure(path, "cannot read the file", e) from e
     return DatasetInfo(path=path, n_train=shapes["train"][0], n_test=shapes["test"][0],
                        image_shape=tuple(shapes["train"][1:]), n_classes=n_classes, attrs=attrs,
-                       class_names=class_names)
+                       class_names=class_names, chunk_rows=chunks[0] if chunks else 0)
 
 
 def _check_is_file(path):

@@ -314,3 +314,6 @@ class MPIComm:
         # (mpiexec of MPICH) can drop output still in transit when it ends the job.
         time.sleep(ABORT_GRACE_SECONDS)
         self._comm.Abort(status)
+        # MPICH's MPI_Abort may return before the launcher ends this process: a rank that went on
+        # would report its error a second time, as if every rank had met it.
+        os._exit(status)

@@ -171,13 +171,15 @@ def make_checkpoint(trainer, optimizer_state, data_sha256=None):
     model, pos, plan = trainer.model, trainer.position, trainer.plan
     early_stop = ({"early_stop": trainer.early_stopping.state_dict()}
                   if trainer.early_stopping is not None else {})
+    # the streamed order of the rows (absent: each rank's shard in memory, the sampler's order)
+    data_order = {"data_order": plan.order.to_dict()} if plan.order is not None else {}
     return Checkpoint(
         params=dict(model.named_params()), buffers=dict(model.named_buffers()),
         optimizer={"type": optimizer_name(trainer.optimizer), **optimizer_state},
         state={"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "step": pos.step,
                "train_sums": pos.sums.to_dict(), "n_train": plan.n_train,
                "best_accuracy": trainer.best_accuracy, "world_size": trainer.comm.size,
-               "data_sha256": data_sha256, **early_stop},
+               "data_sha256": data_sha256, **early_stop, **data_order},
         config=plan.config.to_dict(), metrics=list(trainer.records), model=model.describe(),
         model_summary=model.summary(), dtype=str(model.dtype))
 

@@ -82,7 +82,9 @@ SCHEMA = {
             "min_delta": Number(0), "best": OneOf((Number(), None), "a finite number or null"),
             "best_epoch": Integer(), "bad_epochs": Integer(),
         }),
-    }, optional=("data_sha256", "early_stop")),
+        # the streamed order (data/stream_order.py): absent in memory, and from older checkpoints
+        "data_order": Record({"window_blocks": Integer(1), "block_rows": Integer(1)}),
+    }, optional=("data_sha256", "early_stop", "data_order")),
     "config": _config_schema(),
     "metrics": ListOf(MapOf(SCALAR, 100)),
 }

@@ -17,6 +17,7 @@ from ddptrain.errors import UserError
 from ddptrain.files import open_regular
 from ddptrain.nn.spec import named_model, parse_spec
 from ddptrain.optim.optimizers import OPTIMIZERS, SGD
+from ddptrain.run.data_memory import parse_size
 from ddptrain.training.early_stopping import METRICS as EARLY_STOP_METRICS
 
 DTYPES = ("float32", "float64")
@@ -33,6 +34,7 @@ MAX_COUNT = 2 ** 31 - 1
 TENSORBOARD_METRICS_EVERY = 10
 # --profile's most steps: each holds a few dozen spans per rank (about 3 KB of timeline per rank)
 MAX_PROFILE_STEPS = 10_000
+SIZES = ("data_memory",)   # options of bytes, which may be given as sizes ("512M", data_memory.py)
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,9 @@ class Config:
     early_stop_min_delta: float = 0.0    # what an improvement must beat the best by
     early_stop_metric: str = "test_loss"   # or test_accuracy
     virtual_shards: int = DEFAULT_VIRTUAL_SHARDS
+    # bytes of training rows a rank may hold: beyond, its shard is streamed through windows of it
+    # (data/stream_order.py); 0: its shard in memory where the host has room, streamed otherwise
+    data_memory: int = 0
     # outputs
     run_dir: Optional[str] = None      # None: runs/<SLURM job id or date-time>
     checkpoint_every: int = 0          # steps; 0: only at the end of each epoch
@@ -130,7 +135,7 @@ class Config:
                 raise UserError(f"{option_name(name)} must be positive, got {getattr(self, name)}")
         non_negative = ("lr", "warmup_epochs", "checkpoint_every", "threads", "seed", "step_gamma",
                         "metrics_every", "simulate_ranks", "clip_grad_norm", "stall_timeout",
-                        "early_stop", "early_stop_min_delta", "profile")
+                        "early_stop", "early_stop_min_delta", "profile", "data_memory")
         for name in non_negative:
             if getattr(self, name) != getattr(self, name):   # NaN: neither negative nor not
                 raise UserError(f"{option_name(name)} must be a number, got nan")
@@ -237,6 +242,11 @@ def coerce(name, value, source):
         return value
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
         return value
+    if name in SIZES:   # "512M": bytes
+        try:
+            return parse_size(value) if isinstance(value, str) else parse_size(repr(value))
+        except ValueError as problem:
+            raise UserError(f"{source}: {option_name(name)} must be {problem}") from None
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if kind is str and isinstance(value, str):

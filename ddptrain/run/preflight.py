@@ -13,8 +13,9 @@ collective:
 3. the data: the same file (or the same in-memory arrays) on every rank,
    readable without hanging, and enough rows for the ranks and the batch;
 4. the model: its layers take the data's images and give one output per
-   class, the same network on every rank, within the memory of each host,
-   with enough values per channel for batch normalisation;
+   class, the same network on every rank, within the memory of each host
+   (with each rank's shard in memory, or streamed: ``data_memory``), with
+   enough values per channel for batch normalisation;
 5. SLURM's requeue: a requeued job resumes by itself.
 
 ``preflight`` returns a ``Preflight``; ``runner`` sets the run up from it.
@@ -44,7 +45,8 @@ from ddptrain.files import check_regular_file
 from ddptrain.nn.model import input_shape_of, name_layers, output_shape_of
 from ddptrain.nn.normalization import BatchNorm
 from ddptrain.nn.spec import parse_spec
-from ddptrain.run.limits import check_resources
+from ddptrain.run.data_memory import DataPlan, plan_data
+from ddptrain.run.limits import check_resources, data_room
 from ddptrain.run.rank0 import RunFolder, import_tensorboardx, run_on_rank0
 
 
@@ -62,6 +64,7 @@ class Preflight:
     # the --model's layers, checked, without arrays (None: the caller's model)
     layers: Optional[tuple]
     model_spec: Optional[str]    # the --model string they were built from, as the model records it
+    data: DataPlan = None        # what each rank holds of the training rows: in memory, or streamed
 
 
 def preflight(comm, config, console, model=None, arrays=None):
@@ -82,9 +85,9 @@ def preflight(comm, config, console, model=None, arrays=None):
     with same_on_every_rank():
         sampler.check_layout(info.n_train, config.batch_size, comm.size, config.virtual_shards)
     if model is None:
-        layers, model_spec = check_model_spec(comm, config, info, hosts)
+        layers, model_spec, data = check_model_spec(comm, config, info, hosts)
     else:
-        check_given_model(comm, model, config, info, hosts)
+        data = check_given_model(comm, model, config, info, hosts)
         layers = model_spec = None
     trained = model.layers if model is not None else layers
     with same_on_every_rank():
@@ -100,7 +103,7 @@ def preflight(comm, config, console, model=None, arrays=None):
     # SLURM requeue: --resume auto
     config = resume_if_requeued(config, folder.has_step_checkpoints)
     return Preflight(config, backend, gemm_choice, blas_threads, tuple(hosts), folder, info,
-                     None if layers is None else tuple(layers), model_spec)
+                     None if layers is None else tuple(layers), model_spec, data)
 
 
 def configure_gemm(comm, request):
@@ -157,8 +160,8 @@ def check_model_spec(comm, config, info, hosts):
         layers = spec.layers(info.image_shape)
         name_layers(layers)   # as the model will: messages name "linear1", not "Linear"
         check_fits_data(layers, info, f"--model {config.model}")
-    check_resources_on_every_rank(comm, layers, config, info, hosts)
-    return layers, spec.describe()
+    data = check_resources_on_every_rank(comm, layers, config, info, hosts)
+    return layers, spec.describe(), data
 
 
 def check_given_model(comm, model, config, info, hosts):
@@ -171,15 +174,26 @@ def check_given_model(comm, model, config, info, hosts):
                             f"{config.dtype} (dtype={config.dtype!r}): build it with "
                             f"nn.Sequential(layers, dtype=np.{config.dtype}) or leave dtype unset")
         check_fits_data(model.layers, info, f"the model ({model.summary()})")
-    check_resources_on_every_rank(comm, model.layers, config, info, hosts)
+    return check_resources_on_every_rank(comm, model.layers, config, info, hosts)
 
 
 def check_resources_on_every_rank(comm, layers, config, info, hosts):
-    """Refuse options that ask for more memory than a host has; every rank stops if one must.
-    ``hosts``: each rank's host, whose ranks share its memory."""
+    """What each rank holds of the data (``DataPlan``: in memory, or streamed where its shard does
+    not fit), and a refusal of options that ask for more memory than a host has; every rank stops
+    if one must. ``hosts``: each rank's host, whose ranks share its memory."""
     ranks_on_host = hosts.count(hosts[comm.rank])
-    verdict_on_every_rank(comm, lambda: check_resources(layers, config, info, comm.size,
-                                                        ranks_on_host), hosts)
+    room, in_memory = data_room(layers, config, info, comm.size, ranks_on_host)
+    # DDP: the same plan on every rank (the order of the rows depends on it): the least room any
+    # rank has, and rank 0's file's chunks (copies on other nodes may be chunked otherwise)
+    rooms = [r for r in comm.allgather(room) if r is not None]
+    block_rows = comm.bcast(info.chunk_rows)
+    with same_on_every_rank():
+        data = plan_data(config, info, comm.size, min(rooms) if rooms else None, in_memory,
+                         block_rows)
+    verdict_on_every_rank(comm, lambda: check_resources(
+        layers, config, info, comm.size, ranks_on_host, data.data_bytes(info, config, comm.size)),
+        hosts)
+    return data
 
 
 def check_fits_data(layers, info, what):

@@ -18,22 +18,25 @@ import numpy as np
 from ddptrain import __version__
 from ddptrain.backends import denormals
 from ddptrain.data import sampler
+from ddptrain.data.arrays import ArrayInfo
 from ddptrain.data.format import DatasetInfo
+from ddptrain.data.stream import ArrayRows, FileRows, WindowStream
 from ddptrain.distributed.exchange import make_exchange
 from ddptrain.distributed.slurm import describe_slurm
 from ddptrain.distributed.watchdog import watch_for_stalls
-from ddptrain.errors import EXIT_OK, EXIT_PREEMPTED
+from ddptrain.errors import EXIT_OK, EXIT_PREEMPTED, same_on_every_rank
 from ddptrain.nn.layer import no_reduction
 from ddptrain.nn.losses import SoftmaxCrossEntropy
 from ddptrain.nn.model import Sequential
 from ddptrain.optim.schedule import peak_learning_rate
 from ddptrain.run.callbacks import Checkpointing, MetricsLog, ProgressReport, TensorBoardLog
+from ddptrain.run.data_memory import DataPlan, order_for_resume
 from ddptrain.run.preflight import preflight
 from ddptrain.run.rank0 import Console, RunFolder, run_on_rank0
 from ddptrain.run.resume import data_sha256, load_checkpoint
 from ddptrain.run.signals import StopRequest
 from ddptrain.run.supervised import report_ready
-from ddptrain.training.batches import Split
+from ddptrain.training.batches import ReadSplit, Split
 from ddptrain.training.callbacks import BroadcastBuffers, ReplicaCheck
 from ddptrain.training.debug import DebugChecks
 from ddptrain.training.early_stopping import EarlyStopping
@@ -145,8 +148,8 @@ def _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays):
                       rank=comm.rank, world_size=comm.size)
     try:
         folder.take()   # one run at a time in a run folder
-        return _train(_Run(config, comm, console, folder, model, info, checked.backend, started),
-                      stop, callbacks)
+        return _train(_Run(config, comm, console, folder, model, info, checked.backend, started,
+                           checked.data), stop, callbacks)
     finally:
         folder.release()
 
@@ -163,6 +166,7 @@ class _Run:
     info: DatasetInfo   # info.path: the data file
     backend: object     # backends.gemm.Backend
     started: float
+    data: DataPlan      # what each rank holds of the training rows: in memory, or streamed
 
 
 def _train(run, stop, callbacks):
@@ -177,8 +181,25 @@ def _train(run, stop, callbacks):
     # resumes from the same bytes or every rank stops with the same error.
     checkpoint = run_on_rank0(comm, lambda: load_checkpoint(config, folder.checkpoint_dir, model,
                                                             optimizer, info, console.warn))
+    data = run.data
+    if checkpoint is not None:   # the checkpoint's order of the rows, if this run may hold it
+        with same_on_every_rank():   # DDP: the checkpoint is rank 0's, broadcast
+            data = order_for_resume(data, checkpoint.state.get("data_order"), info, config,
+                                    comm.size, checkpoint.path)
+        if data is not run.data and data.line:
+            console.print(data.line, always=True)
     folder.write_config(config.to_dict())   # once the run is known to go ahead
-    train, test = read_shards(info, comm, config, model)
+    train, test = read_shards(info, comm, config, model, data.order)
+    try:   # a streamed shard's reading thread stops on every way out
+        return _fit(run, stop, callbacks, exchange, optimizer, checkpoint, data, train, test)
+    finally:
+        if train.stream is not None:
+            train.stream.close()
+
+
+def _fit(run, stop, callbacks, exchange, optimizer, checkpoint, data, train, test):
+    config, comm, console, folder, model, info = (run.config, run.comm, run.console, run.folder,
+                                                  run.model, run.info)
     step = TrainStep(model, SoftmaxCrossEntropy(), optimizer, exchange,
                      config.clip_grad_norm or None, config.accumulate)
     callbacks = standard_callbacks(config, console, folder, model.buffers.size > 0,
@@ -186,8 +207,9 @@ def _train(run, stop, callbacks):
     profiler = make_profiler(config, console, folder, callbacks,
                              {"ddptrain": __version__, "model": model.summary(),
                               "exchange": exchange.describe(), "config": config.to_dict()})
-    trainer = Trainer(step, TrainingPlan(config, info.n_train, comm.rank, comm.size), train, test,
-                      info.n_classes, stop, ([profiler] if profiler else []) + callbacks)
+    trainer = Trainer(step, TrainingPlan(config, info.n_train, comm.rank, comm.size, data.order),
+                      train, test, info.n_classes, stop,
+                      ([profiler] if profiler else []) + callbacks)
     # a run that early stopping ended resumes only to say so (a SLURM requeue, --resume auto)
     done = False
     if checkpoint is not None:
@@ -232,12 +254,21 @@ def _train(run, stop, callbacks):
     return result
 
 
-def read_shards(info, comm, config, model):
+def read_shards(info, comm, config, model, order=None):
     """This rank's training shard (its virtual shards) and its contiguous block of the test rows,
-    shaped as ``model`` takes them."""
+    shaped as ``model`` takes them. ``order``: a ``StreamOrder``: the shard streamed
+    (``data.stream``) and the test rows read a chunk at a time; None: both in memory."""
+    test_rows = sampler.evaluation_block(info.n_test, comm.rank, comm.size)
+    if order is not None:
+        plan = TrainingPlan(config, info.n_train, comm.rank, comm.size, order)
+        source = (ArrayRows(info.arrays, "train") if isinstance(info, ArrayInfo)
+                  else FileRows(info.path, "train"))
+        stream = WindowStream(plan.layout, source, info.image_shape,
+                              info.stored_dtype(config.dtype), config.epochs)
+        train = Split(model.as_input(stream.images), stream.labels, np.dtype(config.dtype), stream)
+        return train, ReadSplit(info, "test", *test_rows, config.dtype, model.as_input)
     blocks = sampler.owned_blocks(info.n_train, comm.rank, comm.size, config.virtual_shards)
     train = read_split(info, "train", blocks, config.dtype, model)
-    test_rows = sampler.evaluation_block(info.n_test, comm.rank, comm.size)
     return train, read_split(info, "test", [test_rows], config.dtype, model)
 
 
@@ -301,6 +332,8 @@ def announce(console, comm, config, model, checked):
     console.print(f"model {model.summary()} ({model.params.size:,} parameters, {config.dtype}); "
                   f"data {info.path}; run folder {checked.folder.run_dir}", always=True)
     console.print(describe_split(info.n_train, info.n_test, comm, config), always=True)
+    if checked.data is not None and checked.data.line:
+        console.print(checked.data.line, always=True)
     console.print(f"peak learning rate {peak_learning_rate(config):.4g} ({config.lr_schedule}"
                   f"{f', {config.warmup_epochs:g} warmup epochs' if config.warmup_epochs else ''}"
                   f"{', linear scaling rule' if config.lr_scaling == 'linear' else ''}); "

@@ -1,5 +1,5 @@
-"""This rank's rows: a split it holds in memory, and the rows of each global batch gathered from
-it."""
+"""This rank's rows: a split it holds in memory (or streams), and the rows of each global batch
+gathered from it."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ class Split:
     x: np.ndarray              # (rows, *sample shape): uint8 pixels, or floats of the model's dtype
     y: np.ndarray              # (rows,) int64 labels
     dtype: np.dtype = None     # the model's; None: that of x (floats)
+    # the data.stream.WindowStream that fills x and y (None: they hold the rows from the start)
+    stream: object = None
 
     def __post_init__(self):
         self.dtype = np.dtype(self.x.dtype if self.dtype is None else self.dtype)
@@ -36,6 +38,36 @@ class Split:
         if x.dtype == np.uint8:
             return np.divide(x, PIXEL_MAX, out=out, dtype=self.dtype)
         return x
+
+    @property
+    def n_rows(self):
+        return len(self.y)
+
+    def rows(self, start, stop):
+        """Rows ``start:stop`` as the model takes them, and their labels (for evaluation)."""
+        return self.as_input(self.x[start:stop]), self.y[start:stop]
+
+
+class ReadSplit:
+    """The rows ``[start, stop)`` of a split, read from the data when they are asked for (``rows``):
+    what a streamed run evaluates on, holding one chunk of them at a time."""
+
+    def __init__(self, info, split, start, stop, dtype, shape):
+        self.info, self.split, self.start, self.stop = info, split, start, stop
+        self.dtype, self.shape = np.dtype(dtype), shape   # shape: the model's as_input
+
+    @property
+    def n_rows(self):
+        return self.stop - self.start
+
+    def rows(self, start, stop):
+        start, stop = min(self.start + start, self.stop), min(self.start + stop, self.stop)
+        stored = self.info.stored_dtype(self.dtype)
+        if start == stop:   # evaluation's padding passes (``evaluate``): nothing to read
+            x, y = np.empty((0, *self.info.image_shape), stored), np.empty(0, np.int64)
+        else:
+            x, y = self.info.read_rows(self.split, [(start, stop)], dtype=stored)
+        return Split(self.shape(x), y, self.dtype).rows(0, len(y))
 
 
 class Batches:
@@ -57,3 +89,14 @@ class Batches:
             self.split.as_input(np.take(self.split.x, rows, axis=0, out=self._pixels[:len(rows)],
                                         mode="clip"), x)
         return x, self.split.y[rows]
+
+    def take(self, plan, step):
+        """This rank's rows of global batch ``step`` of ``plan``. Streamed, once the stream has read
+        them; and the windows that no later step needs go back to it."""
+        stream = self.split.stream
+        if stream is not None:
+            stream.wait_for(plan, step)
+        batch = self.gather(plan.local_batch(step))
+        if stream is not None:
+            stream.done_with(plan, step)
+        return batch

@@ -35,7 +35,7 @@ def evaluate(model, comm, split, n_classes, chunk=2000):
     rows passes empty batches at the end (the loop count is padded, never the
     data), so a layer may communicate in its forward without a deadlock.
     """
-    passes = max(comm.allgather(-(-len(split.x) // chunk)))   # DDP
+    passes = max(comm.allgather(-(-split.n_rows // chunk)))   # DDP
     loss_fn = SoftmaxCrossEntropy()
     loss_sum = 0.0
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
@@ -43,7 +43,7 @@ def evaluate(model, comm, split, n_classes, chunk=2000):
     model.eval()
     try:
         for start in range(0, passes * chunk, chunk):
-            x, y = split.as_input(split.x[start:start + chunk]), split.y[start:start + chunk]
+            x, y = split.rows(start, start + chunk)
             logits = model.forward(x)
             loss_sum += loss_fn.forward(logits, y, normaliser=1)
             confusion += np.bincount(y * n_classes + logits.argmax(axis=1),

@@ -2,7 +2,7 @@
 ``chrome://tracing``.
 
 The step is timed from outside, the way hooks time a PyTorch module: for
-the steps profiled only, the parts of the trainer (``Batches.gather``, the
+the steps profiled only, the parts of the trainer (``Batches.take``, the
 model's and each layer's ``forward`` and ``backward``, the loss, the
 exchange's ``reduce_`` and ``publish_``, the step's totals, the optimiser's
 ``step``, a layer's ``sum_over_ranks``, ``Trainer.evaluate``, the callbacks'
@@ -155,7 +155,8 @@ def instrument(wrapped, trainer, profiler, also=()):
     """Wrap every part of ``trainer``'s step that the timeline shows. ``also``: more
     ``(object, attribute, name, category)`` to record alone (the run's checkpoint writes)."""
     step, model = trainer.train_step, trainer.model
-    wrapped.wrap(trainer.batches, "gather", "gather", "gather")
+    # the rows of the step: a stream's wait for them included
+    wrapped.wrap(trainer.batches, "take", "gather", "gather")
     wrapped.wrap(model, "forward", "forward", "forward")
     wrapped.wrap(model, "backward", "backward", "backward")
     for layer in model.layers:

@@ -179,7 +179,7 @@ class Trainer:
         plan, pos = self.plan.epoch(epoch), self.position
         for t in range(pos.step_in_epoch, plan.n_steps):
             self._call("on_step_start")
-            x, y = self.batches.gather(plan.local_batch(t))
+            x, y = self.batches.take(plan, t)
             lr = self.plan.lr(pos.step)
             context = BatchContext(self.plan.seed, pos.step, plan.positions_in_batch(t))
             try:

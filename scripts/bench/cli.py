@@ -58,11 +58,17 @@ def parser():
     p.add_argument("--isa", choices=("native", "avx2"), default="native",
                    help="the vector instructions every library may use in every row: the CPU's own "
                         "(default), or AVX2 only, to measure a CPU without AVX-512 on one with it")
+    p.add_argument("--stream-memory", default="20M", metavar="SIZE",
+                   help="the --data-memory per rank of the streamed row (default: %(default)s; the "
+                        "MNIST file's shards hold 23 MiB per rank on 2 ranks)")
+    p.add_argument("--no-stream", action="store_true",
+                   help="skip the rows of streamed shards and the reads of the file")
     p.add_argument("--json", metavar="PATH", help="also write every measurement to PATH")
     p.add_argument("--quick", action="store_true",
                    help="tiny settings, to check that the benchmark runs (numbers meaningless)")
     # Internal: one measurement in this process (started by the benchmark itself).
-    p.add_argument("--worker", choices=("ddptrain", "torch", "gemm"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("ddptrain", "torch", "gemm", "stream-read"),
+                   help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--threads-per-rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -76,6 +82,7 @@ def parser():
     p.add_argument("--bucket-mb", type=float, default=0.25, help=argparse.SUPPRESS)
     p.add_argument("--exchange", default="auto", help=argparse.SUPPRESS)
     p.add_argument("--batchnorm", default="global", help=argparse.SUPPRESS)
+    p.add_argument("--stream", help=argparse.SUPPRESS)   # "memory", or --data-memory
     return p
 
 
@@ -83,12 +90,14 @@ def run_worker(opts):
     """One measurement in this process, its result written to ``--out``."""
     from .ddptrain_rows import worker_ddptrain
     from .gemm_limit import worker_gemm
+    from .streaming import worker_stream_read
     from .torch_rows import worker_torch
 
     use_images_of(opts.data)
     # ddptrain's rows flush denormals as its runs do (--denormals); PyTorch's keep its default.
     with denormals_flushed(opts.worker == "ddptrain" and opts.denormals == "flush"):
-        {"ddptrain": worker_ddptrain, "torch": worker_torch, "gemm": worker_gemm}[opts.worker](opts)
+        {"ddptrain": worker_ddptrain, "torch": worker_torch, "gemm": worker_gemm,
+         "stream-read": worker_stream_read}[opts.worker](opts)
     return 0
 
 

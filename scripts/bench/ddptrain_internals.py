@@ -15,6 +15,8 @@ from ddptrain.backends.threads import configure_blas_threads
 from ddptrain.data.datasets import ensure_prepared
 from ddptrain.data.format import inspect as inspect_data, read_rows
 from ddptrain.data.sampler import epoch_plan, owned_blocks
+from ddptrain.data.stream import FileRows, WindowStream
+from ddptrain.data.stream_order import StreamedEpochPlan
 from ddptrain.distributed.comm import MPIComm
 from ddptrain.distributed.exchange import make_exchange
 from ddptrain.distributed.launcher import rank_and_size
@@ -25,6 +27,7 @@ from ddptrain.nn.model import layer_flops, training_flops
 from ddptrain.nn.spec import parse_spec
 from ddptrain.run.callbacks import Checkpointing
 from ddptrain.run.config import Config
+from ddptrain.run.data_memory import parse_size as stream_parse_size, plan_data
 from ddptrain.run.rank0 import RunFolder
 from ddptrain.run.signals import StopRequest
 from ddptrain.training.batches import Batches, Split
@@ -47,9 +50,10 @@ def ensure_default_dataset():
 
 
 # Re-exported: the rest of the benchmark imports these names from here.
-__all__ = ["DENORMAL_MODES", "GEMMS", "Batches", "Checkpointing", "Config", "MPIComm",
-           "RunFolder", "ShardedOptimizer", "Split", "StopRequest", "TrainStep", "Trainer",
-           "TrainingPlan", "configure_blas_threads", "denormals_flushed", "ensure_default_dataset",
-           "epoch_plan", "evaluate", "gemm", "inspect_data", "layer_flops", "make_exchange",
-           "no_reduction", "owned_blocks", "parse_spec", "products_backend", "rank_and_size",
-           "read_rows", "training_flops", "world"]
+__all__ = ["DENORMAL_MODES", "GEMMS", "Batches", "Checkpointing", "Config", "FileRows", "MPIComm",
+           "RunFolder", "ShardedOptimizer", "Split", "StopRequest", "StreamedEpochPlan",
+           "TrainStep", "Trainer", "TrainingPlan", "WindowStream", "configure_blas_threads",
+           "denormals_flushed", "ensure_default_dataset", "epoch_plan", "evaluate", "gemm",
+           "inspect_data", "layer_flops", "make_exchange", "no_reduction", "owned_blocks",
+           "parse_spec", "plan_data", "products_backend", "rank_and_size", "read_rows",
+           "stream_parse_size", "training_flops", "world"]

@@ -49,7 +49,8 @@ from .step_timing import (
     TimedLoss,
     time_allreduce,
 )
-from .workload import RANDOM, Plan, load_shard, test_blocks, train_blocks
+from .streaming import data_plan, rank_rows
+from .workload import RANDOM, EpochSteps, Plan, load_shard, test_blocks, train_blocks
 
 
 def gradient_exchange(args, comm, model, optimizer):
@@ -68,7 +69,7 @@ class Steps:
     """The row's training steps: this rank's rows of each global batch, then ddptrain's TrainStep
     (forward, loss, backward, gradient exchange, step totals Allreduce, finite check, update)."""
 
-    def __init__(self, args, comm, model, train_x, train_y, n_train):
+    def __init__(self, args, comm, model, train_x, train_y, n_train, training=None, stream=None):
         self.args, self.comm, self.model = args, comm, model
         self.loss_fn = SoftmaxCrossEntropy()
         self.optimizer, self.exchange = gradient_exchange(
@@ -82,7 +83,11 @@ class Steps:
                                  else no_reduction)
         self.broadcast_buffers = args.batchnorm == "local" and comm.size > 1 and model.buffers.size
         self.plan = Plan(n_train, args.batch, comm.rank, comm.size)
-        self.batches = Batches(Split(train_x, train_y, np.float32), -(-args.batch // comm.size))
+        # --stream: a run's epochs one after another, from memory or streamed (the plan above
+        # cycles through one epoch's steps, which a stream, read ahead epoch after epoch, cannot)
+        self.epochs = None if training is None else EpochSteps(training)
+        self.batches = Batches(Split(train_x, train_y, np.float32, stream),
+                               -(-args.batch // comm.size))
 
     def train_step(self, profile=None):
         """The TrainStep, with its exchange timed; with laps of ``profile`` between its phases."""
@@ -98,7 +103,10 @@ class Steps:
         for step in range(first, first + steps):
             if profile:
                 profile.start()
-            x, y = self.batches.gather(self.plan.rows(step))
+            if self.epochs is None:
+                x, y = self.batches.gather(self.plan.rows(step))
+            else:
+                x, y = self.batches.take(*self.epochs.at(step))
             if profile:
                 profile.lap("gathering the batch")
             train_step(x, y, self.plan.global_count, self.args.lr)
@@ -130,8 +138,15 @@ def worker_ddptrain(args):
     backend = products_backend(args.gemm)
     blas_threads = configure_blas_threads(comm, args.threads_per_rank, backend.name)
     started = time.perf_counter()
-    train_x, train_y, n_train = load_shard(args.data, comm.rank, comm.size, "train",
-                                           train_blocks(comm.rank, comm.size))
+    training = stream = None
+    if args.stream:   # "memory", or ddptrain's --data-memory
+        training, stream = rank_rows(args.data, args.batch, comm.rank, comm.size,
+                                     None if args.stream == "memory" else args.stream)
+    if stream is None:
+        train_x, train_y, n_train = load_shard(args.data, comm.rank, comm.size, "train",
+                                               train_blocks(comm.rank, comm.size))
+    else:
+        train_x, train_y, n_train = stream.images, stream.labels, training.n_train
     test_x, test_y, _ = load_shard(args.data, comm.rank, comm.size, "test",
                                    test_blocks(comm.rank, comm.size))
     # DDP: the mean over ranks
@@ -141,10 +156,14 @@ def worker_ddptrain(args):
     model.use_backend(backend)
     # (N, 1, 28, 28) for a CNN: a view
     train_x, test_x = model.as_input(train_x), model.as_input(test_x)
-    steps = Steps(args, comm, model, train_x, train_y, n_train)
+    steps = Steps(args, comm, model, train_x, train_y, n_train, training, stream)
+    # Streamed: the same epochs from the shard in memory, a repetition after each streamed one, in
+    # this launch: the machine's moods fall on both alike.
+    twin = None if stream is None else in_memory_twin(args, comm, backend)
 
     step = steps.run(0, args.warmup)
-    rates, allreduce_fractions, batchnorm_fractions = [], [], []
+    twin_step = twin.run(0, args.warmup) if twin else 0
+    rates, allreduce_fractions, batchnorm_fractions, memory_rates = [], [], [], []
     for _ in range(args.repeats):
         comm.barrier()
         steps.reset_timers()
@@ -153,6 +172,12 @@ def worker_ddptrain(args):
         comm.barrier()
         elapsed = time.perf_counter() - began
         rates.append(args.steps * args.batch / elapsed)
+        if twin:
+            comm.barrier()
+            began = time.perf_counter()
+            twin_step = twin.run(twin_step, args.steps)
+            comm.barrier()
+            memory_rates.append(args.steps * args.batch / (time.perf_counter() - began))
         allreduce_fractions.append(comm.allreduce(steps.exchanged_seconds() / elapsed) / comm.size)
         batchnorm_seconds = steps.batchnorm_timer.seconds
         batchnorm_fractions.append(comm.allreduce(batchnorm_seconds / elapsed) / comm.size)
@@ -181,10 +206,29 @@ def worker_ddptrain(args):
     if args.end_to_end:
         train_step = TrainStep(model, steps.loss_fn, steps.optimizer, steps.exchange)
         result.update(end_to_end(args, comm, train_step, test_x, test_y, n_train))
+    if stream is not None:
+        stream.close()
+        result.update(stream_waited=stream.seconds_waited, data_line=data_line(args, comm),
+                      memory_rates=memory_rates)
     rss = comm.allgather(max_rss_mib())   # DDP
     result["max_rss_mib"] = rss
     if comm.rank == 0:
         Path(args.out).write_text(json.dumps(result))
+
+
+def in_memory_twin(args, comm, backend):
+    """The Steps of a streamed row's twin: the same epochs, this rank's shard in memory."""
+    training, _ = rank_rows(args.data, args.batch, comm.rank, comm.size, None)
+    x, y, n_train = load_shard(args.data, comm.rank, comm.size, "train",
+                               train_blocks(comm.rank, comm.size))
+    model = Sequential.from_spec(args.model, dtype=np.float32, seed=0, input_shape=workload.IMAGE)
+    model.use_backend(backend)
+    return Steps(args, comm, model, model.as_input(x), y, n_train, training)
+
+
+def data_line(args, comm):
+    """The start-up line of ddptrain's --data-memory for this row."""
+    return data_plan(args.data, args.batch, comm.size, args.stream)[2].line
 
 
 def end_to_end(args, comm, train_step, test_x, test_y, n_train):

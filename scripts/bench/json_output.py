@@ -11,7 +11,9 @@ Its top-level keys:
   its PyTorch row, "ratio": of the medians} or null), "of_gemm_limit" (a
   fraction of gemm.limit_flops)}};
 - "time_to_accuracy": time_to_accuracy.measure's result, or null where skipped;
-- "targets": every verdict (targets.Verdict), the MLP's then the CNN's.
+- "targets": every verdict (targets.Verdict), the MLP's, the CNN's, then streamed shards';
+- "stream_reads": the file read from the disk plainly and by ddptrain's stream
+  (streaming.measure_reads: MiB/s of each round), or null where skipped.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import json
 from pathlib import Path
 
 
-def write_json(path, header, gemm_limit, results, tta, verdicts):
+def write_json(path, header, gemm_limit, results, tta, verdicts, reads=None):
     document = {"header": header, "gemm": gemm_limit.as_json(),
                 "rows": {f"{key}@{batch}": entry for (key, batch), entry in results.items()},
-                "time_to_accuracy": tta, "targets": [verdict.as_json() for verdict in verdicts]}
+                "time_to_accuracy": tta, "targets": [verdict.as_json() for verdict in verdicts],
+                "stream_reads": reads}
     Path(path).write_text(json.dumps(document, indent=1, default=str))

@@ -65,6 +65,10 @@ def plan_rows(opts, gemm_name, use_torch, budget, ranks, per_rank):
     if ranks > 1:
         rows.append(Row("ddpPo", "  same ranks, --overlap-allreduce", "ddptrain", ranks, each,
                         ("--overlap-allreduce",)))
+    if ranks > 1 and not opts.no_stream and opts.data != "random":
+        # its twin in memory runs in the same launch, a repetition after each (ddptrain_rows)
+        rows.append(Row("ddpPs", f"  same ranks, streamed: --data-memory {opts.stream_memory}",
+                        "ddptrain", ranks, each, ("--stream", opts.stream_memory)))
     hosts_up = not opts.no_hosts and os.geteuid() == 0 and fake_hosts("up")
     if hosts_up:
         # One rank on each of 2 hosts that share this machine's cores: each gets half of them, as

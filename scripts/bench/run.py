@@ -24,6 +24,7 @@ from .launching import free_port, launch
 from .notes import notes
 from .report import add_figures, table
 from .rows import plan_rows, row_models
+from .streaming import measure_reads, stream_lines, stream_verdicts
 from .targets import CNN_TITLE, cnn_verdicts, mlp_title, mlp_verdicts, verdict_lines
 from .workload import RANDOM, flops_per_sample, use_images_of, with_batchnorm
 
@@ -85,6 +86,8 @@ def run_benchmark(opts):
     print("\n".join(table(results, rows, batches)))
     print()
     print("\n".join(notes(results, batches, models, ranks, opts.bn_model)), flush=True)
+    reads = measure_reads(opts, 512 if 512 in batches else batches[-1], ranks)
+    print("\n".join(stream_lines(results, reads, batches, ranks, opts)), flush=True)
 
     tta = time_to_accuracy_runs(opts, ranks)
     verdicts = mlp_verdicts(results, limit, per_sample, tta)
@@ -94,8 +97,12 @@ def run_benchmark(opts):
         cnn = cnn_verdicts(results, batches, ranks)
         print("\n".join(verdict_lines(CNN_TITLE, cnn, use_torch)))
         verdicts += cnn
+    streamed = stream_verdicts(results, reads)
+    if streamed:
+        print("\n".join(verdict_lines("targets of streamed shards:", streamed, True)))
+        verdicts += streamed
     if opts.json:
-        write_json(opts.json, header, gemm_limit, results, tta, verdicts)
+        write_json(opts.json, header, gemm_limit, results, tta, verdicts, reads)
     return 0
 
 

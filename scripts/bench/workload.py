@@ -94,3 +94,18 @@ class Plan:
 
     def rows(self, step):
         return self.plan.local_batch(step % self.plan.n_steps)
+
+
+class EpochSteps:
+    """The steps of a run's epochs, one after another (``TrainingPlan``: in memory or streamed), as
+    ``Trainer._run_epoch`` takes them."""
+
+    def __init__(self, training):
+        self.training, self.epoch, self.plan = training, None, None
+
+    def at(self, step):
+        """``(epoch plan, step in it)`` of the run's step ``step``."""
+        epoch, at = divmod(step, self.training.steps_per_epoch)
+        if epoch != self.epoch:
+            self.epoch, self.plan = epoch, self.training.epoch(epoch)
+        return self.plan, at

@@ -27,7 +27,7 @@ from ddptrain.run.runner import run_training
 from ddptrain.training.batches import Split
 from ddptrain.training.callbacks import ReplicaDivergence, check_replicas
 from ddptrain.training.evaluation import evaluate
-from helpers import Tally, make_dataset, model_spec
+from helpers import Tally, make_chunked_dataset, make_dataset, model_spec
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -134,6 +134,30 @@ def test_training_on_p_ranks_gives_the_parameters_of_one_process(
         assert mine["train_accuracy"] == theirs["train_accuracy"]
         assert mine["test_loss"] == pytest.approx(theirs["test_loss"], rel=tolerance)
         assert mine["test_accuracy"] == theirs["test_accuracy"]
+
+
+def test_streamed_shards_on_p_ranks_train_the_parameters_of_one_process_with_p_times_the_memory(
+        comm, shared_dir):
+    """--data-memory: each rank streams its shards through windows of 2 blocks of 4 rows (the
+    file's chunks); one process with P times the memory streams through the same windows."""
+    data_file = shared_dir / "chunked.h5"
+    if comm.rank == 0:
+        make_chunked_dataset(data_file, chunk_rows=4)
+    comm.barrier()
+    per_rank = 24 // comm.size * 2 * 2 * 4 * (64 + 8)   # 2 windows of 2 blocks, 72-byte rows
+    config = Config(data=str(data_file), model=model_spec(), dtype="float64", epochs=2,
+                    batch_size=29, lr=0.2, momentum=0.9, log_every=1000, threads=1)
+    distributed, distributed_metrics = train_and_load(comm, Config(**{
+        **config.to_dict(), "data_memory": per_rank,
+        "run_dir": str(shared_dir / f"streamed-p{comm.size}")}))
+    single, single_metrics = train_and_load(SerialComm(), Config(**{
+        **config.to_dict(), "data_memory": per_rank * comm.size,
+        "run_dir": str(shared_dir / f"streamed-serial-rank{comm.rank}")}))
+    assert relative_error(distributed, single) < 1e-9
+    assert ([m["train_accuracy"] for m in distributed_metrics]
+            == [m["train_accuracy"] for m in single_metrics])
+    saved = checkpoint.newest_valid(shared_dir / f"streamed-p{comm.size}" / "checkpoints")
+    assert saved.state["data_order"] == {"window_blocks": 2, "block_rows": 4}
 
 
 BN_MODEL = "64-16-bn-drop0.2-12-bn-10"   # batch normalisation and dropout in both hidden layers
