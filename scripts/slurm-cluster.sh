@@ -2,7 +2,7 @@
 # A real single-node SLURM cluster (munged + slurmctld + slurmd) on this
 # machine, without systemd, for the tests in tests/test_slurm.py and for trying
 # slurm/*.sbatch by hand. Needs root (slurmd runs as root) and, the first time,
-# apt (Debian/Ubuntu: slurmctld slurmd slurm-client munge, ~3 MB).
+# apt (Debian/Ubuntu: slurmctld slurmd slurm-client munge, ~3 MB; libpmix2 for srun --mpi=pmix).
 #
 #   bash scripts/slurm-cluster.sh start    install if missing, start what is not running, wait for the node
 #   bash scripts/slurm-cluster.sh stop     cancel this cluster's jobs, stop the daemons by their PID files
@@ -62,6 +62,25 @@ install_packages() {
   if [ "$policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
 }
 
+# srun --mpi=pmix (Open MPI 5 speaks only PMIx): Debian's SLURM plugin dlopens PMIx by the
+# unversioned name the -dev package provides (pmix2/lib/libpmix.so), and libpmix-dev would bring
+# autotools and half a dozen -dev packages with it; the library (libpmix2, 2 MB installed) and
+# that one link are enough. Without them srun --mpi=pmix says "can not load PMIx library", and
+# srun --mpi=pmi2 works as before. Done before slurmd starts: it loads its MPI plugins then.
+ensure_pmix() {
+  local plugins=/usr/lib/x86_64-linux-gnu/slurm-wlm lib=/usr/lib/x86_64-linux-gnu/pmix2/lib
+  [ -e "$plugins/mpi_pmix.so" ] || return 0
+  if [ ! -e "$lib/libpmix.so.2" ] && command -v apt-get >/dev/null; then
+    # --no-remove: libpmix2 Breaks Debian's libopenmpi3, which stays; then only pmi2 works
+    log "installing libpmix2 (apt), for srun --mpi=pmix"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends --no-remove \
+        libpmix2 >/dev/null 2>&1 || log "could not install libpmix2: srun --mpi=pmix will not work"
+  fi
+  if [ -e "$lib/libpmix.so.2" ] && [ ! -e "$lib/libpmix.so" ]; then
+    ln -s libpmix.so.2 "$lib/libpmix.so"
+  fi
+}
+
 write_conf() {
   cat > "$CONF.new" <<EOF
 # Written by scripts/slurm-cluster.sh: a one-node test cluster.
@@ -92,7 +111,8 @@ SchedulerType=sched/backfill
 SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=5
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
-# srun gives MPICH (the PyPI wheel, or a system one) its ranks through PMI-2
+# srun gives MPICH (the PyPI wheel, or a system one) its ranks through PMI-2; Open MPI's need
+# srun --mpi=pmix (slurm/train.sbatch asks for it when its python's mpi4py runs on Open MPI)
 MpiDefault=pmi2
 JobRequeue=1
 ReturnToService=2
@@ -109,6 +129,7 @@ start() {
   trap 'rc=$?; log "FAILED (status $rc) at line $LINENO; logs in $BASE/log"; tail -n 5 "$BASE"/log/*.log "$M/munged.log" 2>/dev/null >&2' ERR
   [ "$(id -u)" = 0 ] || { log "must run as root (slurmd runs as root)"; exit 1; }
   installed || install_packages
+  ensure_pmix
 
   mkdir -p "$BASE"/{etc,state,spool,log,run} "$M"
   chown munge:munge "$M"

@@ -35,9 +35,11 @@ DEFAULT_OPTIONS = "--quiet"
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+) done:.*test accuracy ([0-9.]+)%")
 
 
-def mpiexec():
-    from ddptrain.distributed.launcher import find_mpiexec
-    return find_mpiexec()
+def mpiexec(ranks):
+    """The argv that starts ``ranks`` ranks with this environment's mpiexec (MPICH's or Open
+    MPI's)."""
+    from ddptrain.distributed.launcher import mpiexec_argv
+    return mpiexec_argv(ranks)
 
 
 def clean_env():
@@ -48,7 +50,7 @@ def clean_env():
 
 def command(data, ranks, train_args):
     python = [sys.executable, "-m", "ddptrain", "--data", str(data), *train_args]
-    return python if ranks == 1 else [mpiexec(), "-n", str(ranks), *python]
+    return python if ranks == 1 else [*mpiexec(ranks), *python]
 
 
 def run_once(data, ranks=2, target=98.0, train_args=DEFAULT_OPTIONS, timeout=300):

@@ -1,5 +1,3 @@
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,14 +35,15 @@ def processes_only_in_slow_tests(request, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def no_shared_memory_left_behind(request):
-    """A test that starts ranks, and kills some, leaves no orphaned MPICH segment in /dev/shm
-    (memory)."""
+    """A test that starts ranks, and kills some, leaves no orphaned MPI segment in /dev/shm
+    (memory), nor the session folder of an Open MPI mpiexec it killed."""
     if request.node.get_closest_marker("slow") is None:
         yield
         return
-    before = helpers.mpich_segments()
+    before, sessions = helpers.mpi_segments(), helpers.open_mpi_sessions()
     yield
     helpers.remove_orphaned_segments(before)
+    helpers.remove_orphaned_sessions(sessions)
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +67,7 @@ def small_data(tmp_path_factory):
 @pytest.fixture
 def started():
     """``helpers.start``, for a test that acts on a run in the background: whatever of it still runs
-    when the test ends (after a failed assertion, say) is killed, with its process group."""
+    when the test ends (after a failed assertion, say) is killed, with every process below it."""
     runs = []
 
     def start(*args, **kwargs):
@@ -78,5 +77,5 @@ def started():
     yield start
     for run in runs:
         if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
+            helpers.kill_job(run.pid)
             run.communicate()

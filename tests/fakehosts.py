@@ -3,8 +3,8 @@
 A fake host is a Linux network namespace with its own address, hostname and
 IPC namespace, linked to the others through a virtual switch; mpiexec started
 by :meth:`FakeHosts.mpiexec_argv` runs its ranks on them as on separate nodes
-(MPICH's UCX netmod uses TCP over the hosts' ``eth0`` between them, shared memory
-within one). Needs root (CI runs as root), ``ip`` and ``unshare``; see the script
+(MPICH's UCX netmod, or Open MPI's, uses TCP over the hosts' ``eth0`` between them,
+shared memory within one). Needs root (CI runs as root), ``ip`` and ``unshare``; see the script
 for what it creates.
 
 Imported as ``import fakehosts`` (``conftest.py`` puts ``tests/`` on
@@ -39,7 +39,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from ddptrain.distributed.launcher import find_mpiexec
+from ddptrain.distributed.launcher import mpiexec_on_hosts_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "fake-hosts.sh"
@@ -175,17 +175,14 @@ class FakeHosts:
         """The argv, to run from the machine's own namespace, that starts ``program_argv`` as
         ``ranks_per_host`` ranks on every host (ranks 0..k-1 on host 1, and so on).
 
-        mpiexec runs on host 1 and starts the other hosts' proxies through
-        ``scripts/fake-hosts-launcher``; ``env`` goes to the ranks as ``-genv``.
-        Start it with an environment without an MPI context
+        mpiexec runs on host 1 and starts the other hosts' proxies (Hydra's) or daemons (Open
+        MPI's) through ``scripts/fake-hosts-launcher``, as it would through ssh; ``env`` goes to
+        the ranks. Start it with an environment without an MPI context
         (``ddptrain.distributed.launcher.environ_without_launcher()``).
         """
-        spec = ",".join(f"{host}:{ranks_per_host}" for host in self.hosts)
-        genv = [word for name, value in (env or {}).items() for word in ("-genv", name, str(value))]
-        return self.run_argv(self.hosts[0], [
-            mpiexec or find_mpiexec(), "-hosts", spec, "-launcher", "ssh", "-launcher-exec",
-            str(LAUNCHER), *genv, "-n", str(ranks_per_host * len(self.hosts)),
-            *map(str, program_argv)])
+        slots = [(host, ranks_per_host) for host in self.hosts]
+        return self.run_argv(self.hosts[0], [*mpiexec_on_hosts_argv(slots, LAUNCHER, mpiexec, env),
+                                             *map(str, program_argv)])
 
     # ------------------------------------------------------------ looking
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -21,9 +23,10 @@ import numpy as np
 
 from ddptrain.data.sampler import DEFAULT_VIRTUAL_SHARDS, epoch_plan
 from ddptrain.data.writer import write_dataset
-from ddptrain.distributed.launcher import environ_without_launcher, find_mpiexec
+from ddptrain.distributed.launcher import environ_without_launcher, mpiexec_argv
 from ddptrain.nn.layer import Layer
 from ddptrain.run import checkpoint as ckpt_io
+from launchers import launcher, without_launcher_reports
 
 ROOT = Path(__file__).resolve().parent.parent
 INJECT = Path(__file__).resolve().parent / "inject.py"
@@ -84,8 +87,11 @@ def model_spec(side=8, hidden=(16,), n_classes=10):
 # ---------------------------------------------------------------- running ddptrain as a user would
 
 
-def mpiexec():
-    return find_mpiexec()
+def mpiexec(ranks):
+    """The argv that starts ``ranks`` ranks of the program that follows: the mpiexec of the MPI this
+    interpreter's venv has (MPICH's or Open MPI's wheel), with what Open MPI's needs to act as
+    Hydra."""
+    return mpiexec_argv(ranks)
 
 
 def command(args, ranks=None, faults=None):
@@ -95,7 +101,7 @@ def command(args, ranks=None, faults=None):
     """
     program = [str(INJECT), faults] if faults else ["-m", "ddptrain"]
     python = [sys.executable, *program, *map(str, args)]
-    return python if ranks is None else [mpiexec(), "-n", str(ranks), *python]
+    return python if ranks is None else [*mpiexec(ranks), *python]
 
 
 def clean_env(extra=None):
@@ -232,22 +238,35 @@ def _parent(pid):
         return None
 
 
+# What a launcher tells the program it starts its rank by: Hydra (MPICH), Open MPI.
+RANK_VARIABLES = (b"PMI_RANK", b"OMPI_COMM_WORLD_RANK")
+
+
+def _rank_in(environ):
+    for name in RANK_VARIABLES:
+        if environ.get(name, b"").isdigit():
+            return int(environ[name])
+    return None
+
+
 def launched_rank(pid):
     """The rank that an MPI launcher started process ``pid`` as, or None if it is no rank.
 
-    A rank is a process with ``PMI_RANK`` in its environment, set by Hydra's proxy for the program
-    it starts, whose parent has none: that leaves out the proxy, the shells and launchers around it
-    (whose command lines may well hold the word ``ddptrain``, from the path of the checkout), and
-    the children a rank forks, which inherit its environment. The tests start their jobs without a
-    launcher's variables (``clean_env``), so nothing else carries ``PMI_RANK``.
+    A rank is a process with ``PMI_RANK`` (Hydra) or ``OMPI_COMM_WORLD_RANK`` (Open MPI) in its
+    environment, set by the launcher's proxy or daemon for the program it starts, whose parent has
+    none: that leaves out the proxy, the shells and launchers around it (whose command lines may
+    well hold the word ``ddptrain``, from the path of the checkout), and the children a rank forks,
+    which inherit its environment. The tests start their jobs without a launcher's variables
+    (``clean_env``), so nothing else carries them.
     """
     environ = _environ(pid)
-    if environ is None or not environ.get(b"PMI_RANK", b"").isdigit():
+    rank = None if environ is None else _rank_in(environ)
+    if rank is None:
         return None
     parent = _environ(_parent(pid))
-    if parent is not None and b"PMI_RANK" in parent:
+    if parent is not None and _rank_in(parent) is not None:
         return None
-    return int(environ[b"PMI_RANK"])
+    return rank
 
 
 def ranks_among(pids):
@@ -276,6 +295,23 @@ def descendants(pid):
     return found
 
 
+def kill_job(pid):
+    """SIGKILL to process ``pid`` (a job's mpiexec), its process group and every process below it:
+    the launchers start the ranks in process groups of their own (Hydra's proxy has one, Open
+    MPI gives one to each rank), which a signal to the group of mpiexec misses, and ranks whose
+    mpiexec is gone go on training."""
+    below = descendants(pid)   # before the kill: orphans are adopted, and lost from the tree
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for process in below:
+        try:
+            os.kill(process, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def rank_pids(launcher_pid, ranks, timeout=30):
     """``{rank: pid}`` of the ``ranks`` ranks under mpiexec ``launcher_pid``, once all of them
     run."""
@@ -289,7 +325,9 @@ def rank_pids(launcher_pid, ranks, timeout=30):
 
 
 def error_lines(stderr):
-    return [line for line in stderr.splitlines() if line.strip()]
+    """The lines that the program printed on ``stderr``, blank lines and the launcher's own reports
+    (Open MPI's mpiexec frames one when a rank exits with a non-zero status) left out."""
+    return [line for line in without_launcher_reports(stderr).splitlines() if line.strip()]
 
 
 def in_process(argv, capsys):
@@ -303,16 +341,18 @@ def in_process(argv, capsys):
 # ---------------------------------------------------------------- what a run leaves behind
 
 
-def mpich_segments():
-    """The names of MPICH's shared-memory segments in /dev/shm."""
+def mpi_segments():
+    """The names of the shared-memory segments in /dev/shm of this session's MPI (MPICH's
+    ``mpich_shm_*``, or Open MPI's ``sm_segment.*``)."""
     try:
-        return {name for name in os.listdir("/dev/shm") if name.startswith("mpich_")}
+        return {name for name in os.listdir("/dev/shm")
+                if name.startswith(launcher().segment_prefixes)}
     except OSError:
         return set()
 
 
 def remove_orphaned_segments(before, grace=2.0):
-    """Remove the MPICH segments made since ``before`` (a ``mpich_segments()``) that no process maps
+    """Remove the MPI segments made since ``before`` (a ``mpi_segments()``) that no process maps
     any more.
 
     Ranks that a test kills (or that abort) never unlink their segments, and /dev/shm is memory: a
@@ -321,7 +361,7 @@ def remove_orphaned_segments(before, grace=2.0):
     """
     deadline = time.monotonic() + grace
     while True:
-        new = mpich_segments() - before
+        new = mpi_segments() - before
         mapped = _mapped(new) if new else set()
         for name in new - mapped:
             try:
@@ -333,6 +373,23 @@ def remove_orphaned_segments(before, grace=2.0):
         if not mapped or time.monotonic() > deadline:
             return
         time.sleep(0.05)
+
+
+# Open MPI's mpiexec (PRRTE's prterun) keeps its session in /tmp/ompi.PID (TMPDIR's), and removes
+# it as it ends, unless it is killed.
+SESSIONS = Path(os.environ.get("TMPDIR", "/tmp"))
+
+
+def open_mpi_sessions():
+    return set(SESSIONS.glob("ompi.[0-9]*"))
+
+
+def remove_orphaned_sessions(before):
+    """Remove the Open MPI session folders made since ``before`` (an ``open_mpi_sessions()``) whose
+    mpiexec is gone."""
+    for folder in open_mpi_sessions() - before:
+        if not Path(f"/proc/{folder.suffix[1:]}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _mapped(names):

@@ -16,6 +16,7 @@ SMALL = ["--model", model_spec(), "--batch-size", "30", "--epochs", "2"]
 
 
 @pytest.mark.slow
+@pytest.mark.mpiexec
 def test_simulated_ranks_train_the_parameters_of_mpiexec_and_of_one_process(small_data, tmp_path):
     runs = {"simulated": ([*SMALL, "--simulate-ranks", "4"], None), "mpiexec": (SMALL, 4),
             "single": (SMALL, None)}

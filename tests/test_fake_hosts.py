@@ -15,7 +15,7 @@ import pytest
 import fakehosts
 from ddptrain.distributed.launcher import environ_without_launcher, find_mpiexec
 
-pytestmark = pytest.mark.slow   # every test here starts processes
+pytestmark = [pytest.mark.slow, pytest.mark.mpiexec]   # every test here starts processes
 
 PREFIX = "ddptt"   # not the script's default: hosts made by hand or by other tests stay up
 

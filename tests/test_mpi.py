@@ -10,13 +10,13 @@ import helpers
 from ddptrain.run import checkpoint
 from helpers import model_spec
 
-pytestmark = pytest.mark.slow   # every test here starts processes
+pytestmark = [pytest.mark.slow, pytest.mark.mpiexec]   # every test here starts processes
 
 
 @pytest.mark.parametrize("ranks", [2, 3, 4])
 def test_the_distributed_tests_pass_under_mpiexec(ranks):
     """Runs tests/mpi/ (P ranks reproduce one process, and more) with P ranks."""
-    argv = [helpers.mpiexec(), "-n", str(ranks), sys.executable, "-m", "pytest", "--with-mpi", "-q",
+    argv = [*helpers.mpiexec(ranks), sys.executable, "-m", "pytest", "--with-mpi", "-q",
             "-p", "no:cacheprovider", "tests/mpi"]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=helpers.ROOT,
                           env=helpers.clean_env())

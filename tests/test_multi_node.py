@@ -23,6 +23,8 @@ from ddptrain.backends.threads import _description
 from ddptrain.distributed.launcher import environ_without_launcher
 from ddptrain.run import checkpoint
 
+pytestmark = pytest.mark.mpiexec   # what MPI launchers do differently: run under each
+
 RANKS_PER_HOST = 2
 # ranks 0-1 run on host 1, ranks 2-3 on host 2
 HOST_2_RANKS = range(RANKS_PER_HOST, 2 * RANKS_PER_HOST)
@@ -170,7 +172,7 @@ def test_a_rank_killed_on_host_2_ends_the_whole_job_within_seconds(hosts, small_
         ended = time.monotonic() - killed
     finally:
         if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
+            helpers.kill_job(job.pid)
     # Hydra's status for a job it ended (255 here), and no rank left behind on either host. Its
     # words vary with which connection it sees close first ("launcher returned error waiting for
     # completion", "one of the processes terminated badly; aborting", "assert (!closed) failed"),
@@ -204,7 +206,7 @@ def test_sigterm_to_the_ranks_of_host_2_stops_every_rank_after_the_same_step_and
         out, err = job.communicate(timeout=60)
     finally:
         if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
+            helpers.kill_job(job.pid)
     assert job.returncode == 3, err[-2000:]   # EXIT_PREEMPTED, from every rank
     stopped = checkpoint.newest_valid(run_dir / "checkpoints")
     # Rank 0, on host 1, learnt of the signal through the step's totals, as host 1's ranks all did.
@@ -261,3 +263,9 @@ def test_the_thread_line_splits_each_hosts_cores_between_its_own_ranks():
         "b: 2 openblas threads per rank (4 cores shared by 2 rank(s))"
     assert _description([("a", two_cores)] * 4, 1,
                         "openblas") == "1 openblas thread per rank (set by --threads)"
+    # Open MPI's mpirun binds each rank to a core of its own (as many ranks as cores)
+    assert _description([("a", (0,)), ("a", (1,)), ("b", (0,)), ("b", (1,))], 0, "openblas") == \
+        "1 openblas thread per rank (each rank bound to 1 core(s))"
+    assert _description([("a", (0,)), ("a", (1,)), ("a", (2, 3))], 0, "openblas") == \
+        "a: 1 openblas thread per rank (1 cores shared by 1 rank(s)); " \
+        "a: 2 openblas threads per rank (2 cores shared by 1 rank(s))"

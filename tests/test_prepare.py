@@ -23,7 +23,7 @@ import pytest
 import test_mnist
 from ddptrain import cli
 from ddptrain.data import datasets, fetch, format as data, idx
-from ddptrain.distributed.launcher import environ_without_launcher, find_mpiexec
+from ddptrain.distributed.launcher import environ_without_launcher, mpiexec_argv
 from ddptrain.errors import DataError, UserError
 from test_mnist import REPO, idx_bytes, md5, quiet, write_idx_dir
 
@@ -449,7 +449,7 @@ def test_the_default_mlp_on_2_ranks_reaches_89_percent_on_fashion_mnist(prepared
     """The default model and options, but 15 epochs: 89.68% on an Intel Xeon (30 Nov 2026)."""
     path, done = prepared_fashion
     assert done.returncode == 0, done.stderr
-    run = subprocess.run([find_mpiexec(), "-n", "2", sys.executable, "-m", "ddptrain", "--data",
+    run = subprocess.run([*mpiexec_argv(2), sys.executable, "-m", "ddptrain", "--data",
                           str(path), "--epochs", "15", "--run-dir", str(tmp_path / "run"),
                           "--quiet"], capture_output=True, text=True, cwd=REPO, timeout=600,
                          env=environ_without_launcher())

@@ -13,6 +13,8 @@ from ddptrain.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from ddptrain.run import checkpoint as ckpt_io
 from helpers import in_process, make_dataset, model_spec
 
+pytestmark = pytest.mark.mpiexec   # what MPI launchers do differently: run under each
+
 DELAY = 0.05   # seconds per step: 30 steps per epoch, 1.5 s
 
 

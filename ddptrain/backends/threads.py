@@ -46,11 +46,12 @@ def configure_blas_threads(comm, requested=0, library=None):
     """Give each rank its share of the cores it may run on; a ``BlasThreads``.
 
     Ranks that share a node and the same CPU affinity split those cores
-    between them; a rank bound to its own cores (mpirun --bind-to, srun
-    --cpu-bind) uses all of them. ``requested`` > 0 overrides, and is refused
-    (a UserError, the same on every rank) where it exceeds a rank's cores:
-    more threads than cores only slow the matrix products down. ``library``:
-    the backend's name (``"mkl"``), else numpy's BLAS is named. A collective.
+    between them; a rank bound to its own cores (mpirun --bind-to, Open MPI's
+    mpirun by default, srun --cpu-bind) uses all of them. ``requested`` > 0
+    overrides, and is refused (a UserError, the same on every rank) where it
+    exceeds a rank's cores: more threads than cores only slow the matrix
+    products down. ``library``: the backend's name (``"mkl"``), else numpy's
+    BLAS is named. A collective.
     """
     from threadpoolctl import threadpool_info, threadpool_limits
 
@@ -96,6 +97,10 @@ def _description(everyone, requested, library):
         member, threads = next(iter(shares.items()))
         return (f"{plural(threads)} ({len(member[1])} cores shared by {everyone.count(member)} "
                 f"rank(s) on each of {len(hosts)} hosts)")
-    return "; ".join(f"{host}: {plural(threads)} ({len(cores)} cores shared by "
-                     f"{everyone.count((host, cores))} rank(s))"
-                     for (host, cores), threads in shares.items())
+    if alike and len(shares) == len(everyone):   # every rank bound to cores of its own, alike
+        cores = len(everyone[0][1])
+        return f"{plural(shares[everyone[0]])} (each rank bound to {cores} core(s))"
+    # a host's groups alike are said once
+    return "; ".join(dict.fromkeys(f"{host}: {plural(threads)} ({len(cores)} cores shared by "
+                                   f"{everyone.count((host, cores))} rank(s))"
+                                   for (host, cores), threads in shares.items()))

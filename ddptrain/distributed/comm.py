@@ -45,6 +45,19 @@ def unlink_mapped_segments():
                 pass   # another rank of the node removed it first
 
 
+def quiet_open_mpi_windows(environ=os.environ):
+    """Keep Open MPI's UCX one-sided component out of its choice of window components, unless the
+    user chose them (``OMPI_MCA_osc``); read by MPI's initialisation, and ignored by other MPIs.
+
+    On a node whose UCX has no transport for one-sided operations (TCP or shared memory only, as
+    the PyPI wheel's on most machines), Open MPI 5 prints "OSC UCX component priority set inside
+    component query failed" once per rank and window (open-mpi/ompi#12517, #14086). ddptrain's
+    windows are all shared memory (``allocate_shared``), which Open MPI's ``sm`` component serves
+    whatever the list, so leaving UCX out changes nothing but the noise on stderr.
+    """
+    environ.setdefault("OMPI_MCA_osc", "^ucx")
+
+
 class CollectiveClock:
     """What this process's watchdog (``watchdog.py``) reads: how many collectives it has entered,
     over all of its communicators, and since when it has been inside the one it is in.
@@ -196,12 +209,14 @@ class MPIComm:
     """An mpi4py communicator behind the same small interface."""
 
     def __init__(self, mpi_comm=None):
+        quiet_open_mpi_windows()   # before the import, which initialises MPI
         from mpi4py import MPI
         self._MPI = MPI
         self._comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
         self.rank = self._comm.Get_rank()
         self.size = self._comm.Get_size()
-        self.library = MPI.Get_library_version().splitlines()[0].strip()
+        # "MPICH Version: 5.0.2", "Open MPI v5.0.11" (before its build details, after a comma)
+        self.library = MPI.Get_library_version().splitlines()[0].split(",")[0].strip()
 
     @_collective
     def allreduce_(self, array):

@@ -2,12 +2,16 @@
 
 SLURM output files and CI logs are not terminals: there a line every
 ``--log-every`` steps is what a reader wants, not a bar redrawn with ``\\r``.
+Under an MPI launcher the lines too: Hydra (MPICH) hands the ranks pipes, and
+Open MPI's mpirun a terminal of its own even when its output goes to a file.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+
+from ddptrain.distributed.launcher import output_is_open_mpis_terminal
 
 
 def format_seconds(seconds):
@@ -25,7 +29,9 @@ class Progress:
 
     def __init__(self, log_every, stream=None, interactive=None, quiet=False):
         self.stream = stream or sys.stdout
-        self.interactive = self.stream.isatty() if interactive is None else interactive
+        if interactive is None:
+            interactive = self.stream.isatty() and not output_is_open_mpis_terminal()
+        self.interactive = interactive
         self.log_every, self.quiet = log_every, quiet
         self._drawn = False
         self._last_draw = 0.0

@@ -25,7 +25,8 @@ HOSTS_PREFIX = "dbench"   # the benchmark's own fake hosts, apart from the tests
 
 
 def mpiexec():
-    return time_to_accuracy.mpiexec()
+    from ddptrain.distributed.launcher import find_mpiexec
+    return find_mpiexec()
 
 
 def free_port():
@@ -43,10 +44,11 @@ def fake_hosts(command, n=2):
 def across_hosts(argv, ranks):
     """``argv`` as ``ranks`` ranks, one on each fake host: mpiexec on host 1, the others through the
     launcher."""
+    from ddptrain.distributed.launcher import mpiexec_on_hosts_argv
     hosts = [f"{HOSTS_PREFIX}-h{k}" for k in range(1, ranks + 1)]
-    one_slot_each = ",".join(f"{h}:1" for h in hosts)
-    return [str(FAKE_HOSTS), "run", hosts[0], mpiexec(), "-hosts", one_slot_each,
-            "-launcher", "ssh", "-launcher-exec", str(FAKE_HOSTS_LAUNCHER), "-n", str(ranks), *argv]
+    one_slot_each = [(host, 1) for host in hosts]
+    return [str(FAKE_HOSTS), "run", hosts[0],
+            *mpiexec_on_hosts_argv(one_slot_each, FAKE_HOSTS_LAUNCHER, mpiexec()), *argv]
 
 
 def launch(kind, ranks, threads_per_rank, batch, steps, warmup, repeats, opts, extra=()):
@@ -65,7 +67,7 @@ def launch(kind, ranks, threads_per_rank, batch, steps, warmup, repeats, opts, e
         if hosts:
             argv = across_hosts(argv, ranks)
         elif ranks > 1:
-            argv = [mpiexec(), "-n", str(ranks), *argv]
+            argv = [*time_to_accuracy.mpiexec(ranks), *argv]
         proc = subprocess.run(argv, capture_output=True, text=True, check=False,
                               env=time_to_accuracy.clean_env(), cwd=ROOT, timeout=900)
         if proc.returncode != 0:
