@@ -1,3 +1,4 @@
+import signal
 import subprocess
 import sys
 from pathlib import Path
