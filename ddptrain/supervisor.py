@@ -36,7 +36,7 @@ import socket
 import subprocess
 import sys
 
-from ddptrain.distributed.launcher import find_mpiexec
+from ddptrain.distributed.launcher import find_mpiexec, mpiexec_family, open_mpi_options
 from ddptrain.errors import UserError
 from ddptrain.run.signals import SIGNALS, take_early_signals
 from ddptrain.run.supervised import VARIABLE
@@ -64,11 +64,13 @@ class Launch:
     def __init__(self, ranks, mpiexec, mpiexec_args, rest):
         self.ranks, self.mpiexec, self.mpiexec_args, self.rest = ranks, mpiexec, mpiexec_args, rest
 
-    def command(self):
-        """The ``mpiexec`` command line of the job."""
+    def command(self, options=()):
+        """The ``mpiexec`` command line of the job; ``options``: what this mpiexec needs to start
+        the ranks as Hydra would (``open_mpi_options``)."""
         ranks_run = ([sys.executable] + self.rest if self.rest and self.rest[0].endswith(".py")
                      else [sys.executable, "-m", "ddptrain"] + self.rest)
-        return [self.mpiexec] + self.mpiexec_args + ["-n", str(self.ranks)] + ranks_run
+        return ([self.mpiexec, *options] + self.mpiexec_args + ["-n", str(self.ranks)]
+                + ranks_run)
 
 
 def parse(argv):
@@ -134,6 +136,7 @@ class Supervisor:
 
     def __init__(self, launch):
         self.launch = launch
+        self.family = mpiexec_family(launch.mpiexec)
         self.ranks_ready = False
         self.held = []      # signal numbers that came before the ranks were ready
         self._arrived = []  # signal numbers not yet dealt with
@@ -151,7 +154,8 @@ class Supervisor:
                 environ = dict(os.environ)
                 environ[VARIABLE] = f"{socket.gethostname()}:{listener.getsockname()[1]}:{token}"
                 try:
-                    job = subprocess.Popen(self.launch.command(), env=environ,
+                    options = open_mpi_options(self.launch.mpiexec)
+                    job = subprocess.Popen(self.launch.command(options), env=environ,
                                            stdin=subprocess.DEVNULL,
                                            preexec_fn=_own_group_and_leash)
                 except OSError as error:
@@ -196,6 +200,11 @@ class Supervisor:
         if self.ranks_ready and self.held:
             self.held, arrived = [], self.held + arrived
         for number in arrived:
+            if self.family == "openmpi" and number != signal.SIGUSR1:
+                # Open MPI's mpiexec ends the job itself on SIGTERM and SIGINT (SIGTERM to the
+                # ranks, SIGKILL 0.25 s later); SIGUSR1 it passes on, and the ranks then stop
+                # after a step with a checkpoint, as a stop signal promises
+                number = signal.SIGUSR1
             try:
                 os.kill(job.pid, number)   # mpiexec passes it on to every rank
             except ProcessLookupError:
