@@ -430,7 +430,7 @@ def peaks(data, tmp_path, data_memory):
     out = tmp_path / f"peaks-{data_memory}"
     out.mkdir()
     proc = subprocess.run(
-        [helpers.mpiexec(), "-n", "2", sys.executable, str(helpers.ROOT / "tests" /
+        [*helpers.mpiexec(2), sys.executable, str(helpers.ROOT / "tests" /
                                                                   "memory_job.py"),
          data, str(tmp_path / f"run-{data_memory}"), str(out), data_memory],
         capture_output=True, text=True, timeout=120, env=helpers.clean_env(), cwd=helpers.ROOT)

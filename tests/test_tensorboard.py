@@ -261,7 +261,7 @@ def test_two_ranks_write_one_event_file_with_the_values_of_one_process(small_dat
     """Through ``ddptrain.train``, with rank 1 unable to import tensorboardX
     (``tests/tensorboard_job.py``): it never tries."""
     job = [sys.executable, str(helpers.ROOT / "tests" / "tensorboard_job.py"), small_data]
-    for argv, run in ((job, "one"), ([helpers.mpiexec(), "-n", "2", *job], "two")):
+    for argv, run in ((job, "one"), ([*helpers.mpiexec(2), *job], "two")):
         proc = subprocess.run([*argv, str(tmp_path / run)], capture_output=True, text=True,
                               timeout=120, env=helpers.clean_env())
         assert proc.returncode == 0, proc.stderr[-3000:]
