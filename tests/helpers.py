@@ -26,6 +26,7 @@ from ddptrain.data.writer import write_dataset
 from ddptrain.distributed.launcher import environ_without_launcher, mpiexec_argv
 from ddptrain.nn.layer import Layer
 from ddptrain.run import checkpoint as ckpt_io
+from ddptrain.training.trainer import Callback
 from launchers import launcher, without_launcher_reports
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -555,3 +556,14 @@ def global_batches(n, global_batch, seed, epoch, n_shards=None, drop_last=False)
                       drop_last)
     return [np.sort(plan.global_rows[plan.step_bounds[t]:plan.step_bounds[t + 1]])
             for t in range(plan.n_steps)]
+
+
+class SignalAtStep(Callback):
+    """Sends this process SIGUSR1 after step ``step``, as SLURM does before a time limit."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, end):
+        if trainer.position.step == self.step:
+            os.kill(os.getpid(), signal.SIGUSR1)

@@ -2,9 +2,7 @@
 fails the way it does; ``ddptrain.gradcheck`` catches a wrong backward pass."""
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 
@@ -17,7 +15,6 @@ import helpers
 from ddptrain import cli, nn
 from ddptrain.errors import DataError, UserError
 from ddptrain.run import checkpoint
-from ddptrain.training.trainer import Callback
 
 sys.path.insert(0, str(helpers.ROOT / "scripts"))
 from custom_model import PReLU, build_model  # noqa: E402
@@ -110,20 +107,10 @@ def test_a_custom_model_resumes_from_its_checkpoint_as_if_never_stopped(small_da
                                   helpers.final_params(tmp_path / "straight"))
 
 
-class SignalAtStep(Callback):
-    """Sends this process SIGUSR1 after step ``step``, as SLURM does before a time limit."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, end):
-        if trainer.position.step == self.step:
-            os.kill(os.getpid(), signal.SIGUSR1)
-
 
 def test_a_signal_stops_the_run_after_a_checkpoint_and_the_result_says_so(small_data, tmp_path):
     options = dict(OPTIONS, run_dir=str(tmp_path / "run"))
-    stopped = ddptrain.train(custom_model(), data=small_data, callbacks=[SignalAtStep(5)],
+    stopped = ddptrain.train(custom_model(), data=small_data, callbacks=[helpers.SignalAtStep(5)],
                              **options)
     # Seen at the next step, whose totals carry every rank's stop request: it stops after step 6.
     assert (stopped.exit_status, stopped.stopped_by, stopped.steps,

@@ -13,7 +13,6 @@ documentation states it (``expected_stop``), not by ddptrain's code.
 import json
 import math
 import os
-import signal
 
 import numpy as np
 import pytest
@@ -24,7 +23,6 @@ from ddptrain import cli
 from ddptrain.errors import UserError
 from ddptrain.run import checkpoint as ckpt_io
 from ddptrain.training.early_stopping import EarlyStopping
-from ddptrain.training.trainer import Callback
 from helpers import in_process, metrics_records, model_spec
 
 EPOCHS = 12
@@ -152,23 +150,13 @@ def test_p_simulated_ranks_stop_after_the_epoch_one_process_stops_after(small_da
         assert mine["test_loss"] == pytest.approx(theirs["test_loss"], rel=1e-9)
 
 
-class SignalAtStep(Callback):
-    """SIGUSR1 to this process after step ``step``, as SLURM sends before a time limit."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, end):
-        if trainer.position.step == self.step:
-            os.kill(os.getpid(), signal.SIGUSR1)
-
 
 def test_a_run_stopped_by_a_signal_and_resumed_stops_where_the_uninterrupted_one_does(
         small_data, tmp_path):
     straight = train(small_data, tmp_path / "straight", **WANDERING, early_stop=3)
     # stopped in epoch 5 (after step 66), with epoch 4 already one without improvement
     stopped = train(small_data, tmp_path / "run", **WANDERING, early_stop=3,
-                    callbacks=[SignalAtStep(65)])
+                    callbacks=[helpers.SignalAtStep(65)])
     assert (stopped.exit_status, stopped.steps, stopped.stopped_early) == (3, 66, False)
     saved = ckpt_io.newest_valid(tmp_path / "run" / "checkpoints").state["early_stop"]
     assert (saved["best_epoch"], saved["bad_epochs"]) == (3, 1)

@@ -9,8 +9,6 @@ pixels, an int64 label).
 """
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -293,14 +291,6 @@ def test_a_shard_that_does_not_fit_the_memory_limits_finds_is_streamed_saying_so
     assert saved.state["data_order"] == {"window_blocks": 1, "block_rows": CHUNK}
 
 
-class SignalAtStep(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, end):
-        if trainer.position.step == self.step:
-            os.kill(os.getpid(), signal.SIGUSR1)
-
 
 class RaiseAtStep(Callback):
     def on_step_end(self, trainer, end):
@@ -310,7 +300,7 @@ class RaiseAtStep(Callback):
 
 @pytest.mark.parametrize("way_out", ["finished", "signal", "nan", "early stop", "exception"])
 def test_the_reading_thread_stops_on_every_way_out_of_training(data, tmp_path, way_out):
-    options = {"finished": {}, "signal": {"callbacks": [SignalAtStep(5)]},
+    options = {"finished": {}, "signal": {"callbacks": [helpers.SignalAtStep(5)]},
                "nan": {"lr": 1e30, "dtype": "float32"},
                "early stop": {"epochs": 6, "early_stop": 1, "early_stop_min_delta": 10.0},
                "exception": {"callbacks": [RaiseAtStep()]}}[way_out]
