@@ -97,8 +97,20 @@ def shard_permutation(shard_size, seed, epoch, shard):
     return rng.permutation(shard_size)
 
 
+class StepSlices:
+    """What an epoch plan, in memory or streamed, answers from ``local_rows``, ``step_bounds`` and
+    ``global_counts``: its steps, and this rank's rows of each."""
+
+    @property
+    def n_steps(self):
+        return len(self.global_counts)
+
+    def local_batch(self, step):
+        return self.local_rows[self.step_bounds[step]:self.step_bounds[step + 1]]
+
+
 @dataclass(frozen=True)
-class EpochPlan:
+class EpochPlan(StepSlices):
     """One rank's view of one epoch.
 
     ``local_rows`` lists, in epoch order, the rows of this rank's in-memory
@@ -115,13 +127,6 @@ class EpochPlan:
     step_bounds: np.ndarray
     global_counts: np.ndarray
     global_batch: int
-
-    @property
-    def n_steps(self):
-        return len(self.global_counts)
-
-    def local_batch(self, step):
-        return self.local_rows[self.step_bounds[step]:self.step_bounds[step + 1]]
 
     def positions_in_batch(self, step):
         """Where this rank's rows of step ``step`` sit in its global batch (0 .. count - 1)."""

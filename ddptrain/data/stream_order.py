@@ -37,7 +37,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ddptrain.data.format import CHUNK_BYTES, ROWS_PER_CHUNK
-from ddptrain.data.sampler import check_layout, owned_shards, shard_bounds, steps_per_epoch
+from ddptrain.data.sampler import (
+    StepSlices,
+    check_layout,
+    owned_shards,
+    shard_bounds,
+    steps_per_epoch,
+)
 
 BLOCK_ORDER = 1    # the last seed word of the generator that orders a shard's blocks
 SLOTS = 2          # windows held per shard: the one trained on and the next
@@ -168,7 +174,7 @@ def window_bytes(n, n_shards, world_size, order, row_bytes):
     return n_shards // world_size * SLOTS * capacity * row_bytes
 
 
-class StreamedEpochPlan:
+class StreamedEpochPlan(StepSlices):
     """One rank's view of one streamed epoch, as ``sampler.EpochPlan`` gives it in memory.
 
     ``local_rows`` are rows of the rank's buffer (``StreamLayout.slot_start``);
@@ -221,13 +227,6 @@ class StreamedEpochPlan:
         if np.any(taken & (self.last_window[:, j] - lowest[:-1] > 1)):
             raise AssertionError("a step spans more than two windows: the window is below "
                                  "min_window_blocks")
-
-    @property
-    def n_steps(self):
-        return len(self.global_counts)
-
-    def local_batch(self, step):
-        return self.local_rows[self.step_bounds[step]:self.step_bounds[step + 1]]
 
     def positions_in_batch(self, step):
         """Where this rank's rows of step ``step`` sit in its global batch (0 .. count - 1)."""
