@@ -168,6 +168,10 @@ def _add_train_arguments(parser):
     _option(group, "--overlap-allreduce", "reduce the gradient in buckets of --bucket-mb while "
             "backward is still running (non-blocking Allreduces, as PyTorch DDP): can hide "
             "communication between hosts", action="store_true")
+    _option(group, "--reproducible", "bitwise the same parameters, metrics and checkpoints on any "
+            "number of ranks as in one process: every rank holds the whole global batch and the "
+            "matrix products run in fixed blocks of columns shared out among the ranks "
+            "(docs/reproducible.md); check it with 'ddptrain verify'", action="store_true")
     _option(group, "--exchange", "how the ranks sum the gradient: shared-memory (the ranks of a "
             "node share one copy of the parameters in the node's memory, sum each other's "
             "gradients there, each updates 1/L of the parameters, and nodes exchange slices with "

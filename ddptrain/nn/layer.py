@@ -93,6 +93,10 @@ class Layer:
     # works on (C, H, W) samples: (H, W) images gain a channel axis before it
     takes_channels = False
     takes_features = False          # works on rows of features: images are flattened before it
+    # computes its products in fixed blocks of columns when handed a ``columns.ColumnSplit``
+    # (``--reproducible``); a layer without runs on the whole batch on every rank instead
+    splits_columns = False
+    columns = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

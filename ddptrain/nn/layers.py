@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from ddptrain.nn.columns import keep_owned
 from ddptrain.nn.layer import Layer, ShapeError, shape_text
 
 
@@ -40,6 +41,7 @@ class Linear(Layer):
     output_is_scratch = True        # backward needs the input and the weights, not the output
     input_grad_is_scratch = True
     takes_features = True
+    splits_columns = True
 
     def __init__(self, n_in, n_out, init="he", bias=True):
         super().__init__()
@@ -79,12 +81,16 @@ class Linear(Layer):
     def forward(self, x):
         self._x = x
         out = self._scratch.get("out", (x.shape[0], self.n_out), self.params["weight"].dtype)
+        if self.columns is not None:
+            return self._forward_in_blocks(x, out)
         self.backend.matmul(x, self.params["weight"], out=out)
         if self.bias:
             out += self.params["bias"]
         return out
 
     def backward(self, dout, need_input_grad=True):
+        if self.columns is not None:
+            return self._backward_in_blocks(dout, need_input_grad)
         # dL/dW = x^T dout and dL/db = sum over the batch of dout: sums over
         # samples, so whatever normalisation the loss applied carries through.
         self.backend.matmul(self._x.T, dout, out=self.grads["weight"])
@@ -99,6 +105,50 @@ class Linear(Layer):
             return None
         dx = self._scratch.get("dx", (dout.shape[0], self.n_in), dout.dtype)
         return self.backend.matmul(dout, self.params["weight"].T, out=dx)
+
+    # -- in fixed blocks of columns (--reproducible: nn/columns.py) ----------------------------
+
+    def _forward_in_blocks(self, x, out):
+        weight, bias, matmul = self.params["weight"], self.params.get("bias"), self.backend.matmul
+
+        def block(start, stop):
+            matmul(x, weight[:, start:stop], out=out[:, start:stop])
+            if bias is not None:
+                out[:, start:stop] += bias[start:stop]
+
+        self.columns.run([lambda a=a, b=b: block(a, b)
+                          for a, b in self.columns.my_blocks(self.n_out)])
+        return self.columns.share(out)
+
+    def _backward_in_blocks(self, dout, need_input_grad):
+        """This rank's blocks of the weight gradient (every row of the global batch in one call per
+        block) and of the input gradient; the gradient of the columns it does not own is zero."""
+        columns, matmul, weight = self.columns, self.backend.matmul, self.params["weight"]
+        grad_w, grad_b = self.grads["weight"], self.grads.get("bias")
+        ones = self._scratch.constant(1, dout.shape[0], dout.dtype)
+        mine = columns.my_blocks(self.n_out)
+
+        def weight_block(start, stop):
+            matmul(self._x.T, dout[:, start:stop], out=grad_w[:, start:stop])
+            if grad_b is not None:
+                matmul(ones, dout[:, start:stop], out=grad_b[start:stop])
+
+        dx = self._scratch.get("dx", (dout.shape[0], self.n_in), dout.dtype)
+
+        def input_block(start, stop):
+            matmul(dout, weight[start:stop].T, out=dx[:, start:stop])
+
+        calls = [lambda a=a, b=b: weight_block(a, b) for a, b in mine]
+        if need_input_grad:
+            calls += [lambda a=a, b=b: input_block(a, b) for a, b in columns.my_blocks(self.n_in)]
+        columns.run(calls)
+        first, stop = columns.columns_of(self.n_out, columns.rank)
+        for grad in (grad_w, grad_b):
+            if grad is not None:
+                keep_owned(grad[..., first:stop], True)
+                keep_owned(grad[..., :first], False)
+                keep_owned(grad[..., stop:], False)
+        return columns.share(dx) if need_input_grad else None
 
 
 class ReLU(Layer):

@@ -20,6 +20,7 @@ import numpy as np
 
 from ddptrain.backends.gemm import NUMPY
 from ddptrain.errors import UserError
+from ddptrain.nn.columns import keep_owned
 from ddptrain.nn.layer import LAYER_TYPES, _Scratch, no_reduction
 from ddptrain.nn.layers import ReLU
 from ddptrain.nn.spec import parse_spec
@@ -200,6 +201,8 @@ class Sequential:
             memo[id(layer._scratch)] = _Scratch()
             if "sum_over_ranks" in vars(layer):
                 memo[id(layer.sum_over_ranks)] = no_reduction
+            if layer.columns is not None:
+                memo[id(layer.columns)] = None
             memo[id(layer.backend)] = layer.backend   # a library's functions, shared, never copied
         clone = Sequential(copy.deepcopy(self.layers, memo), dtype=self.dtype, spec=self.spec,
                            backend=self.backend)
@@ -282,6 +285,16 @@ class Sequential:
             if hasattr(layer, "sum_over_ranks"):
                 layer.sum_over_ranks = sum_over_ranks
 
+    columns = None   # the columns.ColumnSplit that set_column_split handed the layers, if any
+
+    def set_column_split(self, split):
+        """Compute in fixed blocks of columns (``columns.ColumnSplit``; None: as usual): the same
+        bits on any number of ranks. Layers that cannot split run on the whole batch, and only the
+        split's ``owns_whole_batch_layers`` rank keeps their gradients (the others send zeros)."""
+        self.columns = split
+        for layer in self.layers:
+            layer.columns = split if layer.splits_columns else None
+
     def set_batch_context(self, context):
         """Tell the layers that draw per-sample randomness (Dropout) the step and the rows'
         positions."""
@@ -330,6 +343,9 @@ class Sequential:
         for i in range(len(self.layers) - 1, last - 1, -1):
             layer = self.layers[i]
             dout = layer.backward(dout, need_input_grad=need_input_grad or i > last)
+            if self.columns is not None and not layer.splits_columns:
+                for grad in layer.grads.values():   # one owner per gradient: see columns.py
+                    keep_owned(grad, self.columns.owns_whole_batch_layers)
             if self.observer is not None:
                 self.observer("backward", layer, dout)
             if self.gradient_ready is not None:

@@ -63,6 +63,8 @@ class Config:
     # reduce the gradient in buckets during backward (as PyTorch DDP)
     overlap_allreduce: bool = False
     bucket_mb: float = 0.25            # --overlap-allreduce's bucket size, in MiB
+    # the bits of one process on any number of ranks (training/reproducible.py, nn/columns.py)
+    reproducible: bool = False
     exchange: str = "auto"             # how ranks sum gradients: see node_memory.py
     lr_schedule: str = "cosine"
     warmup_epochs: float = 0.0
@@ -168,6 +170,13 @@ class Config:
                      else "--shard-optimizer")
             raise UserError(f"--overlap-allreduce with {other}: overlapping reduces one "
                             "micro-batch's whole gradient with Allreduce; drop one of them")
+        if self.reproducible and self.batchnorm == "local":
+            raise UserError("--reproducible with --batchnorm local: each rank's own statistics "
+                            "depend on the number of ranks; drop one of them")
+        if self.reproducible and self.gemm == "mkl":
+            raise UserError("--reproducible with --gemm mkl: the reproducible mode multiplies with "
+                            "numpy's BLAS, one thread per product (docs/reproducible.md); drop "
+                            "--gemm mkl")
         conflict = self.option_exchanging_through_mpi
         if self.exchange == "shared-memory" and conflict:
             raise UserError(f"--exchange shared-memory with {conflict}: {conflict} exchanges the "

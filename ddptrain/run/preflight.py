@@ -72,7 +72,8 @@ def preflight(comm, config, console, model=None, arrays=None):
     UserError on every rank. ``model``: the caller's Sequential, checked instead of building
     ``config.model``'s layers; ``arrays``: in-memory data instead of ``config.data``'s file."""
     with same_on_every_rank():
-        gemm_choice = configure_gemm(comm, config.gemm)
+        # --reproducible multiplies with numpy's BLAS (config.validated refused --gemm mkl)
+        gemm_choice = configure_gemm(comm, "numpy" if config.reproducible else config.gemm)
         backend = gemm.backend(gemm_choice)
         blas_threads = configure_blas_threads(comm, config.threads, backend.name)
     hosts = hosts_by_rank(blas_threads.hosts)

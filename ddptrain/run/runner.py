@@ -25,6 +25,7 @@ from ddptrain.distributed.exchange import make_exchange
 from ddptrain.distributed.slurm import describe_slurm
 from ddptrain.distributed.watchdog import watch_for_stalls
 from ddptrain.errors import EXIT_OK, EXIT_PREEMPTED, same_on_every_rank
+from ddptrain.nn.columns import ColumnSplit
 from ddptrain.nn.layer import no_reduction
 from ddptrain.nn.losses import SoftmaxCrossEntropy
 from ddptrain.nn.model import Sequential
@@ -135,8 +136,12 @@ def _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays):
         model = Sequential(checked.layers, dtype=config.dtype, seed=config.seed,
                            spec=checked.model_spec)
     model.use_backend(checked.backend)
-    # DDP: batch statistics of the global batch (--batchnorm global), or of each rank's rows.
-    model.set_sum_over_ranks(comm.allreduce_ if config.batchnorm == "global" else no_reduction)
+    # DDP: batch statistics of the global batch (--batchnorm global), or of each rank's rows;
+    # --reproducible: every rank holds the whole batch, and its products are split by columns.
+    model.set_sum_over_ranks(comm.allreduce_ if config.batchnorm == "global"
+                             and not config.reproducible else no_reduction)
+    if config.reproducible:
+        model.set_column_split(column_split(comm, checked.blas_threads.threads))
     comm.bcast_(model.params)    # DDP: every replica starts from rank 0's parameters
     comm.bcast_(model.buffers)   # DDP: and buffers
     announce(console, comm, config, model, checked)
@@ -152,6 +157,18 @@ def _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays):
                            checked.data), stop, callbacks)
     finally:
         folder.release()
+        if model.columns is not None:
+            model.columns.close()
+            model.set_column_split(None)   # a caller's model is theirs again, as it was
+
+
+def column_split(comm, threads):
+    """--reproducible's ``ColumnSplit``: this rank's blocks of every product, run on ``threads``
+    Python threads that each call a one-thread BLAS (so one process with 2 threads computes what 2
+    ranks compute)."""
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=1, user_api="blas")
+    return ColumnSplit(comm.rank, comm.size, comm.allgather_, threads)
 
 
 @dataclass(frozen=True)
@@ -201,7 +218,7 @@ def _fit(run, stop, callbacks, exchange, optimizer, checkpoint, data, train, tes
     config, comm, console, folder, model, info = (run.config, run.comm, run.console, run.folder,
                                                   run.model, run.info)
     step = TrainStep(model, SoftmaxCrossEntropy(), optimizer, exchange,
-                     config.clip_grad_norm or None, config.accumulate)
+                     config.clip_grad_norm or None, config.accumulate, config.reproducible)
     callbacks = standard_callbacks(config, console, folder, model.buffers.size > 0,
                                    data_sha256(info)) + list(callbacks)
     profiler = make_profiler(config, console, folder, callbacks,
@@ -332,6 +349,10 @@ def announce(console, comm, config, model, checked):
     console.print(f"model {model.summary()} ({model.params.size:,} parameters, {config.dtype}); "
                   f"data {info.path}; run folder {checked.folder.run_dir}", always=True)
     console.print(describe_split(info.n_train, info.n_test, comm, config), always=True)
+    if model.columns is not None:
+        console.print(f"reproducible: the bits of one process on any number of ranks, for this CPU "
+                      f"type and BLAS ({model.columns.describe()}; docs/reproducible.md)",
+                      always=True)
     if checked.data is not None and checked.data.line:
         console.print(checked.data.line, always=True)
     console.print(f"peak learning rate {peak_learning_rate(config):.4g} ({config.lr_schedule}"

@@ -22,7 +22,7 @@ class Evaluation:
         return np.diag(self.confusion) / np.maximum(totals, 1)
 
 
-def evaluate(model, comm, split, n_classes, chunk=2000):
+def evaluate(model, comm, split, n_classes, chunk=2000, reproducible=False):
     """Loss and accuracy of the current parameters on the whole split, in evaluation mode.
     Collective.
 
@@ -35,6 +35,8 @@ def evaluate(model, comm, split, n_classes, chunk=2000):
     rows passes empty batches at the end (the loop count is padded, never the
     data), so a layer may communicate in its forward without a deadlock.
     """
+    if reproducible:
+        return evaluate_in_global_order(model, comm, split, n_classes, chunk)
     passes = max(comm.allgather(-(-split.n_rows // chunk)))   # DDP
     loss_fn = SoftmaxCrossEntropy()
     loss_sum = 0.0
@@ -58,6 +60,58 @@ def evaluate(model, comm, split, n_classes, chunk=2000):
     for sums in comm.allgather(mine):
         totals += sums
     confusion = totals[1:].round().astype(np.int64).reshape(n_classes, n_classes)
+    return _evaluation(totals[0], confusion)
+
+
+def _evaluation(loss_sum, confusion):
     n = confusion.sum()
-    return Evaluation(loss=float(totals[0] / n), accuracy=float(np.trace(confusion) / n),
+    return Evaluation(loss=float(loss_sum / n), accuracy=float(np.trace(confusion) / n),
                       confusion=confusion)
+
+
+def evaluate_in_global_order(model, comm, split, n_classes, chunk):
+    """``evaluate`` for ``--reproducible``: the split in chunks of ``chunk`` rows of the *whole*
+    split (rank r holds the rows ``evaluation_block`` gives it), each chunk gathered on every rank
+    and run through the model in blocks of columns, the chunks' sums added in chunk order: the bits
+    of one process whatever the number of ranks. Collective."""
+    sizes = comm.allgather(split.n_rows)   # DDP: each rank's consecutive block of the split
+    starts = np.cumsum([0] + sizes)
+    loss_fn = SoftmaxCrossEntropy()
+    loss_sum = 0.0
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    was_training = model.training
+    model.eval()
+    try:
+        for first in range(0, int(starts[-1]), chunk):
+            last = min(first + chunk, int(starts[-1]))
+            # DDP: this chunk's rows from the ranks that hold them
+            x, y = _gather_rows(comm, split, starts, first, last)
+            logits = model.forward(x)
+            loss_sum += loss_fn.forward(logits, y, normaliser=1)
+            confusion += np.bincount(y * n_classes + logits.argmax(axis=1),
+                                     minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    finally:
+        model.train(was_training)
+    return _evaluation(loss_sum, confusion)
+
+
+def _gather_rows(comm, split, starts, first, last):
+    """Rows ``[first, last)`` of the whole split, on every rank: each rank's part of them, from its
+    block ``[starts[rank], starts[rank + 1])``."""
+    mine_first = min(max(first, starts[comm.rank]), starts[comm.rank + 1]) - starts[comm.rank]
+    mine_last = min(max(last, starts[comm.rank]), starts[comm.rank + 1]) - starts[comm.rank]
+    x, y = split.rows(int(mine_first), int(mine_last))
+    if comm.size == 1:
+        return x, y
+    counts = [int(min(max(last, a), b) - min(max(first, a), b))
+              for a, b in zip(starts[:-1], starts[1:])]
+    width = int(np.prod(x.shape[1:], dtype=np.int64))
+    bounds = np.cumsum([0] + [n * width for n in counts])
+    images = np.empty(int(bounds[-1]), dtype=x.dtype)
+    images[bounds[comm.rank]:bounds[comm.rank + 1]] = x.reshape(-1)
+    comm.allgather_(images, bounds)
+    rows = np.cumsum([0] + counts)
+    labels = np.empty(int(rows[-1]), dtype=np.float64)   # exact: class numbers
+    labels[rows[comm.rank]:rows[comm.rank + 1]] = y
+    comm.allgather_(labels, rows)
+    return images.reshape(len(labels), *x.shape[1:]), labels.astype(y.dtype)

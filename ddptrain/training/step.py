@@ -29,6 +29,7 @@ import numpy as np
 
 from ddptrain.errors import NumericalError
 from ddptrain.nn.dropout import BatchContext
+from ddptrain.training.reproducible import canonical_norm, gather_batch
 
 
 @dataclass(frozen=True)
@@ -91,11 +92,15 @@ class TrainStep:
     differently and sum to a gradient no single process computes.
     """
 
-    def __init__(self, model, loss_fn, optimizer, exchange, clip_grad_norm=None, micro_batches=1):
+    def __init__(self, model, loss_fn, optimizer, exchange, clip_grad_norm=None, micro_batches=1,
+                 reproducible=False):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.exchange, self.comm = exchange, exchange.comm
         self.clip_grad_norm = clip_grad_norm
         self.micro_batches = micro_batches
+        # --reproducible (reproducible.py): the whole batch on every rank, the model in blocks of
+        # columns (model.set_column_split), a norm and totals with a fixed recipe
+        self.reproducible = reproducible
         self._accumulated = None
         self.after_reduce = []
         # loss sum, correct, samples, ranks asked to stop, squared gradient norm
@@ -109,6 +114,8 @@ class TrainStep:
         the rows' positions in the global batch) is what Dropout draws its masks from.
         """
         model, exchange = self.model, self.exchange
+        if self.reproducible:   # DDP: every rank's rows, on every rank, in their global order
+            x, y, context = gather_batch(self.comm, x, y, context)
         with exchange.during_backward(model):
             loss_share, correct = self._local_gradient(x, y, global_count, context)
         # DDP: the ranks' shares summed: the gradient of the global mean loss
@@ -119,12 +126,21 @@ class TrainStep:
                 hook(x, y, global_count, context)
         # what this rank updates: all of it, or (sharded) its slice
         grads = exchange.owned(model.grads)
-        squares = model.backend.dot(grads, grads)
         totals = self._totals
-        totals[:] = (loss_share * global_count, correct, len(y), stop_requested,
-                     exchange.norm_share(squares))
-        self.comm.allreduce_(totals)   # DDP: global totals, and whether a signal reached any rank
-        norm = exchange.global_norm(squares, totals[4])
+        if self.reproducible:
+            exchange.gather_gradient_(model.grads)   # DDP: all of it, for the norm's fixed recipe
+            norm = canonical_norm(model.grads, model.backend.dot)
+            # every rank computed them on the whole batch: rank 0's alone (P copies would round)
+            counted = self.comm.rank == 0
+            totals[:] = (loss_share * global_count * counted, correct * counted,
+                         len(y) * counted, stop_requested, 0)
+            self.comm.allreduce_(totals)   # DDP: whether a signal reached any rank
+        else:
+            squares = model.backend.dot(grads, grads)
+            totals[:] = (loss_share * global_count, correct, len(y), stop_requested,
+                         exchange.norm_share(squares))
+            self.comm.allreduce_(totals)   # DDP: global totals, and whether a signal reached any
+            norm = exchange.global_norm(squares, totals[4])
         # Checked before the update, so the parameters in memory stay the last good ones.
         if not (np.isfinite(totals[0]) and np.isfinite(norm)):
             raise NonFiniteStep("NaN or Inf in the loss or gradients")

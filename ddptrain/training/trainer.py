@@ -173,7 +173,7 @@ class Trainer:
         """The test split's loss and accuracy with the current parameters: every rank its rows,
         summed (a collective)."""
         return evaluate_split(self.model, self.comm, self.test, self.n_classes,
-                              self.plan.config.eval_batch)
+                              self.plan.config.eval_batch, self.train_step.reproducible)
 
     def _run_epoch(self, epoch):
         plan, pos = self.plan.epoch(epoch), self.position

@@ -1,0 +1,159 @@
+"""Matrix products in fixed blocks of columns: how a model computes the same bits on any number of
+ranks (``--reproducible``).
+
+Why a split changes the bits: a sum of floating-point numbers depends on
+the order of its additions, and a BLAS's matrix product adds in an order of
+its own that depends on the shapes of the call and on its threads (OpenBLAS
+0.3.31 gives a row of ``X @ W`` other bits when the call holds other rows,
+even on one thread: ``scripts/gemm_row_invariance.py``). Splitting a global
+batch over ranks changes every such call, so the weight gradients (sums over
+the rows), and from there everything, differ in their last bits.
+
+What this module does instead, when a run is reproducible: every rank holds
+the whole global batch (``training/reproducible.py`` gathers it), and the
+matrix products of a ``Linear`` layer are cut into blocks of ``BLOCK``
+output columns. Each block is one *canonical* call, the same shapes and the
+same inputs whatever the number of ranks, run with one BLAS thread:
+
+* forward: ``y[:, block] = x @ W[:, block]``;
+* weight gradient: ``dW[:, block] = x.T @ dy[:, block]``: a sum over the
+  rows of the whole global batch, in one call, in global row order;
+* input gradient: ``dx[:, block] = dy @ W[block, :].T`` over blocks of
+  input columns.
+
+The blocks of a product are shared out among the ranks, each rank
+computes its share (on ``threads`` Python threads, each calling the
+one-thread BLAS), and ``allgather_`` brings every rank's columns to every
+rank. So the arithmetic of every number is fixed before the number of ranks
+is known, and the ranks only decide who does it. Every other layer (ReLU,
+BatchNorm, Dropout, a convolution for now) runs on the whole batch on every
+rank: the same work as one process, hence the same bits.
+
+The gradient of a parameter is then *owned* by one rank: a block's by the
+rank that computed it, a whole-batch layer's by rank 0. The others zero
+their copy, so the gradient exchange adds one number and zeros, which is
+exact in any order and through any exchange. An owner's ``-0.0`` is made
+``+0.0`` first (``-0.0 + 0.0`` is ``+0.0``), as a sum with zeros would.
+
+Nothing here knows about MPI: the run hands in ``allgather_`` (the
+communicator's, or nothing in one process).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+# Output columns per canonical call. Part of what fixes the bits: runs compared with each other
+# must use the same value. 64 keeps a product's blocks many enough to share among up to 8 ranks
+# for layers of 512 columns, and wide enough that a call is still an efficient GEMM.
+BLOCK = 64
+
+
+def blocks_of(n, width=BLOCK):
+    """The ``(start, stop)`` column ranges of ``n`` columns in blocks of ``width`` (the last may be
+    narrower)."""
+    return [(start, min(start + width, n)) for start in range(0, n, width)]
+
+
+def owned_range(n_blocks, rank, size):
+    """The blocks ``[first, stop)`` that ``rank`` of ``size`` computes: consecutive, as even as the
+    count allows (a rank may have none)."""
+    return n_blocks * rank // size, n_blocks * (rank + 1) // size
+
+
+def _identity_gather(array, bounds):
+    return array
+
+
+class ColumnSplit:
+    """Who computes which blocks of columns, and how the ranks' columns reach every rank.
+
+    ``rank``, ``size``: this rank and the number of ranks; ``allgather_``:
+    ``comm.allgather_(flat, bounds)`` (every rank's slice of a flat array,
+    everywhere; nothing to do in one process); ``threads``: the Python
+    threads that run this rank's canonical calls (each calls a one-thread
+    BLAS), so one process with 2 threads computes what 2 ranks compute.
+    """
+
+    def __init__(self, rank=0, size=1, allgather_=None, threads=1, width=BLOCK):
+        self.rank, self.size, self.width = rank, size, width
+        self._allgather = allgather_ or _identity_gather
+        self.threads = max(1, int(threads))
+        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self._packed = None
+
+    def describe(self):
+        return (f"matrix products in blocks of {self.width} columns, 1 BLAS thread each, "
+                f"{self.threads} thread(s) per rank")
+
+    # -- the plan ---------------------------------------------------------------------------------
+
+    def blocks(self, n):
+        return blocks_of(n, self.width)
+
+    def columns_of(self, n, rank):
+        """The columns ``(start, stop)`` that ``rank`` computes of a product with ``n`` columns."""
+        blocks = self.blocks(n)
+        first, stop = owned_range(len(blocks), rank, self.size)
+        if first == stop:
+            return (0, 0)
+        return blocks[first][0], blocks[stop - 1][1]
+
+    def my_blocks(self, n):
+        blocks = self.blocks(n)
+        first, stop = owned_range(len(blocks), self.rank, self.size)
+        return blocks[first:stop]
+
+    @property
+    def owns_whole_batch_layers(self):
+        """Whether this rank owns the gradients of the layers that run on the whole batch."""
+        return self.rank == 0
+
+    # -- the work ---------------------------------------------------------------------------------
+
+    def run(self, calls):
+        """Run the callables ``calls`` (canonical products writing into disjoint arrays), on this
+        rank's threads."""
+        if self._pool is None or len(calls) < 2:
+            for call in calls:
+                call()
+            return
+        for future in [self._pool.submit(call) for call in calls]:
+            future.result()
+
+    def share(self, array):
+        """Every rank's columns of ``array`` (``(rows, n)``, each rank having written its own) on
+        every rank, in place."""
+        if self.size == 1:
+            return array
+        rows, n = array.shape
+        spans = [self.columns_of(n, rank) for rank in range(self.size)]
+        bounds = np.cumsum([0] + [rows * (stop - start) for start, stop in spans])
+        packed = self._packed
+        if packed is None or packed.size < bounds[-1] or packed.dtype != array.dtype:
+            packed = self._packed = np.empty(int(bounds[-1]), dtype=array.dtype)
+        start, stop = spans[self.rank]
+        mine = packed[bounds[self.rank]:bounds[self.rank + 1]].reshape(rows, stop - start)
+        np.copyto(mine, array[:, start:stop])
+        self._allgather(packed[:bounds[-1]], bounds)
+        for rank, (start, stop) in enumerate(spans):
+            if rank != self.rank and stop > start:
+                array[:, start:stop] = packed[bounds[rank]:bounds[rank + 1]].reshape(
+                    rows, stop - start)
+        return array
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
+def keep_owned(array, owned):
+    """What an owner sends: ``array`` with ``-0.0`` made ``+0.0`` where owned, zeros elsewhere."""
+    if owned:
+        array += 0   # -0.0 + 0.0 = +0.0: as a sum with the other ranks' zeros would make it
+    else:
+        array[...] = 0
+    return array
