@@ -19,6 +19,7 @@ process with either, as with any BLAS: the tests check both.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -62,6 +63,14 @@ class Backend:
 # The plain path: numpy's matmul and dot, and the axpby of the BLAS numpy loaded (or numpy's own
 # arithmetic).
 NUMPY = Backend("numpy", np.matmul, np.dot, blas.axpby)
+
+
+def with_numpy_updates(backend):
+    """``backend`` with numpy's arithmetic for ``axpby``: a multiply and an add per element, the
+    same bits wherever the element sits. A BLAS kernel may fuse the two in its vector loop and not
+    in its tail, so that a rank's slice of the parameters (``--shard-optimizer``, a node's shared
+    memory) would round an element otherwise than the whole array does (``--reproducible``)."""
+    return dataclasses.replace(backend, axpby=functools.partial(blas.axpby, functions={}))
 
 
 def cpu_vendor():

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ddptrain import __version__
-from ddptrain.backends import denormals
+from ddptrain.backends import denormals, gemm
 from ddptrain.data import sampler
 from ddptrain.data.arrays import ArrayInfo
 from ddptrain.data.format import DatasetInfo
@@ -193,7 +193,8 @@ def _train(run, stop, callbacks):
     # memory, where each rank updates its slice of the parameters (the optimiser sharded over the
     # node), or with MPI.
     exchange = make_exchange(comm, config, model)
-    optimizer = exchange.sharded_optimizer(config.make_optimizer(run.backend))
+    optimizer = exchange.sharded_optimizer(config.make_optimizer(
+        gemm.with_numpy_updates(run.backend) if config.reproducible else run.backend))
     # DDP: rank 0 reads and verifies the checkpoint and broadcasts it, so that every rank
     # resumes from the same bytes or every rank stops with the same error.
     checkpoint = run_on_rank0(comm, lambda: load_checkpoint(config, folder.checkpoint_dir, model,

@@ -1,0 +1,222 @@
+"""--reproducible: P ranks give bitwise the bits of one process, at every step.
+
+These run the ranks as threads of this process (``simulate_ranks``, the
+same code as MPI ranks: tests/mpi/test_reproducible.py runs it under
+mpiexec). "The same" here always means the same bytes: a hash of the
+parameters and buffers after every step, the step's loss, accuracy and
+gradient norm as exact floats, and every array of the final checkpoint.
+"""
+
+import contextlib
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ddptrain
+from ddptrain.errors import UserError
+from ddptrain.nn.columns import ColumnSplit, blocks_of, owned_range
+from ddptrain.nn.model import Sequential
+from ddptrain.run import checkpoint
+from helpers import SignalAtStep, on_simulated_ranks
+
+SIDE = 8
+
+
+@pytest.fixture(scope="module")
+def arrays():
+    rng = np.random.default_rng(0)
+    templates = rng.random((10, SIDE, SIDE))
+    y_train, y_test = rng.integers(0, 10, 240), rng.integers(0, 10, 60)
+    noisy = lambda y: (templates[y] + 0.5 * rng.random((len(y), SIDE, SIDE))).astype(np.float32)  # noqa: E731
+    return noisy(y_train), y_train, noisy(y_test), y_test
+
+
+class StepHashes(ddptrain.Callback):
+    """After every step: a hash of the parameters and buffers, and the step's totals as exact
+    floats."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, trainer, end):
+        if trainer.comm.rank:   # simulated ranks share this object: rank 0 records
+            return
+        model, totals = trainer.model, end.totals
+        digest = hashlib.sha256(model.params.tobytes() + model.buffers.tobytes()).hexdigest()
+        self.steps.append((digest, float(totals.loss_sum).hex(), totals.correct,
+                           float(totals.grad_norm).hex()))
+
+
+def train(arrays, tmp_path, ranks, spec="64-40-bn-drop0.2-30-10", **options):
+    """Train ``spec`` on ``ranks`` simulated ranks; ``(per-step records, final checkpoint, epoch
+    metrics)``."""
+    hashes = StepHashes()
+    settings = dict(epochs=2, batch_size=40, lr=0.05, reproducible=True, seed=3, quiet=True,
+                    run_dir=str(tmp_path / f"run-{ranks}-{len(list(tmp_path.iterdir()))}"))
+    settings.update(options)
+    run_dir = Path(settings["run_dir"])
+    model = Sequential.from_spec(spec, dtype=settings.get("dtype", "float32"), seed=1,
+                                 input_shape=(SIDE, SIDE))
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = ddptrain.train(model, arrays, simulate_ranks=ranks if ranks > 1 else 0,
+                                callbacks=[hashes, *settings.pop("callbacks", ())], **settings)
+    final = checkpoint.newest_valid(run_dir / "checkpoints")
+    return hashes.steps, final, [(m["train_loss"], m["test_loss"], m["test_accuracy"])
+                                 for m in result.metrics]
+
+
+def arrays_of(final):
+    """Every array of a checkpoint (parameters, buffers, optimiser state), by name, as bytes."""
+    named = {f"params/{k}": v for k, v in final.params.items()}
+    named.update({f"buffers/{k}": v for k, v in final.buffers.items()})
+    named.update({f"optimizer/{k}": v for k, v in final.optimizer.items()
+                  if isinstance(v, np.ndarray)})
+    return {name: (array.dtype.str, array.shape, array.tobytes()) for name, array in named.items()}
+
+
+def assert_bitwise_equal(one, other, ranks):
+    steps, final, metrics = one
+    other_steps, other_final, other_metrics = other
+    for step, (mine, theirs) in enumerate(zip(steps, other_steps), start=1):
+        assert mine == theirs, f"{ranks} ranks differ from one process at step {step}"
+    assert len(steps) == len(other_steps)
+    assert arrays_of(final) == arrays_of(other_final)
+    assert metrics == other_metrics
+
+
+# ------------------------------------------------------------------ the promise, option by option
+
+CASES = {
+    "mlp sgd": dict(spec="64-40-30-10"),
+    "bn + dropout mlp": dict(),
+    "float64": dict(dtype="float64"),
+    "adam, clipped": dict(optimizer="adam", clip_grad_norm=0.05),
+    "adamw, sharded optimiser": dict(optimizer="adamw", weight_decay=0.01, shard_optimizer=True),
+    "nesterov, overlapped allreduce": dict(nesterov=True, momentum=0.9, overlap_allreduce=True),
+    "mpi allreduce exchange": dict(exchange="allreduce"),
+    "accumulation": dict(spec="64-40-drop0.1-30-10", accumulate=3),
+    "cnn": dict(spec="conv6k3p1-bn-maxpool2-flatten-20-10", epochs=1),
+    "lenet-like": dict(spec="conv4k3-avgpool2-conv6k3-flatten-12-10", optimizer="adam", epochs=1),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_2_3_and_4_ranks_give_the_bits_of_one_process_at_every_step(arrays, tmp_path, case):
+    options = CASES[case]
+    one = train(arrays, tmp_path, 1, **options)
+    for ranks in (2, 3, 4):
+        assert_bitwise_equal(one, train(arrays, tmp_path, ranks, **options), ranks)
+
+
+def test_6_and_8_ranks_too_with_uneven_local_batches(arrays, tmp_path):
+    # batch 44 on 6 and 8 ranks: local batches of 7 and 8, and of 5 and 6
+    one = train(arrays, tmp_path, 1, batch_size=44, epochs=1)
+    for ranks in (6, 8):
+        assert_bitwise_equal(one, train(arrays, tmp_path, ranks, batch_size=44, epochs=1), ranks)
+
+
+def test_one_process_with_2_threads_gives_the_bits_of_one_thread_and_of_2_ranks(arrays, tmp_path):
+    one = train(arrays, tmp_path, 1, threads=1)
+    assert_bitwise_equal(one, train(arrays, tmp_path, 1, threads=2), 1)
+    assert_bitwise_equal(one, train(arrays, tmp_path, 2, threads=1), 2)
+
+
+def test_a_run_stopped_on_2_ranks_and_resumed_on_3_is_bitwise_the_uninterrupted_run(
+        arrays, tmp_path):
+    one = train(arrays, tmp_path, 1, optimizer="adam", epochs=3)
+    run_dir = str(tmp_path / "stopped")
+    stopped, _, _ = train(arrays, tmp_path, 2, optimizer="adam", epochs=3, run_dir=run_dir,
+                          callbacks=[SignalAtStep(8)])
+    assert 8 <= len(stopped) < 12   # mid-epoch (6 steps an epoch): the ranks stop together
+    resumed, final, _ = train(arrays, tmp_path, 3, optimizer="adam", epochs=3, run_dir=run_dir,
+                              resume="auto")
+    assert stopped + resumed == one[0]
+    assert arrays_of(final) == arrays_of(one[1])
+
+
+def test_without_it_the_ranks_do_not_give_the_bits_of_one_process(arrays, tmp_path):
+    """What the mode does: the default mode's sums follow the split, so the bits differ (and the
+    values agree to rounding)."""
+    one = train(arrays, tmp_path, 1, reproducible=False)
+    two = train(arrays, tmp_path, 2, reproducible=False)
+    assert one[0][0] != two[0][0]   # from the first step on
+    first, second = one[1].params["linear1.weight"], two[1].params["linear1.weight"]
+    assert not np.array_equal(first, second)
+    np.testing.assert_allclose(first, second, rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------ the blocks of columns
+
+
+def test_columns_are_cut_into_fixed_blocks_shared_out_in_consecutive_runs():
+    assert blocks_of(150, 64) == [(0, 64), (64, 128), (128, 150)]
+    assert [owned_range(8, rank, 3) for rank in range(3)] == [(0, 2), (2, 5), (5, 8)]
+    assert [owned_range(2, rank, 4) for rank in range(4)] == [(0, 0), (0, 1), (1, 1), (1, 2)]
+    split = ColumnSplit(rank=1, size=3, width=64)
+    assert split.my_blocks(512) == [(128, 192), (192, 256), (256, 320)]
+    assert split.columns_of(512, 1) == (128, 320)
+
+
+def test_sharing_gives_every_rank_every_ranks_columns():
+    rows, n = 5, 200
+
+    def work(comm):
+        split = ColumnSplit(comm.rank, comm.size, comm.allgather_, width=64)
+        array = np.full((rows, n), -1.0, dtype=np.float32)
+        start, stop = split.columns_of(n, comm.rank)
+        array[:, start:stop] = comm.rank   # each rank writes its own columns only
+        return split.share(array)
+
+    shared = on_simulated_ranks(3, work)
+    expected = np.repeat([[0] * 64 + [1] * 64 + [2] * 72], rows, axis=0)
+    for array in shared:
+        np.testing.assert_array_equal(array, expected)
+
+
+def test_a_linear_layer_in_blocks_keeps_the_gradient_of_its_own_columns_only():
+    """One owner per gradient value: the others send zeros, so the exchange's sum is exact."""
+    rng = np.random.default_rng(0)
+    x, dout = rng.standard_normal((6, 10)), rng.standard_normal((6, 150))
+
+    def work(comm):
+        model = Sequential.from_spec("10-150", dtype="float64", seed=0)
+        model.set_column_split(ColumnSplit(comm.rank, comm.size, comm.allgather_, width=64))
+        out = model.forward(x).copy()
+        model.backward(dout)
+        return out, model.layers[-1].grads["weight"].copy()
+
+    outs, grads = zip(*on_simulated_ranks(2, work))
+    np.testing.assert_array_equal(outs[0], outs[1])   # every rank holds all the columns
+    np.testing.assert_array_equal(grads[0][:, 64:], 0)    # rank 0 owns block 0
+    np.testing.assert_array_equal(grads[1][:, :64], 0)    # rank 1 blocks 1 and 2
+    np.testing.assert_allclose(grads[0] + grads[1], x.T @ dout, rtol=1e-12)
+
+
+def test_a_negative_zero_gradient_is_sent_as_positive_zero_as_a_sum_with_zeros_would_make_it():
+    model = Sequential.from_spec("2-3", dtype="float64", seed=0)
+    model.set_column_split(ColumnSplit())
+    model.forward(np.ones((1, 2)))
+    model.backward(np.array([[-0.0, 0.0, 0.0]]))   # x.T @ dout: 1.0 * -0.0 = -0.0
+    assert not np.signbit(model.layers[-1].grads["weight"]).any()
+
+
+# ------------------------------------------------------------------ what the mode refuses
+
+
+@pytest.mark.parametrize("options, named", [
+    (dict(batchnorm="local"), "--batchnorm local"),
+    (dict(gemm="mkl"), "--gemm mkl"),
+])
+def test_options_that_break_the_promise_are_refused_in_one_line(arrays, options, named):
+    with pytest.raises(UserError, match=f"--reproducible with {named}"):
+        ddptrain.train("64-10", arrays, reproducible=True, dry_run=True, quiet=True, **options)
+
+
+def test_the_start_up_line_says_the_mode_is_on(arrays, tmp_path, capsys):
+    ddptrain.train("64-10", arrays, reproducible=True, dry_run=True, run_dir=str(tmp_path / "r"))
+    out = capsys.readouterr().out
+    assert "reproducible: the bits of one process on any number of ranks" in out
+    assert "blocks of 64 columns" in out
