@@ -244,7 +244,9 @@ def test_a_timeline_across_hosts_measures_their_clocks_offsets_within_the_uncert
     for offset, drift, uncertainty in zip(clock["offset_us"], clock["drift_us"],
                                           clock["uncertainty_us"]):
         assert abs(offset) <= uncertainty and abs(offset + drift) <= uncertainty, clock
-        assert uncertainty < 10_000   # microseconds: a round trip of the network, not a guess
+        # Microseconds: a round trip, not a guess. 4 ranks on 2 cores make it a few scheduler time
+        # slices at worst (12 ms seen under Open MPI, which polls), far below a second's guess.
+        assert uncertainty < 50_000
     assert clock["uncertainty_us_max"] > 0   # measured across hosts, not assumed to be one clock
 
 

@@ -15,9 +15,12 @@ error by causality alone:
    cannot end on rank 0 before rank r entered it: ``offset >= now - back``.
 
 Each round gives an interval as wide as rank 0's round trip (tens of
-microseconds on one host); the rounds' intervals are intersected (clocks
-drift by a few parts per million: nothing over the milliseconds the rounds
-take), and the offset is its middle, give or take half its width.
+microseconds on one host; a scheduler's time slice or more when ranks
+outnumber cores); the rounds' intervals are intersected (clocks drift by a
+few parts per million: nothing over the milliseconds the rounds take), so
+the fastest round trip in either direction sets the width, and the offset is
+its middle, give or take half its width. Rounds are cheap: 32 of them give
+an oversubscribed job many chances at a round trip that no time slice cut.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-ROUNDS = 8
+ROUNDS = 32
 
 
 @dataclass(frozen=True)
