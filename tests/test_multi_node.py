@@ -155,6 +155,36 @@ def test_3_ranks_on_each_of_2_hosts_exchange_uneven_slices_and_train_the_paramet
     assert helpers.relative_error(hosts_params, one_params) < 1e-9
 
 
+@pytest.mark.slow
+def test_reproducible_gives_the_same_bits_on_2_hosts_x_2_ranks_on_2_ranks_and_on_one_process(
+        hosts, small_data, tmp_path):
+    """--reproducible in float32: 4 ranks across 2 hosts (1 BLAS thread each), 2 ranks on one
+    host (1 thread each) and one process with 2 BLAS threads end with the same bytes in every
+    array of their checkpoints, and the same metrics to the last bit."""
+    options = ["--epochs", "2", "--batch-size", "29", "--dtype", "float32", "--reproducible"]
+    proc = run(train_argv(hosts, small_data, tmp_path / "hosts", *options, "--threads", "1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reproducible: the bits of one process on any number of ranks" in proc.stdout
+    for name, ranks, threads in (("two", 2, "1"), ("one", None, "2")):
+        other = helpers.run(["--data", small_data, *OPTIONS, *options, "--threads", threads,
+                             "--run-dir", tmp_path / name], ranks=ranks)
+        assert other.returncode == 0, other.stderr[-3000:]
+
+    def arrays(name):
+        final = checkpoint.newest_valid(tmp_path / name / "checkpoints")
+        named = {**{f"params/{k}": v for k, v in final.params.items()},
+                 **{f"optimizer/{k}": v for k, v in final.optimizer.items()
+                    if isinstance(v, np.ndarray)}}
+        return {k: (v.dtype.str, v.tobytes()) for k, v in named.items()}
+
+    def metrics(name):
+        return [{k: r[k] for k in ("train_loss", "train_accuracy", "test_loss", "test_accuracy")}
+                for r in helpers.metrics_records(tmp_path / name)]
+
+    assert arrays("hosts") == arrays("two") == arrays("one")
+    assert metrics("hosts") == metrics("two") == metrics("one")
+
+
 # -- failures across hosts
 # ------------------------------------------------------------------------------
 
