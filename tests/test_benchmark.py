@@ -71,7 +71,7 @@ def runs_of(rows, key):
 
 def expected_row_keys(header):
     keys = {"ddp1", "ddpP", "ddpP0", "ddpPa", "ddpPz", "ddpPbn", "ddpPbnl", "cnn1", "cnnP", "ddpPo",
-            "ddpPs"}
+            "ddpPs", "ddp1r", "ddpPr", "cnn1r", "cnnPr"}
     if header["gemm"]["library"] == "mkl":   # then numpy's own BLAS is measured beside it
         keys |= {"ddp1n", "ddpPn"}
     if HAS_TORCH:
@@ -137,6 +137,10 @@ def test_every_verdict_in_the_json_follows_from_the_figures_it_holds_and_is_prin
             ours = max(median_rate(rows, name) for name in verdict["rows"]["ddptrain"])
             theirs = max(median_rate(rows, name) for name in verdict["rows"]["pytorch"])
             assert verdict["value"] == pytest.approx(ours / theirs, rel=1e-12), verdict
+        if "default" in verdict["rows"]:   # --reproducible's median over the default's
+            (mine,), (default,) = verdict["rows"]["ddptrain"], verdict["rows"]["default"]
+            assert verdict["value"] == pytest.approx(
+                median_rate(rows, mine) / median_rate(rows, default), rel=1e-12), verdict
         status = "MET " if verdict["met"] else "MISSED"
         assert f"  [{status}] {verdict['target']}: {verdict['shown']}\n" in out
     share = next(v for v in verdicts if v["target"].startswith("element-wise share of a step"))
@@ -149,8 +153,11 @@ def test_every_verdict_in_the_json_follows_from_the_figures_it_holds_and_is_prin
                     ("mlp", f"2 ranks >= 2x PyTorch DDP at batch {BATCH}"),
                     ("cnn", f"ddptrain 1 process >= 0.8x PyTorch 1 process at batch {BATCH}"),
                     ("cnn", f"ddptrain 2 ranks >= 1.5x PyTorch DDP at batch {BATCH}")]
+    reproducible = {("reproducible", f"{what}, batch {BATCH}: --reproducible >= 0.75x the default")
+                    for what in ("MLP, 1 process", "MLP, 2 ranks", "CNN, 1 process",
+                                 "CNN, 2 ranks")}
     assert {(v["group"], v["target"]) for v in verdicts} == {("mlp", share["target"])} | (
-        set(with_pytorch) if HAS_TORCH else set())
+        set(with_pytorch) if HAS_TORCH else set()) | reproducible
 
 
 def test_the_json_header_names_the_cpu_the_libraries_and_the_settings_of_the_run(tiny_run):

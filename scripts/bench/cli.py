@@ -61,6 +61,8 @@ def parser():
     p.add_argument("--stream-memory", default="20M", metavar="SIZE",
                    help="the --data-memory per rank of the streamed row (default: %(default)s; the "
                         "MNIST file's shards hold 23 MiB per rank on 2 ranks)")
+    p.add_argument("--no-reproducible", action="store_true",
+                   help="skip the rows of --reproducible (beside the default, as ratios)")
     p.add_argument("--no-stream", action="store_true",
                    help="skip the rows of streamed shards and the reads of the file")
     p.add_argument("--json", metavar="PATH", help="also write every measurement to PATH")
@@ -83,6 +85,7 @@ def parser():
     p.add_argument("--exchange", default="auto", help=argparse.SUPPRESS)
     p.add_argument("--batchnorm", default="global", help=argparse.SUPPRESS)
     p.add_argument("--stream", help=argparse.SUPPRESS)   # "memory", or --data-memory
+    p.add_argument("--reproducible", action="store_true", help=argparse.SUPPRESS)
     return p
 
 

@@ -22,6 +22,7 @@ from ddptrain.distributed.exchange import make_exchange
 from ddptrain.distributed.launcher import rank_and_size
 from ddptrain.distributed.sharding import ShardedOptimizer
 from ddptrain.distributed.world import world
+from ddptrain.nn.dropout import BatchContext
 from ddptrain.nn.layer import no_reduction
 from ddptrain.nn.model import layer_flops, training_flops
 from ddptrain.nn.spec import parse_spec
@@ -29,6 +30,7 @@ from ddptrain.run.callbacks import Checkpointing
 from ddptrain.run.config import Config
 from ddptrain.run.data_memory import parse_size as stream_parse_size, plan_data
 from ddptrain.run.rank0 import RunFolder
+from ddptrain.run.runner import column_split
 from ddptrain.run.signals import StopRequest
 from ddptrain.training.batches import Batches, Split
 from ddptrain.training.evaluation import evaluate
@@ -50,10 +52,11 @@ def ensure_default_dataset():
 
 
 # Re-exported: the rest of the benchmark imports these names from here.
-__all__ = ["DENORMAL_MODES", "GEMMS", "Batches", "Checkpointing", "Config", "FileRows", "MPIComm",
-           "RunFolder", "ShardedOptimizer", "Split", "StopRequest", "StreamedEpochPlan",
-           "TrainStep", "Trainer", "TrainingPlan", "WindowStream", "configure_blas_threads",
-           "denormals_flushed", "ensure_default_dataset", "epoch_plan", "evaluate", "gemm",
-           "inspect_data", "layer_flops", "make_exchange", "no_reduction", "owned_blocks",
-           "parse_spec", "plan_data", "products_backend", "rank_and_size", "read_rows",
-           "stream_parse_size", "training_flops", "world"]
+__all__ = ["DENORMAL_MODES", "GEMMS", "BatchContext", "Batches", "Checkpointing", "Config",
+           "FileRows", "MPIComm", "RunFolder", "ShardedOptimizer", "Split", "StopRequest",
+           "StreamedEpochPlan", "TrainStep", "Trainer", "TrainingPlan", "WindowStream",
+           "column_split", "configure_blas_threads", "denormals_flushed",
+           "ensure_default_dataset", "epoch_plan", "evaluate", "gemm", "inspect_data",
+           "layer_flops", "make_exchange", "no_reduction", "owned_blocks", "parse_spec",
+           "plan_data", "products_backend", "rank_and_size", "read_rows", "stream_parse_size",
+           "training_flops", "world"]

@@ -22,6 +22,7 @@ from ddptrain.optim import SGD
 
 from . import workload
 from .ddptrain_internals import (
+    BatchContext,
     Batches,
     Checkpointing,
     Config,
@@ -32,8 +33,10 @@ from .ddptrain_internals import (
     Trainer,
     TrainingPlan,
     TrainStep,
+    column_split,
     configure_blas_threads,
     evaluate,
+    gemm,
     make_exchange,
     no_reduction,
     products_backend,
@@ -69,18 +72,26 @@ class Steps:
     """The row's training steps: this rank's rows of each global batch, then ddptrain's TrainStep
     (forward, loss, backward, gradient exchange, step totals Allreduce, finite check, update)."""
 
-    def __init__(self, args, comm, model, train_x, train_y, n_train, training=None, stream=None):
+    def __init__(self, args, comm, model, train_x, train_y, n_train, training=None, stream=None,
+                 threads=1):
         self.args, self.comm, self.model = args, comm, model
         self.loss_fn = SoftmaxCrossEntropy()
+        # --reproducible as a run sets it up (runner.py): every rank holds the whole batch, its
+        # products split into blocks of columns on ``threads`` threads, the update in numpy's
+        # arithmetic.
+        self.reproducible = args.reproducible
+        if self.reproducible:
+            model.set_column_split(column_split(comm, threads))
+        backend = gemm.with_numpy_updates(model.backend) if self.reproducible else model.backend
         self.optimizer, self.exchange = gradient_exchange(
-            args, comm, model, SGD(momentum=0.9, backend=model.backend))
+            args, comm, model, SGD(momentum=0.9, backend=backend))
         self.timed = TimedExchange(self.exchange, skip=args.no_allreduce)
         # Batch normalisation: statistics of the global batch (their Allreduces timed apart),
         # or each rank's own with rank 0's buffers broadcast after every step, as ddptrain
-        # --batchnorm local does.
+        # --batchnorm local does (and --reproducible: the whole batch on every rank).
         self.batchnorm_timer = TimedComm(comm)
         model.set_sum_over_ranks(self.batchnorm_timer.allreduce_ if args.batchnorm == "global"
-                                 else no_reduction)
+                                 and not self.reproducible else no_reduction)
         self.broadcast_buffers = args.batchnorm == "local" and comm.size > 1 and model.buffers.size
         self.plan = Plan(n_train, args.batch, comm.rank, comm.size)
         # --stream: a run's epochs one after another, from memory or streamed (the plan above
@@ -92,10 +103,11 @@ class Steps:
     def train_step(self, profile=None):
         """The TrainStep, with its exchange timed; with laps of ``profile`` between its phases."""
         if profile is None:
-            return TrainStep(self.model, self.loss_fn, self.optimizer, self.timed)
+            return TrainStep(self.model, self.loss_fn, self.optimizer, self.timed,
+                             reproducible=self.reproducible)
         return TrainStep(self.model, TimedLoss(self.loss_fn, profile),
                          ProfiledOptimizer(self.optimizer, profile),
-                         ProfiledExchange(self.timed, profile))
+                         ProfiledExchange(self.timed, profile), reproducible=self.reproducible)
 
     def run(self, first, steps, profile=None):
         """Steps ``first`` to ``first + steps - 1`` of the plan (cycled); returns the next."""
@@ -109,12 +121,19 @@ class Steps:
                 x, y = self.batches.take(*self.epochs.at(step))
             if profile:
                 profile.lap("gathering the batch")
-            train_step(x, y, self.plan.global_count, self.args.lr)
+            train_step(x, y, self.plan.global_count, self.args.lr,
+                       context=self.batch_context(step) if self.reproducible else None)
             if self.broadcast_buffers:
                 self.comm.bcast_(self.model.buffers)
             if profile:
                 profile.steps += 1
         return first + steps
+
+    def batch_context(self, step):
+        """Where this rank's rows of ``step`` sit in the global batch (--reproducible puts the
+        gathered batch in that order)."""
+        plan = self.plan.plan
+        return BatchContext(0, step, plan.positions_in_batch(step % plan.n_steps))
 
     def reset_timers(self):
         self.timed.seconds = self.batchnorm_timer.seconds = 0.0
@@ -135,7 +154,8 @@ def worker_ddptrain(args):
     results."""
     comm = world()
     # before the threads: they are set for the library that multiplies
-    backend = products_backend(args.gemm)
+    # --reproducible multiplies with numpy's BLAS, as a run does (preflight.py)
+    backend = products_backend("numpy" if args.reproducible else args.gemm)
     blas_threads = configure_blas_threads(comm, args.threads_per_rank, backend.name)
     started = time.perf_counter()
     training = stream = None
@@ -156,7 +176,8 @@ def worker_ddptrain(args):
     model.use_backend(backend)
     # (N, 1, 28, 28) for a CNN: a view
     train_x, test_x = model.as_input(train_x), model.as_input(test_x)
-    steps = Steps(args, comm, model, train_x, train_y, n_train, training, stream)
+    steps = Steps(args, comm, model, train_x, train_y, n_train, training, stream,
+                  blas_threads.threads)
     # Streamed: the same epochs from the shard in memory, a repetition after each streamed one, in
     # this launch: the machine's moods fall on both alike.
     twin = None if stream is None else in_memory_twin(args, comm, backend)
@@ -210,6 +231,8 @@ def worker_ddptrain(args):
         stream.close()
         result.update(stream_waited=stream.seconds_waited, data_line=data_line(args, comm),
                       memory_rates=memory_rates)
+    if model.columns is not None:
+        model.columns.close()
     rss = comm.allgather(max_rss_mib())   # DDP
     result["max_rss_mib"] = rss
     if comm.rank == 0:

@@ -38,6 +38,11 @@ def plan_rows(opts, gemm_name, use_torch, budget, ranks, per_rank):
                          ("--gemm", "numpy"))]
         rows.insert(3, Row("ddpPn", "  same ranks, --gemm numpy", "ddptrain", ranks, each,
                            ("--gemm", "numpy")))
+    if not opts.no_reproducible:   # its cost: ratios to the default's rows (targets.py)
+        _insert_after(rows, "ddp1", Row("ddp1r", "  same process, --reproducible", "ddptrain", 1,
+                                        one, ("--reproducible",)))
+        _insert_after(rows, "ddpP", Row("ddpPr", "  same ranks, --reproducible", "ddptrain", ranks,
+                                        each, ("--reproducible",)))
     if use_torch:
         rows += [Row("torch1", f"PyTorch, 1 process x {budget} threads", "torch", 1, budget, ()),
                  Row("torchP", f"PyTorch DDP gloo, {ranks} x {threads}", "torch", ranks, per_rank,
@@ -57,6 +62,11 @@ def plan_rows(opts, gemm_name, use_torch, budget, ranks, per_rank):
                      cnn),
                  Row("cnnP", f"ddptrain CNN, {ranks} MPI ranks x {threads}", "ddptrain", ranks,
                      each, cnn)]
+        if not opts.no_reproducible:
+            rows += [Row("cnn1r", "  same process, --reproducible", "ddptrain", 1, one,
+                         (*cnn, "--reproducible")),
+                     Row("cnnPr", "  same ranks, --reproducible", "ddptrain", ranks, each,
+                         (*cnn, "--reproducible"))]
         if use_torch:
             rows += [Row("tcnn1", f"PyTorch CNN, 1 process x {budget} threads", "torch", 1, budget,
                          cnn),
@@ -83,6 +93,10 @@ def plan_rows(opts, gemm_name, use_torch, budget, ranks, per_rank):
         print("rows across 2 hosts: skipped (fake hosts need root and `ip`: scripts/fake-hosts.sh)",
               flush=True)
     return rows
+
+
+def _insert_after(rows, key, row):
+    rows.insert(next(i for i, r in enumerate(rows) if r.key == key) + 1, row)
 
 
 def row_models(rows, default_model):

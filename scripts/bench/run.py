@@ -25,7 +25,15 @@ from .notes import notes
 from .report import add_figures, table
 from .rows import plan_rows, row_models
 from .streaming import measure_reads, stream_lines, stream_verdicts
-from .targets import CNN_TITLE, cnn_verdicts, mlp_title, mlp_verdicts, verdict_lines
+from .targets import (
+    CNN_TITLE,
+    REPRODUCIBLE_TITLE,
+    cnn_verdicts,
+    mlp_title,
+    mlp_verdicts,
+    reproducible_verdicts,
+    verdict_lines,
+)
 from .workload import RANDOM, flops_per_sample, use_images_of, with_batchnorm
 
 
@@ -97,6 +105,10 @@ def run_benchmark(opts):
         cnn = cnn_verdicts(results, batches, ranks)
         print("\n".join(verdict_lines(CNN_TITLE, cnn, use_torch)))
         verdicts += cnn
+    reproducible = reproducible_verdicts(results, batches, ranks)
+    if reproducible:
+        print("\n".join(verdict_lines(REPRODUCIBLE_TITLE, reproducible, True)))
+        verdicts += reproducible
     streamed = stream_verdicts(results, reads)
     if streamed:
         print("\n".join(verdict_lines("targets of streamed shards:", streamed, True)))

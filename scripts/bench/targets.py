@@ -96,6 +96,32 @@ def cnn_verdicts(results, batches, ranks):
     return [verdict for verdict in verdicts if verdict is not None]
 
 
+# --reproducible's rows and the default's rows they are measured against.
+REPRODUCIBLE_PAIRS = (("ddp1r", "ddp1", "MLP, 1 process"), ("ddpPr", "ddpP", "MLP, {ranks} ranks"),
+                      ("cnn1r", "cnn1", "CNN, 1 process"), ("cnnPr", "cnnP", "CNN, {ranks} ranks"))
+# Issue 26's aims: at most 10% slower at batch 512, 25% at batch 128 (and between, 25%).
+REPRODUCIBLE_NEED = {512: 0.90}
+
+
+def reproducible_verdicts(results, batches, ranks):
+    """--reproducible's cost: its rate over the default's, same model, launch count and rounds."""
+    verdicts = []
+    for mine, default, what in REPRODUCIBLE_PAIRS:
+        for batch in batches:
+            ours, theirs = median_rate(results, mine, batch), median_rate(results, default, batch)
+            if not ours or not theirs:
+                continue
+            need, ratio = REPRODUCIBLE_NEED.get(batch, 0.75), ours / theirs
+            verdicts.append(Verdict(
+                "reproducible", f"{what.format(ranks=ranks)}, batch {batch}: --reproducible "
+                f">= {need:.2f}x the default", f"{ratio:.2f}x", ratio, need, ">=", ratio >= need,
+                {"ddptrain": [f"{mine}@{batch}"], "default": [f"{default}@{batch}"]}))
+    return verdicts
+
+
+REPRODUCIBLE_TITLE = "targets of --reproducible (its rate / the default's, in this run):"
+
+
 def verdict_lines(title, verdicts, use_torch):
     lines = [title, *(verdict.line() for verdict in verdicts)]
     if not use_torch:
