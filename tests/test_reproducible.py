@@ -17,7 +17,7 @@ import pytest
 
 import ddptrain
 from ddptrain.errors import UserError
-from ddptrain.nn.columns import ColumnSplit, blocks_of, owned_range
+from ddptrain.nn.columns import BLOCK, ColumnSplit, blocks_of, owned_range
 from ddptrain.nn.model import Sequential
 from ddptrain.run import checkpoint
 from helpers import SignalAtStep, on_simulated_ranks
@@ -50,7 +50,12 @@ class StepHashes(ddptrain.Callback):
                            float(totals.grad_norm).hex()))
 
 
-def train(arrays, tmp_path, ranks, spec="64-40-bn-drop0.2-30-10", **options):
+# Layers wide enough to be cut into several blocks of columns (nn/columns.py: BLOCK), which the
+# ranks share out differently for every rank count: 300 columns are 3 blocks, 140 are 2.
+MLP = "64-300-bn-drop0.2-140-10"
+
+
+def train(arrays, tmp_path, ranks, spec=MLP, **options):
     """Train ``spec`` on ``ranks`` simulated ranks; ``(per-step records, final checkpoint, epoch
     metrics)``."""
     hashes = StepHashes()
@@ -90,15 +95,15 @@ def assert_bitwise_equal(one, other, ranks):
 # ------------------------------------------------------------------ the promise, option by option
 
 CASES = {
-    "mlp sgd": dict(spec="64-40-30-10"),
+    "mlp sgd": dict(spec="64-300-140-10"),
     "bn + dropout mlp": dict(),
     "float64": dict(dtype="float64"),
     "adam, clipped": dict(optimizer="adam", clip_grad_norm=0.05),
     "adamw, sharded optimiser": dict(optimizer="adamw", weight_decay=0.01, shard_optimizer=True),
     "nesterov, overlapped allreduce": dict(nesterov=True, momentum=0.9, overlap_allreduce=True),
     "mpi allreduce exchange": dict(exchange="allreduce"),
-    "accumulation": dict(spec="64-40-drop0.1-30-10", accumulate=3),
-    "cnn": dict(spec="conv6k3p1-bn-maxpool2-flatten-20-10", epochs=1),
+    "accumulation": dict(spec="64-300-drop0.1-140-10", accumulate=3),
+    "cnn": dict(spec="conv6k3p1-bn-maxpool2-flatten-150-10", epochs=1),
     "lenet-like": dict(spec="conv4k3-avgpool2-conv6k3-flatten-12-10", optimizer="adam", epochs=1),
 }
 
@@ -219,4 +224,4 @@ def test_the_start_up_line_says_the_mode_is_on(arrays, tmp_path, capsys):
     ddptrain.train("64-10", arrays, reproducible=True, dry_run=True, run_dir=str(tmp_path / "r"))
     out = capsys.readouterr().out
     assert "reproducible: the bits of one process on any number of ranks" in out
-    assert "blocks of 64 columns" in out
+    assert f"blocks of {BLOCK} columns" in out

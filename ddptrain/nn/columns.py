@@ -46,9 +46,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 # Output columns per canonical call. Part of what fixes the bits: runs compared with each other
-# must use the same value. 64 keeps a product's blocks many enough to share among up to 8 ranks
-# for layers of 512 columns, and wide enough that a call is still an efficient GEMM.
-BLOCK = 64
+# must use the same value. OpenBLAS multiplies 64-column blocks 20-30% slower than the whole
+# product on one thread, 128-column ones 5-15% (docs/reproducible.md); 128 still gives a layer of
+# 512 columns a block for each of 4 ranks.
+BLOCK = 128
 
 
 def blocks_of(n, width=BLOCK):
@@ -61,6 +62,11 @@ def owned_range(n_blocks, rank, size):
     """The blocks ``[first, stop)`` that ``rank`` of ``size`` computes: consecutive, as even as the
     count allows (a rank may have none)."""
     return n_blocks * rank // size, n_blocks * (rank + 1) // size
+
+
+def _run_all(calls):
+    for call in calls:
+        call()
 
 
 def _identity_gather(array, bounds):
@@ -81,7 +87,7 @@ class ColumnSplit:
         self.rank, self.size, self.width = rank, size, width
         self._allgather = allgather_ or _identity_gather
         self.threads = max(1, int(threads))
-        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
         self._packed = None
 
     def describe(self):
@@ -115,12 +121,16 @@ class ColumnSplit:
 
     def run(self, calls):
         """Run the callables ``calls`` (canonical products writing into disjoint arrays), on this
-        rank's threads."""
+        rank's threads: one batch of calls per thread, this one running its own, so a product
+        costs one hand-off per thread rather than one per block."""
         if self._pool is None or len(calls) < 2:
             for call in calls:
                 call()
             return
-        for future in [self._pool.submit(call) for call in calls]:
+        batches = [calls[i::self.threads] for i in range(min(self.threads, len(calls)))]
+        others = [self._pool.submit(_run_all, batch) for batch in batches[1:]]
+        _run_all(batches[0])
+        for future in others:
             future.result()
 
     def share(self, array):
