@@ -121,6 +121,10 @@ def _add_train_arguments(parser):
 
     group = parser.add_argument_group("optimisation (the same for any number of ranks)")
     _option(group, "--epochs", "passes over the training set", type=int, metavar="N")
+    group.add_argument("--max-steps", type=int, metavar="N", default=argparse.SUPPRESS,
+                       help="stop after N optimiser steps in all, counted across epochs (a "
+                            "checkpoint at the end, status 0; the learning-rate schedule stays "
+                            "that of --epochs) (default: when the epochs end)")
     _option(group, "--early-stop", "stop after PATIENCE epochs in a row in which the test loss "
             "(--early-stop-metric) has not improved on its best by more than "
             "--early-stop-min-delta: every rank after the same epoch, with a checkpoint, best.h5 "
@@ -215,6 +219,9 @@ def _add_train_arguments(parser):
             "histogram of each parameter every epoch and the configuration as TensorBoard events "
             "in RUN_DIR/tensorboard (rank 0, with tensorboardX: pip install -e '.[tensorboard]'); "
             "sets --metrics-every 10 unless it is given", action="store_true")
+    _option(group, "--record-hashes", "write RUN_DIR/hashes.jsonl: after every step, the sha256 "
+            "of the parameters and buffers and the step's loss (what 'ddptrain verify' compares)",
+            action="store_true")
     _option(group, "--profile", "record a timeline of STEPS steps (after the first) on every rank: "
             "RUN_DIR/timeline.json, for Perfetto or chrome://tracing; `ddptrain info RUN_DIR` "
             "summarises it; 0: none", type=int, metavar="STEPS")
