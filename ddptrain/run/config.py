@@ -157,9 +157,10 @@ class Config:
             if getattr(self, name) > MAX_COUNT:
                 raise UserError(f"{option_name(name)} must be at most {MAX_COUNT:,}, got "
                                 f"{getattr(self, name)}")
-        if self.max_steps is not None and not 0 < self.max_steps <= MAX_COUNT:
-            raise UserError(f"--max-steps must be a positive integer (at most {MAX_COUNT:,}), got "
-                            f"{self.max_steps}")
+        if self.max_steps is not None and not self.max_steps > 0:
+            raise UserError(f"--max-steps must be a positive integer, got {self.max_steps}")
+        if self.max_steps is not None and self.max_steps > MAX_COUNT:
+            raise UserError(f"--max-steps must be at most {MAX_COUNT:,}, got {self.max_steps}")
         if self.early_stop_metric == "test_accuracy" and self.early_stop_min_delta >= 1:
             raise UserError(f"--early-stop-min-delta {self.early_stop_min_delta:g} with "
                             "--early-stop-metric test_accuracy: an accuracy (from 0 to 1) never "
