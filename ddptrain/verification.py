@@ -61,7 +61,7 @@ class Comparison:
         if self.bitwise_equal:
             return f"{who}: bitwise equal to one process at every step ({self.steps} steps)"
         within = "within" if self.within_tolerance else "NOT within"
-        return (f"{who}: differs from one process from step {self.first_difference} on; largest "
+        return (f"{who}: first differs from one process at step {self.first_difference}; largest "
                 f"difference of the final parameters {self.max_difference:.3g} ({within} "
                 f"--tolerance {tolerance:g})")
 
