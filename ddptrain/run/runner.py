@@ -273,9 +273,9 @@ def _fit(run, stop, callbacks, exchange, optimizer, checkpoint, data, train, tes
                       f"{result.seconds:.1f} s in all; run folder {folder.run_dir}", always=True)
     elif trainer.plan.total_steps < trainer.plan.epochs * trainer.plan.steps_per_epoch \
             and trainer.max_steps_reached and not done:
-        console.print(f"stopped after --max-steps {config.max_steps} steps, as asked; checkpoint "
-                      f"written; {result.seconds:.1f} s in all; run folder {folder.run_dir}",
-                      always=True)
+        console.print(f"stopped at step {trainer.position.step} (--max-steps {config.max_steps}); "
+                      f"checkpoint written; {result.seconds:.1f} s in all; run folder "
+                      f"{folder.run_dir}", always=True)
     elif trainer.metrics and not done:
         console.print(f"finished: test accuracy {100 * result.test_accuracy:.2f}% after "
                       f"{result.epochs} epochs, {result.seconds:.1f} s in all; run folder "
