@@ -8,9 +8,11 @@ The packages, from the bottom up (each imports only those above it in this list)
 - ``data``: the HDF5 data file, IDX sets, and which rank reads which rows;
 - ``training``: one data-parallel step, the loop and its callbacks, evaluation;
 - ``run``: options, start-up checks, set-up, checkpoints, rank 0's files, signals;
-- ``api`` (``train``), over which ``cli`` (options and exit statuses) is a thin layer.
+- ``api`` (``train``), over which ``cli`` (options and exit statuses) is a thin layer;
+  ``verification`` (``verify``) compares runs on different numbers of ranks.
 
-The public API, importable from here: ``train``, ``Arrays`` (in-memory
+The public API, importable from here: ``train``, ``verify`` (P ranks against
+one process, for a model of your own), ``Arrays`` (in-memory
 data), ``gradcheck`` (a layer's gradients against finite differences),
 ``Result``, ``Callback`` (the hooks around the training loop), the errors
 ``UserError``, ``DataError``, ``CheckpointError`` and ``NumericalError``, and
@@ -22,8 +24,9 @@ __version__ = "0.3.0"
 import importlib
 
 # Reached lazily, so that `import ddptrain` stays cheap (the command line imports what it runs).
-_PUBLIC = {"train": "api", "Arrays": "data.arrays", "gradcheck": "nn.gradcheck",
-           "Result": "run.runner", "Callback": "training.trainer", "UserError": "errors",
+_PUBLIC = {"train": "api", "verify": "verification", "Arrays": "data.arrays",
+           "gradcheck": "nn.gradcheck", "Result": "run.runner", "Callback": "training.trainer",
+           "UserError": "errors",
            "DataError": "errors", "CheckpointError": "errors", "NumericalError": "errors"}
 _PUBLIC_MODULES = {"nn": "nn", "optim": "optim", "losses": "nn.losses"}
 

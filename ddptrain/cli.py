@@ -1,4 +1,4 @@
-"""Command line: ``python -m ddptrain [train|evaluate|export|prepare|plot|info] [options]``.
+"""Command line: ``python -m ddptrain [train|evaluate|export|prepare|plot|info|verify] [options]``.
 
 Exit statuses (see ``errors``): 0 success, 1 unexpected failure, 2 bad input,
 3 stopped by a signal after writing a checkpoint.
@@ -16,7 +16,7 @@ import argparse
 import sys
 import traceback
 
-from ddptrain import commands, export, plot, supervisor
+from ddptrain import commands, export, plot, supervisor, verify_command
 from ddptrain.api import check_data_file, launch
 from ddptrain.data import datasets
 from ddptrain.distributed.launcher import rank_and_size
@@ -42,7 +42,7 @@ from ddptrain.run.data_memory import SIZE_HELP, parse_size
 from ddptrain.run.ending import end_rank, message_of
 from ddptrain.run.signals import ignore_stop_signals, restore_default_signals
 
-COMMANDS = ("train", "evaluate", "export", "prepare", "plot", "info")
+COMMANDS = ("train", "evaluate", "export", "prepare", "plot", "info", "verify")
 
 
 def _size(text):
@@ -121,6 +121,10 @@ def _add_train_arguments(parser):
 
     group = parser.add_argument_group("optimisation (the same for any number of ranks)")
     _option(group, "--epochs", "passes over the training set", type=int, metavar="N")
+    group.add_argument("--max-steps", type=int, metavar="N", default=argparse.SUPPRESS,
+                       help="stop after N optimiser steps in all, counted across epochs (a "
+                            "checkpoint at the end, status 0; the learning-rate schedule stays "
+                            "that of --epochs) (default: when the epochs end)")
     _option(group, "--early-stop", "stop after PATIENCE epochs in a row in which the test loss "
             "(--early-stop-metric) has not improved on its best by more than "
             "--early-stop-min-delta: every rank after the same epoch, with a checkpoint, best.h5 "
@@ -215,6 +219,9 @@ def _add_train_arguments(parser):
             "histogram of each parameter every epoch and the configuration as TensorBoard events "
             "in RUN_DIR/tensorboard (rank 0, with tensorboardX: pip install -e '.[tensorboard]'); "
             "sets --metrics-every 10 unless it is given", action="store_true")
+    _option(group, "--record-hashes", "write RUN_DIR/hashes.jsonl: after every step, the sha256 "
+            "of the parameters and buffers and the step's loss (what 'ddptrain verify' compares)",
+            action="store_true")
     _option(group, "--profile", "record a timeline of STEPS steps (after the first) on every rank: "
             "RUN_DIR/timeline.json, for Perfetto or chrome://tracing; `ddptrain info RUN_DIR` "
             "summarises it; 0: none", type=int, metavar="STEPS")
@@ -290,6 +297,10 @@ def build_parser():
     commands.add_parser("launch", add_help=False, help="mpiexec -n N python -m ddptrain OPTIONS, "
                         "passing stop signals on only once every rank can take them (see "
                         "ddptrain launch --help)")
+    # for --help only: main hands `verify ...` to verify_command before parsing
+    commands.add_parser("verify", add_help=False, help="train your options in one process and on "
+                        "P ranks for N steps and compare: bitwise equal at every step, or where "
+                        "they part and by how much (see ddptrain verify --help)")
     plot = commands.add_parser("plot", help="PNG curves of train and test loss and test "
                                "accuracy of a run")
     plot.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (holding metrics.jsonl)")
@@ -322,6 +333,15 @@ def config_from_args(args):
     return make_config({**values, **given})
 
 
+def training_options(words):
+    """The training options ``words`` (``train``'s): the names of those given, and their validated
+    Config. For ``ddptrain verify``, which passes them on to its runs."""
+    args = parse(["train", *words])
+    with same_on_every_rank():
+        config = config_from_args(args)
+    return set(vars(args)), config
+
+
 def parse(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
@@ -339,6 +359,9 @@ def main(argv=None, callbacks=()):
         argv = list(sys.argv[1:] if argv is None else argv)
         if argv[:1] == ["launch"]:   # mpiexec under a supervisor: nothing of MPI in this process
             return supervisor.main(argv[1:])
+        if argv[:1] == ["verify"]:   # its own options, and train's passed on to its runs
+            restore_default_signals()
+            return verify_command.main(argv[1:], training_options)
         args = parse(argv)
         if args.command != "train":
             restore_default_signals()   # only a training run stops cleanly after a step

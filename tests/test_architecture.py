@@ -12,7 +12,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ddptrain"
 
 # From the bottom up: a module may import its own package and those before it, never one after it.
 LAYERS = ["errors", "files", "durable", "backends", "nn", "optim", "distributed", "data",
-          "training", "run", "api", "commands", "export", "supervisor", "plot", "cli",
+          "training", "run", "api", "verification", "commands", "export", "supervisor",
+          "verify_command", "plot", "cli",
           "__main__"]
 MAX_LINES = 420
 

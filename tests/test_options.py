@@ -80,7 +80,7 @@ HUGE = "99999999999999999999"   # 1e20: beyond a C long
 TOO_LARGE = [*((name, HUGE) for name in (
     "epochs", "batch-size", "virtual-shards", "check-every", "log-every", "eval-batch",
     "step-size", "keep", "reference-batch", "accumulate", "checkpoint-every", "threads",
-    "metrics-every", "simulate-ranks")), ("warmup-epochs", "1e308")]
+    "metrics-every", "simulate-ranks", "max-steps")), ("warmup-epochs", "1e308")]
 
 
 @pytest.mark.parametrize("name, value", TOO_LARGE, ids=[name for name, _ in TOO_LARGE])

@@ -7,6 +7,7 @@ files) goes through ``rank0``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
@@ -73,6 +74,36 @@ class MetricsLog(Callback):
 
     def on_epoch_end(self, trainer, record, is_best):
         self.run_folder.append_metrics(record)
+
+
+def state_sha256(model):
+    """The sha256 of the model's parameters then its buffers, as the bytes of its flat arrays (a
+    fixed order: the layers', and each layer's names')."""
+    digest = hashlib.sha256(model.params.tobytes())
+    digest.update(model.buffers.tobytes())
+    return digest.hexdigest()
+
+
+class HashRecord(Callback):
+    """--record-hashes: after every step, a line of ``hashes.jsonl``: the step, the sha256 of the
+    parameters and buffers (``state_sha256``) and the step's mean loss. ``ddptrain verify`` compares
+    runs on different numbers of ranks by them.
+
+    The optimiser's state is not in the hash: sharded (--shard-optimizer) it lies in slices on
+    every rank, and a difference in it shows in the next step's parameters anyway."""
+
+    def __init__(self, run_folder):
+        self.run_folder = run_folder
+
+    def on_fit_start(self, trainer):
+        self.run_folder.rewrite_hashes(trainer.position.step)   # a resumed run: up to its step
+
+    def on_step_end(self, trainer, end):
+        totals = end.totals
+        # every rank holds the same parameters: rank 0 hashes them (and writes; a collective)
+        record = ({"step": trainer.position.step, "sha256": state_sha256(trainer.model),
+                   "loss": totals.loss_sum / totals.samples} if trainer.comm.rank == 0 else None)
+        self.run_folder.append_hash(record)
 
 
 class TensorBoardLog(Callback):
@@ -186,10 +217,10 @@ def make_checkpoint(trainer, optimizer_state, data_sha256=None):
 
 def checkpoint_due(every, trainer, end):
     """Whether ``Checkpointing(every=every)`` saves after the step that ``end`` ends: a stop was
-    requested, or ``every`` steps (0: never) have passed, within an epoch (the end of an epoch has
-    a checkpoint of its own, after its evaluation)."""
+    requested, the run ends there (--max-steps), or ``every`` steps (0: never) have passed, within
+    an epoch (the end of an epoch has a checkpoint of its own, after its evaluation)."""
     pos = trainer.position
-    return end.stop or bool(every and pos.step % every == 0
+    return end.stop or end.final or bool(every and pos.step % every == 0
                             and pos.step_in_epoch < end.steps_in_epoch)
 
 

@@ -47,6 +47,8 @@ class Config:
     batchnorm: str = "global"
     # optimisation; batch_size is the GLOBAL batch, shared by all ranks
     epochs: int = 5
+    # stop after this many optimiser steps in all (across epochs); None: when the epochs end
+    max_steps: Optional[int] = None
     batch_size: int = 128
     lr: float = 0.1
     optimizer: str = "sgd"             # sgd, adam or adamw
@@ -102,6 +104,8 @@ class Config:
     metrics_every: int = 0             # steps between step records in metrics.jsonl; 0: epochs only
     # metrics.jsonl's records, and histograms of the parameters, as TensorBoard events (rank 0)
     tensorboard: bool = False
+    # RUN_DIR/hashes.jsonl: a hash of the parameters and buffers after every step (ddptrain verify)
+    record_hashes: bool = False
     profile: int = 0                   # steps recorded in RUN_DIR/timeline.json; 0: none
     debug: bool = False                # float64, finite-difference check, per-layer NaN checks
     simulate_ranks: int = 0            # >0: that many ranks as threads of one process
@@ -153,6 +157,10 @@ class Config:
             if getattr(self, name) > MAX_COUNT:
                 raise UserError(f"{option_name(name)} must be at most {MAX_COUNT:,}, got "
                                 f"{getattr(self, name)}")
+        if self.max_steps is not None and not self.max_steps > 0:
+            raise UserError(f"--max-steps must be a positive integer, got {self.max_steps}")
+        if self.max_steps is not None and self.max_steps > MAX_COUNT:
+            raise UserError(f"--max-steps must be at most {MAX_COUNT:,}, got {self.max_steps}")
         if self.early_stop_metric == "test_accuracy" and self.early_stop_min_delta >= 1:
             raise UserError(f"--early-stop-min-delta {self.early_stop_min_delta:g} with "
                             "--early-stop-metric test_accuracy: an accuracy (from 0 to 1) never "

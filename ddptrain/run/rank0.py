@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ddptrain.durable import NO_FOLLOW, append, open_lock_file, write_atomically
 from ddptrain.errors import CheckpointError, UserError
+from ddptrain.files import open_regular
 from ddptrain.run import checkpoint as ckpt_io
 from ddptrain.run.progress import Progress
 
@@ -92,7 +93,8 @@ class RunFolder:
 
     LOCK = ".lock"
     TENSORBOARD = "tensorboard"
-    FILES = ("config.json", "metrics.jsonl", LOCK, "checkpoints", TENSORBOARD)
+    HASHES = "hashes.jsonl"
+    FILES = ("config.json", "metrics.jsonl", HASHES, LOCK, "checkpoints", TENSORBOARD)
 
     def __init__(self, comm, run_dir):
         self.comm = comm
@@ -200,6 +202,32 @@ class RunFolder:
             _replace(self.run_dir / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n"
                                                              for r in records))
         run_on_rank0(self.comm, work, UserError, f"cannot write {self.run_dir / 'metrics.jsonl'}")
+
+    def append_hash(self, record):
+        """--record-hashes: one line of ``hashes.jsonl`` (``callbacks.HashRecord``)."""
+        def work():
+            append(self.run_dir / self.HASHES, json.dumps(record, sort_keys=True) + "\n")
+        run_on_rank0(self.comm, work, UserError, f"cannot append to {self.run_dir / self.HASHES}")
+
+    def rewrite_hashes(self, step):
+        """``hashes.jsonl`` holds the lines of steps up to ``step`` only (the step a run resumes at;
+        0: none), as ``rewrite_metrics`` does for the metrics: a resumed run records each step
+        once."""
+        def work():
+            path = self.run_dir / self.HASHES
+            kept = []
+            if step and path.exists():
+                with open_regular(path, "hashes file") as f:
+                    for line in f.read().decode("utf-8", errors="replace").splitlines():
+                        try:
+                            record = json.loads(line)
+                        except ValueError:
+                            continue   # a line a killed run left half written
+                        if isinstance(record, dict) and isinstance(record.get("step"), int) \
+                                and record["step"] <= step:
+                            kept.append(line + "\n")
+            _replace(path, "".join(kept))
+        run_on_rank0(self.comm, work, UserError, f"cannot write {self.run_dir / self.HASHES}")
 
     def write_timeline(self, trace, warn=print):
         """Write ``trace`` (rank 0's; None on the others) as ``timeline.json``, or, where a run

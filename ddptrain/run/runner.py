@@ -30,7 +30,13 @@ from ddptrain.nn.layer import no_reduction
 from ddptrain.nn.losses import SoftmaxCrossEntropy
 from ddptrain.nn.model import Sequential
 from ddptrain.optim.schedule import peak_learning_rate
-from ddptrain.run.callbacks import Checkpointing, MetricsLog, ProgressReport, TensorBoardLog
+from ddptrain.run.callbacks import (
+    Checkpointing,
+    HashRecord,
+    MetricsLog,
+    ProgressReport,
+    TensorBoardLog,
+)
 from ddptrain.run.data_memory import DataPlan, order_for_resume
 from ddptrain.run.preflight import preflight
 from ddptrain.run.rank0 import Console, RunFolder, run_on_rank0
@@ -265,6 +271,11 @@ def _fit(run, stop, callbacks, exchange, optimizer, checkpoint, data, train, tes
                       f"{early.why_stopped()}; checkpoint written, best.h5 holds epoch "
                       f"{early.best_epoch}; test accuracy {100 * result.test_accuracy:.2f}%, "
                       f"{result.seconds:.1f} s in all; run folder {folder.run_dir}", always=True)
+    elif trainer.plan.total_steps < trainer.plan.epochs * trainer.plan.steps_per_epoch \
+            and trainer.max_steps_reached and not done:
+        console.print(f"stopped at step {trainer.position.step} (--max-steps {config.max_steps}); "
+                      f"checkpoint written; {result.seconds:.1f} s in all; run folder "
+                      f"{folder.run_dir}", always=True)
     elif trainer.metrics and not done:
         console.print(f"finished: test accuracy {100 * result.test_accuracy:.2f}% after "
                       f"{result.epochs} epochs, {result.seconds:.1f} s in all; run folder "
@@ -303,6 +314,7 @@ def standard_callbacks(config, console, folder, model_has_buffers, data_checksum
     record, save."""
     callbacks = [ReplicaCheck(config.check_every), ProgressReport(console),
                  MetricsLog(folder, config.metrics_every),
+                 *([HashRecord(folder)] if config.record_hashes else []),
                  # after the records it writes, before the checkpoint that may follow them
                  *([TensorBoardLog(folder, console, config.checkpoint_every)]
                    if config.tensorboard else []),

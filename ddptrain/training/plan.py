@@ -31,7 +31,9 @@ class TrainingPlan:
 
     @property
     def total_steps(self):
-        return self.epochs * self.steps_per_epoch
+        """The steps the run trains: every epoch's, or --max-steps where it comes first."""
+        every_epoch = self.epochs * self.steps_per_epoch
+        return min(every_epoch, self.config.max_steps or every_epoch)
 
     def epoch(self, epoch):
         """This rank's rows of every global batch of ``epoch`` (an ``EpochPlan``, or a

@@ -68,6 +68,8 @@ class StepEnd:
     totals: StepTotals       # the step's global sums, and whether any rank was asked to stop
     lr: float
     steps_in_epoch: int
+    # the run's last step (--max-steps) and not its epoch's: the run ends here, with a checkpoint
+    final: bool = False
 
     @property
     def stop(self):
@@ -106,7 +108,9 @@ class Trainer:
     ``stop`` tells whether a signal asked this rank to stop; the loop ends
     after the step in which any rank was asked, on every rank. With
     ``--early-stop`` (``plan.config.early_stop``) it also ends after the epoch
-    at which the test metric has not improved for that many epochs.
+    at which the test metric has not improved for that many epochs; with
+    ``--max-steps`` after that many steps in all, as a run ends after its
+    last epoch (within an epoch: without its evaluation).
     """
 
     def __init__(self, train_step, plan, train, test, n_classes, stop, callbacks=()):
@@ -154,6 +158,8 @@ class Trainer:
     def _fit(self):
         self._call("on_fit_start")
         for epoch in range(self.position.epoch, self.plan.epochs):
+            if self.max_steps_reached:   # at the end of an epoch, or resumed there
+                break
             if self.early_stop_due:
                 # DDP: every rank holds the same records, so every rank stops here
                 self.stopped_early_at = self.position.epoch
@@ -163,7 +169,9 @@ class Trainer:
             started, seen_before = time.perf_counter(), self.position.sums.samples
             self._call("on_epoch_start")
             if not self._run_epoch(epoch):
-                return self.stopped_by
+                if self.stopped_by:
+                    return self.stopped_by
+                break   # --max-steps within the epoch: the run ends normally
             evaluation = self.evaluate()
             self._end_epoch(evaluation, time.perf_counter() - started, seen_before)
         self._call("on_fit_end")
@@ -176,8 +184,12 @@ class Trainer:
                               self.plan.config.eval_batch, self.train_step.reproducible)
 
     def _run_epoch(self, epoch):
+        """Train the steps of ``epoch`` left to run; False if the run ends within it (a stop, or
+        --max-steps)."""
         plan, pos = self.plan.epoch(epoch), self.position
         for t in range(pos.step_in_epoch, plan.n_steps):
+            if self.max_steps_reached:   # resumed at --max-steps within the epoch
+                return False
             self._call("on_step_start")
             x, y = self.batches.take(plan, t)
             lr = self.plan.lr(pos.step)
@@ -191,12 +203,21 @@ class Trainer:
                                      f"{self._what_is_kept()}") from None
             pos.sums.add(totals)
             pos.step, pos.step_in_epoch = pos.step + 1, t + 1
-            end = StepEnd(totals, lr, plan.n_steps)
+            end = StepEnd(totals, lr, plan.n_steps,
+                          final=self.max_steps_reached and t + 1 < plan.n_steps)
             self._call("on_step_end", end)
             if end.stop:   # DDP: agreed by every rank, though a signal may reach only some
                 self.stopped_by = self.stop.signal_name or "a signal on another rank"
                 return False
+            if end.final:
+                return False
         return True
+
+    @property
+    def max_steps_reached(self):
+        """Whether --max-steps (``plan.config.max_steps``) steps have run: the run ends here."""
+        max_steps = self.plan.config.max_steps
+        return max_steps is not None and self.position.step >= max_steps
 
     def _what_is_kept(self):
         if self.last_checkpoint is None:
