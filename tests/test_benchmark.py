@@ -118,7 +118,8 @@ def test_each_rows_share_of_the_gemm_limit_is_its_median_rate_times_its_flops_ov
         assert measured["limit"] == max(at_once, alone)
     assert gemm["limit_flops"] == statistics.median(r["limit"] for r in gemm["rounds"])
     models = {"ddpPbn": "64-16-bn-10", "ddpPbnl": "64-16-bn-10", "torchPbn": "64-16-bn-10",
-              "cnn1": CNN_MODEL, "cnnP": CNN_MODEL, "tcnn1": CNN_MODEL, "tcnnP": CNN_MODEL}
+              "cnn1": CNN_MODEL, "cnnP": CNN_MODEL, "tcnn1": CNN_MODEL, "tcnnP": CNN_MODEL,
+              "cnn1r": CNN_MODEL, "cnnPr": CNN_MODEL}
     for name, row in result["rows"].items():
         assert row["model"] == models.get(name.split("@")[0], model_spec()), name
         assert row["flops_per_sample"] > 0, name
@@ -228,7 +229,8 @@ def test_without_pytorch_the_json_has_only_ddptrain_rows_and_its_header_says_why
     why = "--no-torch" if HAS_TORCH else "not installed"
     assert header["pytorch_rows"] == f"skipped ({why})"
     assert {name.split("@")[0] for name in result["rows"]} == {"ddp1", "ddpP", "ddpP0", "ddpPa",
-                                                               "ddpPz", "ddpPo"} | (
+                                                               "ddpPz", "ddpPo", "ddp1r",
+                                                               "ddpPr"} | (
         {"ddp1n", "ddpPn"} if header["gemm"]["library"] == "mkl" else set())
     assert all(row["vs_pytorch"] is None for row in result["rows"].values())
     assert "(the PyTorch comparisons need PyTorch: pip install torch==2.13.0)" in out

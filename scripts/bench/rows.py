@@ -63,9 +63,9 @@ def plan_rows(opts, gemm_name, use_torch, budget, ranks, per_rank):
                  Row("cnnP", f"ddptrain CNN, {ranks} MPI ranks x {threads}", "ddptrain", ranks,
                      each, cnn)]
         if not opts.no_reproducible:
-            rows += [Row("cnn1r", "  same process, --reproducible", "ddptrain", 1, one,
+            rows += [Row("cnn1r", "  same CNN process, --reproducible", "ddptrain", 1, one,
                          (*cnn, "--reproducible")),
-                     Row("cnnPr", "  same ranks, --reproducible", "ddptrain", ranks, each,
+                     Row("cnnPr", "  same CNN ranks, --reproducible", "ddptrain", ranks, each,
                          (*cnn, "--reproducible"))]
         if use_torch:
             rows += [Row("tcnn1", f"PyTorch CNN, 1 process x {budget} threads", "torch", 1, budget,
