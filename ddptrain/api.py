@@ -56,13 +56,13 @@ def train(model=None, data=None, *, quiet=False, dry_run=False, callbacks=(), **
     other ranks may be waiting in a collective operation that will never end.
     """
     with same_on_every_rank():
-        config, model, arrays = _arguments(model, data, options)
+        config, model, arrays = checked_arguments(model, data, options)
         callbacks = _callbacks(callbacks)
     return launch(config, quiet=quiet, dry_run=dry_run, callbacks=callbacks, model=model,
                   arrays=arrays)
 
 
-def _arguments(model, data, options):
+def checked_arguments(model, data, options):
     """``(Config, model object or None, Arrays or None)`` from ``train``'s arguments; UserError if
     one is bad."""
     fields = Config.__dataclass_fields__

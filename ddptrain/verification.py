@@ -27,7 +27,7 @@ from typing import Optional
 
 import numpy as np
 
-from ddptrain.api import _arguments, train
+from ddptrain.api import checked_arguments, train
 from ddptrain.data.sampler import check_world
 from ddptrain.distributed.launcher import launched_by_mpi
 from ddptrain.errors import UserError
@@ -228,7 +228,7 @@ def verify(model=None, data=None, *, ranks=(1, 2, 4), steps=10, tolerance=None, 
     if given:
         raise UserError(f"ddptrain.verify sets {given[0]} itself in each run: leave it out")
     steps = check_steps(steps)
-    config, _, _ = _arguments(model, data, {**options, "max_steps": steps})   # every option
+    config, _, _ = checked_arguments(model, data, {**options, "max_steps": steps})   # every option
     counts = check_rank_counts(ranks, config.batch_size, config.virtual_shards)
     if tolerance is not None:
         check_tolerance(tolerance, config.dtype)
