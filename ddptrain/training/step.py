@@ -29,7 +29,7 @@ import numpy as np
 
 from ddptrain.errors import NumericalError
 from ddptrain.nn.dropout import BatchContext
-from ddptrain.training.reproducible import canonical_norm, gather_batch
+from ddptrain.training.reproducible import BatchGather, canonical_norm
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,7 @@ class TrainStep:
         # --reproducible (reproducible.py): the whole batch on every rank, the model in blocks of
         # columns (model.set_column_split), a norm and totals with a fixed recipe
         self.reproducible = reproducible
+        self._batch_gather = BatchGather(self.comm) if reproducible else None
         self._accumulated = None
         self.after_reduce = []
         # loss sum, correct, samples, ranks asked to stop, squared gradient norm
@@ -115,7 +116,7 @@ class TrainStep:
         """
         model, exchange = self.model, self.exchange
         if self.reproducible:   # DDP: every rank's rows, on every rank, in their global order
-            x, y, context = gather_batch(self.comm, x, y, context)
+            x, y, context = self._batch_gather.gather(x, y, context)
         with exchange.during_backward(model):
             loss_share, correct = self._local_gradient(x, y, global_count, context)
         # DDP: the ranks' shares summed: the gradient of the global mean loss
