@@ -114,10 +114,27 @@ class BatchNorm(Layer):
         scale = self.params["weight"] * inv_std
         shift = self.params["bias"] + (origin - mean) * scale
         out = self._scratch.get("out", x.shape, x.dtype)
-        out2 = self._flat(out)
-        np.multiply(self._flat(source), self._per_value("scale", scale, x3), out=out2)
-        out2 += self._per_value("shift", shift, x3)
+        out2, source2 = self._flat(out), self._flat(source)
+        scale, shift = self._per_value("scale", scale, x3), self._per_value("shift", shift, x3)
+        for block in self._blocks(x3):
+            np.multiply(source2[block], scale, out=out2[block])
+            out2[block] += shift
         return out
+
+    # values of each array per block of samples: a few blocks' worth stay in a core's L2 cache
+    BLOCK_VALUES = 1 << 17
+
+    def _blocks(self, x3):
+        """Slices of samples, about ``BLOCK_VALUES`` values each, that the passes go through one
+        at a time.
+
+        Each pass over a whole activation reads it from memory again; block by
+        block, the second and later passes over a block find it in the cache
+        (in a whole training step, where the activations have long left it).
+        """
+        n, per_sample = x3.shape[0], x3.shape[1] * x3.shape[2]
+        step = max(1, self.BLOCK_VALUES // max(per_sample, 1))
+        return [slice(first, min(first + step, n)) for first in range(0, n, step)]
 
     def _flat(self, a3):
         """``(N, C * S)``: the view in which per-channel constants are one vector of ``C * S``."""
@@ -180,13 +197,17 @@ class BatchNorm(Layer):
         else:
             centre = (self._channel_sums(x3) / count).astype(x3.dtype)
             centred = self._scratch.get("centred", x3.shape, x3.dtype)
-            np.subtract(self._flat(x3), self._per_value("centre", centre, x3),
-                        out=self._flat(centred))
-            centred_sum = self._channel_sums(centred)
+            x2, centred2, centre_values = (self._flat(x3), self._flat(centred),
+                                           self._per_value("centre", centre, x3))
+            centred_sum, squares = np.zeros(channels), np.zeros(channels)
+            for block in self._blocks(x3):
+                np.subtract(x2[block], centre_values, out=centred2[block])
+                centred_sum += self._channel_sums(centred[block])
+                squares += self._channel_dots(centred[block], centred[block])
             # backward: x = centre + centred
             self._centre, self._centred = centre.astype(np.float64), centred
             local_mean = self._centre + centred_sum / count
-            local_m2 = self._channel_dots(centred, centred) - centred_sum ** 2 / count
+            local_m2 = squares - centred_sum ** 2 / count
         shift = self.buffers["running_mean"].astype(np.float64)   # the same on every rank
         offset = local_mean - shift
         sums = np.concatenate([[count], count * offset, local_m2 + count * offset * offset])
@@ -219,7 +240,10 @@ class BatchNorm(Layer):
             return dx
         # x_hat = (centred + offset) * inv_std, with centred = x - centre, offset = centre - mean.
         offset = self._centre - self._mean
-        dy_xhat_sum = inv_std * (self._channel_dots(dy3, self._centred) + offset * dy_sum)
+        dy_centred = np.zeros(self.num_features)
+        for block in self._blocks(dy3):
+            dy_centred += self._channel_dots(dy3[block], self._centred[block])
+        dy_xhat_sum = inv_std * (dy_centred + offset * dy_sum)
         # This rank's shares of the parameter gradients; the step's gradient Allreduce adds them up.
         self.grads["weight"][...] = dy_xhat_sum
         if not need_input_grad:
@@ -233,8 +257,13 @@ class BatchNorm(Layer):
         ratio = -inv_std * mean_dy_xhat
         constant = ratio * offset - mean_dy
         dx2, dy2 = self._flat(self._groups(dx)), self._flat(dy3)
-        np.multiply(self._flat(self._centred), self._per_value("ratio", ratio, dy3), out=dx2)
-        dx2 += dy2
-        dx2 += self._per_value("constant", constant, dy3)
-        dx2 *= self._per_value("scale", scale, dy3)
+        centred2 = self._flat(self._centred)
+        ratio, constant, scale = (self._per_value("ratio", ratio, dy3),
+                                  self._per_value("constant", constant, dy3),
+                                  self._per_value("scale", scale, dy3))
+        for block in self._blocks(dy3):
+            part = np.multiply(centred2[block], ratio, out=dx2[block])
+            part += dy2[block]
+            part += constant
+            part *= scale
         return dx
