@@ -182,12 +182,13 @@ class BatchNorm(Layer):
         Allreduce.
 
         This rank's values of each channel are centred on one float32 value
-        close to their mean (their mean through float32 sums), so that their
-        squares do not cancel; ``centred`` is kept (backward and the output
-        need it). The centre is then corrected exactly by the centred values'
-        own sum: they sum to M * (mean - c), and sum((x - c)^2) = M2 + M *
-        (mean - c)^2, both in float64. The ranks' statistics are combined about
-        a shift they all share.
+        within the spread of their mean, the mean of the first sample's values
+        (one pass over the batch fewer than the batch's own mean), so that
+        their squares do not cancel; ``centred`` is kept (backward and the
+        output need it). The centre is then corrected exactly by the centred
+        values' own sum: they sum to M * (mean - c), and sum((x - c)^2) = M2 +
+        M * (mean - c)^2, both in float64. The ranks' statistics are combined
+        about a shift they all share.
         """
         n, channels, per_sample = x3.shape
         count = n * per_sample   # this rank's values per channel
@@ -195,7 +196,7 @@ class BatchNorm(Layer):
             self._centre, self._centred = np.zeros(channels), x3
             local_mean = local_m2 = np.zeros(channels)
         else:
-            centre = (self._channel_sums(x3) / count).astype(x3.dtype)
+            centre = (self._channel_sums(x3[:1]) / per_sample).astype(x3.dtype)
             centred = self._scratch.get("centred", x3.shape, x3.dtype)
             x2, centred2, centre_values = (self._flat(x3), self._flat(centred),
                                            self._per_value("centre", centre, x3))
@@ -227,9 +228,9 @@ class BatchNorm(Layer):
         dy3, weight, inv_std = self._groups(dout), self.params["weight"], self._inv_std
         scale = weight * inv_std
         dx = self._scratch.get("dx", dout.shape, dout.dtype) if need_input_grad else None
-        dy_sum = self._channel_sums(dy3)
-        self.grads["bias"][...] = dy_sum
         if not self.training:
+            dy_sum = self._channel_sums(dy3)
+            self.grads["bias"][...] = dy_sum
             # Running statistics: x_hat = (x - mean) * inv_std with constants, so dx is a plain
             # scaling.
             dy_x_sum = self._channel_dots(dy3, self._x3)
@@ -240,11 +241,13 @@ class BatchNorm(Layer):
             return dx
         # x_hat = (centred + offset) * inv_std, with centred = x - centre, offset = centre - mean.
         offset = self._centre - self._mean
-        dy_centred = np.zeros(self.num_features)
-        for block in self._blocks(dy3):
+        dy_sum, dy_centred = np.zeros(self.num_features), np.zeros(self.num_features)
+        for block in self._blocks(dy3):   # the block still in the cache for its second sum
+            dy_sum += self._channel_sums(dy3[block])
             dy_centred += self._channel_dots(dy3[block], self._centred[block])
         dy_xhat_sum = inv_std * (dy_centred + offset * dy_sum)
         # This rank's shares of the parameter gradients; the step's gradient Allreduce adds them up.
+        self.grads["bias"][...] = dy_sum
         self.grads["weight"][...] = dy_xhat_sum
         if not need_input_grad:
             return None
