@@ -319,3 +319,46 @@ def test_a_relu_after_max_pooling_works_in_place_and_keeps_the_gradients():
     loss = lambda _: np.sum(g * model.forward(x))   # noqa: E731
     assert rel_error(grads, numerical_grad(loss, model.params)) < 1e-6
     assert rel_error(dx, numerical_grad(loss, x)) < 1e-6
+
+
+# ---------------------------------------------------------------- backward by shifted rows
+
+
+SHIFT_CASES = [(2, 3, 3, 1, 5, 7), (3, 4, 5, 0, 9, 8), (2, 2, 4, 3, 3, 3), (1, 3, 3, 0, 6, 6)]
+
+
+@pytest.mark.parametrize("need_input_grad", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("case", SHIFT_CASES, ids=lambda c: "in{}-out{}-k{}-p{}-{}x{}".format(*c))
+def test_backward_by_shifted_rows_equals_im2col_and_col2im(case, bias, need_input_grad,
+                                                          monkeypatch):
+    """The same gradients both ways, over blocks of two samples (the last of one)."""
+    from ddptrain.nn import conv as conv_module
+    c_in, c_out, k, pad, height, width = case
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((5, c_in, height, width))
+    results = {}
+    for shifted in (True, False):
+        monkeypatch.setattr(conv_module, "shifts_pay", lambda layer, need, use=shifted: use)
+        layer = built(Conv2d(c_in, c_out, k, padding=pad, bias=bias))
+        per_sample = (c_in * k * k + bias) * (height + 2 * pad) * (height + 2 * pad) * 8
+        layer.CHUNK_BYTES = 2 * per_sample
+        g = np.random.default_rng(15).standard_normal(layer.forward(x).shape)
+        dx = layer.backward(g, need_input_grad=need_input_grad)
+        results[shifted] = (None if dx is None else dx.copy(),
+                            {name: grad.copy() for name, grad in layer.grads.items()})
+    assert len(layer._chunks(5, layer._geometry_now)[0]) > 1
+    (dx_shifted, grads_shifted), (dx_plain, grads_plain) = results[True], results[False]
+    assert (dx_shifted is None) == (not need_input_grad)
+    if need_input_grad:
+        assert rel_error(dx_shifted, dx_plain) < 1e-12
+    for name in grads_plain:
+        assert rel_error(grads_shifted[name], grads_plain[name]) < 1e-12, name
+
+
+def test_the_shifted_backward_is_taken_where_it_copies_less():
+    from ddptrain.nn.conv_shifts import shifts_pay
+    assert shifts_pay(Conv2d(16, 32, 5), need_input_grad=True)        # the cnn's second conv
+    assert not shifts_pay(Conv2d(1, 16, 5), need_input_grad=False)    # its first: one channel
+    assert not shifts_pay(Conv2d(16, 32, 5, stride=2), need_input_grad=True)   # no wide rows
+    assert not shifts_pay(Conv2d(8, 8, 1), need_input_grad=True)      # 1x1: nothing to shift
