@@ -362,3 +362,13 @@ def test_the_shifted_backward_is_taken_where_it_copies_less():
     assert not shifts_pay(Conv2d(1, 16, 5), need_input_grad=False)    # its first: one channel
     assert not shifts_pay(Conv2d(16, 32, 5, stride=2), need_input_grad=True)   # no wide rows
     assert not shifts_pay(Conv2d(8, 8, 1), need_input_grad=True)      # 1x1: nothing to shift
+
+
+@pytest.mark.parametrize("make", [lambda: MaxPool2d(2), lambda: MaxPool2d(3, stride=2),
+                                  lambda: AvgPool2d(2), lambda: AvgPool2d(2, stride=1)],
+                         ids=["max", "max-overlapping", "avg", "avg-overlapping"])
+def test_pooling_an_empty_batch_gives_empty_arrays(make):
+    """A rank may hold no row of an epoch's short last batch: it still runs every layer."""
+    layer = built(make())
+    out = layer.forward(np.zeros((0, 2, 7, 7)))
+    assert out.shape[0] == 0 and layer.backward(np.zeros(out.shape)).shape == (0, 2, 7, 7)

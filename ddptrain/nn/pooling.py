@@ -28,6 +28,8 @@ Windows that do not fit are dropped (PyTorch's floor rule, no padding).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ddptrain.nn.conv import conv_output_size
@@ -117,7 +119,7 @@ class _Pool2d(Layer):
             return self._finish(out)
         x, k = self._tiled(x), self.kernel_size
         n, channels, height, width = x.shape
-        for block in self._blocks(n, x[0].size):
+        for block in self._blocks(n, channels * height * width):
             # Stage 1: each window row's segment, k neighbours in memory; stage 2: k rows of
             # those.
             segments = x[block].reshape(-1, k)     # (samples * C * rows * out columns, k)
@@ -140,7 +142,7 @@ class _Pool2d(Layer):
             dx[...] = 0   # the pixels no window covers
         target = dx if divisible else self._scratch.get(
             "dcropped", (n, channels, height // k * k, width // k * k), dout.dtype)
-        for block in self._blocks(n, target[0].size):
+        for block in self._blocks(n, math.prod(target.shape[1:])):
             grad = dout[block].reshape(-1, width // k)       # (samples * C * out rows, out columns)
             drows = self._scratch.get("drows", (grad.size * k,), dout.dtype)[:grad.size * k]
             drows = drows.reshape(grad.shape[0], k, width // k)
@@ -176,10 +178,11 @@ class MaxPool2d(_Pool2d):
     def _reduce(self, views, out, stage, block):
         """``out`` = the maximum of ``views``; remembers, per value, the first view that holds
         it."""
-        count = block.stop - block.start
+        # per sample (none in an empty batch, which a rank may hold at the end of an epoch)
+        per_sample = out.size // max(block.stop - block.start, 1)
         # per stage: the stages' shapes differ, and one array for both would be allocated again at
         # every call
-        which = self._scratch.get(f"which_{stage}", (self._shape[0], out.size // count),
+        which = self._scratch.get(f"which_{stage}", (self._shape[0], per_sample),
                                   np.uint8 if len(views) <= 256 else np.int32)
         self._which[stage] = which
         which = which[block].reshape(out.shape)
