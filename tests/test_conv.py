@@ -258,3 +258,117 @@ def test_a_cnn_training_step_allocates_no_activation_sized_array_once_warm():
     # What a step allocates are per-channel (and per sample and channel) vectors and numpy's own
     # iteration buffers: a few hundred kilobytes, not one convolution's output or work array.
     assert peak < smallest_conv_output / 4, f"a step allocated {peak:,} bytes at its peak"
+
+
+# ---------------------------------------------------------------- pooling block by block
+
+
+def pooled(layer, x, g):
+    out = layer.forward(x).copy()
+    return out, layer.backward(g).copy()
+
+
+@pytest.mark.parametrize("kind", [MaxPool2d, AvgPool2d])
+@pytest.mark.parametrize("case", [(2, 8, 8), (3, 9, 7)], ids=["2x2-8x8", "3x3-9x7-cropped"])
+def test_pooling_block_by_block_gives_the_values_and_gradients_of_one_pass(kind, case):
+    """Blocks of one sample and of three (the last block shorter) against one block of all 7."""
+    k, height, width = case
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((7, 3, height, width))
+    g = rng.standard_normal((7, 3, height // k, width // k))
+    whole = pooled(built(kind(k)), x, g)
+    for samples in (1, 3):
+        layer = built(kind(k))
+        layer.BLOCK_VALUES = samples * x[0].size
+        assert len(layer._blocks(len(x), x[0].size)) == -(-7 // samples)
+        for got, expected in zip(pooled(layer, x, g), whole):
+            np.testing.assert_array_equal(got, expected)
+
+
+def test_max_pooling_ties_go_to_the_first_maximum_in_every_block():
+    """The tied windows of the tie test, as three samples pooled one block each."""
+    x = np.array([[7, 7, 1, 1], [7, 7, 1, 1], [0, 0, 3, 5], [2, 2, 5, 5]],
+                 dtype=np.float64).reshape(1, 1, 4, 4)
+    layer = built(MaxPool2d(2))
+    layer.BLOCK_VALUES = 1
+    layer.forward(np.concatenate([x, x + 1, x * 2]))
+    dx = layer.backward(np.ones((3, 1, 2, 2)))
+    first = [[1, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0]]
+    np.testing.assert_array_equal(dx[:, 0], [first] * 3)
+
+
+def test_max_pooling_block_by_block_matches_finite_differences():
+    layer = built(MaxPool2d(2))
+    layer.BLOCK_VALUES = 2 * 3 * 6 * 6    # blocks of two samples, the last of one
+    x = (np.random.default_rng(10).permutation(5 * 3 * 6 * 6) * 1e-3).reshape(5, 3, 6, 6)
+    analytic, numeric = gradients(layer, x)
+    assert rel_error(analytic["x"], numeric["x"]) < TOL
+
+
+def test_a_relu_after_max_pooling_works_in_place_and_keeps_the_gradients():
+    """Max pooling never reads its output or its returned gradient again: the ReLU after it
+    overwrites both, and the model's gradients still match finite differences."""
+    model = Sequential([Conv2d(1, 2, 3, bias=False), BatchNorm(2), MaxPool2d(2), ReLU(),
+                        Conv2d(2, 2, 3), Flatten(), Linear(2, 3)], dtype=np.float64, seed=11)
+    assert model.layers[3].in_place
+    x = np.random.default_rng(12).standard_normal((3, 1, 8, 8))
+    g = np.random.default_rng(13).standard_normal((3, 3))
+    model.forward(x)
+    dx = model.backward(g, need_input_grad=True).copy()
+    grads = model.grads.copy()
+    loss = lambda _: np.sum(g * model.forward(x))   # noqa: E731
+    assert rel_error(grads, numerical_grad(loss, model.params)) < 1e-6
+    assert rel_error(dx, numerical_grad(loss, x)) < 1e-6
+
+
+# ---------------------------------------------------------------- backward by shifted rows
+
+
+SHIFT_CASES = [(2, 3, 3, 1, 5, 7), (3, 4, 5, 0, 9, 8), (2, 2, 4, 3, 3, 3), (1, 3, 3, 0, 6, 6)]
+
+
+@pytest.mark.parametrize("need_input_grad", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("case", SHIFT_CASES, ids=lambda c: "in{}-out{}-k{}-p{}-{}x{}".format(*c))
+def test_backward_by_shifted_rows_equals_im2col_and_col2im(case, bias, need_input_grad,
+                                                          monkeypatch):
+    """The same gradients both ways, over blocks of two samples (the last of one)."""
+    from ddptrain.nn import conv as conv_module
+    c_in, c_out, k, pad, height, width = case
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((5, c_in, height, width))
+    results = {}
+    for shifted in (True, False):
+        monkeypatch.setattr(conv_module, "shifts_pay", lambda layer, need, use=shifted: use)
+        layer = built(Conv2d(c_in, c_out, k, padding=pad, bias=bias))
+        per_sample = (c_in * k * k + bias) * (height + 2 * pad) * (height + 2 * pad) * 8
+        layer.CHUNK_BYTES = 2 * per_sample
+        g = np.random.default_rng(15).standard_normal(layer.forward(x).shape)
+        dx = layer.backward(g, need_input_grad=need_input_grad)
+        results[shifted] = (None if dx is None else dx.copy(),
+                            {name: grad.copy() for name, grad in layer.grads.items()})
+    assert len(layer._chunks(5, layer._geometry_now)[0]) > 1
+    (dx_shifted, grads_shifted), (dx_plain, grads_plain) = results[True], results[False]
+    assert (dx_shifted is None) == (not need_input_grad)
+    if need_input_grad:
+        assert rel_error(dx_shifted, dx_plain) < 1e-12
+    for name in grads_plain:
+        assert rel_error(grads_shifted[name], grads_plain[name]) < 1e-12, name
+
+
+def test_the_shifted_backward_is_taken_where_it_copies_less():
+    from ddptrain.nn.conv_shifts import shifts_pay
+    assert shifts_pay(Conv2d(16, 32, 5), need_input_grad=True)        # the cnn's second conv
+    assert not shifts_pay(Conv2d(1, 16, 5), need_input_grad=False)    # its first: one channel
+    assert not shifts_pay(Conv2d(16, 32, 5, stride=2), need_input_grad=True)   # no wide rows
+    assert not shifts_pay(Conv2d(8, 8, 1), need_input_grad=True)      # 1x1: nothing to shift
+
+
+@pytest.mark.parametrize("make", [lambda: MaxPool2d(2), lambda: MaxPool2d(3, stride=2),
+                                  lambda: AvgPool2d(2), lambda: AvgPool2d(2, stride=1)],
+                         ids=["max", "max-overlapping", "avg", "avg-overlapping"])
+def test_pooling_an_empty_batch_gives_empty_arrays(make):
+    """A rank may hold no row of an epoch's short last batch: it still runs every layer."""
+    layer = built(make())
+    out = layer.forward(np.zeros((0, 2, 7, 7)))
+    assert out.shape[0] == 0 and layer.backward(np.zeros(out.shape)).shape == (0, 2, 7, 7)

@@ -295,3 +295,64 @@ def test_debug_catches_batch_statistics_taken_over_each_rank_s_rows_only(
                  "--simulate-ranks", "3") == 1
     err = capsys.readouterr().err
     assert "gradient check failed at step 0" in err and err.count("ddptrain: error:") == 1
+
+
+# ---------------------------------------------------------------- block by block
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_batchnorm_block_by_block_gives_the_values_and_gradients_of_one_pass(mode):
+    """Blocks of one sample and of three (the last shorter) against one block of all 7."""
+    x, g = case((7, 4, 3, 5), seed=8)
+
+    def run(block_values):
+        layer = batchnorm(4)
+        layer.BLOCK_VALUES = block_values
+        layer.training = mode == "train"
+        out = layer.forward(x).copy()
+        return out, layer.backward(g).copy(), layer.grads["weight"].copy(), \
+            layer.grads["bias"].copy()
+
+    whole = run(1 << 20)
+    for samples in (1, 3):
+        for got, expected in zip(run(samples * 4 * 3 * 5), whole):
+            assert rel_error(got, expected) < 1e-13
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_batchnorm_block_by_block_matches_finite_differences(shape):
+    layer = batchnorm(shape[1])
+    layer.BLOCK_VALUES = 1   # one sample per block
+    x, g = case(shape)
+    running = {name: array.copy() for name, array in layer.buffers.items()}
+
+    def loss(x_):
+        for name, array in running.items():
+            layer.buffers[name][...] = array
+        return np.sum(g * layer.forward(x_))
+
+    loss(x)
+    dx = layer.backward(g).copy()
+    assert rel_error(dx, numerical_grad(loss, x.copy())) < TOL
+    for name in ("weight", "bias"):
+        analytic = layer.grads[name].copy()
+        assert rel_error(analytic,
+                         numerical_grad(lambda _: loss(x), layer.params[name])) < TOL, name
+
+
+def test_float32_gradients_do_not_cancel_when_the_mean_dwarfs_the_spread():
+    """Values near 10,000 with a spread of 1, in float32: the output and the input gradient agree
+    with float64's to float32 precision, as the centred values carry them (the output as x * scale
+    + shift, as it once was, measured 2e-4 off)."""
+    rng = np.random.default_rng(9)
+    # the float64 run takes the same, float32, values
+    x = (10_000 + rng.standard_normal((64, 2, 8, 8))).astype(np.float32).astype(np.float64)
+    g = rng.standard_normal(x.shape).astype(np.float32).astype(np.float64)
+    results = []
+    for dtype in (np.float32, np.float64):
+        layer = batchnorm(2, dtype=dtype)
+        out = layer.forward(x.astype(dtype)).astype(np.float64)
+        results.append((out, layer.backward(g.astype(dtype)).astype(np.float64)))
+    (out32, dx32), (out64, dx64) = results
+    assert rel_error(out32, out64) < 1e-5
+    assert rel_error(dx32, dx64) < 1e-5

@@ -46,6 +46,7 @@ import math
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from ddptrain.nn.conv_shifts import backward_by_shifts, shifts_pay
 from ddptrain.nn.layer import Layer, ShapeError, shape_text
 
 
@@ -128,7 +129,8 @@ class Conv2d(Layer):
 
     def block_bytes(self):
         """Bytes of this layer's work arrays that do not grow with the batch: cols and dcols, the
-        wide output and its gradient, for one block of samples (about ``4 * CHUNK_BYTES``)."""
+        wide output and its gradient, for one block of samples (about ``4 * CHUNK_BYTES``; the
+        shifted backward's arrays, taken instead of dcols, stay under that too: conv_shifts.py)."""
         return 4 * self.CHUNK_BYTES
 
     # -- the geometry of one input size ------------------------------------------------------------
@@ -269,6 +271,8 @@ class Conv2d(Layer):
         return out
 
     def backward(self, dout, need_input_grad=True):
+        if shifts_pay(self, need_input_grad):   # fewer copies and additions: conv_shifts.py
+            return backward_by_shifts(self, dout, need_input_grad)
         n, channels, height, width = self._shape
         geometry, k, pad = self._geometry_now, self.kernel_size, self.padding
         chunks, block = self._chunks(n, geometry)

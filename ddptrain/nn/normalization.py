@@ -9,10 +9,11 @@ ranks in place (``comm.allreduce_``; the identity in one process, or for
 ``--batchnorm local``), and uses it twice:
 
 * **forward**: each rank computes, per channel, its value count, its values'
-  mean and their centred sum of squares, exactly: per sample, the channel's
-  values are centred on their float32 mean (the centred values are kept for
-  backward), that centre is corrected by the centred values' own sum, and
-  the samples are combined with Chan et al.'s formula in float64. It then
+  mean and their centred sum of squares, exactly: the channel's values are
+  centred on one float32 value near their mean, the mean of the first
+  sample's values (the centred values are kept for the output and for
+  backward), and that centre is corrected by the centred values' own sum in
+  float64. It then
   shifts its mean by a value every rank shares (the running mean), and one
   Allreduce of ``[count, count * (mean - shift), centred + count * (mean -
   shift)**2]``, in float64, gives the global mean and variance. Centred sums
@@ -28,6 +29,11 @@ ranks in place (``comm.allreduce_``; the identity in one process, or for
   per-channel sums. The parameter gradients need no Allreduce of their own
   (``dbias = sum(dy)``, ``dweight = sum(dy * x_hat)`` over this rank's rows
   are its shares, which the step's gradient Allreduce adds up).
+
+The passes go through the batch in blocks of samples (``BLOCK_VALUES``), so
+that the second and later passes over a block find it in the cache, and
+per-channel constants are vectors of a sample's length, the operand numpy
+runs its fast loop with.
 
 Running statistics follow PyTorch: ``running = (1 - momentum) * running +
 momentum * batch``, with the unbiased variance ``var * M / (M - 1)``; they are
@@ -102,69 +108,113 @@ class BatchNorm(Layer):
         if self.training:
             mean, var, self._count = self._batch_statistics(x3)
             self._update_running_statistics(mean, var, self._count)
+            source, origin = self._centred, self._centre   # y from x - centre: no cancellation
         else:
             mean, var = self.buffers["running_mean"].astype(np.float64), self.buffers["running_var"]
             # for the weight gradient in evaluation mode (the input is not written before backward)
-            self._x3 = x3
+            self._x3 = source = x3
+            origin = 0.0
         inv_std = 1.0 / np.sqrt(var.astype(np.float64) + self.eps)
         self._mean, self._inv_std = mean, inv_std
-        # y = weight * (x - mean) * inv_std + bias = x * scale + shift: two passes over x.
+        # y = weight * (x - mean) * inv_std + bias = (x - origin) * scale + shift: two passes.
         scale = self.params["weight"] * inv_std
-        shift = self.params["bias"] - mean * scale
+        shift = self.params["bias"] + (origin - mean) * scale
         out = self._scratch.get("out", x.shape, x.dtype)
-        out3 = self._groups(out)
-        np.multiply(x3, scale.astype(x.dtype)[:, None], out=out3)
-        out3 += shift.astype(x.dtype)[:, None]
+        out2, source2 = self._flat(out), self._flat(source)
+        scale, shift = self._per_value("scale", scale, x3), self._per_value("shift", shift, x3)
+        for block in self._blocks(x3):
+            np.multiply(source2[block], scale, out=out2[block])
+            out2[block] += shift
         return out
 
-    def _group_sums(self, a3):
-        """Per group and channel, the sum of ``a3``'s values, ``(groups, C)``: a group is a sample's
-        values of a channel for images, all rows for rows. Products with a vector of ones: BLAS,
-        about twice as fast as ``a.sum(axis=...)``."""
-        n, _, per_sample = a3.shape
-        if per_sample == 1:
-            return np.matmul(self._scratch.constant(1, n, a3.dtype), a3[:, :, 0])[None, :]
-        return np.matmul(a3, self._scratch.constant(1, per_sample, a3.dtype))
+    # values of each array per block of samples: a few blocks' worth stay in a core's L2 cache
+    BLOCK_VALUES = 1 << 17
 
-    def _group_dots(self, a3, b3):
-        """Per group and channel, the sum of ``a3 * b3``, ``(groups, C)``, in float64."""
-        if a3.shape[2] == 1:
-            return np.einsum("nc,nc->c", a3[:, :, 0], b3[:, :, 0]).astype(np.float64)[None, :]
-        return np.einsum("ncs,ncs->nc", a3, b3).astype(np.float64)
+    def _blocks(self, x3):
+        """Slices of samples, about ``BLOCK_VALUES`` values each, that the passes go through one
+        at a time.
+
+        Each pass over a whole activation reads it from memory again; block by
+        block, the second and later passes over a block find it in the cache
+        (in a whole training step, where the activations have long left it).
+        """
+        n, per_sample = x3.shape[0], x3.shape[1] * x3.shape[2]
+        step = max(1, self.BLOCK_VALUES // max(per_sample, 1))
+        return [slice(first, min(first + step, n)) for first in range(0, n, step)]
+
+    def _flat(self, a3):
+        """``(N, C * S)``: the view in which per-channel constants are one vector of ``C * S``."""
+        return a3.reshape(a3.shape[0], math.prod(a3.shape[1:]))
+
+    def _per_value(self, name, per_channel, x3):
+        """``per_channel`` (C,) repeated S times each, ``(C * S,)`` in x's dtype: the operand
+        that broadcasts over the batch.
+
+        Against a full vector numpy runs its fast loop over the ``C * S``
+        contiguous values of a sample; against ``(C, 1)`` it takes its loop
+        for a scalar operand, one call per ``S`` values, measured 1.45x slower
+        (numpy 2.4, float32, S = 576).
+        """
+        per_sample = x3.shape[2]
+        vector = self._scratch.get(name, (self.num_features * per_sample,), x3.dtype)
+        np.copyto(vector.reshape(self.num_features, per_sample),
+                  np.asarray(per_channel, dtype=x3.dtype).reshape(-1, 1))
+        return vector
+
+    def _channel_sums(self, a3):
+        """Per channel, the sum of ``a3``'s values in float64, ``(C,)``: products with a vector of
+        ones (BLAS, about twice as fast as ``a.sum(axis=...)``) per sample, then over the samples
+        in float64."""
+        n, channels, per_sample = a3.shape
+        if per_sample == 1:
+            return np.matmul(self._scratch.constant(1, n, a3.dtype),
+                             a3[:, :, 0]).astype(np.float64)
+        sums = np.matmul(a3.reshape(n * channels, per_sample),
+                         self._scratch.constant(1, per_sample, a3.dtype))
+        return sums.reshape(n, channels).sum(axis=0, dtype=np.float64)
+
+    def _channel_dots(self, a3, b3):
+        """Per channel, the sum of ``a3 * b3`` in float64, ``(C,)``: per sample in one pass, then
+        over the samples in float64."""
+        n, channels, per_sample = a3.shape
+        if per_sample == 1:
+            return np.einsum("nc,nc->c", a3[:, :, 0], b3[:, :, 0]).astype(np.float64)
+        dots = np.einsum("ij,ij->i", a3.reshape(n * channels, per_sample),
+                         b3.reshape(n * channels, per_sample))
+        return dots.reshape(n, channels).sum(axis=0, dtype=np.float64)
 
     def _batch_statistics(self, x3):
         """The mean and biased variance of each channel over the global batch, and its count: one
         Allreduce.
 
-        Per group first (a sample's values of a channel for images, all rows
-        for rows): the mean of its values and their centred squares
-        (``centred`` is kept: backward needs it), combined exactly over this
-        rank's groups (Chan et al.'s formula, in float64), then over the
-        ranks about a shared shift.
+        This rank's values of each channel are centred on one float32 value
+        within the spread of their mean, the mean of the first sample's values
+        (one pass over the batch fewer than the batch's own mean), so that
+        their squares do not cancel; ``centred`` is kept (backward and the
+        output need it). The centre is then corrected exactly by the centred
+        values' own sum: they sum to M * (mean - c), and sum((x - c)^2) = M2 +
+        M * (mean - c)^2, both in float64. The ranks' statistics are combined
+        about a shift they all share.
         """
         n, channels, per_sample = x3.shape
         count = n * per_sample   # this rank's values per channel
-        per_group = n if per_sample == 1 else per_sample
         if not count:
-            self._centre, self._centred = np.zeros((1, channels)), x3
+            self._centre, self._centred = np.zeros(channels), x3
             local_mean = local_m2 = np.zeros(channels)
         else:
-            # A float32 mean of each group's values as its centre, then the exact correction from
-            # the centred values' own sum: (x - c) sums to S * (mean - c), and sum((x - c)^2) = M2 +
-            # S * (mean - c)^2.
-            centre = self._group_sums(x3) / x3.dtype.type(per_group)                 # (groups, C)
+            centre = (self._channel_sums(x3[:1]) / per_sample).astype(x3.dtype)
             centred = self._scratch.get("centred", x3.shape, x3.dtype)
-            np.subtract(x3, centre[:, :, None], out=centred)
-            centred_sum = self._group_sums(centred).astype(np.float64)
-            group_m2 = self._group_dots(centred, centred) - centred_sum ** 2 / per_group
+            x2, centred2, centre_values = (self._flat(x3), self._flat(centred),
+                                           self._per_value("centre", centre, x3))
+            centred_sum, squares = np.zeros(channels), np.zeros(channels)
+            for block in self._blocks(x3):
+                np.subtract(x2[block], centre_values, out=centred2[block])
+                centred_sum += self._channel_sums(centred[block])
+                squares += self._channel_dots(centred[block], centred[block])
             # backward: x = centre + centred
             self._centre, self._centred = centre.astype(np.float64), centred
-            group_mean = self._centre + centred_sum / per_group
-            local_mean = group_mean.mean(axis=0)
-            spread = group_mean - local_mean
-            # Chan et al.: the M2 of the union is the groups' M2 plus S * (group mean - mean)^2
-            # each.
-            local_m2 = group_m2.sum(axis=0) + per_group * np.einsum("gc,gc->c", spread, spread)
+            local_mean = self._centre + centred_sum / count
+            local_m2 = squares - centred_sum ** 2 / count
         shift = self.buffers["running_mean"].astype(np.float64)   # the same on every rank
         offset = local_mean - shift
         sums = np.concatenate([[count], count * offset, local_m2 + count * offset * offset])
@@ -185,24 +235,23 @@ class BatchNorm(Layer):
         scale = weight * inv_std
         dx = self._scratch.get("dx", dout.shape, dout.dtype) if need_input_grad else None
         if not self.training:
+            dy_sum = self._channel_sums(dy3)
+            self.grads["bias"][...] = dy_sum
             # Running statistics: x_hat = (x - mean) * inv_std with constants, so dx is a plain
             # scaling.
-            dy_sum = dy3.sum(axis=(0, 2), dtype=np.float64)
-            self.grads["bias"][...] = dy_sum
-            dy_x_sum = np.einsum("ncs,ncs->c", dy3, self._x3, dtype=np.float64)
+            dy_x_sum = self._channel_dots(dy3, self._x3)
             self.grads["weight"][...] = inv_std * (dy_x_sum - self._mean * dy_sum)
             if need_input_grad:
-                np.multiply(dy3, scale.astype(dout.dtype)[:, None], out=self._groups(dx))
+                np.multiply(self._flat(dy3), self._per_value("scale", scale, dy3),
+                            out=self._flat(self._groups(dx)))
             return dx
-        # x_hat = (centred + centre - mean) * inv_std, with centred = x - centre, per group and
-        # channel.
-        # (groups, C), float64
-        group_offset = self._centre - self._mean
-        group_dy = self._group_sums(dy3).astype(np.float64)
-        group_dy_centred = self._group_dots(dy3, self._centred)
-        dy_sum = group_dy.sum(axis=0)
-        dy_xhat_sum = inv_std * (group_dy_centred.sum(axis=0)
-                                 + np.einsum("nc,nc->c", group_dy, group_offset))
+        # x_hat = (centred + offset) * inv_std, with centred = x - centre, offset = centre - mean.
+        offset = self._centre - self._mean
+        dy_sum, dy_centred = np.zeros(self.num_features), np.zeros(self.num_features)
+        for block in self._blocks(dy3):   # the block still in the cache for its second sum
+            dy_sum += self._channel_sums(dy3[block])
+            dy_centred += self._channel_dots(dy3[block], self._centred[block])
+        dy_xhat_sum = inv_std * (dy_centred + offset * dy_sum)
         # This rank's shares of the parameter gradients; the step's gradient Allreduce adds them up.
         self.grads["bias"][...] = dy_sum
         self.grads["weight"][...] = dy_xhat_sum
@@ -213,13 +262,17 @@ class BatchNorm(Layer):
         mean_dy, mean_dy_xhat = (sums[:self.num_features] / self._count,
                                  sums[self.num_features:] / self._count)
         # dx = scale * (dy - mean_dy - x_hat * mean_dy_xhat)
-        #    = scale * (dy + ratio * centred) + constant,   per sample and channel:
+        #    = scale * (dy + ratio * centred + constant),   per channel:
         ratio = -inv_std * mean_dy_xhat
-        # (groups, C)
-        constant = scale * (ratio * group_offset - mean_dy)
-        dx3 = self._groups(dx)
-        np.multiply(self._centred, ratio.astype(dout.dtype)[:, None], out=dx3)
-        dx3 += dy3
-        dx3 *= scale.astype(dout.dtype)[:, None]
-        dx3 += constant.astype(dout.dtype)[:, :, None]
+        constant = ratio * offset - mean_dy
+        dx2, dy2 = self._flat(self._groups(dx)), self._flat(dy3)
+        centred2 = self._flat(self._centred)
+        ratio, constant, scale = (self._per_value("ratio", ratio, dy3),
+                                  self._per_value("constant", constant, dy3),
+                                  self._per_value("scale", scale, dy3))
+        for block in self._blocks(dy3):
+            part = np.multiply(centred2[block], ratio, out=dx2[block])
+            part += dy2[block]
+            part += constant
+            part *= scale
         return dx

@@ -28,6 +28,8 @@ Windows that do not fit are dropped (PyTorch's floor rule, no padding).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ddptrain.nn.conv import conv_output_size
@@ -36,6 +38,10 @@ from ddptrain.nn.layer import Layer, ShapeError, shape_text
 
 class _Pool2d(Layer):
     takes_channels = True
+    # backward reads what forward kept of the maxima (or nothing), never the output; nothing reads
+    # the input gradient once returned: a ReLU next to a pooling may work in place
+    output_is_scratch = True
+    input_grad_is_scratch = True
 
     def __init__(self, kernel_size, stride=None):
         super().__init__()
@@ -79,20 +85,26 @@ class _Pool2d(Layer):
                 yield i * k + j, array[:, :, i:i + stride * (out_height - 1) + 1:stride,
                                        j:j + stride * (out_width - 1) + 1:stride]
 
-    def _stages(self, x):
-        """The two stages' inputs for tiling windows: ``k`` views of the row segments' values, and
-        the array shape that stage 1 gives (stage 2 pools its rows ``k`` at a time)."""
+    def _tiled(self, x):
+        """``x`` without the last rows or columns that fit no window (a copy when there are
+        any)."""
         n, channels, height, width = x.shape
         k = self.kernel_size
-        out_height, out_width = height // k, width // k
-        # the last rows or columns fit no window: pool a copy without them
         if height % k or width % k:
-            cropped = self._scratch.get("cropped", (n, channels, out_height * k, out_width * k),
+            cropped = self._scratch.get("cropped", (n, channels, height // k * k, width // k * k),
                                         x.dtype)
-            np.copyto(cropped, x[:, :, :out_height * k, :out_width * k])
-            x = cropped
-        segments = x.reshape(-1, k)                   # (n * C * rows * out columns, k)
-        return [segments[:, t] for t in range(k)], (n * channels * out_height, k, out_width)
+            np.copyto(cropped, x[:, :, :cropped.shape[2], :cropped.shape[3]])
+            return cropped
+        return x
+
+    # input values per block of samples: a block's first stage stays in a core's L2 cache for
+    # its second
+    BLOCK_VALUES = 1 << 17
+
+    def _blocks(self, n, per_sample):
+        """Slices of about ``BLOCK_VALUES`` input values of samples, pooled one after the other."""
+        step = max(1, self.BLOCK_VALUES // max(per_sample, 1))
+        return [slice(first, min(first + step, n)) for first in range(0, n, step)]
 
     def _output(self, x):
         self._shape = x.shape
@@ -101,16 +113,21 @@ class _Pool2d(Layer):
 
     def forward(self, x):
         out = self._output(x)
-        if self._tiles:
-            segments, rows_shape = self._stages(x)
-            rows = self._scratch.get("rows", (segments[0].size,), x.dtype)
-            # each window row's segment
-            self._reduce(segments, rows, "columns")
-            rows = rows.reshape(rows_shape)
-            self._reduce([rows[:, t] for t in range(self.kernel_size)],
-                         out.reshape(rows_shape[0], -1), "rows")
-        else:
-            self._reduce([view for _, view in self._offsets(x, *out.shape[2:])], out, "offsets")
+        if not self._tiles:
+            self._reduce([view for _, view in self._offsets(x, *out.shape[2:])], out, "offsets",
+                         slice(0, len(x)))
+            return self._finish(out)
+        x, k = self._tiled(x), self.kernel_size
+        n, channels, height, width = x.shape
+        for block in self._blocks(n, channels * height * width):
+            # Stage 1: each window row's segment, k neighbours in memory; stage 2: k rows of
+            # those.
+            segments = x[block].reshape(-1, k)     # (samples * C * rows * out columns, k)
+            rows = self._scratch.get("rows", (segments.shape[0],), x.dtype)
+            self._reduce([segments[:, t] for t in range(k)], rows, "columns", block)
+            rows = rows.reshape(-1, k, width // k)
+            self._reduce([rows[:, t] for t in range(k)], out[block].reshape(rows.shape[0], -1),
+                         "rows", block)
         return self._finish(out)
 
     def backward(self, dout, need_input_grad=True):
@@ -125,19 +142,24 @@ class _Pool2d(Layer):
             dx[...] = 0   # the pixels no window covers
         target = dx if divisible else self._scratch.get(
             "dcropped", (n, channels, height // k * k, width // k * k), dout.dtype)
-        rows_shape = (n * channels * (height // k), k, width // k)
-        drows = self._scratch.get("drows", rows_shape, dout.dtype)
-        self._spread(dout.reshape(rows_shape[0], -1), [drows[:, t] for t in range(k)], "rows")
-        segments = target.reshape(-1, k)
-        self._spread(drows.reshape(-1), [segments[:, t] for t in range(k)], "columns")
+        for block in self._blocks(n, math.prod(target.shape[1:])):
+            grad = dout[block].reshape(-1, width // k)       # (samples * C * out rows, out columns)
+            drows = self._scratch.get("drows", (grad.size * k,), dout.dtype)[:grad.size * k]
+            drows = drows.reshape(grad.shape[0], k, width // k)
+            self._spread(grad, [drows[:, t] for t in range(k)], "rows", block)
+            segments = target[block].reshape(-1, k)
+            self._spread(drows.reshape(-1), [segments[:, t] for t in range(k)], "columns", block)
         if not divisible:
             dx[:, :, :target.shape[2], :target.shape[3]] = target
         return dx
 
-    def _reduce(self, views, out, stage):
+    def _reduce(self, views, out, stage, block):
+        """``out`` = the pooled ``views``, of the samples ``block`` of the batch."""
         raise NotImplementedError
 
-    def _spread(self, grad, targets, stage):
+    def _spread(self, grad, targets, stage, block):
+        """``targets`` = the gradients of the views ``grad`` came from, for the samples
+        ``block``."""
         raise NotImplementedError
 
     def _finish(self, out):
@@ -153,15 +175,21 @@ class MaxPool2d(_Pool2d):
         # per stage ("columns", "rows" or "offsets"): which view held each maximum
         self._which = {}
 
-    def _reduce(self, views, out, stage):
+    def _reduce(self, views, out, stage, block):
         """``out`` = the maximum of ``views``; remembers, per value, the first view that holds
         it."""
-        which = self._scratch.get(f"which_{stage}", out.shape,
-                                  np.uint8 if len(views) <= 256 else np.int32)
+        # per sample (none in an empty batch, which a rank may hold at the end of an epoch)
+        per_sample = out.size // max(block.stop - block.start, 1)
         # per stage: the stages' shapes differ, and one array for both would be allocated again at
         # every call
-        larger = self._scratch.get(f"larger_{stage}", out.shape, bool)
-        offset = self._scratch.get(f"offset_{stage}", out.shape, which.dtype)
+        which = self._scratch.get(f"which_{stage}", (self._shape[0], per_sample),
+                                  np.uint8 if len(views) <= 256 else np.int32)
+        self._which[stage] = which
+        which = which[block].reshape(out.shape)
+        larger = self._scratch.get(f"larger_{stage}", (out.size,), bool)[:out.size]
+        larger = larger.reshape(out.shape)
+        offset = self._scratch.get(f"offset_{stage}", (out.size,), which.dtype)[:out.size]
+        offset = offset.reshape(out.shape)
         if len(views) == 1:   # a 1x1 window
             np.copyto(out, views[0])
             which[...] = 0
@@ -178,24 +206,24 @@ class MaxPool2d(_Pool2d):
             # which = t where larger: t exceeds every earlier index, so a maximum does it
             # (np.copyto(which, t, where=larger) measured ten times slower).
             np.maximum(which, np.multiply(larger, which.dtype.type(t), out=offset), out=which)
-        self._which[stage] = which
 
-    def _spread(self, grad, targets, stage):
+    def _spread(self, grad, targets, stage, block):
         """Each target gets ``grad`` where its view held the maximum, 0 elsewhere."""
-        which = self._which[stage]
+        which = self._which[stage][block].reshape(grad.shape)
         if len(targets) == 2:   # which is 0 or 1: two passes, exact (grad - grad * 1 is 0)
             np.multiply(grad, which, out=targets[1])
             np.subtract(grad, targets[1], out=targets[0])
             return
-        chosen = self._scratch.get("chosen", grad.shape, bool)
+        chosen = self._scratch.get("chosen", (grad.size,), bool)[:grad.size].reshape(grad.shape)
         for t, target in enumerate(targets):
             np.multiply(grad, np.equal(which, t, out=chosen), out=target)
 
     def _backward_offsets(self, dout, dx):
         dx[...] = 0   # overlapping windows add up; pixels between windows get 0
-        chosen = self._scratch.get("chosen", dout.shape, bool)
+        chosen = self._scratch.get("chosen", (dout.size,), bool)[:dout.size].reshape(dout.shape)
+        which = self._which["offsets"].reshape(dout.shape)
         for t, view in self._offsets(dx, *dout.shape[2:]):
-            view += dout * np.equal(self._which["offsets"], t, out=chosen)
+            view += dout * np.equal(which, t, out=chosen)
         return dx
 
 
@@ -203,7 +231,7 @@ class AvgPool2d(_Pool2d):
     """The mean of each ``kernel_size x kernel_size`` window (stride: the kernel size by
     default)."""
 
-    def _reduce(self, views, out, stage):
+    def _reduce(self, views, out, stage, block):
         np.copyto(out, views[0])
         for view in views[1:]:
             out += view
@@ -212,7 +240,7 @@ class AvgPool2d(_Pool2d):
         out *= 1.0 / self.kernel_size ** 2
         return out
 
-    def _spread(self, grad, targets, stage):
+    def _spread(self, grad, targets, stage, block):
         # each stage passes 1/k of the gradient: 1/k^2 in all
         for target in targets:
             np.multiply(grad, 1.0 / self.kernel_size, out=target)
