@@ -103,6 +103,17 @@ def test_the_named_model_defaults_reach_the_run_configuration():
     assert config.eval_batch == 2000                                # ddptrain's
 
 
+def test_cnn_fast_is_the_cnn_network_with_a_one_cycle_schedule_of_four_epochs():
+    fast = parse_spec("cnn-fast")
+    assert fast.name == "cnn-fast" and fast.tokens == parse_spec("cnn").tokens
+    config = cli.config_from_args(cli.parse(["--model", "cnn-fast"]))
+    assert (config.epochs, config.warmup_epochs, config.lr_schedule) == (4, 1, "cosine")
+    assert (config.lr, config.batch_size, config.nesterov) == (0.2, 128, True)
+    # what is set wins, as for any named model
+    assert cli.config_from_args(cli.parse(["--model", "cnn-fast", "--warmup-epochs", "0"])
+                                ).warmup_epochs == 0
+
+
 def test_a_cnn_that_does_not_fit_the_data_is_refused_with_one_line(small_data, tmp_path, capsys):
     assert cli.main(["--data", small_data, "--model", "conv4k9-flatten-10", "--run-dir",
                      str(tmp_path / "r")]) == 2
