@@ -46,6 +46,19 @@ def make_images(n, side, n_classes, rng, templates):
     return images, labels
 
 
+def template_arrays(side=8, n_train=240, n_test=60, n_classes=10, seed=0):
+    """In-memory float32 data, ``(x_train, y_train, x_test, y_test)``: a template per class plus
+    uniform noise, ``side x side`` images, as ``ddptrain.train(data=...)`` takes them."""
+    rng = np.random.default_rng(seed)
+    templates = rng.random((n_classes, side, side))
+    y_train, y_test = rng.integers(0, n_classes, n_train), rng.integers(0, n_classes, n_test)
+
+    def noisy(labels):
+        return (templates[labels] + 0.5 * rng.random((len(labels), side, side))).astype(np.float32)
+
+    return noisy(y_train), y_train, noisy(y_test), y_test
+
+
 def make_dataset(path, n_train=240, n_test=60, side=8, n_classes=10, seed=0):
     """Write a ddptrain HDF5 file of ``side x side`` images; returns the path (as str)."""
     rng = np.random.default_rng(seed)

@@ -20,18 +20,14 @@ from ddptrain.errors import UserError
 from ddptrain.nn.columns import BLOCK, ColumnSplit, blocks_of, owned_range
 from ddptrain.nn.model import Sequential
 from ddptrain.run import checkpoint
-from helpers import SignalAtStep, on_simulated_ranks
+from helpers import SignalAtStep, on_simulated_ranks, template_arrays
 
 SIDE = 8
 
 
 @pytest.fixture(scope="module")
 def arrays():
-    rng = np.random.default_rng(0)
-    templates = rng.random((10, SIDE, SIDE))
-    y_train, y_test = rng.integers(0, 10, 240), rng.integers(0, 10, 60)
-    noisy = lambda y: (templates[y] + 0.5 * rng.random((len(y), SIDE, SIDE))).astype(np.float32)  # noqa: E731
-    return noisy(y_train), y_train, noisy(y_test), y_test
+    return template_arrays(SIDE)
 
 
 class StepHashes(ddptrain.Callback):

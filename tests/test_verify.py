@@ -19,7 +19,7 @@ from ddptrain.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from ddptrain.nn.layer import Layer
 from ddptrain.nn.model import Sequential
 from ddptrain.run import checkpoint
-from helpers import in_process, model_spec, run
+from helpers import in_process, model_spec, run, template_arrays
 
 SIDE = 8
 MLP = "64-40-30-10"
@@ -27,11 +27,7 @@ MLP = "64-40-30-10"
 
 @pytest.fixture(scope="module")
 def arrays():
-    rng = np.random.default_rng(0)
-    templates = rng.random((10, SIDE, SIDE))
-    y_train, y_test = rng.integers(0, 10, 240), rng.integers(0, 10, 60)
-    noisy = lambda y: (templates[y] + 0.5 * rng.random((len(y), SIDE, SIDE))).astype(np.float32)  # noqa: E731
-    return noisy(y_train), y_train, noisy(y_test), y_test
+    return template_arrays(SIDE)
 
 
 def mlp(spec=MLP, dtype="float32"):

@@ -7,7 +7,6 @@ the same process, with ``SerialComm``.
 """
 
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 from ddptrain.data import format as data
 from ddptrain.data.arrays import Arrays
 from ddptrain.data.sampler import evaluation_block, owned_blocks
-from ddptrain.distributed.comm import MPIComm, SerialComm
+from ddptrain.distributed.comm import SerialComm
 from ddptrain.errors import DataError, UserError
 from ddptrain.nn.layer import Layer
 from ddptrain.nn.losses import SoftmaxCrossEntropy
@@ -30,26 +29,6 @@ from ddptrain.training.evaluation import evaluate
 from helpers import Tally, make_chunked_dataset, make_dataset, model_spec
 
 pytestmark = pytest.mark.mpi(min_size=2)
-
-
-@pytest.fixture(scope="module")
-def comm():
-    return MPIComm()
-
-
-@pytest.fixture(scope="module")
-def shared_dir(comm):
-    """A temporary folder that every rank sees: rank 0 names it, the others are told."""
-    path = tempfile.mkdtemp(prefix="ddptrain-mpi-") if comm.rank == 0 else None
-    return Path(comm.bcast(path))
-
-
-@pytest.fixture(scope="module")
-def dataset(comm, shared_dir):
-    if comm.rank == 0:
-        make_dataset(shared_dir / "data.h5", n_train=240, n_test=60)
-    comm.barrier()
-    return str(shared_dir / "data.h5")
 
 
 def relative_error(a, b):

@@ -9,39 +9,18 @@ of the final checkpoint (parameters, buffers, optimiser state).
 
 import hashlib
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ddptrain.distributed.comm import MPIComm, SerialComm
+from ddptrain.distributed.comm import SerialComm
 from ddptrain.run import checkpoint
 from ddptrain.run.config import Config
 from ddptrain.run.runner import run_training
 from ddptrain.training.trainer import Callback
-from helpers import make_dataset
 
 pytestmark = pytest.mark.mpi(min_size=2)
-
-
-@pytest.fixture(scope="module")
-def comm():
-    return MPIComm()
-
-
-@pytest.fixture(scope="module")
-def shared_dir(comm):
-    path = tempfile.mkdtemp(prefix="ddptrain-mpi-bitwise-") if comm.rank == 0 else None
-    return Path(comm.bcast(path))
-
-
-@pytest.fixture(scope="module")
-def dataset(comm, shared_dir):
-    if comm.rank == 0:
-        make_dataset(shared_dir / "data.h5", n_train=160, n_test=40)
-    comm.barrier()
-    return str(shared_dir / "data.h5")
 
 
 class StepHashes(Callback):
