@@ -191,6 +191,17 @@ def test_shapes_that_do_not_fit_name_the_layer_and_the_shape():
         Sequential([MaxPool2d(2), MaxPool2d(2)]).output_shape((8, 3, 3))
 
 
+def assert_model_matches_finite_differences(model, x, g):
+    """The model's parameter and input gradients for the loss ``sum(g * model(x))`` against
+    finite differences."""
+    model.forward(x)
+    dx = model.backward(g, need_input_grad=True).copy()
+    grads = model.grads.copy()
+    loss = lambda _: np.sum(g * model.forward(x))   # noqa: E731
+    assert rel_error(grads, numerical_grad(loss, model.params)) < 1e-6
+    assert rel_error(dx, numerical_grad(loss, x)) < 1e-6
+
+
 def test_a_small_cnn_end_to_end_matches_finite_differences():
     model = Sequential([Conv2d(1, 3, 3, padding=1, bias=False), BatchNorm(3), ReLU(), MaxPool2d(2),
                         Conv2d(3, 4, 3, stride=2), ReLU(), AvgPool2d(1), Flatten(), Linear(4, 5)],
@@ -198,12 +209,7 @@ def test_a_small_cnn_end_to_end_matches_finite_differences():
     assert model.output_shape((1, 6, 6)) == (5,)
     x = np.random.default_rng(6).standard_normal((4, 1, 6, 6))
     g = np.random.default_rng(7).standard_normal((4, 5))
-    model.forward(x)
-    dx = model.backward(g, need_input_grad=True).copy()
-    grads = model.grads.copy()
-    loss = lambda _: np.sum(g * model.forward(x))   # noqa: E731
-    assert rel_error(grads, numerical_grad(loss, model.params)) < 1e-6
-    assert rel_error(dx, numerical_grad(loss, x)) < 1e-6
+    assert_model_matches_finite_differences(model, x, g)
 
 
 @pytest.mark.parametrize("make",
@@ -313,12 +319,7 @@ def test_a_relu_after_max_pooling_works_in_place_and_keeps_the_gradients():
     assert model.layers[3].in_place
     x = np.random.default_rng(12).standard_normal((3, 1, 8, 8))
     g = np.random.default_rng(13).standard_normal((3, 3))
-    model.forward(x)
-    dx = model.backward(g, need_input_grad=True).copy()
-    grads = model.grads.copy()
-    loss = lambda _: np.sum(g * model.forward(x))   # noqa: E731
-    assert rel_error(grads, numerical_grad(loss, model.params)) < 1e-6
-    assert rel_error(dx, numerical_grad(loss, x)) < 1e-6
+    assert_model_matches_finite_differences(model, x, g)
 
 
 # ---------------------------------------------------------------- backward by shifted rows

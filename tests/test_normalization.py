@@ -36,15 +36,9 @@ def case(shape, seed=1):
 # ---------------------------------------------------------------- the layer
 
 
-@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_batchnorm_gradients_match_finite_differences(shape, mode):
-    """Input, weight and bias, in training mode (batch statistics) and evaluation mode (running
-    ones)."""
-    layer = batchnorm(shape[1])
-    layer.buffers["running_mean"][...] = [0.3, -0.2, 0.1, 0.5]
-    layer.buffers["running_var"][...] = [1.5, 0.7, 2.0, 1.1]
-    layer.training = mode == "train"
+def assert_gradients_match_finite_differences(layer, shape):
+    """The layer's input, weight and bias gradients on ``case(shape)`` against finite
+    differences."""
     x, g = case(shape)
     # The forward updates the running statistics in training mode: each evaluation starts afresh.
     running = {name: array.copy() for name, array in layer.buffers.items()}
@@ -61,6 +55,18 @@ def test_batchnorm_gradients_match_finite_differences(shape, mode):
         analytic = layer.grads[name].copy()
         assert rel_error(analytic,
                          numerical_grad(lambda _: loss(x), layer.params[name])) < TOL, name
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_batchnorm_gradients_match_finite_differences(shape, mode):
+    """Input, weight and bias, in training mode (batch statistics) and evaluation mode (running
+    ones)."""
+    layer = batchnorm(shape[1])
+    layer.buffers["running_mean"][...] = [0.3, -0.2, 0.1, 0.5]
+    layer.buffers["running_var"][...] = [1.5, 0.7, 2.0, 1.1]
+    layer.training = mode == "train"
+    assert_gradients_match_finite_differences(layer, shape)
 
 
 def test_batchnorm_normalises_each_channel_by_its_biased_variance_and_updates_running_statistics():
@@ -323,21 +329,7 @@ def test_batchnorm_block_by_block_gives_the_values_and_gradients_of_one_pass(mod
 def test_batchnorm_block_by_block_matches_finite_differences(shape):
     layer = batchnorm(shape[1])
     layer.BLOCK_VALUES = 1   # one sample per block
-    x, g = case(shape)
-    running = {name: array.copy() for name, array in layer.buffers.items()}
-
-    def loss(x_):
-        for name, array in running.items():
-            layer.buffers[name][...] = array
-        return np.sum(g * layer.forward(x_))
-
-    loss(x)
-    dx = layer.backward(g).copy()
-    assert rel_error(dx, numerical_grad(loss, x.copy())) < TOL
-    for name in ("weight", "bias"):
-        analytic = layer.grads[name].copy()
-        assert rel_error(analytic,
-                         numerical_grad(lambda _: loss(x), layer.params[name])) < TOL, name
+    assert_gradients_match_finite_differences(layer, shape)
 
 
 def test_float32_gradients_do_not_cancel_when_the_mean_dwarfs_the_spread():
