@@ -240,7 +240,7 @@ def test_the_streamed_row_trains_a_run_s_epochs_from_windows_against_its_twin_in
     chunked = helpers.make_chunked_dataset(tmp_path / "chunked.h5", chunk_rows=4)
     result, out = run_benchmark(tmp_path, "--quick", "--data", chunked, "--model", model_spec(),
                                 "--no-bn", "--no-cnn", "--no-hosts", "--no-torch",
-                                "--stream-memory", "7K")
+                                "--stream-memory", "7K", "--read-file-mib", "0.1")
     row = result["rows"]["ddpPs@32"]
     run = row["runs"][0]
     assert run["data_line"].startswith("data: streamed (--data-memory): each rank holds 2 windows "
@@ -249,6 +249,9 @@ def test_the_streamed_row_trains_a_run_s_epochs_from_windows_against_its_twin_in
     ratio = statistics.median(row["rates"]) / statistics.median(run["memory_rates"])
     assert f"streamed shards, 2 ranks, batch 32: {ratio:.2f}x the step rate" in out
     reads = result["stream_reads"]
+    # the file the reads measure: the data's training rows repeated to --read-file-mib
+    assert reads["file"] == "4 copies of the training rows of chunked.h5"   # of 30 KiB
+    assert reads["file_bytes"] > 0.1 * 2 ** 20
     assert reads["file_bytes"] > 0 and all(rate > 0 for key in ("disk_mib_s", "load_mib_s",
                                                                 "stream_mib_s")
                                            for rate in reads[key])

@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from ddptrain.data import format as data
+from ddptrain.data import chunks as data_chunks, format as data
 from ddptrain.data.sampler import owned_blocks
 from ddptrain.data.writer import write_dataset
 from ddptrain.errors import DataError
@@ -418,10 +418,16 @@ def test_read_rows_of_a_missing_file_is_a_data_error(tmp_path):
         data.read_rows(tmp_path / "absent.h5", "train", [(0, 1)])
 
 
-def test_read_rows_turns_read_failures_into_a_data_error_naming_the_file(data_file, monkeypatch):
+@pytest.mark.parametrize("reader", ["hdf5", "chunks"])
+def test_read_rows_turns_read_failures_into_a_data_error_naming_the_file(data_file, monkeypatch,
+                                                                         reader):
     def failing_read(*args, **kwargs):
         raise OSError("Can't synchronously read data (wrong B-tree signature)")
-    monkeypatch.setattr(h5py.Dataset, "read_direct", failing_read)
+    if reader == "hdf5":
+        monkeypatch.setattr(data_chunks.ChunkReader, "of", lambda dataset, fd: None)
+        monkeypatch.setattr(h5py.Dataset, "read_direct", failing_read)
+    else:   # whole chunks read with preadv (data/chunks.py)
+        monkeypatch.setattr(data_chunks.os, "preadv", failing_read)
     with pytest.raises(DataError) as caught:
         data.read_rows(data_file, "train", [(0, 10)])
     assert str(caught.value).startswith(f"{data_file}: cannot read 'train' rows")

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
+from ddptrain.data.chunks import ChunkReader
 from ddptrain.errors import DataError
 from ddptrain.files import check_regular_file
 
@@ -361,7 +362,13 @@ def read_rows(path, split, blocks, dtype=np.float32):
             images = _dataset(f, f"{split}/images", path)
             labels = _dataset(f, f"{split}/labels", path)
             _check_blocks(blocks, images.shape[0], f"{split}/images", path)
-            return _read_blocks(images, labels, blocks, dtype)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                # whole chunks straight into place, checked by numpy (None: HDF5 reads them)
+                chunks = ChunkReader.of(images, fd)
+                return _read_blocks(images, labels, blocks, dtype, chunks)
+            finally:
+                os.close(fd)
     except DataError:
         raise
     except _H5PY_ERRORS as e:
@@ -374,7 +381,7 @@ def _check_blocks(blocks, n_rows, name, path):
             raise DataError(f"{path}: rows {start}:{stop} are outside '{name}' ({n_rows} rows)")
 
 
-def _read_blocks(images, labels, blocks, dtype):
+def _read_blocks(images, labels, blocks, dtype, chunks=None):
     """Read each block into its slice of preallocated outputs.
 
     The uint8 pixels of one block go through a scratch buffer reused for
@@ -392,10 +399,12 @@ def _read_blocks(images, labels, blocks, dtype):
         rows = stop - start
         if rows == 0:
             continue
-        if dtype == np.uint8:
-            images.read_direct(x, np.s_[start:stop], np.s_[at:at + rows])
+        into = x[at:at + rows] if dtype == np.uint8 else scratch[:rows]
+        if chunks is not None:
+            chunks.read(start, stop, into)
         else:
-            images.read_direct(scratch, np.s_[start:stop], np.s_[0:rows])
+            images.read_direct(into, np.s_[start:stop])
+        if dtype != np.uint8:
             np.divide(scratch[:rows], PIXEL_MAX, out=x[at:at + rows], dtype=dtype)
         y[at:at + rows] = labels[start:stop]
         at += rows

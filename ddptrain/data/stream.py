@@ -30,6 +30,7 @@ import time
 
 import numpy as np
 
+from ddptrain.data.chunks import ChunkReader
 from ddptrain.data.format import _H5PY_ERRORS, _failure, _open
 from ddptrain.data.stream_order import SLOTS, StreamedEpochPlan
 
@@ -227,6 +228,8 @@ class _FileReader:
         self.images = self._file[f"{self.split}/images"]
         self.labels = self._file[f"{self.split}/labels"]
         self._fd = os.open(self.path, os.O_RDONLY)
+        # whole chunks read straight into the buffer (None: HDF5 reads every row)
+        self._chunks = ChunkReader.of(self.images, self._fd)
         return self
 
     def __exit__(self, *exc):
@@ -238,17 +241,13 @@ class _FileReader:
         """Ask the kernel to read the chunks of ``blocks`` into its page cache now, in the
         background (``posix_fadvise``): the disk serves many requests at once, where one read at
         a time waits for each. A hint: any failure is left to the read."""
+        if self._chunks is None:
+            return
         try:
-            for dataset in (self.images,):   # the labels' chunks are few, and cached by HDF5
-                rows = dataset.chunks and dataset.chunks[0]
-                if not rows:
-                    continue
-                for start in sorted({int(a) // rows * rows for a, _ in blocks}):
-                    info = dataset.id.get_chunk_info_by_coord((start,) + (0,) * (dataset.ndim - 1))
-                    if info.byte_offset is not None:
-                        os.posix_fadvise(self._fd, info.byte_offset, info.size,
-                                         os.POSIX_FADV_WILLNEED)
-        except (*_H5PY_ERRORS, AttributeError):
+            for start, stop in contiguous(blocks):
+                for offset, size in self._chunks.extents(start, stop):
+                    os.posix_fadvise(self._fd, offset, size, os.POSIX_FADV_WILLNEED)
+        except OSError:
             pass
 
     def read(self, blocks, images, labels, at):
@@ -258,7 +257,10 @@ class _FileReader:
         try:
             for start, stop in contiguous(blocks):
                 rows = stop - start
-                self.images.read_direct(images, np.s_[start:stop], np.s_[at:at + rows])
+                if self._chunks is not None:
+                    self._chunks.read(start, stop, images[at:at + rows])
+                else:
+                    self.images.read_direct(images, np.s_[start:stop], np.s_[at:at + rows])
                 # as stored, then widened by numpy: HDF5's conversion to int64 costs a fifth of the
                 # images' read
                 labels[at:at + rows] = self.labels[start:stop]

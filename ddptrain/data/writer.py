@@ -130,11 +130,13 @@ class Later:
         self.value, self.length = value, length
 
 
-def write_sources(path, splits, n_classes, class_names, attrs=None):
+def write_sources(path, splits, n_classes, class_names, attrs=None, chunk_rows=None):
     """Write the data file ``path`` from sources of rows (``blocks``): ``{split: (images,
     labels)}``, each split's images uint8 of the same shape, labels integers of
     ``0..n_classes-1`` (checked again block by block: ValueError), ``class_names`` checked
-    (``classes_for``). ``attrs`` are extra root attributes; a value may be a ``Later``."""
+    (``classes_for``). ``attrs`` are extra root attributes; a value may be a ``Later``.
+    ``chunk_rows``: the images' rows per chunk (default: about ``CHUNK_BYTES``, at most
+    ``ROWS_PER_CHUNK``)."""
     path = os.fspath(path)
     label_type = np.dtype(np.uint8 if n_classes <= 256 else np.uint16)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -149,8 +151,8 @@ def write_sources(path, splits, n_classes, class_names, attrs=None):
             for split in SPLITS:
                 images, labels = splits[split]
                 group = f.create_group(split)
-                image_rows = min(images.shape[0], ROWS_PER_CHUNK,
-                                 max(1, CHUNK_BYTES // math.prod(images.shape[1:])))
+                image_rows = min(images.shape[0], chunk_rows or ROWS_PER_CHUNK,
+                                 chunk_rows or max(1, CHUNK_BYTES // math.prod(images.shape[1:])))
                 _write_rows(group, "images", images, np.dtype(np.uint8), image_rows, digest, out)
                 _write_rows(group, "labels", labels, label_type,
                             min(labels.shape[0], 64 * ROWS_PER_CHUNK), digest, out,

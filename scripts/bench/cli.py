@@ -61,6 +61,10 @@ def parser():
     p.add_argument("--stream-memory", default="20M", metavar="SIZE",
                    help="the --data-memory per rank of the streamed row (default: %(default)s; the "
                         "MNIST file's shards hold 23 MiB per rank on 2 ranks)")
+    p.add_argument("--read-file-mib", type=float, default=1024, metavar="MIB",
+                   help="the reads of the file (disk, whole shards, streams) are measured on a "
+                        "file of at least MIB MiB: the data file, or its training rows repeated "
+                        "to that size in a temporary file (default: %(default)s)")
     p.add_argument("--no-reproducible", action="store_true",
                    help="skip the rows of --reproducible (beside the default, as ratios)")
     p.add_argument("--no-stream", action="store_true",

@@ -12,11 +12,13 @@ an ``MPIComm`` is made), so the benchmark's own process may import it too.
 from ddptrain.backends import gemm
 from ddptrain.backends.denormals import MODES as DENORMAL_MODES, flushed as denormals_flushed
 from ddptrain.backends.threads import configure_blas_threads
+from ddptrain.data.blocks import ArrayRows
 from ddptrain.data.datasets import ensure_prepared
 from ddptrain.data.format import inspect as inspect_data, read_rows
 from ddptrain.data.sampler import epoch_plan, owned_blocks
 from ddptrain.data.stream import FileRows, WindowStream
 from ddptrain.data.stream_order import StreamedEpochPlan
+from ddptrain.data.writer import write_sources
 from ddptrain.distributed.comm import MPIComm
 from ddptrain.distributed.exchange import make_exchange
 from ddptrain.distributed.launcher import rank_and_size
@@ -28,7 +30,7 @@ from ddptrain.nn.model import layer_flops, training_flops
 from ddptrain.nn.spec import parse_spec
 from ddptrain.run.callbacks import Checkpointing
 from ddptrain.run.config import Config
-from ddptrain.run.data_memory import parse_size as stream_parse_size, plan_data
+from ddptrain.run.data_memory import least_bytes, parse_size as stream_parse_size, plan_data
 from ddptrain.run.rank0 import RunFolder
 from ddptrain.run.runner import column_split
 from ddptrain.run.signals import StopRequest
@@ -52,11 +54,11 @@ def ensure_default_dataset():
 
 
 # Re-exported: the rest of the benchmark imports these names from here.
-__all__ = ["DENORMAL_MODES", "GEMMS", "BatchContext", "Batches", "Checkpointing", "Config",
-           "FileRows", "MPIComm", "RunFolder", "ShardedOptimizer", "Split", "StopRequest",
+__all__ = ["ArrayRows", "BatchContext", "Batches", "Checkpointing", "Config", "DENORMAL_MODES",
+           "FileRows", "GEMMS", "MPIComm", "RunFolder", "ShardedOptimizer", "Split", "StopRequest",
            "StreamedEpochPlan", "TrainStep", "Trainer", "TrainingPlan", "WindowStream",
-           "column_split", "configure_blas_threads", "denormals_flushed",
-           "ensure_default_dataset", "epoch_plan", "evaluate", "gemm", "inspect_data",
-           "layer_flops", "make_exchange", "no_reduction", "owned_blocks", "parse_spec",
-           "plan_data", "products_backend", "rank_and_size", "read_rows", "stream_parse_size",
-           "training_flops", "world"]
+           "column_split", "configure_blas_threads", "denormals_flushed", "ensure_default_dataset",
+           "epoch_plan", "evaluate", "gemm", "inspect_data", "layer_flops", "least_bytes",
+           "make_exchange", "no_reduction", "owned_blocks", "parse_spec", "plan_data",
+           "products_backend", "rank_and_size", "read_rows", "stream_parse_size", "training_flops",
+           "world", "write_sources"]

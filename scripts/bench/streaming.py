@@ -5,33 +5,46 @@ streamed through ``--stream-memory`` per rank (ddptrain's ``--data-memory``);
 in the same launch, after each of its timed repetitions, a twin trains the
 same epochs from the shard in memory (its "memory_rates"): the ratio of the
 two is free of what the machine does between launches.
-In the same run the data file is read twice with the page cache emptied of
-it first (``posix_fadvise(DONTNEED)``): once plainly, in order, 16 MiB at a
-time (what the disk gives), and once by the ranks' reading threads, each
-streaming the windows of its shards for one epoch with nothing to train
-(what the streams give).
+In the same run a file is read three ways with the page cache emptied of it
+first (``posix_fadvise(DONTNEED)``), alternated, ``max(5, --rounds)`` times
+(``--rounds`` with ``--quick``):
+plainly, in order, 16 MiB at a time (what the disk gives); by the ranks
+loading their shards whole (the in-memory path); and by the ranks' reading
+threads, each streaming the windows of its shards for one epoch with nothing
+to train (what the streams give). The file is the data file where it holds
+at least ``--read-file-mib`` MiB, and otherwise a file of its training rows
+repeated to that size, written for the measurement and removed after it: a
+file of tens of MiB is read in tens of milliseconds, in which a stream's
+start (opening the file, the first window of each shard, read before any is
+read ahead) weighs more than its reading.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 from .ddptrain_internals import (
+    ArrayRows,
     Config,
     FileRows,
     StreamedEpochPlan,
     TrainingPlan,
     WindowStream,
     inspect_data,
+    least_bytes,
     owned_blocks,
     plan_data,
     read_rows,
     stream_parse_size,
     world,
+    write_sources,
 )
 from .launching import launch
 from .targets import Verdict
@@ -125,23 +138,55 @@ def stream_epoch(args, comm):
     return stream.bytes_read
 
 
+def read_file(data, least_mib, folder):
+    """``(path, what)``: the file the reads are measured on, ``data`` itself where it holds at
+    least ``least_mib`` MiB, else a file in ``folder`` of its training rows repeated to that size,
+    chunked as ``data`` is (its test rows: the first 100 of ``data``'s)."""
+    if os.path.getsize(data) >= least_mib * 2 ** 20:
+        return data, "the data file"
+    info = inspect_data(data)
+    x, y = read_rows(data, "train", [(0, info.n_train)], dtype="uint8")
+    copies = math.ceil(least_mib * 2 ** 20 / x.nbytes)
+    test = read_rows(data, "test", [(0, min(100, info.n_test))], dtype="uint8")
+    path = os.path.join(folder, "reads.h5")
+    write_sources(path, {"train": (ArrayRows([x] * copies), ArrayRows([y] * copies)),
+                         "test": (ArrayRows([test[0]]), ArrayRows([test[1]]))},
+                  info.n_classes, info.class_names, chunk_rows=info.chunk_rows or None)
+    return path, f"{copies} copies of the training rows of {os.path.basename(data)}"
+
+
 def measure_reads(opts, batch, ranks):
-    """The read rates of the file (MiB/s) from the disk, alternated, ``opts.rounds`` times each: a
-    plain sequential read in this process; ``ranks`` ranks reading their shards whole (the
-    in-memory path), and streaming them (each rank's thread reading its own); None where there
-    is no file to read (random data) or nothing is streamed."""
+    """The read rates of a file (``read_file``) from the disk (MiB/s), alternated, ``max(5,
+    opts.rounds)`` times each: a plain sequential read in this process; ``ranks`` ranks reading
+    their shards whole (the in-memory path), and streaming them (each rank's thread reading its
+    own); None where there is no file to read (random data) or nothing is streamed."""
     if opts.data == RANDOM or opts.no_stream:
         return None
-    reads = {"disk_mib_s": [], "load_mib_s": [], "stream_mib_s": []}
-    for _ in range(max(1, opts.rounds)):
-        reads["disk_mib_s"].append(sequential_read(opts.data))
-        ranked = launch("stream-read", ranks, 1, batch, 1, 0, 1, opts,
-                        ("--stream", opts.stream_memory))
-        if ranked["stream_mib_s"] is None:
-            return None
-        for way in ("load_mib_s", "stream_mib_s"):
-            reads[way].append(ranked[way])
-    return {**reads, "file_bytes": os.path.getsize(opts.data)}
+    with tempfile.TemporaryDirectory(prefix="ddptrain-reads-") as folder:
+        path, what = read_file(opts.data, opts.read_file_mib, folder)
+        reading = copy.copy(opts)
+        reading.data = path
+        memory = read_memory(path, batch, ranks, opts.stream_memory)
+        reads = {"disk_mib_s": [], "load_mib_s": [], "stream_mib_s": []}
+        for _ in range(opts.rounds if opts.quick else max(5, opts.rounds)):
+            reads["disk_mib_s"].append(sequential_read(path))
+            ranked = launch("stream-read", ranks, 1, batch, 1, 0, 1, reading,
+                            ("--stream", str(memory)))
+            if ranked["stream_mib_s"] is None:
+                return None
+            for way in ("load_mib_s", "stream_mib_s"):
+                reads[way].append(ranked[way])
+        return {**reads, "file_bytes": os.path.getsize(path), "file": what,
+                "data_memory": memory}
+
+
+def read_memory(path, batch, ranks, data_memory):
+    """The --data-memory of the streams that read ``path``: ``data_memory``, or the least that
+    this file's shards need where that is more (a larger file's shards may start within a chunk,
+    and a step may then reach into a third block)."""
+    info, config, _ = data_plan(path, batch, ranks, None)
+    least = least_bytes(info, config, ranks, info.chunk_rows)
+    return max(stream_parse_size(data_memory), least)
 
 
 def stream_lines(results, reads, batches, ranks, opts):
@@ -160,12 +205,14 @@ def stream_lines(results, reads, batches, ranks, opts):
     if reads:
         disk, load, stream = (statistics.median(reads[key])
                               for key in ("disk_mib_s", "load_mib_s", "stream_mib_s"))
-        lines.append(f"reading {reads['file_bytes'] / 2 ** 20:,.0f} MiB from the disk (page cache "
+        lines.append(f"reading {reads['file_bytes'] / 2 ** 20:,.0f} MiB ({reads['file']}) from the "
+                     f"disk (page cache "
                      f"emptied of the file first), MiB/s: a plain sequential read {disk:,.0f}; "
                      f"{ranks} ranks reading their shards whole, as in memory, {load:,.0f}; "
-                     f"{ranks} ranks streaming them (one epoch's windows, a thread each) "
+                     f"{ranks} ranks streaming them (one epoch's windows, a thread each, "
+                     f"--data-memory {reads['data_memory'] / 2 ** 20:.1f} MiB) "
                      f"{stream:,.0f}: {stream / disk:.2f}x the plain read, {stream / load:.2f}x "
-                     f"the whole shards (HDF5 checks each chunk's checksum either way; medians of "
+                     f"the whole shards (each chunk's checksum verified either way; medians of "
                      f"{len(reads['disk_mib_s'])})")
     return lines
 
