@@ -59,30 +59,37 @@ def run_once(data, ranks=2, target=98.0, train_args=DEFAULT_OPTIONS, timeout=300
     args = shlex.split(train_args) if isinstance(train_args, str) else list(train_args)
     with tempfile.TemporaryDirectory(prefix="ddptrain-tta-") as tmp:
         argv = command(data, ranks, [*args, "--run-dir", str(Path(tmp) / "run")])
-        started = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=clean_env(), cwd=Path(__file__).resolve().parent.parent)
-        reached, epochs, lines = None, [], []
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            match = EPOCH_LINE.search(line)
-            if match:
-                now = time.perf_counter() - started
-                accuracy = float(match.group(3))
-                epochs.append({"epoch": int(match.group(1)), "accuracy": accuracy,
-                               "at_seconds": now})
-                if reached is None and accuracy >= target:
-                    reached = now
-        status = proc.wait(timeout=timeout)
-        total = time.perf_counter() - started
+        run = run_command(argv, target, timeout)
         metrics_path = Path(tmp) / "run" / "metrics.jsonl"
         metrics = ([json.loads(line) for line in metrics_path.read_text().splitlines()]
                    if metrics_path.exists() else [])
+    return {**run, "metrics": metrics, "command": shlex.join(argv[:argv.index("--run-dir")])}
+
+
+def run_command(argv, target, timeout=300):
+    """Run ``argv`` (any command that prints ddptrain's epoch lines), timing it from its launch to
+    the first epoch line at ``target``: a dict of the seconds to it (None if never reached), the
+    total seconds and the epochs' accuracies and times. RuntimeError if the command fails."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=clean_env(), cwd=Path(__file__).resolve().parent.parent)
+    reached, epochs, lines = None, [], []
+    for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
+        match = EPOCH_LINE.search(line)
+        if match:
+            now = time.perf_counter() - started
+            accuracy = float(match.group(3))
+            epochs.append({"epoch": int(match.group(1)), "accuracy": accuracy,
+                           "at_seconds": now})
+            if reached is None and accuracy >= target:
+                reached = now
+    status = proc.wait(timeout=timeout)
+    total = time.perf_counter() - started
     if status != 0:
         raise RuntimeError(f"{shlex.join(argv)} exited with status {status}:\n"
                            + "\n".join(lines[-20:]))
-    return {"seconds_to_target": reached, "total_seconds": total, "epochs": epochs,
-            "metrics": metrics, "command": shlex.join(argv[:argv.index("--run-dir")])}
+    return {"seconds_to_target": reached, "total_seconds": total, "epochs": epochs}
 
 
 def measure(data, ranks=2, target=98.0, train_args=DEFAULT_OPTIONS, repeats=3):

@@ -293,3 +293,50 @@ def test_the_benchmark_help_says_how_to_get_pytorch():
                           text=True, timeout=60, cwd=helpers.ROOT, check=False)
     assert proc.returncode == 0
     assert "pip install torch==2.13.0" in proc.stdout
+
+
+def test_the_pytorch_recipe_s_learning_rate_is_ddptrain_s_schedule_at_every_step():
+    recipe = importlib.import_module("bench.torch_recipe")
+    from ddptrain.optim.schedule import learning_rate
+    from ddptrain.run.config import Config
+    spec, options = recipe.recipe("cnn-fast")
+    config = Config(epochs=options["epochs"], lr=options["lr"],
+                    warmup_epochs=options["warmup_epochs"], lr_schedule="cosine")
+    steps = 469   # MNIST's steps per epoch at batch 128, the last batch smaller
+    assert [recipe.learning_rate(options["lr"], step, steps, options["epochs"],
+                                 options["warmup_epochs"]) for step in range(4 * steps)] == [
+        learning_rate(config, step, steps) for step in range(4 * steps)]
+    assert spec.startswith("conv16k5-bn-maxpool2") and options["batch_size"] == 128
+
+
+def test_a_recipe_s_time_to_accuracy_is_timed_on_both_sides_and_judged_from_the_medians(
+        tmp_path):
+    accuracy_runs = importlib.import_module("bench.accuracy_runs")
+    targets = importlib.import_module("bench.targets")
+    data = helpers.make_dataset(tmp_path / "images.h5", n_train=256, n_test=64, side=28)
+    opts = type("Options", (), dict(no_recipe=False, no_tta=False, data=data, recipe="cnn-fast",
+                                    recipe_target=5.0, recipe_seeds="0,1", threads=0, cores=2))
+    recipe = accuracy_runs.recipe_runs(opts, 2, HAS_TORCH)
+    sides = ("ddptrain", "pytorch", "pytorch_one") if HAS_TORCH else ("ddptrain",)
+    for side in sides:
+        runs = recipe[side]
+        assert len(runs) == 2 and all(len(run["epochs"]) == 4 for run in runs)
+        # 5% is reached at the first epoch's line, timed from the launch
+        assert all(run["seconds_to_target"] == run["epochs"][0]["at_seconds"]
+                   < run["total_seconds"] for run in runs)
+        assert recipe[f"{side}_median_seconds"] == statistics.median(
+            run["seconds_to_target"] for run in runs)
+    assert "--model cnn-fast --seed 1 --quiet" in recipe["ddptrain"][1]["command"]
+    verdicts = targets.recipe_verdicts(recipe)
+    assert verdicts[0].value == recipe["ddptrain_median_seconds"]
+    assert verdicts[0].met == (verdicts[0].value <= 60)
+    if HAS_TORCH:
+        assert "mpiexec" in recipe["pytorch"][0]["command"]
+        assert "mpiexec" not in recipe["pytorch_one"][0]["command"]
+        ours = recipe["ddptrain_median_seconds"]
+        for verdict, side in zip(verdicts[1:], ("pytorch", "pytorch_one"), strict=True):
+            theirs = recipe[f"{side}_median_seconds"]
+            assert verdict.value == pytest.approx(ours / theirs)
+            assert verdict.met == (ours <= theirs)
+    else:
+        assert recipe["pytorch"] is None and recipe["pytorch_one"] is None and len(verdicts) == 1

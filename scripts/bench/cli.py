@@ -47,6 +47,15 @@ def parser():
                    help="options of the time-to-accuracy run (default: %(default)r)")
     p.add_argument("--no-tta", action="store_true", help="skip the time-to-accuracy runs")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
+    p.add_argument("--recipe", default="cnn-fast", metavar="MODEL",
+                   help="the named model whose recipe is timed to --recipe-target on --ranks "
+                        "ranks, in ddptrain and in PyTorch (default: %(default)s)")
+    p.add_argument("--recipe-target", type=float, default=99.3, metavar="PERCENT",
+                   help="test accuracy of the recipe's time to accuracy (default: %(default)s)")
+    p.add_argument("--recipe-seeds", default="0,1,2",
+                   help="the recipe's runs, one per seed, each side (default: %(default)s)")
+    p.add_argument("--no-recipe", action="store_true",
+                   help="skip the recipe's time-to-accuracy runs")
     p.add_argument("--no-hosts", action="store_true",
                    help="skip the rows across 2 fake hosts (network namespaces: they need root and "
                         "`ip`)")
@@ -73,7 +82,8 @@ def parser():
     p.add_argument("--quick", action="store_true",
                    help="tiny settings, to check that the benchmark runs (numbers meaningless)")
     # Internal: one measurement in this process (started by the benchmark itself).
-    p.add_argument("--worker", choices=("ddptrain", "torch", "gemm", "stream-read"),
+    p.add_argument("--worker", choices=("ddptrain", "torch", "gemm", "stream-read",
+                                        "torch-recipe"),
                    help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -81,6 +91,7 @@ def parser():
     p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     p.add_argument("--warmup", type=int, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--no-allreduce", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--end-to-end", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shard-optimizer", action="store_true", help=argparse.SUPPRESS)
@@ -98,13 +109,14 @@ def run_worker(opts):
     from .ddptrain_rows import worker_ddptrain
     from .gemm_limit import worker_gemm
     from .streaming import worker_stream_read
+    from .torch_recipe import worker_torch_recipe
     from .torch_rows import worker_torch
 
     use_images_of(opts.data)
     # ddptrain's rows flush denormals as its runs do (--denormals); PyTorch's keep its default.
     with denormals_flushed(opts.worker == "ddptrain" and opts.denormals == "flush"):
         {"ddptrain": worker_ddptrain, "torch": worker_torch, "gemm": worker_gemm,
-         "stream-read": worker_stream_read}[opts.worker](opts)
+         "stream-read": worker_stream_read, "torch-recipe": worker_torch_recipe}[opts.worker](opts)
     return 0
 
 

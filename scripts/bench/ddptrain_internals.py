@@ -27,7 +27,7 @@ from ddptrain.distributed.world import world
 from ddptrain.nn.dropout import BatchContext
 from ddptrain.nn.layer import no_reduction
 from ddptrain.nn.model import layer_flops, training_flops
-from ddptrain.nn.spec import parse_spec
+from ddptrain.nn.spec import NAMED_MODELS, parse_spec
 from ddptrain.run.callbacks import Checkpointing
 from ddptrain.run.config import Config
 from ddptrain.run.data_memory import least_bytes, parse_size as stream_parse_size, plan_data
@@ -55,10 +55,10 @@ def ensure_default_dataset():
 
 # Re-exported: the rest of the benchmark imports these names from here.
 __all__ = ["ArrayRows", "BatchContext", "Batches", "Checkpointing", "Config", "DENORMAL_MODES",
-           "FileRows", "GEMMS", "MPIComm", "RunFolder", "ShardedOptimizer", "Split", "StopRequest",
-           "StreamedEpochPlan", "TrainStep", "Trainer", "TrainingPlan", "WindowStream",
-           "column_split", "configure_blas_threads", "denormals_flushed", "ensure_default_dataset",
-           "epoch_plan", "evaluate", "gemm", "inspect_data", "layer_flops", "least_bytes",
-           "make_exchange", "no_reduction", "owned_blocks", "parse_spec", "plan_data",
-           "products_backend", "rank_and_size", "read_rows", "stream_parse_size", "training_flops",
-           "world", "write_sources"]
+           "FileRows", "GEMMS", "MPIComm", "NAMED_MODELS", "RunFolder", "ShardedOptimizer", "Split",
+           "StopRequest", "StreamedEpochPlan", "TrainStep", "Trainer", "TrainingPlan",
+           "WindowStream", "column_split", "configure_blas_threads", "denormals_flushed",
+           "ensure_default_dataset", "epoch_plan", "evaluate", "gemm", "inspect_data",
+           "layer_flops", "least_bytes", "make_exchange", "no_reduction", "owned_blocks",
+           "parse_spec", "plan_data", "products_backend", "rank_and_size", "read_rows",
+           "stream_parse_size", "training_flops", "world", "write_sources"]

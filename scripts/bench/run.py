@@ -8,7 +8,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from .accuracy_runs import time_to_accuracy_runs
+from .accuracy_runs import recipe_runs, time_to_accuracy_runs
 from .ddptrain_internals import ensure_default_dataset, gemm
 from .environment import (
     cpu_flags,
@@ -31,6 +31,7 @@ from .targets import (
     cnn_verdicts,
     mlp_title,
     mlp_verdicts,
+    recipe_verdicts,
     reproducible_verdicts,
     verdict_lines,
 )
@@ -98,11 +99,12 @@ def run_benchmark(opts):
     print("\n".join(stream_lines(results, reads, batches, ranks, opts)), flush=True)
 
     tta = time_to_accuracy_runs(opts, ranks)
+    recipe = recipe_runs(opts, ranks, use_torch)
     verdicts = mlp_verdicts(results, limit, per_sample, tta)
     print()
     print("\n".join(verdict_lines(mlp_title(opts.isa), verdicts, use_torch)))
-    if not opts.no_cnn:
-        cnn = cnn_verdicts(results, batches, ranks)
+    if not opts.no_cnn or recipe:
+        cnn = cnn_verdicts(results, batches, ranks) + recipe_verdicts(recipe)
         print("\n".join(verdict_lines(CNN_TITLE, cnn, use_torch)))
         verdicts += cnn
     reproducible = reproducible_verdicts(results, batches, ranks)
@@ -114,7 +116,7 @@ def run_benchmark(opts):
         print("\n".join(verdict_lines("targets of streamed shards:", streamed, True)))
         verdicts += streamed
     if opts.json:
-        write_json(opts.json, header, gemm_limit, results, tta, verdicts, reads)
+        write_json(opts.json, header, gemm_limit, results, tta, verdicts, reads, recipe)
     return 0
 
 
