@@ -152,12 +152,20 @@ def test_every_verdict_in_the_json_follows_from_the_figures_it_holds_and_is_prin
     with_pytorch = [("mlp", f"1 process >= 1.0x PyTorch 1 process at batch {BATCH}"),
                     ("mlp", f"best launch >= 1.1x PyTorch's best at batch {BATCH}"),
                     ("mlp", f"2 ranks >= 2x PyTorch DDP at batch {BATCH}"),
-                    ("cnn", f"ddptrain 1 process >= 0.8x PyTorch 1 process at batch {BATCH}"),
-                    ("cnn", f"ddptrain 2 ranks >= 1.5x PyTorch DDP at batch {BATCH}")]
+                    ("cnn", f"{CNN_MODEL}: ddptrain 1 process >= 1.0x PyTorch 1 process at "
+                            f"batch {BATCH}"),
+                    ("cnn", f"{CNN_MODEL}: ddptrain 2 ranks >= 2x PyTorch DDP at batch {BATCH}"),
+                    ("cnn", f"{CNN_MODEL}: ddptrain's best launch >= 1.2x PyTorch's best at batch "
+                            f"{BATCH}")]
+    cnn_share = next(v for v in verdicts if v["target"] == f"{CNN_MODEL}: ddptrain's best launch "
+                     f">= 35% of the GEMM limit at batch {BATCH}")
+    assert cnn_share["value"] == max(rows[f"{key}@{BATCH}"]["of_gemm_limit"]
+                                     for key in ("cnn1", "cnnP"))
     reproducible = {("reproducible", f"{what}, batch {BATCH}: --reproducible >= 0.75x the default")
                     for what in ("MLP, 1 process", "MLP, 2 ranks", "CNN, 1 process",
                                  "CNN, 2 ranks")}
-    assert {(v["group"], v["target"]) for v in verdicts} == {("mlp", share["target"])} | (
+    assert {(v["group"], v["target"]) for v in verdicts} == {("mlp", share["target"]),
+                                                               ("cnn", cnn_share["target"])} | (
         set(with_pytorch) if HAS_TORCH else set()) | reproducible
 
 

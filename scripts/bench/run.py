@@ -104,7 +104,8 @@ def run_benchmark(opts):
     print()
     print("\n".join(verdict_lines(mlp_title(opts.isa), verdicts, use_torch)))
     if not opts.no_cnn or recipe:
-        cnn = cnn_verdicts(results, batches, ranks) + recipe_verdicts(recipe)
+        cnn = (cnn_verdicts(results, batches, ranks, opts.cnn_model)
+               + recipe_verdicts(recipe))
         print("\n".join(verdict_lines(CNN_TITLE, cnn, use_torch)))
         verdicts += cnn
     reproducible = reproducible_verdicts(results, batches, ranks)

@@ -159,9 +159,12 @@ def measure_reads(opts, batch, ranks):
     """The read rates of a file (``read_file``) from the disk (MiB/s), alternated, ``max(5,
     opts.rounds)`` times each: a plain sequential read in this process; ``ranks`` ranks reading
     their shards whole (the in-memory path), and streaming them (each rank's thread reading its
-    own); None where there is no file to read (random data) or nothing is streamed."""
+    own); None where there is no file to read (random data) or the data's shards are not
+    streamed (they fit ``--stream-memory``)."""
     if opts.data == RANDOM or opts.no_stream:
         return None
+    if data_plan(opts.data, batch, ranks, opts.stream_memory)[2].order is None:
+        return None   # the data's shards fit --stream-memory: the streamed row streamed nothing
     with tempfile.TemporaryDirectory(prefix="ddptrain-reads-") as folder:
         path, what = read_file(opts.data, opts.read_file_mib, folder)
         reading = copy.copy(opts)

@@ -82,17 +82,28 @@ def mlp_verdicts(results, limit, per_sample, tta):
     return [verdict for verdict in verdicts if verdict is not None]
 
 
-def cnn_verdicts(results, batches, ranks):
-    """The CNN rows' targets."""
+def cnn_verdicts(results, batches, ranks, model="cnn"):
+    """The CNN rows' targets (issue 27's): ahead of PyTorch's same network in one process, twice
+    PyTorch DDP on ``ranks`` ranks, 1.2x PyTorch's best launch, and 35% of the GEMM limit."""
     verdicts = []
     for batch in batches:
         verdicts += [
             ratio_verdict(results, "cnn",
-                          f"ddptrain 1 process >= 0.8x PyTorch 1 process at batch {batch}", 0.8,
-                          ["cnn1"], ["tcnn1"], batch),
+                          f"{model}: ddptrain 1 process >= 1.0x PyTorch 1 process at batch {batch}",
+                          1.0, ["cnn1"], ["tcnn1"], batch),
             ratio_verdict(results, "cnn",
-                          f"ddptrain {ranks} ranks >= 1.5x PyTorch DDP at batch {batch}", 1.5,
-                          ["cnnP"], ["tcnnP"], batch)]
+                          f"{model}: ddptrain {ranks} ranks >= 2x PyTorch DDP at batch {batch}", 2,
+                          ["cnnP"], ["tcnnP"], batch),
+            ratio_verdict(results, "cnn",
+                          f"{model}: ddptrain's best launch >= 1.2x PyTorch's best at batch "
+                          f"{batch}", 1.2, ["cnn1", "cnnP"], ["tcnn1", "tcnnP"], batch)]
+        shares = {f"{key}@{batch}": results[(key, batch)]["of_gemm_limit"]
+                  for key in ("cnn1", "cnnP") if results.get((key, batch), {}).get("of_gemm_limit")}
+        if shares:
+            share = max(shares.values())
+            verdicts.append(Verdict("cnn", f"{model}: ddptrain's best launch >= 35% of the GEMM "
+                                           f"limit at batch {batch}", f"{100 * share:.0f}%",
+                                    share, 0.35, ">=", share >= 0.35, {"ddptrain": list(shares)}))
     return [verdict for verdict in verdicts if verdict is not None]
 
 
