@@ -26,15 +26,13 @@ epoch, as ddptrain's rank 0 does, while the others wait.
 from __future__ import annotations
 
 import math
-import os
-import sys
 import time
 
 import h5py
 import numpy as np
 
-from .ddptrain_internals import NAMED_MODELS, rank_and_size
-from .torch_rows import torch_input_shape, torch_layers
+from .ddptrain_internals import NAMED_MODELS
+from .torch_rows import leave_torch_world, torch_input_shape, torch_layers, torch_world
 
 PIXEL_MAX = 255.0
 EVAL_BATCH = 2000
@@ -95,11 +93,7 @@ def worker_torch_recipe(args):
     import torch.distributed as dist
     from torch import nn
 
-    rank, size = rank_and_size()
-    torch.set_num_threads(args.threads_per_rank)
-    if size > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
-        dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=size)
+    rank, size = torch_world(args)
     spec, options = recipe(args.model)
     shape = torch_input_shape(spec)
     train_x, train_y = (torch.from_numpy(a) for a in load(args.data, "train"))
@@ -143,11 +137,7 @@ def worker_torch_recipe(args):
                   f"test accuracy {100 * accuracy:.2f}%", flush=True)
         if size > 1:
             dist.barrier()
-    if size > 1:
-        # Skip gloo's teardown: it sometimes aborts at exit after everything is printed.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    leave_torch_world(size)
 
 
 def evaluate(model, x, y):

@@ -26,11 +26,7 @@ def worker_torch(args):
     import torch.distributed as dist
     from torch import nn
 
-    rank, size = rank_and_size()
-    torch.set_num_threads(args.threads_per_rank)
-    if size > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
-        dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=size)
+    rank, size = torch_world(args)
     train_x, train_y, n_train = load_shard(args.data, rank, size, "train", train_blocks(rank, size),
                                            as_stored=False)
     layers = torch_layers(args.model)
@@ -79,9 +75,30 @@ def worker_torch(args):
     result["max_rss_mib"] = rss
     if rank == 0:
         Path(args.out).write_text(json.dumps(result))
+    leave_torch_world(size)
+
+
+def torch_world(args):
+    """``(rank, size)`` of this PyTorch worker, its threads set, and with several ranks its gloo
+    process group begun."""
+    import torch
+    import torch.distributed as dist
+
+    rank, size = rank_and_size()
+    torch.set_num_threads(args.threads_per_rank)
     if size > 1:
-        # Skip gloo's teardown: it sometimes aborts at exit ("terminate called without an
-        # active exception") after everything is measured and written.
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
+        dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=size)
+    return rank, size
+
+
+def leave_torch_world(size):
+    """With several ranks, end this process once every rank is here, skipping gloo's teardown: it
+    sometimes aborts at exit ("terminate called without an active exception") after everything
+    is measured and written."""
+    if size > 1:
+        import torch.distributed as dist
+
         dist.barrier()
         sys.stdout.flush()
         sys.stderr.flush()
