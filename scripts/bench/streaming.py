@@ -6,7 +6,7 @@ in the same launch, after each of its timed repetitions, a twin trains the
 same epochs from the shard in memory (its "memory_rates"): the ratio of the
 two is free of what the machine does between launches.
 In the same run a file is read three ways with the page cache emptied of it
-first (``posix_fadvise(DONTNEED)``), alternated, ``max(5, --rounds)`` times
+first (``posix_fadvise(DONTNEED)``), alternated, ``max(9, --rounds)`` times
 (``--rounds`` with ``--quick``):
 plainly, in order, 16 MiB at a time (what the disk gives); by the ranks
 loading their shards whole (the in-memory path); and by the ranks' reading
@@ -166,7 +166,7 @@ def read_file(data, least_mib, folder):
 
 
 def measure_reads(opts, batch, ranks):
-    """The read rates of a file (``read_file``) from the disk (MiB/s), alternated, ``max(5,
+    """The read rates of a file (``read_file``) from the disk (MiB/s), alternated, ``max(9,
     opts.rounds)`` times each: a plain sequential read in this process; ``ranks`` ranks reading
     their shards whole (the in-memory path), and streaming them (each rank's thread reading its
     own); None where there is no file to read (random data) or the data's shards are not
@@ -181,7 +181,7 @@ def measure_reads(opts, batch, ranks):
         reading.data = path
         memory = read_memory(path, batch, ranks, opts.stream_memory)
         reads = {"disk_mib_s": [], "load_mib_s": [], "stream_mib_s": []}
-        for _ in range(opts.rounds if opts.quick else max(5, opts.rounds)):
+        for _ in range(opts.rounds if opts.quick else max(9, opts.rounds)):
             reads["disk_mib_s"].append(sequential_read(path))
             ranked = launch("stream-read", ranks, 1, batch, 1, 0, 1, reading,
                             ("--stream", str(memory)))
