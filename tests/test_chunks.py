@@ -53,27 +53,24 @@ def test_a_flipped_bit_a_zeroed_byte_or_two_swapped_words_do_not_match(tmp_path,
 
 
 def opened_reader(path):
+    """The file, opened by h5py, and the reader of its dataset "x" (through HDF5's descriptor)."""
     f = h5py.File(path, "r")
-    fd = os.open(path, os.O_RDONLY)
-    return f, fd, ChunkReader.of(f["x"], fd)
+    return f, ChunkReader.of(f["x"])
 
 
 @pytest.mark.parametrize("start, stop", [(0, 7), (0, 20), (3, 5), (5, 16), (6, 20), (19, 20),
                                          (14, 20), (0, 1)])
 def test_any_rows_read_are_the_rows_hdf5_reads_and_whole_chunks_skip_hdf5(tmp_path, start, stop):
     values, _ = stored_chunks(tmp_path / "x.h5", (3, 5, 5), 7, 20)   # the last chunk: 6 rows
-    f, fd, reader = opened_reader(tmp_path / "x.h5")
-    try:
-        assert reader is not None
+    f, reader = opened_reader(tmp_path / "x.h5")
+    with f:
+        assert reader is not None and reader.fd == f.id.get_vfd_handle()
         hdf5_reads = []
         reader.dataset = _Recording(f["x"], hdf5_reads)
         out = np.full((stop - start, 3, 5, 5), 7, dtype=np.uint8)
         reader.read(start, stop, out)
         assert (out == values[start:stop]).all()
         assert hdf5_reads == []   # every chunk read and checked here, HDF5 asked for none
-    finally:
-        os.close(fd)
-        f.close()
 
 
 class _Recording:
@@ -97,15 +94,12 @@ def test_a_chunk_that_does_not_match_its_checksum_is_hdf5_s_error_never_its_rows
         byte = file.read(1)
         file.seek(offset + 10)
         file.write(bytes([byte[0] ^ 0x10]))
-    f, fd, reader = opened_reader(path)
-    try:
+    f, reader = opened_reader(path)
+    with f:
         out = np.zeros((12, 8, 8), dtype=np.uint8)
         reader.read(0, 4, out[:4])            # chunk 0 is whole
         with pytest.raises(OSError, match="checksum|filter returned failure"):
             reader.read(4, 8, out[4:8])       # chunk 1 is not: HDF5 reads it and refuses
-    finally:
-        os.close(fd)
-        f.close()
 
 
 @pytest.mark.parametrize("what, make", [
@@ -120,10 +114,15 @@ def test_datasets_of_another_layout_are_left_to_hdf5(tmp_path, what, make):
     make = {"chunks": (4, 8, 8), **make}
     with h5py.File(path, "w", libver="latest") as f:
         f.create_dataset("x", data=np.ones((12, 8, 8), dtype=make.pop("dtype", np.uint8)), **make)
-    f, fd, reader = opened_reader(path)
-    os.close(fd)
+    f, reader = opened_reader(path)
     f.close()
     assert reader is None, what
+
+
+def test_a_file_hdf5_holds_in_memory_is_left_to_hdf5(tmp_path):
+    stored_chunks(tmp_path / "x.h5", (8, 8), 4, 12)
+    with h5py.File(tmp_path / "x.h5", "r", driver="core") as f:   # no descriptor to read from
+        assert ChunkReader.of(f["x"]) is None
 
 
 def test_a_chunk_the_index_places_past_the_end_of_the_file_is_left_to_hdf5(tmp_path):

@@ -424,7 +424,7 @@ def test_read_rows_turns_read_failures_into_a_data_error_naming_the_file(data_fi
     def failing_read(*args, **kwargs):
         raise OSError("Can't synchronously read data (wrong B-tree signature)")
     if reader == "hdf5":
-        monkeypatch.setattr(data_chunks.ChunkReader, "of", lambda dataset, fd: None)
+        monkeypatch.setattr(data_chunks.ChunkReader, "of", lambda dataset, fd=None: None)
         monkeypatch.setattr(h5py.Dataset, "read_direct", failing_read)
     else:   # whole chunks read with preadv (data/chunks.py)
         monkeypatch.setattr(data_chunks.os, "preadv", failing_read)

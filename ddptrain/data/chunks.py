@@ -5,9 +5,11 @@ checksum there, and copies it out: about 0.3 ms of CPU for a 784 KiB chunk
 of MNIST, which on 2 cores kept a stream's reads to a third of what the disk
 gives. ``ChunkReader`` reads a chunk of the layout ddptrain's writer stores
 (uint8 rows, one filter: Fletcher-32, whose 4 bytes follow the values) with
-one ``preadv`` into its place in the buffer and verifies the checksum with
-numpy (``fletcher32_matches``) before anything uses the rows: the bytes are
-the same, checked the same way, for half the CPU.
+one ``preadv`` into its place in the buffer, through the file descriptor
+HDF5 itself reads with (the same file, whatever happens to its path), and
+verifies the checksum with numpy (``fletcher32_matches``) before anything
+uses the rows: the bytes are the same, checked the same way, for half the
+CPU.
 
 The chunk index (where each chunk lies) is HDF5's, read once per file; it is
 checksummed metadata in files written with ``libver="latest"`` (every file
@@ -77,10 +79,16 @@ class ChunkReader:
         self._scratch = None                             # a chunk, for one read only in part
 
     @classmethod
-    def of(cls, dataset, fd):
-        """A reader of ``dataset`` (an h5py dataset of the file open as ``fd``), or None where its
-        layout is not the writer's: values not uint8, chunks not whole rows, filters other than
-        Fletcher-32 alone, or a chunk index HDF5 cannot list."""
+    def of(cls, dataset, fd=None):
+        """A reader of ``dataset`` (an h5py dataset), through ``fd`` (default: the descriptor HDF5
+        itself reads the file with, so both read the same file whatever happens to its path), or
+        None where its layout is not the writer's: values not uint8, chunks not whole rows,
+        filters other than Fletcher-32 alone, a chunk index HDF5 cannot list, or a file not
+        opened by HDF5's default (POSIX) driver."""
+        if fd is None:
+            if dataset.file.driver != "sec2":
+                return None
+            fd = dataset.file.id.get_vfd_handle()
         chunks = dataset.chunks
         if (dataset.dtype != np.uint8 or not chunks or dataset.ndim < 1
                 or tuple(chunks[1:]) != tuple(dataset.shape[1:])):

@@ -362,13 +362,8 @@ def read_rows(path, split, blocks, dtype=np.float32):
             images = _dataset(f, f"{split}/images", path)
             labels = _dataset(f, f"{split}/labels", path)
             _check_blocks(blocks, images.shape[0], f"{split}/images", path)
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                # whole chunks straight into place, checked by numpy (None: HDF5 reads them)
-                chunks = ChunkReader.of(images, fd)
-                return _read_blocks(images, labels, blocks, dtype, chunks)
-            finally:
-                os.close(fd)
+            # whole chunks straight into place, checked by numpy (None: HDF5 reads them)
+            return _read_blocks(images, labels, blocks, dtype, ChunkReader.of(images))
     except DataError:
         raise
     except _H5PY_ERRORS as e:

@@ -227,13 +227,11 @@ class _FileReader:
         self._file = _open(self.path).__enter__()
         self.images = self._file[f"{self.split}/images"]
         self.labels = self._file[f"{self.split}/labels"]
-        self._fd = os.open(self.path, os.O_RDONLY)
         # whole chunks read straight into the buffer (None: HDF5 reads every row)
-        self._chunks = ChunkReader.of(self.images, self._fd)
+        self._chunks = ChunkReader.of(self.images)
         return self
 
     def __exit__(self, *exc):
-        os.close(self._fd)
         self._file.close()
         return False
 
@@ -246,7 +244,7 @@ class _FileReader:
         try:
             for start, stop in contiguous(blocks):
                 for offset, size in self._chunks.extents(start, stop):
-                    os.posix_fadvise(self._fd, offset, size, os.POSIX_FADV_WILLNEED)
+                    os.posix_fadvise(self._chunks.fd, offset, size, os.POSIX_FADV_WILLNEED)
         except OSError:
             pass
 
