@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
+import helpers
 from ddptrain.data.chunks import CHECKSUM_BYTES, ChunkReader, fletcher32_matches
 
 
@@ -143,3 +144,39 @@ def test_a_chunk_the_index_places_past_the_end_of_the_file_is_left_to_hdf5(tmp_p
             assert (out == values).all() and len(hdf5_reads) == 1
         finally:
             os.close(fd)
+
+
+def test_loading_rows_whole_asks_the_disk_for_each_chunk_once_ahead_of_its_read_within_a_bound(
+        tmp_path, monkeypatch):
+    from ddptrain.data import chunks, format as data_format
+    path = helpers.make_chunked_dataset(tmp_path / "x.h5", n_train=160, chunk_rows=4)
+    with h5py.File(path, "r") as f:   # 40 chunks of 256 bytes
+        images = f["train/images"]
+        values = images[:]
+        place = {images.id.get_chunk_info(c).byte_offset: c for c in range(40)}
+    monkeypatch.setattr(chunks, "AHEAD_BYTES", 1024)   # 4 chunks' rows
+    events = []
+    real_preadv = os.preadv
+    monkeypatch.setattr(chunks.os, "posix_fadvise",
+                        lambda fd, offset, size, advice: events.append(("advise", place[offset])))
+
+    def preadv(fd, buffers, offset):
+        events.append(("read", place[offset]))
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(chunks.os, "preadv", preadv)
+    blocks = [(0, 40), (40, 100), (100, 160)]   # whole chunks, a shard's blocks in file order
+    x, _ = data_format.read_rows(path, "train", blocks, dtype="uint8")
+    assert (x == values).all()
+    reads = [c for kind, c in events if kind == "read"]
+    advised = [c for kind, c in events if kind == "advise"]
+    assert reads == list(range(40))
+    # each chunk but the first advised once, in the order read, each before its read, and never
+    # more than AHEAD_BYTES (4 chunks) past the chunk being read
+    assert advised == list(range(1, 40))
+    read_so_far = -1
+    for kind, chunk in events:
+        if kind == "read":
+            read_so_far = chunk
+        else:
+            assert read_so_far < chunk <= read_so_far + 1 + 4, (read_so_far, chunk)

@@ -30,6 +30,7 @@ import numpy as np
 CHECKSUM_BYTES = 4
 MODULUS = 65535     # Fletcher-32 sums 16-bit words modulo 2**16 - 1
 SUM_COLUMNS = 1024  # words summed a row at a time: every partial sum fits in 32 bits
+AHEAD_BYTES = 32 * 2 ** 20   # what loading a shard whole asks the disk for ahead of its reads
 
 
 def fletcher32_matches(values, stored):
@@ -116,20 +117,32 @@ class ChunkReader:
             return None
         return cls(dataset, fd, offsets, sizes)
 
-    def extents(self, start, stop):
-        """``(byte offset, size)`` of each stored chunk holding rows ``start:stop``."""
-        first, last = start // self.chunk_rows, (stop - 1) // self.chunk_rows
-        return [(int(self.offsets[c]), int(self.sizes[c])) for c in range(first, last + 1)
-                if self.sizes[c]]
+    def advise(self, start, stop):
+        """Ask the kernel to read the chunks of rows ``start:stop`` into its page cache now, in the
+        background (``posix_fadvise``): the disk serves many requests at once, where one read at a
+        time waits for each. A hint: a failure is left to the read."""
+        for chunk in range(start // self.chunk_rows, -(-stop // self.chunk_rows)):
+            self.advise_chunk(chunk)
 
-    def read(self, start, stop, out):
+    def advise_chunk(self, chunk):
+        if self.sizes[chunk]:
+            try:
+                os.posix_fadvise(self.fd, int(self.offsets[chunk]), int(self.sizes[chunk]),
+                                 os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+
+    def read(self, start, stop, out, ahead=None):
         """Rows ``start:stop`` into ``out`` (uint8, ``(stop - start, *row shape)``, C-contiguous),
-        chunk by chunk; a chunk HDF5 must read (or whose checksum does not match) is read by
-        HDF5, which raises its own error for a damaged one."""
+        chunk by chunk (``ahead``: a ``ReadAhead`` told of each); a chunk HDF5 must read (or
+        whose checksum does not match) is read by HDF5, which raises its own error for a damaged
+        one."""
         flat = out.reshape(len(out), self.row_bytes)
         row = start
         while row < stop:
             chunk = row // self.chunk_rows
+            if ahead is not None:
+                ahead.reading(chunk)
             first = chunk * self.chunk_rows
             end = min(stop, first + self.chunk_rows)
             into = flat[row - start:end - start]
@@ -154,3 +167,31 @@ class ChunkReader:
         if not whole:
             into[:] = target[skip:skip + len(into)]
         return True
+
+
+class ReadAhead:
+    """Keeps the kernel reading the chunks of ``blocks`` (``(start, stop)`` rows, in the order they
+    are read) up to ``AHEAD_BYTES`` past the chunk being read (``reading``): enough requests at
+    once for the disk, never so far ahead that what was fetched is evicted before it is read."""
+
+    def __init__(self, reader, blocks):
+        self.reader = reader
+        rows = reader.chunk_rows
+        self.order = []                   # the chunks, in the order they are read
+        for start, stop in blocks:
+            for chunk in range(start // rows, -(-stop // rows)):
+                if not self.order or self.order[-1] != chunk:
+                    self.order.append(chunk)
+        self.count = max(1, AHEAD_BYTES // (rows * reader.row_bytes))   # chunks ahead
+        self._at = 0         # where in ``order`` the reads are
+        self._advised = 0    # the chunks of ``order`` before this one are advised (or read)
+
+    def reading(self, chunk):
+        """``chunk`` is about to be read: advise the next ``count`` chunks after it."""
+        while self._at < len(self.order) - 1 and self.order[self._at] != chunk:
+            self._at += 1
+        self._advised = max(self._advised, self._at + 1)
+        stop = min(len(self.order), self._at + 1 + self.count)
+        for position in range(self._advised, stop):
+            self.reader.advise_chunk(self.order[position])
+        self._advised = max(self._advised, stop)

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from ddptrain.data.chunks import ChunkReader
+from ddptrain.data.chunks import ChunkReader, ReadAhead
 from ddptrain.errors import DataError
 from ddptrain.files import check_regular_file
 
@@ -389,6 +389,7 @@ def _read_blocks(images, labels, blocks, dtype, chunks=None):
     y = np.empty(n_rows, dtype=np.int64)
     largest = max((stop - start for start, stop in blocks), default=0) if dtype != np.uint8 else 0
     scratch = np.empty((largest, *image_shape), dtype=np.uint8)
+    ahead = ReadAhead(chunks, blocks) if chunks is not None else None
     at = 0
     for start, stop in blocks:
         rows = stop - start
@@ -396,7 +397,7 @@ def _read_blocks(images, labels, blocks, dtype, chunks=None):
             continue
         into = x[at:at + rows] if dtype == np.uint8 else scratch[:rows]
         if chunks is not None:
-            chunks.read(start, stop, into)
+            chunks.read(start, stop, into, ahead)
         else:
             images.read_direct(into, np.s_[start:stop])
         if dtype != np.uint8:

@@ -24,7 +24,6 @@ window; ``close`` stops the thread on every way out of training.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -236,17 +235,11 @@ class _FileReader:
         return False
 
     def prefetch(self, blocks):
-        """Ask the kernel to read the chunks of ``blocks`` into its page cache now, in the
-        background (``posix_fadvise``): the disk serves many requests at once, where one read at
-        a time waits for each. A hint: any failure is left to the read."""
-        if self._chunks is None:
-            return
-        try:
+        """Ask the kernel to read the chunks of ``blocks`` now, in the background
+        (``ChunkReader.advise``)."""
+        if self._chunks is not None:
             for start, stop in contiguous(blocks):
-                for offset, size in self._chunks.extents(start, stop):
-                    os.posix_fadvise(self._chunks.fd, offset, size, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
+                self._chunks.advise(start, stop)
 
     def read(self, blocks, images, labels, at):
         """Read ``blocks`` (in file order) into ``images``/``labels`` from row ``at``; the bytes
