@@ -303,18 +303,15 @@ def test_the_benchmark_help_says_how_to_get_pytorch():
     assert "pip install torch==2.13.0" in proc.stdout
 
 
-def test_the_pytorch_recipe_s_learning_rate_is_ddptrain_s_schedule_at_every_step():
+def test_the_pytorch_recipe_is_the_named_model_s_spec_and_training_defaults():
     recipe = importlib.import_module("bench.torch_recipe")
-    from ddptrain.optim.schedule import learning_rate
-    from ddptrain.run.config import Config
+    from ddptrain.nn.spec import NAMED_MODELS
     spec, options = recipe.recipe("cnn-fast")
-    config = Config(epochs=options["epochs"], lr=options["lr"],
-                    warmup_epochs=options["warmup_epochs"], lr_schedule="cosine")
-    steps = 469   # MNIST's steps per epoch at batch 128, the last batch smaller
-    assert [recipe.learning_rate(options["lr"], step, steps, options["epochs"],
-                                 options["warmup_epochs"]) for step in range(4 * steps)] == [
-        learning_rate(config, step, steps) for step in range(4 * steps)]
-    assert spec.startswith("conv16k5-bn-maxpool2") and options["batch_size"] == 128
+    named = NAMED_MODELS["cnn-fast"]
+    assert spec == named.spec
+    assert {name: getattr(options, name) for name in named.defaults} == named.defaults
+    assert (options.epochs, options.batch_size, options.lr, options.warmup_epochs,
+            options.nesterov) == (4, 128, 0.2, 1, True)
 
 
 def test_a_recipe_s_time_to_accuracy_is_timed_on_both_sides_and_judged_from_the_medians(

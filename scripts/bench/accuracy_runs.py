@@ -62,10 +62,8 @@ def recipe_runs(opts, ranks, use_torch):
         sides["pytorch"] = f"PyTorch DDP, {ranks} ranks"
         if ranks > 1:
             sides["pytorch_one"] = "PyTorch, 1 process"
-    runs = {"ddptrain": [], "pytorch": None, "pytorch_one": None, "target": target,
-            "model": model, "ranks": ranks, "labels": sides}
-    for side in sides:
-        runs[side] = []
+    runs = {"pytorch": None, "pytorch_one": None, **{side: [] for side in sides},
+            "target": target, "model": model, "ranks": ranks, "labels": sides}
     for seed in seeds:
         for side, label in sides.items():
             if side == "ddptrain":

@@ -28,6 +28,7 @@ from ddptrain.nn.dropout import BatchContext
 from ddptrain.nn.layer import no_reduction
 from ddptrain.nn.model import layer_flops, training_flops
 from ddptrain.nn.spec import NAMED_MODELS, parse_spec
+from ddptrain.optim.schedule import learning_rate as schedule_learning_rate
 from ddptrain.run.callbacks import Checkpointing
 from ddptrain.run.config import Config
 from ddptrain.run.data_memory import least_bytes, parse_size as stream_parse_size, plan_data
@@ -61,4 +62,5 @@ __all__ = ["ArrayRows", "BatchContext", "Batches", "Checkpointing", "Config", "D
            "ensure_default_dataset", "epoch_plan", "evaluate", "gemm", "inspect_data",
            "layer_flops", "least_bytes", "make_exchange", "no_reduction", "owned_blocks",
            "parse_spec", "plan_data", "products_backend", "rank_and_size", "read_rows",
-           "stream_parse_size", "training_flops", "world", "write_sources"]
+           "schedule_learning_rate", "stream_parse_size", "training_flops", "world",
+           "write_sources"]

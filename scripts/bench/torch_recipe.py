@@ -11,8 +11,9 @@ The same recipe: the named model's network (``torch_rows.torch_layers``,
 layer for layer), its initialisation (He's normal for convolutions and
 hidden layers, Glorot's uniform for the output layer, zero biases), its
 training defaults (``NAMED_MODELS``: epochs, global batch, SGD with momentum,
-Nesterov and weight decay on every parameter, the peak learning rate, linear
-warmup then cosine decay to 0, per step) and the same data (the file's
+Nesterov and weight decay on every parameter, and the learning rate of
+ddptrain's own schedule at every step: for ``cnn-fast`` linear warmup then
+cosine decay to 0) and the same data (the file's
 pixels / 255, every training row once an epoch in a new random order, the
 last batch smaller). What differs is PyTorch's own way: each rank
 normalises its batch over its own rows (SyncBatchNorm refuses CPU modules),
@@ -31,34 +32,19 @@ import time
 import h5py
 import numpy as np
 
-from .ddptrain_internals import NAMED_MODELS
+from .ddptrain_internals import NAMED_MODELS, Config, schedule_learning_rate
 from .torch_rows import leave_torch_world, torch_input_shape, torch_layers, torch_world
 
 PIXEL_MAX = 255.0
 EVAL_BATCH = 2000
 
 
-def learning_rate(peak, step, steps_per_epoch, epochs, warmup_epochs):
-    """The recipe's learning rate at global step ``step`` (0-based): linear warmup from
-    ``peak / warmup`` to ``peak`` over ``warmup_epochs``, then cosine decay to 0 at the last
-    step."""
-    total = epochs * steps_per_epoch
-    warmup = round(warmup_epochs * steps_per_epoch)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def recipe(name):
-    """The named model's spec and its training defaults, with ddptrain's own defaults where the
-    named model sets none (no warmup, no weight decay, no momentum)."""
+    """The named model's spec and its training options: a ``Config`` of its training defaults,
+    with ddptrain's own defaults where it sets none (so the learning rate is ddptrain's schedule,
+    ``schedule_learning_rate``, step by step)."""
     named = NAMED_MODELS[name]
-    defaults = {"warmup_epochs": 0, "weight_decay": 0.0, "momentum": 0.0, "nesterov": False,
-                "lr_schedule": "cosine", **named.defaults}
-    if defaults["lr_schedule"] != "cosine":
-        raise ValueError(f"{name}: the PyTorch recipe knows the cosine schedule only")
-    return named.spec, defaults
+    return named.spec, Config(**named.defaults)
 
 
 def initialise(model):
@@ -105,11 +91,10 @@ def worker_torch_recipe(args):
     model = nn.Sequential(*torch_layers(spec))
     initialise(model)
     trained = nn.parallel.DistributedDataParallel(model) if size > 1 else model
-    optimizer = torch.optim.SGD(model.parameters(), lr=options["lr"],
-                                momentum=options["momentum"], nesterov=options["nesterov"],
-                                weight_decay=options["weight_decay"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=options.lr, momentum=options.momentum,
+                                nesterov=options.nesterov, weight_decay=options.weight_decay)
     criterion = nn.CrossEntropyLoss()
-    epochs, batch = options["epochs"], options["batch_size"]
+    epochs, batch = options.epochs, options.batch_size
     n = len(train_x)
     steps_per_epoch = -(-n // batch)
     generator = torch.Generator().manual_seed(args.seed)
@@ -121,8 +106,7 @@ def worker_torch_recipe(args):
         for first in range(0, n, batch):
             rows = order[first:first + batch][rank::size]   # DistributedSampler's split
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(options["lr"], step, steps_per_epoch, epochs,
-                                            options["warmup_epochs"])
+                group["lr"] = schedule_learning_rate(options, step, steps_per_epoch)
             optimizer.zero_grad(set_to_none=True)
             loss = criterion(trained(train_x[rows]), train_y[rows])
             # DDP averages the ranks' gradients: the mean over the global batch when the shares
