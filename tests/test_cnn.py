@@ -100,7 +100,7 @@ def test_the_named_model_defaults_reach_the_run_configuration():
     config = cli.config_from_args(cli.parse(["--model", "cnn", "--epochs", "3"]))
     assert config.epochs == 3                                      # given
     assert config.lr == NAMED_MODELS["cnn"].defaults["lr"]          # the model's
-    assert config.eval_batch == 2000                                # ddptrain's
+    assert config.eval_batch == 500                                 # ddptrain's
 
 
 def test_cnn_fast_is_the_cnn_network_with_a_one_cycle_schedule_of_four_epochs():

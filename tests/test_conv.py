@@ -39,6 +39,16 @@ def gradients(layer, x, seed=3):
     return analytic, numeric
 
 
+@pytest.fixture(params=["wide rows", "channels last"])
+def layout(request, monkeypatch):
+    """Each of the two ways a Conv2d computes, whichever its shape would pick: wide rows (conv.py)
+    or channels last (conv_channels_last.py)."""
+    from ddptrain.nn import conv_channels_last
+    use = request.param == "channels last"
+    monkeypatch.setattr(conv_channels_last, "pays", lambda layer: use)
+    return request.param
+
+
 CONV_CASES = [
     # in, out, kernel, stride, padding, height, width
     (1, 3, 3, 1, 0, 6, 6),
@@ -55,7 +65,7 @@ CONV_CASES = [
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("case", CONV_CASES,
                          ids=lambda c: "in{}-out{}-k{}-s{}-p{}-{}x{}".format(*c))
-def test_conv2d_gradients_match_finite_differences(case, bias):
+def test_conv2d_gradients_match_finite_differences(case, bias, layout):
     c_in, c_out, k, stride, pad, height, width = case
     layer = built(Conv2d(c_in, c_out, k, stride=stride, padding=pad, bias=bias))
     x = np.random.default_rng(1).standard_normal((3, c_in, height, width))
@@ -82,7 +92,7 @@ def reference_conv(x, weight, bias, stride, pad):
 
 @pytest.mark.parametrize("case", CONV_CASES,
                          ids=lambda c: "in{}-out{}-k{}-s{}-p{}-{}x{}".format(*c))
-def test_conv2d_forward_equals_the_definition(case):
+def test_conv2d_forward_equals_the_definition(case, layout):
     c_in, c_out, k, stride, pad, height, width = case
     layer = built(Conv2d(c_in, c_out, k, stride=stride, padding=pad))
     x = np.random.default_rng(2).standard_normal((4, c_in, height, width))
@@ -215,7 +225,7 @@ def test_a_small_cnn_end_to_end_matches_finite_differences():
 @pytest.mark.parametrize("make",
                          [lambda: Conv2d(2, 4, 3, padding=1), lambda: MaxPool2d(2),
                           lambda: AvgPool2d(2)], ids=["conv", "maxpool", "avgpool"])
-def test_work_arrays_are_reused_from_step_to_step(make):
+def test_work_arrays_are_reused_from_step_to_step(make, layout):
     layer = built(make())
     x = np.random.default_rng(0).standard_normal((8, 2, 8, 8))
     out = layer.forward(x)
@@ -226,7 +236,7 @@ def test_work_arrays_are_reused_from_step_to_step(make):
     assert np.shares_memory(out, again_out) and np.shares_memory(dx, again_dx)
 
 
-def test_a_smaller_batch_after_a_larger_one_gives_the_same_values():
+def test_a_smaller_batch_after_a_larger_one_gives_the_same_values(layout):
     layer = built(Conv2d(2, 3, 3, padding=1))
     x = np.random.default_rng(8).standard_normal((6, 2, 5, 5))
     layer.forward(x)
@@ -363,6 +373,51 @@ def test_the_shifted_backward_is_taken_where_it_copies_less():
     assert not shifts_pay(Conv2d(1, 16, 5), need_input_grad=False)    # its first: one channel
     assert not shifts_pay(Conv2d(16, 32, 5, stride=2), need_input_grad=True)   # no wide rows
     assert not shifts_pay(Conv2d(8, 8, 1), need_input_grad=True)      # 1x1: nothing to shift
+
+
+# ---------------------------------------------------------------- channels last
+
+
+LAST_CASES = [(16, 4, 5, 1, 0, 9, 9), (2, 3, 3, 1, 1, 5, 7), (3, 2, 3, 2, 1, 8, 6),
+              (4, 3, 1, 1, 0, 4, 4), (2, 2, 4, 1, 3, 3, 3)]
+
+
+@pytest.mark.parametrize("need_input_grad", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("case", LAST_CASES,
+                         ids=lambda c: "in{}-out{}-k{}-s{}-p{}-{}x{}".format(*c))
+def test_channels_last_equals_wide_rows_over_blocks(case, bias, need_input_grad, monkeypatch):
+    """The same output and gradients both ways, in blocks of one sample (backward reuses the last
+    block's cols and rebuilds the others); the input gradient by shifted rows (stride 1) or by
+    channels-last col2im (stride 2, 1x1)."""
+    from ddptrain.nn import conv_channels_last
+    c_in, c_out, k, stride, pad, height, width = case
+    x = np.random.default_rng(16).standard_normal((5, c_in, height, width))
+    results = {}
+    for last in (True, False):
+        monkeypatch.setattr(conv_channels_last, "pays", lambda layer, use=last: use)
+        layer = built(Conv2d(c_in, c_out, k, stride=stride, padding=pad, bias=bias))
+        layer.CHUNK_BYTES = 1   # a sample a block
+        out = layer.forward(x).copy()
+        g = np.random.default_rng(17).standard_normal(out.shape)
+        dx = layer.backward(g, need_input_grad=need_input_grad)
+        results[last] = (out, None if dx is None else dx.copy(),
+                         {name: grad.copy() for name, grad in layer.grads.items()})
+    (out_last, dx_last, grads_last), (out_wide, dx_wide, grads_wide) = results[True], results[False]
+    assert rel_error(out_last, out_wide) < 1e-12
+    assert (dx_last is None) == (not need_input_grad)
+    if need_input_grad:
+        assert rel_error(dx_last, dx_wide) < 1e-12
+    for name in grads_wide:
+        assert rel_error(grads_last[name], grads_wide[name]) < 1e-12, name
+
+
+def test_channels_last_is_taken_where_a_window_row_is_a_long_run():
+    from ddptrain.nn.conv_channels_last import pays
+    assert pays(Conv2d(16, 32, 5))          # the cnn's second conv: runs of 80
+    assert pays(Conv2d(6, 16, 5))           # lenet5's second: 30
+    assert not pays(Conv2d(1, 16, 5))       # a first conv: runs of 5
+    assert not pays(Conv2d(3, 8, 3))        # RGB, 3x3: 9
 
 
 @pytest.mark.parametrize("make", [lambda: MaxPool2d(2), lambda: MaxPool2d(3, stride=2),

@@ -4,7 +4,9 @@ ranks.
 
     layer.py          the Layer base class (parameters, buffers, scratch arrays)
     layers.py         Flatten, Linear, ReLU, and a standalone Softmax
-    conv.py           Conv2d (im2col and one matrix product)
+    conv.py           Conv2d (im2col and one matrix product, wide rows)
+    conv_channels_last.py, conv_shifts.py
+                      its other ways: channels last (many channels), backward by shifted rows
     pooling.py        MaxPool2d, AvgPool2d
     normalization.py  BatchNorm (statistics over the global batch, through a sum handed in)
     dropout.py        Dropout (masks from a counter-based generator: the same on any rank count)

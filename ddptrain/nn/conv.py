@@ -46,6 +46,7 @@ import math
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from ddptrain.nn import conv_channels_last
 from ddptrain.nn.conv_shifts import backward_by_shifts, shifts_pay
 from ddptrain.nn.layer import Layer, ShapeError, shape_text
 
@@ -179,6 +180,11 @@ class Conv2d(Layer):
         """
         per_sample = ((self.in_channels * self.kernel_size ** 2 + 1) * geometry.pixels
                       * self._dtype.itemsize)
+        return self._sample_blocks(n, per_sample)
+
+    def _sample_blocks(self, n, per_sample):
+        """``(first, count)`` of blocks of about ``CHUNK_BYTES`` for ``n`` samples of
+        ``per_sample`` bytes each, and the largest block's count."""
         blocks = -(-n // max(1, self.CHUNK_BYTES // per_sample))
         # Blocks of equal size (to one sample), not full blocks and a remainder: a small product is
         # a slow one.
@@ -207,12 +213,11 @@ class Conv2d(Layer):
         matrix[:, -1] = self.params["bias"]
         return matrix
 
-    def _work_arrays(self, block, geometry, wide_name):
-        """cols (with a row of ones for the bias) and a wide output (or its gradient), for ``block``
-        samples.
+    def _cols(self, block, geometry):
+        """cols for ``block`` samples, with a row of ones for the bias.
 
-        Flat arrays viewed as matrices, so that a smaller block (the last batch
-        of an epoch) reuses the memory of a larger one.
+        A flat array viewed as a matrix, so that a smaller block (the last
+        batch of an epoch) reuses the memory of a larger one; so is ``_wide``'s.
         """
         rows = self.in_channels * self.kernel_size ** 2 + self.bias
         columns = block * geometry.pixels
@@ -221,16 +226,22 @@ class Conv2d(Layer):
         if self.bias:
             # the bias column of the weight matrix meets these ones: the bias, added by BLAS
             cols[-1] = 1
-        wide = self._scratch.get(wide_name, (self.out_channels * columns,), self._dtype)
+        return cols
+
+    def _wide(self, block, geometry, name):
+        """A wide output (``name`` "wide") or its gradient ("dwide") for ``block`` samples."""
+        columns = block * geometry.pixels
+        wide = self._scratch.get(name, (self.out_channels * columns,), self._dtype)
         wide = wide[:self.out_channels * columns].reshape(self.out_channels, columns)
-        if wide_name == "dwide" and self._dwide_layout != (block, geometry.pixels):
+        if name == "dwide" and self._dwide_layout != (block, geometry.pixels):
             # The wrapped pixels of the gradient's wide rows are never written, so that they stay 0
             # from one step to the next; a new layout puts them elsewhere.
             wide[...] = 0
             self._dwide_layout = (block, geometry.pixels)
-        return cols, wide
+        return wide
 
     _dwide_layout = None
+    _channels_last = False   # whether the last forward ran channels-last
     # (first sample, samples, block) whose windows cols holds since the last forward
     _cols_hold = None
 
@@ -241,6 +252,10 @@ class Conv2d(Layer):
     # -- passes ------------------------------------------------------------------------------------
 
     def forward(self, x):
+        # no wrapped pixels, where a window row is a long enough run: conv_channels_last.py
+        self._channels_last = conv_channels_last.pays(self)
+        if self._channels_last:
+            return conv_channels_last.forward(self, x)
         n, channels, height, width = x.shape
         geometry = self._geometry(height, width)
         self._shape, self._geometry_now = x.shape, geometry
@@ -256,7 +271,7 @@ class Conv2d(Layer):
         out = self._scratch.get("out", (n, self.out_channels, geometry.out_height,
                                         geometry.out_width), self._dtype)
         chunks, block = self._chunks(n, geometry)
-        cols, wide = self._work_arrays(block, geometry, "wide")
+        cols, wide = self._cols(block, geometry), self._wide(block, geometry, "wide")
         weight = self._weight_matrix()
         for first, count in chunks:
             wide_used = self.backend.matmul(weight,
@@ -271,12 +286,14 @@ class Conv2d(Layer):
         return out
 
     def backward(self, dout, need_input_grad=True):
+        if self._channels_last:
+            return conv_channels_last.backward(self, dout, need_input_grad)
         if shifts_pay(self, need_input_grad):   # fewer copies and additions: conv_shifts.py
             return backward_by_shifts(self, dout, need_input_grad)
         n, channels, height, width = self._shape
         geometry, k, pad = self._geometry_now, self.kernel_size, self.padding
         chunks, block = self._chunks(n, geometry)
-        cols, dwide = self._work_arrays(block, geometry, "dwide")
+        cols, dwide = self._cols(block, geometry), self._wide(block, geometry, "dwide")
         weight = self._weight_matrix()
         # dW transposed, (C*k*k [+1], F), summed over the blocks: OpenBLAS makes cols @ dY.T, with
         # the long dimension (samples x pixels) inside, about a third faster than dY @ cols.T.

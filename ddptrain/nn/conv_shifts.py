@@ -41,26 +41,31 @@ def shifts_pay(layer, need_input_grad):
     return shifted < plain
 
 
-def backward_by_shifts(layer, dout, need_input_grad):
+def backward_by_shifts(layer, dout, need_input_grad, weight_grad=True):
     """``layer.backward(dout)`` for a stride-1 ``Conv2d`` whose forward ran last (see the module's
-    docstring); fills its gradients and returns the input gradient (or None)."""
+    docstring); fills its gradients and returns the input gradient (or None).
+
+    ``weight_grad=False``: the input gradient only (the weights' from a channels-last forward:
+    ``conv_channels_last.py``), which needs neither the padded input nor im2col.
+    """
     n, channels, height, width = layer._shape
     geometry, k, pad, filters = layer._geometry_now, layer.kernel_size, layer.padding, \
         layer.out_channels
     chunks, block = layer._chunks(n, geometry)
-    _, dwide = layer._work_arrays(block, geometry, "dwide")
+    dwide = layer._wide(block, geometry, "dwide")
     scratch, dtype, pixels = layer._scratch, layer._dtype, geometry.pixels
     rows = channels * k + layer.bias
     columns = block * pixels
-    # x_pad at the k row offsets, (C*k [+ a row of ones for the bias], samples * pixels)
-    x_rows = scratch.get("row_cols", (rows * columns,), dtype).reshape(rows, columns)
-    if layer.bias:
-        x_rows[-1] = 1
+    if weight_grad:
+        # x_pad at the k row offsets, (C*k [+ a row of ones for the bias], samples * pixels)
+        x_rows = scratch.get("row_cols", (rows * columns,), dtype).reshape(rows, columns)
+        if layer.bias:
+            x_rows[-1] = 1
+        grad = scratch.get("shift_grad", (rows, k * filters), dtype)
+        grad_part = scratch.get("shift_grad_part", (rows, k * filters), dtype)
     # dY shifted by j = 0 .. k-1, ((j, f), samples * pixels)
     shifted = scratch.get("shifted_dy", (k * filters * columns,), dtype)
     shifted = shifted.reshape(k * filters, columns)
-    grad = scratch.get("shift_grad", (rows, k * filters), dtype)
-    grad_part = scratch.get("shift_grad_part", (rows, k * filters), dtype)
     if need_input_grad:
         # W as ((c, i), (j, f)): the rows of dx_pad at row offset i, from the shifted dY
         weight_rows = scratch.get("shift_weight", (channels * k, k * filters), dtype)
@@ -82,13 +87,14 @@ def backward_by_shifts(layer, dout, need_input_grad):
             shifted[j * filters:(j + 1) * filters, :j] = 0
             shifted[j * filters:(j + 1) * filters, j:used] = dwide[:, :used - j]
         shifted_used = shifted[:, :used]
-        x_used = x_rows[:, :used]
-        windows = layer._windows(layer._padded_input, first, count, geometry)
-        x_used[:channels * k].reshape(channels, k, count, geometry.out_height,
-                                      geometry.cols_width)[...] = windows[:, :, 0]
-        layer.backend.matmul(x_used, shifted_used.T, out=grad if number == 0 else grad_part)
-        if number:
-            grad += grad_part
+        if weight_grad:
+            x_used = x_rows[:, :used]
+            windows = layer._windows(layer._padded_input, first, count, geometry)
+            x_used[:channels * k].reshape(channels, k, count, geometry.out_height,
+                                          geometry.cols_width)[...] = windows[:, :, 0]
+            layer.backend.matmul(x_used, shifted_used.T, out=grad if number == 0 else grad_part)
+            if number:
+                grad += grad_part
         if not need_input_grad:
             continue
         row_grads_used = layer.backend.matmul(
@@ -101,6 +107,8 @@ def backward_by_shifts(layer, dout, need_input_grad):
             np.add(targets[:, i], row_grads_used[:, i], out=targets[:, i])
         np.copyto(dx[first:first + count], dbody[:count, :, pad:pad + height, pad:pad + width])
     layer._cols_hold = None
+    if not weight_grad:
+        return dx
     layer.grads["weight"][...] = grad[:channels * k].reshape(channels, k, k, filters).transpose(
         3, 0, 1, 2)
     if layer.bias:

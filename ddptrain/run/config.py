@@ -100,7 +100,7 @@ class Config:
     denormals: str = "flush"
     check_every: int = 100             # steps between cross-rank parameter consistency checks
     log_every: int = 100               # steps between progress lines
-    eval_batch: int = 2000
+    eval_batch: int = 500
     metrics_every: int = 0             # steps between step records in metrics.jsonl; 0: epochs only
     # metrics.jsonl's records, and histograms of the parameters, as TensorBoard events (rank 0)
     tensorboard: bool = False
