@@ -185,3 +185,32 @@ def test_evaluate_and_info_work_for_a_cnn(small_data, tmp_path):
 def test_a_spec_error_is_a_user_error():
     with pytest.raises(UserError):
         parse_spec("conv4k3-bn-bn-flatten-10")
+
+
+def test_a_cnn_evaluated_on_ranks_with_an_empty_last_pass_gives_the_one_process_result():
+    """A rank whose block of the test split ends a pass early runs an empty pass (evaluation keeps
+    every rank's pass count equal): its convolutions take an empty batch, and the ranks' sums are
+    one process's."""
+    from ddptrain.training.batches import Split
+    from ddptrain.training.evaluation import evaluate
+    rng = np.random.default_rng(21)
+    images = rng.integers(0, 256, (11, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, 11)
+    model = Sequential.from_spec("conv4k5-bn-maxpool2-conv8k3-flatten-10", input_shape=(1, 28, 28),
+                                 dtype=np.float64)
+    model.train()
+    model.forward(rng.random((4, 1, 28, 28)))   # running statistics other than the initial ones
+    blocks = [(0, 7), (7, 11)]                  # 3 rows a pass: 3 passes; 2 and an empty one
+
+    def split(first, last):
+        return Split(images[first:last].reshape(-1, 1, 28, 28), labels[first:last], np.float64)
+
+    def on_rank(comm):
+        return evaluate(model.replica(), comm, split(*blocks[comm.rank]), 10, chunk=3)
+
+    two = helpers.on_simulated_ranks(2, on_rank)
+    one = helpers.on_simulated_ranks(1, lambda comm: evaluate(model, comm, split(0, 11), 10,
+                                                              chunk=3))[0]
+    for result in two:
+        np.testing.assert_array_equal(result.confusion, one.confusion)
+        assert result.loss == pytest.approx(one.loss, rel=1e-12)

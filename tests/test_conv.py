@@ -428,3 +428,20 @@ def test_pooling_an_empty_batch_gives_empty_arrays(make):
     layer = built(make())
     out = layer.forward(np.zeros((0, 2, 7, 7)))
     assert out.shape[0] == 0 and layer.backward(np.zeros(out.shape)).shape == (0, 2, 7, 7)
+
+
+@pytest.mark.parametrize("case", [(1, 4, 5, 1, 0), (16, 4, 5, 1, 0), (2, 3, 3, 2, 1)],
+                         ids=["one-channel", "channels-last", "stride-2"])
+def test_a_convolution_of_an_empty_batch_gives_empty_arrays_and_zero_gradients(case):
+    """A rank with no row of a step, or of an evaluation's last pass, runs the layer all the same:
+    an empty output, no input gradient, zero weight gradients; the next batch is unaffected."""
+    c_in, c_out, k, stride, pad = case
+    layer = built(Conv2d(c_in, c_out, k, stride=stride, padding=pad))
+    x = np.random.default_rng(18).standard_normal((2, c_in, 9, 9))
+    full = layer.forward(x).copy()
+    layer.backward(np.ones_like(full))
+    out = layer.forward(np.zeros((0, c_in, 9, 9)))
+    assert out.shape == (0, *full.shape[1:])
+    assert layer.backward(np.zeros(out.shape)).shape == (0, c_in, 9, 9)
+    assert all(not grad.any() for grad in layer.grads.values())
+    np.testing.assert_array_equal(layer.forward(x), full)

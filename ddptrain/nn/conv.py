@@ -252,6 +252,9 @@ class Conv2d(Layer):
     # -- passes ------------------------------------------------------------------------------------
 
     def forward(self, x):
+        if not len(x):   # an empty batch: a rank may hold none at the end of an epoch
+            self._shape, self._channels_last = x.shape, False
+            return np.zeros((0, *self.output_shape(x.shape[1:])), self._dtype)
         # no wrapped pixels, where a window row is a long enough run: conv_channels_last.py
         self._channels_last = conv_channels_last.pays(self)
         if self._channels_last:
@@ -286,6 +289,10 @@ class Conv2d(Layer):
         return out
 
     def backward(self, dout, need_input_grad=True):
+        if not self._shape[0]:   # no rows, no gradient
+            for grad in self.grads.values():
+                grad[...] = 0
+            return np.zeros(self._shape, self._dtype) if need_input_grad else None
         if self._channels_last:
             return conv_channels_last.backward(self, dout, need_input_grad)
         if shifts_pay(self, need_input_grad):   # fewer copies and additions: conv_shifts.py
