@@ -346,25 +346,38 @@ def test_backward_by_shifted_rows_equals_im2col_and_col2im(case, bias, need_inpu
     """The same gradients both ways, over blocks of two samples (the last of one)."""
     from ddptrain.nn import conv as conv_module
     c_in, c_out, k, pad, height, width = case
-    rng = np.random.default_rng(14)
-    x = rng.standard_normal((5, c_in, height, width))
-    results = {}
+    x = np.random.default_rng(14).standard_normal((5, c_in, height, width))
+    passes = {}
     for shifted in (True, False):
         monkeypatch.setattr(conv_module, "shifts_pay", lambda layer, need, use=shifted: use)
         layer = built(Conv2d(c_in, c_out, k, padding=pad, bias=bias))
         per_sample = (c_in * k * k + bias) * (height + 2 * pad) * (height + 2 * pad) * 8
         layer.CHUNK_BYTES = 2 * per_sample
-        g = np.random.default_rng(15).standard_normal(layer.forward(x).shape)
-        dx = layer.backward(g, need_input_grad=need_input_grad)
-        results[shifted] = (None if dx is None else dx.copy(),
-                            {name: grad.copy() for name, grad in layer.grads.items()})
+        passes[shifted] = one_pass(layer, x, need_input_grad, seed=15)
     assert len(layer._chunks(5, layer._geometry_now)[0]) > 1
-    (dx_shifted, grads_shifted), (dx_plain, grads_plain) = results[True], results[False]
-    assert (dx_shifted is None) == (not need_input_grad)
+    assert_same_pass(passes[True], passes[False], need_input_grad)
+
+
+def one_pass(layer, x, need_input_grad, seed):
+    """``layer``'s output, input gradient (None without) and parameter gradients, for ``x`` and a
+    random output gradient drawn from ``seed``."""
+    out = layer.forward(x).copy()
+    g = np.random.default_rng(seed).standard_normal(out.shape)
+    dx = layer.backward(g, need_input_grad=need_input_grad)
+    return (out, None if dx is None else dx.copy(),
+            {name: grad.copy() for name, grad in layer.grads.items()})
+
+
+def assert_same_pass(first, second, need_input_grad):
+    """Two ``one_pass`` results agree to rounding (sums taken in another order)."""
+    (out_a, dx_a, grads_a), (out_b, dx_b, grads_b) = first, second
+    assert rel_error(out_a, out_b) < 1e-12
+    assert (dx_a is None) == (dx_b is None) == (not need_input_grad)
     if need_input_grad:
-        assert rel_error(dx_shifted, dx_plain) < 1e-12
-    for name in grads_plain:
-        assert rel_error(grads_shifted[name], grads_plain[name]) < 1e-12, name
+        assert rel_error(dx_a, dx_b) < 1e-12
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        assert rel_error(grads_a[name], grads_b[name]) < 1e-12, name
 
 
 def test_the_shifted_backward_is_taken_where_it_copies_less():
@@ -393,23 +406,13 @@ def test_channels_last_equals_wide_rows_over_blocks(case, bias, need_input_grad,
     from ddptrain.nn import conv_channels_last
     c_in, c_out, k, stride, pad, height, width = case
     x = np.random.default_rng(16).standard_normal((5, c_in, height, width))
-    results = {}
+    passes = {}
     for last in (True, False):
         monkeypatch.setattr(conv_channels_last, "pays", lambda layer, use=last: use)
         layer = built(Conv2d(c_in, c_out, k, stride=stride, padding=pad, bias=bias))
         layer.CHUNK_BYTES = 1   # a sample a block
-        out = layer.forward(x).copy()
-        g = np.random.default_rng(17).standard_normal(out.shape)
-        dx = layer.backward(g, need_input_grad=need_input_grad)
-        results[last] = (out, None if dx is None else dx.copy(),
-                         {name: grad.copy() for name, grad in layer.grads.items()})
-    (out_last, dx_last, grads_last), (out_wide, dx_wide, grads_wide) = results[True], results[False]
-    assert rel_error(out_last, out_wide) < 1e-12
-    assert (dx_last is None) == (not need_input_grad)
-    if need_input_grad:
-        assert rel_error(dx_last, dx_wide) < 1e-12
-    for name in grads_wide:
-        assert rel_error(grads_last[name], grads_wide[name]) < 1e-12, name
+        passes[last] = one_pass(layer, x, need_input_grad, seed=17)
+    assert_same_pass(passes[True], passes[False], need_input_grad)
 
 
 def test_channels_last_is_taken_where_a_window_row_is_a_long_run():
