@@ -14,14 +14,18 @@ enough (``pays``):
     Y = cols @ Wc                   (pixels, F): one row per output pixel,
                                      Wc[(i, j, c), f] = W[f, c, i, j]
     dW = dY.T @ cols                (F, k*k*C): summed over every pixel of every sample
-    dcols = dY @ Wc.T               then col2im, below
 
-col2im adds each row of ``dcols`` back onto the input values it was copied
-from. For one window row ``i`` and one output column ``s``, the ``k * C``
-values of ``dcols`` of every output pixel ``(n, r, s)`` land on one run of
-``x_pad[n, r * stride + i, s * stride:s * stride + k, :]``: ``k * Ow`` calls
-of long runs, where the window offsets ``(i, j)`` would take ``k * k`` calls
-of runs of ``C``. Runs of different ``s`` overlap, so each is its own call.
+The input gradient of a stride-1 convolution comes from the shifted rows of
+``conv_shifts.py`` (on wide rows, whose waste it shares), which measured
+faster than the channels-last way, left for the others (stride > 1, 1 x 1):
+``dcols = dY @ Wc.T``, then col2im adds each row of ``dcols`` back onto the
+input values it was copied from. For one window row ``i`` and one output
+column ``s``, the ``k * C`` values of ``dcols`` of every output pixel ``(n,
+r, s)`` land on one run of ``x_pad[n, r * stride + i, s * stride:s * stride
++ k, :]``: ``k * Ow`` calls of long runs, where the window offsets ``(i,
+j)`` would take ``k * k`` calls of runs of ``C``. Runs of different ``s``
+overlap, so each is its own call; numpy's overhead per run (about 30 ns)
+is what makes col2im the slower way.
 
 The layer's input and output stay ``(N, C, H, W)``: the transposes in and
 out copy the input and the output once each, cheap next to the products.
@@ -39,7 +43,8 @@ from numpy.lib.stride_tricks import as_strided
 from ddptrain.nn.conv_shifts import backward_by_shifts, shifts_pay
 
 # The shortest run of k * C values for which channels-last pays. The cnn's second convolution has
-# runs of 80 (1.4x faster a step); its first, one channel, runs of 5: wide rows are faster there.
+# runs of 80 (its forward pass 1.3-1.4x faster); its first, one channel, runs of 5: wide rows are
+# faster there.
 MIN_RUN = 16
 
 
