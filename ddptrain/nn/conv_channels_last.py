@@ -150,13 +150,14 @@ def backward(layer, dout, need_input_grad):
     pad, scratch, dtype = layer.padding, layer._scratch, layer._dtype
     filters, k, stride = layer.out_channels, layer.kernel_size, layer.stride
     chunks, block = _blocks(layer, n, sizes)
-    cols, weight = _cols(layer, block, sizes), _weight_columns(layer, sizes)
+    cols = _cols(layer, block, sizes)
     by_shifts = need_input_grad and shifts_pay(layer, need_input_grad)
     col2im = need_input_grad and not by_shifts
     dy_rows = scratch.get("dy_rows", (block * sizes.pixels * filters,), dtype)
     grad = scratch.get("grad_last", (filters, sizes.cols_width), dtype)
     grad_part = scratch.get("grad_last_part", (filters, sizes.cols_width), dtype)
     if col2im:
+        weight = _weight_columns(layer, sizes)
         dcols_flat = scratch.get("dcols_last", (block * sizes.pixels * sizes.window,), dtype)
         dpadded = scratch.get("dpadded_last", (block, *sizes.padded, channels), dtype)
         dx = scratch.get("dx", layer._shape, dtype)
