@@ -174,9 +174,11 @@ class Conv2d(Layer):
 
         A block's im2col matrix is about ``CHUNK_BYTES``, so that the work
         arrays stay the same size for any batch: evaluating 2,000 images at
-        once would otherwise take hundreds of megabytes per layer. Smaller
-        blocks, which would stay in the cache, measured slower: the matrix
-        products lose more than the copies gain (numpy 2.4, OpenBLAS 0.3.31).
+        once would otherwise take hundreds of megabytes per layer. A block
+        small enough that its ``cols``, output and gradients stay in a core's
+        L2 cache from one pass over it to the next (``CHUNK_BYTES``) makes a
+        whole step faster, though the products alone are faster on larger
+        blocks: docs/cnn.md.
         """
         per_sample = ((self.in_channels * self.kernel_size ** 2 + 1) * geometry.pixels
                       * self._dtype.itemsize)
@@ -192,7 +194,9 @@ class Conv2d(Layer):
         chunks = [(first, last - first) for first, last in zip(bounds[:-1], bounds[1:])]
         return chunks, max((count for _, count in chunks), default=1)
 
-    CHUNK_BYTES = 8 << 20
+    # Bytes of cols per block: a block's work arrays stay in an L2 cache of 1-2 MiB. Blocks of 8 MiB
+    # made cnn's step 1.1x slower, 512 KiB as fast, 256 KiB 1.15x slower (docs/cnn.md).
+    CHUNK_BYTES = 1 << 20
 
     def _im2col(self, padded, first, count, geometry, cols):
         """Fill the first rows of ``cols`` with the windows of ``count`` samples from ``first`` on;
