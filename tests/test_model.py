@@ -262,6 +262,33 @@ def test_relus_work_in_place_only_between_layers_that_never_read_those_arrays_ag
                         "relu5": False}   # the last layer: its gradient is the loss's
 
 
+def test_batchnorms_centre_in_place_only_the_output_of_a_layer_that_never_reads_it_again():
+    model = Sequential([BatchNorm(4), Linear(4, 3, bias=False), BatchNorm(3), ReLU(), BatchNorm(3),
+                        Linear(3, 3), ReadsItsOutput(), BatchNorm(3), Linear(3, 2)])
+    in_place = {layer.name: layer.in_place for layer in model.layers
+                if isinstance(layer, BatchNorm)}
+    assert in_place == {"batchnorm1": False,   # the first layer: its input is the caller's data
+                        "batchnorm2": True,    # after a Linear layer
+                        "batchnorm3": False,   # after a ReLU, whose backward reads its output
+                        "batchnorm4": False}   # so does the layer before this one
+
+
+def test_a_batchnorm_centring_in_place_changes_no_output_gradient_or_running_statistic():
+    x, y = make_batch(batch=16)
+    results = []
+    for in_place in (True, False):
+        model = Sequential.from_spec("20-16-bn-12-bn-5", dtype=np.float64, seed=3)
+        norms = [layer for layer in model.layers if isinstance(layer, BatchNorm)]
+        assert all(layer.in_place for layer in norms)
+        for layer in norms:
+            layer.in_place = in_place
+        value, grads, dx = loss_and_grads(model, x, y, len(x), need_input_grad=True)
+        results.append((value, grads, dx, *(layer.buffers[name].copy() for layer in norms
+                                            for name in ("running_mean", "running_var"))))
+    for centred_in_place, centred_apart in zip(*results):
+        np.testing.assert_array_equal(centred_in_place, centred_apart)
+
+
 def test_an_in_place_relu_changes_no_gradient():
     x, y = make_batch()
     grads = []

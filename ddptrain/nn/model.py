@@ -23,6 +23,7 @@ from ddptrain.errors import UserError
 from ddptrain.nn.columns import keep_owned
 from ddptrain.nn.layer import LAYER_TYPES, _Scratch, no_reduction
 from ddptrain.nn.layers import ReLU
+from ddptrain.nn.normalization import BatchNorm
 from ddptrain.nn.spec import parse_spec
 
 
@@ -152,13 +153,15 @@ class Sequential:
         self._plan_in_place()
 
     def _plan_in_place(self):
-        """Let each ReLU work in place where neither neighbour reads the array it would
-        overwrite."""
+        """Let each ReLU and BatchNorm work in place where no neighbour reads the array it would
+        overwrite: a ReLU its input and its incoming gradient, a BatchNorm its input."""
         for i, layer in enumerate(self.layers):
+            after_scratch = i > 0 and self.layers[i - 1].output_is_scratch
             if isinstance(layer, ReLU):
-                layer.in_place = (0 < i < len(self.layers) - 1
-                                  and self.layers[i - 1].output_is_scratch
+                layer.in_place = (after_scratch and i < len(self.layers) - 1
                                   and self.layers[i + 1].input_grad_is_scratch)
+            elif isinstance(layer, BatchNorm):
+                layer.in_place = after_scratch
 
     def use_backend(self, backend):
         """Multiply with ``backend`` (``backends.gemm.Backend``) from now on: every layer's
