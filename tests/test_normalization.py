@@ -325,6 +325,18 @@ def test_batchnorm_block_by_block_gives_the_values_and_gradients_of_one_pass(mod
             assert rel_error(got, expected) < 1e-13
 
 
+def test_a_training_backward_uses_up_its_forward_and_a_second_one_is_refused():
+    """The input gradient is written over the centred values the forward kept."""
+    layer = batchnorm(4)
+    x, g = case(SHAPES["images"])
+    layer.forward(x)
+    first = layer.backward(g).copy()
+    with pytest.raises(RuntimeError, match="backward once per training forward"):
+        layer.backward(g)
+    layer.forward(x)
+    np.testing.assert_array_equal(layer.backward(g), first)
+
+
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 def test_batchnorm_block_by_block_matches_finite_differences(shape):
     layer = batchnorm(shape[1])
