@@ -332,6 +332,40 @@ def test_a_relu_after_max_pooling_works_in_place_and_keeps_the_gradients():
     assert_model_matches_finite_differences(model, x, g)
 
 
+def test_a_pooling_writes_its_input_gradient_over_its_input_only_where_nothing_reads_it_again():
+    model = Sequential([MaxPool2d(2), Conv2d(1, 2, 3), AvgPool2d(2), ReLU(), MaxPool2d(2),
+                        Flatten(), Linear(2, 3)], dtype=np.float64, seed=14)
+    assert [layer.grad_over_input for layer in model.layers if hasattr(layer, "grad_over_input")] \
+        == [False,    # the first layer: its input is the caller's data
+            True,     # after a convolution
+            False]    # after a ReLU, whose backward reads its output
+    x = np.random.default_rng(15).standard_normal((3, 1, 14, 14))
+    data = x.copy()
+    model.forward(x)
+    model.backward(np.ones((3, 3)), need_input_grad=True)
+    np.testing.assert_array_equal(x, data)
+
+
+@pytest.mark.parametrize("pool", [MaxPool2d, AvgPool2d])
+def test_an_input_gradient_written_over_the_input_changes_no_gradient(pool):
+    x = np.random.default_rng(16).standard_normal((5, 1, 13, 13))   # 11 x 11: a cropped pixel
+    g = np.random.default_rng(17).standard_normal((5, 3))
+    results = []
+    for over_input in (True, False):
+        model = Sequential([Conv2d(1, 4, 3, bias=False), BatchNorm(4), pool(2), ReLU(),
+                            Conv2d(4, 2, 3), pool(2), Flatten(), Linear(2, 3)],
+                           dtype=np.float64, seed=18)
+        pools = [model.layers[2], model.layers[5]]
+        assert all(layer.grad_over_input for layer in pools)
+        for layer in pools:
+            layer.grad_over_input = over_input
+        model.forward(x)
+        dx = model.backward(g, need_input_grad=True).copy()
+        results.append((dx, model.grads.copy()))
+    for over_input, apart in zip(*results):
+        np.testing.assert_array_equal(over_input, apart)
+
+
 # ---------------------------------------------------------------- backward by shifted rows
 
 

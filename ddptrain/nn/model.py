@@ -24,6 +24,7 @@ from ddptrain.nn.columns import keep_owned
 from ddptrain.nn.layer import LAYER_TYPES, _Scratch, no_reduction
 from ddptrain.nn.layers import ReLU
 from ddptrain.nn.normalization import BatchNorm
+from ddptrain.nn.pooling import _Pool2d
 from ddptrain.nn.spec import parse_spec
 
 
@@ -153,8 +154,9 @@ class Sequential:
         self._plan_in_place()
 
     def _plan_in_place(self):
-        """Let each ReLU and BatchNorm work in place where no neighbour reads the array it would
-        overwrite: a ReLU its input and its incoming gradient, a BatchNorm its input."""
+        """Let layers work in place where no neighbour reads the array they would overwrite: a
+        ReLU its input and its incoming gradient, a BatchNorm its input (centred), a pooling its
+        input (with the input gradient)."""
         for i, layer in enumerate(self.layers):
             after_scratch = i > 0 and self.layers[i - 1].output_is_scratch
             if isinstance(layer, ReLU):
@@ -162,6 +164,8 @@ class Sequential:
                                   and self.layers[i + 1].input_grad_is_scratch)
             elif isinstance(layer, BatchNorm):
                 layer.in_place = after_scratch
+            elif isinstance(layer, _Pool2d):
+                layer.grad_over_input = after_scratch
 
     def use_backend(self, backend):
         """Multiply with ``backend`` (``backends.gemm.Backend``) from now on: every layer's
