@@ -57,7 +57,7 @@ class BatchNorm(Layer):
     before this one does not read its own output again (``output_is_scratch``),
     training centres the input where it lies instead of into an array of its
     own, which backward keeps: one activation-sized array fewer to stream
-    through the cache each step (BatchNorm's forward 1.3x faster in cnn's step).
+    through the cache each step (BatchNorm's forward 1.25x faster in cnn's step).
     """
 
     output_is_scratch = True        # backward reads x_hat, kept apart from the output
@@ -282,14 +282,13 @@ class BatchNorm(Layer):
         # array fewer to stream through the cache (the backward 1.4x faster in cnn's step). A
         # second backward needs a forward first.
         centred, self._centred = self._centred, None
-        dx, dy2, centred2 = centred.reshape(dout.shape), self._flat(dy3), self._flat(centred)
-        dx2 = centred2
+        dy2, dx2 = self._flat(dy3), self._flat(centred)
         ratio, constant, scale = (self._per_value("ratio", ratio, dy3),
                                   self._per_value("constant", constant, dy3),
                                   self._per_value("scale", scale, dy3))
         for block in self._blocks(dy3):
-            part = np.multiply(centred2[block], ratio, out=dx2[block])   # in place
+            part = np.multiply(dx2[block], ratio, out=dx2[block])   # the centred values, then dx
             part += dy2[block]
             part += constant
             part *= scale
-        return dx
+        return centred.reshape(dout.shape)
