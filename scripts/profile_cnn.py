@@ -2,12 +2,14 @@
 
     python scripts/profile_cnn.py                      # cnn, batch 128 and 512, 1 and 2 threads
     python scripts/profile_cnn.py --old /tmp/old_nn    # A/B against copies of older layer modules
+    python scripts/profile_cnn.py --gemm auto          # the products by the library training takes
 
 ``--old DIR`` loads ``conv.py``, ``normalization.py``, ``pooling.py`` and
 ``layers.py`` from DIR (those present) and builds a second model of the same
 layers from their classes. The two models are timed alternately, repetition
 by repetition, so that a machine busy with other jobs slows both alike; the
-figures are medians (ms).
+figures are medians (ms). The products run on numpy's BLAS unless ``--gemm`` says otherwise
+(``auto``: MKL on an Intel CPU where it is installed, as ``python -m ddptrain`` does).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from ddptrain.backends import gemm  # noqa: E402
 from ddptrain.nn.layer import LAYER_TYPES  # noqa: E402
 from ddptrain.nn.losses import SoftmaxCrossEntropy  # noqa: E402
 from ddptrain.nn.model import Sequential  # noqa: E402
@@ -49,12 +52,14 @@ def old_classes(folder):
     return classes
 
 
-def build(spec, classes=None):
+def build(spec, backend, classes=None):
     layers = parse_spec(spec).layers((1, 28, 28))
     if classes:
         layers = [classes.get(type(layer).__name__, type(layer))(**layer.config())
                   for layer in layers]
-    return Sequential(layers, seed=0)
+    model = Sequential(layers, seed=0)
+    model.use_backend(backend)
+    return model
 
 
 class Timed:
@@ -122,13 +127,18 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--old", help="a folder of older layer modules to compare with")
+    parser.add_argument("--gemm", choices=gemm.GEMMS, default="numpy",
+                        help="the library of the products (default: numpy's BLAS)")
     args = parser.parse_args(argv)
     classes = old_classes(args.old) if args.old else None
+    choice = gemm.choose(args.gemm)
+    backend = gemm.backend(choice)
+    print(f"matrix products: {choice.description}")
     for threads in args.threads:
         for batch in args.batch:
-            runs = {"new": Timed(build(args.model), batch)}
+            runs = {"new": Timed(build(args.model, backend), batch)}
             if classes:
-                runs["old"] = Timed(build(args.model, classes), batch)
+                runs["old"] = Timed(build(args.model, backend, classes), batch)
             with threadpool_limits(threads):
                 for run in runs.values():   # warm: work arrays allocated
                     run.layers_once()
