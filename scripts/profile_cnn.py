@@ -54,10 +54,17 @@ def old_classes(folder):
 
 def build(spec, backend, classes=None):
     layers = parse_spec(spec).layers((1, 28, 28))
-    if classes:
-        layers = [classes.get(type(layer).__name__, type(layer))(**layer.config())
-                  for layer in layers]
     model = Sequential(layers, seed=0)
+    if classes:
+        older = Sequential([classes.get(type(layer).__name__, type(layer))(**layer.config())
+                            for layer in layers], seed=0)
+        # Sequential plans its in-place layers by their classes, which the older copies are not:
+        # each older layer takes the plan of its twin where it has that switch (a ReLU's in_place).
+        for twin, layer in zip(model.layers, older.layers):
+            for switch in ("in_place", "grad_over_input"):
+                if hasattr(layer, switch):
+                    setattr(layer, switch, getattr(twin, switch))
+        model = older
     model.use_backend(backend)
     return model
 
