@@ -34,3 +34,16 @@ def test_the_products_library_is_the_one_asked_for(capsys):
     with pytest.raises(SystemExit):
         module.main(["--gemm", "blas"])
     assert "invalid choice: 'blas'" in capsys.readouterr().err
+
+
+def test_the_older_model_works_in_place_where_the_new_one_does():
+    """Sequential plans its in-place layers by their classes, which the older copies are not: the
+    older ReLUs take their twins' plan, or the comparison would flatter the new code."""
+    module = profile_cnn()
+    backend = module.gemm.backend(module.gemm.choose("numpy"))
+    older = module.old_classes(helpers.ROOT / "ddptrain" / "nn")
+    new, old = module.build("lenet5", backend), module.build("lenet5", backend, older)
+    assert [type(layer).__module__ for layer in old.layers if layer.label() == "ReLU"] == \
+        ["old_layers"] * 4
+    assert [layer.in_place for layer in old.layers if layer.label() == "ReLU"] == \
+        [layer.in_place for layer in new.layers if layer.label() == "ReLU"] == [True] * 4
