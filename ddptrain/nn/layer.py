@@ -87,7 +87,9 @@ class Layer:
     """
 
     # What Sequential may do around this layer without breaking it (see Sequential._plan_in_place):
-    output_is_scratch = False       # backward never reads the array forward returned
+    # the array forward returned is the layer's own and its backward never reads it, so that the
+    # layer after may write over it (a ReLU, a BatchNorm's centring, a pooling's input gradient)
+    output_is_scratch = False
     # nothing reads the array backward returned after the caller has it
     input_grad_is_scratch = False
     # works on (C, H, W) samples: (H, W) images gain a channel axis before it
