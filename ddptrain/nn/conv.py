@@ -194,8 +194,8 @@ class Conv2d(Layer):
         chunks = [(first, last - first) for first, last in zip(bounds[:-1], bounds[1:])]
         return chunks, max((count for _, count in chunks), default=1)
 
-    # Bytes of cols per block: a block's work arrays stay in an L2 cache of 1-2 MiB. Blocks of 8 MiB
-    # made cnn's step 1.1x slower, 512 KiB as fast, 256 KiB 1.1-1.2x slower (docs/cnn.md).
+    # Bytes of cols per block: a block's work arrays stay in an L2 cache of 1-2 MiB; much larger and
+    # much smaller blocks made a whole step slower (docs/cnn.md).
     CHUNK_BYTES = 1 << 20
 
     def _im2col(self, padded, first, count, geometry, cols):

@@ -57,7 +57,7 @@ class BatchNorm(Layer):
     before this one does not read its own output again (``output_is_scratch``),
     training centres the input where it lies instead of into an array of its
     own, which backward keeps: one activation-sized array fewer to stream
-    through the cache each step (BatchNorm's forward 1.25x faster in cnn's step).
+    through the cache each step (docs/cnn.md).
     """
 
     output_is_scratch = True        # backward reads x_hat, kept apart from the output
@@ -279,8 +279,7 @@ class BatchNorm(Layer):
         ratio = -inv_std * mean_dy_xhat
         constant = ratio * offset - mean_dy
         # dx over the centred values, which nothing reads after this pass: one activation-sized
-        # array fewer to stream through the cache (the backward 1.4x faster in cnn's step). A
-        # second backward needs a forward first.
+        # array fewer to stream through the cache. A second backward needs a forward first.
         centred, self._centred = self._centred, None
         dy2, dx2 = self._flat(dy3), self._flat(centred)
         ratio, constant, scale = (self._per_value("ratio", ratio, dy3),

@@ -45,7 +45,7 @@ class _Pool2d(Layer):
     (``output_is_scratch``), backward writes the input gradient over the
     input forward took, which nothing needs by then (backward reads only
     where the maxima were): one activation-sized array fewer to stream through
-    the cache each step (cnn's step 0.94x at batch 64, one thread).
+    the cache each step (docs/cnn.md).
     """
 
     takes_channels = True
