@@ -58,8 +58,9 @@ def build(spec, backend, classes=None):
     if classes:
         older = Sequential([classes.get(type(layer).__name__, type(layer))(**layer.config())
                             for layer in layers], seed=0)
-        # Sequential plans its in-place layers by their classes, which the older copies are not:
-        # each older layer takes the plan of its twin where it has that switch (a ReLU's in_place).
+        # Older copies may predate planning their own in-place work (Layer.plan_in_place: before
+        # it, Sequential planned ReLUs by their class, which the copies are not): each older layer
+        # takes the plan of its twin where it has that switch (a ReLU's in_place).
         for twin, layer in zip(model.layers, older.layers):
             for switch in ("in_place", "grad_over_input"):
                 if hasattr(layer, switch):

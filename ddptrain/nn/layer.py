@@ -155,6 +155,11 @@ class Layer:
         """Bytes of work arrays whose size does not grow with the batch (a convolution's blocks)."""
         return 0
 
+    def plan_in_place(self, before, after):
+        """Called by ``Sequential`` with the layers on either side (None at an end): a layer
+        that may write over its neighbours' arrays (see ``output_is_scratch``) decides here
+        whether it does. The default writes over nothing."""
+
     def forward(self, x):
         raise NotImplementedError
 

@@ -167,6 +167,10 @@ class ReLU(Layer):
         self.in_place = False
         self._out = None
 
+    def plan_in_place(self, before, after):
+        self.in_place = (before is not None and before.output_is_scratch
+                         and after is not None and after.input_grad_is_scratch)
+
     def forward(self, x):
         out = x if self.in_place else self._scratch.get("out", x.shape, x.dtype)
         # Against zeros of one sample's shape, not the scalar 0: numpy's vectorised

@@ -7,8 +7,8 @@ Two things exist for speed and are worth knowing before reading on:
   its buffers in a third; every layer's arrays are *views* into them. The
   optimiser then updates the whole model with a handful of vector operations,
   and a data-parallel trainer reduces all gradients with a single Allreduce.
-* Where it is safe, ``Sequential`` lets a ReLU work in place on its
-  neighbours' arrays (see ``layers.ReLU``).
+* Where it is safe, ``Sequential`` lets a layer work in place on its
+  neighbours' arrays (``Layer.plan_in_place``: a ReLU, a BatchNorm, a pooling).
 """
 
 from __future__ import annotations
@@ -22,9 +22,6 @@ from ddptrain.backends.gemm import NUMPY
 from ddptrain.errors import UserError
 from ddptrain.nn.columns import keep_owned
 from ddptrain.nn.layer import LAYER_TYPES, _Scratch, no_reduction
-from ddptrain.nn.layers import ReLU
-from ddptrain.nn.normalization import BatchNorm
-from ddptrain.nn.pooling import _Pool2d
 from ddptrain.nn.spec import parse_spec
 
 
@@ -154,18 +151,11 @@ class Sequential:
         self._plan_in_place()
 
     def _plan_in_place(self):
-        """Let layers work in place where no neighbour reads the array they would overwrite: a
-        ReLU its input and its incoming gradient, a BatchNorm its input (centred), a pooling its
-        input (with the input gradient)."""
-        for i, layer in enumerate(self.layers):
-            after_scratch = i > 0 and self.layers[i - 1].output_is_scratch
-            if isinstance(layer, ReLU):
-                layer.in_place = (after_scratch and i < len(self.layers) - 1
-                                  and self.layers[i + 1].input_grad_is_scratch)
-            elif isinstance(layer, BatchNorm):
-                layer.in_place = after_scratch
-            elif isinstance(layer, _Pool2d):
-                layer.grad_over_input = after_scratch
+        """Let each layer work in place where no neighbour reads the array it would overwrite
+        (``Layer.plan_in_place``)."""
+        ends = [None]
+        for before, layer, after in zip(ends + self.layers, self.layers, self.layers[1:] + ends):
+            layer.plan_in_place(before, after)
 
     def use_backend(self, backend):
         """Multiply with ``backend`` (``backends.gemm.Backend``) from now on: every layer's

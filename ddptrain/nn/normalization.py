@@ -78,6 +78,9 @@ class BatchNorm(Layer):
     def config(self):
         return {"num_features": self.num_features, "eps": self.eps, "momentum": self.momentum}
 
+    def plan_in_place(self, before, after):
+        self.in_place = before is not None and before.output_is_scratch
+
     def label(self):
         return f"BatchNorm {self.num_features}"
 

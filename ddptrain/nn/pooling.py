@@ -67,6 +67,9 @@ class _Pool2d(Layer):
     def config(self):
         return {"kernel_size": self.kernel_size, "stride": self.stride}
 
+    def plan_in_place(self, before, after):
+        self.grad_over_input = before is not None and before.output_is_scratch
+
     def label(self):
         stride = f" stride {self.stride}" if self.stride != self.kernel_size else ""
         return f"{type(self).__name__} {self.kernel_size}x{self.kernel_size}{stride}"
