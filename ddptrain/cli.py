@@ -34,6 +34,7 @@ from ddptrain.run.config import (
     LR_SCALINGS,
     SCHEDULES,
     SWITCHES,
+    THREAD_WORK,
     Config,
     load_toml,
     make_config,
@@ -231,6 +232,10 @@ def _add_train_arguments(parser):
     group = parser.add_argument_group("parallelism and debugging")
     _option(group, "--threads", "BLAS threads per rank; 0: the cores a rank may use, divided by "
             "the ranks sharing them", type=int, metavar="N")
+    _option(group, "--thread-work", "where a rank's threads work: rows (each thread forward and "
+            "backward on a slice of the step's rows, with a one-thread BLAS), blas (the BLAS's "
+            "threads inside each matrix product), or auto: rows for a model with convolutions, "
+            "blas otherwise (docs/performance.md)", choices=THREAD_WORK)
     _option(group, "--gemm", "the library of the matrix products: numpy (numpy's BLAS, OpenBLAS in "
             "its wheels), mkl (Intel's MKL: pip install -e '.[mkl]'), or auto: MKL where it is "
             "installed and the CPU is Intel's, else numpy", choices=GEMMS)

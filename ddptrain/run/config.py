@@ -19,6 +19,7 @@ from ddptrain.nn.spec import named_model, parse_spec
 from ddptrain.optim.optimizers import OPTIMIZERS, SGD
 from ddptrain.run.data_memory import parse_size
 from ddptrain.training.early_stopping import METRICS as EARLY_STOP_METRICS
+from ddptrain.training.row_threads import THREAD_WORK
 
 DTYPES = ("float32", "float64")
 SCHEDULES = ("constant", "cosine", "step")
@@ -95,6 +96,9 @@ class Config:
     # machinery
     # BLAS threads per rank; 0: cores on this node / ranks on this node
     threads: int = 0
+    # where a rank's threads work: "rows" (a slice of the step's rows each, 1 BLAS thread each:
+    # training/row_threads.py), "blas" (inside the matrix products) or "auto" (rows for CNNs)
+    thread_work: str = "auto"
     gemm: str = "auto"                 # the library of the matrix products: see gemm.py
     # "keep": compute with denormal floats (slowly): see denormals.py
     denormals: str = "flush"
@@ -127,7 +131,8 @@ class Config:
                               ("lr_schedule", SCHEDULES), ("batchnorm", BATCHNORM_MODES),
                               ("optimizer", tuple(OPTIMIZERS)), ("exchange", EXCHANGES),
                               ("gemm", GEMMS), ("denormals", DENORMAL_MODES),
-                              ("early_stop_metric", tuple(EARLY_STOP_METRICS))):
+                              ("early_stop_metric", tuple(EARLY_STOP_METRICS)),
+                              ("thread_work", THREAD_WORK)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"{option_name(name)} must be one of {', '.join(allowed)}, "
                                 f"got {getattr(self, name)!r}")
@@ -185,6 +190,10 @@ class Config:
             raise UserError("--reproducible with --gemm mkl: the reproducible mode multiplies with "
                             "numpy's BLAS, one thread per product (docs/reproducible.md); drop "
                             "--gemm mkl")
+        if self.reproducible and self.thread_work == "rows":
+            raise UserError("--reproducible with --thread-work rows: the reproducible mode runs "
+                            "every product in fixed blocks on its own threads "
+                            "(docs/reproducible.md); drop --thread-work rows")
         conflict = self.option_exchanging_through_mpi
         if self.exchange == "shared-memory" and conflict:
             raise UserError(f"--exchange shared-memory with {conflict}: {conflict} exchanges the "

@@ -49,6 +49,7 @@ from ddptrain.training.debug import DebugChecks
 from ddptrain.training.early_stopping import EarlyStopping
 from ddptrain.training.plan import TrainingPlan
 from ddptrain.training.profiler import Profiler
+from ddptrain.training.row_threads import thread_line, wants_row_threads
 from ddptrain.training.step import TrainStep
 from ddptrain.training.trainer import Trainer
 
@@ -148,9 +149,14 @@ def _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays):
                              and not config.reproducible else no_reduction)
     if config.reproducible:
         model.set_column_split(column_split(comm, checked.blas_threads.threads))
+    row_threads = 1 if config.reproducible else wants_row_threads(
+        model, checked.blas_threads.threads, config.thread_work)
+    if row_threads > 1:   # each thread its rows, with a one-thread BLAS (training/row_threads.py)
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(limits=1, user_api="blas")
     comm.bcast_(model.params)    # DDP: every replica starts from rank 0's parameters
     comm.bcast_(model.buffers)   # DDP: and buffers
-    announce(console, comm, config, model, checked)
+    announce(console, comm, config, model, checked, row_threads)
     if dry_run:
         folder.check_free()
         console.print(f"dry run: the options, the data file, the model and the {comm.size} rank(s) "
@@ -160,7 +166,7 @@ def _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays):
     try:
         folder.take()   # one run at a time in a run folder
         return _train(_Run(config, comm, console, folder, model, info, checked.backend, started,
-                           checked.data), stop, callbacks)
+                           checked.data, row_threads), stop, callbacks)
     finally:
         folder.release()
         if model.columns is not None:
@@ -190,6 +196,7 @@ class _Run:
     backend: object     # backends.gemm.Backend
     started: float
     data: DataPlan      # what each rank holds of the training rows: in memory, or streamed
+    row_threads: int    # threads each on a slice of the step's rows (1: the BLAS's threads)
 
 
 def _train(run, stop, callbacks):
@@ -225,7 +232,8 @@ def _fit(run, stop, callbacks, exchange, optimizer, checkpoint, data, train, tes
     config, comm, console, folder, model, info = (run.config, run.comm, run.console, run.folder,
                                                   run.model, run.info)
     step = TrainStep(model, SoftmaxCrossEntropy(), optimizer, exchange,
-                     config.clip_grad_norm or None, config.accumulate, config.reproducible)
+                     config.clip_grad_norm or None, config.accumulate, config.reproducible,
+                     run.row_threads)
     callbacks = standard_callbacks(config, console, folder, model.buffers.size > 0,
                                    data_sha256(info)) + list(callbacks)
     profiler = make_profiler(config, console, folder, callbacks,
@@ -253,6 +261,7 @@ def _fit(run, stop, callbacks, exchange, optimizer, checkpoint, data, train, tes
     try:
         stopped_by = trainer.fit()   # at once where done: it stops before the next epoch
     finally:
+        step.close()
         if profiler:
             profiler.restore()   # the model's layers as they were, however the run ended
     if profiler:
@@ -351,12 +360,13 @@ def describe_split(n_train, n_test, comm, config):
             f"{' (at most)' if config.batch_size % comm.size else ''} per rank")
 
 
-def announce(console, comm, config, model, checked):
+def announce(console, comm, config, model, checked, row_threads=1):
     """The start-up lines, on rank 0."""
     blas_threads, info = checked.blas_threads, checked.info
     where = f" on {blas_threads.host_line}" if len(blas_threads.hosts) > 1 else ""
+    threads = thread_line(row_threads, blas_threads.description)
     console.print(f"ddptrain {__version__}: {comm.size} rank{'s' if comm.size > 1 else ''}{where} "
-                  f"({comm.library}); {blas_threads.description}; matrix products: "
+                  f"({comm.library}); {threads}; matrix products: "
                   f"{checked.gemm_choice.description}; {denormals.describe(config.denormals)}",
                   always=True)
     console.print(f"model {model.summary()} ({model.params.size:,} parameters, {config.dtype}); "

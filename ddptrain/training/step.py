@@ -30,6 +30,7 @@ import numpy as np
 from ddptrain.errors import NumericalError
 from ddptrain.nn.dropout import BatchContext
 from ddptrain.training.reproducible import BatchGather, canonical_norm
+from ddptrain.training.row_threads import RowThreads
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,12 @@ class TrainStep:
     no clipping). The norm is the *global* gradient's, the same on every rank:
     clipping each rank's share by its own norm would scale the shares
     differently and sum to a gradient no single process computes.
+    ``row_threads`` T > 1: this rank's rows go forward and backward on T
+    threads, a slice each (``row_threads.py``; the BLAS must run one thread).
     """
 
     def __init__(self, model, loss_fn, optimizer, exchange, clip_grad_norm=None, micro_batches=1,
-                 reproducible=False):
+                 reproducible=False, row_threads=1):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.exchange, self.comm = exchange, exchange.comm
         self.clip_grad_norm = clip_grad_norm
@@ -102,6 +105,7 @@ class TrainStep:
         # columns (model.set_column_split), a norm and totals with a fixed recipe
         self.reproducible = reproducible
         self._batch_gather = BatchGather(self.comm) if reproducible else None
+        self._rows = RowThreads(model, loss_fn, row_threads) if row_threads > 1 else None
         self._accumulated = None
         self.after_reduce = []
         # loss sum, correct, samples, ranks asked to stop, squared gradient norm
@@ -160,8 +164,7 @@ class TrainStep:
         once for the whole step, as DDP's ``no_sync`` does."""
         model = self.model
         if self.micro_batches == 1:
-            model.set_batch_context(context)
-            return local_gradient(model, self.loss_fn, x, y, global_count)
+            return self._gradient(x, y, global_count, context)
         if self._accumulated is None or self._accumulated.shape != model.grads.shape:
             self._accumulated = np.empty_like(model.grads)
         accumulated, loss_share, correct = self._accumulated, 0.0, 0
@@ -169,12 +172,24 @@ class TrainStep:
         for start, stop in micro_batch_bounds(len(y), self.micro_batches):
             if start == stop:
                 continue   # fewer rows than micro-batches: this slice adds nothing
-            model.set_batch_context(None if context is None else
-                                    BatchContext(context.seed, context.step,
-                                                 context.positions[start:stop]))
-            share, right = local_gradient(model, self.loss_fn, x[start:stop], y[start:stop],
-                                          global_count)
+            share, right = self._gradient(x[start:stop], y[start:stop], global_count,
+                                          None if context is None else
+                                          BatchContext(context.seed, context.step,
+                                                       context.positions[start:stop]))
             accumulated += model.grads
             loss_share, correct = loss_share + share, correct + right
         np.copyto(model.grads, accumulated)
         return loss_share, correct
+
+    def _gradient(self, x, y, global_count, context):
+        """``local_gradient`` of the rows ``(x, y)``, on this rank's row threads if it has them."""
+        if self._rows is not None:
+            return self._rows.gradient(x, y, global_count, context)
+        self.model.set_batch_context(context)
+        return local_gradient(self.model, self.loss_fn, x, y, global_count)
+
+    def close(self):
+        """Stop the row threads, if any."""
+        if self._rows is not None:
+            self._rows.close()
+            self._rows = None

@@ -38,6 +38,7 @@ from ddptrain.run.signals import StopRequest
 from ddptrain.training.batches import Batches, Split
 from ddptrain.training.evaluation import evaluate
 from ddptrain.training.plan import TrainingPlan
+from ddptrain.training.row_threads import thread_line, wants_row_threads
 from ddptrain.training.step import TrainStep
 from ddptrain.training.trainer import Trainer
 
@@ -62,5 +63,5 @@ __all__ = ["ArrayRows", "BatchContext", "Batches", "Checkpointing", "Config", "D
            "ensure_default_dataset", "epoch_plan", "evaluate", "gemm", "inspect_data",
            "layer_flops", "least_bytes", "make_exchange", "no_reduction", "owned_blocks",
            "parse_spec", "plan_data", "products_backend", "rank_and_size", "read_rows",
-           "schedule_learning_rate", "stream_parse_size", "training_flops", "world",
-           "write_sources"]
+           "schedule_learning_rate", "stream_parse_size", "thread_line", "training_flops",
+           "wants_row_threads", "world", "write_sources"]

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ddptrain.nn import Sequential, SoftmaxCrossEntropy
 from ddptrain.optim import SGD
@@ -40,6 +41,8 @@ from .ddptrain_internals import (
     make_exchange,
     no_reduction,
     products_backend,
+    thread_line,
+    wants_row_threads,
     world,
 )
 from .environment import blas_description, ddptrain_vector_code, max_rss_mib
@@ -75,6 +78,10 @@ class Steps:
     def __init__(self, args, comm, model, train_x, train_y, n_train, training=None, stream=None,
                  threads=1):
         self.args, self.comm, self.model = args, comm, model
+        # the threads on the rows of each step where a run would put them (runner.py: a CNN's)
+        self.row_threads = 1 if args.reproducible else wants_row_threads(model, threads)
+        if self.row_threads > 1:
+            threadpool_limits(limits=1, user_api="blas")
         self.loss_fn = SoftmaxCrossEntropy()
         # --reproducible as a run sets it up (runner.py): every rank holds the whole batch, its
         # products split into blocks of columns on ``threads`` threads, the update in numpy's
@@ -104,10 +111,11 @@ class Steps:
         """The TrainStep, with its exchange timed; with laps of ``profile`` between its phases."""
         if profile is None:
             return TrainStep(self.model, self.loss_fn, self.optimizer, self.timed,
-                             reproducible=self.reproducible)
+                             reproducible=self.reproducible, row_threads=self.row_threads)
         return TrainStep(self.model, TimedLoss(self.loss_fn, profile),
                          ProfiledOptimizer(self.optimizer, profile),
-                         ProfiledExchange(self.timed, profile), reproducible=self.reproducible)
+                         ProfiledExchange(self.timed, profile), reproducible=self.reproducible,
+                         row_threads=self.row_threads)
 
     def run(self, first, steps, profile=None):
         """Steps ``first`` to ``first + steps - 1`` of the plan (cycled); returns the next."""
@@ -127,6 +135,7 @@ class Steps:
                 self.comm.bcast_(self.model.buffers)
             if profile:
                 profile.steps += 1
+        train_step.close()
         return first + steps
 
     def batch_context(self, step):
@@ -215,7 +224,8 @@ def worker_ddptrain(args):
               "optimizer_bytes": comm.allgather(steps.optimizer_bytes()),
               "batchnorm_allreduce_fraction": batchnorm_fractions,
               "profile_ms": profile.per_step_ms() if profile.steps else None,
-              "thread_line": blas_threads.description, "blas": blas_description(backend),
+              "thread_line": thread_line(steps.row_threads, blas_threads.description),
+              "blas": blas_description(backend),
               "library": comm.library, "vector_code": ddptrain_vector_code(backend),
               "hosts": blas_threads.host_line,
               "load_seconds": load_seconds, "n_train": n_train, "n_params": int(model.params.size),
@@ -225,7 +235,8 @@ def worker_ddptrain(args):
         result["allreduce_alone_ms"] = time_allreduce(lambda: comm.allreduce_(model.grads),
                                                       comm.barrier)
     if args.end_to_end:
-        train_step = TrainStep(model, steps.loss_fn, steps.optimizer, steps.exchange)
+        train_step = TrainStep(model, steps.loss_fn, steps.optimizer, steps.exchange,
+                               row_threads=steps.row_threads)
         result.update(end_to_end(args, comm, train_step, test_x, test_y, n_train))
     if stream is not None:
         stream.close()

@@ -1,0 +1,172 @@
+"""A rank's threads on its rows: each thread runs forward and backward on a slice of the rank's rows
+of the step, with a one-thread BLAS, and the slices' gradients are added in thread order.
+
+Why: a convolutional network spends most of a step outside the matrix
+products (im2col's copies, BatchNorm, pooling, col2im), in numpy's
+element-wise loops, which run on one core; a BLAS's threads only help inside
+the products, and small products (a convolution's blocks of samples) gain
+little from them or lose. Two ranks, each with its rows and one BLAS thread,
+use both cores all the time. ``RowThreads`` does the same inside one rank:
+``T`` replicas of the model, one per thread, that share the parameters and
+keep gradients of their own. numpy releases the GIL in its loops and its
+BLAS calls, so the threads run at once (docs/cnn.md measures how far).
+
+It is the data-parallel step again, one level down, with the same rules:
+
+* the loss of every slice is normalised by the *global* batch size, so the
+  slices' gradients add up to the rank's share (as the ranks' shares add up
+  to the global gradient);
+* BatchNorm's statistics are those of the global batch: each replica's sums
+  are added over the threads (in thread order), then over the ranks (the
+  model's ``sum_over_ranks``, called once, by thread 0), and every thread
+  reads the total;
+* Dropout draws from each row's position in the global batch, so a row's
+  mask does not depend on which thread holds it.
+
+So T threads on one rank train what T ranks train, to rounding, and a run
+is deterministic: the slices are fixed and their sums added in one order.
+Nothing here knows about MPI.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ddptrain.nn.dropout import BatchContext
+
+# --thread-work: where a rank's threads work
+THREAD_WORK = ("auto", "rows", "blas")
+
+
+def wants_row_threads(model, threads, choice="auto"):
+    """How many row threads a rank with ``threads`` threads runs ``model`` on: ``threads`` when
+    ``choice`` is "rows", or "auto" and the model has a convolution (a layer that takes channels),
+    else 1 (the BLAS's threads do the work)."""
+    if threads < 2 or choice == "blas":
+        return 1
+    if choice == "rows" or any(layer.takes_channels for layer in model.layers):
+        return threads
+    return 1
+
+
+def thread_line(row_threads, blas_line):
+    """The start-up line's words on a rank's threads: ``blas_line`` (the BLAS's threads, from
+    ``threads.configure_blas_threads``) where the BLAS has them."""
+    if row_threads < 2:
+        return blas_line
+    return (f"{row_threads} threads per rank, each on a slice of the step's rows with 1 BLAS "
+            "thread (--thread-work rows)")
+
+
+class _ThreadSums:
+    """BatchNorm's ``sum_over_ranks`` for the replicas: each thread's array added in thread order,
+    then over the ranks (``outer``, by thread 0), and the total handed back to every thread."""
+
+    def __init__(self, count):
+        self.barrier = threading.Barrier(count)
+        self.slots = [None] * count
+        self.outer = None
+
+    def for_thread(self, index):
+        def sum_over_threads_and_ranks(array):
+            slots = self.slots
+            slots[index] = array
+            self.barrier.wait()
+            if index == 0:
+                total = slots[0]
+                for other in slots[1:]:
+                    total += other   # in thread order: deterministic
+                self.outer(total)
+            self.barrier.wait()   # thread 0's total is in slots[0]
+            if index:
+                array[...] = slots[0]
+            self.barrier.wait()   # nobody deposits the next sums before everyone has read these
+            return array
+        return sum_over_threads_and_ranks
+
+
+class RowThreads:
+    """Forward and backward of a rank's rows on ``count`` threads (see the module docstring).
+
+    ``gradient(x, y, global_count, context)`` is ``step.local_gradient``'s
+    job done on the threads: ``model.grads`` holds the rank's share of the
+    gradient afterwards, and it returns the rows' share of the loss and
+    their correct predictions. The BLAS must run one thread (the caller sets
+    it).
+    """
+
+    def __init__(self, model, loss_fn, count):
+        self.model, self.count = model, int(count)
+        self.replicas = [model] + [model.replica() for _ in range(self.count - 1)]
+        self.losses = [loss_fn] + [copy.deepcopy(loss_fn) for _ in range(self.count - 1)]
+        self._sums = _ThreadSums(self.count)
+        self._pool = ThreadPoolExecutor(self.count - 1, thread_name_prefix="rows")
+        self._calls = 0   # steps without a context, as Dropout counts them
+
+    def gradient(self, x, y, global_count, context):
+        if context is None:   # outside a trainer: the rows are a batch of their own, one per call
+            context = BatchContext(seed=0, step=self._calls, positions=np.arange(len(y)))
+            self._calls += 1
+        return self._gradient(x, y, global_count, context)
+
+    def _gradient(self, x, y, global_count, context):
+        model = self.model
+        bounds = [len(y) * i // self.count for i in range(self.count + 1)]
+        outer, ready = model.sum_over_ranks, model.gradient_ready
+        self._sums.outer = outer
+        for index, replica in enumerate(self.replicas):
+            if index:
+                if replica.params is not model.params:   # the exchange may have moved them
+                    replica.use_arrays(model.params, replica.grads)
+                replica.buffers[...] = model.buffers   # BatchNorm's shift: the same everywhere
+                replica.train(model.training)
+                replica.use_backend(model.backend)
+            replica.set_sum_over_ranks(self._sums.for_thread(index))
+        # Every thread runs its slice, even an empty one: the others wait for its BatchNorm sums.
+        results, errors = [None] * self.count, []
+
+        def run(index):
+            try:
+                results[index] = self._slice(index, x, y, bounds, global_count, context)
+            except BaseException as error:   # noqa: BLE001 - raised below, in the caller's thread
+                errors.append(error)
+                self._sums.barrier.abort()   # no thread waits for this one in a BatchNorm
+
+        model.gradient_ready = None   # the buckets may start once the threads' sum is made
+        try:
+            jobs = [self._pool.submit(run, index) for index in range(1, self.count)]
+            run(0)
+            for job in jobs:
+                job.result()
+        finally:
+            model.gradient_ready = ready
+            model.set_sum_over_ranks(outer)
+        if errors:
+            self._sums.barrier.reset()
+            raise next((error for error in errors
+                        if not isinstance(error, threading.BrokenBarrierError)), errors[0])
+        for replica in self.replicas[1:]:
+            model.grads += replica.grads   # in thread order: deterministic
+        if ready is not None:   # --overlap-allreduce: every layer's gradient is final now
+            for index in range(len(model.layers) - 1, -1, -1):
+                ready(index)
+        return sum(share for share, _ in results), sum(correct for _, correct in results)
+
+    def _slice(self, index, x, y, bounds, global_count, context):
+        """Thread ``index``'s rows: forward, loss and backward on its replica."""
+        start, stop = bounds[index], bounds[index + 1]
+        replica, loss_fn = self.replicas[index], self.losses[index]
+        replica.set_batch_context(BatchContext(context.seed, context.step,
+                                               context.positions[start:stop]))
+        logits = replica.forward(x[start:stop])
+        share = loss_fn.forward(logits, y[start:stop], normaliser=global_count)
+        correct = int(np.count_nonzero(logits.argmax(axis=1) == y[start:stop]))
+        replica.backward(loss_fn.backward())
+        return share, correct
+
+    def close(self):
+        self._pool.shutdown()

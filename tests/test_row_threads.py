@@ -1,0 +1,137 @@
+"""A rank's rows on T threads (row_threads.py): the step trains what one thread trains, to rounding,
+BatchNorm's statistics included; a failing thread stops the step without a hang."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from ddptrain import cli
+from ddptrain.backends import threads as blas_threads
+from ddptrain.distributed.comm import SerialComm
+from ddptrain.distributed.exchange import Allreduce, BucketedAllreduce
+from ddptrain.errors import UserError
+from ddptrain.nn.dropout import BatchContext
+from ddptrain.nn.losses import SoftmaxCrossEntropy
+from ddptrain.nn.model import Sequential
+from ddptrain.optim.optimizers import SGD
+from ddptrain.run.config import Config
+from ddptrain.training.row_threads import wants_row_threads
+from ddptrain.training.step import TrainStep
+from helpers import final_params, metrics_records, relative_error
+
+# a convolution, BatchNorm over channels, pooling and dropout: every layer that sums over rows or
+# draws per row
+CNN = "conv6k3-bn-maxpool2-flatten-16-bn-drop0.3-10"
+
+
+def steps(threads, spec=CNN, batches=((13, 0), (13, 1), (2, 2)), micro_batches=1, exchange=None):
+    """Parameters, buffers and step totals after training ``spec`` (float64) on ``batches`` of
+    ``(rows, step)``, the rows on ``threads`` threads."""
+    model = Sequential.from_spec(spec, dtype=np.float64, seed=3, input_shape=(1, 10, 10))
+    rng = np.random.default_rng(0)
+    step = TrainStep(model, SoftmaxCrossEntropy(), SGD(momentum=0.9),
+                     exchange(model) if exchange else Allreduce(SerialComm()),
+                     micro_batches=micro_batches, row_threads=threads)
+    totals = []
+    for rows, number in batches:
+        x, y = rng.standard_normal((rows, 1, 10, 10)), rng.integers(0, 10, rows)
+        totals.append(step(x, y, rows, lr=0.1, context=BatchContext(7, number, np.arange(rows))))
+    step.close()
+    return model.params, model.buffers, totals
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_t_threads_train_the_parameters_and_statistics_of_one_thread(threads):
+    params, buffers, totals = steps(1)
+    theirs, their_buffers, their_totals = steps(threads)
+    np.testing.assert_allclose(theirs, params, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(their_buffers, buffers, rtol=0, atol=1e-10)
+    for mine, one in zip(their_totals, totals):
+        assert mine.loss_sum == pytest.approx(one.loss_sum, rel=1e-12)
+        assert (mine.correct, mine.samples) == (one.correct, one.samples)
+        assert mine.grad_norm == pytest.approx(one.grad_norm, rel=1e-12)
+
+
+def test_threads_that_hold_no_rows_still_take_part():
+    # 2 rows on 3 threads: one thread has none, yet the others wait for its BatchNorm sums
+    params, buffers, _ = steps(1, batches=((2, 0), (1, 1)))
+    theirs, their_buffers, _ = steps(3, batches=((2, 0), (1, 1)))
+    np.testing.assert_allclose(theirs, params, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(their_buffers, buffers, rtol=0, atol=1e-10)
+
+
+def test_row_threads_with_micro_batches_train_what_one_thread_trains():
+    params, buffers, _ = steps(1, micro_batches=2)
+    theirs, their_buffers, _ = steps(2, micro_batches=2)
+    np.testing.assert_allclose(theirs, params, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(their_buffers, buffers, rtol=0, atol=1e-10)
+
+
+def test_buckets_of_overlap_allreduce_start_once_the_threads_gradients_are_summed():
+    params, _, _ = steps(1)
+    theirs, _, _ = steps(2, exchange=lambda model: BucketedAllreduce(SerialComm(), model,
+                                                                     bucket_bytes=2 ** 10))
+    np.testing.assert_allclose(theirs, params, rtol=0, atol=1e-10)
+
+
+def test_a_failing_thread_stops_the_step_with_its_error_and_leaves_no_thread_waiting():
+    model = Sequential.from_spec(CNN, dtype=np.float64, seed=3, input_shape=(1, 10, 10))
+    step = TrainStep(model, SoftmaxCrossEntropy(), SGD(), Allreduce(SerialComm()), row_threads=2)
+    replica = step._rows.replicas[1]
+    conv = replica.layers[0]
+    broken = conv.forward
+    conv.forward = lambda x: (_ for _ in ()).throw(MemoryError("no memory for thread 1"))
+    x, y = np.random.default_rng(0).standard_normal((8, 1, 10, 10)), np.arange(8)
+    with pytest.raises(MemoryError, match="no memory for thread 1"):
+        step(x, y, 8, lr=0.1)   # thread 0 waited in the first BatchNorm: released, not hung
+    conv.forward = broken
+    before = model.params.copy()
+    step(x, y, 8, lr=0.1)   # the next step runs
+    assert not np.array_equal(model.params, before)
+    step.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("rows")]
+
+
+@pytest.mark.parametrize("spec, threads, choice, expected", [
+    (CNN, 2, "auto", 2),             # a convolution: the threads on the rows
+    ("64-16-10", 2, "auto", 1),      # an MLP: the BLAS's threads, inside its large products
+    ("64-16-10", 2, "rows", 2),
+    (CNN, 2, "blas", 1),
+    (CNN, 1, "rows", 1),             # one thread: nothing to split
+])
+def test_the_rows_go_to_threads_for_convolutions_unless_told(spec, threads, choice, expected):
+    model = Sequential.from_spec(spec, input_shape=(1, 10, 10) if spec == CNN else None)
+    assert wants_row_threads(model, threads, choice) == expected
+
+
+# ---------------------------------------------------------------- from the command line
+
+SMALL_CNN = "conv4k3-bn-maxpool2-flatten-12-drop0.2-10"   # for the 8x8 images of small_data
+
+
+def train(small_data, run_dir, *options):
+    return cli.main(["--data", small_data, "--model", SMALL_CNN, "--dtype", "float64",
+                     "--batch-size", "29", "--epochs", "2", "--lr", "0.1", "--threads", "2",
+                     "--run-dir", str(run_dir), *options])
+
+
+def test_a_run_on_row_threads_trains_what_the_blas_threads_train(small_data, tmp_path, monkeypatch,
+                                                                 capsys):
+    monkeypatch.setattr(blas_threads, "usable_cores", lambda: {0, 1})   # any machine: 2 threads
+    assert train(small_data, tmp_path / "blas", "--thread-work", "blas", "--quiet") == 0
+    assert train(small_data, tmp_path / "rows") == 0   # auto: a convolution, so rows
+    assert ("2 threads per rank, each on a slice of the step's rows with 1 BLAS thread"
+            in capsys.readouterr().out)
+    assert relative_error(final_params(tmp_path / "rows"), final_params(tmp_path / "blas")) < 1e-10
+    rows, blas = metrics_records(tmp_path / "rows"), metrics_records(tmp_path / "blas")
+    assert [r["test_accuracy"] for r in rows] == [r["test_accuracy"] for r in blas]
+
+
+@pytest.mark.parametrize("options, problem", [
+    ({"thread_work": "cores"}, "--thread-work must be one of auto, rows, blas, got 'cores'"),
+    ({"thread_work": "rows", "reproducible": True}, "--reproducible with --thread-work rows"),
+])
+def test_thread_work_refuses_what_it_cannot_do(options, problem):
+    with pytest.raises(UserError, match=problem):
+        Config(**options).validated()
