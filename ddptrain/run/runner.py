@@ -149,7 +149,8 @@ def _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays):
                              and not config.reproducible else no_reduction)
     if config.reproducible:
         model.set_column_split(column_split(comm, checked.blas_threads.threads))
-    row_threads = 1 if config.reproducible else wants_row_threads(
+    # --debug watches every layer of one model (model.observer); --reproducible has its own threads
+    row_threads = 1 if config.reproducible or config.debug else wants_row_threads(
         model, checked.blas_threads.threads, config.thread_work)
     if row_threads > 1:   # each thread its rows, with a one-thread BLAS (training/row_threads.py)
         from threadpoolctl import threadpool_limits

@@ -24,6 +24,9 @@ def notes(results, batches, row_models, ranks, bn_model):
     if runs("ddp1"):
         first = runs("ddp1")[0]
         lines.append(f"ddptrain, 1 process: {first['thread_line']}; {first['blas']}")
+    cnn_threads = [run["thread_line"] for run in runs("cnn1")[:1]]
+    if cnn_threads and cnn_threads != [run["thread_line"] for run in runs("ddp1")[:1]]:
+        lines.append(f"ddptrain CNN, 1 process: {cnn_threads[0]}")   # its threads on the rows
     if runs("ddpP"):
         first = runs("ddpP")[0]
         lines.append(f"ddptrain, {ranks} ranks: {' '.join(first['library'].split())}; "
