@@ -1,7 +1,6 @@
 """A rank's rows on T threads (row_threads.py): the step trains what one thread trains, to rounding,
 BatchNorm's statistics included; a failing thread stops the step without a hang."""
 
-import threading
 
 import numpy as np
 import pytest
@@ -75,6 +74,21 @@ def test_buckets_of_overlap_allreduce_start_once_the_threads_gradients_are_summe
     np.testing.assert_allclose(theirs, params, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("rows", [9, 2])   # 2 rows on 3 threads: one of them has none
+def test_evaluation_on_the_threads_gives_the_outputs_of_one_model(rows):
+    model = Sequential.from_spec(CNN, dtype=np.float64, seed=3, input_shape=(1, 10, 10))
+    step = TrainStep(model, SoftmaxCrossEntropy(), SGD(), Allreduce(SerialComm()), row_threads=3)
+    x = np.random.default_rng(1).standard_normal((16, 1, 10, 10))
+    step(x, np.arange(16) % 10, 16, lr=0.1)
+    model.buffers[...] *= 1.5   # as a checkpoint may hold them: the model's statistics count
+    model.eval()
+    threaded = step.forward(x[:rows]).copy()
+    np.testing.assert_allclose(threaded, model.forward(x[:rows]), rtol=0, atol=1e-12)
+    model.train()
+    assert all(replica.training for replica in step._rows.replicas)   # ready for the next step
+    step.close()
+
+
 def test_a_failing_thread_stops_the_step_with_its_error_and_leaves_no_thread_waiting():
     model = Sequential.from_spec(CNN, dtype=np.float64, seed=3, input_shape=(1, 10, 10))
     step = TrainStep(model, SoftmaxCrossEntropy(), SGD(), Allreduce(SerialComm()), row_threads=2)
@@ -89,8 +103,9 @@ def test_a_failing_thread_stops_the_step_with_its_error_and_leaves_no_thread_wai
     before = model.params.copy()
     step(x, y, 8, lr=0.1)   # the next step runs
     assert not np.array_equal(model.params, before)
+    workers = list(step._rows._pool._threads)
     step.close()
-    assert not [t for t in threading.enumerate() if t.name.startswith("rows")]
+    assert workers and not any(worker.is_alive() for worker in workers)
 
 
 @pytest.mark.parametrize("spec, threads, choice, expected", [

@@ -22,7 +22,7 @@ class Evaluation:
         return np.diag(self.confusion) / np.maximum(totals, 1)
 
 
-def evaluate(model, comm, split, n_classes, chunk=2000, reproducible=False):
+def evaluate(model, comm, split, n_classes, chunk=2000, reproducible=False, forward=None):
     """Loss and accuracy of the current parameters on the whole split, in evaluation mode.
     Collective.
 
@@ -34,6 +34,8 @@ def evaluate(model, comm, split, n_classes, chunk=2000, reproducible=False):
     Every rank runs the same number of forward passes: a rank with fewer
     rows passes empty batches at the end (the loop count is padded, never the
     data), so a layer may communicate in its forward without a deadlock.
+    ``forward``: what computes a chunk's outputs (default ``model.forward``;
+    the step's, to use its row threads).
     """
     if reproducible:
         return evaluate_in_global_order(model, comm, split, n_classes, chunk)
@@ -46,7 +48,7 @@ def evaluate(model, comm, split, n_classes, chunk=2000, reproducible=False):
     try:
         for start in range(0, passes * chunk, chunk):
             x, y = split.rows(start, start + chunk)
-            logits = model.forward(x)
+            logits = (forward or model.forward)(x)
             loss_sum += loss_fn.forward(logits, y, normaliser=1)
             confusion += np.bincount(y * n_classes + logits.argmax(axis=1),
                                      minlength=n_classes * n_classes).reshape(n_classes, n_classes)

@@ -156,6 +156,24 @@ class RowThreads:
                 ready(index)
         return sum(share for share, _ in results), sum(correct for _, correct in results)
 
+    def forward(self, x):
+        """The model's output for the rows ``x`` in evaluation mode (no sums across rows), each
+        thread a slice of them, into one array."""
+        bounds = [len(x) * i // self.count for i in range(self.count + 1)]
+        for replica in self.replicas[1:]:
+            if replica.params is not self.model.params:
+                replica.use_arrays(self.model.params, replica.grads)
+            replica.buffers[...] = self.model.buffers   # BatchNorm's running statistics
+            replica.eval()
+        try:
+            jobs = [self._pool.submit(self.replicas[i].forward, x[bounds[i]:bounds[i + 1]])
+                    for i in range(1, self.count)]
+            outputs = [self.model.forward(x[:bounds[1]])] + [job.result() for job in jobs]
+        finally:
+            for replica in self.replicas[1:]:
+                replica.train()
+        return np.concatenate(outputs)
+
     def _slice(self, index, x, y, bounds, global_count, context):
         """Thread ``index``'s rows: forward, loss and backward on its replica."""
         start, stop = bounds[index], bounds[index + 1]

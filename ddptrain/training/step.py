@@ -188,6 +188,13 @@ class TrainStep:
         self.model.set_batch_context(context)
         return local_gradient(self.model, self.loss_fn, x, y, global_count)
 
+    def forward(self, x):
+        """The model's output for ``x`` as the model is (evaluation mode: no sums across rows),
+        on this rank's row threads if it has them."""
+        if self._rows is None or self.model.training:
+            return self.model.forward(x)
+        return self._rows.forward(x)
+
     def close(self):
         """Stop the row threads, if any."""
         if self._rows is not None:

@@ -181,7 +181,8 @@ class Trainer:
         """The test split's loss and accuracy with the current parameters: every rank its rows,
         summed (a collective)."""
         return evaluate_split(self.model, self.comm, self.test, self.n_classes,
-                              self.plan.config.eval_batch, self.train_step.reproducible)
+                              self.plan.config.eval_batch, self.train_step.reproducible,
+                              self.train_step.forward)
 
     def _run_epoch(self, epoch):
         """Train the steps of ``epoch`` left to run; False if the run ends within it (a stop, or
