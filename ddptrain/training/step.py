@@ -17,7 +17,9 @@ How the shares are summed (one Allreduce, buckets during backward, a
 reduce-scatter, a node's shared memory) is the exchange's business
 (``distributed/exchange.py``): the step is the same for all of them. With
 ``--accumulate K`` the rows go forward and backward K micro-batches at a time
-before the one reduction. Lines that exist only because training is
+before the one reduction; with row threads (``row_threads.py``: a CNN's, by
+default) a rank's rows go forward and backward on its threads, a slice each,
+the same step one level down. Lines that exist only because training is
 distributed are tagged ``# DDP:``.
 """
 
