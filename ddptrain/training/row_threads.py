@@ -92,15 +92,16 @@ class _ThreadSums:
 class RowThreads:
     """Forward and backward of a rank's rows on ``count`` threads (see the module docstring).
 
-    ``gradient(x, y, global_count, context)`` is ``step.local_gradient``'s
-    job done on the threads: ``model.grads`` holds the rank's share of the
-    gradient afterwards, and it returns the rows' share of the loss and
-    their correct predictions. The BLAS must run one thread (the caller sets
-    it).
+    ``gradient(x, y, global_count, context)`` is ``local_gradient``'s job
+    (``step.local_gradient``: forward, loss, backward of some rows; returns
+    their share of the loss and their correct predictions) done on the
+    threads, each calling it on its replica: ``model.grads`` holds the rank's
+    share of the gradient afterwards. The BLAS must run one thread (the caller
+    sets it).
     """
 
-    def __init__(self, model, loss_fn, count):
-        self.model, self.count = model, int(count)
+    def __init__(self, model, loss_fn, count, local_gradient):
+        self.model, self.count, self._local_gradient = model, int(count), local_gradient
         self.replicas = [model] + [model.replica() for _ in range(self.count - 1)]
         self.losses = [loss_fn] + [copy.deepcopy(loss_fn) for _ in range(self.count - 1)]
         self._sums = _ThreadSums(self.count)
@@ -118,13 +119,8 @@ class RowThreads:
         bounds = [len(y) * i // self.count for i in range(self.count + 1)]
         outer, ready = model.sum_over_ranks, model.gradient_ready
         self._sums.outer = outer
+        self._sync_replicas(model.training)
         for index, replica in enumerate(self.replicas):
-            if index:
-                if replica.params is not model.params:   # the exchange may have moved them
-                    replica.use_arrays(model.params, replica.grads)
-                replica.buffers[...] = model.buffers   # BatchNorm's shift: the same everywhere
-                replica.train(model.training)
-                replica.use_backend(model.backend)
             replica.set_sum_over_ranks(self._sums.for_thread(index))
         # Every thread runs its slice, even an empty one: the others wait for its BatchNorm sums.
         results, errors = [None] * self.count, []
@@ -160,11 +156,7 @@ class RowThreads:
         """The model's output for the rows ``x`` in evaluation mode (no sums across rows), each
         thread a slice of them, into one array."""
         bounds = [len(x) * i // self.count for i in range(self.count + 1)]
-        for replica in self.replicas[1:]:
-            if replica.params is not self.model.params:
-                replica.use_arrays(self.model.params, replica.grads)
-            replica.buffers[...] = self.model.buffers   # BatchNorm's running statistics
-            replica.eval()
+        self._sync_replicas(training=False)
         try:
             jobs = [self._pool.submit(self.replicas[i].forward, x[bounds[i]:bounds[i + 1]])
                     for i in range(1, self.count)]
@@ -174,17 +166,26 @@ class RowThreads:
                 replica.train()
         return np.concatenate(outputs)
 
+    def _sync_replicas(self, training):
+        """The replicas as the model is: its parameters (the exchange may have moved them into
+        shared memory), its buffers (BatchNorm's running statistics, also the shift its sums are
+        taken about), its library of products, and ``training`` mode."""
+        model = self.model
+        for replica in self.replicas[1:]:
+            if replica.params is not model.params:
+                replica.use_arrays(model.params, replica.grads)
+            replica.buffers[...] = model.buffers
+            replica.use_backend(model.backend)
+            replica.train(training)
+
     def _slice(self, index, x, y, bounds, global_count, context):
         """Thread ``index``'s rows: forward, loss and backward on its replica."""
         start, stop = bounds[index], bounds[index + 1]
-        replica, loss_fn = self.replicas[index], self.losses[index]
+        replica = self.replicas[index]
         replica.set_batch_context(BatchContext(context.seed, context.step,
                                                context.positions[start:stop]))
-        logits = replica.forward(x[start:stop])
-        share = loss_fn.forward(logits, y[start:stop], normaliser=global_count)
-        correct = int(np.count_nonzero(logits.argmax(axis=1) == y[start:stop]))
-        replica.backward(loss_fn.backward())
-        return share, correct
+        return self._local_gradient(replica, self.losses[index], x[start:stop], y[start:stop],
+                                    global_count)
 
     def close(self):
         self._pool.shutdown()

@@ -107,7 +107,8 @@ class TrainStep:
         # columns (model.set_column_split), a norm and totals with a fixed recipe
         self.reproducible = reproducible
         self._batch_gather = BatchGather(self.comm) if reproducible else None
-        self._rows = RowThreads(model, loss_fn, row_threads) if row_threads > 1 else None
+        self._rows = (RowThreads(model, loss_fn, row_threads, local_gradient) if row_threads > 1
+                      else None)
         self._accumulated = None
         self.after_reduce = []
         # loss sum, correct, samples, ranks asked to stop, squared gradient norm
