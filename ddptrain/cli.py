@@ -230,8 +230,8 @@ def _add_train_arguments(parser):
                        "line per epoch and errors")
 
     group = parser.add_argument_group("parallelism and debugging")
-    _option(group, "--threads", "BLAS threads per rank; 0: the cores a rank may use, divided by "
-            "the ranks sharing them", type=int, metavar="N")
+    _option(group, "--threads", "threads per rank (where they work: --thread-work); 0: the cores "
+            "a rank may use, divided by the ranks sharing them", type=int, metavar="N")
     _option(group, "--thread-work", "where a rank's threads work: rows (each thread forward and "
             "backward on a slice of the step's rows, with a one-thread BLAS), blas (the BLAS's "
             "threads inside each matrix product), or auto: rows for a model with convolutions, "

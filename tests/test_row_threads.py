@@ -146,6 +146,7 @@ def test_a_run_on_row_threads_trains_what_the_blas_threads_train(small_data, tmp
 @pytest.mark.parametrize("options, problem", [
     ({"thread_work": "cores"}, "--thread-work must be one of auto, rows, blas, got 'cores'"),
     ({"thread_work": "rows", "reproducible": True}, "--reproducible with --thread-work rows"),
+    ({"thread_work": "rows", "debug": True, "dtype": "float64"}, "--debug with --thread-work rows"),
 ])
 def test_thread_work_refuses_what_it_cannot_do(options, problem):
     with pytest.raises(UserError, match=problem):

@@ -194,6 +194,9 @@ class Config:
             raise UserError("--reproducible with --thread-work rows: the reproducible mode runs "
                             "every product in fixed blocks on its own threads "
                             "(docs/reproducible.md); drop --thread-work rows")
+        if self.debug and self.thread_work == "rows":
+            raise UserError("--debug with --thread-work rows: --debug watches every layer of one "
+                            "model on one thread; drop --thread-work rows")
         conflict = self.option_exchanging_through_mpi
         if self.exchange == "shared-memory" and conflict:
             raise UserError(f"--exchange shared-memory with {conflict}: {conflict} exchanges the "
