@@ -315,6 +315,35 @@ def test_a_global_batch_smaller_than_the_ranks_is_refused_once_with_status_2(sma
                                         "per step"]
 
 
+SLOW_RANK_0 = """
+import sys, time
+from ddptrain.errors import UserError
+from ddptrain.run.ending import end_rank
+from ddptrain.distributed.launcher import rank_and_size
+rank = rank_and_size()[0]
+if rank == 0:
+    time.sleep(1.0)   # rank 0 is the last to meet the error
+error = UserError("the same on every rank")
+error.all_ranks = True
+status = end_rank(str(error), error, None)
+with open(f"{sys.argv[1]}.{rank}", "w") as done:   # when this rank went on to its exit
+    done.write(repr(time.monotonic()))
+sys.exit(status)
+"""
+
+
+def test_an_error_every_rank_meets_is_printed_by_rank_0_before_any_rank_exits(tmp_path):
+    """Open MPI's mpiexec ends the job at the first non-zero exit: a rank quicker than rank 0 would
+    take rank 0's line with it."""
+    proc = subprocess.run([*helpers.mpiexec(2), sys.executable, "-c", SLOW_RANK_0,
+                           tmp_path / "exit"], capture_output=True, text=True, timeout=60,
+                          env=helpers.clean_env(), cwd=helpers.ROOT)
+    assert proc.returncode == EXIT_USAGE
+    assert error_lines(proc.stderr) == ["ddptrain: error: the same on every rank"]
+    rank_0, rank_1 = (float((tmp_path / f"exit.{rank}").read_text()) for rank in (0, 1))
+    assert rank_1 >= rank_0 - 0.5   # rank 1 waited for rank 0's second of sleep
+
+
 def test_a_failed_write_of_best_is_one_warning_and_the_run_and_its_resumption_go_on(
         small_data, tmp_path):
     """A disk with room for the step checkpoints but not for best.h5: the warning names best.h5,

@@ -149,6 +149,10 @@ class SerialComm:
     def barrier(self):
         pass
 
+    def ibarrier(self):
+        """Start a barrier; returns a request (``test()``: has every rank reached it?)."""
+        return DONE
+
     def split_by_node(self):
         """``(node, across)``: the ranks that share this rank's memory, and the ranks at this rank's
         place (its rank on its node) on every node. One process is both."""
@@ -276,6 +280,10 @@ class MPIComm:
     @_collective
     def barrier(self):
         self._comm.Barrier()
+
+    @_collective
+    def ibarrier(self):
+        return _MPIRequest(self._comm.Ibarrier())
 
     @_collective
     def split_by_node(self):

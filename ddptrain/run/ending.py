@@ -4,9 +4,12 @@ may wait."""
 from __future__ import annotations
 
 import sys
+import time
 
 from ddptrain.distributed.launcher import rank_and_size
 from ddptrain.errors import EXIT_FAILURE, UserError
+
+MEETING_SECONDS = 10.0
 
 
 def message_of(error):
@@ -33,9 +36,33 @@ def end_rank(message, error, comm, details=None):
             if details and status == EXIT_FAILURE and getattr(error, "show_traceback", True):
                 sys.stderr.write(details)
             print(f"ddptrain: error: {message}", file=sys.stderr, flush=True)
+        if getattr(error, "all_ranks", False) and (comm.size if comm else rank_and_size()[1]) > 1:
+            _meet_once_rank_0_has_printed(comm, status)
         return status
     if details:
         sys.stderr.write("".join(f"[rank {rank}] {line}\n" for line in details.splitlines()))
     print(f"ddptrain: error on rank {rank} of {size}: {message}", file=sys.stderr, flush=True)
     comm.abort(status)
     return status
+
+
+def _meet_once_rank_0_has_printed(comm, status):
+    """No rank ends before rank 0 has printed the error line that stands for all of them.
+
+    Open MPI's mpiexec ends the whole job when the first rank exits with a non-zero status: a rank
+    that was quicker than rank 0 would take rank 0's line with it. So the ranks meet in a barrier
+    (MPI starts here if the error came before it had); one that does not come within
+    ``MEETING_SECONDS`` ends the job (an abort) rather than hold the others.
+    """
+    try:
+        if comm is None:
+            from ddptrain.distributed.comm import MPIComm
+            comm = MPIComm()
+        meeting = comm.ibarrier()
+        deadline = time.monotonic() + MEETING_SECONDS
+        while not meeting.test():
+            if time.monotonic() > deadline:
+                comm.abort(status)
+            time.sleep(0.001)
+    except Exception:   # the error being reported matters more than a failed meeting
+        pass
