@@ -74,6 +74,43 @@ def test_buckets_of_overlap_allreduce_start_once_the_threads_gradients_are_summe
     np.testing.assert_allclose(theirs, params, rtol=0, atol=1e-10)
 
 
+def poison_work_arrays(monkeypatch):
+    """``np.empty`` hands out NaNs from here on: a layer that reads a work array it never wrote
+    trains on NaN."""
+    real_empty = np.empty
+
+    def empty(shape, dtype=float, *args, **kwargs):
+        array = real_empty(shape, dtype, *args, **kwargs)
+        if array.dtype.kind == "f":
+            array.fill(np.nan)
+        return array
+    monkeypatch.setattr(np, "empty", empty)
+
+
+@pytest.mark.parametrize("spec", [CNN, "conv4k3p1-bn-maxpool2-flatten-10"])
+def test_replicas_of_a_model_that_has_trained_read_no_work_array_they_never_wrote(
+        spec, monkeypatch):
+    # The model trains on 7 rows alone, then on 14 rows over 2 threads: each replica meets the
+    # model's layout of 7 rows in work arrays of its own.
+    poison_work_arrays(monkeypatch)
+    rng = np.random.default_rng(0)
+    batches = [(rng.standard_normal((rows, 1, 10, 10)), rng.integers(0, 10, rows))
+               for rows in (7, 14)]
+
+    def trained(threads):
+        model = Sequential.from_spec(spec, dtype=np.float64, seed=3, input_shape=(1, 10, 10))
+        for (x, y), step_threads in zip(batches, (1, threads)):
+            step = TrainStep(model, SoftmaxCrossEntropy(), SGD(), Allreduce(SerialComm()),
+                             row_threads=step_threads)
+            step(x, y, len(y), lr=0.1, context=BatchContext(7, 0, np.arange(len(y))))
+            step.close()
+        return model.params
+
+    one_thread, two_threads = trained(1), trained(2)
+    assert np.isfinite(two_threads).all()
+    np.testing.assert_allclose(two_threads, one_thread, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("rows", [9, 2])   # 2 rows on 3 threads: one of them has none
 def test_evaluation_on_the_threads_gives_the_outputs_of_one_model(rows):
     model = Sequential.from_spec(CNN, dtype=np.float64, seed=3, input_shape=(1, 10, 10))

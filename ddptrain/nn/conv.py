@@ -235,16 +235,13 @@ class Conv2d(Layer):
     def _wide(self, block, geometry, name):
         """A wide output (``name`` "wide") or its gradient ("dwide") for ``block`` samples."""
         columns = block * geometry.pixels
-        wide = self._scratch.get(name, (self.out_channels * columns,), self._dtype)
-        wide = wide[:self.out_channels * columns].reshape(self.out_channels, columns)
-        if name == "dwide" and self._dwide_layout != (block, geometry.pixels):
-            # The wrapped pixels of the gradient's wide rows are never written, so that they stay 0
-            # from one step to the next; a new layout puts them elsewhere.
-            wide[...] = 0
-            self._dwide_layout = (block, geometry.pixels)
-        return wide
+        size = (self.out_channels * columns,)
+        # The wrapped pixels of the gradient's wide rows are never written, so that they stay 0
+        # from one step to the next; a new layout puts them elsewhere.
+        wide = (self._scratch.zeroed_for(name, size, self._dtype, (block, geometry.pixels))
+                if name == "dwide" else self._scratch.get(name, size, self._dtype))
+        return wide[:size[0]].reshape(self.out_channels, columns)
 
-    _dwide_layout = None
     _channels_last = False   # whether the last forward ran channels-last
     # (first sample, samples, block) whose windows cols holds since the last forward
     _cols_hold = None

@@ -52,6 +52,7 @@ class _Scratch:
 
     def __init__(self):
         self._arrays = {}
+        self._layouts = {}   # name -> the layout of what its caller writes (zeroed_for)
 
     def get(self, name, shape, dtype, zeroed=False):
         """An array of ``shape``, the same memory as last time when it fits.
@@ -65,6 +66,20 @@ class _Scratch:
             array = (np.zeros if zeroed else np.empty)(shape, dtype=dtype)
             self._arrays[name] = array
         return array[:shape[0]]
+
+    def zeroed_for(self, name, shape, dtype, layout):
+        """``get(name, shape, dtype)``, all zeros whenever it is new or ``layout`` (where the caller
+        writes in it) differs from the last call's: what the caller leaves unwritten stays zero.
+
+        The layout is kept here, beside the array, so that a fresh scratch (a replica's) starts
+        over rather than trusting zeros that were never written.
+        """
+        kept = self._arrays.get(name)
+        array = self.get(name, shape, dtype, zeroed=True)
+        if self._arrays[name] is kept and self._layouts.get(name) != layout:
+            array[...] = 0
+        self._layouts[name] = layout
+        return array
 
     def constant(self, value, n, dtype):
         """A vector of ``n`` copies of ``value``, made once and kept (it must not be written to)."""
