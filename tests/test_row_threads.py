@@ -15,7 +15,7 @@ from ddptrain.nn.losses import SoftmaxCrossEntropy
 from ddptrain.nn.model import Sequential
 from ddptrain.optim.optimizers import SGD
 from ddptrain.run.config import Config
-from ddptrain.training.row_threads import wants_row_threads
+from ddptrain.training.row_threads import row_threads_of_run, wants_row_threads
 from ddptrain.training.step import TrainStep
 from helpers import final_params, metrics_records, relative_error
 
@@ -154,7 +154,7 @@ def test_a_failing_thread_stops_the_step_with_its_error_and_leaves_no_thread_wai
 ])
 def test_the_rows_go_to_threads_for_convolutions_unless_told(spec, threads, choice, expected):
     model = Sequential.from_spec(spec, input_shape=(1, 10, 10) if spec == CNN else None)
-    assert wants_row_threads(model, threads, choice) == expected
+    assert wants_row_threads(model.layers, threads, choice) == expected
 
 
 # ---------------------------------------------------------------- from the command line
@@ -188,3 +188,22 @@ def test_a_run_on_row_threads_trains_what_the_blas_threads_train(small_data, tmp
 def test_thread_work_refuses_what_it_cannot_do(options, problem):
     with pytest.raises(UserError, match=problem):
         Config(**options).validated()
+
+
+def test_the_memory_estimate_counts_the_replicas_of_the_row_threads(small_data):
+    from ddptrain.data.format import inspect
+    from ddptrain.run.limits import estimate_rank_bytes
+    model = Sequential.from_spec("conv4k3p1-bn-maxpool2-flatten-10", input_shape=(1, 8, 8))
+    config, info = Config(model=model.spec), inspect(small_data)
+    threads = row_threads_of_run(config, model.layers, 3)
+    one, three = (estimate_rank_bytes(model.layers, config, info, 1, row_threads=count)
+                  for count in (1, threads))
+    # two replicas: each a gradient and buffers of its own, and each layer's work blocks
+    own = (model.params.size + model.buffers.size) * 4
+    blocks = sum(layer.block_bytes() for layer in model.layers)
+    assert blocks > 0
+    assert three["the model and its optimiser"] - one["the model and its optimiser"] == 2 * own
+    assert three["activations"] - one["activations"] == 2 * blocks
+    assert three["this rank's data"] == one["this rank's data"]
+    for off in ({"reproducible": True}, {"debug": True}, {"thread_work": "blas"}):
+        assert row_threads_of_run(Config(model=model.spec, **off), model.layers, 3) == 1

@@ -41,10 +41,12 @@ def available_memory():
         return None
 
 
-def estimate_rank_bytes(layers, config, info, world_size, data_bytes=None):
+def estimate_rank_bytes(layers, config, info, world_size, data_bytes=None, row_threads=1):
     """``{part: bytes}`` one rank allocates for a model of ``layers`` (not yet in a model: no
     arrays) on this data. ``data_bytes``: what it holds of the data when streamed (``data_memory``);
-    None: its shard and test block, in memory."""
+    None: its shard and test block, in memory. ``row_threads`` T > 1 (``training/row_threads.py``):
+    T - 1 replicas, each with gradients, buffers and layers' work blocks of its own (their
+    activations are their slices of the same rows)."""
     itemsize = np.dtype(config.dtype).itemsize
     shape = input_shape_of(layers, info.image_shape)
     n_params = sum(math.prod(size) for layer in layers for size in layer.param_shapes().values())
@@ -63,20 +65,22 @@ def estimate_rank_bytes(layers, config, info, world_size, data_bytes=None):
     in_memory = ((-(-info.n_train // world_size) + -(-info.n_test // world_size))
                  * (pixels * info.stored_dtype(config.dtype).itemsize + 8))
     return {
-        # parameters, gradients, the momentum buffer and the optimiser's scratch array; the buffers
-        "the model and its optimiser": (4 * n_params + n_buffers) * itemsize,
+        # parameters, gradients, the momentum buffer and the optimiser's scratch array; the buffers;
+        # the replicas' gradients and buffers
+        "the model and its optimiser": (4 * n_params + n_buffers
+                                        + (row_threads - 1) * (n_params + n_buffers)) * itemsize,
         # this rank's training shard and test block, as stored (a file's: uint8 pixels), with their
         # labels; streamed, its windows and a chunk of test rows
         "this rank's data": in_memory if data_bytes is None else data_bytes,
         # what each layer keeps per sample, for a batch share and an evaluation chunk
-        "activations": (rows + eval_rows) * per_sample * itemsize + fixed,
+        "activations": (rows + eval_rows) * per_sample * itemsize + row_threads * fixed,
     }
 
 
-def data_room(layers, config, info, world_size, ranks_on_host):
+def data_room(layers, config, info, world_size, ranks_on_host, row_threads=1):
     """``(room, shard)``: the bytes this rank may give the data on this host beside its model and
     activations (None: the memory is unknown), and what its shard and test block take in memory."""
-    parts = estimate_rank_bytes(layers, config, info, world_size)
+    parts = estimate_rank_bytes(layers, config, info, world_size, row_threads=row_threads)
     shard = parts.pop("this rank's data")
     available = available_memory()
     if available is None:
@@ -84,10 +88,11 @@ def data_room(layers, config, info, world_size, ranks_on_host):
     return int(MEMORY_SHARE * available / ranks_on_host - sum(parts.values())), shard
 
 
-def check_resources(layers, config, info, world_size, ranks_on_host, data_bytes=None):
+def check_resources(layers, config, info, world_size, ranks_on_host, data_bytes=None,
+                    row_threads=1):
     """A UserError if the options ask for more memory than this host has (cores: ``threads.py``).
     ``data_bytes``: what a rank holds of the data when it is streamed (None: in memory)."""
-    parts = estimate_rank_bytes(layers, config, info, world_size, data_bytes)
+    parts = estimate_rank_bytes(layers, config, info, world_size, data_bytes, row_threads)
     needed, available = sum(parts.values()) * ranks_on_host, available_memory()
     if available is not None and needed > MEMORY_SHARE * available:
         detail = ", ".join(f"{name} {size / GIB:,.1f} GiB" for name, size in parts.items())

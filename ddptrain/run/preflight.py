@@ -48,6 +48,7 @@ from ddptrain.nn.spec import parse_spec
 from ddptrain.run.data_memory import DataPlan, plan_data
 from ddptrain.run.limits import check_resources, data_room
 from ddptrain.run.rank0 import RunFolder, import_tensorboardx, run_on_rank0
+from ddptrain.training.row_threads import row_threads_of_run
 
 
 @dataclass(frozen=True)
@@ -86,9 +87,10 @@ def preflight(comm, config, console, model=None, arrays=None):
     with same_on_every_rank():
         sampler.check_layout(info.n_train, config.batch_size, comm.size, config.virtual_shards)
     if model is None:
-        layers, model_spec, data = check_model_spec(comm, config, info, hosts)
+        layers, model_spec, data = check_model_spec(comm, config, info, hosts,
+                                                    blas_threads.threads)
     else:
-        data = check_given_model(comm, model, config, info, hosts)
+        data = check_given_model(comm, model, config, info, hosts, blas_threads.threads)
         layers = model_spec = None
     trained = model.layers if model is not None else layers
     with same_on_every_rank():
@@ -153,7 +155,7 @@ def resolve_data_path(comm, config, rank0_print):
     return run_on_rank0(comm, lambda: str(datasets.ensure_prepared(name, log=rank0_print)))
 
 
-def check_model_spec(comm, config, info, hosts):
+def check_model_spec(comm, config, info, hosts, threads):
     """The layers of ``--model`` for this data, without arrays, checked against the data and the
     memory before anything is allocated; and the spec's description."""
     spec = parse_spec(config.model)
@@ -161,11 +163,11 @@ def check_model_spec(comm, config, info, hosts):
         layers = spec.layers(info.image_shape)
         name_layers(layers)   # as the model will: messages name "linear1", not "Linear"
         check_fits_data(layers, info, f"--model {config.model}")
-    data = check_resources_on_every_rank(comm, layers, config, info, hosts)
+    data = check_resources_on_every_rank(comm, layers, config, info, hosts, threads)
     return layers, spec.describe(), data
 
 
-def check_given_model(comm, model, config, info, hosts):
+def check_given_model(comm, model, config, info, hosts, threads):
     """A model built by the caller must take this data, in the run's dtype, and fit the memory with
     it."""
     check_same_model(comm, model)   # DDP: every rank must train the same network
@@ -175,15 +177,17 @@ def check_given_model(comm, model, config, info, hosts):
                             f"{config.dtype} (dtype={config.dtype!r}): build it with "
                             f"nn.Sequential(layers, dtype=np.{config.dtype}) or leave dtype unset")
         check_fits_data(model.layers, info, f"the model ({model.summary()})")
-    return check_resources_on_every_rank(comm, model.layers, config, info, hosts)
+    return check_resources_on_every_rank(comm, model.layers, config, info, hosts, threads)
 
 
-def check_resources_on_every_rank(comm, layers, config, info, hosts):
+def check_resources_on_every_rank(comm, layers, config, info, hosts, threads):
     """What each rank holds of the data (``DataPlan``: in memory, or streamed where its shard does
     not fit), and a refusal of options that ask for more memory than a host has; every rank stops
-    if one must. ``hosts``: each rank's host, whose ranks share its memory."""
+    if one must. ``hosts``: each rank's host, whose ranks share its memory; ``threads``: each
+    rank's (its row threads' replicas count)."""
     ranks_on_host = hosts.count(hosts[comm.rank])
-    room, in_memory = data_room(layers, config, info, comm.size, ranks_on_host)
+    row_threads = row_threads_of_run(config, layers, threads)
+    room, in_memory = data_room(layers, config, info, comm.size, ranks_on_host, row_threads)
     # DDP: the same plan on every rank (the order of the rows depends on it): the least room any
     # rank has, and rank 0's file's chunks (copies on other nodes may be chunked otherwise)
     rooms = [r for r in comm.allgather(room) if r is not None]
@@ -192,8 +196,8 @@ def check_resources_on_every_rank(comm, layers, config, info, hosts):
         data = plan_data(config, info, comm.size, min(rooms) if rooms else None, in_memory,
                          block_rows)
     verdict_on_every_rank(comm, lambda: check_resources(
-        layers, config, info, comm.size, ranks_on_host, data.data_bytes(info, config, comm.size)),
-        hosts)
+        layers, config, info, comm.size, ranks_on_host, data.data_bytes(info, config, comm.size),
+        row_threads), hosts)
     return data
 
 

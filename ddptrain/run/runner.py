@@ -49,7 +49,7 @@ from ddptrain.training.debug import DebugChecks
 from ddptrain.training.early_stopping import EarlyStopping
 from ddptrain.training.plan import TrainingPlan
 from ddptrain.training.profiler import Profiler
-from ddptrain.training.row_threads import thread_line, wants_row_threads
+from ddptrain.training.row_threads import row_threads_of_run, thread_line
 from ddptrain.training.step import TrainStep
 from ddptrain.training.trainer import Trainer
 
@@ -149,9 +149,7 @@ def _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays):
                              and not config.reproducible else no_reduction)
     if config.reproducible:
         model.set_column_split(column_split(comm, checked.blas_threads.threads))
-    # --debug watches every layer of one model (model.observer); --reproducible has its own threads
-    row_threads = 1 if config.reproducible or config.debug else wants_row_threads(
-        model, checked.blas_threads.threads, config.thread_work)
+    row_threads = row_threads_of_run(config, model.layers, checked.blas_threads.threads)
     if row_threads > 1:   # each thread its rows, with a one-thread BLAS (training/row_threads.py)
         from threadpoolctl import threadpool_limits
         threadpool_limits(limits=1, user_api="blas")

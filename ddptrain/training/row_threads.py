@@ -42,15 +42,24 @@ from ddptrain.nn.dropout import BatchContext
 THREAD_WORK = ("auto", "rows", "blas")
 
 
-def wants_row_threads(model, threads, choice="auto"):
-    """How many row threads a rank with ``threads`` threads runs ``model`` on: ``threads`` when
-    ``choice`` is "rows", or "auto" and the model has a convolution (a layer that takes channels),
-    else 1 (the BLAS's threads do the work)."""
+def wants_row_threads(layers, threads, choice="auto"):
+    """How many row threads a rank with ``threads`` threads runs a model of ``layers`` on:
+    ``threads`` when ``choice`` is "rows", or "auto" and the model has a convolution (a layer that
+    takes channels), else 1 (the BLAS's threads do the work)."""
     if threads < 2 or choice == "blas":
         return 1
-    if choice == "rows" or any(layer.takes_channels for layer in model.layers):
+    if choice == "rows" or any(layer.takes_channels for layer in layers):
         return threads
     return 1
+
+
+def row_threads_of_run(config, layers, threads):
+    """``wants_row_threads`` for a run of ``config`` (``run.config.Config``): 1 with
+    ``--reproducible`` (it has threads of its own) and ``--debug`` (it watches every layer of one
+    model)."""
+    if config.reproducible or config.debug:
+        return 1
+    return wants_row_threads(layers, threads, config.thread_work)
 
 
 def thread_line(row_threads, blas_line):

@@ -79,7 +79,7 @@ class Steps:
                  threads=1):
         self.args, self.comm, self.model = args, comm, model
         # the threads on the rows of each step where a run would put them (runner.py: a CNN's)
-        self.row_threads = 1 if args.reproducible else wants_row_threads(model, threads)
+        self.row_threads = 1 if args.reproducible else wants_row_threads(model.layers, threads)
         if self.row_threads > 1:
             threadpool_limits(limits=1, user_api="blas")
         self.loss_fn = SoftmaxCrossEntropy()
