@@ -37,9 +37,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ddptrain.nn.dropout import BatchContext
+from ddptrain.nn.normalization import BatchNorm
 
 # --thread-work: where a rank's threads work
 THREAD_WORK = ("auto", "rows", "blas")
+# BatchNorm's values per block of samples on the threads: all of a thread's rows at once. Its blocks
+# (BatchNorm.BLOCK_VALUES) keep a pass's data in a core's L2 cache for the next, at the price of
+# about ten numpy calls per block; on threads each call hands the GIL over, and the calls cost more
+# than the cache saves (docs/cnn.md).
+ONE_BLOCK = 1 << 40
 
 
 def wants_row_threads(layers, threads, choice="auto"):
@@ -112,6 +118,10 @@ class RowThreads:
     def __init__(self, model, loss_fn, count, local_gradient):
         self.model, self.count, self._local_gradient = model, int(count), local_gradient
         self.replicas = [model] + [model.replica() for _ in range(self.count - 1)]
+        for replica in self.replicas:
+            for layer in replica.layers:
+                if isinstance(layer, BatchNorm):
+                    layer.BLOCK_VALUES = ONE_BLOCK
         self.losses = [loss_fn] + [copy.deepcopy(loss_fn) for _ in range(self.count - 1)]
         self._sums = _ThreadSums(self.count)
         self._pool = ThreadPoolExecutor(self.count - 1, thread_name_prefix="rows")
