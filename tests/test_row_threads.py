@@ -1,6 +1,7 @@
 """A rank's rows on T threads (row_threads.py): the step trains what one thread trains, to rounding,
 BatchNorm's statistics included; a failing thread stops the step without a hang."""
 
+import copy
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from ddptrain.nn.losses import SoftmaxCrossEntropy
 from ddptrain.nn.model import Sequential
 from ddptrain.optim.optimizers import SGD
 from ddptrain.run.config import Config
-from ddptrain.training.row_threads import row_threads_of_run, wants_row_threads
+from ddptrain.training.row_threads import row_threads_of_run, suit_threads, wants_row_threads
 from ddptrain.training.step import TrainStep
 from helpers import final_params, metrics_records, relative_error
 
@@ -198,12 +199,15 @@ def test_the_memory_estimate_counts_the_replicas_of_the_row_threads(small_data):
     threads = row_threads_of_run(config, model.layers, 3)
     one, three = (estimate_rank_bytes(model.layers, config, info, 1, row_threads=count)
                   for count in (1, threads))
-    # two replicas: each a gradient and buffers of its own, and each layer's work blocks
+    # two replicas, each with a gradient and buffers of its own; three sets of work blocks, each of
+    # the threads' size
     own = (model.params.size + model.buffers.size) * 4
     blocks = sum(layer.block_bytes() for layer in model.layers)
-    assert blocks > 0
+    thread_blocks = sum(layer.block_bytes()
+                        for layer in suit_threads([copy.copy(layer) for layer in model.layers]))
+    assert 0 < blocks < thread_blocks
     assert three["the model and its optimiser"] - one["the model and its optimiser"] == 2 * own
-    assert three["activations"] - one["activations"] == 2 * blocks
+    assert three["activations"] - one["activations"] == 3 * thread_blocks - blocks
     assert three["this rank's data"] == one["this rank's data"]
     for off in ({"reproducible": True}, {"debug": True}, {"thread_work": "blas"}):
         assert row_threads_of_run(Config(model=model.spec, **off), model.layers, 3) == 1

@@ -13,6 +13,7 @@ in ``--dry-run`` as in a run, before the model exists.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from ddptrain.errors import UserError
 from ddptrain.nn.model import input_shape_of
+from ddptrain.training.row_threads import suit_threads
 
 GIB = 2 ** 30
 MEMORY_SHARE = 0.9    # of the memory available now, that the ranks of a host may plan to use
@@ -49,6 +51,8 @@ def estimate_rank_bytes(layers, config, info, world_size, data_bytes=None, row_t
     activations are their slices of the same rows)."""
     itemsize = np.dtype(config.dtype).itemsize
     shape = input_shape_of(layers, info.image_shape)
+    if row_threads > 1:   # the threads' layers, whose blocks are larger
+        layers = suit_threads([copy.copy(layer) for layer in layers])
     n_params = sum(math.prod(size) for layer in layers for size in layer.param_shapes().values())
     n_buffers = sum(math.prod(size) for layer in layers for size in layer.buffer_shapes().values())
     per_sample, fixed = math.prod(shape), 0

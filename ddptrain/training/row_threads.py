@@ -36,16 +36,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ddptrain.nn.conv import Conv2d
 from ddptrain.nn.dropout import BatchContext
 from ddptrain.nn.normalization import BatchNorm
 
 # --thread-work: where a rank's threads work
 THREAD_WORK = ("auto", "rows", "blas")
-# BatchNorm's values per block of samples on the threads: all of a thread's rows at once. Its blocks
-# (BatchNorm.BLOCK_VALUES) keep a pass's data in a core's L2 cache for the next, at the price of
-# about ten numpy calls per block; on threads each call hands the GIL over, and the calls cost more
-# than the cache saves (docs/cnn.md).
+# On the threads each numpy call hands the GIL over, so fewer and larger calls pay more than
+# cache-sized blocks save (docs/cnn.md): BatchNorm's passes over all of a thread's rows at once (its
+# blocks, BatchNorm.BLOCK_VALUES, cost about ten calls each), a convolution's products on blocks of
+# 2 MiB of im2col rather than Conv2d.CHUNK_BYTES.
 ONE_BLOCK = 1 << 40
+THREAD_CHUNK_BYTES = 2 << 20
 
 
 def wants_row_threads(layers, threads, choice="auto"):
@@ -66,6 +68,17 @@ def row_threads_of_run(config, layers, threads):
     if config.reproducible or config.debug:
         return 1
     return wants_row_threads(layers, threads, config.thread_work)
+
+
+def suit_threads(layers):
+    """The block sizes of ``layers`` set for the row threads (see ``THREAD_CHUNK_BYTES``); returns
+    them."""
+    for layer in layers:
+        if isinstance(layer, BatchNorm):
+            layer.BLOCK_VALUES = ONE_BLOCK
+        elif isinstance(layer, Conv2d):
+            layer.CHUNK_BYTES = THREAD_CHUNK_BYTES
+    return layers
 
 
 def thread_line(row_threads, blas_line):
@@ -119,9 +132,7 @@ class RowThreads:
         self.model, self.count, self._local_gradient = model, int(count), local_gradient
         self.replicas = [model] + [model.replica() for _ in range(self.count - 1)]
         for replica in self.replicas:
-            for layer in replica.layers:
-                if isinstance(layer, BatchNorm):
-                    layer.BLOCK_VALUES = ONE_BLOCK
+            suit_threads(replica.layers)
         self.losses = [loss_fn] + [copy.deepcopy(loss_fn) for _ in range(self.count - 1)]
         self._sums = _ThreadSums(self.count)
         self._pool = ThreadPoolExecutor(self.count - 1, thread_name_prefix="rows")
