@@ -9,7 +9,9 @@ little from them or lose. Two ranks, each with its rows and one BLAS thread,
 use both cores all the time. ``RowThreads`` does the same inside one rank:
 ``T`` replicas of the model, one per thread, that share the parameters and
 keep gradients of their own. numpy releases the GIL in its loops and its
-BLAS calls, so the threads run at once (docs/cnn.md measures how far).
+BLAS calls, so the threads run at once (docs/cnn.md measures how far); each
+call hands the GIL over, so on the threads the layers work in fewer, larger
+calls than on a rank's own thread (``suit_threads``).
 
 It is the data-parallel step again, one level down, with the same rules:
 
