@@ -75,6 +75,21 @@ def test_buckets_of_overlap_allreduce_start_once_the_threads_gradients_are_summe
     np.testing.assert_allclose(theirs, params, rtol=0, atol=1e-10)
 
 
+def test_closing_the_step_gives_the_model_its_own_block_sizes_back():
+    # the threads work in larger blocks than a rank's own thread (suit_threads); a model trained
+    # on, in one thread, after a run on row threads (the Python API) computes in its own blocks
+    model = Sequential.from_spec(CNN, dtype=np.float64, seed=3, input_shape=(1, 10, 10))
+    conv, norm = model.layers[0], model.layers[1]
+    conv.CHUNK_BYTES = 12345   # a size its user chose, on the layer itself
+    step = TrainStep(model, SoftmaxCrossEntropy(), SGD(), Allreduce(SerialComm()), row_threads=2)
+    x, y = np.random.default_rng(0).standard_normal((6, 1, 10, 10)), np.arange(6)
+    step(x, y, 6, lr=0.1, context=BatchContext(7, 0, np.arange(6)))
+    assert (conv.CHUNK_BYTES, norm.BLOCK_VALUES) != (12345, type(norm).BLOCK_VALUES)
+    step.close()
+    assert conv.CHUNK_BYTES == 12345
+    assert "BLOCK_VALUES" not in vars(norm) and norm.BLOCK_VALUES == type(norm).BLOCK_VALUES
+
+
 def poison_work_arrays(monkeypatch):
     """``np.empty`` hands out NaNs from here on: a layer that reads a work array it never wrote
     trains on NaN."""

@@ -72,15 +72,36 @@ def row_threads_of_run(config, layers, threads):
     return wants_row_threads(layers, threads, config.thread_work)
 
 
+# what suit_threads sets: (layer type, attribute, size on the threads)
+_THREAD_SIZES = ((BatchNorm, "BLOCK_VALUES", ONE_BLOCK),
+                 (Conv2d, "CHUNK_BYTES", THREAD_CHUNK_BYTES))
+
+
 def suit_threads(layers):
     """The block sizes of ``layers`` set for the row threads (see ``THREAD_CHUNK_BYTES``); returns
     them."""
     for layer in layers:
-        if isinstance(layer, BatchNorm):
-            layer.BLOCK_VALUES = ONE_BLOCK
-        elif isinstance(layer, Conv2d):
-            layer.CHUNK_BYTES = THREAD_CHUNK_BYTES
+        for kind, name, size in _THREAD_SIZES:
+            if isinstance(layer, kind):
+                setattr(layer, name, size)
     return layers
+
+
+def own_sizes(layers):
+    """The block sizes set on ``layers`` themselves (not inherited from their class), for
+    ``put_back_sizes``."""
+    return [(layer, {name: vars(layer)[name] for _, name, _ in _THREAD_SIZES
+                     if name in vars(layer)}) for layer in layers]
+
+
+def put_back_sizes(sizes):
+    """The layers' block sizes as ``own_sizes`` found them."""
+    for layer, own in sizes:
+        for _, name, _ in _THREAD_SIZES:
+            if name in own:
+                setattr(layer, name, own[name])
+            else:
+                vars(layer).pop(name, None)   # its class's again
 
 
 def thread_line(row_threads, blas_line):
@@ -133,6 +154,9 @@ class RowThreads:
     def __init__(self, model, loss_fn, count, local_gradient):
         self.model, self.count, self._local_gradient = model, int(count), local_gradient
         self.replicas = [model] + [model.replica() for _ in range(self.count - 1)]
+        # the model's own sizes, put back by close(): a caller who goes on in one thread (the
+        # Python API) gets the layers as they were, and the bits of one thread
+        self._model_sizes = own_sizes(model.layers)
         for replica in self.replicas:
             suit_threads(replica.layers)
         self.losses = [loss_fn] + [copy.deepcopy(loss_fn) for _ in range(self.count - 1)]
@@ -221,3 +245,4 @@ class RowThreads:
 
     def close(self):
         self._pool.shutdown()
+        put_back_sizes(self._model_sizes)
