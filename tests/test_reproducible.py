@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 
 import ddptrain
+from ddptrain.data import sampler
 from ddptrain.errors import UserError
 from ddptrain.nn.columns import BLOCK, ColumnSplit, blocks_of, owned_range
 from ddptrain.nn.model import Sequential
 from ddptrain.run import checkpoint
+from ddptrain.training import groups
 from helpers import SignalAtStep, on_simulated_ranks, template_arrays
 
 SIDE = 8
@@ -147,6 +149,113 @@ def test_without_it_the_ranks_do_not_give_the_bits_of_one_process(arrays, tmp_pa
     first, second = one[1].params["linear1.weight"], two[1].params["linear1.weight"]
     assert not np.array_equal(first, second)
     np.testing.assert_allclose(first, second, rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------ CNNs in groups of rows
+
+@pytest.fixture
+def small_groups(monkeypatch):
+    """Groups of rows from one row a group on (the rule's threshold is 16: training/groups.py),
+    so that these small batches train in groups, some of them empty or of one row."""
+    monkeypatch.setattr(groups, "GROUP_ROWS", 1)
+
+
+CNN = "conv6k3p1-bn-maxpool2-flatten-150-10"
+GROUP_CASES = {
+    "cnn": dict(),
+    "float64, dropout": dict(spec="conv4k3p1-bn-drop0.3-maxpool2-flatten-20-drop0.2-10",
+                             dtype="float64"),
+    "lenet-like, adam": dict(spec="conv4k3-avgpool2-conv6k3-flatten-12-10", optimizer="adam"),
+    "accumulation": dict(spec="conv4k3p1-maxpool2-flatten-20-drop0.2-10", accumulate=3),
+    "adamw, sharded, clipped": dict(optimizer="adamw", weight_decay=0.01, shard_optimizer=True,
+                                    clip_grad_norm=0.05),
+    "nesterov, overlapped, mpi exchange": dict(nesterov=True, momentum=0.9,
+                                               overlap_allreduce=True, exchange="allreduce"),
+}
+
+
+@pytest.mark.parametrize("case", GROUP_CASES)
+def test_a_cnn_in_groups_of_rows_gives_the_bits_of_one_process_on_2_3_and_4_ranks(
+        arrays, tmp_path, small_groups, case):
+    options = {"spec": CNN, "epochs": 1, **GROUP_CASES[case]}
+    one = train(arrays, tmp_path, 1, **options)
+    for ranks in (2, 3, 4):
+        assert_bitwise_equal(one, train(arrays, tmp_path, ranks, **options), ranks)
+
+
+def test_in_groups_6_and_8_ranks_and_2_threads_give_the_bits_of_one_thread_too(
+        arrays, tmp_path, small_groups):
+    one = train(arrays, tmp_path, 1, spec=CNN, batch_size=44, epochs=1, threads=1)
+    assert_bitwise_equal(one, train(arrays, tmp_path, 1, spec=CNN, batch_size=44, epochs=1,
+                                    threads=2), 1)
+    for ranks in (6, 8):
+        assert_bitwise_equal(one, train(arrays, tmp_path, ranks, spec=CNN, batch_size=44,
+                                        epochs=1), ranks)
+
+
+def test_in_groups_a_run_stopped_on_2_ranks_and_resumed_on_3_is_the_uninterrupted_run(
+        arrays, tmp_path, small_groups):
+    one = train(arrays, tmp_path, 1, spec=CNN, epochs=2)
+    run_dir = str(tmp_path / "stopped")
+    stopped, _, _ = train(arrays, tmp_path, 2, spec=CNN, epochs=2, run_dir=run_dir,
+                          callbacks=[SignalAtStep(4)])
+    resumed, final, _ = train(arrays, tmp_path, 3, spec=CNN, epochs=2, run_dir=run_dir,
+                              resume="auto")
+    assert stopped + resumed == one[0]
+    assert arrays_of(final) == arrays_of(one[1])
+
+
+def test_a_cnn_trains_in_groups_from_16_rows_a_group_on_and_says_so(arrays, tmp_path, capsys):
+    # 12 groups: 192 rows are 16 a group (groups), 180 are 15 (the whole batch on every rank)
+    for batch, expected in ((192, "in 12 fixed groups"), (180, f"blocks of {BLOCK} columns")):
+        ddptrain.train(CNN, arrays, reproducible=True, batch_size=batch, virtual_shards=12,
+                       dry_run=True, run_dir=str(tmp_path / f"r{batch}"))
+        assert expected in capsys.readouterr().out
+    one = train(arrays, tmp_path, 1, spec=CNN, batch_size=192, virtual_shards=12, epochs=2)
+    assert_bitwise_equal(one, train(arrays, tmp_path, 3, spec=CNN, batch_size=192,
+                                    virtual_shards=12, epochs=2), 3)
+
+
+@pytest.mark.parametrize("batch", [24, 29, 128])
+def test_a_group_lies_on_one_rank_for_every_rank_count_the_shards_allow(batch):
+    """Row p of a global batch is in group p % 24; whatever the rank count, and wherever the batch
+    begins in its epoch, each rank holds whole groups."""
+    n = 24 * 20 + 7
+    for ranks in (1, 2, 3, 4, 6, 8, 12, 24):
+        plans = [sampler.epoch_plan(n, batch, rank, ranks, seed=0, epoch=0) for rank in
+                 range(ranks)]
+        for step in range(plans[0].n_steps):
+            held = [{group for group, _ in groups.groups_of(plan.positions_in_batch(step), 24)}
+                    for plan in plans]
+            assert sum(len(groups_held) for groups_held in held) == len(set().union(*held))
+            assert len(set().union(*held)) == min(24, plans[0].global_counts[step])
+
+
+def test_the_memory_estimate_counts_a_replica_per_group_or_the_whole_batch(small_data):
+    from ddptrain.data.format import inspect
+    from ddptrain.run.config import Config
+    from ddptrain.run.limits import estimate_rank_bytes
+    model = Sequential.from_spec(CNN, input_shape=(1, 8, 8))
+    info = inspect(small_data)
+
+    def parts(batch, **options):   # one of 3 ranks, 12 groups
+        return estimate_rank_bytes(model.layers, Config(model=CNN, batch_size=batch,
+                                                        virtual_shards=12, **options), info, 3)
+
+    own = (model.params.size + model.buffers.size) * 4
+    blocks = sum(layer.block_bytes() for layer in model.layers)
+    plain, grouped = parts(192), parts(192, reproducible=True)   # 16 rows a group: 4 groups a rank
+    assert grouped["the model and its optimiser"] - plain["the model and its optimiser"] == 4 * own
+    assert grouped["activations"] - plain["activations"] == 4 * blocks
+    # 15 rows a group: the whole batch on every rank, 3 times a rank's share
+    plain, whole = parts(180), parts(180, reproducible=True)
+    rows = (whole["activations"] - plain["activations"]) / (180 - 60)
+    assert rows > 0 and whole["the model and its optimiser"] == plain["the model and its optimiser"]
+
+
+def test_groups_of_sorts_a_ranks_rows_by_group_then_position():
+    assert [(group, rows.tolist()) for group, rows in groups.groups_of([1, 3, 5, 25, 27], 24)] \
+        == [(1, [0, 3]), (3, [1, 4]), (5, [2])]
 
 
 # ------------------------------------------------------------------ the blocks of columns

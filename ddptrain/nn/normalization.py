@@ -116,22 +116,43 @@ class BatchNorm(Layer):
         return x.reshape(x.shape[0], self.num_features, math.prod(x.shape[2:]))
 
     def forward(self, x):
-        x3 = self._groups(x)
         if self.training:
-            mean, var, self._count = self._batch_statistics(x3)
-            self._update_running_statistics(mean, var, self._count)
-            source, origin = self._centred, self._centre   # y from x - centre: no cancellation
-        else:
-            mean, var = self.buffers["running_mean"].astype(np.float64), self.buffers["running_var"]
-            # for the weight gradient in evaluation mode (the input is not written before backward)
-            self._x3 = source = x3
-            origin = 0.0
+            sums = self.forward_sums(x)
+            self.sum_over_ranks(sums)   # DDP: counts, shifted sums and centred squares, every rank
+            return self.forward_from(sums)
+        x3 = self._groups(x)
+        mean, var = self.buffers["running_mean"].astype(np.float64), self.buffers["running_var"]
+        # for the weight gradient in evaluation mode (the input is not written before backward)
+        self._x3 = x3
+        return self._normalise(x3, mean, var, x3, 0.0).reshape(x.shape)
+
+    # Training in two halves, for a caller that adds the sums of many parts of the batch itself
+    # (--reproducible's groups of rows, training/groups.py): forward = forward_from(the sum over
+    # the parts of forward_sums), backward likewise.
+    sums_over_rows = True
+
+    def forward_sums(self, x):
+        """This part of the batch's sums for the statistics (training mode): what is added over
+        the ranks."""
+        self._x3, self._input_shape = self._groups(x), x.shape
+        return self._local_sums(self._x3)
+
+    def forward_from(self, sums):
+        """The output of the input ``forward_sums`` took, from ``sums`` added over the whole batch;
+        updates the running statistics."""
+        mean, var, self._count = self._statistics(sums)
+        self._update_running_statistics(mean, var, self._count)
+        # y from x - centre: no cancellation
+        return self._normalise(self._x3, mean, var, self._centred,
+                               self._centre).reshape(self._input_shape)
+
+    def _normalise(self, x3, mean, var, source, origin):
         inv_std = 1.0 / np.sqrt(var.astype(np.float64) + self.eps)
         self._mean, self._inv_std = mean, inv_std
         # y = weight * (x - mean) * inv_std + bias = (x - origin) * scale + shift: two passes.
         scale = self.params["weight"] * inv_std
         shift = self.params["bias"] + (origin - mean) * scale
-        out = self._scratch.get("out", x.shape, x.dtype)
+        out = self._scratch.get("out", x3.shape, x3.dtype)
         out2, source2 = self._flat(out), self._flat(source)
         scale, shift = self._per_value("scale", scale, x3), self._per_value("shift", shift, x3)
         for block in self._blocks(x3):
@@ -195,9 +216,9 @@ class BatchNorm(Layer):
                          b3.reshape(n * channels, per_sample))
         return dots.reshape(n, channels).sum(axis=0, dtype=np.float64)
 
-    def _batch_statistics(self, x3):
-        """The mean and biased variance of each channel over the global batch, and its count: one
-        Allreduce.
+    def _local_sums(self, x3):
+        """What this rank adds to the global batch's statistics: ``[count, count * (mean - shift),
+        m2 + count * (mean - shift)**2]`` per channel, in float64.
 
         This rank's values of each channel are centred on one float32 value
         within the spread of their mean, the mean of the first sample's values
@@ -229,11 +250,16 @@ class BatchNorm(Layer):
             local_m2 = squares - centred_sum ** 2 / count
         shift = self.buffers["running_mean"].astype(np.float64)   # the same on every rank
         offset = local_mean - shift
-        sums = np.concatenate([[count], count * offset, local_m2 + count * offset * offset])
-        self.sum_over_ranks(sums)   # DDP: counts, shifted sums and centred squares of every rank
+        return np.concatenate([[count], count * offset, local_m2 + count * offset * offset])
+
+    def _statistics(self, sums):
+        """The mean and biased variance of each channel over the global batch, and its count, from
+        ``_local_sums`` added over the ranks."""
+        channels = self.num_features
         total, shifted_sum, m2 = sums[0], sums[1:channels + 1], sums[channels + 1:]
         mean_offset = shifted_sum / total
         var = np.maximum(m2 / total - mean_offset * mean_offset, 0.0)
+        shift = self.buffers["running_mean"].astype(np.float64)
         return shift + mean_offset, var, total
 
     def _update_running_statistics(self, mean, var, count):
@@ -243,21 +269,34 @@ class BatchNorm(Layer):
         running_var[...] = (1 - momentum) * running_var + momentum * unbiased
 
     def backward(self, dout, need_input_grad=True):
+        if not self.training:
+            return self._backward_evaluating(dout, need_input_grad)
+        sums = self.backward_sums(dout, need_input_grad)
+        if not need_input_grad:
+            return None
+        self.sum_over_ranks(sums)   # DDP: the two sums over the global batch
+        return self.backward_from(sums)
+
+    def _backward_evaluating(self, dout, need_input_grad):
         dy3, weight, inv_std = self._groups(dout), self.params["weight"], self._inv_std
         scale = weight * inv_std
-        if not self.training:
-            dy_sum = self._channel_sums(dy3)
-            self.grads["bias"][...] = dy_sum
-            # Running statistics: x_hat = (x - mean) * inv_std with constants, so dx is a plain
-            # scaling.
-            dy_x_sum = self._channel_dots(dy3, self._x3)
-            self.grads["weight"][...] = inv_std * (dy_x_sum - self._mean * dy_sum)
-            if not need_input_grad:
-                return None
-            dx = self._scratch.get("dx", dout.shape, dout.dtype)
-            np.multiply(self._flat(dy3), self._per_value("scale", scale, dy3),
-                        out=self._flat(self._groups(dx)))
-            return dx
+        dy_sum = self._channel_sums(dy3)
+        self.grads["bias"][...] = dy_sum
+        # Running statistics: x_hat = (x - mean) * inv_std with constants, so dx is a plain
+        # scaling.
+        dy_x_sum = self._channel_dots(dy3, self._x3)
+        self.grads["weight"][...] = inv_std * (dy_x_sum - self._mean * dy_sum)
+        if not need_input_grad:
+            return None
+        dx = self._scratch.get("dx", dout.shape, dout.dtype)
+        np.multiply(self._flat(dy3), self._per_value("scale", scale, dy3),
+                    out=self._flat(self._groups(dx)))
+        return dx
+
+    def backward_sums(self, dout, need_input_grad=True):
+        """Fills this part of the batch's parameter gradients (training mode); returns its two
+        sums for the input gradient (what is added over the ranks), or None without one."""
+        dy3, inv_std = self._groups(dout), self._inv_std
         if self._centred is None:
             raise RuntimeError(f"{self.name or 'BatchNorm'}: backward once per training forward "
                                "(the last one's centred values became its input gradient)")
@@ -273,8 +312,14 @@ class BatchNorm(Layer):
         self.grads["weight"][...] = dy_xhat_sum
         if not need_input_grad:
             return None
-        sums = np.concatenate([dy_sum, dy_xhat_sum])
-        self.sum_over_ranks(sums)   # DDP: the two sums over the global batch
+        self._dy3, self._output_shape = dy3, dout.shape
+        return np.concatenate([dy_sum, dy_xhat_sum])
+
+    def backward_from(self, sums):
+        """The input gradient of the ``dout`` that ``backward_sums`` took, from its sums added
+        over the whole batch."""
+        dy3, inv_std, offset = self._dy3, self._inv_std, self._centre - self._mean
+        scale = self.params["weight"] * inv_std
         mean_dy, mean_dy_xhat = (sums[:self.num_features] / self._count,
                                  sums[self.num_features:] / self._count)
         # dx = scale * (dy - mean_dy - x_hat * mean_dy_xhat)
@@ -293,4 +338,5 @@ class BatchNorm(Layer):
             part += dy2[block]
             part += constant
             part *= scale
-        return centred.reshape(dout.shape)
+        self._dy3 = None
+        return centred.reshape(self._output_shape)

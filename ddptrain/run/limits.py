@@ -21,6 +21,7 @@ import numpy as np
 
 from ddptrain.errors import UserError
 from ddptrain.nn.model import input_shape_of
+from ddptrain.training.groups import groups_of_run
 from ddptrain.training.row_threads import suit_threads
 
 GIB = 2 ** 30
@@ -48,7 +49,8 @@ def estimate_rank_bytes(layers, config, info, world_size, data_bytes=None, row_t
     arrays) on this data. ``data_bytes``: what it holds of the data when streamed (``data_memory``);
     None: its shard and test block, in memory. ``row_threads`` T > 1 (``training/row_threads.py``):
     T - 1 replicas, each with gradients, buffers and layers' work blocks of its own (their
-    activations are their slices of the same rows)."""
+    activations are their slices of the same rows). ``--reproducible``: the whole batch on every
+    rank, or in groups of rows (``training/groups.py``) a replica per group the rank holds."""
     itemsize = np.dtype(config.dtype).itemsize
     shape = input_shape_of(layers, info.image_shape)
     if row_threads > 1:   # the threads' layers, whose blocks are larger
@@ -62,8 +64,11 @@ def estimate_rank_bytes(layers, config, info, world_size, data_bytes=None, row_t
         per_sample += 4 * math.prod(output) + layer.workspace(shape)
         fixed += layer.block_bytes()
         shape = output
-    # a micro-batch
-    rows = -(-min(config.batch_size, info.n_train) // world_size // config.accumulate)
+    # a micro-batch (--reproducible without groups: of the whole batch)
+    groups = groups_of_run(config, layers)
+    sharing = 1 if config.reproducible and not groups else world_size
+    rows = -(-min(config.batch_size, info.n_train) // sharing // config.accumulate)
+    replicas = (row_threads - 1) + -(-groups // world_size)
     eval_rows = min(config.eval_batch, -(-info.n_test // world_size))
     pixels = math.prod(info.image_shape)
     in_memory = ((-(-info.n_train // world_size) + -(-info.n_test // world_size))
@@ -72,12 +77,12 @@ def estimate_rank_bytes(layers, config, info, world_size, data_bytes=None, row_t
         # parameters, gradients, the momentum buffer and the optimiser's scratch array; the buffers;
         # the replicas' gradients and buffers
         "the model and its optimiser": (4 * n_params + n_buffers
-                                        + (row_threads - 1) * (n_params + n_buffers)) * itemsize,
+                                        + replicas * (n_params + n_buffers)) * itemsize,
         # this rank's training shard and test block, as stored (a file's: uint8 pixels), with their
         # labels; streamed, its windows and a chunk of test rows
         "this rank's data": in_memory if data_bytes is None else data_bytes,
         # what each layer keeps per sample, for a batch share and an evaluation chunk
-        "activations": (rows + eval_rows) * per_sample * itemsize + row_threads * fixed,
+        "activations": (rows + eval_rows) * per_sample * itemsize + (1 + replicas) * fixed,
     }
 
 

@@ -47,6 +47,7 @@ from ddptrain.training.batches import ReadSplit, Split
 from ddptrain.training.callbacks import BroadcastBuffers, ReplicaCheck
 from ddptrain.training.debug import DebugChecks
 from ddptrain.training.early_stopping import EarlyStopping
+from ddptrain.training.groups import describe_groups, groups_of_run
 from ddptrain.training.plan import TrainingPlan
 from ddptrain.training.profiler import Profiler
 from ddptrain.training.row_threads import row_threads_of_run, thread_line
@@ -147,15 +148,18 @@ def _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays):
     # --reproducible: every rank holds the whole batch, and its products are split by columns.
     model.set_sum_over_ranks(comm.allreduce_ if config.batchnorm == "global"
                              and not config.reproducible else no_reduction)
-    if config.reproducible:
-        model.set_column_split(column_split(comm, checked.blas_threads.threads))
-    row_threads = row_threads_of_run(config, model.layers, checked.blas_threads.threads)
+    threads, row_groups = checked.blas_threads.threads, groups_of_run(config, model.layers)
+    if row_groups:   # each rank its rows, in fixed groups (training/groups.py)
+        limit_blas_to_one_thread()
+    elif config.reproducible:
+        model.set_column_split(column_split(comm, threads))
+    row_threads = row_threads_of_run(config, model.layers, threads)
     if row_threads > 1:   # each thread its rows, with a one-thread BLAS (training/row_threads.py)
-        from threadpoolctl import threadpool_limits
-        threadpool_limits(limits=1, user_api="blas")
+        limit_blas_to_one_thread()
     comm.bcast_(model.params)    # DDP: every replica starts from rank 0's parameters
     comm.bcast_(model.buffers)   # DDP: and buffers
-    announce(console, comm, config, model, checked, row_threads)
+    announce(console, comm, config, model, checked, row_threads,
+             describe_groups(row_groups, threads) if row_groups else None)
     if dry_run:
         folder.check_free()
         console.print(f"dry run: the options, the data file, the model and the {comm.size} rank(s) "
@@ -165,7 +169,7 @@ def _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays):
     try:
         folder.take()   # one run at a time in a run folder
         return _train(_Run(config, comm, console, folder, model, info, checked.backend, started,
-                           checked.data, row_threads), stop, callbacks)
+                           checked.data, row_threads, row_groups, threads), stop, callbacks)
     finally:
         folder.release()
         if model.columns is not None:
@@ -177,9 +181,13 @@ def column_split(comm, threads):
     """--reproducible's ``ColumnSplit``: this rank's blocks of every product, run on ``threads``
     Python threads that each call a one-thread BLAS (so one process with 2 threads computes what 2
     ranks compute)."""
+    limit_blas_to_one_thread()
+    return ColumnSplit(comm.rank, comm.size, comm.allgather_, threads)
+
+
+def limit_blas_to_one_thread():
     from threadpoolctl import threadpool_limits
     threadpool_limits(limits=1, user_api="blas")
-    return ColumnSplit(comm.rank, comm.size, comm.allgather_, threads)
 
 
 @dataclass(frozen=True)
@@ -196,6 +204,8 @@ class _Run:
     started: float
     data: DataPlan      # what each rank holds of the training rows: in memory, or streamed
     row_threads: int    # threads each on a slice of the step's rows (1: the BLAS's threads)
+    row_groups: int     # --reproducible in fixed groups of rows (training/groups.py); 0: not
+    threads: int        # a rank's threads
 
 
 def _train(run, stop, callbacks):
@@ -232,7 +242,7 @@ def _fit(run, stop, callbacks, exchange, optimizer, checkpoint, data, train, tes
                                                   run.model, run.info)
     step = TrainStep(model, SoftmaxCrossEntropy(), optimizer, exchange,
                      config.clip_grad_norm or None, config.accumulate, config.reproducible,
-                     run.row_threads)
+                     run.row_threads, run.row_groups, run.threads)
     callbacks = standard_callbacks(config, console, folder, model.buffers.size > 0,
                                    data_sha256(info)) + list(callbacks)
     profiler = make_profiler(config, console, folder, callbacks,
@@ -359,7 +369,7 @@ def describe_split(n_train, n_test, comm, config):
             f"{' (at most)' if config.batch_size % comm.size else ''} per rank")
 
 
-def announce(console, comm, config, model, checked, row_threads=1):
+def announce(console, comm, config, model, checked, row_threads=1, groups_line=None):
     """The start-up lines, on rank 0."""
     blas_threads, info = checked.blas_threads, checked.info
     where = f" on {blas_threads.host_line}" if len(blas_threads.hosts) > 1 else ""
@@ -371,10 +381,10 @@ def announce(console, comm, config, model, checked, row_threads=1):
     console.print(f"model {model.summary()} ({model.params.size:,} parameters, {config.dtype}); "
                   f"data {info.path}; run folder {checked.folder.run_dir}", always=True)
     console.print(describe_split(info.n_train, info.n_test, comm, config), always=True)
-    if model.columns is not None:
+    if config.reproducible:
+        how = groups_line or model.columns.describe()
         console.print(f"reproducible: the bits of one process on any number of ranks, for this CPU "
-                      f"type and BLAS ({model.columns.describe()}; docs/reproducible.md)",
-                      always=True)
+                      f"type and BLAS ({how}; docs/reproducible.md)", always=True)
     if checked.data is not None and checked.data.line:
         console.print(checked.data.line, always=True)
     console.print(f"peak learning rate {peak_learning_rate(config):.4g} ({config.lr_schedule}"

@@ -31,6 +31,7 @@ import numpy as np
 
 from ddptrain.errors import NumericalError
 from ddptrain.nn.dropout import BatchContext
+from ddptrain.training.groups import RowGroups
 from ddptrain.training.reproducible import BatchGather, canonical_norm
 from ddptrain.training.row_threads import RowThreads
 
@@ -95,10 +96,13 @@ class TrainStep:
     differently and sum to a gradient no single process computes.
     ``row_threads`` T > 1: this rank's rows go forward and backward on T
     threads, a slice each (``row_threads.py``; the BLAS must run one thread).
+    ``row_groups`` G > 0 (with ``reproducible``): this rank's rows in fixed
+    groups whose sums are added in group order (``groups.py``) instead of the
+    whole batch on every rank, on ``group_threads`` threads.
     """
 
     def __init__(self, model, loss_fn, optimizer, exchange, clip_grad_norm=None, micro_batches=1,
-                 reproducible=False, row_threads=1):
+                 reproducible=False, row_threads=1, row_groups=0, group_threads=1):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.exchange, self.comm = exchange, exchange.comm
         self.clip_grad_norm = clip_grad_norm
@@ -109,6 +113,8 @@ class TrainStep:
         self._batch_gather = BatchGather(self.comm) if reproducible else None
         self._rows = (RowThreads(model, loss_fn, row_threads, local_gradient) if row_threads > 1
                       else None)
+        self._groups = (RowGroups(model, loss_fn, self.comm, row_groups, group_threads,
+                                  count_correct) if reproducible and row_groups else None)
         self._accumulated = None
         self.after_reduce = []
         # loss sum, correct, samples, ranks asked to stop, squared gradient norm
@@ -122,7 +128,8 @@ class TrainStep:
         the rows' positions in the global batch) is what Dropout draws its masks from.
         """
         model, exchange = self.model, self.exchange
-        if self.reproducible:   # DDP: every rank's rows, on every rank, in their global order
+        if self.reproducible and self._groups is None:
+            # DDP: every rank's rows, on every rank, in their global order
             x, y, context = self._batch_gather.gather(x, y, context)
         with exchange.during_backward(model):
             loss_share, correct = self._local_gradient(x, y, global_count, context)
@@ -130,6 +137,8 @@ class TrainStep:
         exchange.reduce_(model.grads)
         if self.after_reduce:
             exchange.gather_gradient_(model.grads)   # the hooks (--debug) see all of it
+            if self._groups is not None:   # DDP: and the whole batch
+                x, y, context = self._batch_gather.gather(x, y, context)
             for hook in self.after_reduce:
                 hook(x, y, global_count, context)
         # what this rank updates: all of it, or (sharded) its slice
@@ -141,7 +150,7 @@ class TrainStep:
             # every rank computed them on the whole batch: rank 0's alone (P copies would round)
             counted = self.comm.rank == 0
             totals[:] = (loss_share * global_count * counted, correct * counted,
-                         len(y) * counted, stop_requested, 0)
+                         global_count * counted, stop_requested, 0)
             self.comm.allreduce_(totals)   # DDP: whether a signal reached any rank
         else:
             squares = model.backend.dot(grads, grads)
@@ -172,9 +181,10 @@ class TrainStep:
             self._accumulated = np.empty_like(model.grads)
         accumulated, loss_share, correct = self._accumulated, 0.0, 0
         accumulated[...] = 0
-        for start, stop in micro_batch_bounds(len(y), self.micro_batches):
-            if start == stop:
-                continue   # fewer rows than micro-batches: this slice adds nothing
+        for start, stop in self._micro_batches(len(y), global_count, context):
+            if start == stop and self._groups is None:
+                continue   # fewer rows than micro-batches: this slice adds nothing (with groups,
+                # the rank still takes part in the sums over the groups)
             share, right = self._gradient(x[start:stop], y[start:stop], global_count,
                                           None if context is None else
                                           BatchContext(context.seed, context.step,
@@ -184,8 +194,20 @@ class TrainStep:
         np.copyto(model.grads, accumulated)
         return loss_share, correct
 
+    def _micro_batches(self, rows, global_count, context):
+        """``(start, stop)`` of this rank's ``rows`` in each micro-batch: slices of them, or with
+        groups of rows, those of each slice of the *global* batch (the groups of one process)."""
+        if self._groups is None:
+            return micro_batch_bounds(rows, self.micro_batches)
+        edges = np.searchsorted(context.positions, [start for start, _ in micro_batch_bounds(
+            global_count, self.micro_batches)] + [global_count])
+        return list(zip(edges[:-1], edges[1:]))
+
     def _gradient(self, x, y, global_count, context):
-        """``local_gradient`` of the rows ``(x, y)``, on this rank's row threads if it has them."""
+        """``local_gradient`` of the rows ``(x, y)``, on this rank's row threads or groups if it
+        has them."""
+        if self._groups is not None:
+            return self._groups.gradient(x, y, global_count, context)
         if self._rows is not None:
             return self._rows.gradient(x, y, global_count, context)
         self.model.set_batch_context(context)
@@ -200,6 +222,7 @@ class TrainStep:
 
     def close(self):
         """Stop the row threads, if any."""
-        if self._rows is not None:
-            self._rows.close()
-            self._rows = None
+        for threads in (self._rows, self._groups):
+            if threads is not None:
+                threads.close()
+        self._rows = self._groups = None

@@ -15,7 +15,7 @@ from ddptrain.backends.threads import configure_blas_threads
 from ddptrain.data.blocks import ArrayRows
 from ddptrain.data.datasets import ensure_prepared
 from ddptrain.data.format import inspect as inspect_data, read_rows
-from ddptrain.data.sampler import epoch_plan, owned_blocks
+from ddptrain.data.sampler import DEFAULT_VIRTUAL_SHARDS, epoch_plan, owned_blocks
 from ddptrain.data.stream import FileRows, WindowStream
 from ddptrain.data.stream_order import StreamedEpochPlan
 from ddptrain.data.writer import write_sources
@@ -37,6 +37,7 @@ from ddptrain.run.runner import column_split
 from ddptrain.run.signals import StopRequest
 from ddptrain.training.batches import Batches, Split
 from ddptrain.training.evaluation import evaluate
+from ddptrain.training.groups import uses_groups
 from ddptrain.training.plan import TrainingPlan
 from ddptrain.training.row_threads import thread_line, wants_row_threads
 from ddptrain.training.step import TrainStep
@@ -57,6 +58,7 @@ def ensure_default_dataset():
 
 # Re-exported: the rest of the benchmark imports these names from here.
 __all__ = ["ArrayRows", "BatchContext", "Batches", "Checkpointing", "Config", "DENORMAL_MODES",
+           "DEFAULT_VIRTUAL_SHARDS",
            "FileRows", "GEMMS", "MPIComm", "NAMED_MODELS", "RunFolder", "ShardedOptimizer", "Split",
            "StopRequest", "StreamedEpochPlan", "TrainStep", "Trainer", "TrainingPlan",
            "WindowStream", "column_split", "configure_blas_threads", "denormals_flushed",
@@ -64,4 +66,4 @@ __all__ = ["ArrayRows", "BatchContext", "Batches", "Checkpointing", "Config", "D
            "layer_flops", "least_bytes", "make_exchange", "no_reduction", "owned_blocks",
            "parse_spec", "plan_data", "products_backend", "rank_and_size", "read_rows",
            "schedule_learning_rate", "stream_parse_size", "thread_line", "training_flops",
-           "wants_row_threads", "world", "write_sources"]
+           "uses_groups", "wants_row_threads", "world", "write_sources"]

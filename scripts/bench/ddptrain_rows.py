@@ -23,6 +23,7 @@ from ddptrain.optim import SGD
 
 from . import workload
 from .ddptrain_internals import (
+    DEFAULT_VIRTUAL_SHARDS,
     BatchContext,
     Batches,
     Checkpointing,
@@ -42,6 +43,7 @@ from .ddptrain_internals import (
     no_reduction,
     products_backend,
     thread_line,
+    uses_groups,
     wants_row_threads,
     world,
 )
@@ -86,8 +88,13 @@ class Steps:
         # --reproducible as a run sets it up (runner.py): every rank holds the whole batch, its
         # products split into blocks of columns on ``threads`` threads, the update in numpy's
         # arithmetic.
-        self.reproducible = args.reproducible
-        if self.reproducible:
+        self.reproducible, self.group_threads = args.reproducible, threads
+        # a CNN on large enough batches: each rank its rows, in fixed groups (training/groups.py)
+        self.row_groups = (DEFAULT_VIRTUAL_SHARDS if self.reproducible and uses_groups(
+            model.layers, args.batch, DEFAULT_VIRTUAL_SHARDS) else 0)
+        if self.row_groups:
+            threadpool_limits(limits=1, user_api="blas")
+        elif self.reproducible:
             model.set_column_split(column_split(comm, threads))
         backend = gemm.with_numpy_updates(model.backend) if self.reproducible else model.backend
         self.optimizer, self.exchange = gradient_exchange(
@@ -111,11 +118,13 @@ class Steps:
         """The TrainStep, with its exchange timed; with laps of ``profile`` between its phases."""
         if profile is None:
             return TrainStep(self.model, self.loss_fn, self.optimizer, self.timed,
-                             reproducible=self.reproducible, row_threads=self.row_threads)
+                             reproducible=self.reproducible, row_threads=self.row_threads,
+                             row_groups=self.row_groups, group_threads=self.group_threads)
         return TrainStep(self.model, TimedLoss(self.loss_fn, profile),
                          ProfiledOptimizer(self.optimizer, profile),
                          ProfiledExchange(self.timed, profile), reproducible=self.reproducible,
-                         row_threads=self.row_threads)
+                         row_threads=self.row_threads, row_groups=self.row_groups,
+                         group_threads=self.group_threads)
 
     def run(self, first, steps, profile=None):
         """Steps ``first`` to ``first + steps - 1`` of the plan (cycled); returns the next."""
