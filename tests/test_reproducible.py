@@ -183,6 +183,17 @@ def test_a_cnn_in_groups_of_rows_gives_the_bits_of_one_process_on_2_3_and_4_rank
         assert_bitwise_equal(one, train(arrays, tmp_path, ranks, **options), ranks)
 
 
+def test_in_groups_a_cnn_trains_what_the_default_mode_trains_to_rounding(
+        arrays, tmp_path, small_groups):
+    options = dict(spec="conv4k3p1-bn-maxpool2-flatten-20-drop0.2-10", dtype="float64", epochs=1)
+    _, grouped, _ = train(arrays, tmp_path, 2, **options)
+    _, default, _ = train(arrays, tmp_path, 2, reproducible=False, **options)
+    for name, array in default.params.items():
+        np.testing.assert_allclose(grouped.params[name], array, rtol=0, atol=1e-9, err_msg=name)
+    for name, array in default.buffers.items():
+        np.testing.assert_allclose(grouped.buffers[name], array, rtol=0, atol=1e-9, err_msg=name)
+
+
 def test_in_groups_6_and_8_ranks_and_2_threads_give_the_bits_of_one_thread_too(
         arrays, tmp_path, small_groups):
     one = train(arrays, tmp_path, 1, spec=CNN, batch_size=44, epochs=1, threads=1)
@@ -205,14 +216,14 @@ def test_in_groups_a_run_stopped_on_2_ranks_and_resumed_on_3_is_the_uninterrupte
     assert arrays_of(final) == arrays_of(one[1])
 
 
-def test_a_cnn_trains_in_groups_from_16_rows_a_group_on_and_says_so(arrays, tmp_path, capsys):
-    # 12 groups: 192 rows are 16 a group (groups), 180 are 15 (the whole batch on every rank)
-    for batch, expected in ((192, "in 12 fixed groups"), (180, f"blocks of {BLOCK} columns")):
+def test_a_cnn_trains_in_groups_from_8_rows_a_group_on_and_says_so(arrays, tmp_path, capsys):
+    # 12 groups: 96 rows are 8 a group (groups), 84 are 7 (the whole batch on every rank)
+    for batch, expected in ((96, "in 12 fixed groups"), (84, f"blocks of {BLOCK} columns")):
         ddptrain.train(CNN, arrays, reproducible=True, batch_size=batch, virtual_shards=12,
                        dry_run=True, run_dir=str(tmp_path / f"r{batch}"))
         assert expected in capsys.readouterr().out
-    one = train(arrays, tmp_path, 1, spec=CNN, batch_size=192, virtual_shards=12, epochs=2)
-    assert_bitwise_equal(one, train(arrays, tmp_path, 3, spec=CNN, batch_size=192,
+    one = train(arrays, tmp_path, 1, spec=CNN, batch_size=96, virtual_shards=12, epochs=2)
+    assert_bitwise_equal(one, train(arrays, tmp_path, 3, spec=CNN, batch_size=96,
                                     virtual_shards=12, epochs=2), 3)
 
 
@@ -244,13 +255,47 @@ def test_the_memory_estimate_counts_a_replica_per_group_or_the_whole_batch(small
 
     own = (model.params.size + model.buffers.size) * 4
     blocks = sum(layer.block_bytes() for layer in model.layers)
-    plain, grouped = parts(192), parts(192, reproducible=True)   # 16 rows a group: 4 groups a rank
+    plain, grouped = parts(96), parts(96, reproducible=True)   # 8 rows a group: 4 groups a rank
     assert grouped["the model and its optimiser"] - plain["the model and its optimiser"] == 4 * own
     assert grouped["activations"] - plain["activations"] == 4 * blocks
-    # 15 rows a group: the whole batch on every rank, 3 times a rank's share
-    plain, whole = parts(180), parts(180, reproducible=True)
-    rows = (whole["activations"] - plain["activations"]) / (180 - 60)
+    # 7 rows a group: the whole batch on every rank, 3 times a rank's share
+    plain, whole = parts(84), parts(84, reproducible=True)
+    rows = (whole["activations"] - plain["activations"]) / (84 - 28)
     assert rows > 0 and whole["the model and its optimiser"] == plain["the model and its optimiser"]
+
+
+def test_in_groups_a_failing_thread_stops_the_step_with_its_error_and_the_next_step_works(
+        monkeypatch):
+    import threading
+
+    from ddptrain.distributed.comm import SerialComm
+    from ddptrain.distributed.exchange import Allreduce
+    from ddptrain.nn.dropout import BatchContext
+    from ddptrain.nn.layers import Linear
+    from ddptrain.nn.losses import SoftmaxCrossEntropy
+    from ddptrain.optim.optimizers import SGD
+    from ddptrain.training.step import TrainStep
+
+    model = Sequential.from_spec(CNN, dtype="float64", seed=1, input_shape=(1, SIDE, SIDE))
+    step = TrainStep(model, SoftmaxCrossEntropy(), SGD(), Allreduce(SerialComm()),
+                     reproducible=True, row_groups=24, group_threads=2)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((48, 1, SIDE, SIDE)), rng.integers(0, 10, 48)
+    forward = Linear.forward
+
+    def fails_on_the_other_thread(self, value):
+        if threading.current_thread().name.startswith("groups"):
+            raise ValueError("a layer's own error")
+        return forward(self, value)
+
+    monkeypatch.setattr(Linear, "forward", fails_on_the_other_thread)
+    with pytest.raises(ValueError, match="a layer's own error"):   # not a BrokenBarrierError
+        step(x, y, 48, lr=0.1, context=BatchContext(0, 0, np.arange(48)))
+    monkeypatch.setattr(Linear, "forward", forward)
+    totals = step(x, y, 48, lr=0.1, context=BatchContext(0, 1, np.arange(48)))
+    assert totals.samples == 48 and np.isfinite(totals.loss_sum)
+    step.close()
+    assert not any(t.name.startswith("groups") for t in threading.enumerate())
 
 
 def test_groups_of_sorts_a_ranks_rows_by_group_then_position():

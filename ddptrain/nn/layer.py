@@ -114,6 +114,10 @@ class Layer:
     # (``--reproducible``); a layer without runs on the whole batch on every rank instead
     splits_columns = False
     columns = None
+    # computes each row of its output and of its input gradient from that row alone, with no sum
+    # over rows and no product whose bits depend on the rows beside it: --reproducible's groups
+    # of rows run it on all of a thread's rows at once (training/groups.py)
+    rowwise = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

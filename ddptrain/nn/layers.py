@@ -14,6 +14,8 @@ class Flatten(Layer):
     """``(batch, d1, d2, ...)`` -> ``(batch, d1 * d2 * ...)``: a view, no copy, for contiguous
     input."""
 
+    rowwise = True
+
     def __init__(self):
         super().__init__()
         self._input_shape = None
@@ -162,6 +164,8 @@ class ReLU(Layer):
     two fewer activation-sized arrays to stream through the cache each step.
     """
 
+    rowwise = True
+
     def __init__(self):
         super().__init__()
         self.in_place = False
@@ -194,6 +198,8 @@ class Softmax(Layer):
     ``dx = s * (g - sum(g * s, axis=1, keepdims=True))``. That costs O(B*C)
     and never builds a ``(B, C, C)`` Jacobian (nor an identity matrix).
     """
+
+    rowwise = True
 
     def __init__(self):
         super().__init__()

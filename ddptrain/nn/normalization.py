@@ -46,6 +46,7 @@ import math
 
 import numpy as np
 
+from ddptrain.nn import normalization_groups
 from ddptrain.nn.layer import Layer, ShapeError, no_reduction
 
 
@@ -115,36 +116,28 @@ class BatchNorm(Layer):
         # not -1: a batch may be empty
         return x.reshape(x.shape[0], self.num_features, math.prod(x.shape[2:]))
 
+    # --reproducible in groups of rows (training/groups.py, normalization_groups.py): the groups'
+    # (start, stop) rows in this layer's input, where each group's parameter gradients go
+    # ({name: (groups, *shape)}) and how the groups' sums are added over the whole batch
+    # ((groups, K) -> (K,)); None otherwise
+    sums_over_rows = True
+    row_groups = group_grads = sum_groups = None
+
     def forward(self, x):
-        if self.training:
-            sums = self.forward_sums(x)
-            self.sum_over_ranks(sums)   # DDP: counts, shifted sums and centred squares, every rank
-            return self.forward_from(sums)
         x3 = self._groups(x)
+        if self.training and self.row_groups is not None:
+            return normalization_groups.forward(self, x3).reshape(x.shape)
+        if self.training:
+            sums = self._local_sums(x3)
+            self.sum_over_ranks(sums)   # DDP: counts, shifted sums and centred squares, every rank
+            mean, var, self._count = self._statistics(sums)
+            self._update_running_statistics(mean, var, self._count)
+            # y from x - centre: no cancellation
+            return self._normalise(x3, mean, var, self._centred, self._centre).reshape(x.shape)
         mean, var = self.buffers["running_mean"].astype(np.float64), self.buffers["running_var"]
         # for the weight gradient in evaluation mode (the input is not written before backward)
         self._x3 = x3
         return self._normalise(x3, mean, var, x3, 0.0).reshape(x.shape)
-
-    # Training in two halves, for a caller that adds the sums of many parts of the batch itself
-    # (--reproducible's groups of rows, training/groups.py): forward = forward_from(the sum over
-    # the parts of forward_sums), backward likewise.
-    sums_over_rows = True
-
-    def forward_sums(self, x):
-        """This part of the batch's sums for the statistics (training mode): what is added over
-        the ranks."""
-        self._x3, self._input_shape = self._groups(x), x.shape
-        return self._local_sums(self._x3)
-
-    def forward_from(self, sums):
-        """The output of the input ``forward_sums`` took, from ``sums`` added over the whole batch;
-        updates the running statistics."""
-        mean, var, self._count = self._statistics(sums)
-        self._update_running_statistics(mean, var, self._count)
-        # y from x - centre: no cancellation
-        return self._normalise(self._x3, mean, var, self._centred,
-                               self._centre).reshape(self._input_shape)
 
     def _normalise(self, x3, mean, var, source, origin):
         inv_std = 1.0 / np.sqrt(var.astype(np.float64) + self.eps)
@@ -271,31 +264,8 @@ class BatchNorm(Layer):
     def backward(self, dout, need_input_grad=True):
         if not self.training:
             return self._backward_evaluating(dout, need_input_grad)
-        sums = self.backward_sums(dout, need_input_grad)
-        if not need_input_grad:
-            return None
-        self.sum_over_ranks(sums)   # DDP: the two sums over the global batch
-        return self.backward_from(sums)
-
-    def _backward_evaluating(self, dout, need_input_grad):
-        dy3, weight, inv_std = self._groups(dout), self.params["weight"], self._inv_std
-        scale = weight * inv_std
-        dy_sum = self._channel_sums(dy3)
-        self.grads["bias"][...] = dy_sum
-        # Running statistics: x_hat = (x - mean) * inv_std with constants, so dx is a plain
-        # scaling.
-        dy_x_sum = self._channel_dots(dy3, self._x3)
-        self.grads["weight"][...] = inv_std * (dy_x_sum - self._mean * dy_sum)
-        if not need_input_grad:
-            return None
-        dx = self._scratch.get("dx", dout.shape, dout.dtype)
-        np.multiply(self._flat(dy3), self._per_value("scale", scale, dy3),
-                    out=self._flat(self._groups(dx)))
-        return dx
-
-    def backward_sums(self, dout, need_input_grad=True):
-        """Fills this part of the batch's parameter gradients (training mode); returns its two
-        sums for the input gradient (what is added over the ranks), or None without one."""
+        if self.row_groups is not None:
+            return normalization_groups.backward(self, dout, need_input_grad)
         dy3, inv_std = self._groups(dout), self._inv_std
         if self._centred is None:
             raise RuntimeError(f"{self.name or 'BatchNorm'}: backward once per training forward "
@@ -312,13 +282,8 @@ class BatchNorm(Layer):
         self.grads["weight"][...] = dy_xhat_sum
         if not need_input_grad:
             return None
-        self._dy3, self._output_shape = dy3, dout.shape
-        return np.concatenate([dy_sum, dy_xhat_sum])
-
-    def backward_from(self, sums):
-        """The input gradient of the ``dout`` that ``backward_sums`` took, from its sums added
-        over the whole batch."""
-        dy3, inv_std, offset = self._dy3, self._inv_std, self._centre - self._mean
+        sums = np.concatenate([dy_sum, dy_xhat_sum])
+        self.sum_over_ranks(sums)   # DDP: the two sums over the global batch
         scale = self.params["weight"] * inv_std
         mean_dy, mean_dy_xhat = (sums[:self.num_features] / self._count,
                                  sums[self.num_features:] / self._count)
@@ -338,5 +303,20 @@ class BatchNorm(Layer):
             part += dy2[block]
             part += constant
             part *= scale
-        self._dy3 = None
-        return centred.reshape(self._output_shape)
+        return centred.reshape(dout.shape)
+
+    def _backward_evaluating(self, dout, need_input_grad):
+        dy3, weight, inv_std = self._groups(dout), self.params["weight"], self._inv_std
+        scale = weight * inv_std
+        dy_sum = self._channel_sums(dy3)
+        self.grads["bias"][...] = dy_sum
+        # Running statistics: x_hat = (x - mean) * inv_std with constants, so dx is a plain
+        # scaling.
+        dy_x_sum = self._channel_dots(dy3, self._x3)
+        self.grads["weight"][...] = inv_std * (dy_x_sum - self._mean * dy_sum)
+        if not need_input_grad:
+            return None
+        dx = self._scratch.get("dx", dout.shape, dout.dtype)
+        np.multiply(self._flat(dy3), self._per_value("scale", scale, dy3),
+                    out=self._flat(self._groups(dx)))
+        return dx

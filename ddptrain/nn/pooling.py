@@ -49,6 +49,7 @@ class _Pool2d(Layer):
     """
 
     takes_channels = True
+    rowwise = True
     # backward reads what forward kept of the maxima (or nothing), never the output; nothing reads
     # the input gradient once returned: a ReLU next to a pooling may work in place
     output_is_scratch = True

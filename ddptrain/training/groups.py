@@ -13,25 +13,25 @@ step, and 2 ranks were no faster than one process. Here instead:
   ``data/sampler.py``) and ``P`` divides ``G``, so all of a group's rows are
   on one rank, for every number of ranks allowed: the groups do not depend
   on ``P``, and a rank holds whole groups.
-* **Each group a model of its own.** A group's rows go forward and backward
-  through a replica of the model (the parameters shared, the gradients and
-  work arrays its own), so every product, every sum inside a layer, is a
-  call on that group's rows alone: the same call on any number of ranks.
-* **Sums over the batch, group by group.** What a layer adds over the whole
-  batch (BatchNorm's statistics and its backward sums: the layers with
-  ``sums_over_rows``) is taken per group, the groups' sums are gathered from
-  every rank and added in group order; the same for the gradients, the loss
-  and the count of correct predictions. Addition in a fixed order of fixed
-  parts: the same bits whoever computed which part.
+* **Every sum over rows taken per group.** A thread's groups form one array
+  of rows, group after group. A layer that computes each row alone
+  (``rowwise``: ReLU, pooling, dropout, flatten) runs on all of it at once;
+  BatchNorm takes its sums per group (``nn/normalization_groups.py``); any
+  other layer (a convolution, a ``Linear``: products whose bits depend on
+  the rows in the call) runs once per group, on a copy that shares the
+  parameters, so that its products are calls on that group's rows alone.
+* **Added in group order.** BatchNorm's sums, the parameter gradients, the
+  loss and the correct predictions of every group are gathered from every
+  rank and added in group order: a fixed order of fixed parts, the same bits
+  whoever computed which part.
 
 A rank's groups are shared among its threads (each a one-thread BLAS): which
 thread runs which group changes nothing, so one process with 2 threads gives
-the bits of one thread and of 2 ranks. The layers run one after the other
-over a thread's groups; the threads wait for each other only at the sums.
-The rank's own model runs an empty batch beside them, so that its
-BatchNorm's running statistics follow the batch's (and every rank's do,
-with or without rows this step). Nothing here knows about MPI: ``comm``
-gathers (``allgather_``, ``allreduce_``; one process needs neither).
+the bits of one thread and of 2 ranks. The threads wait for each other only
+at BatchNorm's sums. The rank's own model is thread 0's, even when that
+thread has no rows, so that its BatchNorm's running statistics follow the
+batch's sums on every rank. Nothing here knows about MPI: ``comm`` gathers
+(``allgather_``, ``allreduce_``; one process needs neither).
 """
 
 from __future__ import annotations
@@ -46,16 +46,16 @@ from ddptrain.nn.columns import keep_owned
 from ddptrain.nn.dropout import BatchContext
 
 # The rows a group holds on average (global batch / groups) from which --reproducible trains a
-# model with convolutions in groups. In smaller groups the calls cost more than the whole batch on
-# every rank does (docs/reproducible.md measures both); the rule looks at the batch and the groups
-# only, never at the number of ranks, so that every rank count takes the same arithmetic.
-GROUP_ROWS = 16
+# model with convolutions in groups. With fewer, one process pays more for the groups' calls than
+# the whole batch costs it (docs/reproducible.md measures both); the rule looks at the batch and the
+# groups only, never at the number of ranks, so that every rank count takes the same arithmetic.
+GROUP_ROWS = 8
 
 
 def uses_groups(layers, batch_size, groups):
     """Whether ``--reproducible`` trains a model of ``layers`` on global batches of ``batch_size``
-    in ``groups`` groups of rows (a model with a layer that takes channels: a convolution,
-    pooling; groups of ``GROUP_ROWS`` rows or more), rather than whole on every rank with its
+    in ``groups`` groups of rows (a model with a layer that takes channels, a convolution or
+    pooling, and ``GROUP_ROWS`` rows a group or more), rather than whole on every rank with its
     products in blocks of columns."""
     return (any(layer.takes_channels for layer in layers)
             and batch_size >= GROUP_ROWS * groups)
@@ -154,8 +154,8 @@ class RowGroups:
     def __init__(self, model, loss_fn, comm, count, threads=1, count_correct=None):
         self.model, self.comm, self.count = model, comm, int(count)
         self.threads = max(1, int(threads))
-        self._loss_fn, self._count_correct = loss_fn, count_correct
-        self._replicas, self._losses = [], []
+        replicas = [model] + [model.replica() for _ in range(self.threads - 1)]
+        self._workers = [_Worker(replica, loss_fn, count_correct) for replica in replicas]
         self._sums = _GroupSums(comm, self.threads)
         self._pool = (ThreadPoolExecutor(self.threads - 1, thread_name_prefix="groups")
                       if self.threads > 1 else None)
@@ -167,19 +167,19 @@ class RowGroups:
         model = self.model
         groups = groups_of(context.positions, self.count)
         self._sums.plan([group for group, _ in groups], self.count)
-        self._sync_replicas(len(groups))
-        runs = [(group, rows, self._replicas[k], self._losses[k])
-                for k, (group, rows) in enumerate(groups)]
-        # thread t runs a consecutive share of the groups; thread 0 also the model itself, on no
-        # rows: its BatchNorm's running statistics follow the batch's sums
-        shares = [runs[len(runs) * t // self.threads:len(runs) * (t + 1) // self.threads]
+        self._sync_replicas()
+        # thread t runs a consecutive share of the groups (thread 0 on the model itself, even with
+        # none: its BatchNorm's running statistics follow the batch's sums)
+        shares = [groups[len(groups) * t // self.threads:len(groups) * (t + 1) // self.threads]
                   for t in range(self.threads)]
-        shares[0] = [(None, np.zeros(0, dtype=np.int64), model, None)] + shares[0]
         results, errors = [None] * self.threads, []
 
         def run(thread):
             try:
-                results[thread] = self._run(thread, shares[thread], x, y, global_count, context)
+                results[thread] = self._workers[thread].run(
+                    shares[thread], x, y, global_count, context,
+                    lambda parts, ids: self._sums.add(thread, list(zip(ids, parts)),
+                                                      like=np.zeros(parts.shape[1], parts.dtype)))
             except BaseException as error:   # noqa: BLE001 - raised below, in the caller's thread
                 errors.append(error)
                 self._sums.barrier.abort()   # no thread waits for this one at a sum
@@ -197,8 +197,8 @@ class RowGroups:
             raise next((error for error in errors
                         if not isinstance(error, threading.BrokenBarrierError)), errors[0])
         done = [part for result in results for part in result]
-        np.copyto(model.grads, self._sums.add_all(
-            [(group, replica.grads) for group, replica, _ in done], model.grads))
+        np.copyto(model.grads, self._sums.add_all([(group, grads) for group, grads, _ in done],
+                                                  model.grads))
         keep_owned(model.grads, self.comm.rank == 0)   # one owner: see columns.py
         totals = self._sums.add_all([(group, np.array(total)) for group, _, total in done],
                                     np.zeros(2))
@@ -207,14 +207,12 @@ class RowGroups:
                 ready(index)
         return float(totals[0]), int(totals[1])
 
-    def _sync_replicas(self, count):
-        """``count`` replicas of the model as the model is: its parameters, buffers (BatchNorm's
-        sums are taken about its running mean), library of products and mode."""
+    def _sync_replicas(self):
+        """The threads' replicas as the model is: its parameters, buffers (BatchNorm's sums are
+        taken about its running mean), library of products and mode."""
         model = self.model
-        while len(self._replicas) < count:
-            self._replicas.append(model.replica())
-            self._losses.append(copy.deepcopy(self._loss_fn))
-        for replica in self._replicas[:count]:
+        for worker in self._workers[1:]:
+            replica = worker.model
             if replica.params is not model.params:
                 replica.use_arrays(model.params, replica.grads)
             replica.buffers[...] = model.buffers
@@ -222,57 +220,137 @@ class RowGroups:
                 replica.use_backend(model.backend)
             replica.train(model.training)
 
-    def _run(self, thread, runs, x, y, global_count, context):
-        """Forward, loss and backward of the groups ``runs`` (``(group, rows, replica, loss)``),
-        layer after layer; returns ``[(group, replica, (loss share, correct))]``."""
-        layers, observer = self.model.layers, self.model.observer
-        for _, rows, replica, _ in runs:
-            replica.set_batch_context(BatchContext(context.seed, context.step,
-                                                   context.positions[rows]))
-        values = [x[rows] for _, rows, _, _ in runs]
-        for i, layer in enumerate(layers):
-            if layer.training and getattr(layer, "sums_over_rows", False):
-                sums = [replica.layers[i].forward_sums(value)
-                        for value, (_, _, replica, _) in zip(values, runs)]
-                total = self._add(thread, runs, sums)
-                values = [replica.layers[i].forward_from(total) for _, _, replica, _ in runs]
-            else:
-                values = [replica.layers[i].forward(value)
-                          for value, (_, _, replica, _) in zip(values, runs)]
-            if observer is not None:
-                for value, (group, _, _, _) in zip(values, runs):
-                    if group is not None:
-                        observer("forward", layer, value)
-        totals, grads = [], []
-        for value, (group, rows, _, loss_fn) in zip(values, runs):
-            if group is None:   # the model itself, on no rows
-                grads.append(np.zeros_like(value))
-                continue
-            share = loss_fn.forward(value, y[rows], normaliser=global_count)
-            totals.append((share, self._count_correct(value, y[rows])))
-            grads.append(loss_fn.backward())
-        first = self.model._first_trained
-        for i in range(len(layers) - 1, first - 1, -1):
-            layer, needed = layers[i], i > first
-            if layer.training and getattr(layer, "sums_over_rows", False):
-                sums = [replica.layers[i].backward_sums(grad, needed)
-                        for grad, (_, _, replica, _) in zip(grads, runs)]
-                if needed:
-                    total = self._add(thread, runs, sums)
-                    grads = [replica.layers[i].backward_from(total) for _, _, replica, _ in runs]
-            else:
-                grads = [replica.layers[i].backward(grad, need_input_grad=needed)
-                         for grad, (_, _, replica, _) in zip(grads, runs)]
-        return [(group, replica, total)
-                for (group, _, replica, _), total in zip(runs[1:] if thread == 0 else runs, totals)]
-
-    def _add(self, thread, runs, arrays):
-        """The sum over the batch's groups of ``arrays`` (one per run of this thread)."""
-        parts = [(group, array) for (group, _, _, _), array in zip(runs, arrays)
-                 if group is not None]
-        return self._sums.add(thread, parts, like=arrays[0] if thread == 0 else None)
-
     def close(self):
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+
+
+class _Worker:
+    """One thread's groups, on one replica of the model, as one array of rows (group after group).
+
+    A layer that computes each row alone (``rowwise``: ReLU, pooling, dropout)
+    runs on all of them at once; BatchNorm too, told the groups' rows, with
+    its sums taken per group and added over the batch (``sum_groups``); any
+    other layer (a convolution, a ``Linear``, a layer of your own) runs once
+    per group, on a copy of its own that shares the parameters, so that its
+    products are calls on one group's rows. Each group's parameter gradients go
+    to a row of ``grads`` (``(groups, parameters)``), added over the batch by
+    the caller.
+    """
+
+    def __init__(self, model, loss_fn, count_correct):
+        self.model, self._loss_fn, self._count_correct = model, loss_fn, count_correct
+        self._copies, self._losses, self._arrays, self._input_shapes = {}, [], {}, {}
+        self._allocate(1)
+
+    def run(self, groups, x, y, global_count, context, sum_groups):
+        """Forward, loss and backward of ``groups`` (``[(group, rows)]``); returns ``[(group, its
+        gradient, (loss share, correct))]``."""
+        model, layers = self.model, self.model.layers
+        ids = [group for group, _ in groups]
+        rows = np.concatenate([r for _, r in groups]) if groups else np.zeros(0, dtype=np.int64)
+        edges = np.cumsum([0] + [len(r) for _, r in groups])
+        bounds = list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+        grads = self._group_grads(len(groups))
+        model.set_batch_context(BatchContext(context.seed, context.step, context.positions[rows]))
+        value, labels = x[rows], y[rows]
+        try:
+            for i, layer in enumerate(layers):
+                value = self._forward(i, layer, value, bounds, ids, grads, sum_groups)
+                if model.observer is not None:
+                    model.observer("forward", layer, value)
+            totals, grad = self._loss(value, labels, bounds, global_count)
+            first = model._first_trained
+            for i in range(len(layers) - 1, first - 1, -1):
+                grad = self._backward(i, layers[i], grad, bounds, i > first)
+                if model.observer is not None:
+                    model.observer("backward", layers[i], grad)
+        finally:
+            for layer in layers:
+                if getattr(layer, "sums_over_rows", False):
+                    layer.row_groups = layer.group_grads = layer.sum_groups = None
+        return [(group, grads[k], totals[k]) for k, group in enumerate(ids)]
+
+    def _group_grads(self, count):
+        """``grads``' rows for ``count`` groups."""
+        if len(self.grads) < count:
+            self._allocate(count)
+        return self.grads[:count]
+
+    def _allocate(self, count):
+        """``grads`` with a row for each of ``count`` groups, and every layer's views of it."""
+        self.grads = np.zeros((count, self.model.params.size), dtype=self.model.params.dtype)
+        self._views = [{} for _ in self.model.layers]
+        offset = 0
+        for owner, layer in zip(self._views, self.model.layers):
+            for name, shape in layer.param_shapes().items():   # the model's flat order
+                size = int(np.prod(shape))
+                owner[name] = self.grads[:, offset:offset + size].reshape(count, *shape)
+                offset += size
+        self._copies = {}   # their gradients were views of the old rows
+
+    def _copy(self, i, layer, k):
+        """Group slot ``k``'s copy of ``layers[i]``: its parameters, its own work arrays and state,
+        its gradients in the slot's row of ``grads``."""
+        copies = self._copies.setdefault(i, [])
+        while len(copies) <= k:
+            twin = copy.copy(layer)
+            twin._scratch = type(layer._scratch)()
+            twin.grads = {name: view[len(copies)] for name, view in self._views[i].items()}
+            copies.append(twin)
+        twin = copies[k]
+        twin.params, twin.backend, twin.training = layer.params, layer.backend, layer.training
+        return twin
+
+    def _array(self, key, shape, dtype):
+        kept = self._arrays.get(key)
+        if kept is None or kept.size < np.prod(shape) or kept.dtype != dtype:
+            kept = self._arrays[key] = np.empty(int(np.prod(shape)), dtype=dtype)
+        return kept[:int(np.prod(shape))].reshape(shape)
+
+    def _forward(self, i, layer, value, bounds, ids, grads, sum_groups):
+        self._input_shapes[i] = value.shape[1:]
+        if layer.rowwise:
+            return layer.forward(value)
+        if layer.training and getattr(layer, "sums_over_rows", False):
+            layer.row_groups = bounds
+            layer.group_grads = {name: view[:len(bounds)] for name, view in self._views[i].items()}
+            layer.sum_groups = lambda parts: sum_groups(parts, ids)
+            return layer.forward(value)
+        out = self._array((i, "out"), (len(value), *layer.output_shape(value.shape[1:])),
+                          value.dtype)
+        for k, (start, stop) in enumerate(bounds):
+            out[start:stop] = self._copy(i, layer, k).forward(value[start:stop])
+        return out
+
+    def _backward(self, i, layer, grad, bounds, need_input_grad):
+        if layer.rowwise or (layer.training and getattr(layer, "sums_over_rows", False)):
+            return layer.backward(grad, need_input_grad=need_input_grad)
+        if not need_input_grad:
+            for k, (start, stop) in enumerate(bounds):
+                self._copy(i, layer, k).backward(grad[start:stop], need_input_grad=False)
+            return None
+        dx = None
+        for k, (start, stop) in enumerate(bounds):
+            part = self._copy(i, layer, k).backward(grad[start:stop], need_input_grad=True)
+            if dx is None:
+                dx = self._array((i, "dx"), (len(grad), *part.shape[1:]), part.dtype)
+            dx[start:stop] = part
+        if dx is None:   # no rows
+            return np.zeros((0, *self._input_shapes[i]), dtype=grad.dtype)
+        return dx
+
+    def _loss(self, logits, labels, bounds, global_count):
+        """Each group's share of the loss and its correct predictions, and the gradient of the
+        logits (each group's loss on its rows: the loss sums over rows)."""
+        while len(self._losses) < len(bounds):
+            self._losses.append(copy.deepcopy(self._loss_fn))
+        grad = self._array(("loss",), logits.shape, logits.dtype)
+        totals = []
+        for loss_fn, (start, stop) in zip(self._losses, bounds):
+            share = loss_fn.forward(logits[start:stop], labels[start:stop],
+                                    normaliser=global_count)
+            totals.append((share, self._count_correct(logits[start:stop], labels[start:stop])))
+            grad[start:stop] = loss_fn.backward()
+        return totals, grad

@@ -60,9 +60,9 @@ CASES = {
     "accumulate-allreduce-exchange": dict(model="64-300-drop0.1-10", accumulate=2,
                                           exchange="allreduce"),
     "cnn-bn": dict(model="conv4k3p1-bn-maxpool2-flatten-150-10", epochs=1),
-    # 16 rows a group: each rank trains its rows in fixed groups (training/groups.py)
+    # 8 rows a group: each rank trains its rows in fixed groups (training/groups.py)
     "cnn-bn-in-groups": dict(model="conv4k3p1-bn-maxpool2-flatten-150-drop0.2-10",
-                             batch_size=192, virtual_shards=12),
+                             batch_size=96, virtual_shards=12),
 }
 
 
