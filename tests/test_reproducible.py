@@ -61,8 +61,9 @@ def train(arrays, tmp_path, ranks, spec=MLP, **options):
                     run_dir=str(tmp_path / f"run-{ranks}-{len(list(tmp_path.iterdir()))}"))
     settings.update(options)
     run_dir = Path(settings["run_dir"])
+    side = arrays[0].shape[-1]
     model = Sequential.from_spec(spec, dtype=settings.get("dtype", "float32"), seed=1,
-                                 input_shape=(SIDE, SIDE))
+                                 input_shape=(side, side))
     with contextlib.redirect_stdout(io.StringIO()):
         result = ddptrain.train(model, arrays, simulate_ranks=ranks if ranks > 1 else 0,
                                 callbacks=[hashes, *settings.pop("callbacks", ())], **settings)
@@ -194,6 +195,17 @@ def test_in_groups_a_cnn_trains_what_the_default_mode_trains_to_rounding(
         np.testing.assert_allclose(grouped.buffers[name], array, rtol=0, atol=1e-9, err_msg=name)
 
 
+def test_in_groups_rows_of_odd_sizes_give_the_bits_of_one_process_too(tmp_path, small_groups):
+    # 11 x 11 images, 3 filters of 3 x 3: BatchNorm's rows of 3 x 81 values, odd strides in memory
+    # (a sum that depended on where its row lies, or on its alignment, would differ)
+    arrays = template_arrays(11)
+    spec = "conv3k3-bn-drop0.1-maxpool2-flatten-30-10"
+    one = train(arrays, tmp_path, 1, spec=spec, epochs=1, batch_size=44)
+    for ranks, threads in ((1, 2), (2, 1), (3, 1), (4, 1)):
+        assert_bitwise_equal(one, train(arrays, tmp_path, ranks, spec=spec, epochs=1,
+                                        batch_size=44, threads=threads), ranks)
+
+
 def test_in_groups_6_and_8_ranks_and_2_threads_give_the_bits_of_one_thread_too(
         arrays, tmp_path, small_groups):
     one = train(arrays, tmp_path, 1, spec=CNN, batch_size=44, epochs=1, threads=1)
@@ -214,6 +226,23 @@ def test_in_groups_a_run_stopped_on_2_ranks_and_resumed_on_3_is_the_uninterrupte
                               resume="auto")
     assert stopped + resumed == one[0]
     assert arrays_of(final) == arrays_of(one[1])
+
+
+def test_in_groups_profiling_the_layers_changes_nothing(arrays, tmp_path, small_groups):
+    # --profile times the model's layers through wrappers of their methods; the groups' copies of a
+    # layer must run their own
+    one = train(arrays, tmp_path, 2, spec=CNN, epochs=1)
+    assert_bitwise_equal(one, train(arrays, tmp_path, 2, spec=CNN, epochs=1, profile=3), 2)
+
+
+def test_a_groups_copy_of_a_layer_runs_its_own_methods_not_a_wrapper_of_the_layers():
+    # --profile wraps a layer's bound methods: a copy made for a group while they are wrapped must
+    # run on itself, not call the layer it was copied from
+    model = Sequential.from_spec(CNN, input_shape=(1, SIDE, SIDE))
+    conv = model.layers[0]
+    conv.forward = lambda x: pytest.fail("the layer itself ran a group's rows")
+    twin = groups._Worker(model, None, None)._copy(0, conv, 0)
+    assert twin.forward(np.zeros((2, 1, SIDE, SIDE), np.float32)).shape[0] == 2
 
 
 def test_a_cnn_trains_in_groups_from_8_rows_a_group_on_and_says_so(arrays, tmp_path, capsys):

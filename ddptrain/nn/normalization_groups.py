@@ -11,8 +11,10 @@ summed per group, from that group's values alone:
 * each group is centred on its first sample's mean (as a rank's rows are,
   on their first sample's, in ``BatchNorm``), so that its squares do not
   cancel;
-* a row's sums are a reduction over that row's values, which numpy computes
-  the same way wherever the row lies; a group's, its rows' added in order;
+* a row's sums are a reduction over that row's values alone, which numpy
+  computes the same way wherever the row lies (tests/test_reproducible.py
+  holds it to that on every CPU the suite runs on, with rows of odd sizes);
+  a group's, its rows' added in order;
 * the passes that sum nothing (centring, the output, the input gradient) run
   over every group at once, each row with its group's constants.
 
@@ -26,8 +28,15 @@ import numpy as np
 
 
 def _row_sums(a3):
-    """Per row and channel, the sum of ``a3``'s values in float64, ``(N, C)``."""
-    return np.add.reduce(a3, axis=2, dtype=np.float64)
+    """Per row and channel, the sum of ``a3``'s values, ``(N, C)`` in float64 (numpy's pairwise
+    sum of the row's values in their own type, as ``BatchNorm`` takes a sample's)."""
+    return np.add.reduce(a3, axis=2).astype(np.float64)
+
+
+def _row_dots(a3, b3):
+    """Per row and channel, the sum of ``a3 * b3``, ``(N, C)`` in float64 (one pass, no
+    product array)."""
+    return np.einsum("ncs,ncs->nc", a3, b3).astype(np.float64)
 
 
 def _by_group(layer, per_row):
@@ -51,7 +60,7 @@ def forward(layer, x3):
     np.subtract(x3, centre_rows[:, :, None], out=centred)
     counts = (sizes * per_sample).astype(np.float64)[:, None]
     centred_sums = _by_group(layer, _row_sums(centred))
-    squares = _by_group(layer, _row_sums(centred * centred))
+    squares = _by_group(layer, _row_dots(centred, centred))
     shift = layer.buffers["running_mean"].astype(np.float64)   # the same on every rank
     offset = centres + centred_sums / counts - shift   # no group is empty
     m2 = squares - centred_sums ** 2 / counts
@@ -79,7 +88,7 @@ def backward(layer, dout, need_input_grad):
         raise RuntimeError(f"{layer.name or 'BatchNorm'}: backward once per training forward")
     offset_rows = layer._centre_rows - layer._mean                     # (N, C)
     dy_sums = _by_group(layer, _row_sums(dy3))
-    dy_xhat_sums = inv_std * (_by_group(layer, _row_sums(dy3 * centred))
+    dy_xhat_sums = inv_std * (_by_group(layer, _row_dots(dy3, centred))
                               + offset_rows[_starts(layer)] * dy_sums)
     layer.group_grads["bias"][...] = dy_sums
     layer.group_grads["weight"][...] = dy_xhat_sums

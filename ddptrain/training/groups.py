@@ -297,6 +297,8 @@ class _Worker:
         while len(copies) <= k:
             twin = copy.copy(layer)
             twin._scratch = type(layer._scratch)()
+            for method in ("forward", "backward"):   # not a wrapper of the layer's (--profile)
+                vars(twin).pop(method, None)
             twin.grads = {name: view[len(copies)] for name, view in self._views[i].items()}
             copies.append(twin)
         twin = copies[k]
@@ -345,7 +347,10 @@ class _Worker:
         """Each group's share of the loss and its correct predictions, and the gradient of the
         logits (each group's loss on its rows: the loss sums over rows)."""
         while len(self._losses) < len(bounds):
-            self._losses.append(copy.deepcopy(self._loss_fn))
+            loss_fn = copy.deepcopy(self._loss_fn)
+            for method in ("forward", "backward"):   # not a wrapper of the loss's (--profile)
+                vars(loss_fn).pop(method, None)
+            self._losses.append(loss_fn)
         grad = self._array(("loss",), logits.shape, logits.dtype)
         totals = []
         for loss_fn, (start, stop) in zip(self._losses, bounds):
