@@ -170,6 +170,7 @@ GROUP_CASES = {
     "accumulation": dict(spec="conv4k3p1-maxpool2-flatten-20-drop0.2-10", accumulate=3),
     "adamw, sharded, clipped": dict(optimizer="adamw", weight_decay=0.01, shard_optimizer=True,
                                     clip_grad_norm=0.05),
+    "batchnorm in the head": dict(spec="conv4k3p1-bn-maxpool2-flatten-20-bn-drop0.2-10"),
     "nesterov, overlapped, mpi exchange": dict(nesterov=True, momentum=0.9,
                                                overlap_allreduce=True, exchange="allreduce"),
 }
@@ -241,18 +242,18 @@ def test_a_groups_copy_of_a_layer_runs_its_own_methods_not_a_wrapper_of_the_laye
     model = Sequential.from_spec(CNN, input_shape=(1, SIDE, SIDE))
     conv = model.layers[0]
     conv.forward = lambda x: pytest.fail("the layer itself ran a group's rows")
-    twin = groups._Worker(model, None, None)._copy(0, conv, 0)
+    twin = groups._Worker(model, head=len(model.layers))._copy(0, conv, 0)
     assert twin.forward(np.zeros((2, 1, SIDE, SIDE), np.float32)).shape[0] == 2
 
 
-def test_a_cnn_trains_in_groups_from_8_rows_a_group_on_and_says_so(arrays, tmp_path, capsys):
-    # 12 groups: 96 rows are 8 a group (groups), 84 are 7 (the whole batch on every rank)
-    for batch, expected in ((96, "in 12 fixed groups"), (84, f"blocks of {BLOCK} columns")):
+def test_a_cnn_trains_in_groups_from_4_rows_a_group_on_and_says_so(arrays, tmp_path, capsys):
+    # 12 groups: 48 rows are 4 a group (groups), 36 are 3 (the whole batch on every rank)
+    for batch, expected in ((48, "in 12 fixed groups"), (36, f"blocks of {BLOCK} columns")):
         ddptrain.train(CNN, arrays, reproducible=True, batch_size=batch, virtual_shards=12,
                        dry_run=True, run_dir=str(tmp_path / f"r{batch}"))
         assert expected in capsys.readouterr().out
-    one = train(arrays, tmp_path, 1, spec=CNN, batch_size=96, virtual_shards=12, epochs=2)
-    assert_bitwise_equal(one, train(arrays, tmp_path, 3, spec=CNN, batch_size=96,
+    one = train(arrays, tmp_path, 1, spec=CNN, batch_size=48, virtual_shards=12, epochs=2)
+    assert_bitwise_equal(one, train(arrays, tmp_path, 3, spec=CNN, batch_size=48,
                                     virtual_shards=12, epochs=2), 3)
 
 
@@ -287,9 +288,9 @@ def test_the_memory_estimate_counts_a_replica_per_group_or_the_whole_batch(small
     plain, grouped = parts(96), parts(96, reproducible=True)   # 8 rows a group: 4 groups a rank
     assert grouped["the model and its optimiser"] - plain["the model and its optimiser"] == 4 * own
     assert grouped["activations"] - plain["activations"] == 4 * blocks
-    # 7 rows a group: the whole batch on every rank, 3 times a rank's share
-    plain, whole = parts(84), parts(84, reproducible=True)
-    rows = (whole["activations"] - plain["activations"]) / (84 - 28)
+    # 3 rows a group: the whole batch on every rank, 3 times a rank's share
+    plain, whole = parts(36), parts(36, reproducible=True)
+    rows = (whole["activations"] - plain["activations"]) / (36 - 12)
     assert rows > 0 and whole["the model and its optimiser"] == plain["the model and its optimiser"]
 
 
@@ -299,8 +300,8 @@ def test_in_groups_a_failing_thread_stops_the_step_with_its_error_and_the_next_s
 
     from ddptrain.distributed.comm import SerialComm
     from ddptrain.distributed.exchange import Allreduce
+    from ddptrain.nn.conv import Conv2d
     from ddptrain.nn.dropout import BatchContext
-    from ddptrain.nn.layers import Linear
     from ddptrain.nn.losses import SoftmaxCrossEntropy
     from ddptrain.optim.optimizers import SGD
     from ddptrain.training.step import TrainStep
@@ -310,17 +311,17 @@ def test_in_groups_a_failing_thread_stops_the_step_with_its_error_and_the_next_s
                      reproducible=True, row_groups=24, group_threads=2)
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((48, 1, SIDE, SIDE)), rng.integers(0, 10, 48)
-    forward = Linear.forward
+    forward = Conv2d.forward
 
     def fails_on_the_other_thread(self, value):
         if threading.current_thread().name.startswith("groups"):
             raise ValueError("a layer's own error")
         return forward(self, value)
 
-    monkeypatch.setattr(Linear, "forward", fails_on_the_other_thread)
+    monkeypatch.setattr(Conv2d, "forward", fails_on_the_other_thread)
     with pytest.raises(ValueError, match="a layer's own error"):   # not a BrokenBarrierError
         step(x, y, 48, lr=0.1, context=BatchContext(0, 0, np.arange(48)))
-    monkeypatch.setattr(Linear, "forward", forward)
+    monkeypatch.setattr(Conv2d, "forward", forward)
     totals = step(x, y, 48, lr=0.1, context=BatchContext(0, 1, np.arange(48)))
     assert totals.samples == 48 and np.isfinite(totals.loss_sum)
     step.close()

@@ -1,37 +1,30 @@
 """``--reproducible`` for models with convolutions: each rank trains on its own rows, in fixed
 groups of rows whose sums are added in one order, so that P ranks give the bits of one process.
 
-Gathering the whole batch on every rank (``reproducible.BatchGather``, with
-the products cut into blocks of columns: ``nn/columns.py``) makes every rank
-do the work of one process on every layer that cannot be cut by columns: a
-convolution, BatchNorm over channels, pooling. For a CNN that is most of a
-step, and 2 ranks were no faster than one process. Here instead:
+The whole batch on every rank (``reproducible.BatchGather``, the products in
+blocks of columns: ``nn/columns.py``) makes every rank do one process's work
+on every layer that cannot be cut by columns (a convolution, BatchNorm,
+pooling): for a CNN most of a step. Here instead:
 
-* **Fixed groups.** Row ``p`` of a global batch (its position in it) belongs
-  to group ``p % G``, with ``G`` the number of virtual shards. Row ``p`` is
-  on rank ``(s + p) % P`` (``s``: the batch's first position in its epoch;
-  ``data/sampler.py``) and ``P`` divides ``G``, so all of a group's rows are
-  on one rank, for every number of ranks allowed: the groups do not depend
-  on ``P``, and a rank holds whole groups.
-* **Every sum over rows taken per group.** A thread's groups form one array
-  of rows, group after group. A layer that computes each row alone
-  (``rowwise``: ReLU, pooling, dropout, flatten) runs on all of it at once;
-  BatchNorm takes its sums per group (``nn/normalization_groups.py``); any
-  other layer (a convolution, a ``Linear``: products whose bits depend on
-  the rows in the call) runs once per group, on a copy that shares the
-  parameters, so that its products are calls on that group's rows alone.
-* **Added in group order.** BatchNorm's sums, the parameter gradients, the
-  loss and the correct predictions of every group are gathered from every
-  rank and added in group order: a fixed order of fixed parts, the same bits
-  whoever computed which part.
+* **Fixed groups.** Row ``p`` of a global batch belongs to group ``p % G``,
+  ``G`` the virtual shards. Row ``p`` is on rank ``(s + p) % P`` (``s``: where
+  the batch begins in its epoch; ``data/sampler.py``) and ``P`` divides
+  ``G``: a group's rows are on one rank for every rank count allowed.
+* **Every sum over rows taken per group**, in the layers before the first
+  ``Linear`` (the trunk). A thread's groups are one array of rows. A layer
+  that computes each row alone (``rowwise``: ReLU, pooling, dropout) runs on
+  all of it; BatchNorm takes its sums per group (``nn/normalization_groups.py``);
+  any other layer (a convolution: products whose bits depend on the rows in
+  the call) runs once per group, on a copy sharing the parameters.
+* **Added in group order.** BatchNorm's sums and the trunk's gradients of
+  every group are gathered from every rank and added in group order. The
+  trunk's output is gathered too, and the rest of the model (the head) runs
+  on the whole batch on every rank, as an MLP does in this mode.
 
-A rank's groups are shared among its threads (each a one-thread BLAS): which
-thread runs which group changes nothing, so one process with 2 threads gives
-the bits of one thread and of 2 ranks. The threads wait for each other only
-at BatchNorm's sums. The rank's own model is thread 0's, even when that
-thread has no rows, so that its BatchNorm's running statistics follow the
-batch's sums on every rank. Nothing here knows about MPI: ``comm`` gathers
-(``allgather_``, ``allreduce_``; one process needs neither).
+Which thread of a rank runs which group changes nothing, so one process with
+2 threads gives the bits of one thread and of 2 ranks. The rank's own model
+is thread 0's, even with no rows, so that its BatchNorm's running statistics
+follow the batch's sums on every rank. Nothing here knows about MPI.
 """
 
 from __future__ import annotations
@@ -42,14 +35,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ddptrain.nn.columns import keep_owned
+from ddptrain.nn.columns import ColumnSplit, keep_owned
 from ddptrain.nn.dropout import BatchContext
 
 # The rows a group holds on average (global batch / groups) from which --reproducible trains a
-# model with convolutions in groups. With fewer, one process pays more for the groups' calls than
-# the whole batch costs it (docs/reproducible.md measures both); the rule looks at the batch and the
-# groups only, never at the number of ranks, so that every rank count takes the same arithmetic.
-GROUP_ROWS = 8
+# model with convolutions in groups; with fewer, the groups' calls cost more than the whole batch on
+# every rank (docs/reproducible.md). The rule never looks at the number of ranks.
+GROUP_ROWS = 4
 
 
 def uses_groups(layers, batch_size, groups):
@@ -139,23 +131,34 @@ class _GroupSums:
 
 
 class RowGroups:
-    """Forward and backward of a rank's rows in fixed groups (see the module docstring), on
-    ``threads`` threads.
+    """Forward and backward of a rank's rows in fixed groups, on ``threads`` threads.
 
     ``gradient(x, y, global_count, context)`` fills ``model.grads`` with the
-    gradient of the global batch's mean loss (the sum over every rank's
-    groups; rank 0 keeps it and the others zero theirs, so that the gradient
-    exchange adds one number and zeros: ``columns.keep_owned``), and returns
-    the global batch's share of the loss and its correct predictions (the same
-    on every rank). ``context.positions`` says where this rank's rows sit in the
-    global batch. The BLAS must run one thread (the caller sets it).
+    gradient of the global batch's mean loss and returns the batch's share of
+    the loss and its correct predictions (the same on every rank);
+    ``context.positions``: where this rank's rows sit in the batch. The layers
+    before the first that splits its products by columns (a ``Linear``) are
+    the *trunk*, run in groups; its output of every row is gathered in
+    position order, and the *head* and the loss run on the whole batch, the
+    products in blocks of columns (``nn/columns.py``) as an MLP's; the input
+    gradient goes back to each thread's rows. One owner per gradient value:
+    the trunk's rank 0, a block's its rank (``columns.keep_owned``).
     """
 
     def __init__(self, model, loss_fn, comm, count, threads=1, count_correct=None):
         self.model, self.comm, self.count = model, comm, int(count)
         self.threads = max(1, int(threads))
+        self._loss_fn, self._count_correct = loss_fn, count_correct
+        layers = model.layers
+        self.head = next((i for i, layer in enumerate(layers) if layer.splits_columns),
+                         len(layers))
+        self._trunk_size = sum(int(np.prod(shape)) for layer in layers[:self.head]
+                               for shape in layer.param_shapes().values())
+        self._split = ColumnSplit(comm.rank, comm.size, comm.allgather_, self.threads)
+        for layer in layers[self.head:]:
+            layer.columns = self._split if layer.splits_columns else None
         replicas = [model] + [model.replica() for _ in range(self.threads - 1)]
-        self._workers = [_Worker(replica, loss_fn, count_correct) for replica in replicas]
+        self._workers = [_Worker(replica, self.head) for replica in replicas]
         self._sums = _GroupSums(comm, self.threads)
         self._pool = (ThreadPoolExecutor(self.threads - 1, thread_name_prefix="groups")
                       if self.threads > 1 else None)
@@ -164,7 +167,7 @@ class RowGroups:
         return describe_groups(self.count, self.threads)
 
     def gradient(self, x, y, global_count, context):
-        model = self.model
+        model, layers = self.model, self.model.layers
         groups = groups_of(context.positions, self.count)
         self._sums.plan([group for group, _ in groups], self.count)
         self._sync_replicas()
@@ -172,41 +175,97 @@ class RowGroups:
         # none: its BatchNorm's running statistics follow the batch's sums)
         shares = [groups[len(groups) * t // self.threads:len(groups) * (t + 1) // self.threads]
                   for t in range(self.threads)]
+        ready, model.gradient_ready = model.gradient_ready, None
+        try:
+            outputs = self._on_threads(lambda worker, thread: worker.forward(
+                shares[thread], x, y, context,
+                lambda parts, ids: self._sums.add(thread, list(zip(ids, parts)),
+                                                  like=np.zeros(parts.shape[1], parts.dtype))))
+            value, labels, positions = self._gathered(outputs)
+            share, correct, grad = self._head(value, labels, positions, global_count, context)
+            first = positions[0] if len(positions) else 0   # the rows' place in ``grad``
+            done = self._on_threads(lambda worker, thread: worker.backward(
+                None if grad is None else grad[outputs[thread][0] - first]))
+        finally:
+            model.gradient_ready = ready
+        trunk = model.grads[:self._trunk_size]
+        np.copyto(trunk, self._sums.add_all([(group, part[:self._trunk_size])
+                                             for result in done for group, part in result],
+                                            trunk))
+        keep_owned(trunk, self.comm.rank == 0)   # one owner: see columns.py
+        if ready is not None:   # --overlap-allreduce: every layer's gradient is final now
+            for index in range(len(layers) - 1, -1, -1):
+                ready(index)
+        return share, correct
+
+    def _on_threads(self, work):
+        """``work(worker, thread)`` for every thread at once; their results, in thread order. A
+        thread's error stops the others at their next sum and is raised here."""
         results, errors = [None] * self.threads, []
 
         def run(thread):
             try:
-                results[thread] = self._workers[thread].run(
-                    shares[thread], x, y, global_count, context,
-                    lambda parts, ids: self._sums.add(thread, list(zip(ids, parts)),
-                                                      like=np.zeros(parts.shape[1], parts.dtype)))
+                results[thread] = work(self._workers[thread], thread)
             except BaseException as error:   # noqa: BLE001 - raised below, in the caller's thread
                 errors.append(error)
                 self._sums.barrier.abort()   # no thread waits for this one at a sum
 
-        ready, model.gradient_ready = model.gradient_ready, None
-        try:
-            jobs = [self._pool.submit(run, t) for t in range(1, self.threads)] if self._pool else []
-            run(0)
-            for job in jobs:
-                job.result()
-        finally:
-            model.gradient_ready = ready
+        jobs = [self._pool.submit(run, t) for t in range(1, self.threads)] if self._pool else []
+        run(0)
+        for job in jobs:
+            job.result()
         if errors:
             self._sums.barrier.reset()
             raise next((error for error in errors
                         if not isinstance(error, threading.BrokenBarrierError)), errors[0])
-        done = [part for result in results for part in result]
-        np.copyto(model.grads, self._sums.add_all([(group, grads) for group, grads, _ in done],
-                                                  model.grads))
-        keep_owned(model.grads, self.comm.rank == 0)   # one owner: see columns.py
-        totals = self._sums.add_all([(group, np.array(total)) for group, _, total in done],
-                                    np.zeros(2))
-        if ready is not None:   # --overlap-allreduce: every layer's gradient is final now
-            for index in range(len(model.layers) - 1, -1, -1):
-                ready(index)
-        return float(totals[0]), int(totals[1])
+        return results
 
+    def _gathered(self, outputs):
+        """The trunk's output of every row of the (micro-)batch, the rows' labels and positions,
+        in position order, on every rank (``outputs``: each thread's ``(positions, values,
+        labels)``). A collective."""
+        comm = self.comm
+        local = np.concatenate([values for _, values, _ in outputs])
+        width = int(np.prod(local.shape[1:]))
+        counts = np.zeros(comm.size)
+        counts[comm.rank] = len(local)
+        comm.allgather_(counts, np.arange(comm.size + 1))   # DDP: every rank's row count
+        bounds = np.concatenate([[0], np.cumsum(counts.astype(np.int64) * (width + 2))])
+        flat = np.empty(int(bounds[-1]), dtype=local.dtype)
+        mine = flat[bounds[comm.rank]:bounds[comm.rank + 1]].reshape(-1, width + 2)
+        mine[:, :width] = local.reshape(len(local), width)
+        # positions and labels, whole numbers: exact in the values' type
+        mine[:, width] = np.concatenate([positions for positions, _, _ in outputs])
+        mine[:, width + 1] = np.concatenate([labels for _, _, labels in outputs])
+        comm.allgather_(flat, bounds)   # DDP: every rank's rows
+        rows = flat.reshape(-1, width + 2)
+        rows = rows[np.argsort(rows[:, width], kind="stable")]
+        return (np.ascontiguousarray(rows[:, :width]).reshape(len(rows), *local.shape[1:]),
+                rows[:, width + 1].astype(outputs[0][2].dtype), rows[:, width].astype(np.int64))
+
+    def _head(self, value, labels, positions, global_count, context):
+        """The head and the loss on the whole batch (every rank alike); the loss share, correct
+        predictions and the gradient at the head's input (None when the trunk trains nothing)."""
+        model, layers = self.model, self.model.layers
+        whole = BatchContext(context.seed, context.step, positions)
+        for layer in layers[self.head:]:
+            if hasattr(layer, "batch_context"):
+                layer.batch_context = whole
+            value = layer.forward(value)
+            if model.observer is not None:
+                model.observer("forward", layer, value)
+        share = self._loss_fn.forward(value, labels, normaliser=global_count)
+        correct = self._count_correct(value, labels)
+        grad, first = self._loss_fn.backward(), model._first_trained
+        for i in range(len(layers) - 1, max(self.head, first) - 1, -1):
+            layer = layers[i]
+            grad = layer.backward(grad, need_input_grad=i > first)
+            if not layer.splits_columns:
+                for part in layer.grads.values():   # one owner: see columns.py
+                    keep_owned(part, self.comm.rank == 0)
+            if model.observer is not None:
+                model.observer("backward", layer, grad)
+        return share, correct, (grad if self.head > first else None)
     def _sync_replicas(self):
         """The threads' replicas as the model is: its parameters, buffers (BatchNorm's sums are
         taken about its running mean), library of products and mode."""
@@ -221,56 +280,72 @@ class RowGroups:
             replica.train(model.training)
 
     def close(self):
+        for layer in self.model.layers[self.head:]:
+            layer.columns = None   # the caller's model is theirs again, as it was
+        self._split.close()
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
 
 
 class _Worker:
-    """One thread's groups, on one replica of the model, as one array of rows (group after group).
+    """One thread's groups through the trunk (the layers before ``head``), on one replica of the
+    model, as one array of rows (group after group).
 
     A layer that computes each row alone (``rowwise``: ReLU, pooling, dropout)
     runs on all of them at once; BatchNorm too, told the groups' rows, with
     its sums taken per group and added over the batch (``sum_groups``); any
-    other layer (a convolution, a ``Linear``, a layer of your own) runs once
-    per group, on a copy of its own that shares the parameters, so that its
-    products are calls on one group's rows. Each group's parameter gradients go
-    to a row of ``grads`` (``(groups, parameters)``), added over the batch by
-    the caller.
+    other layer (a convolution, a layer of your own) runs once per group, on a
+    copy of its own that shares the parameters, so that its products are
+    calls on one group's rows. Each group's parameter gradients go to a row of
+    ``grads`` (``(groups, parameters)``), added over the batch by the caller.
     """
 
-    def __init__(self, model, loss_fn, count_correct):
-        self.model, self._loss_fn, self._count_correct = model, loss_fn, count_correct
-        self._copies, self._losses, self._arrays, self._input_shapes = {}, [], {}, {}
+    def __init__(self, model, head):
+        self.model, self.head = model, head
+        self._copies, self._arrays, self._input_shapes = {}, {}, {}
         self._allocate(1)
 
-    def run(self, groups, x, y, global_count, context, sum_groups):
-        """Forward, loss and backward of ``groups`` (``[(group, rows)]``); returns ``[(group, its
-        gradient, (loss share, correct))]``."""
-        model, layers = self.model, self.model.layers
-        ids = [group for group, _ in groups]
+    def forward(self, groups, x, y, context, sum_groups):
+        """The trunk's forward of ``groups`` (``[(group, rows)]``); returns the rows' positions,
+        the trunk's output and the rows' labels."""
+        model = self.model
+        self._ids = [group for group, _ in groups]
         rows = np.concatenate([r for _, r in groups]) if groups else np.zeros(0, dtype=np.int64)
         edges = np.cumsum([0] + [len(r) for _, r in groups])
-        bounds = list(zip(edges[:-1].tolist(), edges[1:].tolist()))
+        self._bounds = list(zip(edges[:-1].tolist(), edges[1:].tolist()))
         grads = self._group_grads(len(groups))
-        model.set_batch_context(BatchContext(context.seed, context.step, context.positions[rows]))
-        value, labels = x[rows], y[rows]
+        positions = context.positions[rows]
+        model.set_batch_context(BatchContext(context.seed, context.step, positions))
+        value = x[rows]
         try:
-            for i, layer in enumerate(layers):
-                value = self._forward(i, layer, value, bounds, ids, grads, sum_groups)
+            for i, layer in enumerate(model.layers[:self.head]):
+                value = self._forward(i, layer, value, self._bounds, self._ids, grads, sum_groups)
                 if model.observer is not None:
                     model.observer("forward", layer, value)
-            totals, grad = self._loss(value, labels, bounds, global_count)
-            first = model._first_trained
-            for i in range(len(layers) - 1, first - 1, -1):
-                grad = self._backward(i, layers[i], grad, bounds, i > first)
+        except BaseException:
+            self._forget_groups()
+            raise
+        return positions, value, y[rows]
+
+    def backward(self, grad):
+        """The trunk's backward from ``grad``, the gradient at its output (None: nothing in the
+        trunk trains); returns ``[(group, its gradient)]``."""
+        model, bounds = self.model, self._bounds
+        first = model._first_trained
+        try:
+            for i in range(self.head - 1, first - 1, -1) if grad is not None else ():
+                grad = self._backward(i, model.layers[i], grad, bounds, i > first)
                 if model.observer is not None:
-                    model.observer("backward", layers[i], grad)
+                    model.observer("backward", model.layers[i], grad)
         finally:
-            for layer in layers:
-                if getattr(layer, "sums_over_rows", False):
-                    layer.row_groups = layer.group_grads = layer.sum_groups = None
-        return [(group, grads[k], totals[k]) for k, group in enumerate(ids)]
+            self._forget_groups()
+        return [(group, self.grads[k]) for k, group in enumerate(self._ids)]
+
+    def _forget_groups(self):
+        for layer in self.model.layers:
+            if getattr(layer, "sums_over_rows", False):
+                layer.row_groups = layer.group_grads = layer.sum_groups = None
 
     def _group_grads(self, count):
         """``grads``' rows for ``count`` groups."""
@@ -342,20 +417,3 @@ class _Worker:
         if dx is None:   # no rows
             return np.zeros((0, *self._input_shapes[i]), dtype=grad.dtype)
         return dx
-
-    def _loss(self, logits, labels, bounds, global_count):
-        """Each group's share of the loss and its correct predictions, and the gradient of the
-        logits (each group's loss on its rows: the loss sums over rows)."""
-        while len(self._losses) < len(bounds):
-            loss_fn = copy.deepcopy(self._loss_fn)
-            for method in ("forward", "backward"):   # not a wrapper of the loss's (--profile)
-                vars(loss_fn).pop(method, None)
-            self._losses.append(loss_fn)
-        grad = self._array(("loss",), logits.shape, logits.dtype)
-        totals = []
-        for loss_fn, (start, stop) in zip(self._losses, bounds):
-            share = loss_fn.forward(logits[start:stop], labels[start:stop],
-                                    normaliser=global_count)
-            totals.append((share, self._count_correct(logits[start:stop], labels[start:stop])))
-            grad[start:stop] = loss_fn.backward()
-        return totals, grad
