@@ -207,6 +207,17 @@ class Sequential:
         clone.buffers[...] = self.buffers
         return clone
 
+    def follow(self, model, training):
+        """This replica as ``model`` is: its parameters (the exchange may have moved them into
+        shared memory), its buffers (BatchNorm's running statistics, also the shift its sums are
+        taken about), its library of products, and ``training`` mode."""
+        if self.params is not model.params:
+            self.use_arrays(model.params, self.grads)
+        self.buffers[...] = model.buffers
+        if self.backend is not model.backend:
+            self.use_backend(model.backend)
+        self.train(training)
+
     @classmethod
     def from_spec(cls, spec, dtype=np.float32, seed=0, input_shape=None):
         """A model from a --model string: an MLP such as ``"784-512-bn-drop0.2-256-10"``, a CNN such
@@ -324,19 +335,21 @@ class Sequential:
     # (distributed.overlap.GradientBuckets).
     gradient_ready = None
 
-    def forward(self, x):
-        for layer in self.layers:
+    def forward(self, x, first=0):
+        """The output of ``layers[first:]`` for ``x``."""
+        for layer in self.layers[first:]:
             x = layer.forward(x)
             if self.observer is not None:
                 self.observer("forward", layer, x)
         return x
 
-    def backward(self, dout, need_input_grad=False):
-        """Fill ``self.grads`` from the gradient of the loss w.r.t. the output.
+    def backward(self, dout, need_input_grad=False, first=0):
+        """Fill ``self.grads`` of ``layers[first:]`` from the gradient of the loss w.r.t. the
+        output.
 
-        Returns the gradient w.r.t. the input when ``need_input_grad``.
+        Returns the gradient w.r.t. the input of ``layers[first]`` when ``need_input_grad``.
         """
-        last = 0 if need_input_grad else self._first_trained
+        last = first if need_input_grad else max(first, self._first_trained)
         for i in range(len(self.layers) - 1, last - 1, -1):
             layer = self.layers[i]
             dout = layer.backward(dout, need_input_grad=need_input_grad or i > last)

@@ -154,9 +154,9 @@ class RowGroups:
                          len(layers))
         self._trunk_size = sum(int(np.prod(shape)) for layer in layers[:self.head]
                                for shape in layer.param_shapes().values())
-        self._split = ColumnSplit(comm.rank, comm.size, comm.allgather_, self.threads)
-        for layer in layers[self.head:]:
-            layer.columns = self._split if layer.splits_columns else None
+        # the head's products in blocks of columns (the trunk has none: the head starts at the
+        # first layer that has)
+        model.set_column_split(ColumnSplit(comm.rank, comm.size, comm.allgather_, self.threads))
         replicas = [model] + [model.replica() for _ in range(self.threads - 1)]
         self._workers = [_Worker(replica, self.head) for replica in replicas]
         self._sums = _GroupSums(comm, self.threads)
@@ -246,43 +246,26 @@ class RowGroups:
     def _head(self, value, labels, positions, global_count, context):
         """The head and the loss on the whole batch (every rank alike); the loss share, correct
         predictions and the gradient at the head's input (None when the trunk trains nothing)."""
-        model, layers = self.model, self.model.layers
+        model = self.model
         whole = BatchContext(context.seed, context.step, positions)
-        for layer in layers[self.head:]:
+        for layer in model.layers[self.head:]:
             if hasattr(layer, "batch_context"):
                 layer.batch_context = whole
-            value = layer.forward(value)
-            if model.observer is not None:
-                model.observer("forward", layer, value)
+        value = model.forward(value, first=self.head)
         share = self._loss_fn.forward(value, labels, normaliser=global_count)
         correct = self._count_correct(value, labels)
-        grad, first = self._loss_fn.backward(), model._first_trained
-        for i in range(len(layers) - 1, max(self.head, first) - 1, -1):
-            layer = layers[i]
-            grad = layer.backward(grad, need_input_grad=i > first)
-            if not layer.splits_columns:
-                for part in layer.grads.values():   # one owner: see columns.py
-                    keep_owned(part, self.comm.rank == 0)
-            if model.observer is not None:
-                model.observer("backward", layer, grad)
-        return share, correct, (grad if self.head > first else None)
+        # one owner per gradient value (columns.py): a block's its rank, another layer's rank 0
+        return share, correct, model.backward(self._loss_fn.backward(), first=self.head,
+                                              need_input_grad=self.head > model._first_trained)
+
     def _sync_replicas(self):
-        """The threads' replicas as the model is: its parameters, buffers (BatchNorm's sums are
-        taken about its running mean), library of products and mode."""
-        model = self.model
         for worker in self._workers[1:]:
-            replica = worker.model
-            if replica.params is not model.params:
-                replica.use_arrays(model.params, replica.grads)
-            replica.buffers[...] = model.buffers
-            if replica.backend is not model.backend:
-                replica.use_backend(model.backend)
-            replica.train(model.training)
+            worker.model.follow(self.model, self.model.training)
 
     def close(self):
-        for layer in self.model.layers[self.head:]:
-            layer.columns = None   # the caller's model is theirs again, as it was
-        self._split.close()
+        if self.model.columns is not None:
+            self.model.columns.close()
+            self.model.set_column_split(None)   # the caller's model is theirs again, as it was
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None

@@ -223,16 +223,8 @@ class RowThreads:
         return np.concatenate(outputs)
 
     def _sync_replicas(self, training):
-        """The replicas as the model is: its parameters (the exchange may have moved them into
-        shared memory), its buffers (BatchNorm's running statistics, also the shift its sums are
-        taken about), its library of products, and ``training`` mode."""
-        model = self.model
         for replica in self.replicas[1:]:
-            if replica.params is not model.params:
-                replica.use_arrays(model.params, replica.grads)
-            replica.buffers[...] = model.buffers
-            replica.use_backend(model.backend)
-            replica.train(training)
+            replica.follow(self.model, training)
 
     def _slice(self, index, x, y, bounds, global_count, context):
         """Thread ``index``'s rows: forward, loss and backward on its replica."""
