@@ -19,6 +19,7 @@ import ddptrain
 from ddptrain.data import sampler
 from ddptrain.errors import UserError
 from ddptrain.nn.columns import BLOCK, ColumnSplit, blocks_of, owned_range
+from ddptrain.nn.dropout import BatchContext
 from ddptrain.nn.model import Sequential
 from ddptrain.run import checkpoint
 from ddptrain.training import groups
@@ -378,6 +379,42 @@ def test_a_linear_layer_in_blocks_keeps_the_gradient_of_its_own_columns_only():
     np.testing.assert_array_equal(grads[0][:, 64:], 0)    # rank 0 owns block 0
     np.testing.assert_array_equal(grads[1][:, :64], 0)    # rank 1 blocks 1 and 2
     np.testing.assert_allclose(grads[0] + grads[1], x.T @ dout, rtol=1e-12)
+
+
+@pytest.mark.parametrize("spec, shares", [
+    # forward: the 300 and 140 columns of the first two layers; the last layer's 10 columns are one
+    # block, computed by every rank (forward and input gradient); backward: the second layer's
+    # input gradient reaches the first layer through a ReLU and dropout, which read each value
+    # alone, so each rank keeps the columns it computed: the first layer reads no other
+    ("10-300-drop0.2-140-10", 2),
+    # BatchNorm's statistics are sums over every column's values: that input gradient goes whole
+    ("10-300-bn-140-10", 3),
+])
+def test_a_rank_gathers_only_the_columns_that_a_layer_below_reads(spec, shares):
+    rng = np.random.default_rng(0)
+    x, dout = rng.standard_normal((6, 10)), rng.standard_normal((6, 10))
+
+    def gradient(comm=None, split=True):
+        model = Sequential.from_spec(spec, dtype="float64", seed=0)
+        calls = []
+
+        def allgather_(flat, bounds):
+            calls.append(len(flat))
+            comm.allgather_(flat, bounds)
+
+        if split:
+            model.set_column_split(ColumnSplit(comm.rank, comm.size, allgather_) if comm else
+                                   ColumnSplit())
+        model.set_batch_context(BatchContext(seed=0, step=1, positions=np.arange(6)))
+        model.forward(x)
+        model.backward(dout)
+        return model.grads.copy(), len(calls)
+
+    in_blocks, _ = gradient()
+    grads, counts = zip(*on_simulated_ranks(2, gradient))
+    assert counts == (shares, shares)
+    np.testing.assert_array_equal(grads[0] + grads[1], in_blocks)   # one process's bits
+    np.testing.assert_allclose(in_blocks, gradient(split=False)[0], rtol=1e-9, atol=1e-15)
 
 
 def test_a_negative_zero_gradient_is_sent_as_positive_zero_as_a_sum_with_zeros_would_make_it():

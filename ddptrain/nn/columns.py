@@ -24,8 +24,11 @@ same inputs whatever the number of ranks, run with one BLAS thread:
 The blocks of a product are shared out among the ranks, each rank
 computes its share (on ``threads`` Python threads, each calling the
 one-thread BLAS), and ``allgather_`` brings every rank's columns to every
-rank. So the arithmetic of every number is fixed before the number of ranks
-is known, and the ranks only decide who does it. Every other layer (ReLU,
+rank (but where every rank computes all of a small layer's products,
+``ColumnSplit.everywhere``, or no rank reads the others' columns,
+``Sequential._plan_input_grads``). So the arithmetic of every number is
+fixed before the number of ranks is known, and the ranks only decide who
+does it. Every other layer (ReLU,
 BatchNorm, Dropout, a convolution for now) runs on the whole batch on every
 rank: the same work as one process, hence the same bits.
 
@@ -111,6 +114,13 @@ class ColumnSplit:
         blocks = self.blocks(n)
         first, stop = owned_range(len(blocks), self.rank, self.size)
         return blocks[first:stop]
+
+    def everywhere(self, n_out):
+        """Whether every rank computes all of the products of a layer of ``n_out`` output columns
+        itself, with no allgather: when its outputs are one block. Its forward product would be
+        one rank's while the others wait for it at the allgather, and its input gradient costs
+        what its forward product costs. (Who computes a block never changes its bits.)"""
+        return len(self.blocks(n_out)) == 1
 
     @property
     def owns_whole_batch_layers(self):

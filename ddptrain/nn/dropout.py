@@ -50,6 +50,7 @@ class Dropout(Layer):
 
     input_grad_is_scratch = True
     rowwise = True   # each row's mask from its position in the global batch
+    elementwise = True
     # In evaluation the output *is* the input: a layer after this one must not overwrite it.
     output_is_scratch = False
 

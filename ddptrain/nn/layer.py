@@ -118,6 +118,10 @@ class Layer:
     # over rows and no product whose bits depend on the rows beside it: --reproducible's groups
     # of rows run it on all of a thread's rows at once (training/groups.py)
     rowwise = False
+    # computes each value of its output and of its input gradient from the value at the same place
+    # alone (no parameters): --reproducible's Linear layers then need only their own columns of
+    # the gradient that passes through it (Sequential._plan_input_grads)
+    elementwise = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

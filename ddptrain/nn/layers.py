@@ -118,13 +118,22 @@ class Linear(Layer):
             if bias is not None:
                 out[:, start:stop] += bias[start:stop]
 
-        self.columns.run([lambda a=a, b=b: block(a, b)
-                          for a, b in self.columns.my_blocks(self.n_out)])
-        return self.columns.share(out)
+        everywhere = self.columns.everywhere(self.n_out)
+        self.columns.run([lambda a=a, b=b: block(a, b) for a, b in (
+            self.columns.blocks(self.n_out) if everywhere else self.columns.my_blocks(self.n_out))])
+        return out if everywhere else self.columns.share(out)
+
+    # whether the input gradient must reach every rank whole; Sequential._plan_input_grads clears it
+    # when the layers below read only this rank's own columns of it
+    share_input_grad = True
 
     def _backward_in_blocks(self, dout, need_input_grad):
         """This rank's blocks of the weight gradient (every row of the global batch in one call per
-        block) and of the input gradient; the gradient of the columns it does not own is zero."""
+        block) and of the input gradient; the gradient of the columns it does not own is zero.
+
+        The input gradient is whole on every rank, unless ``share_input_grad``
+        is off: then only this rank's blocks of it are computed and the rest is
+        zero (the layer below reads its own blocks alone)."""
         columns, matmul, weight = self.columns, self.backend.matmul, self.params["weight"]
         grad_w, grad_b = self.grads["weight"], self.grads.get("bias")
         ones = self._scratch.constant(1, dout.shape[0], dout.dtype)
@@ -141,16 +150,29 @@ class Linear(Layer):
             matmul(dout, weight[start:stop].T, out=dx[:, start:stop])
 
         calls = [lambda a=a, b=b: weight_block(a, b) for a, b in mine]
+        everywhere = columns.everywhere(self.n_out)
         if need_input_grad:
-            calls += [lambda a=a, b=b: input_block(a, b) for a, b in columns.my_blocks(self.n_in)]
+            calls += [lambda a=a, b=b: input_block(a, b) for a, b in (
+                columns.blocks(self.n_in) if everywhere else columns.my_blocks(self.n_in))]
         columns.run(calls)
-        first, stop = columns.columns_of(self.n_out, columns.rank)
-        for grad in (grad_w, grad_b):
-            if grad is not None:
-                keep_owned(grad[..., first:stop], True)
-                keep_owned(grad[..., :first], False)
-                keep_owned(grad[..., stop:], False)
-        return columns.share(dx) if need_input_grad else None
+        _own_only(grad_w, grad_b, *columns.columns_of(self.n_out, columns.rank))
+        if not need_input_grad or everywhere:
+            return dx if need_input_grad else None
+        if self.share_input_grad:
+            return columns.share(dx)
+        first, stop = columns.columns_of(self.n_in, columns.rank)
+        dx[:, :first], dx[:, stop:] = 0, 0   # not this rank's: nothing below reads them
+        return dx
+
+
+def _own_only(grad_w, grad_b, first, stop):
+    """The weight and bias gradients as their owner sends them: columns ``[first, stop)``, zeros
+    elsewhere (``columns.keep_owned``)."""
+    for grad in (grad_w, grad_b):
+        if grad is not None:
+            keep_owned(grad[..., first:stop], True)
+            keep_owned(grad[..., :first], False)
+            keep_owned(grad[..., stop:], False)
 
 
 class ReLU(Layer):
@@ -165,6 +187,7 @@ class ReLU(Layer):
     """
 
     rowwise = True
+    elementwise = True
 
     def __init__(self):
         super().__init__()

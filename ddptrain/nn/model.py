@@ -303,6 +303,22 @@ class Sequential:
         for layer in self.layers:
             layer.columns = split if layer.splits_columns else None
 
+    def _plan_input_grads(self, last, need_input_grad):
+        """In blocks of columns, which splitting layers must share their input gradient whole
+        (``share_input_grad``). Not one whose gradient passes only through elementwise layers to
+        the last layer backward runs, a splitting one that returns no input gradient: that layer
+        reads its own blocks of columns alone, which are the blocks this rank computed above it
+        (the same blocks of the same number of columns), so the allgather would bring nothing
+        read."""
+        own_columns_enough = False   # whether the layers below read only this rank's columns
+        for i in range(last, len(self.layers)):
+            layer = self.layers[i]
+            if layer.splits_columns:
+                layer.share_input_grad = not own_columns_enough
+                own_columns_enough = i == last and not need_input_grad
+            elif not layer.elementwise:
+                own_columns_enough = False
+
     def set_batch_context(self, context):
         """Tell the layers that draw per-sample randomness (Dropout) the step and the rows'
         positions."""
@@ -350,6 +366,8 @@ class Sequential:
         Returns the gradient w.r.t. the input of ``layers[first]`` when ``need_input_grad``.
         """
         last = first if need_input_grad else max(first, self._first_trained)
+        if self.columns is not None:
+            self._plan_input_grads(last, need_input_grad)
         for i in range(len(self.layers) - 1, last - 1, -1):
             layer = self.layers[i]
             dout = layer.backward(dout, need_input_grad=need_input_grad or i > last)
