@@ -482,3 +482,39 @@ def test_a_convolution_of_an_empty_batch_gives_empty_arrays_and_zero_gradients(c
     assert layer.backward(np.zeros(out.shape)).shape == (0, c_in, 9, 9)
     assert all(not grad.any() for grad in layer.grads.values())
     np.testing.assert_array_equal(layer.forward(x), full)
+
+
+# ---------------------------------------------------------------- groups of rows (--reproducible)
+
+
+@pytest.mark.parametrize("path", ["wide rows", "shifted rows", "channels last"])
+@pytest.mark.parametrize("block_samples", [1, 2, 8])
+def test_in_groups_of_rows_each_group_gets_the_bits_of_the_layer_on_its_rows_alone(
+        path, block_samples, monkeypatch):
+    """--reproducible's groups (training/groups.py): told the groups, a convolution runs on all of
+    them at once, yet every block of samples lies in one group and each group's weight gradient is
+    its own sum: the output, input gradient and gradients of each group are bitwise those of the
+    layer on that group's rows alone (blocks within a group included)."""
+    from ddptrain.nn import conv as conv_module, conv_channels_last
+    monkeypatch.setattr(conv_channels_last, "pays", lambda layer: path == "channels last")
+    monkeypatch.setattr(conv_module, "shifts_pay", lambda layer, need: path == "shifted rows")
+    x = np.random.default_rng(20).standard_normal((7, 3, 6, 6))
+    g = np.random.default_rng(21).standard_normal((7, 4, 6, 6))
+    groups = [(0, 2), (2, 3), (3, 7)]
+
+    def layer():
+        made = built(Conv2d(3, 4, 3, padding=1))
+        made.CHUNK_BYTES = block_samples * (3 * 9 + 1) * 8 * 8 * 8   # per sample: cols of 8 x 8
+        return made
+
+    grouped = layer()
+    grouped.row_groups = groups
+    grouped.group_grads = {name: np.full((len(groups), *grad.shape), np.nan)
+                           for name, grad in grouped.grads.items()}
+    out, dx = grouped.forward(x).copy(), grouped.backward(g).copy()
+    for k, (start, stop) in enumerate(groups):
+        alone = layer()
+        np.testing.assert_array_equal(out[start:stop], alone.forward(x[start:stop]))
+        np.testing.assert_array_equal(dx[start:stop], alone.backward(g[start:stop]))
+        for name, grad in alone.grads.items():
+            np.testing.assert_array_equal(grouped.group_grads[name][k], grad)

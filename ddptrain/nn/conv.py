@@ -67,6 +67,9 @@ class Conv2d(Layer):
     output_is_scratch = True        # backward needs cols and the weights, not the output
     input_grad_is_scratch = True
     takes_channels = True
+    # --reproducible in groups of rows (layer.py): each block of samples lies in one group, so that
+    # every product is a call on one group's rows, and each group's weight gradient is its own sum
+    sums_over_rows = True
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
         super().__init__()
@@ -186,13 +189,33 @@ class Conv2d(Layer):
 
     def _sample_blocks(self, n, per_sample):
         """``(first, count)`` of blocks of about ``CHUNK_BYTES`` for ``n`` samples of
-        ``per_sample`` bytes each, and the largest block's count."""
-        blocks = -(-n // max(1, self.CHUNK_BYTES // per_sample))
-        # Blocks of equal size (to one sample), not full blocks and a remainder: a small product is
-        # a slow one.
-        bounds = [n * i // blocks for i in range(blocks + 1)]
-        chunks = [(first, last - first) for first, last in zip(bounds[:-1], bounds[1:])]
+        ``per_sample`` bytes each, and the largest block's count; in groups of rows, the blocks
+        of each group (``row_groups``) by the same rule: those of the group on its own."""
+        chunks, per_block = [], max(1, self.CHUNK_BYTES // per_sample)
+        for start, stop in self.row_groups if self.row_groups is not None else [(0, n)]:
+            blocks = -(-(stop - start) // per_block)
+            # Blocks of equal size (to one sample), not full blocks and a remainder: a small
+            # product is a slow one.
+            bounds = [start + (stop - start) * i // blocks for i in range(blocks + 1)]
+            chunks += [(first, last - first) for first, last in zip(bounds[:-1], bounds[1:])]
         return chunks, max((count for _, count in chunks), default=1)
+
+    def _gradient_sums(self, chunks):
+        """``chunks`` in the order given, as ``(first, count, opens, target)``: whether the block's
+        weight gradient opens a sum (written, not added), and once the sum has its last block, where
+        it goes (``{name: array}``: the layer's gradients, or in groups of rows its group's), else
+        None. One sum over all the blocks; in groups, one per group."""
+        groups = self.row_groups
+        keys = [0 if groups is None else
+                next(k for k, (start, stop) in enumerate(groups) if start <= first < stop)
+                for first, _ in chunks]
+        for i, ((first, count), key) in enumerate(zip(chunks, keys)):
+            closes = i == len(chunks) - 1 or keys[i + 1] != key
+            target = None
+            if closes:
+                target = self.grads if groups is None else {
+                    name: grads[key] for name, grads in self.group_grads.items()}
+            yield first, count, i == 0 or keys[i - 1] != key, target
 
     # Bytes of cols per block: a block's work arrays stay in an L2 cache of 1-2 MiB; much larger and
     # much smaller blocks made a whole step slower (docs/cnn.md).
@@ -321,7 +344,7 @@ class Conv2d(Layer):
             dx = self._scratch.get("dx", self._shape, self._dtype)
         # Backwards through the blocks: cols still holds the last block's windows from the forward
         # pass.
-        for first, count in reversed(chunks):
+        for first, count, opens, target in self._gradient_sums(chunks[::-1]):
             used = count * geometry.pixels
             if self._cols_hold == (first, count, block):
                 cols_used = cols[:, :used]
@@ -334,10 +357,13 @@ class Conv2d(Layer):
                                                  geometry.cols_width)
             dwide_used[..., :geometry.out_width] = dout[first:first + count].transpose(1, 0, 2, 3)
             dwide_used = dwide[:, :used]
-            self.backend.matmul(cols_used, dwide_used.T,
-                                out=grad_t if first == chunks[-1][0] else grad_part)
-            if first != chunks[-1][0]:
+            self.backend.matmul(cols_used, dwide_used.T, out=grad_t if opens else grad_part)
+            if not opens:
                 grad_t += grad_part
+            if target is not None:
+                target["weight"].reshape(self.out_channels, -1)[...] = grad_t[:channels * k * k].T
+                if self.bias:
+                    target["bias"][...] = grad_t[-1]
             if not need_input_grad:
                 continue
             dcols_used = self.backend.matmul(weight_t, dwide_used, out=dcols[:, :used])
@@ -351,9 +377,6 @@ class Conv2d(Layer):
                 for j in range(k):
                     np.add(targets[:, i, j], dcols_used[:, i, j], out=targets[:, i, j])
             np.copyto(dx[first:first + count], dbody[:count, :, pad:pad + height, pad:pad + width])
-        self.grads["weight"].reshape(self.out_channels, -1)[...] = grad_t[:channels * k * k].T
-        if self.bias:
-            self.grads["bias"][...] = grad_t[-1]
         return dx if need_input_grad else None
 
 

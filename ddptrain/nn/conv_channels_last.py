@@ -161,7 +161,7 @@ def backward(layer, dout, need_input_grad):
         dcols_flat = scratch.get("dcols_last", (block * sizes.pixels * sizes.window,), dtype)
         dpadded = scratch.get("dpadded_last", (block, *sizes.padded, channels), dtype)
         dx = scratch.get("dx", layer._shape, dtype)
-    for number, (first, count) in enumerate(reversed(chunks)):
+    for first, count, opens, target in layer._gradient_sums(chunks[::-1]):
         used = count * sizes.pixels
         if layer._cols_hold == (first, count, block):
             cols_used = cols[:used]
@@ -171,9 +171,14 @@ def backward(layer, dout, need_input_grad):
         dy = dy_rows[:used * filters].reshape(used, filters)
         np.copyto(dy.reshape(count, sizes.out_height, sizes.out_width, filters),
                   dout[first:first + count].transpose(0, 2, 3, 1))
-        layer.backend.matmul(dy.T, cols_used, out=grad if number == 0 else grad_part)
-        if number:
+        layer.backend.matmul(dy.T, cols_used, out=grad if opens else grad_part)
+        if not opens:
             grad += grad_part
+        if target is not None:
+            target["weight"][...] = grad[:, :sizes.window].reshape(filters, k, k,
+                                                                   channels).transpose(0, 3, 1, 2)
+            if layer.bias:
+                target["bias"][...] = grad[:, -1]
         if not col2im:
             continue
         dcols = layer.backend.matmul(dy, weight[:sizes.window].T,
@@ -188,10 +193,6 @@ def backward(layer, dout, need_input_grad):
                 np.add(run, windows[:, :, s, i], out=run)
         np.copyto(dx[first:first + count],
                   target[:, pad:pad + height, pad:pad + width].transpose(0, 3, 1, 2))
-    layer.grads["weight"][...] = grad[:, :sizes.window].reshape(filters, k, k, channels).transpose(
-        0, 3, 1, 2)
-    if layer.bias:
-        layer.grads["bias"][...] = grad[:, -1]
     if by_shifts:
         return backward_by_shifts(layer, dout, need_input_grad, weight_grad=False)
     return dx if need_input_grad else None

@@ -77,7 +77,7 @@ def backward_by_shifts(layer, dout, need_input_grad, weight_grad=True):
         dbody = dpadded[:block * per_sample].reshape(block, channels, geometry.padded_height,
                                                      geometry.padded_width)
         dx = scratch.get("dx", layer._shape, dtype)
-    for number, (first, count) in enumerate(chunks):
+    for first, count, opens, target in layer._gradient_sums(chunks):
         used = count * pixels
         dwide_used = dwide[:, :used].reshape(filters, count, geometry.out_height,
                                              geometry.cols_width)
@@ -92,9 +92,14 @@ def backward_by_shifts(layer, dout, need_input_grad, weight_grad=True):
             windows = layer._windows(layer._padded_input, first, count, geometry)
             x_used[:channels * k].reshape(channels, k, count, geometry.out_height,
                                           geometry.cols_width)[...] = windows[:, :, 0]
-            layer.backend.matmul(x_used, shifted_used.T, out=grad if number == 0 else grad_part)
-            if number:
+            layer.backend.matmul(x_used, shifted_used.T, out=grad if opens else grad_part)
+            if not opens:
                 grad += grad_part
+            if target is not None:
+                target["weight"][...] = grad[:channels * k].reshape(channels, k, k,
+                                                                    filters).transpose(3, 0, 1, 2)
+                if layer.bias:
+                    target["bias"][...] = grad[-1, :filters]   # j = 0: dY unshifted
         if not need_input_grad:
             continue
         row_grads_used = layer.backend.matmul(
@@ -107,12 +112,6 @@ def backward_by_shifts(layer, dout, need_input_grad, weight_grad=True):
             np.add(targets[:, i], row_grads_used[:, i], out=targets[:, i])
         np.copyto(dx[first:first + count], dbody[:count, :, pad:pad + height, pad:pad + width])
     layer._cols_hold = None
-    if not weight_grad:
-        return dx
-    layer.grads["weight"][...] = grad[:channels * k].reshape(channels, k, k, filters).transpose(
-        3, 0, 1, 2)
-    if layer.bias:
-        layer.grads["bias"][...] = grad[-1, :filters]   # j = 0: dY unshifted
     return dx if need_input_grad else None
 
 

@@ -118,6 +118,13 @@ class Layer:
     # over rows and no product whose bits depend on the rows beside it: --reproducible's groups
     # of rows run it on all of a thread's rows at once (training/groups.py)
     rowwise = False
+    # takes --reproducible's groups of rows itself (training/groups.py): told, for a training pass,
+    # the groups' (start, stop) rows of its input (row_groups), where each group's parameter
+    # gradients go (group_grads: {name: (groups, *shape)}) and how to add a sum over every group of
+    # the batch (sum_groups: (groups, K) -> (K,)), it sums over each group's rows apart (BatchNorm,
+    # Conv2d); a layer without runs once per group, on a copy
+    sums_over_rows = False
+    row_groups = group_grads = sum_groups = None
     # computes each value of its output and of its input gradient from the value at the same place
     # alone (no parameters): --reproducible's Linear layers then need only their own columns of
     # the gradient that passes through it (Sequential._plan_input_grads)

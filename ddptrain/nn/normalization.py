@@ -116,12 +116,9 @@ class BatchNorm(Layer):
         # not -1: a batch may be empty
         return x.reshape(x.shape[0], self.num_features, math.prod(x.shape[2:]))
 
-    # --reproducible in groups of rows (training/groups.py, normalization_groups.py): the groups'
-    # (start, stop) rows in this layer's input, where each group's parameter gradients go
-    # ({name: (groups, *shape)}) and how the groups' sums are added over the whole batch
-    # ((groups, K) -> (K,)); None otherwise
+    # --reproducible in groups of rows (layer.py, normalization_groups.py): statistics of the
+    # whole batch from each group's sums
     sums_over_rows = True
-    row_groups = group_grads = sum_groups = None
 
     def forward(self, x):
         x3 = self._groups(x)

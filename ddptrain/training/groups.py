@@ -13,9 +13,10 @@ pooling): for a CNN most of a step. Here instead:
 * **Every sum over rows taken per group**, in the layers before the first
   ``Linear`` (the trunk). A thread's groups are one array of rows. A layer
   that computes each row alone (``rowwise``: ReLU, pooling, dropout) runs on
-  all of it; BatchNorm takes its sums per group (``nn/normalization_groups.py``);
-  any other layer (a convolution: products whose bits depend on the rows in
-  the call) runs once per group, on a copy sharing the parameters.
+  all of it; BatchNorm takes its sums per group (``nn/normalization_groups.py``)
+  and a convolution its products (whose bits depend on the rows in the call)
+  on one group's rows at a time (``sums_over_rows``: ``nn/layer.py``); any
+  other layer runs once per group, on a copy sharing the parameters.
 * **Added in group order.** BatchNorm's sums and the trunk's gradients of
   every group are gathered from every rank and added in group order. The
   trunk's output is gathered too, and the rest of the model (the head) runs
@@ -276,12 +277,13 @@ class _Worker:
     model, as one array of rows (group after group).
 
     A layer that computes each row alone (``rowwise``: ReLU, pooling, dropout)
-    runs on all of them at once; BatchNorm too, told the groups' rows, with
-    its sums taken per group and added over the batch (``sum_groups``); any
-    other layer (a convolution, a layer of your own) runs once per group, on a
-    copy of its own that shares the parameters, so that its products are
-    calls on one group's rows. Each group's parameter gradients go to a row of
-    ``grads`` (``(groups, parameters)``), added over the batch by the caller.
+    runs on all of them at once; a layer that takes the groups
+    (``sums_over_rows``: BatchNorm, Conv2d) too, told the groups' rows, with
+    its sums taken per group (BatchNorm's statistics added over the batch by
+    ``sum_groups``); any other layer (one of your own) runs once per group, on
+    a copy of its own that shares the parameters. Each group's parameter
+    gradients go to a row of ``grads`` (``(groups, parameters)``), added over
+    the batch by the caller.
     """
 
     def __init__(self, model, head):
@@ -327,7 +329,7 @@ class _Worker:
 
     def _forget_groups(self):
         for layer in self.model.layers:
-            if getattr(layer, "sums_over_rows", False):
+            if layer.sums_over_rows:
                 layer.row_groups = layer.group_grads = layer.sum_groups = None
 
     def _group_grads(self, count):
@@ -373,7 +375,7 @@ class _Worker:
         self._input_shapes[i] = value.shape[1:]
         if layer.rowwise:
             return layer.forward(value)
-        if layer.training and getattr(layer, "sums_over_rows", False):
+        if layer.training and layer.sums_over_rows:
             layer.row_groups = bounds
             layer.group_grads = {name: view[:len(bounds)] for name, view in self._views[i].items()}
             layer.sum_groups = lambda parts: sum_groups(parts, ids)
@@ -385,7 +387,7 @@ class _Worker:
         return out
 
     def _backward(self, i, layer, grad, bounds, need_input_grad):
-        if layer.rowwise or (layer.training and getattr(layer, "sums_over_rows", False)):
+        if layer.rowwise or (layer.training and layer.sums_over_rows):
             return layer.backward(grad, need_input_grad=need_input_grad)
         if not need_input_grad:
             for k, (start, stop) in enumerate(bounds):
