@@ -142,6 +142,19 @@ def test_a_run_stopped_on_2_ranks_and_resumed_on_3_is_bitwise_the_uninterrupted_
     assert arrays_of(final) == arrays_of(one[1])
 
 
+@pytest.mark.parametrize("case", ["mlp sgd", "bn + dropout mlp", "accumulation"])
+def test_it_trains_what_the_default_mode_trains_to_rounding(arrays, tmp_path, case):
+    """The same bits on every rank count would hold for wrong arithmetic too: the blocks of columns
+    must compute the model's gradient (float64: 1e-9 after two epochs)."""
+    options = dict(CASES[case], dtype="float64")
+    _, blocks, _ = train(arrays, tmp_path, 3, **options)
+    _, default, _ = train(arrays, tmp_path, 3, reproducible=False, **options)
+    for name, array in default.params.items():
+        np.testing.assert_allclose(blocks.params[name], array, rtol=0, atol=1e-9, err_msg=name)
+    for name, array in default.buffers.items():
+        np.testing.assert_allclose(blocks.buffers[name], array, rtol=0, atol=1e-9, err_msg=name)
+
+
 def test_without_it_the_ranks_do_not_give_the_bits_of_one_process(arrays, tmp_path):
     """What the mode does: the default mode's sums follow the split, so the bits differ (and the
     values agree to rounding)."""
