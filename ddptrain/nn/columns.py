@@ -28,9 +28,9 @@ rank (but where every rank computes all of a small layer's products,
 ``ColumnSplit.everywhere``, or no rank reads the others' columns,
 ``Sequential._plan_input_grads``). So the arithmetic of every number is
 fixed before the number of ranks is known, and the ranks only decide who
-does it. Every other layer (ReLU,
-BatchNorm, Dropout, a convolution for now) runs on the whole batch on every
-rank: the same work as one process, hence the same bits.
+does it. Every other layer (ReLU, BatchNorm, Dropout; a convolution, unless
+the run trains in groups of rows: ``training/groups.py``) runs on the whole
+batch on every rank: the same work as one process, hence the same bits.
 
 The gradient of a parameter is then *owned* by one rank: a block's by the
 rank that computed it, a whole-batch layer's by rank 0. The others zero

@@ -201,21 +201,20 @@ class Conv2d(Layer):
         return chunks, max((count for _, count in chunks), default=1)
 
     def _gradient_sums(self, chunks):
-        """``chunks`` in the order given, as ``(first, count, opens, target)``: whether the block's
-        weight gradient opens a sum (written, not added), and once the sum has its last block, where
-        it goes (``{name: array}``: the layer's gradients, or in groups of rows its group's), else
-        None. One sum over all the blocks; in groups, one per group."""
+        """``chunks`` in the order given, as ``(first, count, opens, grads_to)``: whether the
+        block's weight gradient opens a sum (written, not added), and once the sum has its last
+        block, where it goes (``{name: array}``: the layer's gradients, or in groups of rows its
+        group's), else None. One sum over all the blocks; in groups, one per group."""
         groups = self.row_groups
         keys = [0 if groups is None else
                 next(k for k, (start, stop) in enumerate(groups) if start <= first < stop)
                 for first, _ in chunks]
         for i, ((first, count), key) in enumerate(zip(chunks, keys)):
-            closes = i == len(chunks) - 1 or keys[i + 1] != key
-            target = None
-            if closes:
-                target = self.grads if groups is None else {
+            grads_to = None
+            if i == len(chunks) - 1 or keys[i + 1] != key:   # the sum's last block
+                grads_to = self.grads if groups is None else {
                     name: grads[key] for name, grads in self.group_grads.items()}
-            yield first, count, i == 0 or keys[i - 1] != key, target
+            yield first, count, i == 0 or keys[i - 1] != key, grads_to
 
     # Bytes of cols per block: a block's work arrays stay in an L2 cache of 1-2 MiB; much larger and
     # much smaller blocks made a whole step slower (docs/cnn.md).
@@ -344,7 +343,7 @@ class Conv2d(Layer):
             dx = self._scratch.get("dx", self._shape, self._dtype)
         # Backwards through the blocks: cols still holds the last block's windows from the forward
         # pass.
-        for first, count, opens, target in self._gradient_sums(chunks[::-1]):
+        for first, count, opens, grads_to in self._gradient_sums(chunks[::-1]):
             used = count * geometry.pixels
             if self._cols_hold == (first, count, block):
                 cols_used = cols[:, :used]
@@ -360,10 +359,11 @@ class Conv2d(Layer):
             self.backend.matmul(cols_used, dwide_used.T, out=grad_t if opens else grad_part)
             if not opens:
                 grad_t += grad_part
-            if target is not None:
-                target["weight"].reshape(self.out_channels, -1)[...] = grad_t[:channels * k * k].T
+            if grads_to is not None:
+                grads_to["weight"].reshape(self.out_channels, -1)[...] = \
+                    grad_t[:channels * k * k].T
                 if self.bias:
-                    target["bias"][...] = grad_t[-1]
+                    grads_to["bias"][...] = grad_t[-1]
             if not need_input_grad:
                 continue
             dcols_used = self.backend.matmul(weight_t, dwide_used, out=dcols[:, :used])

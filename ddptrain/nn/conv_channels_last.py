@@ -161,7 +161,7 @@ def backward(layer, dout, need_input_grad):
         dcols_flat = scratch.get("dcols_last", (block * sizes.pixels * sizes.window,), dtype)
         dpadded = scratch.get("dpadded_last", (block, *sizes.padded, channels), dtype)
         dx = scratch.get("dx", layer._shape, dtype)
-    for first, count, opens, target in layer._gradient_sums(chunks[::-1]):
+    for first, count, opens, grads_to in layer._gradient_sums(chunks[::-1]):
         used = count * sizes.pixels
         if layer._cols_hold == (first, count, block):
             cols_used = cols[:used]
@@ -174,11 +174,11 @@ def backward(layer, dout, need_input_grad):
         layer.backend.matmul(dy.T, cols_used, out=grad if opens else grad_part)
         if not opens:
             grad += grad_part
-        if target is not None:
-            target["weight"][...] = grad[:, :sizes.window].reshape(filters, k, k,
+        if grads_to is not None:
+            grads_to["weight"][...] = grad[:, :sizes.window].reshape(filters, k, k,
                                                                    channels).transpose(0, 3, 1, 2)
             if layer.bias:
-                target["bias"][...] = grad[:, -1]
+                grads_to["bias"][...] = grad[:, -1]
         if not col2im:
             continue
         dcols = layer.backend.matmul(dy, weight[:sizes.window].T,

@@ -77,7 +77,7 @@ def backward_by_shifts(layer, dout, need_input_grad, weight_grad=True):
         dbody = dpadded[:block * per_sample].reshape(block, channels, geometry.padded_height,
                                                      geometry.padded_width)
         dx = scratch.get("dx", layer._shape, dtype)
-    for first, count, opens, target in layer._gradient_sums(chunks):
+    for first, count, opens, grads_to in layer._gradient_sums(chunks):
         used = count * pixels
         dwide_used = dwide[:, :used].reshape(filters, count, geometry.out_height,
                                              geometry.cols_width)
@@ -95,11 +95,11 @@ def backward_by_shifts(layer, dout, need_input_grad, weight_grad=True):
             layer.backend.matmul(x_used, shifted_used.T, out=grad if opens else grad_part)
             if not opens:
                 grad += grad_part
-            if target is not None:
-                target["weight"][...] = grad[:channels * k].reshape(channels, k, k,
+            if grads_to is not None:
+                grads_to["weight"][...] = grad[:channels * k].reshape(channels, k, k,
                                                                     filters).transpose(3, 0, 1, 2)
                 if layer.bias:
-                    target["bias"][...] = grad[-1, :filters]   # j = 0: dY unshifted
+                    grads_to["bias"][...] = grad[-1, :filters]   # j = 0: dY unshifted
         if not need_input_grad:
             continue
         row_grads_used = layer.backend.matmul(
