@@ -38,6 +38,7 @@ import numpy as np
 
 from ddptrain.nn.columns import ColumnSplit, keep_owned
 from ddptrain.nn.dropout import BatchContext
+from ddptrain.training.reproducible import RowGather
 
 # The rows a group holds on average (global batch / groups) from which --reproducible trains a
 # model with convolutions in groups; with fewer, the groups' calls cost more than the whole batch on
@@ -161,6 +162,7 @@ class RowGroups:
         replicas = [model] + [model.replica() for _ in range(self.threads - 1)]
         self._workers = [_Worker(replica, self.head) for replica in replicas]
         self._sums = _GroupSums(comm, self.threads)
+        self._rows = RowGather(comm)
         self._pool = (ThreadPoolExecutor(self.threads - 1, thread_name_prefix="groups")
                       if self.threads > 1 else None)
 
@@ -182,7 +184,9 @@ class RowGroups:
                 shares[thread], x, y, context,
                 lambda parts, ids: self._sums.add(thread, list(zip(ids, parts)),
                                                   like=np.zeros(parts.shape[1], parts.dtype))))
-            value, labels, positions = self._gathered(outputs)
+            # DDP: the trunk's output of every row, on every rank, in position order
+            value, labels, positions = self._rows.gather(
+                [(values, positions, labels) for positions, values, labels in outputs])
             share, correct, grad = self._head(value, labels, positions, global_count, context)
             first = positions[0] if len(positions) else 0   # the rows' place in ``grad``
             done = self._on_threads(lambda worker, thread: worker.backward(
@@ -220,29 +224,6 @@ class RowGroups:
             raise next((error for error in errors
                         if not isinstance(error, threading.BrokenBarrierError)), errors[0])
         return results
-
-    def _gathered(self, outputs):
-        """The trunk's output of every row of the (micro-)batch, the rows' labels and positions,
-        in position order, on every rank (``outputs``: each thread's ``(positions, values,
-        labels)``). A collective."""
-        comm = self.comm
-        local = np.concatenate([values for _, values, _ in outputs])
-        width = int(np.prod(local.shape[1:]))
-        counts = np.zeros(comm.size)
-        counts[comm.rank] = len(local)
-        comm.allgather_(counts, np.arange(comm.size + 1))   # DDP: every rank's row count
-        bounds = np.concatenate([[0], np.cumsum(counts.astype(np.int64) * (width + 2))])
-        flat = np.empty(int(bounds[-1]), dtype=local.dtype)
-        mine = flat[bounds[comm.rank]:bounds[comm.rank + 1]].reshape(-1, width + 2)
-        mine[:, :width] = local.reshape(len(local), width)
-        # positions and labels, whole numbers: exact in the values' type
-        mine[:, width] = np.concatenate([positions for positions, _, _ in outputs])
-        mine[:, width + 1] = np.concatenate([labels for _, _, labels in outputs])
-        comm.allgather_(flat, bounds)   # DDP: every rank's rows
-        rows = flat.reshape(-1, width + 2)
-        rows = rows[np.argsort(rows[:, width], kind="stable")]
-        return (np.ascontiguousarray(rows[:, :width]).reshape(len(rows), *local.shape[1:]),
-                rows[:, width + 1].astype(outputs[0][2].dtype), rows[:, width].astype(np.int64))
 
     def _head(self, value, labels, positions, global_count, context):
         """The head and the loss on the whole batch (every rank alike); the loss share, correct

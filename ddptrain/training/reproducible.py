@@ -24,45 +24,44 @@ from ddptrain.nn.dropout import BatchContext
 NORM_CHUNK = 1 << 16
 
 
-class BatchGather:
-    """Every rank's rows of each global batch, on every rank, in global order (``gather``), through
-    buffers kept from step to step: a fresh array of a batch's size each step costs its page
-    faults, as much as the gathering itself."""
+class RowGather:
+    """Every rank's rows of a batch, on every rank, in the order of their positions in it.
+
+    Each rank's rows travel with their positions and labels as two more
+    columns (whole numbers, exact in the rows' floating type), in one
+    allgather after one of the row counts; then every rank sorts them by
+    position. Through buffers kept from call to call: a fresh array of a
+    batch's size each step costs its page faults, as much as the gathering.
+    """
 
     def __init__(self, comm):
         self.comm = comm
-        self._flat = self._full = None
+        self._packed = self._sorted = None
 
-    def gather(self, x, y, context):
-        """``(x, y, context)`` of the whole global batch from this rank's ``x``, ``y`` and
-        ``context.positions`` (where its rows sit in the global batch). A collective."""
-        comm = self.comm
-        if comm.size == 1:
-            return x, y, context
-        sizes = np.zeros(comm.size)
-        sizes[comm.rank] = len(y)
-        comm.allgather_(sizes, np.arange(comm.size + 1))   # DDP: every rank's row count
-        rows = np.concatenate([[0], np.cumsum(sizes.astype(np.int64))])
-        width = int(np.prod(x.shape[1:], dtype=np.int64))
-        flat = self._buffer("_flat", rows[-1] * width, x.dtype)
-        flat[rows[comm.rank] * width:rows[comm.rank + 1] * width] = x.reshape(-1)
-        comm.allgather_(flat, rows * width)   # DDP: the rows
-        where = np.empty(int(rows[-1]) * 2, dtype=np.float64)   # positions and labels: exact
-        mine = where[2 * rows[comm.rank]:2 * rows[comm.rank + 1]].reshape(2, -1)
-        mine[0], mine[1] = context.positions, y
-        comm.allgather_(where, 2 * rows)   # DDP: where each row goes, and its label
-        order = np.empty(int(rows[-1]), dtype=np.int64)
-        labels = np.empty(int(rows[-1]), dtype=y.dtype)
-        for rank in range(comm.size):
-            theirs = where[2 * rows[rank]:2 * rows[rank + 1]].reshape(2, -1)
-            order[rows[rank]:rows[rank + 1]] = theirs[0]
-            labels[theirs[0].astype(np.int64)] = theirs[1]
-        gathered = flat.reshape((int(rows[-1]), *x.shape[1:]))
-        if not np.array_equal(order, np.arange(len(order))):   # the ranks' rows interleave
-            full = self._buffer("_full", gathered.size, x.dtype).reshape(gathered.shape)
-            full[order] = gathered
-            gathered = full
-        return gathered, labels, BatchContext(context.seed, context.step, np.arange(len(labels)))
+    def gather(self, parts):
+        """``(values, labels, positions)`` of every rank's rows, sorted by position, from this
+        rank's ``parts``: ``[(values, positions, labels)]``, ``values`` ``(rows, ...)`` floats. The
+        arrays are the gatherer's until its next call. A collective."""
+        comm, sample = self.comm, parts[0][0].shape[1:]
+        width, dtype = int(np.prod(sample, dtype=np.int64)), parts[0][0].dtype
+        counts = np.zeros(comm.size)
+        counts[comm.rank] = sum(len(values) for values, _, _ in parts)
+        comm.allgather_(counts, np.arange(comm.size + 1))   # DDP: every rank's row count
+        bounds = np.concatenate([[0], np.cumsum(counts.astype(np.int64) * (width + 2))])
+        packed = self._buffer("_packed", bounds[-1], dtype).reshape(-1, width + 2)
+        row = int(bounds[comm.rank]) // (width + 2)
+        for values, positions, labels in parts:
+            mine = packed[row:row + len(values)]
+            mine[:, :width] = values.reshape(len(values), width)
+            mine[:, width], mine[:, width + 1] = positions, labels
+            row += len(values)
+        comm.allgather_(packed.reshape(-1), bounds)   # DDP: every rank's rows
+        order = np.argsort(packed[:, width], kind="stable")
+        values = self._buffer("_sorted", len(order) * width, dtype).reshape(len(order), width)
+        np.take(packed[:, :width], order, axis=0, out=values, mode="clip")   # clip: not buffered
+        return (values.reshape(len(order), *sample),
+                packed[order, width + 1].astype(parts[0][2].dtype),
+                packed[order, width].astype(np.int64))
 
     def _buffer(self, name, size, dtype):
         """The kept buffer ``name``, as ``size`` values of ``dtype`` (grown when too small)."""
@@ -71,6 +70,22 @@ class BatchGather:
             kept = np.empty(int(size), dtype=dtype)
             setattr(self, name, kept)
         return kept[:int(size)]
+
+
+class BatchGather:
+    """Every rank's rows of each global batch, on every rank, in global order (``gather``)."""
+
+    def __init__(self, comm):
+        self.comm = comm
+        self._rows = RowGather(comm)
+
+    def gather(self, x, y, context):
+        """``(x, y, context)`` of the whole global batch from this rank's ``x``, ``y`` and
+        ``context.positions`` (where its rows sit in the global batch). A collective."""
+        if self.comm.size == 1:
+            return x, y, context
+        x, y, _ = self._rows.gather([(x, context.positions, y)])
+        return x, y, BatchContext(context.seed, context.step, np.arange(len(y)))
 
 
 def canonical_norm(grads, dot):
