@@ -286,22 +286,37 @@ def test_a_group_lies_on_one_rank_for_every_rank_count_the_shards_allow(batch):
             assert len(set().union(*held)) == min(24, plans[0].global_counts[step])
 
 
-def test_the_memory_estimate_counts_a_replica_per_group_or_the_whole_batch(small_data):
+def test_the_memory_estimate_counts_the_groups_or_the_whole_batch(small_data):
     from ddptrain.data.format import inspect
+    from ddptrain.nn.layer import Layer
     from ddptrain.run.config import Config
     from ddptrain.run.limits import estimate_rank_bytes
     model = Sequential.from_spec(CNN, input_shape=(1, 8, 8))
     info = inspect(small_data)
 
-    def parts(batch, **options):   # one of 3 ranks, 12 groups
-        return estimate_rank_bytes(model.layers, Config(model=CNN, batch_size=batch,
-                                                        virtual_shards=12, **options), info, 3)
+    def parts(batch, layers=model.layers, threads=1, **options):   # one of 3 ranks, 12 groups
+        return estimate_rank_bytes(layers, Config(model=CNN, batch_size=batch, virtual_shards=12,
+                                                  **options), info, 3, threads=threads)
 
-    own = (model.params.size + model.buffers.size) * 4
+    grads, own = model.params.size * 4, (model.params.size + model.buffers.size) * 4
     blocks = sum(layer.block_bytes() for layer in model.layers)
-    plain, grouped = parts(96), parts(96, reproducible=True)   # 8 rows a group: 4 groups a rank
-    assert grouped["the model and its optimiser"] - plain["the model and its optimiser"] == 4 * own
-    assert grouped["activations"] - plain["activations"] == 4 * blocks
+    # 8 rows a group, 4 groups a rank: a row of gradients each; a replica of the model for the
+    # rank's second thread
+    plain, grouped = parts(96), parts(96, threads=2, reproducible=True)
+    assert (grouped["the model and its optimiser"] - plain["the model and its optimiser"]
+            == 4 * grads + own)
+    assert grouped["activations"] - plain["activations"] == blocks
+
+    class OwnLayer(Layer):   # neither rowwise nor sums_over_rows: a copy per group
+        def output_shape(self, input_shape):
+            return input_shape
+
+        def block_bytes(self):
+            return 1000
+
+    layers = [model.layers[0], OwnLayer(), *model.layers[1:]]   # in the trunk
+    plain, grouped = parts(96, layers), parts(96, layers, reproducible=True)
+    assert grouped["activations"] - plain["activations"] == 4 * 1000
     # 3 rows a group: the whole batch on every rank, 3 times a rank's share
     plain, whole = parts(36), parts(36, reproducible=True)
     rows = (whole["activations"] - plain["activations"]) / (36 - 12)

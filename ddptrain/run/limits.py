@@ -44,13 +44,16 @@ def available_memory():
         return None
 
 
-def estimate_rank_bytes(layers, config, info, world_size, data_bytes=None, row_threads=1):
+def estimate_rank_bytes(layers, config, info, world_size, data_bytes=None, row_threads=1,
+                        threads=1):
     """``{part: bytes}`` one rank allocates for a model of ``layers`` (not yet in a model: no
     arrays) on this data. ``data_bytes``: what it holds of the data when streamed (``data_memory``);
     None: its shard and test block, in memory. ``row_threads`` T > 1 (``training/row_threads.py``):
     T - 1 replicas, each with gradients, buffers and layers' work blocks of its own (their
     activations are their slices of the same rows). ``--reproducible``: the whole batch on every
-    rank, or in groups of rows (``training/groups.py``) a replica per group the rank holds."""
+    rank, or in groups of rows (``training/groups.py``) a replica of the model for each of the
+    rank's ``threads`` but one, a row of gradients per group it holds, and a copy per group of the
+    trunk's layers that run once per group."""
     itemsize = np.dtype(config.dtype).itemsize
     shape = input_shape_of(layers, info.image_shape)
     if row_threads > 1:   # the threads' layers, whose blocks are larger
@@ -68,7 +71,12 @@ def estimate_rank_bytes(layers, config, info, world_size, data_bytes=None, row_t
     groups = groups_of_run(config, layers)
     sharing = 1 if config.reproducible and not groups else world_size
     rows = -(-min(config.batch_size, info.n_train) // sharing // config.accumulate)
-    replicas = (row_threads - 1) + -(-groups // world_size)
+    replicas = (row_threads - 1) + (threads - 1 if groups else 0)
+    group_rows = -(-groups // world_size)   # the groups a rank holds: a gradient row each
+    trunk = layers[:next((i for i, layer in enumerate(layers) if layer.splits_columns),
+                         len(layers))]
+    copied = sum(layer.block_bytes() for layer in trunk
+                 if not (layer.rowwise or layer.sums_over_rows)) if groups else 0
     eval_rows = min(config.eval_batch, -(-info.n_test // world_size))
     pixels = math.prod(info.image_shape)
     in_memory = ((-(-info.n_train // world_size) + -(-info.n_test // world_size))
@@ -76,20 +84,22 @@ def estimate_rank_bytes(layers, config, info, world_size, data_bytes=None, row_t
     return {
         # parameters, gradients, the momentum buffer and the optimiser's scratch array; the buffers;
         # the replicas' gradients and buffers
-        "the model and its optimiser": (4 * n_params + n_buffers
+        "the model and its optimiser": (4 * n_params + n_buffers + group_rows * n_params
                                         + replicas * (n_params + n_buffers)) * itemsize,
         # this rank's training shard and test block, as stored (a file's: uint8 pixels), with their
         # labels; streamed, its windows and a chunk of test rows
         "this rank's data": in_memory if data_bytes is None else data_bytes,
         # what each layer keeps per sample, for a batch share and an evaluation chunk
-        "activations": (rows + eval_rows) * per_sample * itemsize + (1 + replicas) * fixed,
+        "activations": ((rows + eval_rows) * per_sample * itemsize + (1 + replicas) * fixed
+                        + group_rows * copied),
     }
 
 
-def data_room(layers, config, info, world_size, ranks_on_host, row_threads=1):
+def data_room(layers, config, info, world_size, ranks_on_host, row_threads=1, threads=1):
     """``(room, shard)``: the bytes this rank may give the data on this host beside its model and
     activations (None: the memory is unknown), and what its shard and test block take in memory."""
-    parts = estimate_rank_bytes(layers, config, info, world_size, row_threads=row_threads)
+    parts = estimate_rank_bytes(layers, config, info, world_size, row_threads=row_threads,
+                                threads=threads)
     shard = parts.pop("this rank's data")
     available = available_memory()
     if available is None:
@@ -98,10 +108,11 @@ def data_room(layers, config, info, world_size, ranks_on_host, row_threads=1):
 
 
 def check_resources(layers, config, info, world_size, ranks_on_host, data_bytes=None,
-                    row_threads=1):
+                    row_threads=1, threads=1):
     """A UserError if the options ask for more memory than this host has (cores: ``threads.py``).
     ``data_bytes``: what a rank holds of the data when it is streamed (None: in memory)."""
-    parts = estimate_rank_bytes(layers, config, info, world_size, data_bytes, row_threads)
+    parts = estimate_rank_bytes(layers, config, info, world_size, data_bytes, row_threads,
+                                threads)
     needed, available = sum(parts.values()) * ranks_on_host, available_memory()
     if available is not None and needed > MEMORY_SHARE * available:
         detail = ", ".join(f"{name} {size / GIB:,.1f} GiB" for name, size in parts.items())

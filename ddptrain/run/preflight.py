@@ -187,7 +187,8 @@ def check_resources_on_every_rank(comm, layers, config, info, hosts, threads):
     rank's (its row threads' replicas count)."""
     ranks_on_host = hosts.count(hosts[comm.rank])
     row_threads = row_threads_of_run(config, layers, threads)
-    room, in_memory = data_room(layers, config, info, comm.size, ranks_on_host, row_threads)
+    room, in_memory = data_room(layers, config, info, comm.size, ranks_on_host, row_threads,
+                                threads)
     # DDP: the same plan on every rank (the order of the rows depends on it): the least room any
     # rank has, and rank 0's file's chunks (copies on other nodes may be chunked otherwise)
     rooms = [r for r in comm.allgather(room) if r is not None]
@@ -197,7 +198,7 @@ def check_resources_on_every_rank(comm, layers, config, info, hosts, threads):
                          block_rows)
     verdict_on_every_rank(comm, lambda: check_resources(
         layers, config, info, comm.size, ranks_on_host, data.data_bytes(info, config, comm.size),
-        row_threads), hosts)
+        row_threads, threads), hosts)
     return data
 
 
