@@ -147,12 +147,20 @@ def test_it_trains_what_the_default_mode_trains_to_rounding(arrays, tmp_path, ca
     """The same bits on every rank count would hold for wrong arithmetic too: the blocks of columns
     must compute the model's gradient (float64: 1e-9 after two epochs)."""
     options = dict(CASES[case], dtype="float64")
-    _, blocks, _ = train(arrays, tmp_path, 3, **options)
-    _, default, _ = train(arrays, tmp_path, 3, reproducible=False, **options)
+    assert_trains_the_default_to_rounding(arrays, tmp_path, 3, **options)
+
+
+def assert_trains_the_default_to_rounding(arrays, tmp_path, ranks, **options):
+    """``--reproducible`` on ``ranks`` ends where the default mode does, to 1e-9 (float64): every
+    parameter and buffer."""
+    _, reproducible, _ = train(arrays, tmp_path, ranks, **options)
+    _, default, _ = train(arrays, tmp_path, ranks, reproducible=False, **options)
     for name, array in default.params.items():
-        np.testing.assert_allclose(blocks.params[name], array, rtol=0, atol=1e-9, err_msg=name)
+        np.testing.assert_allclose(reproducible.params[name], array, rtol=0, atol=1e-9,
+                                   err_msg=name)
     for name, array in default.buffers.items():
-        np.testing.assert_allclose(blocks.buffers[name], array, rtol=0, atol=1e-9, err_msg=name)
+        np.testing.assert_allclose(reproducible.buffers[name], array, rtol=0, atol=1e-9,
+                                   err_msg=name)
 
 
 def test_without_it_the_ranks_do_not_give_the_bits_of_one_process(arrays, tmp_path):
@@ -201,13 +209,9 @@ def test_a_cnn_in_groups_of_rows_gives_the_bits_of_one_process_on_2_3_and_4_rank
 
 def test_in_groups_a_cnn_trains_what_the_default_mode_trains_to_rounding(
         arrays, tmp_path, small_groups):
-    options = dict(spec="conv4k3p1-bn-maxpool2-flatten-20-drop0.2-10", dtype="float64", epochs=1)
-    _, grouped, _ = train(arrays, tmp_path, 2, **options)
-    _, default, _ = train(arrays, tmp_path, 2, reproducible=False, **options)
-    for name, array in default.params.items():
-        np.testing.assert_allclose(grouped.params[name], array, rtol=0, atol=1e-9, err_msg=name)
-    for name, array in default.buffers.items():
-        np.testing.assert_allclose(grouped.buffers[name], array, rtol=0, atol=1e-9, err_msg=name)
+    assert_trains_the_default_to_rounding(
+        arrays, tmp_path, 2, spec="conv4k3p1-bn-maxpool2-flatten-20-drop0.2-10", dtype="float64",
+        epochs=1)
 
 
 def test_in_groups_rows_of_odd_sizes_give_the_bits_of_one_process_too(tmp_path, small_groups):
