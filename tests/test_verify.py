@@ -129,6 +129,29 @@ def test_under_reproducible_a_layer_that_uses_its_ranks_share_of_the_rows_is_cau
     assert [c.first_difference for c in result.comparisons] == [1, 1]
 
 
+class FeatureCentring(Layer):
+    """``y = x - mean(x)`` over each row's features, wrongly declared ``elementwise``: under
+    --reproducible a Linear below it then reads only the columns its rank computed of the gradient
+    that passed through it, and the others' zeros have been mixed into them."""
+
+    elementwise = True
+
+    def forward(self, x):
+        return x - x.mean(axis=1, keepdims=True)
+
+    def backward(self, dout, need_input_grad=True):
+        return dout - dout.mean(axis=1, keepdims=True)
+
+
+def test_under_reproducible_a_layer_wrongly_declared_elementwise_is_caught(arrays):
+    # 300 and 140 columns: several blocks, so each rank keeps its own columns of the gradient
+    model = nn.Sequential([nn.Linear(SIDE * SIDE, 300), FeatureCentring(), nn.Linear(300, 140),
+                           nn.ReLU(), nn.Linear(140, 10)], dtype=np.float32, seed=1)
+    result = verify(arrays, model, ranks=(2, 3), reproducible=True)
+    assert not result.ok
+    assert [c.first_difference for c in result.comparisons] == [1, 1]
+
+
 def test_under_reproducible_a_local_batch_mean_is_that_of_the_whole_batch(arrays):
     """The mode hands every layer that does not split columns the whole global batch on every rank,
     so a mean over the rows it is given is the same on any number of ranks: nothing to catch."""
