@@ -21,7 +21,7 @@ import numpy as np
 
 from ddptrain.errors import UserError
 from ddptrain.nn.model import input_shape_of
-from ddptrain.training.groups import groups_of_run
+from ddptrain.training.groups import copied_layers, groups_of_run
 from ddptrain.training.row_threads import suit_threads
 
 GIB = 2 ** 30
@@ -73,10 +73,7 @@ def estimate_rank_bytes(layers, config, info, world_size, data_bytes=None, row_t
     rows = -(-min(config.batch_size, info.n_train) // sharing // config.accumulate)
     replicas = (row_threads - 1) + (threads - 1 if groups else 0)
     group_rows = -(-groups // world_size)   # the groups a rank holds: a gradient row each
-    trunk = layers[:next((i for i, layer in enumerate(layers) if layer.splits_columns),
-                         len(layers))]
-    copied = sum(layer.block_bytes() for layer in trunk
-                 if not (layer.rowwise or layer.sums_over_rows)) if groups else 0
+    copied = sum(layer.block_bytes() for layer in copied_layers(layers)) if groups else 0
     eval_rows = min(config.eval_batch, -(-info.n_test // world_size))
     pixels = math.prod(info.image_shape)
     in_memory = ((-(-info.n_train // world_size) + -(-info.n_test // world_size))

@@ -63,6 +63,20 @@ def groups_of_run(config, layers):
     return 0
 
 
+def head_of(layers):
+    """Where the head begins: the first layer that splits its products by columns (a ``Linear``);
+    the layers before it are the trunk, trained in groups."""
+    return next((i for i, layer in enumerate(layers) if layer.splits_columns), len(layers))
+
+
+def copied_layers(layers):
+    """The trunk's layers that run once per group, each group on a copy of its own: those that
+    neither compute each row alone (``rowwise``) nor take the groups themselves
+    (``sums_over_rows``)."""
+    return [layer for layer in layers[:head_of(layers)]
+            if not (layer.rowwise or layer.sums_over_rows)]
+
+
 def describe_groups(count, threads):
     """The start-up line's words on the groups."""
     return (f"each rank's rows in {count} fixed groups (a row's position in the batch mod "
@@ -152,8 +166,7 @@ class RowGroups:
         self.threads = max(1, int(threads))
         self._loss_fn, self._count_correct = loss_fn, count_correct
         layers = model.layers
-        self.head = next((i for i, layer in enumerate(layers) if layer.splits_columns),
-                         len(layers))
+        self.head = head_of(layers)
         self._trunk_size = sum(int(np.prod(shape)) for layer in layers[:self.head]
                                for shape in layer.param_shapes().values())
         # the head's products in blocks of columns (the trunk has none: the head starts at the
