@@ -230,21 +230,32 @@ def _classes(f, version, path):
     return count, names
 
 
+def check_image_pair(images_shape, image_type, labels_shape, label_type, where, names, empty):
+    """A DataError unless the images are uint8 ``(N, H, W)`` or ``(N, C, H, W)`` and the labels
+    ``N`` integers, ``N > 0``. ``where``: the file (or source) the messages start with; ``names``:
+    the images' and the labels' names in it; ``empty``: what to say when ``N == 0``. Shapes and
+    types only: no value is read."""
+    images_name, labels_name = names
+    images_shape, labels_shape = tuple(images_shape), tuple(labels_shape)
+    if len(images_shape) not in (3, 4) or image_type != np.uint8 or 0 in images_shape[1:]:
+        raise DataError(f"{where}: {images_name} must be uint8 (N, H, W) or (N, C, H, W), "
+                        f"found {len(images_shape)}-D {image_type} of shape {images_shape}")
+    if len(labels_shape) != 1 or label_type.kind not in "iu":
+        raise DataError(f"{where}: {labels_name} must be 1-D integers, "
+                        f"found {len(labels_shape)}-D {label_type} of shape {labels_shape}")
+    if images_shape[0] != labels_shape[0]:
+        raise DataError(f"{where}: {images_name} has {images_shape[0]} rows "
+                        f"but {labels_name} has {labels_shape[0]}")
+    if images_shape[0] == 0:
+        raise DataError(f"{where}: {empty}")
+
+
 def _check_split(f, split, n_classes, path):
     """Check one split's datasets; return the images' shape ``(N, H, W)`` or ``(N, C, H, W)``."""
     images = _dataset(f, f"{split}/images", path)
     labels = _dataset(f, f"{split}/labels", path)
-    if images.ndim not in (3, 4) or images.dtype != np.uint8 or 0 in images.shape[1:]:
-        raise DataError(f"{path}: '{split}/images' must be uint8 (N, H, W) or (N, C, H, W), "
-                        f"found {images.ndim}-D {images.dtype} of shape {images.shape}")
-    if labels.ndim != 1 or labels.dtype.kind not in "iu":
-        raise DataError(f"{path}: '{split}/labels' must be 1-D integers, "
-                        f"found {labels.ndim}-D {labels.dtype} of shape {labels.shape}")
-    if images.shape[0] != labels.shape[0]:
-        raise DataError(f"{path}: '{split}/images' has {images.shape[0]} rows "
-                        f"but '{split}/labels' has {labels.shape[0]}")
-    if images.shape[0] == 0:
-        raise DataError(f"{path}: the '{split}' split is empty")
+    check_image_pair(images.shape, images.dtype, labels.shape, labels.dtype, path,
+                     (f"'{split}/images'", f"'{split}/labels'"), f"the '{split}' split is empty")
     _check_labels_in_range(labels[()], n_classes, f"{split}/labels", path)
     _ = images[-1]    # makes HDF5 touch the end of the images' storage
     return images.shape

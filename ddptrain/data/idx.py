@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from ddptrain.data.blocks import block_rows, value_range
-from ddptrain.data.format import MAX_CLASSES
+from ddptrain.data.format import MAX_CLASSES, check_image_pair
 from ddptrain.data.writer import Later, classes_for, write_sources
 from ddptrain.errors import DataError
 from ddptrain.files import open_regular
@@ -315,17 +315,8 @@ def _check_idx_pair(images, labels, split, source):
     images_name = IDX_FILES[f"{split}_images"]
     labels_name = IDX_FILES[f"{split}_labels"]
     image_type, label_type = images.dtype.newbyteorder("="), labels.dtype.newbyteorder("=")
-    if len(images.shape) not in (3, 4) or image_type != np.uint8 or 0 in images.shape[1:]:
-        raise DataError(f"{source}: {images_name} must hold uint8 images (N, H, W) or "
-                        f"(N, C, H, W), found {image_type} of shape {images.shape}")
-    if len(labels.shape) != 1 or label_type.kind not in "iu":
-        raise DataError(f"{source}: {labels_name} must hold integer labels (N,), "
-                        f"found {label_type} of shape {labels.shape}")
-    if images.shape[0] != labels.shape[0]:
-        raise DataError(f"{source}: {images_name} has {images.shape[0]} images "
-                        f"but {labels_name} has {labels.shape[0]} labels")
-    if images.shape[0] == 0:
-        raise DataError(f"{source}: {images_name} holds no images")
+    check_image_pair(images.shape, image_type, labels.shape, label_type, source,
+                     (images_name, labels_name), f"{images_name} holds no images")
 
 
 def _class_count(ranges, given, source, classes_from) -> int:

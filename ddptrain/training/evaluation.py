@@ -3,6 +3,7 @@ ranks."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,24 +41,15 @@ def evaluate(model, comm, split, n_classes, chunk=2000, reproducible=False, forw
     if reproducible:
         return evaluate_in_global_order(model, comm, split, n_classes, chunk)
     passes = max(comm.allgather(-(-split.n_rows // chunk)))   # DDP
-    loss_fn = SoftmaxCrossEntropy()
-    loss_sum = 0.0
-    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
-    was_training = model.training
-    model.eval()
-    try:
+    tally = _Tally(n_classes)
+    with _evaluation_mode(model):
         for start in range(0, passes * chunk, chunk):
             x, y = split.rows(start, start + chunk)
-            logits = (forward or model.forward)(x)
-            loss_sum += loss_fn.forward(logits, y, normaliser=1)
-            confusion += np.bincount(y * n_classes + logits.argmax(axis=1),
-                                     minlength=n_classes * n_classes).reshape(n_classes, n_classes)
-    finally:
-        model.train(was_training)
+            tally.add((forward or model.forward)(x), y)
     # DDP: every rank adds the ranks' sums itself, in rank order: the same bits on every rank,
     # which an Allreduce does not promise (its order of additions may differ between ranks), so
     # that a decision taken on each rank from them (early stopping) is the same everywhere.
-    mine = np.concatenate([[loss_sum], confusion.ravel()]).astype(np.float64)
+    mine = np.concatenate([[tally.loss_sum], tally.confusion.ravel()]).astype(np.float64)
     totals = np.zeros_like(mine)
     for sums in comm.allgather(mine):
         totals += sums
@@ -78,23 +70,40 @@ def evaluate_in_global_order(model, comm, split, n_classes, chunk):
     of one process whatever the number of ranks. Collective."""
     sizes = comm.allgather(split.n_rows)   # DDP: each rank's consecutive block of the split
     starts = np.cumsum([0] + sizes)
-    loss_fn = SoftmaxCrossEntropy()
-    loss_sum = 0.0
-    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
-    was_training = model.training
-    model.eval()
-    try:
+    tally = _Tally(n_classes)
+    with _evaluation_mode(model):
         for first in range(0, int(starts[-1]), chunk):
             last = min(first + chunk, int(starts[-1]))
             # DDP: this chunk's rows from the ranks that hold them
             x, y = _gather_rows(comm, split, starts, first, last)
-            logits = model.forward(x)
-            loss_sum += loss_fn.forward(logits, y, normaliser=1)
-            confusion += np.bincount(y * n_classes + logits.argmax(axis=1),
-                                     minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+            tally.add(model.forward(x), y)
+    return _evaluation(tally.loss_sum, tally.confusion)
+
+
+class _Tally:
+    """The loss summed over the samples and the confusion matrix of the chunks evaluated so far."""
+
+    def __init__(self, n_classes):
+        self.n_classes, self.loss_fn = n_classes, SoftmaxCrossEntropy()
+        self.loss_sum = 0.0
+        self.confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+
+    def add(self, logits, y):
+        n = self.n_classes
+        self.loss_sum += self.loss_fn.forward(logits, y, normaliser=1)
+        self.confusion += np.bincount(y * n + logits.argmax(axis=1),
+                                      minlength=n * n).reshape(n, n)
+
+
+@contextmanager
+def _evaluation_mode(model):
+    """``model`` in evaluation mode inside the block, in the mode it was in after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
     finally:
         model.train(was_training)
-    return _evaluation(loss_sum, confusion)
 
 
 def _gather_rows(comm, split, starts, first, last):
