@@ -207,7 +207,8 @@ def test_inspect_rejects_float_labels(data_file):
 def test_inspect_rejects_images_and_labels_of_different_lengths(data_file):
     edit(data_file, replace_dataset("train/labels", np.zeros(N_TRAIN - 1, np.uint8)))
     assert_data_error(data_file,
-                      f"'train/images' has {N_TRAIN} rows but 'train/labels' has {N_TRAIN - 1}")
+                      f"'train/images' has {N_TRAIN} images but 'train/labels' has {N_TRAIN - 1} "
+                      "labels")
 
 
 def test_inspect_rejects_labels_out_of_range(data_file):

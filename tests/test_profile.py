@@ -187,6 +187,45 @@ def test_a_callback_that_every_simulated_rank_shares_is_left_as_it_was(small_dat
 # ---------------------------------------------------------------- the ranks on one time axis
 
 
+CNN_MODEL = "conv4k3-bn-maxpool2-flatten-10"   # convolutions: one process trains on row threads
+
+
+def test_each_row_thread_has_a_track_of_its_own_and_the_summary_stays_the_steps_thread(
+        small_data, tmp_path):
+    """One process with 2 row threads: thread 1's replica shows the same layers as thread 0, in
+    thread 1's track and inside the steps; the share of the step is thread 0's alone; nothing of
+    a replica stays wrapped after the window."""
+    replicas_after = []
+
+    class LookAfterTheWindow(Callback):
+        def on_step_start(self, trainer):
+            if trainer.position.step == 6:
+                replicas_after.extend(model for model, _ in trainer.train_step.thread_replicas)
+
+    ddptrain.train(CNN_MODEL, data=small_data, run_dir=str(tmp_path / "run"), profile=4,
+                   callbacks=[LookAfterTheWindow()], **{**OPTIONS, "threads": 2})
+    trace = json.loads((tmp_path / "run" / "timeline.json").read_text())
+    threads = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"]
+               if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert threads == {0: "training", 1: "row thread 1"}
+    passes = {0: set(), 1: set()}
+    for event in spans(trace, 0):
+        if event["cat"] in ("forward", "backward", "loss"):
+            passes[event["tid"]].add(event["name"])
+    assert "forward conv2d1" in passes[0] and "backward batchnorm1" in passes[0]
+    assert passes[1] == passes[0]
+    steps = [e for e in spans(trace, 0) if e["cat"] == "step"]
+    for event in (e for e in spans(trace, 0) if e["tid"] == 1):
+        assert any(step["ts"] <= event["ts"] and event["ts"] + event["dur"]
+                   <= step["ts"] + step["dur"] + 2e-3 for step in steps), event
+    # the threads' BatchNorm sums: once forward, once backward, a step
+    assert sum(e["name"] == "batchnorm allreduce" for e in spans(trace, 0)) == 2 * 4
+    steps_thread = {**trace, "traceEvents": [e for e in trace["traceEvents"] if e.get("tid") != 1]}
+    assert phase_shares(trace) == phase_shares(steps_thread)
+    assert len(replicas_after) == 1
+    assert_nothing_wrapped(replicas_after[0])
+
+
 def test_a_rank_that_arrives_late_shows_as_the_others_waiting_for_it(small_data, tmp_path):
     """Rank 1 sleeps 20 ms before each step: rank 0 waits about that long for it in the step's
     first collective, and rank 1 waits for nobody."""
@@ -226,7 +265,7 @@ def test_the_trace_puts_a_rank_whose_clock_runs_ahead_on_rank_0s_time_axis():
 
     def record(shift, host):
         return {"host": host, "clock": (1_000 + shift, 101_000 + shift), "span_cost_ns": 300,
-                "spans": [("exchange", "exchange", 40_000 + shift, 60_000 + shift, True)],
+                "spans": [("exchange", "exchange", 40_000 + shift, 60_000 + shift, True, 0)],
                 "steps": [(1, 10_000 + shift, 90_000 + shift, 0, 1)]}
 
     trace = build_trace([record(0, "a"), record(ahead, "b")], [Offset(0, 0), Offset(ahead, 100)],

@@ -244,8 +244,8 @@ def check_image_pair(images_shape, image_type, labels_shape, label_type, where, 
         raise DataError(f"{where}: {labels_name} must be 1-D integers, "
                         f"found {len(labels_shape)}-D {label_type} of shape {labels_shape}")
     if images_shape[0] != labels_shape[0]:
-        raise DataError(f"{where}: {images_name} has {images_shape[0]} rows "
-                        f"but {labels_name} has {labels_shape[0]}")
+        raise DataError(f"{where}: {images_name} has {images_shape[0]} images "
+                        f"but {labels_name} has {labels_shape[0]} labels")
     if images_shape[0] == 0:
         raise DataError(f"{where}: {empty}")
 

@@ -36,30 +36,37 @@ _MISSING = object()
 
 
 class SpanRecorder:
-    """Spans on one clock, in nanoseconds: ``(name, category, start, stop, collective)`` tuples in
-    ``spans``, in the order they end. Generic: it knows nothing of steps, ranks or files."""
+    """Spans on one clock, in nanoseconds: ``(name, category, start, stop, collective, thread)``
+    tuples in ``spans``, in the order they end. Generic: it knows nothing of steps, ranks or
+    files."""
 
     def __init__(self, clock=time.perf_counter_ns):
         self.clock, self.spans = clock, []
-        self.quiet = False   # inside a span recorded alone: nothing nested is recorded
+        # inside a span recorded alone: nothing nested is recorded, on any thread (evaluation's
+        # row threads run inside it)
+        self.quiet = False
 
-    def timed(self, function, name, category, collective=False, alone=False):
+    def timed(self, function, name, category, collective=False, alone=False, thread=0):
         """``function``, recording a span around each of its calls. ``collective``: every rank
         calls it at the same point, so the wait for the last rank to arrive can be told apart.
         ``alone``: what it calls is not recorded (evaluation's forward passes are not the
-        step's)."""
+        step's). ``thread``: which of the rank's threads calls it (0: the one that runs the
+        step; a row thread's replica: its index). Spans of several threads may overlap; the
+        list's appends are atomic."""
         clock, spans = self.clock, self.spans
 
         def timed_call(*args, **kwargs):
             if self.quiet:
                 return function(*args, **kwargs)
-            self.quiet = alone
+            if alone:
+                self.quiet = True
             start = clock()
             try:
                 return function(*args, **kwargs)
             finally:
-                spans.append((name, category, start, clock(), collective))
-                self.quiet = False
+                spans.append((name, category, start, clock(), collective, thread))
+                if alone:
+                    self.quiet = False
         return timed_call
 
 
@@ -157,16 +164,16 @@ def instrument(wrapped, trainer, profiler, also=()):
     step, model = trainer.train_step, trainer.model
     # the rows of the step: a stream's wait for them included
     wrapped.wrap(trainer.batches, "take", "gather", "gather")
-    wrapped.wrap(model, "forward", "forward", "forward")
-    wrapped.wrap(model, "backward", "backward", "backward")
+    _instrument_model(wrapped, model, step.loss_fn)
     for layer in model.layers:
-        wrapped.wrap(layer, "forward", f"forward {layer.name}", "forward")
-        wrapped.wrap(layer, "backward", f"backward {layer.name}", "backward")
         if "sum_over_ranks" in vars(layer):   # BatchNorm's statistics of the global batch
             wrapped.wrap(layer, "sum_over_ranks", f"{layer.name} allreduce", "batchnorm",
                          collective=True)
-    wrapped.wrap(step.loss_fn, "forward", "loss", "loss")
-    wrapped.wrap(step.loss_fn, "backward", "loss gradient", "loss")
+    # the rank's other row threads, each on a replica of the model: a track of their own
+    for thread, (replica, loss_fn) in enumerate(step.thread_replicas, start=1):
+        _instrument_model(wrapped, replica, loss_fn, thread)
+    if step.thread_replicas:   # the threads' BatchNorm sums meet in one call over the ranks
+        wrapped.wrap(model, "sum_over_ranks", "batchnorm allreduce", "batchnorm", collective=True)
     wrapped.wrap(step.exchange, "reduce_", "exchange", "exchange", collective=True)
     wrapped.wrap(step.exchange, "publish_", "publish", "exchange", collective=True)
     wrapped.replace(step, "comm", TimedTotals(step.comm, wrapped.recorder))
@@ -177,6 +184,18 @@ def instrument(wrapped, trainer, profiler, also=()):
         for callback in trainer.callbacks])
     for owner, attribute, name, category in also:
         wrapped.wrap(owner, attribute, name, category, alone=True)
+
+
+def _instrument_model(wrapped, model, loss_fn, thread=0):
+    """The passes of ``model`` (whole and per layer) and its loss, run by the rank's thread
+    ``thread``."""
+    wrapped.wrap(model, "forward", "forward", "forward", thread=thread)
+    wrapped.wrap(model, "backward", "backward", "backward", thread=thread)
+    for layer in model.layers:
+        wrapped.wrap(layer, "forward", f"forward {layer.name}", "forward", thread=thread)
+        wrapped.wrap(layer, "backward", f"backward {layer.name}", "backward", thread=thread)
+    wrapped.wrap(loss_fn, "forward", "loss", "loss", thread=thread)
+    wrapped.wrap(loss_fn, "backward", "loss gradient", "loss", thread=thread)
 
 
 class Profiler(Callback):

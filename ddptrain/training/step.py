@@ -120,6 +120,14 @@ class TrainStep:
         # loss sum, correct, samples, ranks asked to stop, squared gradient norm
         self._totals = np.zeros(5)
 
+    @property
+    def thread_replicas(self):
+        """``(model, loss_fn)`` of each row thread after the first (the first runs ``model`` and
+        ``loss_fn`` themselves); none without row threads. What ``--profile`` times on them."""
+        if self._rows is None:
+            return []
+        return list(zip(self._rows.replicas[1:], self._rows.losses[1:]))
+
     def __call__(self, x, y, global_count, lr, stop_requested=False, context=None):
         """Train on this rank's ``(x, y)`` of a global batch of ``global_count``; returns the
         StepTotals.

@@ -6,7 +6,9 @@ on rank 0's time axis: each rank's clock readings are corrected by its
 offset from rank 0's clock, measured at both ends of the window and
 interpolated in between (``distributed/clocks.py``). Every span is a
 complete event (``"ph": "X"``, ``ts`` and ``dur`` in microseconds) of the
-process of its rank (``pid``: the rank; ``tid`` 0, the rank's one thread).
+process of its rank (``pid``: the rank) and of the thread that ran it
+(``tid`` 0: the one that runs the step; with row threads, ``tid`` T: the
+layers of row thread T's replica, which run beside thread 0's).
 
 A collective cannot end on any rank before the last rank has entered it, so
 the time a rank spends in one before the last rank arrives is time spent
@@ -42,10 +44,15 @@ def _aligner(opened, closed, clock_at):
     return aligned
 
 
-def _event(name, category, rank, start, stop, **args):
+def _event(name, category, rank, start, stop, thread=0, **args):
     ts = round(start / 1000, 3)   # start and stop rounded alike: nested events stay nested
     return {"name": name, "cat": category, "ph": "X", "ts": ts,
-            "dur": round(round(stop / 1000, 3) - ts, 3), "pid": rank, "tid": 0, "args": args}
+            "dur": round(round(stop / 1000, 3) - ts, 3), "pid": rank, "tid": thread, "args": args}
+
+
+def _thread_name(rank, thread):
+    return {"name": "thread_name", "ph": "M", "pid": rank, "tid": thread,
+            "args": {"name": "training" if thread == 0 else f"row thread {thread}"}}
 
 
 def build_trace(ranks, opened, closed, about=None):
@@ -64,17 +71,17 @@ def build_trace(ranks, opened, closed, about=None):
     for r, (rank, aligned) in enumerate(zip(ranks, aligners)):
         events += [{"name": "process_name", "ph": "M", "pid": r,
                     "args": {"name": f"rank {r} ({rank['host']})"}},
-                   {"name": "process_sort_index", "ph": "M", "pid": r, "args": {"sort_index": r}},
-                   {"name": "thread_name", "ph": "M", "pid": r, "tid": 0,
-                    "args": {"name": "training"}}]
+                   {"name": "process_sort_index", "ph": "M", "pid": r, "args": {"sort_index": r}}]
         spans = rank["spans"]
+        events += [_thread_name(r, thread)
+                   for thread in sorted({0} | {span[5] for span in spans})]
         for step, start, stop, first, end in rank["steps"]:
             events.append(_event(f"step {step}", "step", r, aligned(start) - origin,
                                  aligned(stop) - origin, step=step))
             mine = []
-            for name, category, a, b, collective in spans[first:end]:
+            for name, category, a, b, collective, thread in spans[first:end]:
                 event = _event(name, category, r, aligned(a) - origin, aligned(b) - origin,
-                               step=step)
+                               thread, step=step)
                 events.append(event)
                 if collective:
                     mine.append(event)
@@ -154,10 +161,12 @@ def read_trace(path):
 
 def _complete_events(trace):
     """The trace's complete events, per rank, each as ``(start, stop, category)``: those with a
-    finite place on the time axis and a rank's pid (anything else in a file is left out)."""
+    finite place on the time axis and a rank's pid, of the thread that runs the step (anything
+    else in a file is left out: a row thread's spans overlap thread 0's, and the step's time is
+    thread 0's)."""
     per_rank = {}
     for event in trace["traceEvents"]:
-        if not (isinstance(event, dict) and event.get("ph") == "X"):
+        if not (isinstance(event, dict) and event.get("ph") == "X" and event.get("tid", 0) == 0):
             continue
         ts, dur, pid = event.get("ts"), event.get("dur"), event.get("pid")
         if (type(pid) is int and pid >= 0 and isinstance(ts, (int, float))
