@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ddptrain.nn.losses import SoftmaxCrossEntropy
+from ddptrain.training.reproducible import RowGather
 
 
 @dataclass
@@ -70,12 +71,12 @@ def evaluate_in_global_order(model, comm, split, n_classes, chunk):
     of one process whatever the number of ranks. Collective."""
     sizes = comm.allgather(split.n_rows)   # DDP: each rank's consecutive block of the split
     starts = np.cumsum([0] + sizes)
-    tally = _Tally(n_classes)
+    tally, gather = _Tally(n_classes), RowGather(comm)
     with _evaluation_mode(model):
         for first in range(0, int(starts[-1]), chunk):
             last = min(first + chunk, int(starts[-1]))
             # DDP: this chunk's rows from the ranks that hold them
-            x, y = _gather_rows(comm, split, starts, first, last)
+            x, y = _gather_rows(gather, split, starts, first, last)
             tally.add(model.forward(x), y)
     return _evaluation(tally.loss_sum, tally.confusion)
 
@@ -106,23 +107,15 @@ def _evaluation_mode(model):
         model.train(was_training)
 
 
-def _gather_rows(comm, split, starts, first, last):
-    """Rows ``[first, last)`` of the whole split, on every rank: each rank's part of them, from its
-    block ``[starts[rank], starts[rank + 1])``."""
-    mine_first = min(max(first, starts[comm.rank]), starts[comm.rank + 1]) - starts[comm.rank]
-    mine_last = min(max(last, starts[comm.rank]), starts[comm.rank + 1]) - starts[comm.rank]
-    x, y = split.rows(int(mine_first), int(mine_last))
+def _gather_rows(gather, split, starts, first, last):
+    """Rows ``[first, last)`` of the whole split, on every rank, in order: each rank's part of them,
+    from its block ``[starts[rank], starts[rank + 1])``, through ``gather`` (a RowGather)."""
+    comm = gather.comm
+    mine = [min(max(row, starts[comm.rank]), starts[comm.rank + 1]) for row in (first, last)]
+    x, y = split.rows(int(mine[0] - starts[comm.rank]), int(mine[1] - starts[comm.rank]))
     if comm.size == 1:
         return x, y
-    counts = [int(min(max(last, a), b) - min(max(first, a), b))
-              for a, b in zip(starts[:-1], starts[1:])]
-    width = int(np.prod(x.shape[1:], dtype=np.int64))
-    bounds = np.cumsum([0] + [n * width for n in counts])
-    images = np.empty(int(bounds[-1]), dtype=x.dtype)
-    images[bounds[comm.rank]:bounds[comm.rank + 1]] = x.reshape(-1)
-    comm.allgather_(images, bounds)
-    rows = np.cumsum([0] + counts)
-    labels = np.empty(int(rows[-1]), dtype=np.float64)   # exact: class numbers
-    labels[rows[comm.rank]:rows[comm.rank + 1]] = y
-    comm.allgather_(labels, rows)
-    return images.reshape(len(labels), *x.shape[1:]), labels.astype(y.dtype)
+    # positions within the chunk: exact in any floating type (a chunk is far below 2**24 rows)
+    positions = np.arange(mine[0], mine[1]) - first
+    x, y, _ = gather.gather([(x, positions, y)])
+    return x, y
