@@ -48,6 +48,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ddptrain.nn.layer import Scratch
+
 # Output columns per canonical call. Part of what fixes the bits: runs compared with each other
 # must use the same value. OpenBLAS multiplies 64-column blocks 20-30% slower than the whole
 # product on one thread, 128-column ones 5-15% (docs/reproducible.md); 128 still gives a layer of
@@ -91,7 +93,7 @@ class ColumnSplit:
         self._allgather = allgather_ or _identity_gather
         self.threads = max(1, int(threads))
         self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
-        self._packed = None
+        self._scratch = Scratch()
 
     def describe(self):
         return (f"matrix products in blocks of {self.width} columns, 1 BLAS thread each, "
@@ -151,13 +153,11 @@ class ColumnSplit:
         rows, n = array.shape
         spans = [self.columns_of(n, rank) for rank in range(self.size)]
         bounds = np.cumsum([0] + [rows * (stop - start) for start, stop in spans])
-        packed = self._packed
-        if packed is None or packed.size < bounds[-1] or packed.dtype != array.dtype:
-            packed = self._packed = np.empty(int(bounds[-1]), dtype=array.dtype)
+        packed = self._scratch.get("packed", (int(bounds[-1]),), array.dtype)
         start, stop = spans[self.rank]
         mine = packed[bounds[self.rank]:bounds[self.rank + 1]].reshape(rows, stop - start)
         np.copyto(mine, array[:, start:stop])
-        self._allgather(packed[:bounds[-1]], bounds)
+        self._allgather(packed, bounds)
         for rank, (start, stop) in enumerate(spans):
             if rank != self.rank and stop > start:
                 array[:, start:stop] = packed[bounds[rank]:bounds[rank + 1]].reshape(

@@ -33,7 +33,7 @@ im2col slow in numpy. The wrapped pixels are computed and then dropped
 (a few percent more arithmetic); in backward their gradient is set to zero,
 so they add nothing anywhere.
 
-Buffers are kept between calls (``_Scratch``): the padded input (kept for
+Buffers are kept between calls (``Scratch``): the padded input (kept for
 backward, which copies each block's ``cols`` again rather than keep them
 all), ``cols``, the wide output and the gradients' work arrays are allocated
 once, for the largest batch seen.

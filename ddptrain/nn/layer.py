@@ -47,7 +47,7 @@ def no_reduction(array):
     return array
 
 
-class _Scratch:
+class Scratch:
     """Arrays reused across calls, keyed by name; grown along the first (batch) axis on demand."""
 
     def __init__(self):
@@ -142,7 +142,7 @@ class Layer:
         self.training = True
         # the library of the matrix products: Sequential.use_backend hands it on
         self.backend = NUMPY
-        self._scratch = _Scratch()
+        self._scratch = Scratch()
 
     def config(self):
         """The constructor arguments that rebuild this layer (JSON values)."""

@@ -21,7 +21,7 @@ import numpy as np
 from ddptrain.backends.gemm import NUMPY
 from ddptrain.errors import UserError
 from ddptrain.nn.columns import keep_owned
-from ddptrain.nn.layer import LAYER_TYPES, _Scratch, no_reduction
+from ddptrain.nn.layer import LAYER_TYPES, Scratch, no_reduction
 from ddptrain.nn.spec import parse_spec
 
 
@@ -195,7 +195,7 @@ class Sequential:
         they were told from outside (``set_sum_over_ranks``): a replica starts with fresh ones."""
         memo = {}
         for layer in self.layers:
-            memo[id(layer._scratch)] = _Scratch()
+            memo[id(layer._scratch)] = Scratch()
             if "sum_over_ranks" in vars(layer):
                 memo[id(layer.sum_over_ranks)] = no_reduction
             if layer.columns is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ddptrain.nn.dropout import BatchContext
+from ddptrain.nn.layer import Scratch
 
 # Values of the flat gradient per chunk of the gradient norm: fixed, like the blocks of columns.
 NORM_CHUNK = 1 << 16
@@ -36,7 +37,7 @@ class RowGather:
 
     def __init__(self, comm):
         self.comm = comm
-        self._packed = self._sorted = None
+        self._scratch = Scratch()
 
     def gather(self, parts):
         """``(values, labels, positions)`` of every rank's rows, sorted by position, from this
@@ -48,7 +49,7 @@ class RowGather:
         counts[comm.rank] = sum(len(values) for values, _, _ in parts)
         comm.allgather_(counts, np.arange(comm.size + 1))   # DDP: every rank's row count
         bounds = np.concatenate([[0], np.cumsum(counts.astype(np.int64) * (width + 2))])
-        packed = self._buffer("_packed", bounds[-1], dtype).reshape(-1, width + 2)
+        packed = self._scratch.get("packed", (int(bounds[-1]),), dtype).reshape(-1, width + 2)
         row = int(bounds[comm.rank]) // (width + 2)
         for values, positions, labels in parts:
             mine = packed[row:row + len(values)]
@@ -57,19 +58,12 @@ class RowGather:
             row += len(values)
         comm.allgather_(packed.reshape(-1), bounds)   # DDP: every rank's rows
         order = np.argsort(packed[:, width], kind="stable")
-        values = self._buffer("_sorted", len(order) * width, dtype).reshape(len(order), width)
+        rows = len(order)
+        values = self._scratch.get("sorted", (rows * width,), dtype).reshape(rows, width)
         np.take(packed[:, :width], order, axis=0, out=values, mode="clip")   # clip: not buffered
-        return (values.reshape(len(order), *sample),
+        return (values.reshape(rows, *sample),
                 packed[order, width + 1].astype(parts[0][2].dtype),
                 packed[order, width].astype(np.int64))
-
-    def _buffer(self, name, size, dtype):
-        """The kept buffer ``name``, as ``size`` values of ``dtype`` (grown when too small)."""
-        kept = getattr(self, name)
-        if kept is None or kept.dtype != dtype or kept.size < size:
-            kept = np.empty(int(size), dtype=dtype)
-            setattr(self, name, kept)
-        return kept[:int(size)]
 
 
 class BatchGather:
