@@ -103,13 +103,14 @@ def training_flops(counts):
     return total - first
 
 
-def _flat_views(owners, array):
-    """Slice ``array`` into consecutive views of the shapes ``owners`` (``(layer, name, shape)``)
-    lists."""
-    offset = 0
+def flat_views(owners, array):
+    """Slice ``array`` along its last axis into consecutive views of the shapes ``owners``
+    (``(layer, name, shape)``) lists: ``shape`` itself from a flat array, ``(rows, *shape)`` from
+    a ``(rows, values)`` one."""
+    offset, rows = 0, array.shape[:-1]
     for layer, name, shape in owners:
         size = math.prod(shape)
-        yield layer, name, array[offset:offset + size].reshape(shape)
+        yield layer, name, array[..., offset:offset + size].reshape(*rows, *shape)
         offset += size
 
 
@@ -131,12 +132,12 @@ class Sequential:
         name_layers(self.layers)
         buffer_owners = [(layer, name, shape) for layer in self.layers
                          for name, shape in layer.buffer_shapes().items()]
-        params = np.zeros(sum(math.prod(shape) for *_, shape in self._param_owners()),
+        params = np.zeros(sum(math.prod(shape) for *_, shape in self.param_owners()),
                           dtype=self.dtype)
         self._bind(params, np.zeros_like(params))
         self.buffers = np.zeros(sum(math.prod(shape) for *_, shape in buffer_owners),
                                 dtype=self.dtype)
-        for layer, name, view in _flat_views(buffer_owners, self.buffers):
+        for layer, name, view in flat_views(buffer_owners, self.buffers):
             layer.buffers[name] = view
         # One generator for the whole model, consumed layer by layer, so the
         # initial parameters are a pure function of (layers, seed); the draws are
@@ -176,17 +177,18 @@ class Sequential:
                                  f"values, got {array.shape} {array.dtype}")
         self._bind(params, grads)
 
-    def _param_owners(self):
+    def param_owners(self):
+        """``(layer, name, shape)`` of every parameter, in the order of the flat arrays."""
         return [(layer, name, shape) for layer in self.layers
                 for name, shape in layer.param_shapes().items()]
 
     def _bind(self, params, grads):
         """Keep the flat ``params`` and ``grads``, and give every layer its views of them."""
         self.params, self.grads = params, grads
-        owners = self._param_owners()
-        for layer, name, view in _flat_views(owners, params):
+        owners = self.param_owners()
+        for layer, name, view in flat_views(owners, params):
             layer.params[name] = view
-        for layer, name, view in _flat_views(owners, grads):
+        for layer, name, view in flat_views(owners, grads):
             layer.grads[name] = view
 
     def replica(self):

@@ -38,6 +38,8 @@ import numpy as np
 
 from ddptrain.nn.columns import ColumnSplit, keep_owned
 from ddptrain.nn.dropout import BatchContext
+from ddptrain.nn.layer import Scratch
+from ddptrain.nn.model import flat_views
 from ddptrain.training.reproducible import RowGather
 
 # The rows a group holds on average (global batch / groups) from which --reproducible trains a
@@ -282,7 +284,7 @@ class _Worker:
 
     def __init__(self, model, head):
         self.model, self.head = model, head
-        self._copies, self._arrays, self._input_shapes = {}, {}, {}
+        self._copies, self._arrays, self._input_shapes = {}, Scratch(), {}
         self._allocate(1)
 
     def forward(self, groups, x, y, context, sum_groups):
@@ -334,14 +336,12 @@ class _Worker:
 
     def _allocate(self, count):
         """``grads`` with a row for each of ``count`` groups, and every layer's views of it."""
-        self.grads = np.zeros((count, self.model.params.size), dtype=self.model.params.dtype)
-        self._views = [{} for _ in self.model.layers]
-        offset = 0
-        for owner, layer in zip(self._views, self.model.layers):
-            for name, shape in layer.param_shapes().items():   # the model's flat order
-                size = int(np.prod(shape))
-                owner[name] = self.grads[:, offset:offset + size].reshape(count, *shape)
-                offset += size
+        model = self.model
+        self.grads = np.zeros((count, model.params.size), dtype=model.params.dtype)
+        views = {id(layer): {} for layer in model.layers}
+        for layer, name, view in flat_views(model.param_owners(), self.grads):
+            views[id(layer)][name] = view
+        self._views = [views[id(layer)] for layer in model.layers]
         self._copies = {}   # their gradients were views of the old rows
 
     def _copy(self, i, layer, k):
@@ -359,12 +359,6 @@ class _Worker:
         twin.params, twin.backend, twin.training = layer.params, layer.backend, layer.training
         return twin
 
-    def _array(self, key, shape, dtype):
-        kept = self._arrays.get(key)
-        if kept is None or kept.size < np.prod(shape) or kept.dtype != dtype:
-            kept = self._arrays[key] = np.empty(int(np.prod(shape)), dtype=dtype)
-        return kept[:int(np.prod(shape))].reshape(shape)
-
     def _forward(self, i, layer, value, bounds, ids, grads, sum_groups):
         self._input_shapes[i] = value.shape[1:]
         if layer.rowwise:
@@ -374,8 +368,8 @@ class _Worker:
             layer.group_grads = {name: view[:len(bounds)] for name, view in self._views[i].items()}
             layer.sum_groups = lambda parts: sum_groups(parts, ids)
             return layer.forward(value)
-        out = self._array((i, "out"), (len(value), *layer.output_shape(value.shape[1:])),
-                          value.dtype)
+        out = self._arrays.get((i, "out"), (len(value), *layer.output_shape(value.shape[1:])),
+                               value.dtype)
         for k, (start, stop) in enumerate(bounds):
             out[start:stop] = self._copy(i, layer, k).forward(value[start:stop])
         return out
@@ -391,7 +385,7 @@ class _Worker:
         for k, (start, stop) in enumerate(bounds):
             part = self._copy(i, layer, k).backward(grad[start:stop], need_input_grad=True)
             if dx is None:
-                dx = self._array((i, "dx"), (len(grad), *part.shape[1:]), part.dtype)
+                dx = self._arrays.get((i, "dx"), (len(grad), *part.shape[1:]), part.dtype)
             dx[start:stop] = part
         if dx is None:   # no rows
             return np.zeros((0, *self._input_shapes[i]), dtype=grad.dtype)
