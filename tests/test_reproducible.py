@@ -17,12 +17,14 @@ import pytest
 
 import ddptrain
 from ddptrain.data import sampler
+from ddptrain.distributed.sharding import NORM_CHUNK, shard_bounds
 from ddptrain.errors import UserError
 from ddptrain.nn.columns import BLOCK, ColumnSplit, blocks_of, owned_range
 from ddptrain.nn.dropout import BatchContext
 from ddptrain.nn.model import Sequential
 from ddptrain.run import checkpoint
 from ddptrain.training import groups
+from ddptrain.training.reproducible import chunk_squares, norm_chunks, norm_of_squares
 from helpers import SignalAtStep, on_simulated_ranks, template_arrays
 
 SIDE = 8
@@ -121,6 +123,42 @@ def test_6_and_8_ranks_too_with_uneven_local_batches(arrays, tmp_path):
     one = train(arrays, tmp_path, 1, batch_size=44, epochs=1)
     for ranks in (6, 8):
         assert_bitwise_equal(one, train(arrays, tmp_path, ranks, batch_size=44, epochs=1), ranks)
+
+
+# 141,814 parameters: three chunks of the norm's recipe (NORM_CHUNK), the last one partial, which
+# the exchanges share out as whole chunks differently for every rank count
+MANY_CHUNKS = "64-1100-64-10"
+
+
+@pytest.mark.parametrize("exchange", [dict(), dict(shard_optimizer=True),
+                                      dict(exchange="allreduce"), dict(overlap_allreduce=True)],
+                         ids=["shared-memory", "sharded", "allreduce", "overlap"])
+def test_a_gradient_of_several_norm_chunks_gives_the_bits_of_one_process_through_every_exchange(
+        arrays, tmp_path, exchange):
+    """Each chunk's squares come from the one rank that holds it reduced; the norm, the clipping
+    it drives and the parameters are one process's on 2, 3 and 4 ranks."""
+    assert norm_chunks(Sequential.from_spec(MANY_CHUNKS, input_shape=(SIDE, SIDE)).params.size) == 3
+    options = dict(spec=MANY_CHUNKS, epochs=1, clip_grad_norm=0.5, **exchange)
+    one = train(arrays, tmp_path, 1, **options)
+    for ranks in (2, 3, 4):
+        assert_bitwise_equal(one, train(arrays, tmp_path, ranks, **options), ranks)
+
+
+def test_the_chunks_squares_from_any_split_into_whole_chunks_add_up_to_one_norm():
+    """The squares of the chunks each rank counts, added over the ranks (one number and zeros per
+    chunk), give bitwise the norm of all chunks squared by one rank, and the 2-norm to rounding."""
+    grads = np.random.default_rng(4).standard_normal(3 * NORM_CHUNK + 123).astype(np.float32)
+    whole = chunk_squares(grads, 0, grads.size, np.dot, np.zeros(norm_chunks(grads.size)))
+    for ranks in (2, 3, 4, 8):
+        bounds = shard_bounds(grads.size, ranks, NORM_CHUNK)
+        assert all(start % NORM_CHUNK == 0 for start in bounds[:-1])
+        summed = np.zeros_like(whole)
+        for rank in range(ranks):
+            summed += chunk_squares(grads, bounds[rank], bounds[rank + 1], np.dot,
+                                    np.zeros_like(whole))
+        assert summed.tobytes() == whole.tobytes()
+    assert norm_of_squares(whole) == pytest.approx(np.linalg.norm(grads.astype(np.float64)),
+                                                   rel=1e-6)
 
 
 def test_one_process_with_2_threads_gives_the_bits_of_one_thread_and_of_2_ranks(arrays, tmp_path):

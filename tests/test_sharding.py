@@ -27,6 +27,13 @@ def test_the_slices_cover_the_parameters_unevenly_when_p_does_not_divide_them():
     assert shard_bounds(2, 4) == [0, 0, 1, 1, 2]   # more ranks than values: some slices are empty
 
 
+def test_aligned_slices_start_at_multiples_of_the_alignment_as_evenly_as_it_allows():
+    """--reproducible: a rank's slice of the gradient is whole chunks of the norm's recipe."""
+    assert shard_bounds(100, 3, align=16) == [0, 32, 64, 100]
+    assert shard_bounds(100, 4, align=16) == [0, 16, 48, 64, 100]
+    assert shard_bounds(10, 2, align=16) == [0, 0, 10]   # one chunk: the last rank's
+
+
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("ranks", [2, 3, 4])
 def test_sharded_on_p_ranks_trains_the_parameters_of_the_unsharded_optimiser(

@@ -38,7 +38,7 @@ from ddptrain.distributed.node_memory import (
     shared_memory_free,
 )
 from ddptrain.distributed.overlap import GradientBuckets
-from ddptrain.distributed.sharding import ShardedOptimizer, shard_bounds
+from ddptrain.distributed.sharding import NORM_CHUNK, ShardedOptimizer, shard_bounds
 from ddptrain.errors import UserError
 
 
@@ -48,10 +48,13 @@ class Allreduce:
     The base of the other variants: what it does not override is this.
     """
 
-    def __init__(self, comm, why=None):
+    def __init__(self, comm, why=None, align=1):
         self.comm = comm   # the world: the step's totals are summed over it too
         # why not the default exchange, for the start-up line (None: no reason to give)
         self.why = why
+        # where the ranks' slices of the gradient may start (shard_bounds): NORM_CHUNK with
+        # --reproducible
+        self.align = align
 
     def sharded_optimizer(self, optimizer):
         """The optimiser as this exchange runs it: as it is, or (sharded) over this rank's slice."""
@@ -88,6 +91,14 @@ class Allreduce:
         itself: 0."""
         return 0.0
 
+    def counted_range(self, n):
+        """The values ``[start, stop)`` of the reduced flat gradient (``n`` values) whose squares
+        this rank adds to ``--reproducible``'s norm: values it holds reduced, which no other rank
+        counts, starting at a multiple of ``align``. Every rank holds all of them here: an even
+        share each."""
+        bounds = shard_bounds(n, self.comm.size, self.align)
+        return bounds[self.comm.rank], bounds[self.comm.rank + 1]
+
     def global_norm(self, squares, summed):
         """The gradient's 2-norm, the same on every rank, from ``squares`` (this rank's owned part)
         or ``summed`` (the norm shares summed over the ranks)."""
@@ -108,8 +119,8 @@ class BucketedAllreduce(Allreduce):
     """``--overlap-allreduce``: the gradient reduced in buckets, each started as soon as backward
     has filled it (``overlap.GradientBuckets``), and all of them waited for before the update."""
 
-    def __init__(self, comm, model, bucket_bytes, why=None):
-        super().__init__(comm, why)
+    def __init__(self, comm, model, bucket_bytes, why=None, align=1):
+        super().__init__(comm, why, align)
         self.buckets = GradientBuckets(model, comm, bucket_bytes)
 
     def during_backward(self, model):
@@ -128,17 +139,20 @@ class ReduceScatter(Allreduce):
     its slice of the gradient, each rank updates that slice with its slice of the optimiser state,
     and an allgather brings every rank's slice of the parameters to every rank."""
 
-    def __init__(self, comm, n_params, why=None, sharers=None):
+    def __init__(self, comm, n_params, why=None, sharers=None, align=1):
         """``sharers``: the ranks that split the parameters into slices and share the optimiser
         state (default: ``comm``, every rank)."""
-        super().__init__(comm, why)
+        super().__init__(comm, why, align)
         self.sharers = comm if sharers is None else sharers
-        self.bounds = shard_bounds(n_params, self.sharers.size)
+        self.bounds = shard_bounds(n_params, self.sharers.size, align)
         self.slice = slice(self.bounds[self.sharers.rank], self.bounds[self.sharers.rank + 1])
         self.n_params = n_params
 
     def sharded_optimizer(self, optimizer):
-        return ShardedOptimizer(optimizer, self.sharers, self.n_params)
+        return ShardedOptimizer(optimizer, self.sharers, self.n_params, self.bounds)
+
+    def counted_range(self, n):
+        return self.slice.start, self.slice.stop   # its slice alone is reduced on this rank
 
     def reduce_(self, grads):
         # DDP: each rank receives the sum of its slice only
@@ -168,10 +182,10 @@ class NodeSharedMemory(ReduceScatter):
     node's memory (``node_memory.py``): each sums and updates its slice there, with an Allreduce of
     that slice across nodes; publishing the parameters is a barrier."""
 
-    def __init__(self, comm, model):
+    def __init__(self, comm, model, align=1):
         self.memory = NodeMemory(comm, model.params.size, model.dtype)
         # the node's ranks split the parameters and the optimiser state
-        super().__init__(comm, model.params.size, sharers=self.memory.node)
+        super().__init__(comm, model.params.size, sharers=self.memory.node, align=align)
         # Every node holds the same reduced gradient: node 0's slices alone add up to its norm.
         self._counts_in_norm = self.memory.across.rank == 0
 
@@ -190,6 +204,9 @@ class NodeSharedMemory(ReduceScatter):
 
     def norm_share(self, squares):
         return float(squares) if self._counts_in_norm else 0.0
+
+    def counted_range(self, n):
+        return (self.slice.start, self.slice.stop) if self._counts_in_norm else (0, 0)
 
     def publish_(self, params):
         self.memory.sync()   # each rank wrote its slice of the shared parameters in place
@@ -241,12 +258,14 @@ def make_exchange(comm, config, model):
     """The gradient exchange that ``config`` asks for, for ``model`` on the ranks of ``comm``. A
     collective (the node-memory variant allocates the node's shared block)."""
     use_node_memory, why_not = choose_node_memory(comm, config, model.params.size)
+    # --reproducible: each rank squares whole chunks of the gradient for the norm (counted_range)
+    align = NORM_CHUNK if config.reproducible else 1
     if use_node_memory:
-        return NodeSharedMemory(comm, model)
+        return NodeSharedMemory(comm, model, align)
     # said only where the default was not taken
     why = why_not if config.exchange == "auto" else None
     if config.shard_optimizer:
-        return ReduceScatter(comm, model.params.size, why)
+        return ReduceScatter(comm, model.params.size, why, align=align)
     if config.overlap_allreduce:
-        return BucketedAllreduce(comm, model, int(config.bucket_mb * 2 ** 20), why)
-    return Allreduce(comm, why)
+        return BucketedAllreduce(comm, model, int(config.bucket_mb * 2 ** 20), why, align)
+    return Allreduce(comm, why, align)

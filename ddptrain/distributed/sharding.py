@@ -31,21 +31,27 @@ from __future__ import annotations
 
 import numpy as np
 
+# --reproducible's gradient norm squares the flat gradient in fixed chunks of this many values
+# (training/reproducible.py); a rank's slice of the gradient is then whole chunks (shard_bounds'
+# align), which the rank squares itself.
+NORM_CHUNK = 1 << 16
 
-def shard_bounds(n, size):
+
+def shard_bounds(n, size, align=1):
     """Where each of ``size`` ranks' slices of ``n`` values starts, and the end: ``size + 1``
-    offsets."""
-    return [n * rank // size for rank in range(size + 1)]
+    offsets, as even as ``align`` allows (every slice starts at a multiple of it; a slice may be
+    empty)."""
+    return [n * rank // size // align * align for rank in range(size)] + [n]
 
 
 class ShardedOptimizer:
     """``optimizer`` applied to this rank's slice of the parameters; see the module docstring."""
 
-    def __init__(self, optimizer, comm, n_params):
+    def __init__(self, optimizer, comm, n_params, bounds=None):
         """``comm``: the ranks that share the state (the world, or a node's ranks); it gathers the
-        state for a checkpoint."""
+        state for a checkpoint. ``bounds``: the exchange's slices (``shard_bounds``)."""
         self.optimizer, self.comm = optimizer, comm
-        self.bounds = shard_bounds(n_params, comm.size)
+        self.bounds = shard_bounds(n_params, comm.size) if bounds is None else bounds
         self.slice = slice(self.bounds[comm.rank], self.bounds[comm.rank + 1])
         self.n_params = n_params
 

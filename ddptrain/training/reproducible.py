@@ -5,10 +5,14 @@ that P ranks give bitwise the bits of one process.
   shard; the step's rows are gathered (``BatchGather``) and put in their
   global order, so the model computes on exactly the rows one process
   computes on, in the same order, whatever the split.
-* **A gradient norm with a fixed recipe** (``canonical_norm``): the squares
-  of fixed chunks of the flat gradient, each one call, added in chunk order
-  in float64. A sum of the ranks' shares would depend on where the shares
-  begin and end.
+* **A gradient norm with a fixed recipe** (``chunk_squares``,
+  ``norm_of_squares``): the squares of fixed chunks of the flat gradient,
+  each one call, added in chunk order in float64. A sum of the ranks'
+  shares would depend on where the shares begin and end; here each chunk is
+  squared by the one rank that holds it reduced (a rank's slice of the
+  gradient is whole chunks: ``sharding.shard_bounds``' align), and the
+  chunks' squares reach every rank with the step's totals, each added to
+  zeros: exact in any order.
 * **Totals from one rank**: every rank computed the same loss and
   predictions on the whole batch; rank 0's alone go into the step's sums
   (adding P copies would round).
@@ -18,11 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ddptrain.distributed.sharding import NORM_CHUNK
 from ddptrain.nn.dropout import BatchContext
 from ddptrain.nn.layer import Scratch
-
-# Values of the flat gradient per chunk of the gradient norm: fixed, like the blocks of columns.
-NORM_CHUNK = 1 << 16
 
 
 class RowGather:
@@ -82,12 +84,27 @@ class BatchGather:
         return x, y, BatchContext(context.seed, context.step, np.arange(len(y)))
 
 
-def canonical_norm(grads, dot):
-    """The 2-norm of the flat gradient ``grads`` (all of it, on this rank), computed the same way
-    whatever the number of ranks: ``dot`` (one BLAS thread) of each fixed chunk, added in order in
-    float64."""
+def norm_chunks(n):
+    """How many chunks of ``NORM_CHUNK`` values the norm cuts a flat gradient of ``n`` values
+    into."""
+    return -(-n // NORM_CHUNK)
+
+
+def chunk_squares(grads, start, stop, dot, out):
+    """``out[c]`` = the squares of chunk ``c`` of the flat gradient ``grads`` summed (``dot``, one
+    BLAS thread, one call a chunk) for the chunks in its values ``[start, stop)`` (``start`` a
+    multiple of ``NORM_CHUNK``; ``stop`` one, or the end), 0 for the others. Returns ``out``."""
+    out[...] = 0
+    for c in range(start // NORM_CHUNK, norm_chunks(stop)):
+        chunk = grads[c * NORM_CHUNK:(c + 1) * NORM_CHUNK]
+        out[c] = float(dot(chunk, chunk))
+    return out
+
+
+def norm_of_squares(squares):
+    """The 2-norm from every chunk's squares (``chunk_squares`` of all of them), added in chunk
+    order in float64: the same recipe whatever the number of ranks."""
     total = 0.0
-    for start in range(0, grads.size, NORM_CHUNK):
-        chunk = grads[start:start + NORM_CHUNK]
-        total += float(dot(chunk, chunk))
+    for square in squares:
+        total += float(square)
     return float(np.sqrt(total))

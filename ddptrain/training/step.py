@@ -32,7 +32,12 @@ import numpy as np
 from ddptrain.errors import NumericalError
 from ddptrain.nn.dropout import BatchContext
 from ddptrain.training.groups import RowGroups
-from ddptrain.training.reproducible import BatchGather, canonical_norm
+from ddptrain.training.reproducible import (
+    BatchGather,
+    chunk_squares,
+    norm_chunks,
+    norm_of_squares,
+)
 from ddptrain.training.row_threads import RowThreads
 
 
@@ -117,8 +122,9 @@ class TrainStep:
                                   count_correct) if reproducible and row_groups else None)
         self._accumulated = None
         self.after_reduce = []
-        # loss sum, correct, samples, ranks asked to stop, squared gradient norm
-        self._totals = np.zeros(5)
+        # loss sum, correct, samples, ranks asked to stop, squared gradient norm (--reproducible:
+        # then the squares of each of the norm's chunks)
+        self._totals = np.zeros(5 + (norm_chunks(model.params.size) if reproducible else 0))
 
     @property
     def thread_replicas(self):
@@ -153,13 +159,17 @@ class TrainStep:
         grads = exchange.owned(model.grads)
         totals = self._totals
         if self.reproducible:
-            exchange.gather_gradient_(model.grads)   # DDP: all of it, for the norm's fixed recipe
-            norm = canonical_norm(model.grads, model.backend.dot)
             # every rank computed them on the whole batch: rank 0's alone (P copies would round)
             counted = self.comm.rank == 0
-            totals[:] = (loss_share * global_count * counted, correct * counted,
-                         global_count * counted, stop_requested, 0)
-            self.comm.allreduce_(totals)   # DDP: whether a signal reached any rank
+            totals[:5] = (loss_share * global_count * counted, correct * counted,
+                          global_count * counted, stop_requested, 0)
+            # the squares of the norm's chunks this rank holds reduced, zeros for the others'
+            chunk_squares(model.grads, *exchange.counted_range(model.grads.size),
+                          model.backend.dot, totals[5:])
+            # DDP: whether a signal reached any rank, and every chunk's squares (one rank's
+            # number and zeros: exact in any order)
+            self.comm.allreduce_(totals)
+            norm = norm_of_squares(totals[5:])
         else:
             squares = model.backend.dot(grads, grads)
             totals[:] = (loss_share * global_count, correct, len(y), stop_requested,
