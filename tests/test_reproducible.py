@@ -10,6 +10,7 @@ gradient norm as exact floats, and every array of the final checkpoint.
 import contextlib
 import hashlib
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -290,6 +291,18 @@ def test_in_groups_profiling_the_layers_changes_nothing(arrays, tmp_path, small_
     # layer must run their own
     one = train(arrays, tmp_path, 2, spec=CNN, epochs=1)
     assert_bitwise_equal(one, train(arrays, tmp_path, 2, spec=CNN, epochs=1, profile=3), 2)
+
+
+def test_in_groups_each_thread_has_a_track_of_its_trunk_layers(arrays, tmp_path, small_groups):
+    """Two group threads: thread 1's replica runs the trunk (convolution, BatchNorm, pooling) on
+    its groups, and the timeline shows its layers as a track of their own."""
+    one = train(arrays, tmp_path, 1, spec=CNN, epochs=1, threads=2)
+    profiled = train(arrays, tmp_path, 1, spec=CNN, epochs=1, threads=2, profile=3,
+                     run_dir=str(tmp_path / "profiled"))
+    assert_bitwise_equal(one, profiled, 1)
+    trace = json.loads((tmp_path / "profiled" / "timeline.json").read_text())
+    thread_1 = {e["name"] for e in trace["traceEvents"] if e["ph"] == "X" and e["tid"] == 1}
+    assert {"forward conv2d1", "forward batchnorm1", "backward conv2d1"} <= thread_1
 
 
 def test_a_groups_copy_of_a_layer_runs_its_own_methods_not_a_wrapper_of_the_layers():

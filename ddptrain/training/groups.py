@@ -184,6 +184,11 @@ class RowGroups:
     def describe(self):
         return describe_groups(self.count, self.threads)
 
+    @property
+    def replicas(self):
+        """The model each thread runs its groups' trunk on (thread 0's: the model itself)."""
+        return [worker.model for worker in self._workers]
+
     def gradient(self, x, y, global_count, context):
         model, layers = self.model, self.model.layers
         groups = groups_of(context.positions, self.count)

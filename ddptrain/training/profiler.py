@@ -187,15 +187,16 @@ def instrument(wrapped, trainer, profiler, also=()):
 
 
 def _instrument_model(wrapped, model, loss_fn, thread=0):
-    """The passes of ``model`` (whole and per layer) and its loss, run by the rank's thread
-    ``thread``."""
+    """The passes of ``model`` (whole and per layer) and its loss (if it has one of its own), run
+    by the rank's thread ``thread``."""
     wrapped.wrap(model, "forward", "forward", "forward", thread=thread)
     wrapped.wrap(model, "backward", "backward", "backward", thread=thread)
     for layer in model.layers:
         wrapped.wrap(layer, "forward", f"forward {layer.name}", "forward", thread=thread)
         wrapped.wrap(layer, "backward", f"backward {layer.name}", "backward", thread=thread)
-    wrapped.wrap(loss_fn, "forward", "loss", "loss", thread=thread)
-    wrapped.wrap(loss_fn, "backward", "loss gradient", "loss", thread=thread)
+    if loss_fn is not None:
+        wrapped.wrap(loss_fn, "forward", "loss", "loss", thread=thread)
+        wrapped.wrap(loss_fn, "backward", "loss gradient", "loss", thread=thread)
 
 
 class Profiler(Callback):

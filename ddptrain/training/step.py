@@ -128,11 +128,15 @@ class TrainStep:
 
     @property
     def thread_replicas(self):
-        """``(model, loss_fn)`` of each row thread after the first (the first runs ``model`` and
-        ``loss_fn`` themselves); none without row threads. What ``--profile`` times on them."""
-        if self._rows is None:
-            return []
-        return list(zip(self._rows.replicas[1:], self._rows.losses[1:]))
+        """``(model, loss_fn)`` of each of the rank's threads after the first (the first runs
+        ``model`` and ``loss_fn`` themselves): the row threads' replicas, or in groups of rows the
+        group threads' (whose loss is thread 0's: None); none on one thread. What ``--profile``
+        times on them."""
+        if self._rows is not None:
+            return list(zip(self._rows.replicas[1:], self._rows.losses[1:]))
+        if self._groups is not None:
+            return [(replica, None) for replica in self._groups.replicas[1:]]
+        return []
 
     def __call__(self, x, y, global_count, lr, stop_requested=False, context=None):
         """Train on this rank's ``(x, y)`` of a global batch of ``global_count``; returns the
