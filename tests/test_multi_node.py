@@ -161,8 +161,11 @@ def test_reproducible_gives_the_same_bits_on_2_hosts_x_2_ranks_on_2_ranks_and_on
     """--reproducible in float32: 4 ranks across 2 hosts (1 BLAS thread each), 2 ranks on one
     host (1 thread each) and one process with 2 BLAS threads end with the same bytes in every
     array of their checkpoints, and the same metrics to the last bit."""
+    # 1100 and 64 outputs: 9 and 1 blocks of columns, shared out by rank count; 141,814 parameters:
+    # three chunks of the gradient norm, each squared on the node-0 rank whose slice holds it;
+    # clipping makes the norm matter
     options = ["--epochs", "2", "--batch-size", "29", "--dtype", "float32", "--reproducible",
-               "--model", "64-300-140-10"]   # 3 and 2 blocks of columns, shared out by rank count
+               "--model", "64-1100-64-10", "--clip-grad-norm", "0.5"]
     proc = run(train_argv(hosts, small_data, tmp_path / "hosts", *options, "--threads", "1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "reproducible: the bits of one process on any number of ranks" in proc.stdout
