@@ -57,6 +57,9 @@ CASES = {
     "adam-clip-sharded-float64": dict(model="64-300-140-10", dtype="float64", optimizer="adam",
                                       lr=0.01, clip_grad_norm=0.5, shard_optimizer=True),
     "overlap-allreduce": dict(model="64-300-140-10", overlap_allreduce=True, bucket_mb=0.001),
+    # 141,814 parameters: three chunks of the gradient norm, each squared by the rank whose slice
+    # of the shared-memory exchange holds it
+    "three-norm-chunks-clipped": dict(model="64-1100-64-10", clip_grad_norm=0.5, epochs=1),
     "accumulate-allreduce-exchange": dict(model="64-300-drop0.1-10", accumulate=2,
                                           exchange="allreduce"),
     "cnn-bn": dict(model="conv4k3p1-bn-maxpool2-flatten-150-10", epochs=1),
