@@ -309,7 +309,10 @@ def _timeline_about(about):
     steps, clock, cost = about.get("steps"), about.get("clock"), about.get("overhead")
     parts = []
     if isinstance(steps, list) and len(steps) == 2:
-        parts.append(f"steps {steps[0]} to {steps[1]} on {about.get('ranks')} rank(s)")
+        threads = about.get("threads")
+        parts.append(f"steps {steps[0]} to {steps[1]} on {about.get('ranks')} rank(s)"
+                     + (f" x {threads} threads (the shares below: thread 0's)"
+                        if isinstance(threads, int) and threads > 1 else ""))
     if isinstance(clock, dict) and isinstance(clock.get("uncertainty_us_max"), (int, float)):
         parts.append(clocks_phrase(clock["uncertainty_us_max"]))
     if isinstance(cost, dict) and isinstance(cost.get("per_step_us"), (int, float)):

@@ -222,6 +222,9 @@ def test_each_row_thread_has_a_track_of_its_own_and_the_summary_stays_the_steps_
     assert sum(e["name"] == "batchnorm allreduce" for e in spans(trace, 0)) == 2 * 4
     steps_thread = {**trace, "traceEvents": [e for e in trace["traceEvents"] if e.get("tid") != 1]}
     assert phase_shares(trace) == phase_shares(steps_thread)
+    assert trace["otherData"]["threads"] == 2
+    assert ("steps 1 to 4 on 1 rank(s) x 2 threads (the shares below: thread 0's)"
+            in "\n".join(commands.run_lines(tmp_path / "run")))
     assert len(replicas_after) == 1
     assert_nothing_wrapped(replicas_after[0])
 
@@ -304,7 +307,7 @@ def test_info_prints_what_the_run_folder_holds_and_the_share_of_the_step_per_ran
     lines = commands.run_lines(tmp_path / "run")
     text = "\n".join(lines)
     assert f"model {BN_MODEL}" in text and "newest step-00000016.h5" in text
-    assert "2 epochs: test accuracy" in text and "steps 1 to 10 on 2 rank(s)" in text
+    assert "2 epochs: test accuracy" in text and "steps 1 to 10 on 2 rank(s)," in text
     table = lines[lines.index(next(line for line in lines if "share of the step" in line)):]
     assert table[0].split()[-2:] == ["rank", "1"]
     rows = {line.split()[0]: line.split()[1:] for line in table[1:-1]}

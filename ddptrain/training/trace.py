@@ -119,9 +119,11 @@ def _about(ranks, opened, closed, about):
     span_us = max(rank["span_cost_ns"] for rank in ranks) / 1000
     uncertainty = [max(a.uncertainty, b.uncertainty) / 1000 for a, b in zip(opened, closed)]
     mean_step = sum(step_us) / max(len(step_us), 1)
+    threads = max((len({0} | {span[5] for span in rank["spans"]}) for rank in ranks), default=1)
     return {
         **(about or {}),
         "ranks": len(ranks), "hosts": [rank["host"] for rank in ranks],
+        "threads": threads,   # the most tracks a rank has (row threads)
         "steps": [steps[0], steps[-1]] if steps else [],
         "clock": {
             "source": "time.perf_counter_ns (CLOCK_MONOTONIC) on each rank",
