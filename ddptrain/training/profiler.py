@@ -170,9 +170,10 @@ def instrument(wrapped, trainer, profiler, also=()):
             wrapped.wrap(layer, "sum_over_ranks", f"{layer.name} allreduce", "batchnorm",
                          collective=True)
     # the rank's other row threads, each on a replica of the model: a track of their own
-    for thread, (replica, loss_fn) in enumerate(step.thread_replicas, start=1):
+    replicas = step.thread_replicas
+    for thread, (replica, loss_fn) in enumerate(replicas, start=1):
         _instrument_model(wrapped, replica, loss_fn, thread)
-    if step.thread_replicas:   # the threads' BatchNorm sums meet in one call over the ranks
+    if replicas:   # the threads' BatchNorm sums meet in one call over the ranks
         wrapped.wrap(model, "sum_over_ranks", "batchnorm allreduce", "batchnorm", collective=True)
     wrapped.wrap(step.exchange, "reduce_", "exchange", "exchange", collective=True)
     wrapped.wrap(step.exchange, "publish_", "publish", "exchange", collective=True)
