@@ -18,6 +18,7 @@ import pytest
 
 import ddptrain
 from ddptrain.data import sampler
+from ddptrain.distributed.gather import MessageGather, NodeGather
 from ddptrain.distributed.sharding import NORM_CHUNK, shard_bounds
 from ddptrain.errors import UserError
 from ddptrain.nn.columns import BLOCK, ColumnSplit, blocks_of, owned_range
@@ -117,6 +118,26 @@ def test_2_3_and_4_ranks_give_the_bits_of_one_process_at_every_step(arrays, tmp_
     one = train(arrays, tmp_path, 1, **options)
     for ranks in (2, 3, 4):
         assert_bitwise_equal(one, train(arrays, tmp_path, ranks, **options), ranks)
+
+
+@pytest.mark.parametrize("exchange, through_memory", [("auto", True), ("allreduce", False)])
+def test_on_one_node_the_rows_and_columns_go_through_its_shared_memory(arrays, tmp_path,
+                                                                     monkeypatch, exchange,
+                                                                     through_memory):
+    """Where the gradient is summed in the node's memory, each step's rows (their counts, then
+    the rows) and the two shared products of 64-300-140-10 (the last layer's 10 columns are one
+    block, computed by every rank) meet there, and so do the evaluation's two products (the
+    test set in one pass); with --exchange allreduce, they go through MPI."""
+    gathers = []
+    gathered = NodeGather.allgather_
+
+    def counted(self, array, bounds):
+        gathers.append(len(array))
+        gathered(self, array, bounds)
+
+    monkeypatch.setattr(NodeGather, "allgather_", counted)
+    steps, _, _ = train(arrays, tmp_path, 2, spec="64-300-140-10", epochs=1, exchange=exchange)
+    assert len(gathers) == through_memory * 2 * (4 * len(steps) + 2)   # 2 ranks
 
 
 def test_6_and_8_ranks_too_with_uneven_local_batches(arrays, tmp_path):
@@ -433,7 +454,7 @@ def test_sharing_gives_every_rank_every_ranks_columns():
     rows, n = 5, 200
 
     def work(comm):
-        split = ColumnSplit(comm.rank, comm.size, comm.allgather_, width=64)
+        split = ColumnSplit(comm.rank, comm.size, MessageGather(comm), width=64)
         array = np.full((rows, n), -1.0, dtype=np.float32)
         start, stop = split.columns_of(n, comm.rank)
         array[:, start:stop] = comm.rank   # each rank writes its own columns only
@@ -452,7 +473,7 @@ def test_a_linear_layer_in_blocks_keeps_the_gradient_of_its_own_columns_only():
 
     def work(comm):
         model = Sequential.from_spec("10-150", dtype="float64", seed=0)
-        model.set_column_split(ColumnSplit(comm.rank, comm.size, comm.allgather_, width=64))
+        model.set_column_split(ColumnSplit(comm.rank, comm.size, MessageGather(comm), width=64))
         out = model.forward(x).copy()
         model.backward(dout)
         return out, model.layers[-1].grads["weight"].copy()
@@ -481,12 +502,13 @@ def test_a_rank_gathers_only_the_columns_that_a_layer_below_reads(spec, shares):
         model = Sequential.from_spec(spec, dtype="float64", seed=0)
         calls = []
 
-        def allgather_(flat, bounds):
-            calls.append(len(flat))
-            comm.allgather_(flat, bounds)
+        class Counted(MessageGather):
+            def allgather_(self, flat, bounds):
+                calls.append(len(flat))
+                super().allgather_(flat, bounds)
 
         if split:
-            model.set_column_split(ColumnSplit(comm.rank, comm.size, allgather_) if comm else
+            model.set_column_split(ColumnSplit(comm.rank, comm.size, Counted(comm)) if comm else
                                    ColumnSplit())
         model.set_batch_context(BatchContext(seed=0, step=1, positions=np.arange(6)))
         model.forward(x)
@@ -500,12 +522,19 @@ def test_a_rank_gathers_only_the_columns_that_a_layer_below_reads(spec, shares):
     np.testing.assert_allclose(in_blocks, gradient(split=False)[0], rtol=1e-9, atol=1e-15)
 
 
-def test_a_negative_zero_gradient_is_sent_as_positive_zero_as_a_sum_with_zeros_would_make_it():
-    model = Sequential.from_spec("2-3", dtype="float64", seed=0)
-    model.set_column_split(ColumnSplit())
-    model.forward(np.ones((1, 2)))
-    model.backward(np.array([[-0.0, 0.0, 0.0]]))   # x.T @ dout: 1.0 * -0.0 = -0.0
-    assert not np.signbit(model.layers[-1].grads["weight"]).any()
+def test_a_negative_zero_gradient_ends_positive_in_one_process_as_the_sum_over_ranks_makes_it():
+    def gradient(comm=None):
+        model = Sequential.from_spec("2-3", dtype="float64", seed=0)
+        model.set_column_split(ColumnSplit(comm.rank, comm.size, MessageGather(comm), width=1)
+                               if comm else ColumnSplit())
+        model.forward(np.ones((1, 2)))
+        model.backward(np.array([[-0.0, 0.0, 0.0]]))   # x.T @ dout: 1.0 * -0.0 = -0.0
+        return model.grads.copy()
+
+    assert not np.signbit(gradient()).any()   # one process: the owner makes it +0.0
+    summed = np.sum(on_simulated_ranks(2, gradient), axis=0)   # what the exchange adds up
+    assert not np.signbit(summed).any()
+    np.testing.assert_array_equal(summed.view(np.uint64), gradient().view(np.uint64))
 
 
 # ------------------------------------------------------------------ what the mode refuses

@@ -21,8 +21,11 @@ variant                chosen by                     the reduction              
 variant: ``during_backward`` around the backward pass, ``reduce_``, then
 ``owned`` (the part of the gradient this rank updates), ``norm_share`` and
 ``global_norm`` (the gradient's 2-norm, the same on every rank), the optimiser
-on the owned part, and ``publish_``. ``make_exchange`` picks the variant; the
-runner and the benchmark both call it.
+on the owned part, and ``publish_``; with ``--reproducible``, ``gatherer``
+(how the batch's rows and the products' columns reach every rank:
+``gather.py``, through the node's memory where this exchange sums there).
+``make_exchange`` picks the variant; the runner and the benchmark both call
+it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import contextlib
 
 import numpy as np
 
+from ddptrain.distributed.gather import MessageGather, NodeGather
 from ddptrain.distributed.node_memory import (
     HEADROOM,
     SHARED_MEMORY_FOLDER,
@@ -55,6 +59,17 @@ class Allreduce:
         # where the ranks' slices of the gradient may start (shard_bounds): NORM_CHUNK with
         # --reproducible
         self.align = align
+        self._gatherer = None
+
+    def gatherer(self):
+        """How ``--reproducible`` brings every rank's rows and columns to every rank
+        (``gather.py``), made once: with MPI here."""
+        if self._gatherer is None:
+            self._gatherer = self._make_gatherer()
+        return self._gatherer
+
+    def _make_gatherer(self):
+        return MessageGather(self.comm)
 
     def sharded_optimizer(self, optimizer):
         """The optimiser as this exchange runs it: as it is, or (sharded) over this rank's slice."""
@@ -66,6 +81,12 @@ class Allreduce:
 
     def detach(self, model):
         """Called after training (a collective): the model keeps arrays of its own."""
+        self._close_gatherer()
+
+    def _close_gatherer(self):
+        if self._gatherer is not None:
+            self._gatherer.close()
+            self._gatherer = None
 
     def during_backward(self, model):
         """A context manager around the step's backward pass (where reducing may start early)."""
@@ -192,7 +213,14 @@ class NodeSharedMemory(ReduceScatter):
     def attach(self, model):
         self.memory.place(model)   # the parameters every rank holds, shared from now on
 
+    def _make_gatherer(self):
+        # the rows and columns through the node's memory too, where one node holds every rank
+        if self.memory.across.size == 1:
+            return NodeGather(self.memory.node)
+        return MessageGather(self.comm)
+
     def detach(self, model):
+        self._close_gatherer()
         self.memory.release(model)
 
     def reduce_(self, grads):

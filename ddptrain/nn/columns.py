@@ -23,7 +23,7 @@ same inputs whatever the number of ranks, run with one BLAS thread:
 
 The blocks of a product are shared out among the ranks, each rank
 computes its share (on ``threads`` Python threads, each calling the
-one-thread BLAS), and ``allgather_`` brings every rank's columns to every
+one-thread BLAS), and an allgather brings every rank's columns to every
 rank (but where every rank computes all of a small layer's products,
 ``ColumnSplit.everywhere``, or no rank reads the others' columns,
 ``Sequential._plan_input_grads``). So the arithmetic of every number is
@@ -35,11 +35,13 @@ batch on every rank: the same work as one process, hence the same bits.
 The gradient of a parameter is then *owned* by one rank: a block's by the
 rank that computed it, a whole-batch layer's by rank 0. The others zero
 their copy, so the gradient exchange adds one number and zeros, which is
-exact in any order and through any exchange. An owner's ``-0.0`` is made
-``+0.0`` first (``-0.0 + 0.0`` is ``+0.0``), as a sum with zeros would.
+exact in any order and through any exchange. That sum makes an owner's
+``-0.0`` into ``+0.0`` (``-0.0 + 0.0`` is ``+0.0``); in one process, with no
+sum, the owner does it.
 
-Nothing here knows about MPI: the run hands in ``allgather_`` (the
-communicator's, or nothing in one process).
+Nothing here knows about MPI: the run hands in a ``gather``
+(``distributed/gather.py``: with MPI, or through the node's shared memory;
+nothing in one process).
 """
 
 from __future__ import annotations
@@ -47,8 +49,6 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-
-from ddptrain.nn.layer import Scratch
 
 # Output columns per canonical call. Part of what fixes the bits: runs compared with each other
 # must use the same value. OpenBLAS multiplies 64-column blocks 20-30% slower than the whole
@@ -74,26 +74,22 @@ def _run_all(calls):
         call()
 
 
-def _identity_gather(array, bounds):
-    return array
-
-
 class ColumnSplit:
     """Who computes which blocks of columns, and how the ranks' columns reach every rank.
 
-    ``rank``, ``size``: this rank and the number of ranks; ``allgather_``:
-    ``comm.allgather_(flat, bounds)`` (every rank's slice of a flat array,
-    everywhere; nothing to do in one process); ``threads``: the Python
-    threads that run this rank's canonical calls (each calls a one-thread
-    BLAS), so one process with 2 threads computes what 2 ranks compute.
+    ``rank``, ``size``: this rank and the number of ranks; ``gather``:
+    how every rank's slice of a flat array reaches every rank (``buffer``,
+    then ``allgather_``: ``distributed/gather.py``; none in one process);
+    ``threads``: the Python threads that run this rank's canonical calls
+    (each calls a one-thread BLAS), so one process with 2 threads computes
+    what 2 ranks compute.
     """
 
-    def __init__(self, rank=0, size=1, allgather_=None, threads=1, width=BLOCK):
+    def __init__(self, rank=0, size=1, gather=None, threads=1, width=BLOCK):
         self.rank, self.size, self.width = rank, size, width
-        self._allgather = allgather_ or _identity_gather
+        self.gather = gather
         self.threads = max(1, int(threads))
         self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
-        self._scratch = Scratch()
 
     def describe(self):
         return (f"matrix products in blocks of {self.width} columns, 1 BLAS thread each, "
@@ -153,11 +149,11 @@ class ColumnSplit:
         rows, n = array.shape
         spans = [self.columns_of(n, rank) for rank in range(self.size)]
         bounds = np.cumsum([0] + [rows * (stop - start) for start, stop in spans])
-        packed = self._scratch.get("packed", (int(bounds[-1]),), array.dtype)
+        packed = self.gather.buffer("share", int(bounds[-1]), array.dtype)
         start, stop = spans[self.rank]
         mine = packed[bounds[self.rank]:bounds[self.rank + 1]].reshape(rows, stop - start)
         np.copyto(mine, array[:, start:stop])
-        self._allgather(packed, bounds)
+        self.gather.allgather_(packed, bounds)   # DDP: every rank's columns
         for rank, (start, stop) in enumerate(spans):
             if rank != self.rank and stop > start:
                 array[:, start:stop] = packed[bounds[rank]:bounds[rank + 1]].reshape(
@@ -170,10 +166,12 @@ class ColumnSplit:
             self._pool = None
 
 
-def keep_owned(array, owned):
-    """What an owner sends: ``array`` with ``-0.0`` made ``+0.0`` where owned, zeros elsewhere."""
-    if owned:
-        array += 0   # -0.0 + 0.0 = +0.0: as a sum with the other ranks' zeros would make it
-    else:
+def keep_owned(array, owned, summed=False):
+    """What an owner sends: ``array`` with ``-0.0`` made ``+0.0`` where owned, zeros elsewhere.
+    ``summed``: the exchange adds the other ranks' zeros to it (P > 1), which makes ``+0.0`` of
+    ``-0.0`` itself."""
+    if not owned:
         array[...] = 0
+    elif not summed:
+        array += 0   # -0.0 + 0.0 = +0.0: as a sum with the other ranks' zeros would make it
     return array

@@ -155,7 +155,7 @@ class Linear(Layer):
             calls += [lambda a=a, b=b: input_block(a, b) for a, b in (
                 columns.blocks(self.n_in) if everywhere else columns.my_blocks(self.n_in))]
         columns.run(calls)
-        _own_only(grad_w, grad_b, *columns.columns_of(self.n_out, columns.rank))
+        _own_only(grad_w, grad_b, *columns.columns_of(self.n_out, columns.rank), columns.size > 1)
         if not need_input_grad or everywhere:
             return dx if need_input_grad else None
         if self.share_input_grad:
@@ -165,12 +165,12 @@ class Linear(Layer):
         return dx
 
 
-def _own_only(grad_w, grad_b, first, stop):
+def _own_only(grad_w, grad_b, first, stop, summed):
     """The weight and bias gradients as their owner sends them: columns ``[first, stop)``, zeros
     elsewhere (``columns.keep_owned``)."""
     for grad in (grad_w, grad_b):
         if grad is not None:
-            keep_owned(grad[..., first:stop], True)
+            keep_owned(grad[..., first:stop], True, summed)
             keep_owned(grad[..., :first], False)
             keep_owned(grad[..., stop:], False)
 

@@ -375,7 +375,7 @@ class Sequential:
             dout = layer.backward(dout, need_input_grad=need_input_grad or i > last)
             if self.columns is not None and not layer.splits_columns:
                 for grad in layer.grads.values():   # one owner per gradient: see columns.py
-                    keep_owned(grad, self.columns.owns_whole_batch_layers)
+                    keep_owned(grad, self.columns.owns_whole_batch_layers, self.columns.size > 1)
             if self.observer is not None:
                 self.observer("backward", layer, dout)
             if self.gradient_ready is not None:

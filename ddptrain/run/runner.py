@@ -22,6 +22,7 @@ from ddptrain.data.arrays import ArrayInfo
 from ddptrain.data.format import DatasetInfo
 from ddptrain.data.stream import ArrayRows, FileRows, WindowStream
 from ddptrain.distributed.exchange import make_exchange
+from ddptrain.distributed.gather import MessageGather
 from ddptrain.distributed.slurm import describe_slurm
 from ddptrain.distributed.watchdog import watch_for_stalls
 from ddptrain.errors import EXIT_OK, EXIT_PREEMPTED, same_on_every_rank
@@ -180,9 +181,9 @@ def _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays):
 def column_split(comm, threads):
     """--reproducible's ``ColumnSplit``: this rank's blocks of every product, run on ``threads``
     Python threads that each call a one-thread BLAS (so one process with 2 threads computes what 2
-    ranks compute)."""
+    ranks compute). Its columns travel through MPI until the step hands it the exchange's way."""
     limit_blas_to_one_thread()
-    return ColumnSplit(comm.rank, comm.size, comm.allgather_, threads)
+    return ColumnSplit(comm.rank, comm.size, MessageGather(comm), threads)
 
 
 def limit_blas_to_one_thread():

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ddptrain.distributed.gather import MessageGather
 from ddptrain.nn.losses import SoftmaxCrossEntropy
 from ddptrain.training.reproducible import RowGather
 
@@ -71,7 +72,7 @@ def evaluate_in_global_order(model, comm, split, n_classes, chunk):
     of one process whatever the number of ranks. Collective."""
     sizes = comm.allgather(split.n_rows)   # DDP: each rank's consecutive block of the split
     starts = np.cumsum([0] + sizes)
-    tally, gather = _Tally(n_classes), RowGather(comm)
+    tally, gather = _Tally(n_classes), RowGather(MessageGather(comm))
     with _evaluation_mode(model):
         for first in range(0, int(starts[-1]), chunk):
             last = min(first + chunk, int(starts[-1]))
@@ -110,7 +111,7 @@ def _evaluation_mode(model):
 def _gather_rows(gather, split, starts, first, last):
     """Rows ``[first, last)`` of the whole split, on every rank, in order: each rank's part of them,
     from its block ``[starts[rank], starts[rank + 1])``, through ``gather`` (a RowGather)."""
-    comm = gather.comm
+    comm = gather.through
     mine = [min(max(row, starts[comm.rank]), starts[comm.rank + 1]) for row in (first, last)]
     x, y = split.rows(int(mine[0] - starts[comm.rank]), int(mine[1] - starts[comm.rank]))
     if comm.size == 1:

@@ -100,8 +100,8 @@ class _GroupSums:
     """Arrays of every group of the batch, whichever thread and rank holds them, added in group
     order; every thread of every rank gets the total."""
 
-    def __init__(self, comm, threads):
-        self.comm = comm
+    def __init__(self, comm, through, threads):
+        self.comm, self.through = comm, through   # through: how every rank's parts travel
         self.barrier = threading.Barrier(threads)
         self.slots = [()] * threads
         self.holders = None   # per group: the rank that holds it, -1 for none (this step)
@@ -134,11 +134,11 @@ class _GroupSums:
             ranks = range(self.comm.size)
             held = [np.flatnonzero(self.holders == rank) for rank in ranks]
             bounds = np.cumsum([0] + [len(groups) * length for groups in held])
-            flat = np.empty(int(bounds[-1]), dtype=dtype)
+            flat = self.through.buffer(f"group sums of {length}", int(bounds[-1]), dtype)
             mine = flat[bounds[self.comm.rank]:bounds[self.comm.rank + 1]].reshape(-1, length)
             for row, group in enumerate(held[self.comm.rank]):
                 mine[row] = parts[int(group)].reshape(-1)
-            self.comm.allgather_(flat, bounds)   # DDP: every group's part
+            self.through.allgather_(flat, bounds)   # DDP: every group's part
             parts = {int(group): flat[bounds[rank] + row * length:
                                       bounds[rank] + (row + 1) * length]
                      for rank in ranks for row, group in enumerate(held[rank])}
@@ -163,7 +163,7 @@ class RowGroups:
     the trunk's rank 0, a block's its rank (``columns.keep_owned``).
     """
 
-    def __init__(self, model, loss_fn, comm, count, threads=1, count_correct=None):
+    def __init__(self, model, loss_fn, comm, through, count, threads=1, count_correct=None):
         self.model, self.comm, self.count = model, comm, int(count)
         self.threads = max(1, int(threads))
         self._loss_fn, self._count_correct = loss_fn, count_correct
@@ -173,11 +173,11 @@ class RowGroups:
                                for shape in layer.param_shapes().values())
         # the head's products in blocks of columns (the trunk has none: the head starts at the
         # first layer that has)
-        model.set_column_split(ColumnSplit(comm.rank, comm.size, comm.allgather_, self.threads))
+        model.set_column_split(ColumnSplit(comm.rank, comm.size, through, self.threads))
         replicas = [model] + [model.replica() for _ in range(self.threads - 1)]
         self._workers = [_Worker(replica, self.head) for replica in replicas]
-        self._sums = _GroupSums(comm, self.threads)
-        self._rows = RowGather(comm)
+        self._sums = _GroupSums(comm, through, self.threads)
+        self._rows = RowGather(through)
         self._pool = (ThreadPoolExecutor(self.threads - 1, thread_name_prefix="groups")
                       if self.threads > 1 else None)
 
@@ -217,7 +217,7 @@ class RowGroups:
         np.copyto(trunk, self._sums.add_all([(group, part[:self._trunk_size])
                                              for result in done for group, part in result],
                                             trunk))
-        keep_owned(trunk, self.comm.rank == 0)   # one owner: see columns.py
+        keep_owned(trunk, self.comm.rank == 0, self.comm.size > 1)   # one owner: see columns.py
         if ready is not None:   # --overlap-allreduce: every layer's gradient is final now
             for index in range(len(layers) - 1, -1, -1):
                 ready(index)

@@ -32,33 +32,51 @@ class RowGather:
 
     Each rank's rows travel with their positions and labels as two more
     columns (whole numbers, exact in the rows' floating type), in one
-    allgather after one of the row counts; then every rank sorts them by
-    position. Through buffers kept from call to call: a fresh array of a
-    batch's size each step costs its page faults, as much as the gathering.
+    allgather after one of the row counts (and first positions), ``through``
+    a gather (``distributed/gather.py``); then every rank sorts them by
+    position. Through the node's shared memory, each rank writes its rows
+    straight to their positions instead, and there is nothing to sort. Into
+    buffers kept from call to call: a fresh array of a batch's size each step
+    costs its page faults, as much as the gathering.
     """
 
-    def __init__(self, comm):
-        self.comm = comm
+    def __init__(self, through):
+        self.through = through
         self._scratch = Scratch()
 
     def gather(self, parts):
         """``(values, labels, positions)`` of every rank's rows, sorted by position, from this
-        rank's ``parts``: ``[(values, positions, labels)]``, ``values`` ``(rows, ...)`` floats. The
-        arrays are the gatherer's until its next call. A collective."""
-        comm, sample = self.comm, parts[0][0].shape[1:]
+        rank's ``parts``: ``[(values, positions, labels)]``, ``values`` ``(rows, ...)`` floats,
+        the positions of all the ranks' rows consecutive whole numbers, once each. The arrays are
+        the gatherer's until the call after next. A collective."""
+        gather, sample = self.through, parts[0][0].shape[1:]
         width, dtype = int(np.prod(sample, dtype=np.int64)), parts[0][0].dtype
-        counts = np.zeros(comm.size)
-        counts[comm.rank] = sum(len(values) for values, _, _ in parts)
-        comm.allgather_(counts, np.arange(comm.size + 1))   # DDP: every rank's row count
-        bounds = np.concatenate([[0], np.cumsum(counts.astype(np.int64) * (width + 2))])
-        packed = self._scratch.get("packed", (int(bounds[-1]),), dtype).reshape(-1, width + 2)
-        row = int(bounds[comm.rank]) // (width + 2)
+        # every rank's row count, and the first position of its rows
+        counts = gather.buffer("row counts", 2 * gather.size, np.float64).reshape(-1, 2)
+        counts[gather.rank] = (sum(len(values) for values, _, _ in parts),
+                               min((int(positions.min()) for _, positions, _ in parts
+                                    if len(positions)), default=np.inf))
+        gather.allgather_(counts.reshape(-1), np.arange(gather.size + 1) * 2)   # DDP
+        counts, first = counts[:, 0].astype(np.int64), counts[:, 1].min()
+        bounds = np.concatenate([[0], np.cumsum(counts * (width + 2))])
+        packed = gather.buffer("rows", int(bounds[-1]), dtype).reshape(-1, width + 2)
+        if gather.shared:
+            # one buffer for every rank: each writes its rows where they go, nothing to sort
+            first = int(first) if len(packed) else 0
+            for values, positions, labels in parts:
+                packed[positions - first, :width] = values.reshape(len(values), width)
+                packed[positions - first, width + 1] = labels
+            gather.allgather_(packed.reshape(-1), bounds)   # DDP: every rank's rows
+            rows = len(packed)
+            return (packed[:, :width].reshape(rows, *sample),
+                    packed[:, width + 1].astype(parts[0][2].dtype), first + np.arange(rows))
+        row = int(bounds[gather.rank]) // (width + 2)
         for values, positions, labels in parts:
             mine = packed[row:row + len(values)]
             mine[:, :width] = values.reshape(len(values), width)
             mine[:, width], mine[:, width + 1] = positions, labels
             row += len(values)
-        comm.allgather_(packed.reshape(-1), bounds)   # DDP: every rank's rows
+        gather.allgather_(packed.reshape(-1), bounds)   # DDP: every rank's rows
         order = np.argsort(packed[:, width], kind="stable")
         rows = len(order)
         values = self._scratch.get("sorted", (rows * width,), dtype).reshape(rows, width)
@@ -71,14 +89,13 @@ class RowGather:
 class BatchGather:
     """Every rank's rows of each global batch, on every rank, in global order (``gather``)."""
 
-    def __init__(self, comm):
-        self.comm = comm
-        self._rows = RowGather(comm)
+    def __init__(self, through):
+        self._rows = RowGather(through)
 
     def gather(self, x, y, context):
         """``(x, y, context)`` of the whole global batch from this rank's ``x``, ``y`` and
         ``context.positions`` (where its rows sit in the global batch). A collective."""
-        if self.comm.size == 1:
+        if self._rows.through.size == 1:
             return x, y, context
         x, y, _ = self._rows.gather([(x, context.positions, y)])
         return x, y, BatchContext(context.seed, context.step, np.arange(len(y)))

@@ -115,10 +115,14 @@ class TrainStep:
         # --reproducible (reproducible.py): the whole batch on every rank, the model in blocks of
         # columns (model.set_column_split), a norm and totals with a fixed recipe
         self.reproducible = reproducible
-        self._batch_gather = BatchGather(self.comm) if reproducible else None
+        # DDP: how the rows and columns travel: the exchange's way (MPI, or the node's memory)
+        gather = exchange.gatherer() if reproducible else None
+        if gather is not None and model.columns is not None:
+            model.columns.gather = gather
+        self._batch_gather = BatchGather(gather) if reproducible else None
         self._rows = (RowThreads(model, loss_fn, row_threads, local_gradient) if row_threads > 1
                       else None)
-        self._groups = (RowGroups(model, loss_fn, self.comm, row_groups, group_threads,
+        self._groups = (RowGroups(model, loss_fn, self.comm, gather, row_groups, group_threads,
                                   count_correct) if reproducible and row_groups else None)
         self._accumulated = None
         self.after_reduce = []
