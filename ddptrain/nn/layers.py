@@ -137,12 +137,15 @@ class Linear(Layer):
         columns, matmul, weight = self.columns, self.backend.matmul, self.params["weight"]
         grad_w, grad_b = self.grads["weight"], self.grads.get("bias")
         ones = self._scratch.constant(1, dout.shape[0], dout.dtype)
-        mine = columns.my_blocks(self.n_out)
+        mine, summed = columns.my_blocks(self.n_out), columns.size > 1
 
         def weight_block(start, stop):
+            # each block as its owner sends it (columns.keep_owned), on its thread, in the cache
             matmul(self._x.T, dout[:, start:stop], out=grad_w[:, start:stop])
+            keep_owned(grad_w[:, start:stop], True, summed)
             if grad_b is not None:
                 matmul(ones, dout[:, start:stop], out=grad_b[start:stop])
+                keep_owned(grad_b[start:stop], True, summed)
 
         dx = self._scratch.get("dx", (dout.shape[0], self.n_in), dout.dtype)
 
@@ -155,7 +158,7 @@ class Linear(Layer):
             calls += [lambda a=a, b=b: input_block(a, b) for a, b in (
                 columns.blocks(self.n_in) if everywhere else columns.my_blocks(self.n_in))]
         columns.run(calls)
-        _own_only(grad_w, grad_b, *columns.columns_of(self.n_out, columns.rank), columns.size > 1)
+        _zero_others(grad_w, grad_b, *columns.columns_of(self.n_out, columns.rank))
         if not need_input_grad or everywhere:
             return dx if need_input_grad else None
         if self.share_input_grad:
@@ -165,12 +168,11 @@ class Linear(Layer):
         return dx
 
 
-def _own_only(grad_w, grad_b, first, stop, summed):
-    """The weight and bias gradients as their owner sends them: columns ``[first, stop)``, zeros
-    elsewhere (``columns.keep_owned``)."""
+def _zero_others(grad_w, grad_b, first, stop):
+    """The weight and bias gradients of the columns outside this rank's ``[first, stop)``: zeros
+    (``columns.keep_owned``)."""
     for grad in (grad_w, grad_b):
         if grad is not None:
-            keep_owned(grad[..., first:stop], True, summed)
             keep_owned(grad[..., :first], False)
             keep_owned(grad[..., stop:], False)
 
