@@ -2,10 +2,13 @@
 node's shared memory, on simulated ranks (threads of this process, whose shared blocks are one
 array)."""
 
+import threading
+
 import numpy as np
 import pytest
 
 from ddptrain.distributed.gather import MessageGather, NodeGather
+from ddptrain.errors import UserError
 from helpers import on_simulated_ranks
 
 WAYS = {"messages": MessageGather, "node memory": lambda comm: NodeGather(comm.split_by_node()[0])}
@@ -58,3 +61,22 @@ def test_a_node_gather_gathers_only_the_buffer_it_gave_last():
     gather.buffer("rows", 4, np.float32)
     with pytest.raises(ValueError, match="the last buffer it gave"):
         gather.allgather_(np.zeros(4, np.float32), [0, 4])
+
+
+def test_a_node_gather_refuses_on_every_rank_where_the_node_memory_is_short(monkeypatch):
+    """A full /dev/shm would end a rank with SIGBUS when it touched the pages: every rank of the
+    node says so in one line instead, together (none is left waiting in the collective), though
+    only rank 1 found it short."""
+    from ddptrain.distributed import node_memory
+    seen = threading.local()
+    monkeypatch.setattr(node_memory, "shared_memory_free",
+                        lambda: 1000 if getattr(seen, "short", False) else None)
+
+    def work(comm):
+        seen.short = comm.rank == 1
+        with pytest.raises(UserError, match=r"/dev/shm has less than 20 KiB free .* use "
+                                            r"--exchange allreduce"):
+            WAYS["node memory"](comm).buffer("rows", 4096, np.float32)
+        return True
+
+    assert on_simulated_ranks(2, work) == [True, True]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ddptrain.distributed import node_memory
 from ddptrain.errors import UserError
 
 
@@ -98,9 +99,23 @@ class NodeGather:
         self._last = None
 
     def _allocate(self, size, dtype):
+        size = max(int(size), 1)
+        need = size * np.dtype(dtype).itemsize
+        # a full /dev/shm kills a rank with SIGBUS when it touches the pages: checked first, and
+        # every rank of the node refuses together (or none does)
+        free = node_memory.shared_memory_free()
+        short = free is not None and free < node_memory.HEADROOM * need
+        if self.node.allreduce(int(short)):
+            raise UserError(f"--reproducible: {node_memory.SHARED_MEMORY_FOLDER} has less than "
+                            f"{_amount(node_memory.HEADROOM * need)} free on this node for its "
+                            "buffers of rows and columns; free some, or use --exchange allreduce")
         try:
-            return self.node.allocate_shared(max(int(size), 1), dtype)
+            return self.node.allocate_shared(size, dtype)
         except Exception as error:   # noqa: BLE001 - the MPI library's, whatever its type: one line
-            raise UserError(f"--reproducible: could not get {size * np.dtype(dtype).itemsize:,} "
-                            f"bytes of shared memory on this node ({type(error).__name__}: "
-                            f"{error}); use --exchange allreduce") from error
+            raise UserError(f"--reproducible: could not get {_amount(need)} of shared memory on "
+                            f"this node ({type(error).__name__}: {error}); use --exchange "
+                            "allreduce") from error
+
+
+def _amount(size):
+    return f"{size / 2 ** 20:.1f} MiB" if size >= 2 ** 20 else f"{size / 2 ** 10:.0f} KiB"
