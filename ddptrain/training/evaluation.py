@@ -111,10 +111,10 @@ def _evaluation_mode(model):
 def _gather_rows(gather, split, starts, first, last):
     """Rows ``[first, last)`` of the whole split, on every rank, in order: each rank's part of them,
     from its block ``[starts[rank], starts[rank + 1])``, through ``gather`` (a RowGather)."""
-    comm = gather.through
-    mine = [min(max(row, starts[comm.rank]), starts[comm.rank + 1]) for row in (first, last)]
-    x, y = split.rows(int(mine[0] - starts[comm.rank]), int(mine[1] - starts[comm.rank]))
-    if comm.size == 1:
+    rank, size = gather.through.rank, gather.through.size
+    mine = [min(max(row, starts[rank]), starts[rank + 1]) for row in (first, last)]
+    x, y = split.rows(int(mine[0] - starts[rank]), int(mine[1] - starts[rank]))
+    if size == 1:
         return x, y
     # positions within the chunk: exact in any floating type (a chunk is far below 2**24 rows)
     positions = np.arange(mine[0], mine[1]) - first
