@@ -9,7 +9,7 @@ import pytest
 
 import ddptrain
 from ddptrain import cli
-from ddptrain.distributed import exchange
+from ddptrain.distributed import node_memory
 from ddptrain.distributed.exchange import choose_node_memory
 from ddptrain.distributed.node_memory import NodeMemory
 from ddptrain.distributed.sharding import shard_bounds
@@ -172,7 +172,7 @@ def test_an_unknown_exchange_is_refused_by_name(small_data, tmp_path, capsys):
 
 def test_without_room_in_shared_memory_auto_falls_back_to_allreduce_and_a_request_for_it_is_refused(
         small_data, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(exchange, "shared_memory_free", lambda: 1024)   # 1 KiB free in /dev/shm
+    monkeypatch.setattr(node_memory, "shared_memory_free", lambda: 1024)   # 1 KiB free in /dev/shm
     assert cli.main(["--data", small_data, "--model", model_spec(), "--epochs", "1",
                      "--simulate-ranks", "2", "--run-dir", str(tmp_path / "auto")]) == 0
     assert "gradients: MPI Allreduce (/dev/shm has less than" in capsys.readouterr().out

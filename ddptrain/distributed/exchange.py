@@ -39,7 +39,7 @@ from ddptrain.distributed.node_memory import (
     HEADROOM,
     SHARED_MEMORY_FOLDER,
     NodeMemory,
-    shared_memory_free,
+    has_room_for,
 )
 from ddptrain.distributed.overlap import GradientBuckets
 from ddptrain.distributed.sharding import NORM_CHUNK, ShardedOptimizer, shard_bounds
@@ -264,8 +264,7 @@ def choose_node_memory(comm, config, n_params):
     across.free()
     itemsize = np.dtype(config.dtype).itemsize
     needed = (node_size + 1) * n_params * itemsize
-    free = shared_memory_free()
-    fits = free is None or free >= HEADROOM * needed
+    fits = has_room_for(needed)
     layouts = comm.allgather((node_size, fits))
     if all(size == 1 for size, _ in layouts):
         # nothing to share: a node-level block would only add a copy

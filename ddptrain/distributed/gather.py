@@ -23,6 +23,7 @@ import numpy as np
 
 from ddptrain.distributed import node_memory
 from ddptrain.errors import UserError
+from ddptrain.nn.layer import Scratch
 
 
 class MessageGather:
@@ -32,15 +33,12 @@ class MessageGather:
 
     def __init__(self, comm):
         self.comm, self.rank, self.size = comm, comm.rank, comm.size
-        self._buffers = {}
+        self._scratch = Scratch()
 
     def buffer(self, name, size, dtype):
         """A flat array of ``size`` values of ``dtype`` for the parts of a gather named ``name``;
         what it holds stays until the call after next for that name."""
-        array = self._buffers.get(name)
-        if array is None or array.size < size or array.dtype != dtype:
-            array = self._buffers[name] = np.empty(size, dtype)
-        return array[:size]
+        return self._scratch.get(name, (size,), dtype)
 
     def allgather_(self, array, bounds):
         """``array[bounds[r]:bounds[r + 1]]``, written by rank ``r``, on every rank, for every
@@ -48,7 +46,7 @@ class MessageGather:
         self.comm.allgather_(array, bounds)
 
     def close(self):
-        self._buffers.clear()
+        self._scratch = Scratch()
 
 
 class NodeGather:
@@ -101,21 +99,15 @@ class NodeGather:
     def _allocate(self, size, dtype):
         size = max(int(size), 1)
         need = size * np.dtype(dtype).itemsize
-        # a full /dev/shm kills a rank with SIGBUS when it touches the pages: checked first, and
-        # every rank of the node refuses together (or none does)
-        free = node_memory.shared_memory_free()
-        short = free is not None and free < node_memory.HEADROOM * need
-        if self.node.allreduce(int(short)):
+        # checked before MPI maps the pages, and every rank of the node refuses together (or none)
+        if self.node.allreduce(int(not node_memory.has_room_for(need))):
             raise UserError(f"--reproducible: {node_memory.SHARED_MEMORY_FOLDER} has less than "
-                            f"{_amount(node_memory.HEADROOM * need)} free on this node for its "
-                            "buffers of rows and columns; free some, or use --exchange allreduce")
+                            f"{node_memory.amount_text(node_memory.HEADROOM * need)} free on this "
+                            "node for its buffers of rows and columns; free some, or use "
+                            "--exchange allreduce")
         try:
             return self.node.allocate_shared(size, dtype)
         except Exception as error:   # noqa: BLE001 - the MPI library's, whatever its type: one line
-            raise UserError(f"--reproducible: could not get {_amount(need)} of shared memory on "
-                            f"this node ({type(error).__name__}: {error}); use --exchange "
-                            "allreduce") from error
-
-
-def _amount(size):
-    return f"{size / 2 ** 20:.1f} MiB" if size >= 2 ** 20 else f"{size / 2 ** 10:.0f} KiB"
+            raise UserError(f"--reproducible: could not get {node_memory.amount_text(need)} of "
+                            f"shared memory on this node ({type(error).__name__}: {error}); use "
+                            "--exchange allreduce") from error

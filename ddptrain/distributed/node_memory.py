@@ -64,8 +64,7 @@ class NodeMemory:
         try:
             self._block = node.allocate_shared(count, dtype)
         except Exception as error:   # noqa: BLE001 - the MPI library's, whatever its type: one line, not a traceback
-            size = count * np.dtype(dtype).itemsize
-            amount = f"{size / 2 ** 20:.1f} MiB" if size >= 2 ** 20 else f"{size / 2 ** 10:.0f} KiB"
+            amount = amount_text(count * np.dtype(dtype).itemsize)
             raise UserError(f"--exchange shared-memory: could not get {amount} of shared memory on "
                             f"this node ({type(error).__name__}: {error}); use --exchange "
                             "allreduce") from error
@@ -134,3 +133,15 @@ def shared_memory_free():
     except (OSError, AttributeError):
         return None
     return stats.f_bavail * stats.f_frsize
+
+
+def has_room_for(size):
+    """Whether this node's shared memory has ``size`` bytes free, with ``HEADROOM`` to spare (a full
+    /dev/shm kills a rank with SIGBUS when it touches the pages, not an error); True if unknown."""
+    free = shared_memory_free()
+    return free is None or free >= HEADROOM * size
+
+
+def amount_text(size):
+    """``size`` bytes as MiB, or KiB below one MiB."""
+    return f"{size / 2 ** 20:.1f} MiB" if size >= 2 ** 20 else f"{size / 2 ** 10:.0f} KiB"
