@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import io
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -522,6 +523,71 @@ def test_a_rank_gathers_only_the_columns_that_a_layer_below_reads(spec, shares):
     np.testing.assert_allclose(in_blocks, gradient(split=False)[0], rtol=1e-9, atol=1e-15)
 
 
+def test_a_relu_between_products_is_done_block_by_block_by_the_linear_layers_beside_it():
+    """Its forward by the layer before (on each block of its output), its backward by the layer
+    after (on each block of its input gradient): the same numbers, without a pass of its own."""
+    rng = np.random.default_rng(0)
+    x, dout = rng.standard_normal((6, 10)), rng.standard_normal((6, 10))
+
+    def run(split):
+        model = Sequential.from_spec("10-300-140-10", dtype="float64", seed=0)
+        model.set_column_split(split)
+        out = model.forward(x).copy()
+        model.backward(dout)
+        return model, out, model.grads.copy()
+
+    model, out, grads = run(ColumnSplit(threads=2, width=64))
+    linear1, relu1, linear2, relu2, linear3 = model.layers[1:]
+    assert linear1.activation_after is relu1 and linear2.activation_before is relu1
+    assert linear2.activation_after is relu2 and linear3.activation_before is relu2
+    assert relu1.forward_done_in_blocks and relu1.backward_done_in_blocks
+    plain, plain_out, plain_grads = run(None)
+    assert not any(layer.forward_done_in_blocks or layer.backward_done_in_blocks
+                   for layer in plain.layers if layer.works_in_blocks)
+    np.testing.assert_allclose(out, plain_out, rtol=1e-12)
+    np.testing.assert_allclose(grads, plain_grads, rtol=1e-9, atol=1e-15)
+    # a replica (a thread's copy, training/groups.py) starts without a split: each layer its own
+    assert not model.replica().layers[2].forward_done_in_blocks
+    model.columns.close()
+
+
+def test_through_the_nodes_memory_each_rank_writes_its_columns_where_the_others_read_them():
+    """No copy in or out: a layer's output is a buffer of the gather, whose other columns the other
+    ranks wrote; the layer after it does not write over it; and the bits are those of the gather
+    through MPI."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 10))
+
+    def forward(comm, way):
+        model = Sequential.from_spec("10-300-bn-140-10", dtype="float64", seed=0)
+        gather = (NodeGather(comm.split_by_node()[0]) if way == "node memory"
+                  else MessageGather(comm))
+        buffers, outputs, arrays = [], {}, {}
+        handed = gather.buffer
+        gather.buffer = lambda *args: buffers.append(handed(*args)) or buffers[-1]
+
+        def observe(kind, layer, array):
+            outputs[layer.name], arrays[layer.name] = array.copy(), array
+
+        model.observer = observe
+        model.set_column_split(ColumnSplit(comm.rank, comm.size, gather, width=64))
+        model.forward(x)
+        in_buffer = any(np.shares_memory(arrays["linear1"], buffer) for buffer in buffers)
+        assert not model.layers[2].in_place   # it centres a copy: the output is every rank's
+        assert outputs["linear1"].tobytes() == arrays["linear1"].tobytes()   # and left alone
+        gather.close()
+        return outputs, in_buffer
+
+    node = on_simulated_ranks(2, lambda comm: forward(comm, "node memory"))
+    messages = on_simulated_ranks(2, lambda comm: forward(comm, "messages"))
+    assert [in_buffer for _, in_buffer in node] == [True, True]
+    assert [in_buffer for _, in_buffer in messages] == [False, False]
+    for (got, _), (want, _) in zip(node + messages, messages + messages):
+        assert got.keys() == want.keys()
+        for name in got:
+            np.testing.assert_array_equal(got[name], want[name])
+
+
 def test_a_negative_zero_gradient_ends_positive_in_one_process_as_the_sum_over_ranks_makes_it():
     def gradient(comm=None):
         model = Sequential.from_spec("2-3", dtype="float64", seed=0)
@@ -550,7 +616,11 @@ def test_options_that_break_the_promise_are_refused_in_one_line(arrays, options,
 
 
 def test_the_start_up_line_says_the_mode_is_on(arrays, tmp_path, capsys):
+    threads = threading.active_count()
     ddptrain.train("64-10", arrays, reproducible=True, dry_run=True, run_dir=str(tmp_path / "r"))
     out = capsys.readouterr().out
     assert "reproducible: the bits of one process on any number of ranks" in out
     assert f"blocks of {BLOCK} columns" in out
+    # and the threads of its products stop with the run, a dry run too (with threads alive, a
+    # later run would check its data file in a new process rather than a fork: data/readable.py)
+    assert threading.active_count() == threads

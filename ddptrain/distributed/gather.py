@@ -84,7 +84,7 @@ class NodeGather:
 
     def allgather_(self, array, bounds):
         """As ``MessageGather.allgather_``, ``array`` the last buffer asked for: every rank has
-        written its part there. A collective."""
+        written its part there, wherever it goes (``bounds`` are not needed). A collective."""
         if self._last is None or not np.shares_memory(array, self._last.array):
             raise ValueError("NodeGather gathers the last buffer it gave")
         self._last.sync()   # DDP: every rank's part written, and seen by all

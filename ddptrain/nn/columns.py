@@ -46,9 +46,11 @@ nothing in one process).
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import math
 
 import numpy as np
+
+from ddptrain.nn.crew import Crew
 
 # Output columns per canonical call. Part of what fixes the bits: runs compared with each other
 # must use the same value. OpenBLAS multiplies 64-column blocks 20-30% slower than the whole
@@ -89,7 +91,7 @@ class ColumnSplit:
         self.rank, self.size, self.width = rank, size, width
         self.gather = gather
         self.threads = max(1, int(threads))
-        self._pool = ThreadPoolExecutor(self.threads - 1) if self.threads > 1 else None
+        self._crew = Crew(self.threads, "columns") if self.threads > 1 else None
 
     def describe(self):
         return (f"matrix products in blocks of {self.width} columns, 1 BLAS thread each, "
@@ -131,20 +133,29 @@ class ColumnSplit:
         """Run the callables ``calls`` (canonical products writing into disjoint arrays), on this
         rank's threads: one batch of calls per thread, this one running its own, so a product
         costs one hand-off per thread rather than one per block."""
-        if self._pool is None or len(calls) < 2:
+        if self._crew is None or len(calls) < 2:
             for call in calls:
                 call()
             return
-        batches = [calls[i::self.threads] for i in range(min(self.threads, len(calls)))]
-        others = [self._pool.submit(_run_all, batch) for batch in batches[1:]]
-        _run_all(batches[0])
-        for future in others:
-            future.result()
+        self._crew.run([lambda batch=calls[i::self.threads]: _run_all(batch)
+                        for i in range(min(self.threads, len(calls)))])
+
+    def output(self, scratch, key, shape, dtype, name):
+        """The array that a product whose columns are then shared (``share``) is written into:
+        ``name`` (the layer's, and ``key``) in the node's shared memory where the columns travel
+        through it, so that each rank writes its columns where every other rank reads them;
+        else the ``scratch`` array ``key``."""
+        if self.size > 1 and self.gather.shared:
+            return self.gather.buffer(f"{name} {key}", math.prod(shape), dtype).reshape(shape)
+        return scratch.get(key, shape, dtype)
 
     def share(self, array):
         """Every rank's columns of ``array`` (``(rows, n)``, each rank having written its own) on
-        every rank, in place."""
+        every rank, in place. ``array`` from ``output``."""
         if self.size == 1:
+            return array
+        if self.gather.shared:   # written in place (``output``): a barrier is all there is to do
+            self.gather.allgather_(array.reshape(-1), None)   # DDP: every rank's columns
             return array
         rows, n = array.shape
         spans = [self.columns_of(n, rank) for rank in range(self.size)]
@@ -161,9 +172,9 @@ class ColumnSplit:
         return array
 
     def close(self):
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        if self._crew is not None:
+            self._crew.close()
+            self._crew = None
 
 
 def keep_owned(array, owned, summed=False):

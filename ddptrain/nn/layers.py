@@ -40,8 +40,6 @@ class Linear(Layer):
     which would cancel them).
     """
 
-    output_is_scratch = True        # backward needs the input and the weights, not the output
-    input_grad_is_scratch = True
     takes_features = True
     splits_columns = True
 
@@ -54,6 +52,15 @@ class Linear(Layer):
 
     def config(self):
         return {"n_in": self.n_in, "n_out": self.n_out, "init": self.init, "bias": self.bias}
+
+    @property
+    def output_is_scratch(self):
+        # backward needs the input and the weights, not the output; but in blocks of columns
+        # shared through the node's memory (columns.output) every rank reads the same array, which
+        # one rank must not write over (a BatchNorm's centring) while another reads it
+        return self.columns is None or self.columns.everywhere(self.n_out)
+
+    input_grad_is_scratch = output_is_scratch   # the same: the input gradient may be shared too
 
     def label(self):
         return f"Linear {self.n_in}->{self.n_out}"
@@ -82,9 +89,9 @@ class Linear(Layer):
 
     def forward(self, x):
         self._x = x
-        out = self._scratch.get("out", (x.shape[0], self.n_out), self.params["weight"].dtype)
         if self.columns is not None:
-            return self._forward_in_blocks(x, out)
+            return self._forward_in_blocks(x)
+        out = self._scratch.get("out", (x.shape[0], self.n_out), self.params["weight"].dtype)
         self.backend.matmul(x, self.params["weight"], out=out)
         if self.bias:
             out += self.params["bias"]
@@ -110,18 +117,32 @@ class Linear(Layer):
 
     # -- in fixed blocks of columns (--reproducible: nn/columns.py) ----------------------------
 
-    def _forward_in_blocks(self, x, out):
-        weight, bias, matmul = self.params["weight"], self.params.get("bias"), self.backend.matmul
+    # The activation layers on either side whose work this layer does block by block, on its
+    # threads, while the block is in the cache (Sequential.set_column_split plans them): the one
+    # after it applied to each block of its output, the gradient of the one before it to each block
+    # of its input gradient (read from this layer's input: that layer's output). Elementwise, so
+    # the same bits as the layer's own pass over the whole array.
+    activation_after = activation_before = None
+
+    def _forward_in_blocks(self, x):
+        columns, matmul = self.columns, self.backend.matmul
+        weight, bias, activation = self.params["weight"], self.params.get("bias"), \
+            self.activation_after
+        everywhere = columns.everywhere(self.n_out)
+        shape = (x.shape[0], self.n_out)
+        out = (self._scratch.get("out", shape, weight.dtype) if everywhere
+               else columns.output(self._scratch, "out", shape, weight.dtype, self.name))
 
         def block(start, stop):
             matmul(x, weight[:, start:stop], out=out[:, start:stop])
             if bias is not None:
                 out[:, start:stop] += bias[start:stop]
+            if activation is not None:
+                activation.forward_block(out[:, start:stop])
 
-        everywhere = self.columns.everywhere(self.n_out)
-        self.columns.run([lambda a=a, b=b: block(a, b) for a, b in (
-            self.columns.blocks(self.n_out) if everywhere else self.columns.my_blocks(self.n_out))])
-        return out if everywhere else self.columns.share(out)
+        columns.run([lambda a=a, b=b: block(a, b) for a, b in (
+            columns.blocks(self.n_out) if everywhere else columns.my_blocks(self.n_out))])
+        return out if everywhere else columns.share(out)
 
     # whether the input gradient must reach every rank whole; Sequential._plan_input_grads clears it
     # when the layers below read only this rank's own columns of it
@@ -138,6 +159,7 @@ class Linear(Layer):
         grad_w, grad_b = self.grads["weight"], self.grads.get("bias")
         ones = self._scratch.constant(1, dout.shape[0], dout.dtype)
         mine, summed = columns.my_blocks(self.n_out), columns.size > 1
+        everywhere, activation = columns.everywhere(self.n_out), self.activation_before
 
         def weight_block(start, stop):
             # each block as its owner sends it (columns.keep_owned), on its thread, in the cache
@@ -147,13 +169,17 @@ class Linear(Layer):
                 matmul(ones, dout[:, start:stop], out=grad_b[start:stop])
                 keep_owned(grad_b[start:stop], True, summed)
 
-        dx = self._scratch.get("dx", (dout.shape[0], self.n_in), dout.dtype)
+        shape, shared = (dout.shape[0], self.n_in), need_input_grad and not everywhere \
+            and self.share_input_grad
+        dx = (columns.output(self._scratch, "dx", shape, dout.dtype, self.name) if shared
+              else self._scratch.get("dx", shape, dout.dtype))
 
         def input_block(start, stop):
             matmul(dout, weight[start:stop].T, out=dx[:, start:stop])
+            if activation is not None:
+                activation.backward_block(dx[:, start:stop], self._x[:, start:stop])
 
         calls = [lambda a=a, b=b: weight_block(a, b) for a, b in mine]
-        everywhere = columns.everywhere(self.n_out)
         if need_input_grad:
             calls += [lambda a=a, b=b: input_block(a, b) for a, b in (
                 columns.blocks(self.n_in) if everywhere else columns.my_blocks(self.n_in))]
@@ -161,7 +187,7 @@ class Linear(Layer):
         _zero_others(grad_w, grad_b, *columns.columns_of(self.n_out, columns.rank))
         if not need_input_grad or everywhere:
             return dx if need_input_grad else None
-        if self.share_input_grad:
+        if shared:
             return columns.share(dx)
         first, stop = columns.columns_of(self.n_in, columns.rank)
         dx[:, :first], dx[:, stop:] = 0, 0   # not this rank's: nothing below reads them
@@ -190,10 +216,14 @@ class ReLU(Layer):
 
     rowwise = True
     elementwise = True
+    # --reproducible: the Linear layers beside it may do its work block by block
+    # (Linear.activation_after, activation_before); Sequential.set_column_split says which
+    works_in_blocks = True
 
     def __init__(self):
         super().__init__()
         self.in_place = False
+        self.forward_done_in_blocks = self.backward_done_in_blocks = False
         self._out = None
 
     def plan_in_place(self, before, after):
@@ -201,18 +231,34 @@ class ReLU(Layer):
                          and after is not None and after.input_grad_is_scratch)
 
     def forward(self, x):
+        if self.forward_done_in_blocks:   # by the Linear before: x is this layer's output
+            self._out = x
+            return x
         out = x if self.in_place else self._scratch.get("out", x.shape, x.dtype)
-        # Against zeros of one sample's shape, not the scalar 0: numpy's vectorised
-        # loop for maximum wants two arrays, and with a scalar operand it takes a loop
-        # about 2.5x slower (numpy 2.4, float32). The zeros broadcast over the batch.
-        zeros = self._scratch.constant(0, math.prod(x.shape[1:]), x.dtype).reshape(x.shape[1:])
-        self._out = np.maximum(x, zeros, out=out)
+        self._out = np.maximum(x, self._zeros(x), out=out)
         return out
 
     def backward(self, dout, need_input_grad=True):
+        if self.backward_done_in_blocks:   # by the Linear after: dout is this layer's input grad
+            return dout
         dx = dout if self.in_place else self._scratch.get("dx", dout.shape, dout.dtype)
         passes = np.greater(self._out, 0, out=self._scratch.get("mask", self._out.shape, bool))
         return np.multiply(dout, passes, out=dx)
+
+    def _zeros(self, x):
+        # Against zeros of one sample's shape, not the scalar 0: numpy's vectorised
+        # loop for maximum wants two arrays, and with a scalar operand it takes a loop
+        # about 2.5x slower (numpy 2.4, float32). The zeros broadcast over the batch.
+        return self._scratch.constant(0, math.prod(x.shape[1:]), x.dtype).reshape(x.shape[1:])
+
+    def forward_block(self, block):
+        """``forward`` of a block of columns of the input, in place (a Linear's thread calls it)."""
+        np.maximum(block, self._zeros(block), out=block)
+
+    def backward_block(self, grad, out):
+        """``backward`` of a block of columns of the incoming gradient ``grad``, in place, ``out``
+        the same block of this layer's output (a Linear's thread calls it)."""
+        np.multiply(grad, np.greater(out, 0), out=grad)
 
 
 class Softmax(Layer):

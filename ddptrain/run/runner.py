@@ -154,26 +154,29 @@ def _run(config, comm, stop, quiet, dry_run, callbacks, model, arrays):
         limit_blas_to_one_thread()
     elif config.reproducible:
         model.set_column_split(column_split(comm, threads))
-    row_threads = row_threads_of_run(config, model.layers, threads)
-    if row_threads > 1:   # each thread its rows, with a one-thread BLAS (training/row_threads.py)
-        limit_blas_to_one_thread()
-    comm.bcast_(model.params)    # DDP: every replica starts from rank 0's parameters
-    comm.bcast_(model.buffers)   # DDP: and buffers
-    announce(console, comm, config, model, checked, row_threads,
-             describe_groups(row_groups, threads) if row_groups else None)
-    if dry_run:
-        folder.check_free()
-        console.print(f"dry run: the options, the data file, the model and the {comm.size} rank(s) "
-                      "check out; nothing was trained or written", always=True)
-        return Result(EXIT_OK, folder.run_dir, seconds=time.perf_counter() - started,
-                      rank=comm.rank, world_size=comm.size)
     try:
-        folder.take()   # one run at a time in a run folder
-        return _train(_Run(config, comm, console, folder, model, info, checked.backend, started,
-                           checked.data, row_threads, row_groups, threads), stop, callbacks)
+        row_threads = row_threads_of_run(config, model.layers, threads)
+        if row_threads > 1:   # each thread its rows, with a one-thread BLAS (row_threads.py)
+            limit_blas_to_one_thread()
+        comm.bcast_(model.params)    # DDP: every replica starts from rank 0's parameters
+        comm.bcast_(model.buffers)   # DDP: and buffers
+        announce(console, comm, config, model, checked, row_threads,
+                 describe_groups(row_groups, threads) if row_groups else None)
+        if dry_run:
+            folder.check_free()
+            console.print(f"dry run: the options, the data file, the model and the {comm.size} "
+                          "rank(s) check out; nothing was trained or written", always=True)
+            return Result(EXIT_OK, folder.run_dir, seconds=time.perf_counter() - started,
+                          rank=comm.rank, world_size=comm.size)
+        try:
+            folder.take()   # one run at a time in a run folder
+            return _train(_Run(config, comm, console, folder, model, info, checked.backend,
+                               started, checked.data, row_threads, row_groups, threads),
+                          stop, callbacks)
+        finally:
+            folder.release()
     finally:
-        folder.release()
-        if model.columns is not None:
+        if model.columns is not None:   # its threads stop, dry run or not
             model.columns.close()
             model.set_column_split(None)   # a caller's model is theirs again, as it was
 
