@@ -129,10 +129,6 @@ class Layer:
     # alone (no parameters): --reproducible's Linear layers then need only their own columns of
     # the gradient that passes through it (Sequential._plan_input_grads)
     elementwise = False
-    # an activation whose forward and backward a Linear beside it may do on each block of columns
-    # it computes (--reproducible: ReLU's forward_block and backward_block, forward_done_in_blocks
-    # and backward_done_in_blocks; Sequential.set_column_split plans it)
-    works_in_blocks = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -117,17 +117,9 @@ class Linear(Layer):
 
     # -- in fixed blocks of columns (--reproducible: nn/columns.py) ----------------------------
 
-    # The activation layers on either side whose work this layer does block by block, on its
-    # threads, while the block is in the cache (Sequential.set_column_split plans them): the one
-    # after it applied to each block of its output, the gradient of the one before it to each block
-    # of its input gradient (read from this layer's input: that layer's output). Elementwise, so
-    # the same bits as the layer's own pass over the whole array.
-    activation_after = activation_before = None
-
     def _forward_in_blocks(self, x):
         columns, matmul = self.columns, self.backend.matmul
-        weight, bias, activation = self.params["weight"], self.params.get("bias"), \
-            self.activation_after
+        weight, bias = self.params["weight"], self.params.get("bias")
         everywhere = columns.everywhere(self.n_out)
         shape = (x.shape[0], self.n_out)
         out = (self._scratch.get("out", shape, weight.dtype) if everywhere
@@ -137,8 +129,6 @@ class Linear(Layer):
             matmul(x, weight[:, start:stop], out=out[:, start:stop])
             if bias is not None:
                 out[:, start:stop] += bias[start:stop]
-            if activation is not None:
-                activation.forward_block(out[:, start:stop])
 
         columns.run([lambda a=a, b=b: block(a, b) for a, b in (
             columns.blocks(self.n_out) if everywhere else columns.my_blocks(self.n_out))])
@@ -159,7 +149,7 @@ class Linear(Layer):
         grad_w, grad_b = self.grads["weight"], self.grads.get("bias")
         ones = self._scratch.constant(1, dout.shape[0], dout.dtype)
         mine, summed = columns.my_blocks(self.n_out), columns.size > 1
-        everywhere, activation = columns.everywhere(self.n_out), self.activation_before
+        everywhere = columns.everywhere(self.n_out)
 
         def weight_block(start, stop):
             # each block as its owner sends it (columns.keep_owned), on its thread, in the cache
@@ -176,8 +166,6 @@ class Linear(Layer):
 
         def input_block(start, stop):
             matmul(dout, weight[start:stop].T, out=dx[:, start:stop])
-            if activation is not None:
-                activation.backward_block(dx[:, start:stop], self._x[:, start:stop])
 
         calls = [lambda a=a, b=b: weight_block(a, b) for a, b in mine]
         if need_input_grad:
@@ -216,14 +204,10 @@ class ReLU(Layer):
 
     rowwise = True
     elementwise = True
-    # --reproducible: the Linear layers beside it may do its work block by block
-    # (Linear.activation_after, activation_before); Sequential.set_column_split says which
-    works_in_blocks = True
 
     def __init__(self):
         super().__init__()
         self.in_place = False
-        self.forward_done_in_blocks = self.backward_done_in_blocks = False
         self._out = None
 
     def plan_in_place(self, before, after):
@@ -231,34 +215,18 @@ class ReLU(Layer):
                          and after is not None and after.input_grad_is_scratch)
 
     def forward(self, x):
-        if self.forward_done_in_blocks:   # by the Linear before: x is this layer's output
-            self._out = x
-            return x
         out = x if self.in_place else self._scratch.get("out", x.shape, x.dtype)
-        self._out = np.maximum(x, self._zeros(x), out=out)
-        return out
-
-    def backward(self, dout, need_input_grad=True):
-        if self.backward_done_in_blocks:   # by the Linear after: dout is this layer's input grad
-            return dout
-        dx = dout if self.in_place else self._scratch.get("dx", dout.shape, dout.dtype)
-        passes = np.greater(self._out, 0, out=self._scratch.get("mask", self._out.shape, bool))
-        return np.multiply(dout, passes, out=dx)
-
-    def _zeros(self, x):
         # Against zeros of one sample's shape, not the scalar 0: numpy's vectorised
         # loop for maximum wants two arrays, and with a scalar operand it takes a loop
         # about 2.5x slower (numpy 2.4, float32). The zeros broadcast over the batch.
-        return self._scratch.constant(0, math.prod(x.shape[1:]), x.dtype).reshape(x.shape[1:])
+        zeros = self._scratch.constant(0, math.prod(x.shape[1:]), x.dtype).reshape(x.shape[1:])
+        self._out = np.maximum(x, zeros, out=out)
+        return out
 
-    def forward_block(self, block):
-        """``forward`` of a block of columns of the input, in place (a Linear's thread calls it)."""
-        np.maximum(block, self._zeros(block), out=block)
-
-    def backward_block(self, grad, out):
-        """``backward`` of a block of columns of the incoming gradient ``grad``, in place, ``out``
-        the same block of this layer's output (a Linear's thread calls it)."""
-        np.multiply(grad, np.greater(out, 0), out=grad)
+    def backward(self, dout, need_input_grad=True):
+        dx = dout if self.in_place else self._scratch.get("dx", dout.shape, dout.dtype)
+        passes = np.greater(self._out, 0, out=self._scratch.get("mask", self._out.shape, bool))
+        return np.multiply(dout, passes, out=dx)
 
 
 class Softmax(Layer):

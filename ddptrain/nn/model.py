@@ -150,7 +150,6 @@ class Sequential:
         # parameters, and that layer skips its input gradient: nothing before it needs one.
         self._first_trained = next((i for i, layer in enumerate(self.layers) if layer.params), 0)
         self._plan_in_place()
-        self._plan_activations_in_blocks()   # none: a model (a replica too) starts with no split
 
     def _plan_in_place(self):
         """Let each layer work in place where no neighbour reads the array it would overwrite
@@ -306,23 +305,6 @@ class Sequential:
         for layer in self.layers:
             layer.columns = split if layer.splits_columns else None
         self._plan_in_place()   # a layer's arrays may be shared with the other ranks now
-        self._plan_activations_in_blocks()
-
-    def _plan_activations_in_blocks(self):
-        """With a column split, an activation beside a layer that splits its products (a ReLU
-        after or before a Linear) is done by that layer, block by block, on its threads: the
-        forward by the layer before it, the backward by the layer after it. Without, by itself."""
-        ends = [None]
-        for before, layer, after in zip(ends + self.layers, self.layers, self.layers[1:] + ends):
-            if not layer.works_in_blocks:
-                continue
-            by_before = before is not None and before.columns is not None
-            by_after = after is not None and after.columns is not None
-            layer.forward_done_in_blocks, layer.backward_done_in_blocks = by_before, by_after
-            if before is not None and before.splits_columns:
-                before.activation_after = layer if by_before else None
-            if after is not None and after.splits_columns:
-                after.activation_before = layer if by_after else None
 
     def _plan_input_grads(self, last, need_input_grad):
         """In blocks of columns, which splitting layers must share their input gradient whole

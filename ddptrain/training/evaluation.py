@@ -118,5 +118,5 @@ def _gather_rows(gather, split, starts, first, last):
         return x, y
     # positions within the chunk: exact in any floating type (a chunk is far below 2**24 rows)
     positions = np.arange(mine[0], mine[1]) - first
-    x, y, _ = gather.gather([(x, positions, y)])
+    x, y, _ = gather.gather([(x, positions, y)], total=last - first)
     return x, y

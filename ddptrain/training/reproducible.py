@@ -44,13 +44,17 @@ class RowGather:
         self.through = through
         self._scratch = Scratch()
 
-    def gather(self, parts):
+    def gather(self, parts, total=None):
         """``(values, labels, positions)`` of every rank's rows, sorted by position, from this
         rank's ``parts``: ``[(values, positions, labels)]``, ``values`` ``(rows, ...)`` floats,
-        the positions of all the ranks' rows consecutive whole numbers, once each. The arrays are
-        the gatherer's until the call after next. A collective."""
+        the positions of all the ranks' rows consecutive whole numbers, once each. ``total``: the
+        number of rows of all the ranks, when the caller knows it, their positions then ``0`` to
+        ``total - 1``. The arrays are the gatherer's until the call after next. A collective."""
         gather, sample = self.through, parts[0][0].shape[1:]
         width, dtype = int(np.prod(sample, dtype=np.int64)), parts[0][0].dtype
+        if gather.shared and total is not None:   # where each row goes is known: no counts
+            packed = gather.buffer("rows", total * (width + 2), dtype).reshape(-1, width + 2)
+            return self._gather_shared(parts, packed, 0, sample)
         # every rank's row count, and the first position of its rows
         counts = gather.buffer("row counts", 2 * gather.size, np.float64).reshape(-1, 2)
         counts[gather.rank] = (sum(len(values) for values, _, _ in parts),
@@ -61,15 +65,7 @@ class RowGather:
         bounds = np.concatenate([[0], np.cumsum(counts * (width + 2))])
         packed = gather.buffer("rows", int(bounds[-1]), dtype).reshape(-1, width + 2)
         if gather.shared:
-            # one buffer for every rank: each writes its rows where they go, nothing to sort
-            first = int(first) if len(packed) else 0
-            for values, positions, labels in parts:
-                packed[positions - first, :width] = values.reshape(len(values), width)
-                packed[positions - first, width + 1] = labels
-            gather.allgather_(packed.reshape(-1), bounds)   # DDP: every rank's rows
-            rows = len(packed)
-            return (packed[:, :width].reshape(rows, *sample),
-                    packed[:, width + 1].astype(parts[0][2].dtype), first + np.arange(rows))
+            return self._gather_shared(parts, packed, int(first) if len(packed) else 0, sample)
         row = int(bounds[gather.rank]) // (width + 2)
         for values, positions, labels in parts:
             mine = packed[row:row + len(values)]
@@ -86,18 +82,31 @@ class RowGather:
                 packed[order, width].astype(np.int64))
 
 
+    def _gather_shared(self, parts, packed, first, sample):
+        """``gather`` through one buffer for every rank, ``packed`` (a row for each position from
+        ``first``): each rank writes its rows where they go, and there is nothing to sort."""
+        width, rows = packed.shape[1] - 2, len(packed)
+        for values, positions, labels in parts:
+            packed[positions - first, :width] = values.reshape(len(values), width)
+            packed[positions - first, width + 1] = labels
+        self.through.allgather_(packed.reshape(-1), None)   # DDP: every rank's rows
+        return (packed[:, :width].reshape(rows, *sample),
+                packed[:, width + 1].astype(parts[0][2].dtype), first + np.arange(rows))
+
+
 class BatchGather:
     """Every rank's rows of each global batch, on every rank, in global order (``gather``)."""
 
     def __init__(self, through):
         self._rows = RowGather(through)
 
-    def gather(self, x, y, context):
-        """``(x, y, context)`` of the whole global batch from this rank's ``x``, ``y`` and
-        ``context.positions`` (where its rows sit in the global batch). A collective."""
+    def gather(self, x, y, context, global_count):
+        """``(x, y, context)`` of the whole global batch (``global_count`` rows) from this rank's
+        ``x``, ``y`` and ``context.positions`` (where its rows sit in the global batch). A
+        collective."""
         if self._rows.through.size == 1:
             return x, y, context
-        x, y, _ = self._rows.gather([(x, context.positions, y)])
+        x, y, _ = self._rows.gather([(x, context.positions, y)], total=global_count)
         return x, y, BatchContext(context.seed, context.step, np.arange(len(y)))
 
 

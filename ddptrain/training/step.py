@@ -152,7 +152,7 @@ class TrainStep:
         model, exchange = self.model, self.exchange
         if self.reproducible and self._groups is None:
             # DDP: every rank's rows, on every rank, in their global order
-            x, y, context = self._batch_gather.gather(x, y, context)
+            x, y, context = self._batch_gather.gather(x, y, context, global_count)
         with exchange.during_backward(model):
             loss_share, correct = self._local_gradient(x, y, global_count, context)
         # DDP: the ranks' shares summed: the gradient of the global mean loss
@@ -160,7 +160,7 @@ class TrainStep:
         if self.after_reduce:
             exchange.gather_gradient_(model.grads)   # the hooks (--debug) see all of it
             if self._groups is not None:   # DDP: and the whole batch
-                x, y, context = self._batch_gather.gather(x, y, context)
+                x, y, context = self._batch_gather.gather(x, y, context, global_count)
             for hook in self.after_reduce:
                 hook(x, y, global_count, context)
         # what this rank updates: all of it, or (sharded) its slice
