@@ -140,12 +140,18 @@ class ColumnSplit:
         self._crew.run([lambda batch=calls[i::self.threads]: _run_all(batch)
                         for i in range(min(self.threads, len(calls)))])
 
+    @property
+    def shares_memory(self):
+        """Whether a product's shared columns are written into memory every rank reads (``output``):
+        its layer's output is then not the layer's own to write over."""
+        return self.size > 1 and self.gather is not None and self.gather.shared
+
     def output(self, scratch, key, shape, dtype, name):
         """The array that a product whose columns are then shared (``share``) is written into:
         ``name`` (the layer's, and ``key``) in the node's shared memory where the columns travel
         through it, so that each rank writes its columns where every other rank reads them;
         else the ``scratch`` array ``key``."""
-        if self.size > 1 and self.gather.shared:
+        if self.shares_memory:
             return self.gather.buffer(f"{name} {key}", math.prod(shape), dtype).reshape(shape)
         return scratch.get(key, shape, dtype)
 

@@ -2,10 +2,10 @@
 
 ``concurrent.futures.ThreadPoolExecutor`` hands a call to a thread through a
 queue and returns a future to wait on: two condition variables and their
-bookkeeping, about 60 microseconds a round trip on a 2-core virtual machine.
-``--reproducible`` hands out a matrix product's blocks 5 or 6 times a step,
-which at batch 128 made that a tenth of the step. Here a round trip is one
-lock each way (25-35 microseconds there; ``docs/history.md``).
+bookkeeping each way. ``--reproducible`` hands out a matrix product's blocks
+5 or 6 times a step, so at small batches the round trips are a visible part
+of a step; here a round trip is one lock each way, about half the time
+(measured in ``docs/history.md``, 8 December 2026).
 """
 
 from __future__ import annotations

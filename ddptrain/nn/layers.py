@@ -58,7 +58,8 @@ class Linear(Layer):
         # backward needs the input and the weights, not the output; but in blocks of columns
         # shared through the node's memory (columns.output) every rank reads the same array, which
         # one rank must not write over (a BatchNorm's centring) while another reads it
-        return self.columns is None or self.columns.everywhere(self.n_out)
+        columns = self.columns
+        return columns is None or not columns.shares_memory or columns.everywhere(self.n_out)
 
     input_grad_is_scratch = output_is_scratch   # the same: the input gradient may be shared too
 

@@ -119,6 +119,7 @@ class TrainStep:
         gather = exchange.gatherer() if reproducible else None
         if gather is not None and model.columns is not None:
             model.columns.gather = gather
+            model.set_column_split(model.columns)   # the layers plan again for this gather
         self._batch_gather = BatchGather(gather) if reproducible else None
         self._rows = (RowThreads(model, loss_fn, row_threads, local_gradient) if row_threads > 1
                       else None)
