@@ -55,8 +55,10 @@ def test_an_error_in_any_task_is_raised_once_every_task_has_finished():
 
 
 def test_closing_stops_the_helper_threads():
-    before = threading.active_count()
+    def helpers():
+        return [t for t in threading.enumerate() if t.name.startswith("testcrew-") and t.is_alive()]
+
     crew = Crew(4, "testcrew")
-    assert threading.active_count() == before + 3
+    assert sorted(t.name for t in helpers()) == ["testcrew-1", "testcrew-2", "testcrew-3"]
     crew.close()
-    assert threading.active_count() == before
+    assert helpers() == []

@@ -160,7 +160,7 @@ class ColumnSplit:
         every rank, in place. ``array`` from ``output``."""
         if self.size == 1:
             return array
-        if self.gather.shared:   # written in place (``output``): a barrier is all there is to do
+        if self.shares_memory:   # written in place (``output``): a barrier is all there is to do
             self.gather.allgather_(array.reshape(-1), None)   # DDP: every rank's columns
             return array
         rows, n = array.shape

@@ -160,8 +160,8 @@ class Linear(Layer):
                 matmul(ones, dout[:, start:stop], out=grad_b[start:stop])
                 keep_owned(grad_b[start:stop], True, summed)
 
-        shape, shared = (dout.shape[0], self.n_in), need_input_grad and not everywhere \
-            and self.share_input_grad
+        shape = (dout.shape[0], self.n_in)
+        shared = need_input_grad and not everywhere and self.share_input_grad
         dx = (columns.output(self._scratch, "dx", shape, dout.dtype, self.name) if shared
               else self._scratch.get("dx", shape, dout.dtype))
 
