@@ -35,7 +35,8 @@ class RowGather:
     allgather after one of the row counts (and first positions), ``through``
     a gather (``distributed/gather.py``); then every rank sorts them by
     position. Through the node's shared memory, each rank writes its rows
-    straight to their positions instead, and there is nothing to sort. Into
+    straight to their positions instead, and there is nothing to sort (nor
+    any count to gather, where the caller knows how many rows there are). Into
     buffers kept from call to call: a fresh array of a batch's size each step
     costs its page faults, as much as the gathering.
     """
@@ -80,7 +81,6 @@ class RowGather:
         return (values.reshape(rows, *sample),
                 packed[order, width + 1].astype(parts[0][2].dtype),
                 packed[order, width].astype(np.int64))
-
 
     def _gather_shared(self, parts, packed, first, sample):
         """``gather`` through one buffer for every rank, ``packed`` (a row for each position from
