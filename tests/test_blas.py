@@ -65,3 +65,53 @@ def test_axpby_refuses_arrays_it_cannot_run_on(x, y):
     with pytest.raises(ValueError,
                        match="axpby needs two contiguous arrays of the same shape and type"):
         blas.axpby(1.0, x, 1.0, y)
+
+
+# ----------------------------------------------------------- the same bits in any slice (the probe)
+
+def fake_kernel(rounds_otherwise):
+    """A stand-in for a BLAS's C ``axpby`` (``function(n, alpha, x, 1, beta, y, 1)``, pointers as
+    integers) that computes ``alpha * x + beta * y`` in float64 and rounds it once, except for the
+    elements where ``rounds_otherwise(index, address)``, which get numpy's three roundings."""
+    import ctypes
+
+    def function(n, alpha, x_address, _, beta, y_address, __):
+        x = np.ctypeslib.as_array((ctypes.c_float * n).from_address(x_address))
+        y = np.ctypeslib.as_array((ctypes.c_float * n).from_address(y_address))
+        fused = (np.float64(alpha) * x + np.float64(beta) * y).astype(np.float32)
+        separate = x * np.float32(alpha) + y * np.float32(beta)
+        otherwise = rounds_otherwise(np.arange(n), y_address + 4 * np.arange(n))
+        y[...] = np.where(otherwise, separate, fused)
+
+    return {np.dtype(np.float32): function}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numpys_arithmetic_gives_the_same_bits_in_any_slice(dtype):
+    assert blas.same_bits_in_any_slice(dtype, functions={})
+
+
+@pytest.mark.parametrize("kernel, same", [
+    (fake_kernel(lambda index, address: np.zeros(index.shape, bool)), True),
+    # a tail after a vector loop of 16 elements
+    (fake_kernel(lambda index, address: index >= index.size // 16 * 16), False),
+    # a head peeled off until the stores are aligned to 64 bytes
+    (fake_kernel(lambda index, address: address < -(-(address[0]) // 64) * 64), False),
+])
+def test_a_kernel_that_rounds_an_element_by_where_it_sits_is_found_out(kernel, same):
+    assert blas.same_bits_in_any_slice(np.float32, functions=kernel) is same
+
+
+@pytest.mark.parametrize("verdict", [True, False])
+def test_reproducible_updates_keep_the_blas_only_where_it_gives_the_same_bits_in_any_slice(
+        monkeypatch, verdict):
+    from ddptrain.backends import gemm
+    monkeypatch.setattr(blas, "same_bits_in_any_slice", lambda dtype, functions=None: verdict)
+    backend = gemm.with_updates_anywhere(gemm.NUMPY, np.float32)
+    assert (backend.axpby is blas.axpby) is verdict
+    if not verdict:   # numpy's own arithmetic
+        rng = np.random.default_rng(3)
+        x, y = (rng.standard_normal(1000).astype(np.float32) for _ in range(2))
+        expected = numpy_axpby(-0.5, x, 0.9, y)
+        backend.axpby(-0.5, x, 0.9, y)
+        np.testing.assert_array_equal(y, expected)

@@ -24,6 +24,8 @@ from ddptrain.distributed.sharding import NORM_CHUNK, shard_bounds
 from ddptrain.errors import UserError
 from ddptrain.nn.columns import BLOCK, ColumnSplit, blocks_of, owned_range
 from ddptrain.nn.dropout import BatchContext
+from ddptrain.nn.layer import Layer
+from ddptrain.nn.layers import Linear
 from ddptrain.nn.model import Sequential
 from ddptrain.run import checkpoint
 from ddptrain.training import groups
@@ -366,7 +368,6 @@ def test_a_group_lies_on_one_rank_for_every_rank_count_the_shards_allow(batch):
 
 def test_the_memory_estimate_counts_the_groups_or_the_whole_batch(small_data):
     from ddptrain.data.format import inspect
-    from ddptrain.nn.layer import Layer
     from ddptrain.run.config import Config
     from ddptrain.run.limits import estimate_rank_bytes
     model = Sequential.from_spec(CNN, input_shape=(1, 8, 8))
@@ -565,19 +566,39 @@ def test_through_the_nodes_memory_each_rank_writes_its_columns_where_the_others_
             np.testing.assert_array_equal(got[name], want[name])
 
 
-def test_a_negative_zero_gradient_ends_positive_in_one_process_as_the_sum_over_ranks_makes_it():
+class NegativeZeroShift(Layer):
+    """``y = x + shift`` whose gradient is ``-0.0`` (as an element-wise product like ``-0.0 * 1.0``
+    makes): a whole-batch layer, owned by rank 0."""
+
+    def param_shapes(self):
+        return {"shift": (3,)}
+
+    def forward(self, x):
+        return x + self.params["shift"]
+
+    def backward(self, dout, need_input_grad=True):
+        self.grads["shift"][...] = -0.0
+        return dout
+
+
+def test_a_negative_zero_gradient_keeps_its_bits_in_one_process_as_through_the_sum_over_ranks():
     def gradient(comm=None):
-        model = Sequential.from_spec("2-3", dtype="float64", seed=0)
+        model = Sequential([Linear(2, 3), NegativeZeroShift()], dtype="float64", seed=0)
         model.set_column_split(ColumnSplit(comm.rank, comm.size, MessageGather(comm), width=1)
                                if comm else ColumnSplit())
         model.forward(np.ones((1, 2)))
-        model.backward(np.array([[-0.0, 0.0, 0.0]]))   # x.T @ dout: 1.0 * -0.0 = -0.0
+        model.backward(np.array([[-0.0, 0.0, 1.0]]))
         return model.grads.copy()
 
-    assert not np.signbit(gradient()).any()   # one process: the owner makes it +0.0
-    summed = np.sum(on_simulated_ranks(2, gradient), axis=0)   # what the exchange adds up
-    assert not np.signbit(summed).any()
-    np.testing.assert_array_equal(summed.view(np.uint64), gradient().view(np.uint64))
+    alone = gradient()
+    assert np.signbit(alone).any()   # one process keeps its -0.0
+    for ranks in (2, 3):
+        shares = on_simulated_ranks(ranks, gradient)
+        for order in (shares, shares[::-1]):   # what an exchange adds up, in any order
+            summed = order[0].copy()
+            for share in order[1:]:
+                summed += share
+            np.testing.assert_array_equal(summed.view(np.uint64), alone.view(np.uint64))
 
 
 # ------------------------------------------------------------------ what the mode refuses

@@ -16,9 +16,12 @@ threads for the whole step.
 
 The results are numpy's up to the rounding of one operation: a BLAS kernel
 may fuse the multiply and the add (MKL's do; OpenBLAS's do not, in the
-kernels measured here, so there the results are the same bits); they never
-depend on where an element sits in the array, so a slice of it (a rank's
-shard of the parameters) gets the same values as the whole.
+kernels measured here, so there the results are the same bits). A kernel may
+also treat the elements of its vector loop and of its tail (or of a head it
+peels off to align its loads) otherwise, so that an element of a slice of
+the array (a rank's shard of the parameters) is rounded otherwise than in
+the whole: ``same_bits_in_any_slice`` checks the kernel for that, which
+``--reproducible`` needs (``gemm.with_updates_anywhere``).
 """
 
 from __future__ import annotations
@@ -112,3 +115,41 @@ def axpby(alpha, x, beta, y, functions=None):
     else:
         y += x * cast(alpha)
     return y
+
+
+# The probe of same_bits_in_any_slice: cuts inside and at the edges of a kernel's vector loop, and
+# starts at every offset of a 64-byte line (a kernel may peel elements to align its loads).
+_PROBE_SIZE = 3 * 4096 + 77
+_PROBE_CUTS = (1, 7, 100, 4096, 4096 + 13, 2 * 4096)
+_PROBE_OFFSETS = range(17)
+_slices_agree = {}   # {dtype: verdict} for numpy's BLAS, measured once
+
+
+def same_bits_in_any_slice(dtype, functions=None):
+    """Whether ``axpby`` with ``functions`` (numpy's BLAS's: None, measured once) gives every
+    element of an array of ``dtype`` the same bits whether it is called on the whole array or on
+    slices of it, at any address: checked on fixed values. numpy's arithmetic always does."""
+    if functions is not None:
+        return _probe(np.dtype(dtype), functions)
+    dtype = np.dtype(dtype)
+    if dtype not in _slices_agree:
+        _slices_agree[dtype] = _probe(dtype, _functions())
+    return _slices_agree[dtype]
+
+
+def _probe(dtype, functions):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(_PROBE_SIZE).astype(dtype)
+    y = rng.standard_normal(_PROBE_SIZE).astype(dtype)
+    alpha, beta = -0.0137, 0.9
+    whole = axpby(alpha, x, beta, y.copy(), functions)
+    edges = [0, *_PROBE_CUTS, _PROBE_SIZE]
+    for offset in _PROBE_OFFSETS:
+        at_x = np.empty(_PROBE_SIZE + offset, dtype)[offset:]
+        at_y = np.empty(_PROBE_SIZE + offset, dtype)[offset:]
+        at_x[...], at_y[...] = x, y
+        for start, stop in zip(edges[:-1], edges[1:]):
+            axpby(alpha, at_x[start:stop], beta, at_y[start:stop], functions)
+        if not np.array_equal(at_y.view(np.uint8), whole.view(np.uint8)):
+            return False
+    return True

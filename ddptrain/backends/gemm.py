@@ -65,11 +65,14 @@ class Backend:
 NUMPY = Backend("numpy", np.matmul, np.dot, blas.axpby)
 
 
-def with_numpy_updates(backend):
-    """``backend`` with numpy's arithmetic for ``axpby``: a multiply and an add per element, the
-    same bits wherever the element sits. A BLAS kernel may fuse the two in its vector loop and not
-    in its tail, so that a rank's slice of the parameters (``--shard-optimizer``, a node's shared
-    memory) would round an element otherwise than the whole array does (``--reproducible``)."""
+def with_updates_anywhere(backend, dtype):
+    """``backend`` with an ``axpby`` that gives an element the same bits wherever it sits in the
+    array (``--reproducible``: a rank's slice of the parameters, ``--shard-optimizer`` or a node's
+    shared memory, is updated as the whole is in one process): the BLAS's where its kernel does for
+    ``dtype`` (``blas.same_bits_in_any_slice``), else numpy's arithmetic, a multiply and an add
+    per element."""
+    if backend.axpby is blas.axpby and blas.same_bits_in_any_slice(dtype):
+        return backend
     return dataclasses.replace(backend, axpby=functools.partial(blas.axpby, functions={}))
 
 

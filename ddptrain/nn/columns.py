@@ -33,11 +33,10 @@ the run trains in groups of rows: ``training/groups.py``) runs on the whole
 batch on every rank: the same work as one process, hence the same bits.
 
 The gradient of a parameter is then *owned* by one rank: a block's by the
-rank that computed it, a whole-batch layer's by rank 0. The others zero
-their copy, so the gradient exchange adds one number and zeros, which is
-exact in any order and through any exchange. That sum makes an owner's
-``-0.0`` into ``+0.0`` (``-0.0 + 0.0`` is ``+0.0``); in one process, with no
-sum, the owner does it.
+rank that computed it, a whole-batch layer's by rank 0. The others fill
+their copy with ``-0.0`` (``disown``), so the gradient exchange adds one
+number and negative zeros, which gives the owner's number, bit for bit, in
+any order and through any exchange. One process sends its own as they are.
 
 Nothing here knows about MPI: the run hands in a ``gather``
 (``distributed/gather.py``: with MPI, or through the node's shared memory;
@@ -183,12 +182,10 @@ class ColumnSplit:
             self._crew = None
 
 
-def keep_owned(array, owned, summed=False):
-    """What an owner sends: ``array`` with ``-0.0`` made ``+0.0`` where owned, zeros elsewhere.
-    ``summed``: the exchange adds the other ranks' zeros to it (P > 1), which makes ``+0.0`` of
-    ``-0.0`` itself."""
-    if not owned:
-        array[...] = 0
-    elif not summed:
-        array += 0   # -0.0 + 0.0 = +0.0: as a sum with the other ranks' zeros would make it
+def disown(array):
+    """What a rank sends of the gradient values it does not own: ``-0.0``, the one number whose sum
+    with any float is that float itself (``x + -0.0`` is ``x``, ``-0.0`` included; ``+0.0`` would
+    make an owner's ``-0.0`` into ``+0.0``). So the exchange's sum, in any order, is the owner's
+    value, the very bits one process, with nothing to add, keeps."""
+    array[...] = -0.0
     return array

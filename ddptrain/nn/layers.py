@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from ddptrain.nn.columns import keep_owned
+from ddptrain.nn.columns import disown
 from ddptrain.nn.layer import Layer, ShapeError, shape_text
 
 
@@ -149,16 +149,13 @@ class Linear(Layer):
         columns, matmul, weight = self.columns, self.backend.matmul, self.params["weight"]
         grad_w, grad_b = self.grads["weight"], self.grads.get("bias")
         ones = self._scratch.constant(1, dout.shape[0], dout.dtype)
-        mine, summed = columns.my_blocks(self.n_out), columns.size > 1
+        mine = columns.my_blocks(self.n_out)
         everywhere = columns.everywhere(self.n_out)
 
         def weight_block(start, stop):
-            # each block as its owner sends it (columns.keep_owned), on its thread, in the cache
             matmul(self._x.T, dout[:, start:stop], out=grad_w[:, start:stop])
-            keep_owned(grad_w[:, start:stop], True, summed)
             if grad_b is not None:
                 matmul(ones, dout[:, start:stop], out=grad_b[start:stop])
-                keep_owned(grad_b[start:stop], True, summed)
 
         shape = (dout.shape[0], self.n_in)
         shared = need_input_grad and not everywhere and self.share_input_grad
@@ -173,7 +170,7 @@ class Linear(Layer):
             calls += [lambda a=a, b=b: input_block(a, b) for a, b in (
                 columns.blocks(self.n_in) if everywhere else columns.my_blocks(self.n_in))]
         columns.run(calls)
-        _zero_others(grad_w, grad_b, *columns.columns_of(self.n_out, columns.rank))
+        _disown_others(grad_w, grad_b, *columns.columns_of(self.n_out, columns.rank))
         if not need_input_grad or everywhere:
             return dx if need_input_grad else None
         if shared:
@@ -183,13 +180,13 @@ class Linear(Layer):
         return dx
 
 
-def _zero_others(grad_w, grad_b, first, stop):
-    """The weight and bias gradients of the columns outside this rank's ``[first, stop)``: zeros
-    (``columns.keep_owned``)."""
+def _disown_others(grad_w, grad_b, first, stop):
+    """The weight and bias gradients of the columns outside this rank's ``[first, stop)``: not its
+    own (``columns.disown``)."""
     for grad in (grad_w, grad_b):
         if grad is not None:
-            keep_owned(grad[..., :first], False)
-            keep_owned(grad[..., stop:], False)
+            disown(grad[..., :first])
+            disown(grad[..., stop:])
 
 
 class ReLU(Layer):

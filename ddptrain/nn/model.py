@@ -20,7 +20,7 @@ import numpy as np
 
 from ddptrain.backends.gemm import NUMPY
 from ddptrain.errors import UserError
-from ddptrain.nn.columns import keep_owned
+from ddptrain.nn.columns import disown
 from ddptrain.nn.layer import LAYER_TYPES, Scratch, no_reduction
 from ddptrain.nn.spec import parse_spec
 
@@ -300,7 +300,8 @@ class Sequential:
     def set_column_split(self, split):
         """Compute in fixed blocks of columns (``columns.ColumnSplit``; None: as usual): the same
         bits on any number of ranks. Layers that cannot split run on the whole batch, and only the
-        split's ``owns_whole_batch_layers`` rank keeps their gradients (the others send zeros)."""
+        split's ``owns_whole_batch_layers`` rank keeps their gradients (the others send
+        ``-0.0``: ``columns.disown``)."""
         self.columns = split
         for layer in self.layers:
             layer.columns = split if layer.splits_columns else None
@@ -374,9 +375,10 @@ class Sequential:
         for i in range(len(self.layers) - 1, last - 1, -1):
             layer = self.layers[i]
             dout = layer.backward(dout, need_input_grad=need_input_grad or i > last)
-            if self.columns is not None and not layer.splits_columns:
+            if (self.columns is not None and not layer.splits_columns
+                    and not self.columns.owns_whole_batch_layers):
                 for grad in layer.grads.values():   # one owner per gradient: see columns.py
-                    keep_owned(grad, self.columns.owns_whole_batch_layers, self.columns.size > 1)
+                    disown(grad)
             if self.observer is not None:
                 self.observer("backward", layer, dout)
             if self.gradient_ready is not None:

@@ -220,7 +220,8 @@ def _train(run, stop, callbacks):
     # node), or with MPI.
     exchange = make_exchange(comm, config, model)
     optimizer = exchange.sharded_optimizer(config.make_optimizer(
-        gemm.with_numpy_updates(run.backend) if config.reproducible else run.backend))
+        gemm.with_updates_anywhere(run.backend, model.params.dtype) if config.reproducible
+        else run.backend))
     # DDP: rank 0 reads and verifies the checkpoint and broadcasts it, so that every rank
     # resumes from the same bytes or every rank stops with the same error.
     checkpoint = run_on_rank0(comm, lambda: load_checkpoint(config, folder.checkpoint_dir, model,

@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ddptrain.nn.columns import ColumnSplit, keep_owned
+from ddptrain.nn.columns import ColumnSplit, disown
 from ddptrain.nn.dropout import BatchContext
 from ddptrain.nn.layer import Scratch
 from ddptrain.nn.model import flat_views
@@ -160,7 +160,7 @@ class RowGroups:
     position order, and the *head* and the loss run on the whole batch, the
     products in blocks of columns (``nn/columns.py``) as an MLP's; the input
     gradient goes back to each thread's rows. One owner per gradient value:
-    the trunk's rank 0, a block's its rank (``columns.keep_owned``).
+    the trunk's rank 0, a block's its rank (``columns.disown``).
     """
 
     def __init__(self, model, loss_fn, comm, through, count, threads=1, count_correct=None):
@@ -217,7 +217,8 @@ class RowGroups:
         np.copyto(trunk, self._sums.add_all([(group, part[:self._trunk_size])
                                              for result in done for group, part in result],
                                             trunk))
-        keep_owned(trunk, self.comm.rank == 0, self.comm.size > 1)   # one owner: see columns.py
+        if self.comm.rank != 0:   # one owner: see columns.py
+            disown(trunk)
         if ready is not None:   # --overlap-allreduce: every layer's gradient is final now
             for index in range(len(layers) - 1, -1, -1):
                 ready(index)

@@ -96,7 +96,9 @@ class Steps:
             threadpool_limits(limits=1, user_api="blas")
         elif self.reproducible:
             model.set_column_split(column_split(comm, threads))
-        backend = gemm.with_numpy_updates(model.backend) if self.reproducible else model.backend
+        backend = model.backend
+        if self.reproducible:
+            backend = gemm.with_updates_anywhere(backend, model.params.dtype)
         self.optimizer, self.exchange = gradient_exchange(
             args, comm, model, SGD(momentum=0.9, backend=backend))
         self.timed = TimedExchange(self.exchange, skip=args.no_allreduce)
