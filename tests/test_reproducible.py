@@ -193,6 +193,19 @@ def test_one_process_with_2_threads_gives_the_bits_of_one_thread_and_of_2_ranks(
     assert_bitwise_equal(one, train(arrays, tmp_path, 2, threads=1), 2)
 
 
+def test_a_small_product_runs_on_its_own_thread_and_a_large_one_on_the_crew():
+    from ddptrain.nn import columns
+    split = ColumnSplit(threads=2)
+    try:
+        for flops, threads in ((columns.INLINE_FLOPS - 1, 1), (columns.INLINE_FLOPS, 2)):
+            ran = []
+            split.run([lambda: ran.append(threading.get_ident())] * 2, flops)
+            assert len(set(ran)) == threads
+            assert threading.get_ident() in ran
+    finally:
+        split.close()
+
+
 def test_a_run_stopped_on_2_ranks_and_resumed_on_3_is_bitwise_the_uninterrupted_run(
         arrays, tmp_path):
     one = train(arrays, tmp_path, 1, optimizer="adam", epochs=3)

@@ -57,6 +57,12 @@ from ddptrain.nn.crew import Crew
 # 512 columns a block for each of 4 ranks.
 BLOCK = 128
 
+# Products with less arithmetic than this (floating-point operations) run on the thread that has
+# them: handing them to another thread and back (~30 us, nn/crew.py) would cost more than half of
+# their time, which is what a second thread saves. An MLP's last layer at small batches. (Which
+# thread computes a block never changes its bits.)
+INLINE_FLOPS = 8_000_000
+
 
 def blocks_of(n, width=BLOCK):
     """The ``(start, stop)`` column ranges of ``n`` columns in blocks of ``width`` (the last may be
@@ -128,11 +134,13 @@ class ColumnSplit:
 
     # -- the work ---------------------------------------------------------------------------------
 
-    def run(self, calls):
+    def run(self, calls, flops=None):
         """Run the callables ``calls`` (canonical products writing into disjoint arrays), on this
         rank's threads: one batch of calls per thread, this one running its own, so a product
-        costs one hand-off per thread rather than one per block."""
-        if self._crew is None or len(calls) < 2:
+        costs one hand-off per thread rather than one per block. ``flops``: their arithmetic in
+        all; below ``INLINE_FLOPS`` this thread runs them all."""
+        if (self._crew is None or len(calls) < 2
+                or (flops is not None and flops < INLINE_FLOPS)):
             for call in calls:
                 call()
             return

@@ -131,8 +131,9 @@ class Linear(Layer):
             if bias is not None:
                 out[:, start:stop] += bias[start:stop]
 
-        columns.run([lambda a=a, b=b: block(a, b) for a, b in (
-            columns.blocks(self.n_out) if everywhere else columns.my_blocks(self.n_out))])
+        spans = columns.blocks(self.n_out) if everywhere else columns.my_blocks(self.n_out)
+        columns.run([lambda a=a, b=b: block(a, b) for a, b in spans],
+                    flops=2 * x.shape[0] * self.n_in * _width(spans))
         return out if everywhere else columns.share(out)
 
     # whether the input gradient must reach every rank whole; Sequential._plan_input_grads clears it
@@ -166,10 +167,12 @@ class Linear(Layer):
             matmul(dout, weight[start:stop].T, out=dx[:, start:stop])
 
         calls = [lambda a=a, b=b: weight_block(a, b) for a, b in mine]
+        flops = 2 * dout.shape[0] * self.n_in * _width(mine)
         if need_input_grad:
-            calls += [lambda a=a, b=b: input_block(a, b) for a, b in (
-                columns.blocks(self.n_in) if everywhere else columns.my_blocks(self.n_in))]
-        columns.run(calls)
+            inputs = columns.blocks(self.n_in) if everywhere else columns.my_blocks(self.n_in)
+            calls += [lambda a=a, b=b: input_block(a, b) for a, b in inputs]
+            flops += 2 * dout.shape[0] * self.n_out * _width(inputs)
+        columns.run(calls, flops)
         _disown_others(grad_w, grad_b, *columns.columns_of(self.n_out, columns.rank))
         if not need_input_grad or everywhere:
             return dx if need_input_grad else None
@@ -178,6 +181,11 @@ class Linear(Layer):
         first, stop = columns.columns_of(self.n_in, columns.rank)
         dx[:, :first], dx[:, stop:] = 0, 0   # not this rank's: nothing below reads them
         return dx
+
+
+def _width(spans):
+    """How many columns the ``(start, stop)`` ranges ``spans`` cover."""
+    return sum(stop - start for start, stop in spans)
 
 
 def _disown_others(grad_w, grad_b, first, stop):
