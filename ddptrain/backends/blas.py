@@ -129,9 +129,9 @@ def same_bits_in_any_slice(dtype, functions=None):
     """Whether ``axpby`` with ``functions`` (numpy's BLAS's: None, measured once) gives every
     element of an array of ``dtype`` the same bits whether it is called on the whole array or on
     slices of it, at any address: checked on fixed values. numpy's arithmetic always does."""
-    if functions is not None:
-        return _probe(np.dtype(dtype), functions)
     dtype = np.dtype(dtype)
+    if functions is not None:
+        return _probe(dtype, functions)
     if dtype not in _slices_agree:
         _slices_agree[dtype] = _probe(dtype, _functions())
     return _slices_agree[dtype]
