@@ -193,17 +193,16 @@ def test_one_process_with_2_threads_gives_the_bits_of_one_thread_and_of_2_ranks(
     assert_bitwise_equal(one, train(arrays, tmp_path, 2, threads=1), 2)
 
 
-def test_a_small_product_runs_on_its_own_thread_and_a_large_one_on_the_crew():
-    from ddptrain.nn import columns
-    split = ColumnSplit(threads=2)
+@pytest.mark.parametrize("below, threads", [(1, 1), (0, 2)])
+def test_a_small_product_runs_on_its_own_thread_and_a_large_one_on_the_crew(below, threads):
+    from ddptrain.nn.columns import INLINE_FLOPS
+    split, ran = ColumnSplit(threads=2), []
     try:
-        for flops, threads in ((columns.INLINE_FLOPS - 1, 1), (columns.INLINE_FLOPS, 2)):
-            ran = []
-            split.run([lambda: ran.append(threading.get_ident())] * 2, flops)
-            assert len(set(ran)) == threads
-            assert threading.get_ident() in ran
+        split.run([lambda: ran.append(threading.get_ident())] * 2, INLINE_FLOPS - below)
     finally:
         split.close()
+    assert len(set(ran)) == threads
+    assert threading.get_ident() in ran
 
 
 def test_a_run_stopped_on_2_ranks_and_resumed_on_3_is_bitwise_the_uninterrupted_run(
