@@ -487,6 +487,20 @@ def test_a_convolution_of_an_empty_batch_gives_empty_arrays_and_zero_gradients(c
 # ---------------------------------------------------------------- groups of rows (--reproducible)
 
 
+def test_in_groups_of_rows_a_group_of_a_few_blocks_worth_of_samples_is_one_product():
+    """A group is small (a batch of 512 in 24 groups: 21 rows), so its blocks may be larger than
+    CHUNK_BYTES: fewer, larger calls (Conv2d.GROUP_CHUNK_BYTES). No block spans two groups."""
+    layer = built(Conv2d(3, 4, 3, padding=1))
+    per_sample = layer.CHUNK_BYTES // 10   # 10 samples a block on a thread's rows
+    chunks, _ = layer._sample_blocks(42, per_sample)
+    assert len(chunks) == 5
+    layer.row_groups = [(0, 21), (21, 42)]
+    chunks, largest = layer._sample_blocks(42, per_sample)
+    assert chunks == [(0, 21), (21, 21)] and largest == 21
+    layer.row_groups = [(0, 2), (2, 40)]
+    assert layer._sample_blocks(40, per_sample)[0] == [(0, 2), (2, 19), (21, 19)]
+
+
 @pytest.mark.parametrize("path", ["wide rows", "shifted rows", "channels last"])
 @pytest.mark.parametrize("block_samples", [1, 2, 8])
 def test_in_groups_of_rows_each_group_gets_the_bits_of_the_layer_on_its_rows_alone(
@@ -504,7 +518,8 @@ def test_in_groups_of_rows_each_group_gets_the_bits_of_the_layer_on_its_rows_alo
 
     def layer():
         made = built(Conv2d(3, 4, 3, padding=1))
-        made.CHUNK_BYTES = block_samples * (3 * 9 + 1) * 8 * 8 * 8   # per sample: cols of 8 x 8
+        # blocks of block_samples samples (cols of 8 x 8 per sample), in groups and alone
+        made.CHUNK_BYTES = made.GROUP_CHUNK_BYTES = block_samples * (3 * 9 + 1) * 8 * 8 * 8
         return made
 
     grouped = layer()

@@ -191,7 +191,8 @@ class Conv2d(Layer):
         """``(first, count)`` of blocks of about ``CHUNK_BYTES`` for ``n`` samples of
         ``per_sample`` bytes each, and the largest block's count; in groups of rows, the blocks
         of each group (``row_groups``) by the same rule: those of the group on its own."""
-        chunks, per_block = [], max(1, self.CHUNK_BYTES // per_sample)
+        budget = self.CHUNK_BYTES if self.row_groups is None else self.GROUP_CHUNK_BYTES
+        chunks, per_block = [], max(1, budget // per_sample)
         for start, stop in self.row_groups if self.row_groups is not None else [(0, n)]:
             blocks = -(-(stop - start) // per_block)
             # Blocks of equal size (to one sample), not full blocks and a remainder: a small
@@ -219,6 +220,11 @@ class Conv2d(Layer):
     # Bytes of cols per block: a block's work arrays stay in an L2 cache of 1-2 MiB; much larger and
     # much smaller blocks made a whole step slower (docs/cnn.md).
     CHUNK_BYTES = 1 << 20
+    # In --reproducible's groups of rows (training/groups.py) no block spans two groups, and a group
+    # is small (a batch of 512 in 24 groups: 21 rows): blocks of up to this many bytes take such a
+    # group in one call, fewer and larger products (docs/history.md, 8 December 2026). The same for
+    # every number of ranks and threads: which rows share a call is part of what fixes the bits.
+    GROUP_CHUNK_BYTES = 3 << 20
 
     def _im2col(self, padded, first, count, geometry, cols):
         """Fill the first rows of ``cols`` with the windows of ``count`` samples from ``first`` on;

@@ -21,7 +21,7 @@ import numpy as np
 
 from ddptrain.errors import UserError
 from ddptrain.nn.model import input_shape_of
-from ddptrain.training.groups import copied_layers, groups_of_run
+from ddptrain.training.groups import copied_layers, groups_of_run, with_group_blocks
 from ddptrain.training.row_threads import suit_threads
 
 GIB = 2 ** 30
@@ -58,6 +58,8 @@ def estimate_rank_bytes(layers, config, info, world_size, data_bytes=None, row_t
     shape = input_shape_of(layers, info.image_shape)
     if row_threads > 1:   # the threads' layers, whose blocks are larger
         layers = suit_threads([copy.copy(layer) for layer in layers])
+    elif groups_of_run(config, layers):   # and those of groups of rows
+        layers = with_group_blocks(layers)
     n_params = sum(math.prod(size) for layer in layers for size in layer.param_shapes().values())
     n_buffers = sum(math.prod(size) for layer in layers for size in layer.buffer_shapes().values())
     per_sample, fixed = math.prod(shape), 0

@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ddptrain.nn.columns import ColumnSplit, disown
+from ddptrain.nn.conv import Conv2d
 from ddptrain.nn.dropout import BatchContext
 from ddptrain.nn.layer import Scratch
 from ddptrain.nn.model import flat_views
@@ -77,6 +78,16 @@ def copied_layers(layers):
     (``sums_over_rows``)."""
     return [layer for layer in layers[:head_of(layers)]
             if not (layer.rowwise or layer.sums_over_rows)]
+
+
+def with_group_blocks(layers):
+    """``layers`` with the block sizes they take in groups of rows (a convolution's: up to
+    ``Conv2d.GROUP_CHUNK_BYTES``), on copies: what a memory estimate counts (``block_bytes``)."""
+    layers = [copy.copy(layer) for layer in layers]
+    for layer in layers:
+        if isinstance(layer, Conv2d):
+            layer.CHUNK_BYTES = layer.GROUP_CHUNK_BYTES
+    return layers
 
 
 def describe_groups(count, threads):
