@@ -190,7 +190,7 @@ class Conv2d(Layer):
     def _sample_blocks(self, n, per_sample):
         """``(first, count)`` of blocks of about ``CHUNK_BYTES`` for ``n`` samples of
         ``per_sample`` bytes each, and the largest block's count; in groups of rows, the blocks
-        of each group (``row_groups``) by the same rule: those of the group on its own."""
+        of each group (``row_groups``) by the same rule, of up to ``GROUP_CHUNK_BYTES``."""
         budget = self.CHUNK_BYTES if self.row_groups is None else self.GROUP_CHUNK_BYTES
         chunks, per_block = [], max(1, budget // per_sample)
         for start, stop in self.row_groups if self.row_groups is not None else [(0, n)]:
