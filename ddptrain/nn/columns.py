@@ -58,9 +58,9 @@ from ddptrain.nn.crew import Crew
 BLOCK = 128
 
 # Products with less arithmetic than this (floating-point operations) run on the thread that has
-# them: handing them to another thread and back (~30 us, nn/crew.py) would cost more than half of
-# their time, which is what a second thread saves. An MLP's last layer at small batches. (Which
-# thread computes a block never changes its bits.)
+# them: handing them to another thread and back (nn/crew.py) would cost more than half of their
+# time, which is what a second thread saves (docs/history.md, 8 December 2026). An MLP's last
+# layer at small batches. (Which thread computes a block never changes its bits.)
 INLINE_FLOPS = 8_000_000
 
 
