@@ -56,9 +56,10 @@ def estimate_rank_bytes(layers, config, info, world_size, data_bytes=None, row_t
     trunk's layers that run once per group."""
     itemsize = np.dtype(config.dtype).itemsize
     shape = input_shape_of(layers, info.image_shape)
+    groups = groups_of_run(config, layers)
     if row_threads > 1:   # the threads' layers, whose blocks are larger
         layers = suit_threads([copy.copy(layer) for layer in layers])
-    elif groups_of_run(config, layers):   # and those of groups of rows
+    elif groups:   # and those of groups of rows
         layers = with_group_blocks(layers)
     n_params = sum(math.prod(size) for layer in layers for size in layer.param_shapes().values())
     n_buffers = sum(math.prod(size) for layer in layers for size in layer.buffer_shapes().values())
@@ -70,7 +71,6 @@ def estimate_rank_bytes(layers, config, info, world_size, data_bytes=None, row_t
         fixed += layer.block_bytes()
         shape = output
     # a micro-batch (--reproducible without groups: of the whole batch)
-    groups = groups_of_run(config, layers)
     sharing = 1 if config.reproducible and not groups else world_size
     rows = -(-min(config.batch_size, info.n_train) // sharing // config.accumulate)
     replicas = (row_threads - 1) + (threads - 1 if groups else 0)
